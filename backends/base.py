@@ -1,0 +1,55 @@
+"""The one interface every backend implements and the router composes.
+
+A backend is an object with a ``name`` ("mlx", "ollama", "cloud:<provider>")
+and these coroutines.  ``generate`` is an async generator of typed events
+(``Chunk`` ... then exactly one ``Done``); closing the generator (the caller was
+cancelled) must stop the work behind it: the MLX engine drops the sequence, an
+HTTP adapter closes its upstream request.
+
+Failures are raised as ``backends.errors.BackendError`` subclasses so the
+router can tell "try the next backend" (``retryable``) from "tell the caller".
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Optional, Protocol, runtime_checkable
+
+from backends.types import (
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    GenerateRequest,
+    LoadResult,
+    ModelInfo,
+    ModelShow,
+    RunningModel,
+)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        """Stream the answer; ``req.model`` is the name at this backend."""
+        ...
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+
+    async def list_models(self) -> list[ModelInfo]:
+        """Models this backend can serve now (names at this backend)."""
+        ...
+
+    async def show_model(self, name: str) -> ModelShow: ...
+
+    async def list_running(self) -> list[RunningModel]: ...
+
+    async def load_model(self, name: str, keep_alive: Optional[float]) -> LoadResult: ...
+
+    async def unload_model(self, name: str) -> bool:
+        """True when the model was loaded and is now gone."""
+        ...
+
+    async def close(self) -> None:
+        """Release threads, sessions and models."""
+        ...

@@ -1,0 +1,635 @@
+"""Domain types every backend speaks, with their proto conversions beside them.
+
+Backends never see protobuf messages: the inference service converts a
+request with ``from_pb`` and each event a backend yields with ``to_pb``.  Keeping
+conversion here (TGI's pattern) means handlers stay thin and a proto change
+touches one file.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal, Optional, Union
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from mlxgate.v1 import inference_pb2 as pb
+
+# ---------------------------------------------------------------- helpers
+
+_ROLE_TO_PB = {
+    "system": pb.ROLE_SYSTEM,
+    "user": pb.ROLE_USER,
+    "assistant": pb.ROLE_ASSISTANT,
+    "tool": pb.ROLE_TOOL,
+}
+_PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+_FINISH_TO_PB = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "error": pb.FINISH_REASON_ERROR,
+}
+_PB_TO_FINISH = {v: k for k, v in _FINISH_TO_PB.items()}
+
+CAPABILITIES = ("completion", "tools", "embedding", "insert", "vision", "thinking")
+_CAP_TO_PB = {
+    "completion": pb.CAPABILITY_COMPLETION,
+    "tools": pb.CAPABILITY_TOOLS,
+    "embedding": pb.CAPABILITY_EMBEDDING,
+    "insert": pb.CAPABILITY_INSERT,
+    "vision": pb.CAPABILITY_VISION,
+    "thinking": pb.CAPABILITY_THINKING,
+}
+_PB_TO_CAP = {v: k for k, v in _CAP_TO_PB.items()}
+
+
+def keep_alive_from_pb(msg: pb.GenerateRequest | pb.EmbedRequest | pb.LoadModelRequest) -> Optional[float]:
+    """Seconds, or None when the caller left keep_alive unset."""
+    if not msg.HasField("keep_alive"):
+        return None
+    return msg.keep_alive.seconds + msg.keep_alive.nanos / 1e9
+
+
+def keep_alive_to_pb(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
+    if seconds is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromTimedelta(timedelta(seconds=seconds))
+    return d
+
+
+def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
+    if dt is None:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(dt.astimezone(timezone.utc))
+    return t
+
+
+def _from_ts(msg: Any, name: str) -> Optional[datetime]:
+    if not msg.HasField(name):
+        return None
+    return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
+
+
+def _json_or_empty(text: str) -> dict:
+    return json.loads(text) if text else {}
+
+
+# ---------------------------------------------------------------- request
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+    id: str = ""
+    index: int = 0
+
+    def to_pb(self) -> pb.ToolCall:
+        return pb.ToolCall(
+            id=self.id, name=self.name, arguments_json=json.dumps(self.arguments), index=self.index
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ToolCall) -> "ToolCall":
+        return cls(name=m.name, arguments=_json_or_empty(m.arguments_json), id=m.id, index=m.index)
+
+
+@dataclass
+class Message:
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    images: list[bytes] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_name: str = ""
+    tool_call_id: str = ""
+
+    def to_pb(self) -> pb.ChatMessage:
+        return pb.ChatMessage(
+            role=_ROLE_TO_PB[self.role],
+            content=self.content,
+            images=self.images,
+            tool_calls=[t.to_pb() for t in self.tool_calls],
+            tool_name=self.tool_name,
+            tool_call_id=self.tool_call_id,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ChatMessage) -> "Message":
+        if m.role not in _PB_TO_ROLE:
+            from backends.errors import InvalidArgument
+
+            raise InvalidArgument("messages: every message needs a role (system, user, assistant or tool)")
+        return cls(
+            role=_PB_TO_ROLE[m.role],  # type: ignore[arg-type]
+            content=m.content,
+            images=list(m.images),
+            tool_calls=[ToolCall.from_pb(t) for t in m.tool_calls],
+            tool_name=m.tool_name,
+            tool_call_id=m.tool_call_id,
+        )
+
+    def to_template_dict(self) -> dict:
+        """The shape Hugging Face chat templates expect."""
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            d["tool_calls"] = [
+                {
+                    "id": t.id or f"call_{i}",
+                    "type": "function",
+                    "function": {"name": t.name, "arguments": t.arguments},
+                }
+                for i, t in enumerate(self.tool_calls)
+            ]
+        if self.tool_name:
+            d["name"] = self.tool_name
+        if self.tool_call_id:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+@dataclass
+class Prompt:
+    prompt: str
+    suffix: str = ""
+    system: str = ""
+    raw: bool = False
+    images: list[bytes] = field(default_factory=list)
+
+    def to_pb(self) -> pb.PromptInput:
+        return pb.PromptInput(
+            prompt=self.prompt, suffix=self.suffix, system=self.system, raw=self.raw, images=self.images
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.PromptInput) -> "Prompt":
+        return cls(prompt=m.prompt, suffix=m.suffix, system=m.system, raw=m.raw, images=list(m.images))
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=dict)
+
+    def to_pb(self) -> pb.Tool:
+        return pb.Tool(
+            name=self.name, description=self.description, parameters_json=json.dumps(self.parameters)
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.Tool) -> "Tool":
+        return cls(name=m.name, description=m.description, parameters=_json_or_empty(m.parameters_json))
+
+    def to_template_dict(self) -> dict:
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+
+_SAMPLING_OPTIONAL = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "max_tokens",
+    "num_ctx",
+)
+
+
+@dataclass
+class Sampling:
+    """Sampling knobs; None means the backend's default."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    seed: Optional[int] = None
+    repeat_penalty: Optional[float] = None
+    repeat_last_n: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    max_tokens: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    num_ctx: Optional[int] = None
+
+    def to_pb(self) -> pb.SamplingParams:
+        kw = {k: getattr(self, k) for k in _SAMPLING_OPTIONAL if getattr(self, k) is not None}
+        return pb.SamplingParams(stop=self.stop, **kw)
+
+    @classmethod
+    def from_pb(cls, m: pb.SamplingParams) -> "Sampling":
+        kw = {k: getattr(m, k) for k in _SAMPLING_OPTIONAL if m.HasField(k)}
+        return cls(stop=list(m.stop), **kw)
+
+
+@dataclass
+class OutputFormat:
+    kind: Literal["text", "json", "json_schema"] = "text"
+    schema: Optional[dict] = None
+
+    def to_pb(self) -> pb.OutputFormat:
+        kind = {"text": pb.FORMAT_TYPE_UNSPECIFIED, "json": pb.FORMAT_TYPE_JSON, "json_schema": pb.FORMAT_TYPE_JSON_SCHEMA}
+        return pb.OutputFormat(type=kind[self.kind], json_schema=json.dumps(self.schema) if self.schema else "")
+
+    @classmethod
+    def from_pb(cls, m: pb.OutputFormat) -> "OutputFormat":
+        if m.type == pb.FORMAT_TYPE_JSON:
+            return cls("json")
+        if m.type == pb.FORMAT_TYPE_JSON_SCHEMA:
+            from backends.errors import InvalidArgument
+
+            try:
+                schema = json.loads(m.json_schema)
+            except ValueError as e:
+                raise InvalidArgument(f"format: json_schema is not valid JSON: {e}") from None
+            if not isinstance(schema, dict):
+                raise InvalidArgument("format: json_schema must be a JSON object")
+            return cls("json_schema", schema)
+        return cls("text")
+
+
+@dataclass
+class GenerateRequest:
+    """One generation: exactly one of ``prompt`` and ``messages`` is set."""
+
+    model: str
+    prompt: Optional[Prompt] = None
+    messages: Optional[list[Message]] = None
+    tools: list[Tool] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    format: OutputFormat = field(default_factory=OutputFormat)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    keep_alive: Optional[float] = None  # seconds; see keep_alive_from_pb
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_pb(self) -> pb.GenerateRequest:
+        m = pb.GenerateRequest(
+            request_id=self.request_id,
+            model=self.model,
+            tools=[t.to_pb() for t in self.tools],
+            sampling=self.sampling.to_pb(),
+            format=self.format.to_pb(),
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+        )
+        if self.prompt is not None:
+            m.prompt.CopyFrom(self.prompt.to_pb())
+        elif self.messages is not None:
+            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages]))
+        ka = keep_alive_to_pb(self.keep_alive)
+        if ka is not None:
+            m.keep_alive.CopyFrom(ka)
+        return m
+
+    @classmethod
+    def from_pb(cls, m: pb.GenerateRequest) -> "GenerateRequest":
+        which = m.WhichOneof("input")
+        return cls(
+            model=m.model,
+            prompt=Prompt.from_pb(m.prompt) if which == "prompt" else None,
+            messages=[Message.from_pb(x) for x in m.chat.messages] if which == "chat" else None,
+            tools=[Tool.from_pb(t) for t in m.tools],
+            sampling=Sampling.from_pb(m.sampling),
+            format=OutputFormat.from_pb(m.format),
+            logprobs=m.logprobs,
+            top_logprobs=m.top_logprobs,
+            keep_alive=keep_alive_from_pb(m),
+            request_id=m.request_id or uuid.uuid4().hex,
+        )
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+
+    def to_pb(self) -> pb.TokenLogprob:
+        return pb.TokenLogprob(
+            token_id=self.token_id,
+            token=self.token,
+            logprob=self.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in self.top],
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenLogprob) -> "TokenLogprob":
+        return cls(
+            m.token_id, m.token, m.logprob, [TopLogprob(t.token_id, t.token, t.logprob) for t in m.top_logprobs]
+        )
+
+
+@dataclass
+class Chunk:
+    """A piece of the answer as it is produced."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def to_pb(self) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            chunk=pb.Chunk(
+                text=self.text,
+                token_ids=self.token_ids,
+                tool_calls=[t.to_pb() for t in self.tool_calls],
+                logprobs=[lp.to_pb() for lp in self.logprobs],
+            )
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.Chunk) -> "Chunk":
+        return cls(
+            text=m.text,
+            token_ids=list(m.token_ids),
+            tool_calls=[ToolCall.from_pb(t) for t in m.tool_calls],
+            logprobs=[TokenLogprob.from_pb(x) for x in m.logprobs],
+        )
+
+
+@dataclass
+class Done:
+    """The last event of every generation."""
+
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    load_duration_ns: int = 0
+    prompt_eval_duration_ns: int = 0
+    eval_duration_ns: int = 0
+    total_duration_ns: int = 0
+    backend: str = ""
+    model: str = ""
+    error_message: str = ""
+
+    def to_pb(self) -> pb.GenerateResponse:
+        return pb.GenerateResponse(
+            done=pb.Done(
+                finish_reason=_FINISH_TO_PB[self.finish_reason],
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                cached_prompt_tokens=self.cached_prompt_tokens,
+                load_duration_ns=self.load_duration_ns,
+                prompt_eval_duration_ns=self.prompt_eval_duration_ns,
+                eval_duration_ns=self.eval_duration_ns,
+                total_duration_ns=self.total_duration_ns,
+                backend=self.backend,
+                model=self.model,
+                error_message=self.error_message,
+            )
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.Done) -> "Done":
+        return cls(
+            finish_reason=_PB_TO_FINISH.get(m.finish_reason, "stop"),  # type: ignore[arg-type]
+            prompt_tokens=m.prompt_tokens,
+            completion_tokens=m.completion_tokens,
+            cached_prompt_tokens=m.cached_prompt_tokens,
+            load_duration_ns=m.load_duration_ns,
+            prompt_eval_duration_ns=m.prompt_eval_duration_ns,
+            eval_duration_ns=m.eval_duration_ns,
+            total_duration_ns=m.total_duration_ns,
+            backend=m.backend,
+            model=m.model,
+            error_message=m.error_message,
+        )
+
+
+Event = Union[Chunk, Done]
+
+
+def event_from_pb(m: pb.GenerateResponse) -> Event:
+    if m.WhichOneof("event") == "done":
+        return Done.from_pb(m.done)
+    return Chunk.from_pb(m.chunk)
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+@dataclass
+class EmbedRequest:
+    model: str
+    inputs: list[str]
+    truncate: bool = True
+    dimensions: int = 0
+    keep_alive: Optional[float] = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_pb(self) -> pb.EmbedRequest:
+        m = pb.EmbedRequest(
+            request_id=self.request_id,
+            model=self.model,
+            input=self.inputs,
+            truncate=self.truncate,
+            dimensions=self.dimensions,
+        )
+        ka = keep_alive_to_pb(self.keep_alive)
+        if ka is not None:
+            m.keep_alive.CopyFrom(ka)
+        return m
+
+    @classmethod
+    def from_pb(cls, m: pb.EmbedRequest) -> "EmbedRequest":
+        return cls(
+            model=m.model,
+            inputs=list(m.input),
+            truncate=m.truncate if m.HasField("truncate") else True,
+            dimensions=m.dimensions,
+            keep_alive=keep_alive_from_pb(m),
+            request_id=m.request_id or uuid.uuid4().hex,
+        )
+
+
+@dataclass
+class EmbedResult:
+    embeddings: list[list[float]]
+    prompt_tokens: int = 0
+    model: str = ""
+    backend: str = ""
+    load_duration_ns: int = 0
+    total_duration_ns: int = 0
+
+    def to_pb(self) -> pb.EmbedResponse:
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=v) for v in self.embeddings],
+            prompt_tokens=self.prompt_tokens,
+            model=self.model,
+            backend=self.backend,
+            load_duration_ns=self.load_duration_ns,
+            total_duration_ns=self.total_duration_ns,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.EmbedResponse) -> "EmbedResult":
+        return cls(
+            embeddings=[list(e.values) for e in m.embeddings],
+            prompt_tokens=m.prompt_tokens,
+            model=m.model,
+            backend=m.backend,
+            load_duration_ns=m.load_duration_ns,
+            total_duration_ns=m.total_duration_ns,
+        )
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class ModelDetails:
+    family: str = ""
+    families: list[str] = field(default_factory=list)
+    parameter_count: int = 0
+    parameter_size: str = ""
+    quantization_level: str = ""
+    format: str = ""
+
+    def to_pb(self) -> pb.ModelDetails:
+        return pb.ModelDetails(
+            family=self.family,
+            families=self.families,
+            parameter_count=self.parameter_count,
+            parameter_size=self.parameter_size,
+            quantization_level=self.quantization_level,
+            format=self.format,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelDetails) -> "ModelDetails":
+        return cls(
+            m.family, list(m.families), m.parameter_count, m.parameter_size, m.quantization_level, m.format
+        )
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    backend: str
+    size_bytes: int = 0
+    digest: str = ""
+    modified_at: Optional[datetime] = None
+    details: ModelDetails = field(default_factory=ModelDetails)
+    fallbacks: list[str] = field(default_factory=list)
+
+    def to_pb(self) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            name=self.name,
+            backend=self.backend,
+            size_bytes=self.size_bytes,
+            digest=self.digest,
+            modified_at=_ts(self.modified_at),
+            details=self.details.to_pb(),
+            fallbacks=self.fallbacks,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
+        return cls(
+            name=m.name,
+            backend=m.backend,
+            size_bytes=m.size_bytes,
+            digest=m.digest,
+            modified_at=_from_ts(m, "modified_at"),
+            details=ModelDetails.from_pb(m.details),
+            fallbacks=list(m.fallbacks),
+        )
+
+
+@dataclass
+class ModelShow:
+    info: ModelInfo
+    chat_template: str = ""
+    context_length: int = 0
+    capabilities: list[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    license: str = ""
+
+    def to_pb(self) -> pb.ShowModelResponse:
+        return pb.ShowModelResponse(
+            model=self.info.to_pb(),
+            chat_template=self.chat_template,
+            context_length=self.context_length,
+            capabilities=[_CAP_TO_PB[c] for c in self.capabilities if c in _CAP_TO_PB],
+            config_json=json.dumps(self.config),
+            license=self.license,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ShowModelResponse) -> "ModelShow":
+        return cls(
+            info=ModelInfo.from_pb(m.model),
+            chat_template=m.chat_template,
+            context_length=m.context_length,
+            capabilities=[_PB_TO_CAP[c] for c in m.capabilities if c in _PB_TO_CAP],
+            config=_json_or_empty(m.config_json),
+            license=m.license,
+        )
+
+
+@dataclass
+class RunningModel:
+    name: str
+    backend: str
+    size_bytes: int = 0
+    expires_at: Optional[datetime] = None  # None: kept loaded with no expiry
+    context_length: int = 0
+    details: ModelDetails = field(default_factory=ModelDetails)
+
+    def to_pb(self) -> pb.RunningModel:
+        return pb.RunningModel(
+            name=self.name,
+            backend=self.backend,
+            size_bytes=self.size_bytes,
+            expires_at=_ts(self.expires_at),
+            context_length=self.context_length,
+            details=self.details.to_pb(),
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.RunningModel) -> "RunningModel":
+        return cls(
+            name=m.name,
+            backend=m.backend,
+            size_bytes=m.size_bytes,
+            expires_at=_from_ts(m, "expires_at"),
+            context_length=m.context_length,
+            details=ModelDetails.from_pb(m.details),
+        )
+
+
+@dataclass
+class LoadResult:
+    model: str
+    backend: str
+    load_duration_ns: int = 0
