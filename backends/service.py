@@ -1,0 +1,186 @@
+"""The gRPC inference service: proto in, one Backend (the router) behind it.
+
+Handlers are thin: convert with ``from_pb``, call the backend, convert events
+with ``to_pb``.  Backend errors become gRPC statuses carrying their message;
+anything unexpected becomes INTERNAL with a generic message (the traceback is
+logged, never sent).  When the client cancels, grpc.aio cancels the handler
+task; ``aclosing`` then closes the backend's generator so the work stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from backends.base import Backend
+from backends.errors import BackendError, InvalidArgument
+from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
+from mlxgate.v1 import inference_pb2 as pb
+from mlxgate.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+T = TypeVar("T")
+
+
+async def _guard(context: grpc.aio.ServicerContext, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call``; turn failures into a gRPC status with a clear message."""
+    try:
+        return await call()
+    except BackendError as e:
+        await context.abort(e.code, e.message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.exception("%s failed", what)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {what}")
+    raise AssertionError("unreachable")  # abort() always raises
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Maps the proto service onto one ``Backend``."""
+
+    def __init__(self, backend: Backend, observer: Optional["GenerateObserver"] = None) -> None:
+        self.backend = backend
+        self.observer = observer
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        if request.WhichOneof("input") is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one of prompt or chat is required")
+        try:
+            req = GenerateRequest.from_pb(request)
+        except BackendError as e:
+            await context.abort(e.code, e.message)
+        started = time.monotonic()
+        first_token_at: Optional[float] = None
+        done: Optional[Done] = None
+        try:
+            async with contextlib.aclosing(self.backend.generate(req)) as events:
+                async for event in events:
+                    if isinstance(event, Done):
+                        done = event
+                    elif first_token_at is None:
+                        first_token_at = time.monotonic()
+                    yield event.to_pb()
+        except BackendError as e:
+            # Before or after the first chunk alike: the status ends the stream
+            # and carries the message; the front turns it into its dialect.
+            await context.abort(e.code, e.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("Generate failed (request %s)", req.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in Generate")
+        finally:
+            if self.observer is not None:
+                self.observer.finished(req, done, started, first_token_at)
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        req = EmbedRequest.from_pb(request)
+        result = await _guard(context, "Embed", lambda: self.backend.embed(req))
+        return result.to_pb()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = await _guard(context, "ListModels", self.backend.list_models)
+        return pb.ListModelsResponse(models=[m.to_pb() for m in models])
+
+    async def ShowModel(
+        self, request: pb.ShowModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ShowModelResponse:
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        show = await _guard(context, "ShowModel", lambda: self.backend.show_model(request.model))
+        return show.to_pb()
+
+    async def ListRunning(
+        self, request: pb.ListRunningRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRunningResponse:
+        running = await _guard(context, "ListRunning", self.backend.list_running)
+        return pb.ListRunningResponse(models=[m.to_pb() for m in running])
+
+    async def LoadModel(
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        keep_alive = keep_alive_from_pb(request)
+        res = await _guard(context, "LoadModel", lambda: self.backend.load_model(request.model, keep_alive))
+        return pb.LoadModelResponse(model=res.model, backend=res.backend, load_duration_ns=res.load_duration_ns)
+
+    async def UnloadModel(
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UnloadModelResponse:
+        if not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        was = await _guard(context, "UnloadModel", lambda: self.backend.unload_model(request.model))
+        return pb.UnloadModelResponse(model=request.model, was_loaded=was)
+
+
+class GenerateObserver:
+    """Hook the metrics layer implements; called once per Generate."""
+
+    def finished(
+        self, req: GenerateRequest, done: Optional[Done], started: float, first_token_at: Optional[float]
+    ) -> None:  # pragma: no cover - interface
+        ...
+
+
+@dataclass
+class RunningService:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+
+
+async def start_inference_service(
+    backend: Backend,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    observer: Optional[GenerateObserver] = None,
+) -> RunningService:
+    """Start the gRPC server; port 0 picks a free port, returned in the result."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(backend, observer), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise InvalidArgument(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("inference service listening on %s:%d", host, bound)
+    return RunningService(server=server, port=bound, health=health_servicer)
