@@ -9,11 +9,11 @@ task; ``aclosing`` then closes the backend's generator so the work stops.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -64,29 +64,35 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             req = GenerateRequest.from_pb(request)
         except BackendError as e:
             await context.abort(e.code, e.message)
-        started = time.monotonic()
-        first_token_at: Optional[float] = None
+        tracker = self.observer.start(req) if self.observer else None
         done: Optional[Done] = None
+        error_code: Optional[str] = None
+        cancelled = False
         try:
             async with contextlib.aclosing(self.backend.generate(req)) as events:
                 async for event in events:
                     if isinstance(event, Done):
                         done = event
-                    elif first_token_at is None:
-                        first_token_at = time.monotonic()
+                    elif tracker is not None:
+                        tracker.chunk(len(event.token_ids) or 1)
                     yield event.to_pb()
         except BackendError as e:
             # Before or after the first chunk alike: the status ends the stream
             # and carries the message; the front turns it into its dialect.
+            error_code = e.code.name
             await context.abort(e.code, e.message)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         except grpc.aio.AbortError:
             raise
         except Exception:
+            error_code = grpc.StatusCode.INTERNAL.name
             log.exception("Generate failed (request %s)", req.request_id)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in Generate")
         finally:
-            if self.observer is not None:
-                self.observer.finished(req, done, started, first_token_at)
+            if tracker is not None:
+                tracker.finish(done, error_code, cancelled)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         if not request.model:
@@ -133,13 +139,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.UnloadModelResponse(model=request.model, was_loaded=was)
 
 
-class GenerateObserver:
-    """Hook the metrics layer implements; called once per Generate."""
+class GenerateTracker(Protocol):
+    def chunk(self, n_tokens: int) -> None: ...
 
-    def finished(
-        self, req: GenerateRequest, done: Optional[Done], started: float, first_token_at: Optional[float]
-    ) -> None:  # pragma: no cover - interface
-        ...
+    def finish(self, done: Optional[Done], error_code: Optional[str], cancelled: bool) -> None: ...
+
+
+class GenerateObserver(Protocol):
+    """What the metrics layer implements; ``start`` is called once per Generate."""
+
+    def start(self, req: GenerateRequest) -> GenerateTracker: ...
 
 
 @dataclass

@@ -244,7 +244,11 @@ class OutputFormat:
     schema: Optional[dict] = None
 
     def to_pb(self) -> pb.OutputFormat:
-        kind = {"text": pb.FORMAT_TYPE_UNSPECIFIED, "json": pb.FORMAT_TYPE_JSON, "json_schema": pb.FORMAT_TYPE_JSON_SCHEMA}
+        kind = {
+            "text": pb.FORMAT_TYPE_UNSPECIFIED,
+            "json": pb.FORMAT_TYPE_JSON,
+            "json_schema": pb.FORMAT_TYPE_JSON_SCHEMA,
+        }
         return pb.OutputFormat(type=kind[self.kind], json_schema=json.dumps(self.schema) if self.schema else "")
 
     @classmethod

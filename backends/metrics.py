@@ -1,0 +1,230 @@
+"""Prometheus metrics of the inference service: generation latency, tokens,
+fallbacks, and memory.
+
+Everything is registered on the ``CollectorRegistry`` passed in (a fresh one
+per test), never on the global default.  Labels are bounded: the model label is
+the model that actually answered (a name some backend listed) or "none" when
+the request failed before any backend answered; never a request id or text.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from backends.types import Done, GenerateRequest
+
+PREFIX = "mlxgate"
+
+# LLM work spans milliseconds (a token) to minutes (a long answer on a cold model).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
+
+
+@dataclass
+class MemorySnapshot:
+    """What the MLX engine reports about memory, read at scrape time."""
+
+    active_bytes: int = 0
+    peak_bytes: int = 0
+    cache_bytes: int = 0
+    kv_cache_bytes: int = 0
+    prompt_cache_bytes: int = 0
+    active_sequences: int = 0
+    #: model name -> resident bytes of its weights
+    model_bytes: dict[str, int] = field(default_factory=dict)
+    #: model name -> unix time it expires; None = kept loaded
+    model_expiry: dict[str, Optional[float]] = field(default_factory=dict)
+
+
+def resident_memory_bytes() -> int:
+    """RSS of this process (Linux /proc; macOS via resource's peak as a fallback)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
+class MemoryCollector(Collector):
+    """Reads memory at scrape time, so the numbers are never stale."""
+
+    def __init__(self, process: str, snapshot: Optional[Callable[[], Optional[MemorySnapshot]]]) -> None:
+        self.process = process
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        rss = GaugeMetricFamily(
+            f"{PREFIX}_process_resident_memory_bytes", "Resident memory of the process.", labels=["process"]
+        )
+        rss.add_metric([self.process], resident_memory_bytes())
+        yield rss
+        snap = self.snapshot() if self.snapshot else None
+        if snap is None:
+            return
+        for name, value, doc in (
+            ("mlx_active_memory_bytes", snap.active_bytes, "MLX memory in live arrays."),
+            ("mlx_peak_memory_bytes", snap.peak_bytes, "Peak MLX memory since start."),
+            ("mlx_cache_memory_bytes", snap.cache_bytes, "MLX allocator cache, freeable."),
+            ("kv_cache_memory_bytes", snap.kv_cache_bytes, "Bytes held by KV caches of in-flight sequences."),
+            ("prompt_cache_memory_bytes", snap.prompt_cache_bytes, "Bytes held by reusable prompt caches."),
+            ("engine_active_sequences", snap.active_sequences, "Sequences queued, prefilling or decoding."),
+            ("models_loaded", len(snap.model_bytes), "Models resident in the MLX engine."),
+        ):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        per_model = GaugeMetricFamily(
+            f"{PREFIX}_model_memory_bytes", "Resident weight bytes per loaded model.", labels=["model"]
+        )
+        for model, nbytes in snap.model_bytes.items():
+            per_model.add_metric([model], nbytes)
+        yield per_model
+        expiry = GaugeMetricFamily(
+            f"{PREFIX}_model_expiry_timestamp_seconds",
+            "Unix time a loaded model unloads; +Inf when kept loaded.",
+            labels=["model"],
+        )
+        for model, at in snap.model_expiry.items():
+            expiry.add_metric([model], float("inf") if at is None else at)
+        yield expiry
+
+
+class ServiceMetrics:
+    """Counters and histograms the inference service and router update."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        labels = ["model", "backend"]
+        self.requests = Counter(
+            f"{PREFIX}_generate_requests",
+            "Generate calls finished, by model, backend that answered and finish reason.",
+            labels + ["finish_reason"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_generate_in_flight", "Generate calls in progress.", registry=registry
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_generate_duration_seconds",
+            "Generate call duration, first byte in to last byte out.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from request to the first chunk of the answer.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between consecutive tokens of one answer.",
+            labels,
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "Time a request waited in the MLX engine's queue before its prefill started.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", labels, registry=registry
+        )
+        self.completion_tokens = Counter(
+            f"{PREFIX}_completion_tokens", "Tokens generated.", labels, registry=registry
+        )
+        self.cached_tokens = Counter(
+            f"{PREFIX}_cached_prompt_tokens", "Prompt tokens served from a prompt cache.", labels, registry=registry
+        )
+        self.cancellations = Counter(
+            f"{PREFIX}_cancellations", "Generate calls the client cancelled.", labels, registry=registry
+        )
+        self.errors = Counter(
+            f"{PREFIX}_generate_errors", "Generate calls that ended in an error, by gRPC code.", ["code"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            f"{PREFIX}_fallbacks",
+            "Requests moved from one backend to the next before the first token.",
+            ["from_backend", "to_backend", "reason"],
+            registry=registry,
+        )
+        self.answered = Counter(
+            f"{PREFIX}_backend_answers",
+            "Requests answered, by backend.",
+            ["backend"],
+            registry=registry,
+        )
+
+    # -- router observer hooks
+    def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
+        self.fallbacks.labels(from_backend, to_backend, reason).inc()
+
+    def answered_by(self, backend: str, model: str) -> None:
+        self.answered.labels(backend).inc()
+
+    # -- engine hook
+    def observe_queue_wait(self, model: str, seconds: float) -> None:
+        self.queue_wait.labels(model).observe(seconds)
+
+    # -- service observer
+    def start(self, req: GenerateRequest) -> "GenerateTracker":
+        self.in_flight.inc()
+        return GenerateTracker(self)
+
+
+class GenerateTracker:
+    """Follows one Generate call: first token, gaps between tokens, the end."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.m = metrics
+        self.started = time.monotonic()
+        self.last: Optional[float] = None
+        self.first: Optional[float] = None
+        self.gaps: list[float] = []
+
+    def chunk(self, n_tokens: int) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif self.last is not None and n_tokens > 0:
+            # A chunk may carry several tokens; spread the gap over them.
+            self.gaps.extend([(now - self.last) / n_tokens] * n_tokens)
+        self.last = now
+
+    def finish(self, done: Optional[Done], error_code: Optional[str], cancelled: bool) -> None:
+        m = self.m
+        m.in_flight.dec()
+        model = (done.model if done else "") or "none"
+        backend = (done.backend if done else "") or "none"
+        if done is not None:
+            reason = done.finish_reason
+        else:
+            reason = "cancelled" if cancelled else "error"
+        m.requests.labels(model, backend, reason).inc()
+        m.duration.labels(model, backend).observe(time.monotonic() - self.started)
+        if self.first is not None:
+            m.ttft.labels(model, backend).observe(self.first - self.started)
+        hist = m.inter_token.labels(model, backend)
+        for g in self.gaps:
+            hist.observe(g)
+        if done is not None:
+            m.prompt_tokens.labels(model, backend).inc(done.prompt_tokens)
+            m.completion_tokens.labels(model, backend).inc(done.completion_tokens)
+            m.cached_tokens.labels(model, backend).inc(done.cached_prompt_tokens)
+        if cancelled:
+            m.cancellations.labels(model, backend).inc()
+        if error_code:
+            m.errors.labels(error_code).inc()

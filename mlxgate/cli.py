@@ -1,0 +1,95 @@
+"""Command line: parse flags into a Config and hand it to the server.
+
+Only this module knows about argparse; everything below it gets a Config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mlxgate.config import Config, load_config
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file (env MLXGATE_CONFIG)")
+    p.add_argument("--models-dir", help="folder with one MLX model per subfolder (env MLXGATE_MODELS_DIR)")
+    p.add_argument("--grpc-host", help="gRPC bind address (env MLXGATE_GRPC_HOST, default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (env MLXGATE_GRPC_PORT, default 50051)")
+    p.add_argument("--ollama-upstream", help="upstream Ollama URL for fallback (env OLLAMA_UPSTREAM)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (env MLXGATE_LOG_LEVEL)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="HTTP front (Ollama + OpenAI) and the gRPC inference service")
+    serve.add_argument("--host", help="HTTP bind address (env MLXGATE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (env MLXGATE_PORT, default 11434)")
+    serve.add_argument(
+        "--grpc-target",
+        help="use the inference service at host:port instead of starting one (env MLXGATE_GRPC_TARGET)",
+    )
+    _add_common(serve)
+
+    service = sub.add_parser("service", help="only the gRPC inference service, with /metrics on its own port")
+    service.add_argument("--metrics-port", type=int, help="port for /metrics (env MLXGATE_METRICS_PORT, 9464)")
+    _add_common(service)
+
+    model = sub.add_parser("make-test-model", help="write a small random-weight model into DIR")
+    model.add_argument("dir", help="models directory; the model is written to DIR/<name>")
+    model.add_argument("--name", default="tiny-llama")
+    model.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "server.grpc_host": args.grpc_host,
+        "server.grpc_port": args.grpc_port,
+        "server.grpc_target": getattr(args, "grpc_target", None),
+        "server.metrics_port": getattr(args, "metrics_port", None),
+        "mlx.models_dir": args.models_dir,
+        "ollama.upstream": args.ollama_upstream,
+        "log_level": args.log_level or os.environ.get("MLXGATE_LOG_LEVEL"),
+    }
+    return load_config(args.config, overrides=overrides)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make-test-model":
+        from backends.mlx.testmodel import write_test_model
+
+        path = write_test_model(Path(args.dir).expanduser(), name=args.name, seed=args.seed)
+        print(path)
+        return 0
+
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"mlxgate: configuration error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from mlxgate import server
+
+    runner = server.serve if args.command == "serve" else server.serve_service_only
+    try:
+        asyncio.run(runner(config, dict(os.environ)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
