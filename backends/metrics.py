@@ -161,7 +161,7 @@ class ServiceMetrics:
             ["from_backend", "to_backend", "reason"],
             registry=registry,
         )
-        self.answered = Counter(
+        self.answers = Counter(
             f"{PREFIX}_backend_answers",
             "Requests answered, by backend.",
             ["backend"],
@@ -172,8 +172,8 @@ class ServiceMetrics:
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
         self.fallbacks.labels(from_backend, to_backend, reason).inc()
 
-    def answered_by(self, backend: str, model: str) -> None:
-        self.answered.labels(backend).inc()
+    def answered(self, backend: str, model: str) -> None:
+        self.answers.labels(backend).inc()
 
     # -- engine hook
     def observe_queue_wait(self, model: str, seconds: float) -> None:

@@ -1,0 +1,82 @@
+"""HTTP-side metrics: requests by dialect, route and status; in flight; duration.
+
+The middleware labels a request with its route's *pattern* ("/v1/models/{id}"),
+never the raw path, so label values stay bounded.  ``/metrics`` serves every
+collector on the registry, the service's too when it runs in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "mlxgate"
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def dialect_of(path: str) -> str:
+    if path.startswith("/v1/"):
+        return "openai"
+    if path == "/" or path.startswith("/api/"):
+        return "ollama"
+    return "other"
+
+
+class HttpMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by dialect, route pattern and status code.",
+            ["dialect", "route", "status"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", ["dialect"], registry=registry
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "HTTP request duration until the last byte of the response.",
+            ["dialect", "route"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/metrics":
+            return await handler(request)
+        dialect = dialect_of(request.path)
+        info = request.match_info.route.resource
+        route = info.canonical if info is not None else "unmatched"
+        status = 500
+        self.in_flight.labels(dialect).inc()
+        started = time.monotonic()
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        finally:
+            self.in_flight.labels(dialect).dec()
+            self.requests.labels(dialect, route, str(status)).inc()
+            self.duration.labels(dialect, route).observe(time.monotonic() - started)
+
+
+def metrics_handler(registry: CollectorRegistry) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handle

@@ -1,0 +1,152 @@
+"""Process composition: backends → router → gRPC service → HTTP front.
+
+``Stack`` starts the pieces a Config asks for and stops them in reverse
+order; ``serve`` runs it until SIGINT/SIGTERM.  Tests start the same Stack on
+port 0, so what they exercise is what ``mlxgate serve`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Optional
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from backends.metrics import MemoryCollector, ServiceMetrics
+from backends.service import RunningService, start_inference_service
+from mlxgate.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def ensure_default_model(config: Config) -> None:
+    """On a fresh machine the models directory is empty: write the small test
+    model there so ``make run`` has something to serve."""
+    if not (config.mlx.enabled and config.mlx.bootstrap_test_model):
+        return
+    models = config.models_path()
+    if models.is_dir() and any((p / "config.json").is_file() for p in models.iterdir()):
+        return
+    from backends.mlx.testmodel import write_test_model
+
+    log.warning("no models in %s: writing the small test model there (random weights)", models)
+    write_test_model(models)
+
+
+@dataclass
+class Stack:
+    """The running pieces of one mlxgate process."""
+
+    config: Config
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    router: Optional[object] = None
+    service: Optional[RunningService] = None
+    runner: Optional[web.AppRunner] = None
+    http_port: int = 0
+    service_metrics: Optional[ServiceMetrics] = None
+
+    @property
+    def grpc_target(self) -> str:
+        if self.service is not None:
+            return f"{self.config.server.grpc_host}:{self.service.port}"
+        assert self.config.server.grpc_target
+        return self.config.server.grpc_target
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.server.host}:{self.http_port}"
+
+    async def start_service(self, env: Mapping[str, str]) -> None:
+        from backends.factory import build_router
+
+        self.service_metrics = ServiceMetrics(self.registry)
+        self.router = build_router(self.config, env, observer=self.service_metrics)
+        mlx = getattr(self.router, "mlx_backend", None)
+        snapshot = getattr(mlx, "memory_snapshot", None)
+        self.registry.register(MemoryCollector("mlxgate", snapshot))
+        self.service = await start_inference_service(
+            self.router,  # type: ignore[arg-type]
+            host=self.config.server.grpc_host,
+            port=self.config.server.grpc_port,
+            observer=self.service_metrics,
+        )
+
+    async def start_front(self) -> None:
+        from gateway.app import create_app
+        from gateway.metrics import HttpMetrics, metrics_handler
+
+        http_metrics = HttpMetrics(self.registry)
+        if self.service is None:
+            # Front only: this process's memory still shows on its /metrics.
+            self.registry.register(MemoryCollector("front", None))
+        app = create_app(self.config.server, self.grpc_target, extra_middlewares=[http_metrics.middleware])
+        app.router.add_get("/metrics", metrics_handler(self.registry))
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.server.host, self.config.server.port)
+        await site.start()
+        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("HTTP front on %s (gRPC service %s)", self.http_url, self.grpc_target)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.service is not None:
+            await self.service.stop(grace=2.0)
+        close = getattr(self.router, "close", None)
+        if close is not None:
+            await close()
+
+
+async def start_stack(config: Config, env: Mapping[str, str], front: bool = True) -> Stack:
+    stack = Stack(config)
+    try:
+        if not config.server.grpc_target:
+            ensure_default_model(config)
+            await stack.start_service(env)
+        if front:
+            await stack.start_front()
+    except BaseException:
+        await stack.stop()
+        raise
+    return stack
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(config: Config, env: Mapping[str, str]) -> None:
+    """``mlxgate serve``: front and (unless --grpc-target) the service."""
+    stack = await start_stack(config, env)
+    print(f"mlxgate: HTTP {stack.http_url}  gRPC {stack.grpc_target}", flush=True)
+    try:
+        await _until_signalled()
+    finally:
+        await stack.stop()
+
+
+async def serve_service_only(config: Config, env: Mapping[str, str]) -> None:
+    """``mlxgate service``: the gRPC service with /metrics on its own port."""
+    from prometheus_client import start_http_server
+
+    config.server.grpc_target = None
+    stack = await start_stack(config, env, front=False)
+    start_http_server(config.server.metrics_port, addr=config.server.grpc_host, registry=stack.registry)
+    print(
+        f"mlxgate: gRPC {stack.grpc_target}  metrics http://{config.server.grpc_host}:{config.server.metrics_port}",
+        flush=True,
+    )
+    try:
+        await _until_signalled()
+    finally:
+        await stack.stop()
