@@ -1,0 +1,186 @@
+"""Metrics move with real requests, and every dashboard query returns data
+from a real Prometheus server scraping a running mlxgate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mlxgate.config import Config, MLXConfig, ServerConfig
+from mlxgate.server import start_stack
+from tests.mlx_fixtures import TEST_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "grafana/dashboards/mlxgate-overview.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stack_config(models_dir: Path) -> Config:
+    cfg = Config(
+        server=ServerConfig(port=0, grpc_port=0),
+        mlx=MLXConfig(models_dir=str(models_dir), hf_cache=str(models_dir / "no-hf"), default_max_tokens=16,
+                      bootstrap_test_model=False),
+    )
+    # A dead upstream Ollama first, then the local model: every request for
+    # "fallback-demo" records one fallback.
+    cfg.ollama.upstream = f"http://127.0.0.1:{free_port()}"
+    cfg.ollama.connect_timeout = 0.5
+    cfg.aliases["fallback-demo"] = [f"ollama:{TEST_MODEL}", f"mlx:{TEST_MODEL}"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+async def stack(test_model_dir):
+    s = await start_stack(stack_config(test_model_dir), env={})
+    yield s
+    await s.stop()
+
+
+def sample(stack, name: str, **labels) -> float:
+    return stack.registry.get_sample_value(name, labels) or 0.0
+
+
+async def chat(session: aiohttp.ClientSession, base: str, model: str, stream: bool = False, **extra) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+            "options": {"num_predict": 8}, **extra}
+    async with session.post(f"{base}/api/chat", json=body) as r:
+        await r.read()
+        return r.status
+
+
+async def test_metric_values_move_after_requests(stack) -> None:
+    base = stack.http_url
+    route = dict(dialect="ollama", route="/api/chat", status="200")
+    before_http = sample(stack, "mlxgate_http_requests_total", **route)
+    before_tokens = sample(stack, "mlxgate_completion_tokens_total", model=TEST_MODEL, backend="mlx")
+    before_fallbacks = sample(stack, "mlxgate_fallbacks_total", from_backend="ollama", to_backend="mlx",
+                              reason="UNAVAILABLE")
+    before_404 = sample(stack, "mlxgate_http_requests_total", dialect="ollama", route="/api/chat", status="404")
+    async with aiohttp.ClientSession() as session:
+        assert await chat(session, base, TEST_MODEL) == 200
+        assert await chat(session, base, TEST_MODEL, stream=True) == 200
+        assert await chat(session, base, "no-such-model") == 404
+        assert await chat(session, base, "fallback-demo") == 200
+    assert sample(stack, "mlxgate_http_requests_total", **route) == before_http + 3
+    assert sample(stack, "mlxgate_http_requests_total", dialect="ollama", route="/api/chat",
+                  status="404") == before_404 + 1
+    assert sample(stack, "mlxgate_completion_tokens_total", model=TEST_MODEL, backend="mlx") > before_tokens
+    assert sample(stack, "mlxgate_fallbacks_total", from_backend="ollama", to_backend="mlx",
+                  reason="UNAVAILABLE") == before_fallbacks + 1
+    assert sample(stack, "mlxgate_time_to_first_token_seconds_count", model=TEST_MODEL, backend="mlx") >= 3
+    assert sample(stack, "mlxgate_http_requests_in_flight", dialect="ollama") == 0
+    assert sample(stack, "mlxgate_process_resident_memory_bytes", process="mlxgate") > 10_000_000
+    assert sample(stack, "mlxgate_model_memory_bytes", model=TEST_MODEL) > 0
+    assert sample(stack, "mlxgate_models_loaded") >= 1
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/metrics") as r:
+            text = await r.text()
+    assert r.status == 200 and r.content_type == "text/plain"
+    assert "mlxgate_http_request_duration_seconds_bucket" in text
+    # Labels stay bounded: no request ids or prompt text in the exposition.
+    assert "no-such-model" not in text and "hi" not in text.split()
+
+
+async def test_cancel_counts(stack) -> None:
+    before = sum(
+        s.value for m in stack.registry.collect() if m.name == "mlxgate_cancellations"
+        for s in m.samples if s.name.endswith("_total")
+    )
+    async with aiohttp.ClientSession() as session:
+        body = {"model": TEST_MODEL, "prompt": "tell a story", "options": {"num_predict": 2000}}
+        async with session.post(f"{stack.http_url}/api/generate", json=body) as r:
+            await r.content.readline()
+    deadline = time.monotonic() + 2
+    after = before
+    while time.monotonic() < deadline and after == before:
+        await asyncio.sleep(0.05)
+        after = sum(
+            s.value for m in stack.registry.collect() if m.name == "mlxgate_cancellations"
+            for s in m.samples if s.name.endswith("_total")
+        )
+    assert after == before + 1
+
+
+def dashboard_queries() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    return exprs
+
+
+def test_dashboard_uses_a_datasource_variable() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    for panel in dash["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"), reason="prometheus not installed (CI installs it)")
+async def test_every_dashboard_query_returns_data(stack, tmp_path) -> None:
+    assert PROMETHEUS, "the prometheus binary is required in CI (.ci/run installs the Debian package)"
+    port = free_port()
+    host_port = stack.http_url.removeprefix("http://")
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: mlxgate\n    static_configs:\n      - targets: ['{host_port}']\n"
+    )
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        async with aiohttp.ClientSession() as session:
+            # Traffic while Prometheus scrapes: successes, a 404, a fallback,
+            # a cancelled stream, an embedding.
+            async def traffic() -> None:
+                for _ in range(8):
+                    await chat(session, stack.http_url, TEST_MODEL)
+                    await chat(session, stack.http_url, TEST_MODEL, stream=True)
+                    await chat(session, stack.http_url, "no-such-model")
+                    await chat(session, stack.http_url, "fallback-demo")
+                    async with session.post(f"{stack.http_url}/api/generate",
+                                            json={"model": TEST_MODEL, "prompt": "go",
+                                                  "options": {"num_predict": 500}}) as r:
+                        await r.content.readline()
+                    async with session.post(f"{stack.http_url}/api/embed",
+                                            json={"model": TEST_MODEL, "input": "x"}) as r:
+                        await r.read()
+                    await asyncio.sleep(0.5)
+
+            await traffic()
+            await asyncio.sleep(2.5)  # two more scrapes after the last request
+            missing = []
+            for expr in dashboard_queries():
+                q = expr.replace("$__rate_interval", "1m").replace("$model", ".*")
+                async with session.get(f"{api}/query", params={"query": q}) as r:
+                    body = await r.json()
+                assert body["status"] == "success", (expr, body)
+                values = [float(s["value"][1]) for s in body["data"]["result"]]
+                if not values or all(math.isnan(v) for v in values):
+                    missing.append(expr)
+            assert not missing, "dashboard queries with no data:\n" + "\n".join(missing)
+    finally:
+        proc.terminate()
+        proc.wait(10)
