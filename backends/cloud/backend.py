@@ -1,0 +1,242 @@
+"""CloudBackend: the Backend protocol over an OpenAI-compatible HTTP API.
+
+Chat (and non-raw prompts, sent as a one-turn chat) stream from
+``/chat/completions``; raw prompts from ``/completions``.  Server-sent events
+are parsed as they arrive (``data:`` lines, ``[DONE]``), with
+``stream_options.include_usage`` so the final ``Done`` carries token counts.
+
+The API key is read once from ``env[provider.api_key_env]`` and only ever
+placed in the Authorization header.  It never appears in a repr, a log line,
+an exception message or a metric label: every upstream error text is passed
+through ``redact`` before it is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Mapping, Optional
+
+import aiohttp
+
+from backends.cloud import wire
+from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
+from backends.http_upstream import (
+    client_timeout,
+    error_for_exception,
+    error_for_status,
+    error_text_from_body,
+    iter_lines,
+    raise_for_response,
+    redact,
+)
+from backends.types import (
+    Chunk,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    GenerateRequest,
+    LoadResult,
+    ModelInfo,
+    ModelShow,
+    RunningModel,
+)
+from mlxgate.config import CloudProvider
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+
+
+class CloudBackend:
+    """Backend named ``cloud:<provider.name>``."""
+
+    def __init__(self, provider: CloudProvider, env: Mapping[str, str]) -> None:
+        self.provider = provider
+        self.name = f"cloud:{provider.name}"
+        self.base_url = provider.base_url.rstrip("/")
+        self.__key: Optional[str] = env.get(provider.api_key_env) if provider.api_key_env else None
+        if provider.api_key_env and not self.__key:
+            log.warning("%s: environment variable %s is not set; calling without a key", self.name,
+                        provider.api_key_env)
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    def __repr__(self) -> str:  # never the key
+        return f"CloudBackend({self.name!r}, {self.base_url!r})"
+
+    # ------------------------------------------------------------ plumbing
+
+    @property
+    def _secrets(self) -> tuple[Optional[str], ...]:
+        return (self.__key,)
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Accept": "application/json"}
+        if self.__key:
+            h["Authorization"] = f"Bearer {self.__key}"
+        return h
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=client_timeout(None, CONNECT_TIMEOUT, self.provider.timeout),
+                raise_for_status=False,
+            )
+        return self._session
+
+    def _fail(self, e: BaseException) -> BackendError:
+        return error_for_exception(self.name, e, self._secrets)
+
+    async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
+        try:
+            async with self._get_session().request(
+                method,
+                self.base_url + path,
+                json=body,
+                headers=self._headers(),
+                timeout=client_timeout(self.provider.timeout, CONNECT_TIMEOUT, self.provider.timeout),
+            ) as resp:
+                await raise_for_response(self.name, resp, self._secrets)
+                raw = await resp.read()
+        except BackendError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._fail(e) from None
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            raise Unavailable(f"{self.name}: upstream sent a body that is not JSON") from None
+
+    # ------------------------------------------------------------ generate
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        path, body = wire.generate_body(req)
+        started = time.monotonic_ns()
+        resp: Optional[aiohttp.ClientResponse] = None
+        finished = False
+        try:
+            try:
+                resp = await self._get_session().post(self.base_url + path, json=body, headers=self._headers())
+                await raise_for_response(self.name, resp, self._secrets)
+            except BackendError:
+                raise
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                raise self._fail(e) from None
+
+            state = wire.StreamState()
+            saw_done_marker = False
+            lines = iter_lines(resp)
+            while True:
+                try:
+                    line = await anext(lines)
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                    raise self._fail(e) from None
+                if not line.startswith(b"data:"):
+                    continue  # blank separator, ": comment", "event:", "id:"
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    saw_done_marker = True
+                    break
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    raise Unavailable(f"{self.name}: upstream sent an event that is not JSON") from None
+                if not isinstance(obj, dict):
+                    continue
+                if "error" in obj:
+                    raise self._stream_error(obj)
+                chunk = state.feed(obj)
+                if chunk is not None:
+                    yield chunk
+            if not saw_done_marker and state.finish is None:
+                raise Unavailable(f"{self.name}: upstream ended the stream before it finished")
+            calls = state.tool_calls()
+            if calls:
+                yield Chunk(tool_calls=calls)
+            reason = wire.finish_reason(state.finish)
+            if calls and reason == "stop":
+                reason = "tool_calls"
+            finished = True
+            yield Done(
+                finish_reason=reason,  # type: ignore[arg-type]
+                prompt_tokens=state.prompt_tokens,
+                completion_tokens=state.completion_tokens,
+                cached_prompt_tokens=state.cached_tokens,
+                total_duration_ns=time.monotonic_ns() - started,
+                backend=self.name,
+                model=req.model,
+            )
+        finally:
+            if resp is not None:
+                if finished:
+                    resp.release()
+                else:
+                    resp.close()  # cancelled or failed: drop the upstream request
+
+    def _stream_error(self, obj: dict) -> BackendError:
+        err = obj.get("error")
+        status = 0
+        if isinstance(err, dict):
+            code = err.get("code")
+            status = code if isinstance(code, int) else 0
+        text = redact(error_text_from_body(json.dumps(obj).encode()), self._secrets)
+        if status >= 400:
+            return error_for_status(self.name, status, text)
+        return Unavailable(f"{self.name}: {text}")
+
+    # ------------------------------------------------------------ unary
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        body: dict[str, Any] = {"model": req.model, "input": list(req.inputs)}
+        if req.dimensions:
+            body["dimensions"] = req.dimensions
+        started = time.monotonic_ns()
+        data = await self._call("POST", "/embeddings", body)
+        items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
+        usage = data.get("usage") or {}
+        return EmbedResult(
+            embeddings=[[float(x) for x in d.get("embedding") or []] for d in items],
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            model=req.model,
+            backend=self.name,
+            total_duration_ns=time.monotonic_ns() - started,
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        if self.provider.models:
+            names = list(self.provider.models)
+        else:
+            data = await self._call("GET", "/models")
+            names = [m.get("id", "") for m in data.get("data") or [] if isinstance(m, dict)]
+        return [ModelInfo(name=n, backend=self.name) for n in names if n]
+
+    async def _require(self, name: str) -> ModelInfo:
+        for m in await self.list_models():
+            if m.name == name:
+                return m
+        raise ModelNotFound(f"{self.name}: model '{name}' not found")
+
+    async def show_model(self, name: str) -> ModelShow:
+        info = await self._require(name)
+        return ModelShow(info=info, capabilities=["completion"])
+
+    async def list_running(self) -> list[RunningModel]:
+        return []  # a cloud API has no notion of loaded models
+
+    async def load_model(self, name: str, keep_alive: Optional[float]) -> LoadResult:
+        if not name:
+            raise InvalidArgument("model is required")
+        await self._require(name)
+        return LoadResult(model=name, backend=self.name)
+
+    async def unload_model(self, name: str) -> bool:
+        return False
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None

@@ -1,0 +1,204 @@
+"""OllamaBackend: the Backend protocol over an upstream Ollama's REST API.
+
+Streams are NDJSON: each line is translated into a ``Chunk`` as soon as it
+arrives, and the final ``"done": true`` line into ``Done``.  Closing the
+generator closes the upstream HTTP response, so Ollama stops generating.
+
+Timeouts: ``connect_timeout`` bounds connecting; ``timeout`` bounds the
+silence between two reads of a stream (so a long generation is fine while a
+stuck upstream is not) and the whole of a unary call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, AsyncIterator, Optional
+
+import aiohttp
+
+from backends.errors import BackendError, ModelNotFound, Unavailable
+from backends.http_upstream import (
+    client_timeout,
+    error_for_exception,
+    error_text_from_body,
+    iter_lines,
+    raise_for_response,
+)
+from backends.ollama import wire
+from backends.types import (
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    GenerateRequest,
+    LoadResult,
+    ModelInfo,
+    ModelShow,
+    RunningModel,
+)
+from mlxgate.config import OllamaConfig
+
+log = logging.getLogger(__name__)
+
+
+class OllamaBackend:
+    """Backend named "ollama" that forwards to ``config.upstream``."""
+
+    name = "ollama"
+
+    def __init__(self, config: OllamaConfig) -> None:
+        if not config.upstream:
+            raise ValueError("OllamaBackend needs config.upstream (e.g. http://otherbox:11434)")
+        self.config = config
+        self.base_url = config.upstream.rstrip("/")
+        self._session: Optional[aiohttp.ClientSession] = None
+
+    def __repr__(self) -> str:
+        return f"OllamaBackend({self.base_url!r})"
+
+    # ------------------------------------------------------------ plumbing
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created lazily: a ClientSession belongs to the running event loop.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=client_timeout(None, self.config.connect_timeout, self.config.timeout),
+                raise_for_status=False,
+            )
+        return self._session
+
+    def _unary_timeout(self) -> aiohttp.ClientTimeout:
+        return client_timeout(self.config.timeout, self.config.connect_timeout, self.config.timeout)
+
+    async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
+        """One request/response call; returns the parsed JSON body."""
+        try:
+            async with self._get_session().request(
+                method, self.base_url + path, json=body, timeout=self._unary_timeout()
+            ) as resp:
+                await raise_for_response(self.name, resp)
+                raw = await resp.read()
+        except BackendError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise error_for_exception(self.name, e) from None
+        try:
+            return json.loads(raw) if raw else {}
+        except ValueError:
+            raise Unavailable(f"{self.name}: upstream sent a body that is not JSON") from None
+
+    # ------------------------------------------------------------ generate
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        path, body = wire.generate_body(req)
+        resp: Optional[aiohttp.ClientResponse] = None
+        finished = False
+        try:
+            try:
+                resp = await self._get_session().post(self.base_url + path, json=body)
+                await raise_for_response(self.name, resp)
+            except BackendError:
+                raise
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                raise error_for_exception(self.name, e) from None
+
+            saw_tool_calls = False
+            lines = iter_lines(resp)
+            while True:
+                try:
+                    line = await anext(lines)
+                except StopAsyncIteration:
+                    break
+                except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                    raise error_for_exception(self.name, e) from None
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    raise Unavailable(f"{self.name}: upstream sent a line that is not JSON") from None
+                if not isinstance(obj, dict):
+                    raise Unavailable(f"{self.name}: upstream sent an unexpected line")
+                if "error" in obj:
+                    raise _stream_error(self.name, obj["error"])
+                chunk = wire.chunk_from_line(obj)
+                if chunk is not None:
+                    saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
+                    yield chunk
+                if obj.get("done"):
+                    finished = True
+                    yield wire.done_from_line(obj, self.name, req.model, saw_tool_calls)
+                    return
+            raise Unavailable(f"{self.name}: upstream ended the stream before its final line")
+        finally:
+            if resp is not None:
+                if finished:
+                    resp.release()
+                else:
+                    # Cancelled or failed mid-stream: drop the connection so
+                    # the upstream sees the disconnect and stops generating.
+                    resp.close()
+
+    # ------------------------------------------------------------ unary
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        data = await self._call("POST", "/api/embed", wire.embed_body(req))
+        return EmbedResult(
+            embeddings=[list(map(float, e)) for e in data.get("embeddings") or []],
+            prompt_tokens=int(data.get("prompt_eval_count") or 0),
+            model=data.get("model") or req.model,
+            backend=self.name,
+            load_duration_ns=int(data.get("load_duration") or 0),
+            total_duration_ns=int(data.get("total_duration") or 0),
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        data = await self._call("GET", "/api/tags")
+        return [wire.model_info_from(m, self.name) for m in data.get("models") or []]
+
+    async def show_model(self, name: str) -> ModelShow:
+        data = await self._call("POST", "/api/show", {"model": name})
+        return wire.show_from(name, data, self.name)
+
+    async def list_running(self) -> list[RunningModel]:
+        data = await self._call("GET", "/api/ps")
+        return [wire.running_from(m, self.name) for m in data.get("models") or []]
+
+    async def load_model(self, name: str, keep_alive: Optional[float]) -> LoadResult:
+        body: dict[str, Any] = {"model": name, "stream": False}
+        if keep_alive is not None:
+            body["keep_alive"] = keep_alive
+        data = await self._call("POST", "/api/generate", body)
+        return LoadResult(
+            model=data.get("model") or name,
+            backend=self.name,
+            load_duration_ns=int(data.get("load_duration") or 0),
+        )
+
+    async def unload_model(self, name: str) -> bool:
+        running = await self.list_running()
+        was_loaded = any(_same_model(r.name, name) for r in running)
+        await self._call("POST", "/api/generate", {"model": name, "keep_alive": 0, "stream": False})
+        return was_loaded
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+
+def _same_model(a: str, b: str) -> bool:
+    def norm(x: str) -> str:
+        return x[: -len(":latest")] if x.endswith(":latest") else x
+
+    return norm(a) == norm(b)
+
+
+def _stream_error(who: str, error: Any) -> BackendError:
+    """An ``{"error": ...}`` line inside a 200 stream."""
+    text = error if isinstance(error, str) else error_text_from_body(json.dumps({"error": error}).encode())
+    low = text.lower()
+    if "not found" in low and "model" in low:
+        return ModelNotFound(f"{who}: {text}")
+    return Unavailable(f"{who}: {text}")
+
