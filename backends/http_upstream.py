@@ -114,7 +114,19 @@ async def raise_for_response(who: str, resp: aiohttp.ClientResponse, secrets: It
     except (aiohttp.ClientError, asyncio.TimeoutError):
         body = b""
     message = redact(error_text_from_body(body), secrets)
+    if resp.status == 404 and not _is_json_error(body):
+        # A bare 404 page: the endpoint itself is missing (e.g. a server with
+        # no /embeddings), not the model.
+        raise Unimplemented(f"{who}: {resp.method} {resp.url.path} is not served by the upstream")
     raise error_for_status(who, resp.status, message, parse_retry_after(resp.headers.get("Retry-After")))
+
+
+def _is_json_error(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict)
 
 
 def error_for_exception(who: str, exc: BaseException, secrets: Iterable[Optional[str]] = ()) -> BackendError:
