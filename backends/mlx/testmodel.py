@@ -52,7 +52,7 @@ CHAT_TEMPLATE = (
     "{%- if system_message %}{{- '\\n\\n' }}{%- endif %}"
     "{{- 'You can call these tools:\\n' }}"
     "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
-    "{{- 'To call one, answer with <tool_call>{\"name\": <tool name>, \"arguments\": <arguments object>}"
+    '{{- \'To call one, answer with <tool_call>{"name": <tool name>, "arguments": <arguments object>}'
     "</tool_call>' }}"
     "{%- endif %}"
     "{{- '<|eot_id|>' }}"
@@ -64,7 +64,7 @@ CHAT_TEMPLATE = (
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' + (message.content or '') }}"
     "{%- for tool_call in message.tool_calls %}"
     "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
-    "{{- '<tool_call>{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    '{{- \'<tool_call>{"name": "\' + tool_call.name + \'", "arguments": \' }}'
     "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}"
     "{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
     "{{- '}</tool_call>' }}"

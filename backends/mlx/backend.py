@@ -1,0 +1,316 @@
+"""MLXBackend: the ``backends.base.Backend`` protocol over the MLX engine.
+
+This layer runs on the event loop and never touches MLX: it validates,
+resolves names, pins models, tokenizes in worker threads, and hands work to
+the engine thread, whose results come back through per-request asyncio
+queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
+from backends.types import (
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    GenerateRequest,
+    LoadResult,
+    ModelInfo,
+    ModelShow,
+    RunningModel,
+)
+from backends.mlx import constrain, embed as embed_mod, prompt as prompt_mod
+from backends.mlx.engine import Engine, EngineStats, Sequence
+from backends.mlx.model_manager import LoadedModel, ModelManager
+from backends.mlx.output import SequenceOutput
+from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry
+from backends.mlx.sampling import new_seed, validate_request
+from backends.mlx.toolcalls import ToolCallSplitter
+from mlxgate.config import MLXConfig
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_MODEL = "tiny-llama"
+
+
+@dataclass
+class _Plan:
+    """What a request becomes once tokenized: decided off the event loop."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    num_ctx: int
+    output: Optional[SequenceOutput] = None
+    matcher: object = None
+
+
+class MLXBackend:
+    """Local generation and embeddings with mlx-lm; one instance per process.
+
+    Extra read-only attributes for tests and metrics: ``active_count``,
+    ``stats`` (decode steps, steps that served more than one sequence, the
+    largest batch, prefills), ``load_count``.
+    """
+
+    name = BACKEND
+
+    def __init__(self, config: MLXConfig) -> None:
+        self.config = config
+        self._registry = ModelRegistry(config)
+        self._manager = ModelManager(config, self._registry)
+        self._engine = Engine(config, self._manager)
+        self._bootstrap: Optional[concurrent.futures.Future] = None
+        if config.bootstrap_test_model and not self._registry.scan():
+            self._bootstrap = self._engine.call(self._write_bootstrap_model)
+
+    # ---------------------------------------------------------------- introspection
+
+    @property
+    def active_count(self) -> int:
+        return self._engine.active_count
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._engine.stats
+
+    @property
+    def max_batch_seen(self) -> int:
+        return self._engine.stats.max_batch_seen
+
+    @property
+    def multi_seq_steps(self) -> int:
+        return self._engine.stats.multi_seq_steps
+
+    @property
+    def load_count(self) -> int:
+        return self._manager.load_count
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # ---------------------------------------------------------------- helpers
+
+    def _write_bootstrap_model(self) -> None:
+        from backends.mlx.testmodel import write_test_model
+
+        path = write_test_model(self._registry.models_dir, BOOTSTRAP_MODEL)
+        log.info("models directory was empty; wrote the test model to %s", path)
+        self._registry.scan()
+
+    async def _ready(self) -> None:
+        if self._bootstrap is not None:
+            try:
+                await asyncio.wrap_future(self._bootstrap)
+            except Exception:  # noqa: BLE001 - serve what exists
+                log.exception("could not write the bootstrap test model")
+            self._bootstrap = None
+
+    async def _resolve(self, name: str) -> ModelEntry:
+        await self._ready()
+        return await asyncio.to_thread(self._registry.resolve, name)
+
+    def _release(self, lm: LoadedModel, keep_alive: Optional[float]) -> concurrent.futures.Future:
+        return self._engine.call(self._manager.release, lm, keep_alive)
+
+    async def _acquire(self, entry: ModelEntry, keep_alive: Optional[float]) -> tuple[LoadedModel, int]:
+        """Pin the model, loading it on the MLX thread if needed; (model, load time in ns)."""
+        lm = self._manager.pin_if_loaded(entry)
+        if lm is not None:
+            return lm, 0
+        t0 = time.perf_counter_ns()
+        fut = self._engine.call(self._manager.load_and_pin, entry)
+        try:
+            lm = await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+
+            def _unpin(f: concurrent.futures.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self._release(f.result(), keep_alive)
+
+            fut.add_done_callback(_unpin)
+            raise
+        except BackendError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise Unavailable(f"failed to load model {entry.name}: {e}") from None
+        return lm, time.perf_counter_ns() - t0
+
+    def _plan(self, req: GenerateRequest, lm: LoadedModel) -> _Plan:
+        """Tokenize and check the request (worker thread: tokenizer work, no MLX)."""
+        ids = prompt_mod.build_prompt(req, lm.tokenizer, lm.name)
+        ctx = lm.context_length
+        if req.sampling.num_ctx:
+            ctx = min(ctx, req.sampling.num_ctx)
+        n = len(ids)
+        if n >= ctx:
+            raise InvalidArgument(f"context length exceeded: the prompt has {n} tokens, the context length is {ctx}")
+        room = ctx - n
+        if req.sampling.max_tokens is None:
+            max_tokens = min(self.config.default_max_tokens, room)
+        else:
+            max_tokens = req.sampling.max_tokens
+            if max_tokens > room:
+                raise InvalidArgument(
+                    f"context length exceeded: prompt ({n} tokens) + max_tokens ({max_tokens}) > context length {ctx}"
+                )
+        matcher = None
+        grammar = constrain.grammar_for(req.format)
+        if grammar is not None:
+            lltok = lm.lltok.get(lm.tokenizer._tokenizer, lm.vocab_size, sorted(lm.eos_token_ids))
+            matcher = constrain.new_matcher(lltok, grammar)
+        splitter = None
+        tok = lm.tokenizer
+        if req.tools and tok.has_tool_calling:
+            splitter = ToolCallSplitter(
+                tok.tool_call_start, tok.tool_call_end, tok.tool_parser, [t.to_template_dict() for t in req.tools]
+            )
+        output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter)
+        return _Plan(ids, max_tokens, ctx, output, matcher)
+
+    # ---------------------------------------------------------------- Backend protocol
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        t_start = time.perf_counter_ns()
+        validate_request(req)
+        entry = await self._resolve(req.model)
+        lm, load_ns = await self._acquire(entry, req.keep_alive)
+        pinned: Optional[LoadedModel] = lm
+        seq: Optional[Sequence] = None
+        try:
+            plan = None if prompt_mod.is_empty(req) else await asyncio.to_thread(self._plan, req, lm)
+            if plan is None or plan.max_tokens == 0:
+                # Ollama's "just load it" request, or nothing to generate.
+                pinned = None
+                await asyncio.wrap_future(self._release(lm, req.keep_alive))
+                yield Done(
+                    finish_reason="stop" if plan is None else "length",
+                    prompt_tokens=len(plan.prompt_ids) if plan else 0,
+                    load_duration_ns=load_ns,
+                    total_duration_ns=time.perf_counter_ns() - t_start,
+                    backend=BACKEND,
+                    model=lm.name,
+                )
+                return
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+
+            def emit(ev: object) -> None:
+                try:
+                    loop.call_soon_threadsafe(events.put_nowait, ev)
+                except RuntimeError:  # the caller's loop is gone
+                    if seq is not None:
+                        seq.cancelled = True
+
+            seq = Sequence(
+                lm=lm,
+                prompt_ids=plan.prompt_ids,
+                max_tokens=plan.max_tokens,
+                sampling=req.sampling,
+                seed=new_seed(req.sampling.seed),
+                num_ctx=plan.num_ctx,
+                output=plan.output,
+                emit=emit,
+                keep_alive=req.keep_alive,
+                request_id=req.request_id,
+                logprobs=req.logprobs or req.top_logprobs > 0,
+                top_logprobs=req.top_logprobs,
+                matcher=plan.matcher,
+                load_duration_ns=load_ns,
+                t_start_ns=t_start,
+            )
+            pinned = None  # the sequence owns the pin now
+            self._engine.submit(seq)
+            while True:
+                ev = await events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if isinstance(ev, Done):
+                    return
+        finally:
+            if seq is not None:
+                self._engine.cancel(seq)
+            if pinned is not None:
+                self._release(pinned, req.keep_alive)
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        t_start = time.perf_counter_ns()
+        if req.dimensions < 0:
+            raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")
+        entry = await self._resolve(req.model)
+        lm, load_ns = await self._acquire(entry, req.keep_alive)
+        released = False
+        try:
+            size = embed_mod.hidden_size(lm.config)
+            if req.dimensions and size and req.dimensions > size:
+                raise InvalidArgument(f"dimensions ({req.dimensions}) exceed {lm.name}'s embedding size {size}")
+            batches = await asyncio.to_thread(
+                embed_mod.tokenize_inputs, lm.tokenizer, list(req.inputs), lm.context_length, req.truncate, lm.name
+            )
+            vectors: list[list[float]] = []
+            if batches:
+                try:
+                    vectors = await asyncio.wrap_future(
+                        self._engine.call(embed_mod.embed_tokens, lm.model, batches, req.dimensions)
+                    )
+                except BackendError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    raise Unavailable(f"MLX embedding failed for {lm.name}: {type(e).__name__}: {e}") from None
+            released = True
+            await asyncio.wrap_future(self._release(lm, req.keep_alive))
+            return EmbedResult(
+                embeddings=vectors,
+                prompt_tokens=sum(len(b) for b in batches),
+                model=lm.name,
+                backend=BACKEND,
+                load_duration_ns=load_ns,
+                total_duration_ns=time.perf_counter_ns() - t_start,
+            )
+        finally:
+            if not released:
+                self._release(lm, req.keep_alive)
+
+    async def list_models(self) -> list[ModelInfo]:
+        await self._ready()
+
+        def _list() -> list[ModelInfo]:
+            return [self._registry.info(e) for e in self._registry.scan()]
+
+        return await asyncio.to_thread(_list)
+
+    async def show_model(self, name: str) -> ModelShow:
+        entry = await self._resolve(name)
+        return await asyncio.to_thread(self._registry.show, entry)
+
+    async def list_running(self) -> list[RunningModel]:
+        return self._manager.running()
+
+    async def load_model(self, name: str, keep_alive: Optional[float]) -> LoadResult:
+        """Load (or, with keep_alive 0, unload, as Ollama does) a model."""
+        entry = await self._resolve(name)
+        if keep_alive == 0:
+            await asyncio.wrap_future(self._engine.call(self._manager.unload_by_name, entry))
+            return LoadResult(model=entry.name, backend=BACKEND)
+        lm, load_ns = await self._acquire(entry, keep_alive)
+        await asyncio.wrap_future(self._release(lm, keep_alive))
+        return LoadResult(model=lm.name, backend=BACKEND, load_duration_ns=load_ns)
+
+    async def unload_model(self, name: str) -> bool:
+        try:
+            entry = await self._resolve(name)
+        except ModelNotFound:
+            return False
+        return await asyncio.wrap_future(self._engine.call(self._manager.unload_by_name, entry))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.stop)

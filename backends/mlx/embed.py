@@ -1,0 +1,69 @@
+"""Embeddings from a generative model: mean-pooled final hidden states, L2-normalised.
+
+mlx-lm models keep their transformer body (embedding, layers, final norm) in
+an inner module, ``model.model`` for Llama-likes; calling it without the LM
+head gives the normalised hidden states.  ``hidden_states_module`` looks in
+the usual places so other families work too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends.errors import InvalidArgument
+
+
+def tokenize_inputs(tokenizer, inputs: list[str], context_length: int, truncate: bool, model: str) -> list[list[int]]:
+    """Token ids per input (worker thread); too long → cut when truncate, else InvalidArgument."""
+    out = []
+    for i, text in enumerate(inputs):
+        ids = list(tokenizer.encode(text))
+        if not ids:
+            raise InvalidArgument(f"input[{i}]: empty input")
+        if len(ids) > context_length:
+            if not truncate:
+                raise InvalidArgument(
+                    f"input[{i}]: {len(ids)} tokens exceed {model}'s context length {context_length} "
+                    "and truncate is false"
+                )
+            ids = ids[:context_length]
+        out.append(ids)
+    return out
+
+
+def hidden_states_module(model) -> Any:
+    for path in ("model", "language_model.model", "backbone", "transformer"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is not None and callable(obj):
+            return obj
+    return None
+
+
+def embed_tokens(model, batches: list[list[int]], dimensions: int) -> list[list[float]]:
+    """One vector per token list (MLX thread only)."""
+    import mlx.core as mx
+
+    body = hidden_states_module(model)
+    if body is None:
+        raise InvalidArgument("this model has no hidden-state module to embed with")
+    vectors = []
+    for ids in batches:
+        h = body(mx.array([ids]))
+        if isinstance(h, tuple):
+            h = h[0]
+        if h.ndim != 3:
+            raise InvalidArgument(f"this model's hidden states have shape {h.shape}; cannot embed")
+        v = h[0].astype(mx.float32).mean(axis=0)
+        if dimensions:
+            v = v[:dimensions]
+        v = v / mx.maximum(mx.linalg.norm(v), 1e-12)
+        vectors.append(v.tolist())
+    return vectors
+
+
+def hidden_size(model_config: dict) -> int:
+    return int(model_config.get("hidden_size") or (model_config.get("text_config") or {}).get("hidden_size") or 0)

@@ -1,0 +1,378 @@
+"""The one thread that owns MLX, and the continuous-batching loop it runs.
+
+MLX arrays, streams and compiled functions are not meant to be shared across
+threads, and a model must never be used by two threads at once.  So every MLX
+call (loading, prefill, decode, embeddings, unloading) happens here, and the
+event loop talks to this thread through a command queue; results go back per
+request through ``Sequence.emit`` (which wraps ``loop.call_soon_threadsafe``).
+
+Each loaded model has an mlx-lm ``BatchGenerator``: sequences join it as they
+arrive (up to ``max_batch_size``) and leave it when they finish or are
+cancelled, between two decode steps.  A sequence's sampler and processors run
+inside the batched step; they are wrapped so an exception in one sequence's
+code fails that sequence only.  An exception in the batched forward pass
+fails the sequences of that model (their callers get ``Unavailable`` and can
+fall back); the thread and other models carry on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from backends.errors import BackendError, Unavailable
+from backends.types import Done, Sampling, TokenLogprob, TopLogprob
+from backends.mlx.model_manager import LoadedModel, ModelManager
+from backends.mlx.output import SequenceOutput
+from backends.mlx.registry import BACKEND
+from backends.mlx import sampling as sampling_mod
+from mlxgate.config import MLXConfig
+
+log = logging.getLogger(__name__)
+
+_WAKE = object()
+_STOP = object()
+#: Logprob reported for tokens a constraint made impossible (OpenAI uses the same floor).
+_LOGPROB_FLOOR = -9999.0
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation request as the engine sees it."""
+
+    lm: LoadedModel
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    seed: int
+    num_ctx: int
+    output: SequenceOutput
+    #: Thread-safe delivery of a Chunk, Done or exception to the caller.
+    emit: Callable[[Any], None]
+    keep_alive: Optional[float] = None
+    request_id: str = ""
+    logprobs: bool = False
+    top_logprobs: int = 0
+    matcher: Any = None
+    load_duration_ns: int = 0
+    t_start_ns: int = field(default_factory=time.perf_counter_ns)
+    cancelled: bool = False
+    # Engine-thread state.
+    uid: Optional[int] = None
+    prefilled: bool = False
+    t_admit_ns: int = 0
+    t_first_ns: int = 0
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class EngineStats:
+    """Counters a test (or a metrics exporter) can read; written by the engine thread only."""
+
+    decode_steps: int = 0
+    #: Decode steps that advanced more than one sequence at once.
+    multi_seq_steps: int = 0
+    max_batch_seen: int = 0
+    #: Sequences whose prompt processing started.
+    prefills: int = 0
+    generated_tokens: int = 0
+    failed_steps: int = 0
+
+
+class Engine:
+    def __init__(self, config: MLXConfig, manager: ModelManager) -> None:
+        self._config = config
+        self._manager = manager
+        self._cmds: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._inflight: set[Sequence] = set()
+        self._stream = None
+        self._closed = False
+        self.stats = EngineStats()
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- any thread
+
+    @property
+    def active_count(self) -> int:
+        """Sequences in flight: queued, in prefill or decoding."""
+        with self._lock:
+            return len(self._inflight)
+
+    def call(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on the MLX thread; the future carries its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._closed:
+            fut.set_exception(Unavailable("MLX engine is shut down"))
+            return fut
+        self._cmds.put((fn, args, fut))
+        return fut
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            self._inflight.add(seq)
+        fut = self.call(self._add, seq)
+        if fut.done() and fut.exception() is not None:
+            with self._lock:
+                self._inflight.discard(seq)
+            seq.emit(fut.exception())
+
+    def cancel(self, seq: Sequence) -> None:
+        """Called when the caller went away: the sequence leaves the batch at the next step."""
+        if not seq.cancelled:
+            seq.cancelled = True
+            self._cmds.put(_WAKE)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if not self._closed:
+            self._closed = True
+            self._cmds.put(_STOP)
+        self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- MLX thread
+
+    def _run(self) -> None:
+        import mlx.core as mx
+
+        # Streams belong to the thread that creates them.
+        self._stream = mx.new_stream(mx.default_device())
+        while True:
+            busy = any(lm.active or lm.pending for lm in self._manager.loaded())
+            try:
+                cmd = self._cmds.get_nowait() if busy else self._cmds.get(timeout=self._idle_timeout())
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if cmd is _STOP:
+                    self._shutdown()
+                    return
+                if cmd is not _WAKE:
+                    self._run_command(*cmd)
+                try:
+                    cmd = self._cmds.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            try:
+                self._drop_cancelled()
+                for lm in self._manager.loaded():
+                    self._admit(lm)
+                    if lm.active:
+                        self._step(lm)
+                self._manager.expire()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("MLX engine loop error")
+
+    def _idle_timeout(self) -> float:
+        deadline = self._manager.next_deadline()
+        if deadline is None:
+            return 1.0
+        return min(1.0, max(0.0, deadline - time.monotonic()))
+
+    @staticmethod
+    def _run_command(fn: Callable, args: tuple, fut: concurrent.futures.Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+
+    def _add(self, seq: Sequence) -> None:
+        if seq.cancelled:
+            self._retire(seq)
+        else:
+            seq.lm.pending.append(seq)
+
+    def _new_generator(self, lm: LoadedModel):
+        from mlx_lm.generate import BatchGenerator
+
+        size = max(1, self._config.max_batch_size)
+        return BatchGenerator(
+            lm.model,
+            stop_tokens=[[t] for t in sorted(lm.eos_token_ids)],
+            completion_batch_size=size,
+            prefill_batch_size=min(8, size),
+            prefill_step_size=self._config.prefill_step_size,
+            stream=self._stream,
+        )
+
+    def processors_for(self, seq: Sequence) -> list[Callable]:
+        """Logits processors of one sequence: penalties, then the output constraint (last, so it wins)."""
+        procs = sampling_mod.make_processors(seq.sampling, seq.num_ctx)
+        if seq.matcher is not None:
+            from backends.mlx.constrain import GrammarProcessor
+
+            procs.append(GrammarProcessor(seq.matcher, len(seq.prompt_ids), seq.lm.vocab_size))
+        return procs
+
+    @staticmethod
+    def _guard(seq: Sequence, fn: Callable, is_sampler: bool) -> Callable:
+        """Contain one sequence's failure to that sequence."""
+
+        def guarded(*args):
+            if seq.error is None:
+                try:
+                    return fn(*args)
+                except Exception as e:  # noqa: BLE001 - recorded, the step goes on
+                    seq.error = e
+            if is_sampler:
+                import mlx.core as mx
+
+                return mx.argmax(args[0], axis=-1)
+            return args[-1]
+
+        return guarded
+
+    def _admit(self, lm: LoadedModel) -> None:
+        limit = max(1, self._config.max_batch_size)
+        while lm.pending and len(lm.active) < limit:
+            seq = lm.pending.pop(0)
+            if seq.cancelled:
+                self._retire(seq)
+                continue
+            try:
+                if lm.generator is None:
+                    lm.generator = self._new_generator(lm)
+                sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
+                procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
+                (uid,) = lm.generator.insert(
+                    [seq.prompt_ids], max_tokens=[seq.max_tokens], samplers=[sampler], logits_processors=[procs]
+                )
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e)
+                continue
+            seq.uid = uid
+            seq.t_admit_ns = time.perf_counter_ns()
+            lm.active[uid] = seq
+
+    def _step(self, lm: LoadedModel) -> None:
+        gen = lm.generator
+        try:
+            prompt_resps, gen_resps = gen.next()
+        except Exception as e:  # noqa: BLE001 - the whole batch of this model is lost
+            log.exception("MLX step failed for %s", lm.name)
+            self.stats.failed_steps += 1
+            lm.generator = None
+            for seq in list(lm.active.values()):
+                self._fail(seq, e)
+            try:
+                gen.close()
+            except Exception:  # noqa: BLE001
+                pass
+            return
+        for r in prompt_resps:
+            seq = lm.active.get(r.uid)
+            if seq is not None and not seq.prefilled:
+                seq.prefilled = True
+                self.stats.prefills += 1
+        if gen_resps:
+            self.stats.decode_steps += 1
+            self.stats.generated_tokens += len(gen_resps)
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(gen_resps))
+            if len(gen_resps) > 1:
+                self.stats.multi_seq_steps += 1
+        now = time.perf_counter_ns()
+        for r in gen_resps:
+            seq = lm.active.get(r.uid)
+            if seq is None or seq.cancelled or seq.error is not None:
+                continue
+            if not seq.t_first_ns:
+                seq.t_first_ns = now
+            try:
+                lp = self._logprob(seq, r.token, r.logprobs) if seq.logprobs else None
+                chunks, stop = seq.output.add(r.token, lp)
+            except Exception as e:  # noqa: BLE001
+                seq.error = e
+                continue
+            for c in chunks:
+                seq.emit(c)
+            if stop or r.finish_reason:
+                if r.finish_reason is None:
+                    gen.remove([r.uid])
+                self._finish(seq, "stop" if stop else r.finish_reason)
+        for seq in [s for s in lm.active.values() if s.error is not None]:
+            gen.remove([seq.uid])
+            self._fail(seq, seq.error)
+
+    def _logprob(self, seq: Sequence, token: int, vec) -> TokenLogprob:
+        import mlx.core as mx
+
+        decode = seq.lm.tokenizer.decode
+        top = []
+        k = seq.top_logprobs
+        if k:
+            idx = mx.argpartition(-vec, kth=k - 1)[:k]
+            pairs = sorted(zip(idx.tolist(), vec[idx].tolist()), key=lambda p: -p[1])
+            top = [TopLogprob(i, decode([i]), max(v, _LOGPROB_FLOOR)) for i, v in pairs]
+        return TokenLogprob(token, decode([token]), max(vec[token].item(), _LOGPROB_FLOOR), top)
+
+    def _drop_cancelled(self) -> None:
+        for lm in self._manager.loaded():
+            for uid, seq in list(lm.active.items()):
+                if seq.cancelled:
+                    if lm.generator is not None:
+                        lm.generator.remove([uid])
+                    self._retire(seq)
+            for seq in [s for s in lm.pending if s.cancelled]:
+                lm.pending.remove(seq)
+                self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        """The sequence is over: out of the batch, out of the in-flight set, model pin released."""
+        if seq.uid is not None:
+            seq.lm.active.pop(seq.uid, None)
+        with self._lock:
+            if seq not in self._inflight:
+                return
+            self._inflight.discard(seq)
+        self._manager.release(seq.lm, seq.keep_alive)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        for c in seq.output.finish():
+            seq.emit(c)
+        if reason == "stop" and seq.output.tool_calls_emitted:
+            reason = "tool_calls"
+        now = time.perf_counter_ns()
+        first = seq.t_first_ns or now
+        done = Done(
+            finish_reason=reason,  # type: ignore[arg-type]
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=seq.output.completion_tokens,
+            cached_prompt_tokens=0,
+            load_duration_ns=seq.load_duration_ns,
+            prompt_eval_duration_ns=max(0, first - (seq.t_admit_ns or first)),
+            eval_duration_ns=max(0, now - first),
+            total_duration_ns=now - seq.t_start_ns,
+            backend=BACKEND,
+            model=seq.lm.name,
+        )
+        # Release first, so a keep_alive=0 model is gone when the caller sees Done.
+        self._retire(seq)
+        seq.emit(done)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self._retire(seq)
+        if isinstance(exc, BackendError):
+            seq.emit(exc)
+        else:
+            seq.emit(Unavailable(f"MLX generation failed for {seq.lm.name}: {type(exc).__name__}: {exc}"))
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            seqs = list(self._inflight)
+        for seq in seqs:
+            self._fail(seq, Unavailable("MLX engine is shutting down"))
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, tuple) and cmd[2].set_running_or_notify_cancel():
+                cmd[2].set_exception(Unavailable("MLX engine is shut down"))
+        self._manager.unload_all()

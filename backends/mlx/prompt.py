@@ -1,0 +1,78 @@
+"""Building prompt token ids from a request, with the model's own chat template.
+
+Tokenizer work only (no MLX), so it runs in a worker thread, off both the
+event loop and the MLX thread.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from backends.errors import InvalidArgument
+from backends.types import GenerateRequest, Message
+from backends.mlx.registry import fim_tokens_in
+
+
+def fim_tokens(tokenizer) -> Optional[tuple[str, str, str]]:
+    return fim_tokens_in(tokenizer.get_vocab())
+
+
+def is_empty(req: GenerateRequest) -> bool:
+    """Ollama's "load the model and do nothing" request: no prompt text, no messages."""
+    if req.prompt is not None:
+        return not req.prompt.prompt and not req.prompt.suffix
+    return not req.messages
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    bos = getattr(tokenizer, "bos_token", None)
+    # A raw prompt that already starts with BOS must not get a second one.
+    add_special = not (bos and text.startswith(bos))
+    return list(tokenizer.encode(text, add_special_tokens=add_special))
+
+
+def _render(tokenizer, messages: list[dict], tools: Optional[list[dict]], model: str) -> list[int]:
+    continue_final = bool(messages) and messages[-1]["role"] == "assistant"
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages,
+            tools=tools or None,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            tokenize=True,
+        )
+    except Exception as e:  # noqa: BLE001 - jinja raises many types; all mean "bad conversation"
+        raise InvalidArgument(f"messages: {model}'s chat template rejected the conversation: {e}") from None
+    if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def build_prompt(req: GenerateRequest, tokenizer, model: str) -> list[int]:
+    """Token ids for the request: chat template, raw prompt, or fill-in-the-middle."""
+    if req.prompt is not None:
+        p = req.prompt
+        if p.images:
+            raise InvalidArgument(f"images: {model} does not support images")
+        if p.suffix:
+            fim = fim_tokens(tokenizer)
+            if fim is None:
+                raise InvalidArgument(f"suffix: {model} does not support insert")
+            pre, suf, mid = fim
+            text = f"{p.system}\n\n{p.prompt}" if p.system and not p.raw else p.prompt
+            return _encode_text(tokenizer, f"{pre}{text}{suf}{p.suffix}{mid}")
+        if p.raw or not tokenizer.has_chat_template:
+            text = f"{p.system}\n\n{p.prompt}" if p.system and not p.raw else p.prompt
+            return _encode_text(tokenizer, text)
+        messages = ([Message("system", p.system)] if p.system else []) + [Message("user", p.prompt)]
+        return _render(tokenizer, [m.to_template_dict() for m in messages], None, model)
+
+    messages = req.messages or []
+    if any(m.images for m in messages):
+        raise InvalidArgument(f"images: {model} does not support images")
+    tools = [t.to_template_dict() for t in req.tools]
+    if tokenizer.has_chat_template:
+        return _render(tokenizer, [m.to_template_dict() for m in messages], tools, model)
+    # No template: a plain transcript the model can at least continue.
+    text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
+    return _encode_text(tokenizer, text)
