@@ -1,0 +1,160 @@
+"""The aiohttp application: both dialects over one inference-service client.
+
+``create_app(server_cfg, grpc_target)`` builds it; the gRPC channel is opened
+and closed by a ``cleanup_ctx`` and stored under ``CLIENT_KEY``.  Middlewares
+come from ``build_middlewares``; callers (the CLI's metrics layer) pass more
+with ``extra_middlewares`` — they run outside the error middleware, so they
+see the final status of every answer, errors included.
+
+Run it with ``start_http`` (or pass ``handler_cancellation=True`` to your own
+``web.AppRunner``): a client that disconnects then cancels its handler, and
+the handler cancels its gRPC call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Optional
+
+import grpc
+from aiohttp import web
+
+from gateway import openapi
+from gateway.client import InferenceClient
+from gateway.errors import ApiError, dialect_of, error_response, from_grpc, from_http, internal_error
+from gateway.ollama import routes as ollama_routes
+from gateway.openai import routes as openai_routes
+from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
+from mlxgate.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a status and a body in the caller's dialect."""
+    dialect = dialect_of(request.path)
+    rid = request_id(request)
+    try:
+        return await handler(request)
+    except ApiError as e:
+        if e.status >= 500:
+            log.warning("%s %s -> %s (request %s): %s", request.method, request.path, e.status, rid, e.message)
+        return error_response(e, dialect)
+    except grpc.aio.AioRpcError as e:
+        err = from_grpc(e, rid)
+        log.info("%s %s -> %s (request %s): %s", request.method, request.path, err.status, rid, e.code())
+        return error_response(err, dialect)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(from_http(e, request.path), dialect)
+    except ConnectionResetError:
+        log.info("client went away (request %s)", rid)
+        raise
+    except Exception:
+        log.exception("%s %s failed (request %s)", request.method, request.path, rid)
+        return error_response(internal_error(rid), dialect)
+
+
+#: How often a running handler checks whether its client is still connected.
+DISCONNECT_POLL_S = 0.1
+
+
+@web.middleware
+async def disconnect_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Cancel the handler when its client disconnects.
+
+    aiohttp does this itself only with ``handler_cancellation=True`` on the
+    runner; this makes cancellation end to end whichever runner serves the
+    app.  The handler's ``finally`` then cancels its gRPC calls.
+    """
+    task = asyncio.current_task()
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            t = request.transport
+            if t is None or t.is_closing():
+                log.info("client disconnected, cancelling (request %s)", request_id(request))
+                if task is not None:
+                    task.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await handler(request)
+    finally:
+        watcher.cancel()
+
+
+def build_middlewares(extra: Iterable[Middleware] = ()) -> list[Middleware]:
+    """Outermost first: extra (metrics, ...), the error middleware, the disconnect watcher."""
+    return [*extra, error_middleware, disconnect_middleware]
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[REQUEST_ID_HEADER] = request_id(request)
+
+
+def _client_ctx(grpc_target: str, timeout: float) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        c = InferenceClient.connect(grpc_target, timeout)
+        app[CLIENT_KEY] = c
+        try:
+            yield
+        finally:
+            await c.close()
+
+    return ctx
+
+
+def create_app(
+    server_cfg: ServerConfig,
+    grpc_target: str,
+    extra_middlewares: Optional[Iterable[Middleware]] = None,
+) -> web.Application:
+    app = web.Application(
+        middlewares=build_middlewares(extra_middlewares or ()),
+        client_max_size=server_cfg.max_body_bytes,
+    )
+    app[SERVER_CONFIG_KEY] = server_cfg
+    app.cleanup_ctx.append(_client_ctx(grpc_target, server_cfg.request_timeout))
+    app.on_response_prepare.append(_echo_request_id)
+    ollama_routes.add_routes(app)
+    openai_routes.add_routes(app)
+    openapi.add_routes(app)
+    return app
+
+
+@dataclass
+class RunningHTTP:
+    runner: web.AppRunner
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> RunningHTTP:
+    """Serve ``app``; port 0 picks a free port, returned in the result."""
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = port
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            bound = addr[1]
+            break
+    log.info("HTTP front listening on %s:%d", host, bound)
+    return RunningHTTP(runner=runner, port=bound)

@@ -1,0 +1,156 @@
+"""The one error table of the HTTP front, and the two dialect bodies.
+
+Every failure the front reports goes through ``ApiError``: validation errors
+are raised as ``ApiError`` directly, gRPC failures are converted with
+``from_grpc`` (the table in DESIGN.md), aiohttp's own HTTP exceptions (404,
+405, 413) with ``from_http``.  ``ollama_body`` / ``openai_body`` render it in
+the caller's dialect; which dialect a request speaks is decided by its path
+(``/v1/...`` is OpenAI, everything else Ollama).
+
+Messages of mapped statuses (INVALID_ARGUMENT, NOT_FOUND, ...) are the
+backend's own clear messages and are passed through.  Anything not in the
+table becomes 500 with a generic message naming the request id; the details
+are logged, never sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, Optional
+
+import grpc
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+Dialect = Literal["ollama", "openai"]
+
+#: gRPC status -> HTTP status (DESIGN.md, "Errors: one table").
+GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.CANCELLED: 499,
+}
+
+#: What real Ollama answers (HTTP 503) when its queue is full.
+OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
+
+#: HTTP status -> OpenAI error ``type``.
+_OPENAI_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+    501: "invalid_request_error",
+}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status plus what both dialects need to render it."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        grpc_code: Optional[grpc.StatusCode] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.grpc_code = grpc_code
+
+
+def bad_request(message: str, param: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def internal_error(request_id: str = "") -> ApiError:
+    suffix = f" (request id {request_id})" if request_id else ""
+    return ApiError(500, f"internal server error{suffix}", grpc_code=grpc.StatusCode.INTERNAL)
+
+
+def from_grpc(err: grpc.aio.AioRpcError, request_id: str = "") -> ApiError:
+    """Map a failed gRPC call onto the table; unknown codes become a generic 500."""
+    code = err.code()
+    status = GRPC_TO_HTTP.get(code)
+    if status is None:
+        log.error("gRPC call failed (request %s): %s %s", request_id, code, err.details())
+        return internal_error(request_id)
+    message = err.details() or code.name.lower().replace("_", " ")
+    api_code = None
+    if code == grpc.StatusCode.NOT_FOUND and "model" in message.lower():
+        api_code = "model_not_found"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        api_code = "rate_limit_exceeded"
+    return ApiError(status, message, code=api_code, grpc_code=code)
+
+
+def from_http(exc: web.HTTPException, path: str) -> ApiError:
+    """aiohttp's own errors (unknown route, wrong method, body too large)."""
+    status = exc.status
+    if status == 404:
+        return ApiError(404, f"not found: no route for {path}", code="not_found")
+    if status == 405:
+        return ApiError(405, f"method not allowed for {path}")
+    if status == 413:
+        return ApiError(413, f"request body too large: {exc.text or 'limit exceeded'}")
+    return ApiError(status, exc.reason or "request failed")
+
+
+def dialect_of(path: str) -> Dialect:
+    return "openai" if path == "/v1" or path.startswith("/v1/") else "ollama"
+
+
+def adapt(err: ApiError, dialect: Dialect) -> ApiError:
+    """Dialect-specific adjustments of status and text (Ollama's busy answer)."""
+    if dialect == "ollama" and err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ApiError(503, OLLAMA_BUSY, grpc_code=err.grpc_code)
+    return err
+
+
+def ollama_body(err: ApiError) -> dict[str, Any]:
+    return {"error": err.message}
+
+
+def openai_type(status: int) -> str:
+    if status in _OPENAI_TYPES:
+        return _OPENAI_TYPES[status]
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def openai_body(err: ApiError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": err.message,
+            "type": openai_type(err.status),
+            "param": err.param,
+            "code": err.code,
+        }
+    }
+
+
+def body_for(err: ApiError, dialect: Dialect) -> dict[str, Any]:
+    return openai_body(err) if dialect == "openai" else ollama_body(err)
+
+
+def error_response(err: ApiError, dialect: Dialect) -> web.Response:
+    err = adapt(err, dialect)
+    # 499 is not a registered HTTP reason; aiohttp needs one spelled out.
+    reason = "Client Closed Request" if err.status == 499 else None
+    return web.json_response(body_for(err, dialect), status=err.status, reason=reason)

@@ -1,0 +1,105 @@
+"""OpenAI REST routes under /v1: thin handlers over ``translate`` and the client.
+
+Streams are SSE: ``data: {...}\\n\\n`` chunks, then ``data: [DONE]\\n\\n``.  An
+error after the stream began is sent as ``data: {"error": {...}}\\n\\n`` and
+the stream ends without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from aiohttp import web
+
+from gateway.client import GenerateStream
+from gateway.common import Collected, collect
+from gateway.errors import ApiError, openai_body
+from gateway.fields import read_json
+from gateway.openai import translate as tr
+from gateway.state import BACKEND_HEADER, client, request_id
+from gateway.streaming import SSE, SSE_DONE, merge, open_stream, pump, sse_frame
+
+
+def _error_frame(err: ApiError) -> bytes:
+    return sse_frame(openai_body(err))
+
+
+async def _start_all(streams: list[GenerateStream]) -> list[Any]:
+    """First event of every stream; the first failure is raised (after all settled)."""
+    firsts = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
+    for f in firsts:
+        if isinstance(f, BaseException):
+            raise f
+    return firsts
+
+
+async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResponse:
+    rid = request_id(request)
+    c = client(request)
+    streams = [c.generate(r, rid) for r in p.requests()]
+    try:
+        firsts = await _start_all(streams)
+        if p.stream:
+            resp = await open_stream(request, SSE)
+            renderer = tr.ChatStream(p) if chat else tr.CompletionStream(p)
+            async with contextlib.aclosing(merge(list(zip(firsts, streams)))) as items:
+                ok = await pump(resp, items, renderer.render, sse_frame, _error_frame, rid)
+            if ok:
+                with contextlib.suppress(ConnectionResetError):
+                    for obj in renderer.tail():
+                        await resp.write(sse_frame(obj))
+                    await resp.write(SSE_DONE)
+                    await resp.write_eof()
+            return resp
+
+        results: list[Collected] = [collect(evs) for evs in await asyncio.gather(*(s.collect() for s in streams))]
+        body = tr.chat_completion(p, results) if chat else tr.completion(p, results)
+        return web.json_response(body, headers={BACKEND_HEADER: results[0].done.backend})
+    finally:
+        for s in streams:
+            s.cancel()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _run(request, tr.chat_request(await read_json(request)), chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _run(request, tr.completion_request(await read_json(request)), chat=False)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    p = tr.embeddings_request(await read_json(request))
+    res = await client(request).embed(p.req, request_id(request))
+    return web.json_response(tr.embeddings_response(p, res), headers={BACKEND_HEADER: res.backend})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    res = await client(request).list_models(request_id(request))
+    return web.json_response(tr.models_response(res))
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    res = await client(request).list_models(request_id(request))
+    for m in res.models:
+        if m.name == name:
+            return web.json_response(tr.model_json(m))
+    raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+
+
+#: (method, path, handler) for every OpenAI route; openapi.py documents the same set.
+ROUTES: list[tuple[str, str, Any]] = [
+    ("POST", "/v1/chat/completions", chat_completions),
+    ("POST", "/v1/completions", completions),
+    ("POST", "/v1/embeddings", embeddings),
+    ("GET", "/v1/models", list_models),
+    ("GET", "/v1/models/{model:.+}", retrieve_model),
+]
+
+
+def add_routes(app: web.Application) -> None:
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)

@@ -1,0 +1,39 @@
+"""Typed application state and per-request values the handlers read."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from aiohttp import web
+
+from gateway.client import InferenceClient
+from mlxgate.config import ServerConfig
+
+CLIENT_KEY = web.AppKey("inference_client", InferenceClient)
+SERVER_CONFIG_KEY = web.AppKey("server_config", ServerConfig)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+#: Header a caller may send to correlate logs; echoed on every response.
+REQUEST_ID_HEADER = "X-Request-Id"
+#: Response header naming the backend that answered (non-streaming answers).
+BACKEND_HEADER = "x-mlxgate-backend"
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def new_request_id(request: web.Request) -> str:
+    """The caller's X-Request-Id when it is sane (it goes into gRPC metadata), else a fresh one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+
+
+def request_id(request: web.Request) -> str:
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is None:
+        rid = request[REQUEST_ID_KEY] = new_request_id(request)
+    return rid
+
+
+def client(request: web.Request) -> InferenceClient:
+    return request.app[CLIENT_KEY]

@@ -1,0 +1,146 @@
+"""Stream writers both dialects share: NDJSON (Ollama) and SSE (OpenAI).
+
+A handler first awaits the stream's first event (``EventStream.start``) so a
+failure before any token is still an ordinary HTTP error; only then does it
+open the response with ``open_stream`` and hand the events to ``pump``.
+
+``pump`` renders each event into zero or more JSON objects, frames and writes
+them.  When the gRPC stream fails after the response began, the error becomes
+the stream's last frame (NDJSON ``{"error": "..."}``, SSE
+``data: {"error": {...}}``) and the stream ends there: for SSE no ``[DONE]``
+follows, so a client can tell a truncated stream from a finished one.  When
+the client goes away, writing raises ``ConnectionResetError``; ``pump`` stops
+and the handler's ``finally`` cancels the gRPC call (with the runner's
+``handler_cancellation`` the handler is cancelled outright, same ``finally``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, AsyncIterator, Callable, Iterable, Optional, TypeVar
+
+import grpc
+from aiohttp import web
+
+from backends.types import Event
+from gateway.client import EventStream
+from gateway.errors import ApiError, from_grpc, internal_error
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+SSE_DONE = b"data: [DONE]\n\n"
+
+T = TypeVar("T")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def ndjson_frame(obj: Any) -> bytes:
+    return (_dumps(obj) + "\n").encode()
+
+
+def sse_frame(obj: Any) -> bytes:
+    return f"data: {_dumps(obj)}\n\n".encode()
+
+
+async def open_stream(
+    request: web.Request, content_type: str, headers: Optional[dict[str, str]] = None
+) -> web.StreamResponse:
+    h = {"Content-Type": content_type, "Cache-Control": "no-cache"}
+    if content_type == SSE:
+        h["X-Accel-Buffering"] = "no"
+    h.update(headers or {})
+    resp = web.StreamResponse(status=200, headers=h)
+    await resp.prepare(request)
+    return resp
+
+
+async def with_first(first: T, rest: AsyncIterator[T] | Any) -> AsyncIterator[T]:
+    """The already-read first event, then the rest of the stream."""
+    yield first
+    async for ev in rest:
+        yield ev
+
+
+async def pump(
+    resp: web.StreamResponse,
+    items: AsyncIterator[T],
+    render: Callable[[T], Iterable[Any]],
+    frame: Callable[[Any], bytes],
+    error_frame: Callable[[ApiError], bytes],
+    request_id: str = "",
+) -> bool:
+    """Write every rendered item; True when the stream ended cleanly.
+
+    Returns False when the client went away (nothing more can be written).
+
+    ``render`` may raise ``ApiError`` (e.g. a Done that reports an error); a
+    gRPC failure is mapped with the error table.  Either way the error is
+    written as the last frame and False is returned.
+    """
+    try:
+        async for it in items:
+            for obj in render(it):
+                await resp.write(frame(obj))
+        return True
+    except grpc.aio.AioRpcError as e:
+        err = from_grpc(e, request_id)
+    except ApiError as e:
+        err = e
+    except ConnectionResetError:
+        log.info("client disconnected mid-stream (request %s)", request_id)
+        return False
+    except Exception:
+        log.exception("stream failed (request %s)", request_id)
+        err = internal_error(request_id)
+    log.info("stream ended with error %s (request %s): %s", err.status, request_id, err.message)
+    try:
+        await resp.write(error_frame(err))
+    except ConnectionResetError:
+        pass
+    return False
+
+
+async def merge(streams: list[tuple[Event, EventStream]]) -> AsyncIterator[tuple[int, Event]]:
+    """Interleave several started streams as (index, event), in arrival order.
+
+    The first failure is raised to the consumer; closing the generator (or a
+    failure) cancels every task and every RPC.
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    _END = object()
+
+    async def drain(i: int, first: Event, s: EventStream) -> None:
+        try:
+            await queue.put((i, first))
+            async for ev in s:
+                await queue.put((i, ev))
+            await queue.put((i, _END))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(drain(i, f, s)) for i, (f, s) in enumerate(streams)]
+    live = len(tasks)
+    try:
+        while live:
+            i, ev = await queue.get()
+            if ev is _END:
+                live -= 1
+            elif isinstance(ev, BaseException):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        for _, s in streams:
+            s.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,52 @@
+"""Full-stack fixture: HTTP front -> real gRPC service -> MLX engine on the test model.
+
+Registered as a pytest plugin in tests/conftest.py.  ``stack`` is session
+scoped: one gRPC service on port 0 over the session's ``mlx_backend``, one
+front on port 0 pointed at it.  Until the router is wired in, the service is
+given the MLX backend directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from backends.service import RunningService, start_inference_service
+from gateway.app import RunningHTTP, create_app, start_http
+from mlxgate.config import ServerConfig
+
+#: The model the generated test model is served as (tests/mlx_fixtures.py).
+MODEL = "tiny-llama"
+
+
+@dataclass
+class StackInfo:
+    base: str  # http://127.0.0.1:<port>
+    grpc_target: str
+    backend: Any  # the MLX backend (active_count for cancellation tests)
+    model: str
+    server_cfg: ServerConfig
+    service: RunningService
+    http: RunningHTTP
+
+
+@pytest.fixture(scope="session")
+async def stack(mlx_backend) -> Any:
+    service = await start_inference_service(mlx_backend, port=0)
+    cfg = ServerConfig(host="127.0.0.1", port=0, request_timeout=120.0, max_body_bytes=1024 * 1024)
+    http = await start_http(create_app(cfg, service.target), cfg.host, 0)
+    try:
+        yield StackInfo(
+            base=http.url,
+            grpc_target=service.target,
+            backend=mlx_backend,
+            model=MODEL,
+            server_cfg=cfg,
+            service=service,
+            http=http,
+        )
+    finally:
+        await http.stop()
+        await service.stop(grace=1.0)
