@@ -1,0 +1,56 @@
+"""Build the configured backends, in priority order, and the router over them.
+
+Order: MLX (when ``config.mlx.enabled``), the upstream Ollama (when
+``config.ollama.upstream`` is set), then one cloud backend per
+``config.cloud.providers`` entry, in the order configured.  MLX is imported
+lazily so a process without it (front only, or MLX disabled) never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Optional
+
+from backends.base import Backend
+from backends.cloud import CloudBackend
+from backends.ollama import OllamaBackend
+from backends.router import Router, RouterObserver
+from mlxgate.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def _mlx_backend(config: Config) -> Optional[Backend]:
+    try:
+        try:
+            from backends.mlx import MLXBackend  # type: ignore[attr-defined]
+        except ImportError:
+            from backends.mlx.backend import MLXBackend  # type: ignore[no-redef]
+    except ImportError:
+        # The gateway still serves what Ollama and the cloud providers have.
+        log.exception("MLX engine could not be imported; running without it")
+        return None
+    return MLXBackend(config.mlx)
+
+
+def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
+    backends: list[Backend] = []
+    if config.mlx.enabled:
+        mlx = _mlx_backend(config)
+        if mlx is not None:
+            backends.append(mlx)
+    if config.ollama.upstream:
+        backends.append(OllamaBackend(config.ollama))
+    seen = set()
+    for provider in config.cloud.providers:
+        if provider.name in seen:
+            raise ValueError(f"cloud provider {provider.name!r} is configured twice")
+        seen.add(provider.name)
+        backends.append(CloudBackend(provider, env))
+    return backends
+
+
+def build_router(
+    config: Config, env: Mapping[str, str], observer: Optional[RouterObserver] = None
+) -> Router:
+    return Router(build_backends(config, env), config, observer=observer)

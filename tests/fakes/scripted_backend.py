@@ -1,0 +1,114 @@
+"""An in-process Backend whose behaviour a test scripts: what it lists, what it
+answers, and which BackendError it raises (before or after its first chunk).
+
+Stands in for the MLX engine in router tests, where what matters is the
+router's reaction to "the engine is unavailable" rather than MLX itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Optional
+
+from backends.errors import BackendError, ModelNotFound
+from backends.types import (
+    Chunk,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    Event,
+    GenerateRequest,
+    LoadResult,
+    ModelInfo,
+    ModelShow,
+    RunningModel,
+)
+
+
+class ScriptedBackend:
+    def __init__(
+        self,
+        name: str,
+        models: list[str],
+        *,
+        text: Optional[list[str]] = None,
+        fail: Optional[BackendError] = None,
+        fail_after: Optional[int] = None,
+        list_error: Optional[BaseException] = None,
+        report_model: str = "",
+    ) -> None:
+        self.name = name
+        self.models = list(models)
+        self.text = ["from ", name] if text is None else list(text)
+        #: raised by generate/embed/show/load: before the first chunk, or after
+        #: ``fail_after`` chunks when that is set
+        self.fail = fail
+        self.fail_after = fail_after
+        self.list_error = list_error
+        #: the model name put in Done (empty: leave it to the router)
+        self.report_model = report_model
+        self.calls: list[tuple[str, str]] = []
+        self.list_calls = 0
+        self.streams_closed = 0
+        self.loaded: set[str] = set()
+
+    def _check(self, name: str) -> None:
+        if name not in self.models:
+            raise ModelNotFound(f"{self.name}: model '{name}' not found")
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        self.calls.append(("generate", req.model))
+        try:
+            if self.fail is not None and self.fail_after is None:
+                raise self.fail
+            self._check(req.model)
+            for i, piece in enumerate(self.text):
+                if self.fail is not None and self.fail_after == i:
+                    raise self.fail
+                yield Chunk(text=piece)
+                await asyncio.sleep(0)
+            yield Done(prompt_tokens=3, completion_tokens=len(self.text), model=self.report_model)
+        finally:
+            self.streams_closed += 1
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        self.calls.append(("embed", req.model))
+        if self.fail is not None:
+            raise self.fail
+        self._check(req.model)
+        return EmbedResult(embeddings=[[1.0, 0.0] for _ in req.inputs], model=req.model)
+
+    async def list_models(self) -> list[ModelInfo]:
+        self.list_calls += 1
+        if self.list_error is not None:
+            raise self.list_error
+        return [ModelInfo(name=m, backend=self.name, size_bytes=len(m)) for m in self.models]
+
+    async def show_model(self, name: str) -> ModelShow:
+        self.calls.append(("show", name))
+        if self.fail is not None:
+            raise self.fail
+        self._check(name)
+        return ModelShow(info=ModelInfo(name=name, backend=self.name), context_length=128)
+
+    async def list_running(self) -> list[RunningModel]:
+        if self.list_error is not None:
+            raise self.list_error
+        return [RunningModel(name=m, backend="") for m in sorted(self.loaded)]
+
+    async def load_model(self, name: str, keep_alive: Optional[float]) -> LoadResult:
+        self.calls.append(("load", name))
+        if self.fail is not None:
+            raise self.fail
+        self._check(name)
+        self.loaded.add(name)
+        return LoadResult(model=name, backend=self.name)
+
+    async def unload_model(self, name: str) -> bool:
+        self.calls.append(("unload", name))
+        was = name in self.loaded
+        self.loaded.discard(name)
+        return was
+
+    async def close(self) -> None:
+        pass
