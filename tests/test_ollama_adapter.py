@@ -289,3 +289,44 @@ async def test_the_fake_speaks_what_the_official_client_reads(fake):
     assert final is not None and final.eval_count == 4 and final.done_reason == "stop"
     listed = await client.list()
     assert [m.model for m in listed.models] == ["tiny:latest", "other:7b"]
+
+
+# ------------------------------------------------------------------ a second mlxgate as the upstream
+
+
+@pytest.fixture
+async def via_mlxgate(stack):
+    """OllamaBackend whose upstream is another mlxgate's Ollama front (tests/stack.py)."""
+    b = OllamaBackend(OllamaConfig(upstream=stack.base, timeout=60, connect_timeout=2))
+    yield b
+    await b.close()
+
+
+async def test_against_mlxgate_front_lists_streams_and_reports(via_mlxgate, stack):
+    names = [m.name for m in await via_mlxgate.list_models()]
+    assert any(n in (stack.model, f"{stack.model}:latest") for n in names)
+    req = GenerateRequest(model=stack.model, messages=[Message("user", "hello")],
+                          sampling=Sampling(temperature=0.0, max_tokens=5))
+    events = await collect(via_mlxgate.generate(req))
+    chunks, done = events[:-1], events[-1]
+    assert chunks and all(isinstance(c, Chunk) for c in chunks)
+    assert isinstance(done, Done) and done.backend == "ollama"
+    assert done.finish_reason in ("stop", "length")
+    assert done.prompt_tokens > 0 and 0 < done.completion_tokens <= 5
+    assert done.eval_duration_ns > 0 and done.total_duration_ns > 0
+
+    raw = await collect(via_mlxgate.generate(GenerateRequest(
+        model=stack.model, prompt=Prompt("Once upon", raw=True), sampling=Sampling(temperature=0.0, max_tokens=3))))
+    assert isinstance(raw[-1], Done) and raw[-1].completion_tokens == 3 and raw[-1].finish_reason == "length"
+
+
+async def test_against_mlxgate_front_errors_and_unary_calls(via_mlxgate, stack):
+    with pytest.raises(ModelNotFound):
+        await collect(via_mlxgate.generate(chat("no-such-model")))
+    show = await via_mlxgate.show_model(stack.model)
+    assert show.context_length > 0 and "completion" in show.capabilities
+    res = await via_mlxgate.embed(EmbedRequest(model=stack.model, inputs=["a", "b c"]))
+    assert len(res.embeddings) == 2 and len(res.embeddings[0]) > 0
+    await via_mlxgate.load_model(stack.model, 300.0)
+    running = [r.name for r in await via_mlxgate.list_running()]
+    assert any(n in (stack.model, f"{stack.model}:latest") for n in running)

@@ -561,3 +561,43 @@ def test_deadline_exceeded_counts_against_the_breaker():
 
     assert _is_health_failure(DeadlineExceeded("x")) and _is_health_failure(Unavailable("x"))
     assert not _is_health_failure(ModelNotFound("x")) and not _is_health_failure(ResourceExhausted("x"))
+
+
+async def test_real_mlx_engine_that_cannot_load_a_model_falls_back_to_ollama(tmp_path):
+    """The MLX engine lists a model whose weights are broken: loading it fails
+    (Unavailable), and the request is answered by the upstream Ollama that has
+    it, with no error seen by the caller.  A healthy local model stays on MLX."""
+    try:
+        from backends.mlx.backend import MLXBackend
+        from backends.mlx.testmodel import write_test_model
+    except ImportError:
+        pytest.skip("the MLX engine is not there yet")
+    import shutil
+
+    from mlxgate.config import MLXConfig
+
+    good = write_test_model(tmp_path, "tiny-llama")
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    mlx = MLXBackend(MLXConfig(models_dir=str(tmp_path), hf_cache=str(tmp_path / "no-hf"),
+                               bootstrap_test_model=False, default_max_tokens=4))
+    fake = FakeOllama(models=["broken:latest"])
+    await fake.start()
+    cfg = config()
+    cfg.ollama = OllamaConfig(upstream=fake.url, timeout=5)
+    rec = Recorder()
+    router = Router([mlx, OllamaBackend(cfg.ollama)], cfg, observer=rec)
+    try:
+        assert [t.backend.name for t in await router.targets("broken")] == ["mlx", "ollama"]
+        events = await collect(router.generate(chat("broken")))
+        assert text_of(events) == "Hello, world!"
+        assert (events[-1].backend, events[-1].model) == ("ollama", "broken:latest")
+        assert rec.fallbacks == [("mlx", "ollama", "unavailable")]
+
+        events = await collect(router.generate(chat("tiny-llama")))
+        assert events[-1].backend == "mlx" and events[-1].completion_tokens > 0
+        assert fake.paths().count("/api/chat") == 1
+    finally:
+        await router.close()
+        await fake.stop()
