@@ -53,6 +53,8 @@ _OPENAI_TYPES: dict[int, str] = {
     403: "permission_error",
     429: "rate_limit_error",
     501: "invalid_request_error",
+    # A CANCELLED the caller sees was not its own doing (it would be gone).
+    499: "server_error",
 }
 
 
