@@ -35,7 +35,7 @@ knows the public name it asked for; ``Done.model`` tells it what actually ran.
 
 Observer.  An optional object with ``fallback(from_backend, to_backend,
 reason)`` and ``answered(backend, model)``.  Labels are bounded: backend names
-come from configuration, ``reason`` is one of ``REASONS``, and ``model`` is a
+come from configuration, ``reason`` is one of ``REASONS`` (gRPC code names), and ``model`` is a
 name at the backend that came from its model list or the alias table.
 """
 
@@ -55,9 +55,7 @@ from backends.errors import (
     BackendError,
     DeadlineExceeded,
     ModelNotFound,
-    ResourceExhausted,
     Unavailable,
-    Unimplemented,
 )
 from backends.types import (
     Done,
@@ -76,16 +74,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Every ``reason`` the observer can see.
+#: Every ``reason`` the observer can see: the gRPC code name of the error that
+#: made the router move on, or CIRCUIT_OPEN when the backend was skipped.
 REASONS = (
-    "unavailable",
-    "resource_exhausted",
-    "deadline_exceeded",
-    "not_found",
-    "unimplemented",
-    "circuit_open",
-    "internal",
+    "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "CIRCUIT_OPEN",
 )
+CIRCUIT_OPEN = "CIRCUIT_OPEN"
 
 #: At most this many names in a "model not found" message.
 MAX_NAMES_IN_ERROR = 25
@@ -103,17 +103,9 @@ def normalize(name: str) -> str:
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, ResourceExhausted):
-        return "resource_exhausted"
-    if isinstance(e, DeadlineExceeded):
-        return "deadline_exceeded"
-    if isinstance(e, ModelNotFound):
-        return "not_found"
-    if isinstance(e, Unimplemented):
-        return "unimplemented"
-    if isinstance(e, Unavailable):
-        return "unavailable"
-    return "internal"
+    if isinstance(e, BackendError) and e.code.name in REASONS:
+        return e.code.name
+    return "INTERNAL"
 
 
 def _is_health_failure(e: BaseException) -> bool:
@@ -305,7 +297,7 @@ class Router:
             if not breaker.allow():
                 log.debug("%s skipped: circuit open", backend.name)
                 errors.append(Unavailable(f"{backend.name}: circuit open after repeated failures"))
-                pending = (backend.name, "circuit_open")
+                pending = (backend.name, CIRCUIT_OPEN)
                 continue
             tried += 1
             if pending is not None:
@@ -347,7 +339,7 @@ class Router:
                     raise
                 log.exception("%s failed before the first token for %s", backend.name, req.model)
                 errors.append(Unavailable(f"{backend.name}: internal error"))
-                pending = (backend.name, "internal")
+                pending = (backend.name, "INTERNAL")
             finally:
                 if not verdict:
                     breaker.release()
@@ -388,7 +380,7 @@ class Router:
             breaker = self.breakers[backend.name]
             if not breaker.allow():
                 errors.append(Unavailable(f"{backend.name}: circuit open after repeated failures"))
-                pending = (backend.name, "circuit_open")
+                pending = (backend.name, CIRCUIT_OPEN)
                 continue
             tried += 1
             if pending is not None:
@@ -410,7 +402,7 @@ class Router:
                 breaker.record_failure()
                 log.exception("%s: %s failed for %s", backend.name, what, public)
                 errors.append(Unavailable(f"{backend.name}: internal error"))
-                pending = (backend.name, "internal")
+                pending = (backend.name, "INTERNAL")
                 continue
             breaker.record_success()
             return target, result

@@ -133,14 +133,14 @@ class Row:
 
 
 FAULT_MATRIX = [
-    Row("connection-refused", refused=True, answered_by="cloud:acme", reason="unavailable"),
-    Row("http-500", Fault("status", 500, "runner died"), answered_by="cloud:acme", reason="unavailable"),
+    Row("connection-refused", refused=True, answered_by="cloud:acme", reason="UNAVAILABLE"),
+    Row("http-500", Fault("status", 500, "runner died"), answered_by="cloud:acme", reason="UNAVAILABLE"),
     Row("429-retry-after", Fault("status", 429, "busy", retry_after="5"), answered_by="cloud:acme",
-        reason="resource_exhausted"),
+        reason="RESOURCE_EXHAUSTED"),
     Row("timeout-before-first-token", Fault("hang_after_headers", delay=1.0), answered_by="cloud:acme",
-        reason="deadline_exceeded"),
+        reason="DEADLINE_EXCEEDED"),
     Row("error-line-before-first-token", Fault("error_line", message="oom", after=0), answered_by="cloud:acme",
-        reason="unavailable"),
+        reason="UNAVAILABLE"),
     Row("disconnect-mid-stream", Fault("disconnect", after=1), error=Unavailable, chunks_before_error=["Hello"]),
     Row("error-line-mid-stream", Fault("error_line", message="oom", after=2), error=Unavailable,
         chunks_before_error=["Hello", ","]),
@@ -198,7 +198,7 @@ async def test_default_order_without_aliases_and_latest_matching(upstreams):
         ollama.fault = Fault("status", 503, "busy")
         events = await collect(router.generate(chat("tiny:latest")))
         assert events[-1].backend == "cloud:acme" and events[-1].model == "tiny"
-        assert rec.fallbacks == [("ollama", "cloud:acme", "resource_exhausted")]
+        assert rec.fallbacks == [("ollama", "cloud:acme", "RESOURCE_EXHAUSTED")]
         ollama.fault = None
         events = await collect(router.generate(chat("tiny")))
         assert events[-1].backend == "ollama" and events[-1].model == "tiny:latest"
@@ -245,7 +245,7 @@ async def test_breaker_opens_after_n_failures_then_skips_the_dead_backend_fast(u
         assert events[-1].backend == "cloud:acme"
         assert elapsed < 0.25  # no timeout paid: the dead backend was skipped
         assert len([p for p in ollama.paths() if p == "/api/chat"]) == asked
-        assert rec.fallbacks[-1] == ("ollama", "cloud:acme", "circuit_open")
+        assert rec.fallbacks[-1] == ("ollama", "cloud:acme", "CIRCUIT_OPEN")
 
         # cool-down over: one probe; the upstream has recovered, so it closes the breaker
         ollama.fault = None
@@ -341,7 +341,7 @@ async def test_mlx_unavailable_falls_back_with_no_error_seen():
     done = events[-1]
     assert (done.backend, done.model) == ("ollama", "llama3.2:latest")  # who answered, name at that backend
     assert mlx.calls == [("generate", "llama3.2")] and oll.calls == [("generate", "llama3.2:latest")]
-    assert rec.fallbacks == [("mlx", "ollama", "unavailable")]
+    assert rec.fallbacks == [("mlx", "ollama", "UNAVAILABLE")]
     assert rec.answers == [("ollama", "llama3.2:latest")]
 
 
@@ -373,7 +373,7 @@ async def test_retry_budget_limits_targets_tried():
     with pytest.raises(Unavailable, match="ollama down"):
         await collect(router.generate(chat("x")))
     assert [len(b.calls) for b in bs] == [1, 1, 0]
-    assert rec.fallbacks == [("mlx", "ollama", "unavailable")]
+    assert rec.fallbacks == [("mlx", "ollama", "UNAVAILABLE")]
 
 
 async def test_resource_exhausted_everywhere_keeps_retry_after():
@@ -463,7 +463,7 @@ async def test_unary_calls_route_like_generate():
     assert await router.unload_model("x") is False
     with pytest.raises(ModelNotFound, match="available models: x"):
         await router.embed(EmbedRequest(model="nope", inputs=["a"]))
-    assert ("mlx", "ollama", "unavailable") in rec.fallbacks
+    assert ("mlx", "ollama", "UNAVAILABLE") in rec.fallbacks
 
 
 # ------------------------------------------------------------------ wiring
@@ -593,7 +593,7 @@ async def test_real_mlx_engine_that_cannot_load_a_model_falls_back_to_ollama(tmp
         events = await collect(router.generate(chat("broken")))
         assert text_of(events) == "Hello, world!"
         assert (events[-1].backend, events[-1].model) == ("ollama", "broken:latest")
-        assert rec.fallbacks == [("mlx", "ollama", "unavailable")]
+        assert rec.fallbacks == [("mlx", "ollama", "UNAVAILABLE")]
 
         events = await collect(router.generate(chat("tiny-llama")))
         assert events[-1].backend == "mlx" and events[-1].completion_tokens > 0
