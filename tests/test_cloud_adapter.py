@@ -4,6 +4,7 @@ against a fake that replays the OpenAI wire format."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -338,3 +339,13 @@ async def test_key_never_appears_in_errors_logs_or_repr(fake, caplog):
             assert wrong not in text and wrong[-8:] not in text
     finally:
         await b.close()
+
+
+async def test_closing_the_generator_closes_the_upstream_request(cloud, fake):
+    fake.reply = [f"t{i} " for i in range(200)]
+    fake.chunk_delay = 0.02
+    agen = cloud.generate(GenerateRequest(model="gpt-test", messages=[Message("user", "x")]))
+    assert (await anext(agen)).text == "t0 "
+    assert not fake.disconnected.is_set()
+    await agen.aclose()
+    await asyncio.wait_for(fake.disconnected.wait(), 5)

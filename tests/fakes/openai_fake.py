@@ -36,6 +36,8 @@ class FakeOpenAI:
     #: the key the fake accepts; None accepts anything
     api_key: Optional[str] = None
     fault: Optional[Fault] = None
+    #: seconds between events
+    chunk_delay: float = 0.0
 
     def __post_init__(self) -> None:
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
@@ -124,8 +126,10 @@ class FakeOpenAI:
                     assert request.transport is not None
                     request.transport.close()
                     return resp
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError
                 await resp.write(f"data: {json.dumps(ev)}\n\n".encode())
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.chunk_delay)
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError, RuntimeError):
