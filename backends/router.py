@@ -90,6 +90,10 @@ CIRCUIT_OPEN = "CIRCUIT_OPEN"
 #: At most this many names in a "model not found" message.
 MAX_NAMES_IN_ERROR = 25
 
+#: A model listing that takes longer than this counts as failed (DEADLINE_EXCEEDED):
+#: a hung upstream must not hold every request's routing for its full timeout.
+LIST_TIMEOUT_S = 10.0
+
 
 class RouterObserver(Protocol):
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None: ...
@@ -189,7 +193,10 @@ class Router:
                 return cached.models if cached is not None else None
             models: Optional[list[ModelInfo]]
             try:
-                models = await backend.list_models()
+                try:
+                    models = await asyncio.wait_for(backend.list_models(), LIST_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"{backend.name}: listing models timed out") from None
             except asyncio.CancelledError:
                 breaker.release()
                 raise

@@ -601,3 +601,17 @@ async def test_real_mlx_engine_that_cannot_load_a_model_falls_back_to_ollama(tmp
     finally:
         await router.close()
         await fake.stop()
+
+
+async def test_a_hung_model_listing_does_not_hold_routing(monkeypatch):
+    import backends.router as router_module
+
+    monkeypatch.setattr(router_module, "LIST_TIMEOUT_S", 0.1)
+    hung = ScriptedBackend("ollama", ["x"], list_delay=5.0)
+    ok = ScriptedBackend("cloud:a", ["x"])
+    router, _ = scripted_router(hung, ok, breaker_failures=1)
+    t0 = time.monotonic()
+    events = await collect(router.generate(chat("x")))
+    assert time.monotonic() - t0 < 1.0
+    assert events[-1].backend == "cloud:a" and hung.calls == []
+    assert router.breaker_states()["ollama"] == "open"  # a timed-out listing is a health failure

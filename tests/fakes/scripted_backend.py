@@ -36,6 +36,7 @@ class ScriptedBackend:
         fail_after: Optional[int] = None,
         list_error: Optional[BaseException] = None,
         report_model: str = "",
+        list_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.models = list(models)
@@ -47,6 +48,7 @@ class ScriptedBackend:
         self.list_error = list_error
         #: the model name put in Done (empty: leave it to the router)
         self.report_model = report_model
+        self.list_delay = list_delay
         self.calls: list[tuple[str, str]] = []
         self.list_calls = 0
         self.streams_closed = 0
@@ -80,6 +82,8 @@ class ScriptedBackend:
 
     async def list_models(self) -> list[ModelInfo]:
         self.list_calls += 1
+        if self.list_delay:
+            await asyncio.sleep(self.list_delay)
         if self.list_error is not None:
             raise self.list_error
         return [ModelInfo(name=m, backend=self.name, size_bytes=len(m)) for m in self.models]
