@@ -112,6 +112,10 @@ def _reason(e: BaseException) -> str:
     return "INTERNAL"
 
 
+class _CircuitOpen(Unavailable):
+    """A target skipped because its breaker is open (never raised by a backend)."""
+
+
 def _is_health_failure(e: BaseException) -> bool:
     return isinstance(e, (Unavailable, DeadlineExceeded))
 
@@ -303,7 +307,7 @@ class Router:
             breaker = self.breakers[backend.name]
             if not breaker.allow():
                 log.debug("%s skipped: circuit open", backend.name)
-                errors.append(Unavailable(f"{backend.name}: circuit open after repeated failures"))
+                errors.append(_CircuitOpen(f"{backend.name}: circuit open after repeated failures"))
                 pending = (backend.name, CIRCUIT_OPEN)
                 continue
             tried += 1
@@ -328,7 +332,8 @@ class Router:
                     raise Unavailable(f"{backend.name}: ended without an answer")
                 return
             except BackendError as e:
-                if not verdict:
+                if not verdict or (emitted and _is_health_failure(e)):
+                    # (a backend that keeps dying mid-stream trips its breaker too)
                     verdict = True
                     breaker.record_failure() if _is_health_failure(e) else breaker.record_success()
                 if emitted or not e.retryable:
@@ -360,7 +365,7 @@ class Router:
         # The most telling failure: the last one a backend actually raised
         # (a "circuit open" note only when nothing else happened).
         for e in reversed(real):
-            if "circuit open" not in e.message:
+            if not isinstance(e, _CircuitOpen):
                 return e
         if real:
             return Unavailable(f"model '{public}': every backend is unavailable ("
@@ -386,7 +391,7 @@ class Router:
             backend = target.backend
             breaker = self.breakers[backend.name]
             if not breaker.allow():
-                errors.append(Unavailable(f"{backend.name}: circuit open after repeated failures"))
+                errors.append(_CircuitOpen(f"{backend.name}: circuit open after repeated failures"))
                 pending = (backend.name, CIRCUIT_OPEN)
                 continue
             tried += 1

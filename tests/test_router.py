@@ -348,13 +348,14 @@ async def test_mlx_unavailable_falls_back_with_no_error_seen():
 async def test_failure_after_first_chunk_is_reraised_not_spliced():
     mlx = ScriptedBackend("mlx", ["x"], text=["a", "b", "c"], fail=Unavailable("mlx: crashed"), fail_after=1)
     oll = ScriptedBackend("ollama", ["x"])
-    router, rec = scripted_router(mlx, oll)
+    router, rec = scripted_router(mlx, oll, breaker_failures=1)
     got = []
     with pytest.raises(Unavailable, match="crashed"):
         async for ev in router.generate(chat("x")):
             got.append(ev)
     assert [e.text for e in got] == ["a"]
     assert oll.calls == [] and rec.fallbacks == []
+    assert router.breaker_states()["mlx"] == "open"  # dying mid-stream counts against the breaker
 
 
 @pytest.mark.parametrize("error", [InvalidArgument("bad"), Unauthenticated("no key")], ids=["invalid", "unauth"])
