@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional
 
 from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
 from backends.types import (
@@ -62,11 +62,14 @@ class MLXBackend:
 
     name = BACKEND
 
-    def __init__(self, config: MLXConfig) -> None:
+    def __init__(self, config: MLXConfig, observer: Any = None) -> None:
+        """``observer``: optional object with ``observe_queue_wait(model, seconds)``
+        (``backends.metrics.ServiceMetrics``); also settable later as ``.observer``."""
         self.config = config
         self._registry = ModelRegistry(config)
         self._manager = ModelManager(config, self._registry)
         self._engine = Engine(config, self._manager)
+        self._engine.observer = observer
         self._bootstrap: Optional[concurrent.futures.Future] = None
         if config.bootstrap_test_model and not self._registry.scan():
             self._bootstrap = self._engine.call(self._write_bootstrap_model)
@@ -96,6 +99,31 @@ class MLXBackend:
     @property
     def engine(self) -> Engine:
         return self._engine
+
+    @property
+    def observer(self) -> Any:
+        return self._engine.observer
+
+    @observer.setter
+    def observer(self, value: Any) -> None:
+        self._engine.observer = value
+
+    def memory_snapshot(self):
+        """Memory figures for the metrics collector (cheap; never calls MLX from this thread)."""
+        from backends.metrics import MemorySnapshot
+
+        active, peak, cache, kv = self._engine.memory
+        running = self._manager.running()
+        return MemorySnapshot(
+            active_bytes=active,
+            peak_bytes=peak,
+            cache_bytes=cache,
+            kv_cache_bytes=kv,
+            prompt_cache_bytes=0,
+            active_sequences=self.active_count,
+            model_bytes={m.name: m.size_bytes for m in running},
+            model_expiry={m.name: m.expires_at.timestamp() if m.expires_at else None for m in running},
+        )
 
     # ---------------------------------------------------------------- helpers
 

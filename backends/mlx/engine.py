@@ -61,6 +61,7 @@ class Sequence:
     matcher: Any = None
     load_duration_ns: int = 0
     t_start_ns: int = field(default_factory=time.perf_counter_ns)
+    t_submit_ns: int = 0
     cancelled: bool = False
     # Engine-thread state.
     uid: Optional[int] = None
@@ -94,6 +95,12 @@ class Engine:
         self._stream = None
         self._closed = False
         self.stats = EngineStats()
+        #: (active, peak, cache, kv-cache) bytes, refreshed by the MLX thread so
+        #: a metrics scrape never calls into MLX from another thread.
+        self.memory: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._memory_at = 0.0
+        #: Optional object with ``observe_queue_wait(model, seconds)`` (the service metrics).
+        self.observer: Any = None
         self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
         self._thread.start()
 
@@ -115,6 +122,7 @@ class Engine:
         return fut
 
     def submit(self, seq: Sequence) -> None:
+        seq.t_submit_ns = time.perf_counter_ns()
         with self._lock:
             self._inflight.add(seq)
         fut = self.call(self._add, seq)
@@ -165,8 +173,20 @@ class Engine:
                     if lm.active:
                         self._step(lm)
                 self._manager.expire()
+                if time.monotonic() - self._memory_at > 0.25:
+                    self._refresh_memory()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("MLX engine loop error")
+
+    def _refresh_memory(self) -> None:
+        import mlx.core as mx
+
+        kv = 0
+        for lm in self._manager.loaded():
+            if lm.generator is not None:
+                kv += lm.generator.prompt_cache_nbytes
+        self.memory = (mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory(), kv)
+        self._memory_at = time.monotonic()
 
     def _idle_timeout(self) -> float:
         deadline = self._manager.next_deadline()
@@ -271,6 +291,7 @@ class Engine:
             if seq is not None and not seq.prefilled:
                 seq.prefilled = True
                 self.stats.prefills += 1
+                self._observe_queue_wait(seq)
         if gen_resps:
             self.stats.decode_steps += 1
             self.stats.generated_tokens += len(gen_resps)
@@ -299,6 +320,14 @@ class Engine:
         for seq in [s for s in lm.active.values() if s.error is not None]:
             gen.remove([seq.uid])
             self._fail(seq, seq.error)
+
+    def _observe_queue_wait(self, seq: Sequence) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer.observe_queue_wait(seq.lm.name, (time.perf_counter_ns() - seq.t_submit_ns) / 1e9)
+        except Exception:  # noqa: BLE001 - metrics must never break generation
+            log.exception("queue-wait observer failed")
 
     def _logprob(self, seq: Sequence, token: int, vec) -> TokenLogprob:
         import mlx.core as mx
