@@ -651,3 +651,86 @@ async def test_embedding_truncation(mlx_backend):
     r = await mlx_backend.embed(EmbedRequest(model=MODEL, inputs=[long_text], truncate=True))
     assert r.prompt_tokens == 2048
     assert math.isclose(sum(x * x for x in r.embeddings[0]), 1.0, rel_tol=1e-4)
+
+
+# ---------------------------------------------------------------- robustness and integration
+
+
+async def test_a_model_that_fails_to_load_is_unavailable_and_others_still_work(tmp_path, test_model_dir):
+    shutil.copytree(test_model_dir / MODEL, tmp_path / "good")
+    shutil.copytree(test_model_dir / MODEL, tmp_path / "broken")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    backend = MLXBackend(MLXConfig(models_dir=str(tmp_path), hf_cache=str(tmp_path / "none")))
+    try:
+        with pytest.raises(errors.Unavailable, match="broken"):
+            async for _ in backend.generate(GenerateRequest(model="broken", prompt=Prompt("hi"))):
+                pass
+        _, done = await collect(
+            backend, GenerateRequest(model="good", prompt=Prompt("hi"), sampling=Sampling(max_tokens=2))
+        )
+        assert done.completion_tokens == 2
+        assert backend.active_count == 0
+    finally:
+        await backend.close()
+
+
+async def test_images_are_refused(mlx_backend):
+    req = GenerateRequest(model=MODEL, messages=[Message("user", "what is this?", images=[b"\x89PNG"])])
+    with pytest.raises(errors.InvalidArgument, match="images"):
+        async for _ in mlx_backend.generate(req):
+            pass
+
+
+async def test_tools_reach_the_chat_template(mlx_backend):
+    _, without = await collect(mlx_backend, chat("weather?", max_tokens=1))
+    req = chat("weather?", max_tokens=1)
+    req.tools = [WEATHER]
+    _, with_tools = await collect(mlx_backend, req)
+    assert with_tools.prompt_tokens > without.prompt_tokens + 20
+
+
+async def test_cold_load_does_not_block_the_event_loop(test_model_dir):
+    backend = MLXBackend(MLXConfig(models_dir=str(test_model_dir), hf_cache=str(test_model_dir / "none")))
+    gaps, stop = [], asyncio.Event()
+
+    async def ticker():
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    try:
+        _, done = await collect(backend, chat(max_tokens=2))
+    finally:
+        stop.set()
+        await task
+        await backend.close()
+    assert done.load_duration_ns > 0
+    assert max(gaps) < max(0.05, done.load_duration_ns / 1e9 / 2), (max(gaps), done.load_duration_ns)
+
+
+async def test_memory_snapshot_and_queue_wait_observer(mlx_backend):
+    waits = []
+
+    class Observer:
+        def observe_queue_wait(self, model, seconds):
+            waits.append((model, seconds))
+
+    mlx_backend.observer = Observer()
+    try:
+        req = chat(max_tokens=2)
+        req.keep_alive = -1  # each request sets the model's keep_alive, as in Ollama
+        await collect(mlx_backend, req)
+    finally:
+        mlx_backend.observer = None
+    assert len(waits) == 1 and waits[0][0] == MODEL and 0 <= waits[0][1] < 5
+    await asyncio.sleep(0.3)  # the MLX thread refreshes its memory figures every 0.25 s
+    snap = mlx_backend.memory_snapshot()
+    assert snap.model_bytes[MODEL] > 100_000
+    assert snap.model_expiry == {MODEL: None}
+    assert snap.active_bytes > 0 and snap.peak_bytes >= snap.active_bytes
+    assert snap.active_sequences == 0
+    await mlx_backend.load_model(MODEL, None)

@@ -173,7 +173,12 @@ class MLXBackend:
         return lm, time.perf_counter_ns() - t0
 
     def _plan(self, req: GenerateRequest, lm: LoadedModel) -> _Plan:
-        """Tokenize and check the request (worker thread: tokenizer work, no MLX)."""
+        """Tokenize and check the request (worker thread: tokenizer work, no MLX).
+
+        Context rule, never silent truncation: a prompt that fills the context
+        is an error; an explicit max_tokens that does not fit beside the prompt
+        is an error (as OpenAI does); an unset max_tokens is clamped to the room left.
+        """
         ids = prompt_mod.build_prompt(req, lm.tokenizer, lm.name)
         ctx = lm.context_length
         if req.sampling.num_ctx:
