@@ -140,6 +140,9 @@ class ScriptedBackend:
             raise self._BEFORE[req.model]
         if req.model == "crash":
             raise RuntimeError("secret internals /home/x/.key")
+        if req.model == "fails-first":
+            yield Done(finish_reason="error", error_message="could not start", backend=self.name)
+            return
         yield Chunk(text="hello ")
         if req.model == "dies":
             raise Unavailable("backend went away mid-stream")
@@ -270,3 +273,14 @@ async def test_unary_errors_and_load_path(scripted):
             assert r.status == 503 and (await r.json())["error"] == "cannot load"
         async with s.post(scripted + "/api/show", json={"model": "m"}) as r:
             assert r.status == 501
+
+
+async def test_failure_reported_before_any_token_is_a_status_even_when_streaming(scripted):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(scripted + "/api/generate", json={"model": "fails-first", "prompt": "x"}) as r:
+            assert r.status == 500 and r.content_type == "application/json"
+            assert (await r.json())["error"] == "could not start"
+        async with s.post(scripted + CHAT, json={"model": "fails-first", "stream": True,
+                                                 "messages": [{"role": "user", "content": "x"}]}) as r:
+            assert r.status == 500
+            assert (await r.json())["error"]["message"] == "could not start"

@@ -60,6 +60,8 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
     stream = client(request).generate(p.req, rid)
     try:
         first = await stream.start()
+        if isinstance(first, Done):
+            tr.check_done(first)  # a failure before any token is a plain HTTP error
         if p.stream:
             resp = await open_stream(request, NDJSON)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from backends.types import Done
 from gateway.client import GenerateStream
 from gateway.common import Collected, collect
 from gateway.errors import ApiError, openai_body
@@ -41,6 +42,9 @@ async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResp
     streams = [c.generate(r, rid) for r in p.requests()]
     try:
         firsts = await _start_all(streams)
+        for f in firsts:
+            if isinstance(f, Done):
+                tr.finish_reason(f, False)  # raises for a failure before any token
         if p.stream:
             resp = await open_stream(request, SSE)
             renderer = tr.ChatStream(p) if chat else tr.CompletionStream(p)
