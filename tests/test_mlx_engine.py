@@ -734,3 +734,12 @@ async def test_memory_snapshot_and_queue_wait_observer(mlx_backend):
     assert snap.active_bytes > 0 and snap.peak_bytes >= snap.active_bytes
     assert snap.active_sequences == 0
     await mlx_backend.load_model(MODEL, None)
+
+
+async def test_penalties_and_filters_change_sampling(mlx_backend):
+    plain, _ = await collect(mlx_backend, chat(temperature=0, max_tokens=30))
+    penalised, _ = await collect(mlx_backend, chat(temperature=0, max_tokens=30, repeat_penalty=3.0))
+    assert ids_of(plain) != ids_of(penalised)
+    # top_k=1 makes any temperature greedy.
+    top1, done = await collect(mlx_backend, chat(temperature=1.5, top_k=1, top_p=0.9, min_p=0.05, max_tokens=30))
+    assert ids_of(top1) == ids_of(plain) and done.completion_tokens == 30

@@ -45,7 +45,10 @@ def test_loads_through_mlx_lm_with_template_and_tool_parser(test_model_dir):
     ]
     text = tok.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system")
-    assert '"get_weather"' in text and '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
+    assert (
+        '"get_weather"' in text
+        and '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
+    )
     assert "<|start_header_id|>tool<|end_header_id|>\n\nsunny<|eot_id|>" in text
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     # Text round-trips through the byte-level BPE.
