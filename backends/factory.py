@@ -22,10 +22,7 @@ log = logging.getLogger(__name__)
 
 def _mlx_backend(config: Config) -> Optional[Backend]:
     try:
-        try:
-            from backends.mlx import MLXBackend  # type: ignore[attr-defined]
-        except ImportError:
-            from backends.mlx.backend import MLXBackend  # type: ignore[no-redef]
+        from backends.mlx import MLXBackend
     except ImportError:
         # The gateway still serves what Ollama and the cloud providers have.
         log.exception("MLX engine could not be imported; running without it")

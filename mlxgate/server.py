@@ -12,14 +12,17 @@ import logging
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from backends.metrics import MemoryCollector, ServiceMetrics
 from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
+
+if TYPE_CHECKING:
+    from backends.router import Router
+    from gateway.app import RunningHTTP
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,9 @@ class Stack:
 
     config: Config
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    router: Optional[object] = None
+    router: Optional[Router] = None
     service: Optional[RunningService] = None
-    runner: Optional[web.AppRunner] = None
-    http_port: int = 0
+    http: Optional[RunningHTTP] = None
     service_metrics: Optional[ServiceMetrics] = None
 
     @property
@@ -59,25 +61,27 @@ class Stack:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.config.server.host}:{self.http_port}"
+        assert self.http is not None
+        return f"http://{self.config.server.host}:{self.http.port}"
 
     async def start_service(self, env: Mapping[str, str]) -> None:
         from backends.factory import build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)
-        mlx = getattr(self.router, "mlx_backend", None)
-        snapshot = getattr(mlx, "memory_snapshot", None)
-        self.registry.register(MemoryCollector("mlxgate", snapshot))
+        mlx = self.router.mlx_backend
+        if mlx is not None:
+            mlx.observer = self.service_metrics  # queue-wait histogram
+        self.registry.register(MemoryCollector("mlxgate", mlx.memory_snapshot if mlx is not None else None))
         self.service = await start_inference_service(
-            self.router,  # type: ignore[arg-type]
+            self.router,
             host=self.config.server.grpc_host,
             port=self.config.server.grpc_port,
             observer=self.service_metrics,
         )
 
     async def start_front(self) -> None:
-        from gateway.app import create_app
+        from gateway.app import create_app, start_http
         from gateway.metrics import HttpMetrics, metrics_handler
 
         http_metrics = HttpMetrics(self.registry)
@@ -86,21 +90,16 @@ class Stack:
             self.registry.register(MemoryCollector("front", None))
         app = create_app(self.config.server, self.grpc_target, extra_middlewares=[http_metrics.middleware])
         app.router.add_get("/metrics", metrics_handler(self.registry))
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.server.host, self.config.server.port)
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.http = await start_http(app, self.config.server.host, self.config.server.port)
         log.info("HTTP front on %s (gRPC service %s)", self.http_url, self.grpc_target)
 
     async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
+        if self.http is not None:
+            await self.http.stop()
         if self.service is not None:
             await self.service.stop(grace=2.0)
-        close = getattr(self.router, "close", None)
-        if close is not None:
-            await close()
+        if self.router is not None:
+            await self.router.close()
 
 
 async def start_stack(config: Config, env: Mapping[str, str], front: bool = True) -> Stack:

@@ -2,8 +2,8 @@
 
 Registered as a pytest plugin in tests/conftest.py.  ``stack`` is session
 scoped: one gRPC service on port 0 over the session's ``mlx_backend``, one
-front on port 0 pointed at it.  Until the router is wired in, the service is
-given the MLX backend directly.
+front on port 0 pointed at it.  The service is given the router over the MLX
+backend, as ``mlxgate serve`` composes it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from backends.router import Router
 from backends.service import RunningService, start_inference_service
 from gateway.app import RunningHTTP, create_app, start_http
-from mlxgate.config import ServerConfig
+from mlxgate.config import Config, ServerConfig
 
 #: The model the generated test model is served as (tests/mlx_fixtures.py).
 MODEL = "tiny-llama"
@@ -34,7 +35,8 @@ class StackInfo:
 
 @pytest.fixture(scope="session")
 async def stack(mlx_backend) -> Any:
-    service = await start_inference_service(mlx_backend, port=0)
+    router = Router([mlx_backend], Config())
+    service = await start_inference_service(router, port=0)
     cfg = ServerConfig(host="127.0.0.1", port=0, request_timeout=120.0, max_body_bytes=1024 * 1024)
     http = await start_http(create_app(cfg, service.target), cfg.host, 0)
     try:

@@ -135,6 +135,22 @@ def test_dashboard_uses_a_datasource_variable() -> None:
 PROMETHEUS = shutil.which("prometheus")
 
 
+async def wait_until_scraping(session: aiohttp.ClientSession, api: str, timeout: float = 60.0) -> None:
+    """Prometheus takes a few seconds to start; traffic before its first
+    scrape would leave every rate() at zero."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{api}/query", params={"query": 'up{job="mlxgate"}'}) as r:
+                body = await r.json()
+            if any(s["value"][1] == "1" for s in body["data"]["result"]):
+                return
+        except (aiohttp.ClientError, KeyError, ValueError):
+            pass
+        await asyncio.sleep(0.25)
+    raise AssertionError("Prometheus never scraped mlxgate")
+
+
 @pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"), reason="prometheus not installed (CI installs it)")
 async def test_every_dashboard_query_returns_data(stack, tmp_path) -> None:
     assert PROMETHEUS, "the prometheus binary is required in CI (.ci/run installs the Debian package)"
@@ -152,6 +168,7 @@ async def test_every_dashboard_query_returns_data(stack, tmp_path) -> None:
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
         async with aiohttp.ClientSession() as session:
+            await wait_until_scraping(session, api)
             # Traffic while Prometheus scrapes: successes, a 404, a fallback,
             # a cancelled stream, an embedding.
             async def traffic() -> None:
