@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("dir", help="models directory; the model is written to DIR/<name>")
     model.add_argument("--name", default="tiny-llama")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--size", default="tiny", help="tiny (tests, default), bench (~90M params), bench-bf16")
     return parser
 
 
@@ -69,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "make-test-model":
         from backends.mlx.testmodel import write_test_model
 
-        path = write_test_model(Path(args.dir).expanduser(), name=args.name, seed=args.seed)
+        path = write_test_model(Path(args.dir).expanduser(), name=args.name, seed=args.seed, size=args.size)
         print(path)
         return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 SPECIAL_TOKENS = [
@@ -149,7 +150,28 @@ def build_tokenizer(*, fim: bool = True):
     return tok
 
 
-def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
+@dataclass(frozen=True)
+class ModelSize:
+    """Shape of the generated model: "tiny" for tests, "bench" for benchmarks
+    big enough that matmuls, not Python overhead, dominate."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    dtype: str = "float32"
+
+
+SIZES = {
+    "tiny": ModelSize(HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE),
+    # ~90M parameters.
+    "bench": ModelSize(1024, 8, 16, 4, 2816),
+    "bench-bf16": ModelSize(1024, 8, 16, 4, 2816, dtype="bfloat16"),
+}
+
+
+def _random_weights(config: dict, seed: int, special_ids: list[int], dtype: str = "float32") -> dict:
     """Weights for mlx-lm's llama Model, named by the model class itself."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -175,19 +197,22 @@ def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
             w = w * keep
         else:
             w = mx.random.normal(shape, key=keys[i]) * (1.0 / shape[-1] ** 0.5)
-        weights[name] = w.astype(mx.float32)
+        weights[name] = w.astype(getattr(mx, dtype))
     mx.eval(weights)
     return weights
 
 
-def write_test_model(out_dir: Path, name: str = "tiny-llama", seed: int = 0, *, fim: bool = True) -> Path:
+def write_test_model(
+    out_dir: Path, name: str = "tiny-llama", seed: int = 0, *, fim: bool = True, size: str = "tiny"
+) -> Path:
     """Write ``out_dir/name/`` and return that folder.
 
     ``fim=False`` leaves out the fill-in-the-middle tokens, giving a model
-    without the "insert" capability.
+    without the "insert" capability.  ``size`` is a key of ``SIZES``.
     """
     import mlx.core as mx
 
+    dims = SIZES[size]
     path = Path(out_dir) / name
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(fim=fim)
@@ -196,11 +221,11 @@ def write_test_model(out_dir: Path, name: str = "tiny-llama", seed: int = 0, *, 
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "intermediate_size": INTERMEDIATE,
+        "hidden_size": dims.hidden,
+        "num_hidden_layers": dims.layers,
+        "num_attention_heads": dims.heads,
+        "num_key_value_heads": dims.kv_heads,
+        "intermediate_size": dims.intermediate,
         "vocab_size": vocab_size,
         "max_position_embeddings": CONTEXT,
         "rms_norm_eps": 1e-5,
@@ -208,10 +233,10 @@ def write_test_model(out_dir: Path, name: str = "tiny-llama", seed: int = 0, *, 
         "tie_word_embeddings": False,
         "bos_token_id": ids["<|begin_of_text|>"],
         "eos_token_id": [ids["<|eot_id|>"], ids["<|end_of_text|>"]],
-        "torch_dtype": "float32",
+        "torch_dtype": dims.dtype,
     }
     special_ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS + (FIM_TOKENS if fim else []) + TOOL_TOKENS]
-    weights = _random_weights(config, seed, special_ids)
+    weights = _random_weights(config, seed, special_ids, dims.dtype)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
 
     (path / "config.json").write_text(json.dumps(config, indent=2))

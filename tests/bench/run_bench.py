@@ -1,9 +1,10 @@
 """`make bench`: speed and memory of the full stack, measured through the
 Ollama dialect (what clients see), written to .bench/results.json.
 
-Usage: python -m tests.bench.run_bench [--models-dir DIR --model NAME]
-Without arguments it benchmarks the generated test model; point it at a real
-MLX model folder for meaningful tokens/s.  Timing goals live here, not in tests.
+Usage: python -m tests.bench.run_bench [--size tiny|bench|bench-bf16] [--models-dir DIR --model NAME]
+Without arguments it generates and benchmarks the ~90M-parameter "bench" model
+(random weights, so only speed and memory mean anything); point it at a real
+MLX model folder for real-world tokens/s.  Timing goals live here, not in tests.
 """
 
 from __future__ import annotations
@@ -88,19 +89,21 @@ async def run(models_dir: Path, model: str, tokens: int, concurrency: int) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models-dir", type=Path)
-    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--model", help="model name (default: bench-<size>)")
+    ap.add_argument("--size", default="bench", help="generated model size when --models-dir is not given")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = ap.parse_args()
     models_dir = args.models_dir
+    model = args.model or f"bench-{args.size}"
     if models_dir is None:
         from backends.mlx.testmodel import write_test_model
 
         models_dir = Path(".bench/models")
-        if not (models_dir / args.model / "config.json").exists():
-            write_test_model(models_dir, args.model)
-    result = asyncio.run(run(models_dir, args.model, args.tokens, args.concurrency))
+        if not (models_dir / model / "config.json").exists():
+            write_test_model(models_dir, model, size=args.size)
+    result = asyncio.run(run(models_dir, model, args.tokens, args.concurrency))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     width = max(len(k) for k in result)
