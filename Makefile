@@ -4,6 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 MODELS ?= .models
+# mlx[cpu] on Linux links a reference BLAS; OpenBLAS (Debian libopenblas0-pthread),
+# when installed, makes fp32 prefill ~15x and decode ~4x faster (see README, Benchmarks).
+OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
+FAST_BLAS := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
 .PHONY: setup run test proto model bench lint clean
 
@@ -16,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/mlxgate serve
+	$(FAST_BLAS) $(BIN)/mlxgate serve
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -28,7 +32,7 @@ model: setup
 	$(BIN)/mlxgate make-test-model $(MODELS)
 
 bench: setup
-	$(BIN)/python -m tests.bench.run_bench
+	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench
 
 lint: setup
 	$(BIN)/python -m ruff check mlxgate gateway backends tests
