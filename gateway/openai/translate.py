@@ -460,13 +460,14 @@ class ChatStream:
         self.dones: dict[int, Done] = {}
         self.offsets: dict[int, int] = {}
 
-    def _chunk(self, choices: list[dict[str, Any]], backend: str = "") -> dict[str, Any]:
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         d: dict[str, Any] = {
             "id": self.id,
             "object": self.object,
             "created": self.created,
             "model": self.p.model,
-            "system_fingerprint": fingerprint(backend),
+            # The backend is known only at the end; one fingerprint per stream.
+            "system_fingerprint": fingerprint(""),
             "choices": choices,
         }
         if self.p.include_usage:
@@ -486,7 +487,7 @@ class ChatStream:
         if isinstance(ev, Done):
             finish = finish_reason(ev, i in self.tool_index)
             self.dones[i] = ev
-            last = self._chunk([self._choice(i, {}, None, finish)], ev.backend)
+            last = self._chunk([self._choice(i, {}, None, finish)])
             last["backend"] = ev.backend
             out.append(last)
             return out
@@ -524,7 +525,7 @@ class CompletionStream(ChatStream):
         if isinstance(ev, Done):
             self.dones[i] = ev
             choice = {"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(ev, False)}
-            last = self._chunk([choice], ev.backend)
+            last = self._chunk([choice])
             last["backend"] = ev.backend
             return [last]
         if not (ev.text or ev.logprobs):
