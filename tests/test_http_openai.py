@@ -38,6 +38,7 @@ async def test_chat_stream_sse_framing(stack):
     chunks = [json.loads(d) for d in datas[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert len({c["system_fingerprint"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     usage_chunk = chunks[-1]
     assert usage_chunk["choices"] == []
