@@ -295,20 +295,24 @@ def chat_request(data: dict[str, Any]) -> Parsed:
 # ---------------------------------------------------------------- completions
 
 
+def _texts(b: Body, name: str) -> list[str]:
+    """A string or a non-empty list of strings (token arrays are refused)."""
+    v = b.raw(name)
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and v and all(isinstance(s, str) for s in v):
+        return list(v)
+    if isinstance(v, list) and v and all(isinstance(s, (int, list)) for s in v):
+        raise bad_request(f"{name}: token arrays are not supported; send text", param=name)
+    if v is None:
+        raise bad_request(f"{name} is required", param=name)
+    raise bad_request(f"{name} must be a string or a non-empty array of strings", param=name)
+
+
 def completion_request(data: dict[str, Any]) -> Parsed:
     b = Body(data)
     model = b.str("model", required=True) or ""
-    v = b.raw("prompt")
-    if isinstance(v, str):
-        prompts = [v]
-    elif isinstance(v, list) and v and all(isinstance(s, str) for s in v):
-        prompts = list(v)
-    elif isinstance(v, list) and v and all(isinstance(s, (int, list)) for s in v):
-        raise bad_request("prompt: token arrays are not supported; send text", param="prompt")
-    elif v is None:
-        raise bad_request("prompt is required", param="prompt")
-    else:
-        raise bad_request("prompt must be a string or a non-empty array of strings", param="prompt")
+    prompts = _texts(b, "prompt")
     if b.bool("echo", False):
         raise bad_request("echo is not supported", param="echo")
     n = b.int("n", 1, lo=1, hi=128) or 1
@@ -549,17 +553,7 @@ class ParsedEmbeddings:
 def embeddings_request(data: dict[str, Any]) -> ParsedEmbeddings:
     b = Body(data)
     model = b.str("model", required=True) or ""
-    v = b.raw("input")
-    if isinstance(v, str):
-        inputs = [v]
-    elif isinstance(v, list) and v and all(isinstance(s, str) for s in v):
-        inputs = list(v)
-    elif isinstance(v, list) and v and all(isinstance(s, (int, list)) for s in v):
-        raise bad_request("input: token arrays are not supported; send text", param="input")
-    elif v is None:
-        raise bad_request("input is required", param="input")
-    else:
-        raise bad_request("input must be a string or a non-empty array of strings", param="input")
+    inputs = _texts(b, "input")
     fmt = b.str("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise bad_request(f"encoding_format must be float or base64; got {fmt!r}", param="encoding_format")
