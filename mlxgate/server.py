@@ -64,7 +64,9 @@ class Stack:
         assert self.http is not None
         return f"http://{self.config.server.host}:{self.http.port}"
 
-    async def start_service(self, env: Mapping[str, str]) -> None:
+    async def start_service(self, env: Mapping[str, str], process: str = "mlxgate") -> None:
+        """``process`` labels this process's memory: "mlxgate" (front and
+        service together) or "service" (``mlxgate service``)."""
         from backends.factory import build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
@@ -72,7 +74,7 @@ class Stack:
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram
-        self.registry.register(MemoryCollector("mlxgate", mlx.memory_snapshot if mlx is not None else None))
+        self.registry.register(MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None))
         self.service = await start_inference_service(
             self.router,
             host=self.config.server.grpc_host,
@@ -107,7 +109,7 @@ async def start_stack(config: Config, env: Mapping[str, str], front: bool = True
     try:
         if not config.server.grpc_target:
             ensure_default_model(config)
-            await stack.start_service(env)
+            await stack.start_service(env, process="mlxgate" if front else "service")
         if front:
             await stack.start_front()
     except BaseException:
