@@ -64,6 +64,11 @@ class MLXConfig:
     #: Sequences decoded together in one step (continuous batching).
     max_batch_size: int = 16
     prefill_step_size: int = 512
+    #: Bytes of finished sequences' KV caches kept per process (all models
+    #: together) so a prompt sharing a prefix with an earlier one (the next
+    #: turn of a chat, a repeated system prompt) skips that part of prefill;
+    #: 0 turns prompt-cache reuse off.
+    prompt_cache_bytes: int = 512 * 1024 * 1024
     #: When the models directory is empty, generate a small test model into
     #: it so the server has something to serve (``make run`` on a fresh box).
     bootstrap_test_model: bool = True
@@ -137,6 +142,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
     "MLXGATE_KEEP_ALIVE": ("mlx", "default_keep_alive"),
     "MLXGATE_MAX_BATCH_SIZE": ("mlx", "max_batch_size"),
+    "MLXGATE_PROMPT_CACHE_BYTES": ("mlx", "prompt_cache_bytes"),
     "MLXGATE_MLX_ENABLED": ("mlx", "enabled"),
     "OLLAMA_UPSTREAM": ("ollama", "upstream"),
 }

@@ -116,7 +116,9 @@ async def test_stream_is_chunks_then_one_done(mlx_backend):
     assert done.finish_reason in ("length", "stop")
     assert done.completion_tokens == len(ids_of(chunks)) > 0
     assert done.prompt_tokens > 10
-    assert done.cached_prompt_tokens == 0
+    # Earlier requests on this shared backend may have left a reusable prefix
+    # (the chat template's header at least); test_prompt_cache.py checks the count.
+    assert 0 <= done.cached_prompt_tokens < done.prompt_tokens
     assert done.total_duration_ns >= done.eval_duration_ns > 0
     assert done.prompt_eval_duration_ns > 0
     assert mlx_backend.active_count == 0

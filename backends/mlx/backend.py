@@ -112,14 +112,14 @@ class MLXBackend:
         """Memory figures for the metrics collector (cheap; never calls MLX from this thread)."""
         from backends.metrics import MemorySnapshot
 
-        active, peak, cache, kv = self._engine.memory
+        active, peak, cache, kv, stored = self._engine.memory
         running = self._manager.running()
         return MemorySnapshot(
             active_bytes=active,
             peak_bytes=peak,
             cache_bytes=cache,
             kv_cache_bytes=kv,
-            prompt_cache_bytes=0,
+            prompt_cache_bytes=stored,
             active_sequences=self.active_count,
             model_bytes={m.name: m.size_bytes for m in running},
             model_expiry={m.name: m.expires_at.timestamp() if m.expires_at else None for m in running},

@@ -13,6 +13,12 @@ inside the batched step; they are wrapped so an exception in one sequence's
 code fails that sequence only.  An exception in the batched forward pass
 fails the sequences of that model (their callers get ``Unavailable`` and can
 fall back); the thread and other models carry on.
+
+Prompt-cache reuse (``prompt_cache.py``): a sequence that ends normally
+leaves its KV cache in its model's store; a new sequence starts from a copy
+of the stored cache sharing the longest prefix with its prompt, so only the
+rest of the prompt is evaluated (``Done.cached_prompt_tokens`` counts the
+tokens served from the store).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from backends.errors import BackendError, Unavailable
 from backends.types import Done, Sampling, TokenLogprob, TopLogprob
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
+from backends.mlx.prompt_cache import enforce_budget
 from backends.mlx.registry import BACKEND
 from backends.mlx import sampling as sampling_mod
 from mlxgate.config import MLXConfig
@@ -66,6 +73,8 @@ class Sequence:
     # Engine-thread state.
     uid: Optional[int] = None
     prefilled: bool = False
+    #: Prompt tokens served from the model's prompt-cache store.
+    cached_tokens: int = 0
     t_admit_ns: int = 0
     t_first_ns: int = 0
     error: Optional[BaseException] = None
@@ -83,6 +92,11 @@ class EngineStats:
     prefills: int = 0
     generated_tokens: int = 0
     failed_steps: int = 0
+    #: Sequences that started from a stored prompt cache, and the prompt tokens it saved.
+    prompt_cache_hits: int = 0
+    cached_prompt_tokens: int = 0
+    #: Finished sequences whose KV cache went into a store.
+    prompt_cache_stores: int = 0
 
 
 class Engine:
@@ -95,9 +109,10 @@ class Engine:
         self._stream = None
         self._closed = False
         self.stats = EngineStats()
-        #: (active, peak, cache, kv-cache) bytes, refreshed by the MLX thread so
-        #: a metrics scrape never calls into MLX from another thread.
-        self.memory: tuple[int, int, int, int] = (0, 0, 0, 0)
+        #: (active, peak, cache, kv-cache, prompt-cache) bytes, refreshed by the
+        #: MLX thread so a metrics scrape never calls into MLX from another thread.
+        #: kv-cache: caches of sequences in flight; prompt-cache: the stores.
+        self.memory: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._memory_at = 0.0
         #: Optional object with ``observe_queue_wait(model, seconds)`` (the service metrics).
         self.observer: Any = None
@@ -181,11 +196,13 @@ class Engine:
     def _refresh_memory(self) -> None:
         import mlx.core as mx
 
-        kv = 0
+        kv = stored = 0
         for lm in self._manager.loaded():
             if lm.generator is not None:
                 kv += lm.generator.prompt_cache_nbytes
-        self.memory = (mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory(), kv)
+            if lm.prompt_cache is not None:
+                stored += lm.prompt_cache.nbytes
+        self.memory = (mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory(), kv, stored)
         self._memory_at = time.monotonic()
 
     def _idle_timeout(self) -> float:
@@ -261,12 +278,24 @@ class Engine:
                     lm.generator = self._new_generator(lm)
                 sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
                 procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
+                cache, n = lm.prompt_cache.fetch(seq.prompt_ids) if lm.prompt_cache is not None else (None, 0)
                 (uid,) = lm.generator.insert(
-                    [seq.prompt_ids], max_tokens=[seq.max_tokens], samplers=[sampler], logits_processors=[procs]
+                    [seq.prompt_ids[n:]],
+                    max_tokens=[seq.max_tokens],
+                    # The batch appends to all_tokens: always a fresh list.
+                    caches=[cache],
+                    all_tokens=[seq.prompt_ids[:n]],
+                    samplers=[sampler],
+                    logits_processors=[procs],
                 )
+                del cache
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e)
                 continue
+            if n:
+                seq.cached_tokens = n
+                self.stats.prompt_cache_hits += 1
+                self.stats.cached_prompt_tokens += n
             seq.uid = uid
             seq.t_admit_ns = time.perf_counter_ns()
             lm.active[uid] = seq
@@ -315,11 +344,30 @@ class Engine:
                 seq.emit(c)
             if stop or r.finish_reason:
                 if r.finish_reason is None:
-                    gen.remove([r.uid])
+                    kept = gen.remove([r.uid], return_prompt_caches=lm.prompt_cache is not None)
+                    cache, tokens = kept.get(r.uid, (None, None))
+                else:
+                    cache, tokens = r.prompt_cache, r.all_tokens
+                # Stored before Done goes out: the caller's next turn finds it.
+                self._keep_cache(lm, tokens, cache)
                 self._finish(seq, "stop" if stop else r.finish_reason)
         for seq in [s for s in lm.active.values() if s.error is not None]:
             gen.remove([seq.uid])
             self._fail(seq, seq.error)
+
+    def _keep_cache(self, lm: LoadedModel, tokens: Optional[list[int]], cache: Optional[list]) -> None:
+        """Put a finished sequence's KV cache (holding ``tokens``) into its model's store."""
+        store = lm.prompt_cache
+        if store is None or not tokens or not cache:
+            return  # reuse off (or the model is gone)
+        try:
+            if store.insert(tokens, cache):
+                self.stats.prompt_cache_stores += 1
+                stores = [m.prompt_cache for m in self._manager.loaded() if m.prompt_cache is not None]
+                enforce_budget(stores, self._config.prompt_cache_bytes)
+                self._memory_at = 0.0  # the stores changed: refresh the figures this turn
+        except Exception:  # noqa: BLE001 - a lost cache only costs a prefill
+            log.exception("could not keep the prompt cache of a %s sequence", lm.name)
 
     def _observe_queue_wait(self, seq: Sequence) -> None:
         if self.observer is None:
@@ -373,7 +421,7 @@ class Engine:
             finish_reason=reason,  # type: ignore[arg-type]
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=seq.output.completion_tokens,
-            cached_prompt_tokens=0,
+            cached_prompt_tokens=seq.cached_tokens,
             load_duration_ns=seq.load_duration_ns,
             prompt_eval_duration_ns=max(0, first - (seq.t_admit_ns or first)),
             eval_duration_ns=max(0, now - first),

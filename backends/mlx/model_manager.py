@@ -25,6 +25,7 @@ from typing import Any, Optional
 from backends.errors import Unavailable
 from backends.types import RunningModel
 from backends.mlx.constrain import TokenizerCache
+from backends.mlx.prompt_cache import new_store
 from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry, context_length_of
 from mlxgate.config import MLXConfig
 
@@ -52,6 +53,9 @@ class LoadedModel:
     generator: Any = None
     pending: list = field(default_factory=list)
     active: dict = field(default_factory=dict)
+    #: Reusable KV caches of this model's finished sequences
+    #: (``prompt_cache.PromptCacheStore``); None when reuse is off.
+    prompt_cache: Any = None
     loaded: bool = True
 
     @property
@@ -152,6 +156,7 @@ class ModelManager:
             details=self._registry.details(entry),
             refs=1,
             keep_alive=self._config.default_keep_alive,
+            prompt_cache=new_store(self._config.prompt_cache_bytes),
         )
         with self._lock:
             self._loaded[entry.name.lower()] = lm
@@ -192,7 +197,7 @@ class ModelManager:
         lm.loaded = False
         if lm.generator is not None:
             lm.generator.close()
-        lm.generator = lm.model = None
+        lm.generator = lm.model = lm.prompt_cache = None
         gc.collect()
         import mlx.core as mx
 
