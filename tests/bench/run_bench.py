@@ -32,8 +32,8 @@ async def generate(session: aiohttp.ClientSession, base: str, model: str, prompt
         return await r.json()
 
 
-async def ttft(session: aiohttp.ClientSession, base: str, model: str) -> float:
-    body = {"model": model, "prompt": "Hello", "options": {"num_predict": 4}}
+async def ttft(session: aiohttp.ClientSession, base: str, model: str, i: int) -> float:
+    body = {"model": model, "prompt": f"Hello number {i}, how are you?", "options": {"num_predict": 4}}
     t0 = time.perf_counter()
     async with session.post(f"{base}/api/generate", json=body) as r:
         await r.content.readline()
@@ -73,7 +73,7 @@ async def run(models_dir: Path, model: str, tokens: int, concurrency: int) -> di
             out["concurrent_streams"] = concurrency
             out["decode_tokens_per_s_aggregate"] = total / wall
             out["batching_speedup"] = out["decode_tokens_per_s_aggregate"] / out["decode_tokens_per_s_single"]
-            ttfts = [await ttft(s, base, model) for _ in range(10)]
+            ttfts = [await ttft(s, base, model, i) for i in range(10)]
             out["ttft_p50_s"] = statistics.median(ttfts)
             out["ttft_max_s"] = max(ttfts)
             async with s.get(f"{base}/metrics") as r:
