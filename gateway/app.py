@@ -6,14 +6,13 @@ come from ``build_middlewares``; callers (the CLI's metrics layer) pass more
 with ``extra_middlewares`` — they run outside the error middleware, so they
 see the final status of every answer, errors included.
 
-Run it with ``start_http`` (or pass ``handler_cancellation=True`` to your own
-``web.AppRunner``): a client that disconnects then cancels its handler, and
-the handler cancels its gRPC call.
+Run it with ``start_http``, or pass ``handler_cancellation=True`` to your own
+``web.AppRunner``: that is what makes a client disconnect cancel its handler,
+whose ``finally`` cancels the gRPC call and so the generation.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterable, Optional
@@ -62,40 +61,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(internal_error(rid), dialect)
 
 
-#: How often a running handler checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.1
-
-
-@web.middleware
-async def disconnect_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Cancel the handler when its client disconnects.
-
-    aiohttp does this itself only with ``handler_cancellation=True`` on the
-    runner; this makes cancellation end to end whichever runner serves the
-    app.  The handler's ``finally`` then cancels its gRPC calls.
-    """
-    task = asyncio.current_task()
-
-    async def watch() -> None:
-        while True:
-            await asyncio.sleep(DISCONNECT_POLL_S)
-            t = request.transport
-            if t is None or t.is_closing():
-                log.info("client disconnected, cancelling (request %s)", request_id(request))
-                if task is not None:
-                    task.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await handler(request)
-    finally:
-        watcher.cancel()
-
-
 def build_middlewares(extra: Iterable[Middleware] = ()) -> list[Middleware]:
-    """Outermost first: extra (metrics, ...), the error middleware, the disconnect watcher."""
-    return [*extra, error_middleware, disconnect_middleware]
+    """Outermost first: extra (metrics, ...), then the error middleware."""
+    return [*extra, error_middleware]
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
