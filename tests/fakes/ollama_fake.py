@@ -33,6 +33,8 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from tests.fakes.loopback import LoopbackServer
+
 
 def _norm(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
@@ -66,7 +68,7 @@ class Fault:
 
 
 @dataclass
-class FakeOllama:
+class FakeOllama(LoopbackServer):
     models: list[str] = field(default_factory=lambda: ["tiny:latest", "other:7b"])
     reply: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
     tool_calls: Optional[list[dict]] = None
@@ -80,8 +82,6 @@ class FakeOllama:
         self.requests: list[tuple[str, Any]] = []
         self.loaded: dict[str, float] = {}  # name -> keep_alive seconds
         self.disconnected = asyncio.Event()
-        self._runner: Optional[web.AppRunner] = None
-        self.port = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -97,21 +97,12 @@ class FakeOllama:
         return app
 
     async def start(self) -> str:
-        self._runner = web.AppRunner(self.app(), handler_cancellation=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self.serve()
         return self.url
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def paths(self) -> list[str]:
         return [p for p, _ in self.requests]

@@ -24,11 +24,12 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from tests.fakes.loopback import LoopbackServer
 from tests.fakes.ollama_fake import Fault
 
 
 @dataclass
-class FakeOpenAI:
+class FakeOpenAI(LoopbackServer):
     models: list[str] = field(default_factory=lambda: ["gpt-test"])
     reply: list[str] = field(default_factory=lambda: ["Hi", " there"])
     #: when set, the chat reply is these tool calls (name, arguments JSON text)
@@ -42,8 +43,6 @@ class FakeOpenAI:
     def __post_init__(self) -> None:
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
         self.disconnected = asyncio.Event()
-        self._runner: Optional[web.AppRunner] = None
-        self.port = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -54,21 +53,12 @@ class FakeOpenAI:
         return app
 
     async def start(self) -> str:
-        self._runner = web.AppRunner(self.app(), handler_cancellation=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self.serve()
         return self.base_url
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     # ------------------------------------------------------------ helpers
 
