@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol, TypeVar
 
@@ -32,12 +33,25 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 T = TypeVar("T")
 
 
+#: Trailing metadata key carrying ResourceExhausted.retry_after (whole seconds);
+#: the HTTP front turns it into a Retry-After header.
+RETRY_AFTER_KEY = "retry-after"
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: BackendError) -> None:
+    """End the call with the error's status and message (and retry hint)."""
+    retry_after = getattr(e, "retry_after", None)
+    if retry_after is not None:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after)))),))
+    await context.abort(e.code, e.message)
+
+
 async def _guard(context: grpc.aio.ServicerContext, what: str, call: Callable[[], Awaitable[T]]) -> T:
     """Run ``call``; turn failures into a gRPC status with a clear message."""
     try:
         return await call()
     except BackendError as e:
-        await context.abort(e.code, e.message)
+        await _abort(context, e)
     except grpc.aio.AbortError:
         raise
     except Exception:
@@ -80,7 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             # Before or after the first chunk alike: the status ends the stream
             # and carries the message; the front turns it into its dialect.
             error_code = e.code.name
-            await context.abort(e.code, e.message)
+            await _abort(context, e)
         except asyncio.CancelledError:
             cancelled = True
             raise

@@ -21,6 +21,9 @@ from typing import Any, Literal, Optional
 import grpc
 from aiohttp import web
 
+#: Must match backends.service.RETRY_AFTER_KEY (the front does not import backends).
+RETRY_AFTER_KEY = "retry-after"
+
 log = logging.getLogger(__name__)
 
 Dialect = Literal["ollama", "openai"]
@@ -69,6 +72,7 @@ class ApiError(Exception):
         param: Optional[str] = None,
         code: Optional[str] = None,
         grpc_code: Optional[grpc.StatusCode] = None,
+        retry_after: Optional[str] = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -76,6 +80,8 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.grpc_code = grpc_code
+        #: Seconds, as the Retry-After header wants them (from the service's trailers).
+        self.retry_after = retry_after
 
 
 def bad_request(message: str, param: Optional[str] = None) -> ApiError:
@@ -100,7 +106,8 @@ def from_grpc(err: grpc.aio.AioRpcError, request_id: str = "") -> ApiError:
         api_code = "model_not_found"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         api_code = "rate_limit_exceeded"
-    return ApiError(status, message, code=api_code, grpc_code=code)
+    retry_after = dict(err.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+    return ApiError(status, message, code=api_code, grpc_code=code, retry_after=retry_after)
 
 
 def from_http(exc: web.HTTPException, path: str) -> ApiError:
@@ -122,7 +129,7 @@ def dialect_of(path: str) -> Dialect:
 def adapt(err: ApiError, dialect: Dialect) -> ApiError:
     """Dialect-specific adjustments of status and text (Ollama's busy answer)."""
     if dialect == "ollama" and err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(503, OLLAMA_BUSY, grpc_code=err.grpc_code)
+        return ApiError(503, OLLAMA_BUSY, grpc_code=err.grpc_code, retry_after=err.retry_after)
     return err
 
 
@@ -155,4 +162,5 @@ def error_response(err: ApiError, dialect: Dialect) -> web.Response:
     err = adapt(err, dialect)
     # 499 is not a registered HTTP reason; aiohttp needs one spelled out.
     reason = "Client Closed Request" if err.status == 499 else None
-    return web.json_response(body_for(err, dialect), status=err.status, reason=reason)
+    headers = {"Retry-After": err.retry_after} if err.retry_after else None
+    return web.json_response(body_for(err, dialect), status=err.status, reason=reason, headers=headers)

@@ -121,13 +121,25 @@ async def test_oversize_body_is_413_in_dialect_shape(stack):
 # ---------------------------------------------------------------- status table (scripted backend)
 
 
+async def test_retry_after_reaches_both_dialects(scripted):
+    """A backend's retry hint crosses gRPC (trailers) and becomes Retry-After."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(scripted + "/api/generate", json={"model": "busy", "prompt": "x"}) as r:
+            assert (r.status, r.headers.get("Retry-After")) == (503, "7")
+        body = {"model": "busy", "messages": [{"role": "user", "content": "x"}]}
+        async with s.post(scripted + CHAT, json=body) as r:
+            assert (r.status, r.headers.get("Retry-After")) == (429, "7")
+        async with s.post(scripted + CHAT, json={**body, "model": "down"}) as r:
+            assert r.status == 503 and "Retry-After" not in r.headers
+
+
 class ScriptedBackend:
     """Fails (or not) according to the model name."""
 
     name = "scripted"
 
     _BEFORE = {
-        "busy": ResourceExhausted("queue is full"),
+        "busy": ResourceExhausted("queue is full", retry_after=6.2),
         "down": Unavailable("backend is down"),
         "slow": DeadlineExceeded("took too long"),
         "auth": Unauthenticated("bad upstream key"),
