@@ -26,7 +26,13 @@ if _version_not_supported:
 
 
 class InferenceServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Errors are gRPC statuses with a clear message: NOT_FOUND (unknown model; the
+    message names the models that exist), INVALID_ARGUMENT (names the parameter),
+    RESOURCE_EXHAUSTED (busy or rate limited; a "retry-after" trailer gives the
+    seconds to wait when known), UNAVAILABLE (no backend could answer),
+    DEADLINE_EXCEEDED, UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED.  An
+    error after the first chunk ends the stream with that status.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +78,13 @@ class InferenceServiceStub:
 
 
 class InferenceServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Errors are gRPC statuses with a clear message: NOT_FOUND (unknown model; the
+    message names the models that exist), INVALID_ARGUMENT (names the parameter),
+    RESOURCE_EXHAUSTED (busy or rate limited; a "retry-after" trailer gives the
+    seconds to wait when known), UNAVAILABLE (no backend could answer),
+    DEADLINE_EXCEEDED, UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED.  An
+    error after the first chunk ends the stream with that status.
+    """
 
     def Generate(self, request, context):
         """Text generation from a raw prompt or a chat.  The stream carries zero or
@@ -167,7 +179,13 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class InferenceService:
-    """Missing associated documentation comment in .proto file."""
+    """Errors are gRPC statuses with a clear message: NOT_FOUND (unknown model; the
+    message names the models that exist), INVALID_ARGUMENT (names the parameter),
+    RESOURCE_EXHAUSTED (busy or rate limited; a "retry-after" trailer gives the
+    seconds to wait when known), UNAVAILABLE (no backend could answer),
+    DEADLINE_EXCEEDED, UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED.  An
+    error after the first chunk ends the stream with that status.
+    """
 
     @staticmethod
     def Generate(request,
