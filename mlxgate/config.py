@@ -63,6 +63,9 @@ class MLXConfig:
     default_max_tokens: int = 512
     #: Sequences decoded together in one step (continuous batching).
     max_batch_size: int = 16
+    #: Requests queued or running before new ones are refused with
+    #: RESOURCE_EXHAUSTED (Ollama's OLLAMA_MAX_QUEUE, same default).
+    max_pending: int = 512
     prefill_step_size: int = 512
     #: Bytes of finished sequences' KV caches kept per process (all models
     #: together) so a prompt sharing a prefix with an earlier one (the next
@@ -142,6 +145,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
     "MLXGATE_KEEP_ALIVE": ("mlx", "default_keep_alive"),
     "MLXGATE_MAX_BATCH_SIZE": ("mlx", "max_batch_size"),
+    "MLXGATE_MAX_PENDING": ("mlx", "max_pending"),
     "MLXGATE_PROMPT_CACHE_BYTES": ("mlx", "prompt_cache_bytes"),
     "MLXGATE_MLX_ENABLED": ("mlx", "enabled"),
     "OLLAMA_UPSTREAM": ("ollama", "upstream"),

@@ -253,6 +253,24 @@ async def test_queued_request_cancelled_never_prefills(test_model_dir):
         await backend.close()
 
 
+async def test_requests_beyond_max_pending_are_refused_as_busy(test_model_dir):
+    backend = MLXBackend(
+        MLXConfig(models_dir=str(test_model_dir), hf_cache=str(test_model_dir / "none"), max_pending=1)
+    )
+    try:
+        first = backend.generate(chat(temperature=0.8, max_tokens=300))
+        assert isinstance(await first.__anext__(), Chunk)
+        with pytest.raises(errors.ResourceExhausted, match="busy") as ei:
+            await collect(backend, chat("second", max_tokens=2))
+        assert ei.value.retry_after is not None
+        await first.aclose()
+        assert await wait_for(lambda: backend.active_count == 0, timeout=1.0)
+        chunks, done = await collect(backend, chat("third", max_tokens=2))
+        assert done.completion_tokens == 2
+    finally:
+        await backend.close()
+
+
 # ---------------------------------------------------------------- model lifecycle
 
 

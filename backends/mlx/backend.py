@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
+from backends.errors import BackendError, InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable
 from backends.types import (
     Done,
     EmbedRequest,
@@ -214,6 +214,14 @@ class MLXBackend:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         t_start = time.perf_counter_ns()
         validate_request(req)
+        if self.active_count >= self.config.max_pending:
+            # Ollama's OLLAMA_MAX_QUEUE: refuse at once rather than queue without
+            # bound; the router can send the request to the next backend.
+            raise ResourceExhausted(
+                f"MLX engine busy: {self.active_count} requests pending (max_pending "
+                f"{self.config.max_pending})",
+                retry_after=1.0,
+            )
         entry = await self._resolve(req.model)
         lm, load_ns = await self._acquire(entry, req.keep_alive)
         pinned: Optional[LoadedModel] = lm
