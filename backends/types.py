@@ -9,6 +9,7 @@ touches one file.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -16,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from backends.errors import InvalidArgument
 from mlxgate.v1 import inference_pb2 as pb
 
 # ---------------------------------------------------------------- helpers
@@ -50,14 +52,29 @@ _CAP_TO_PB = {
 _PB_TO_CAP = {v: k for k, v in _CAP_TO_PB.items()}
 
 
+#: Longer than this means "keep loaded" (Ollama's forever is Go's largest
+#: duration, ~292 years); also keeps expiry dates inside datetime's range.
+KEEP_ALIVE_FOREVER_S = 290 * 365 * 24 * 3600.0
+
+
+def normalize_keep_alive(seconds: Optional[float]) -> Optional[float]:
+    """None stays None (the default); negative or beyond ~290 years is -1 (keep loaded)."""
+    if seconds is None:
+        return None
+    if math.isnan(seconds):
+        raise InvalidArgument("keep_alive: not a number")
+    return -1.0 if seconds < 0 or seconds > KEEP_ALIVE_FOREVER_S else float(seconds)
+
+
 def keep_alive_from_pb(msg: pb.GenerateRequest | pb.EmbedRequest | pb.LoadModelRequest) -> Optional[float]:
     """Seconds, or None when the caller left keep_alive unset."""
     if not msg.HasField("keep_alive"):
         return None
-    return msg.keep_alive.seconds + msg.keep_alive.nanos / 1e9
+    return normalize_keep_alive(msg.keep_alive.seconds + msg.keep_alive.nanos / 1e9)
 
 
 def keep_alive_to_pb(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
+    seconds = normalize_keep_alive(seconds)
     if seconds is None:
         return None
     d = duration_pb2.Duration()
@@ -79,8 +96,17 @@ def _from_ts(msg: Any, name: str) -> Optional[datetime]:
     return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
 
 
-def _json_or_empty(text: str) -> dict:
-    return json.loads(text) if text else {}
+def _json_or_empty(text: str, field_name: str) -> dict:
+    """A JSON object sent as text; bad JSON is the caller's error, named."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(f"{field_name}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field_name}: must be a JSON object")
+    return value
 
 
 # ---------------------------------------------------------------- request
@@ -100,7 +126,8 @@ class ToolCall:
 
     @classmethod
     def from_pb(cls, m: pb.ToolCall) -> "ToolCall":
-        return cls(name=m.name, arguments=_json_or_empty(m.arguments_json), id=m.id, index=m.index)
+        arguments = _json_or_empty(m.arguments_json, "tool_calls.arguments_json")
+        return cls(name=m.name, arguments=arguments, id=m.id, index=m.index)
 
 
 @dataclass
@@ -125,8 +152,6 @@ class Message:
     @classmethod
     def from_pb(cls, m: pb.ChatMessage) -> "Message":
         if m.role not in _PB_TO_ROLE:
-            from backends.errors import InvalidArgument
-
             raise InvalidArgument("messages: every message needs a role (system, user, assistant or tool)")
         return cls(
             role=_PB_TO_ROLE[m.role],  # type: ignore[arg-type]
@@ -187,7 +212,8 @@ class Tool:
 
     @classmethod
     def from_pb(cls, m: pb.Tool) -> "Tool":
-        return cls(name=m.name, description=m.description, parameters=_json_or_empty(m.parameters_json))
+        parameters = _json_or_empty(m.parameters_json, "tools.parameters_json")
+        return cls(name=m.name, description=m.description, parameters=parameters)
 
     def to_template_dict(self) -> dict:
         return {
@@ -256,8 +282,6 @@ class OutputFormat:
         if m.type == pb.FORMAT_TYPE_JSON:
             return cls("json")
         if m.type == pb.FORMAT_TYPE_JSON_SCHEMA:
-            from backends.errors import InvalidArgument
-
             try:
                 schema = json.loads(m.json_schema)
             except ValueError as e:
@@ -596,7 +620,7 @@ class ModelShow:
             chat_template=m.chat_template,
             context_length=m.context_length,
             capabilities=[_PB_TO_CAP[c] for c in m.capabilities if c in _PB_TO_CAP],
-            config=_json_or_empty(m.config_json),
+            config=_json_or_empty(m.config_json, "config_json"),
             license=m.license,
         )
 

@@ -54,6 +54,10 @@ def _type_name(v: Any) -> str:
     return type(v).__name__
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 class Body:
     """Typed access to one JSON object's fields; records which were read."""
 
@@ -108,8 +112,9 @@ class Body:
         return v
 
     def int(
-        self, key: str, default: Optional[int] = None, *, lo: Optional[int] = None, hi: Optional[int] = None
+        self, key: str, default: Optional[int] = None, *, lo: int = INT32_MIN, hi: int = INT32_MAX
     ) -> Optional[int]:
+        """An integer within [lo, hi]; by default what the contract's int32 fields hold."""
         v = self.raw(key)
         if v is None:
             return default

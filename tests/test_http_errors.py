@@ -46,6 +46,12 @@ CHAT = "/v1/chat/completions"
          "options.temperature"),
         ("/api/embed", {"model": "m", "input": [1, 2]}, 400, "input"),
         ("/api/generate", {"model": "m", "prompt": "x", "keep_alive": "forever"}, 400, "keep_alive"),
+        # Out of the contract's integer ranges: a 400 naming the field, never a 500.
+        ("/api/generate", {"model": "m", "prompt": "x", "options": {"seed": 1e23}}, 400, "options.seed"),
+        ("/api/generate", {"model": "m", "prompt": "x", "options": {"num_predict": 10**10}}, 400,
+         "options.num_predict"),
+        ("/api/chat", {"model": "m", "messages": [], "options": {"num_ctx": 10**10}}, 400, "options.num_ctx"),
+        ("/api/embed", {"model": "m", "input": "x", "dimensions": 10**10}, 400, "dimensions"),
     ],
 )
 async def test_ollama_validation(stack, path, body, status, needle):
@@ -65,6 +71,8 @@ async def test_ollama_validation(stack, path, body, status, needle):
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3 * 10**9}, "max_tokens"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2**64}, "seed"),
     ],
 )
 async def test_openai_validation(stack, body, param):

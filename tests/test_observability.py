@@ -116,6 +116,22 @@ async def test_cancel_counts(stack) -> None:
     assert after == before + 1
 
 
+async def test_huge_keep_alive_means_forever_and_metrics_still_scrape(stack) -> None:
+    async with aiohttp.ClientSession() as session:
+        load = {"model": TEST_MODEL, "prompt": "", "keep_alive": "1000000000000s"}
+        async with session.post(f"{stack.http_url}/api/generate", json=load) as r:
+            assert r.status == 200 and (await r.json())["done_reason"] == "load"
+        async with session.get(f"{stack.http_url}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+        assert f'mlxgate_model_expiry_timestamp_seconds{{model="{TEST_MODEL}"}} +Inf' in text
+        async with session.get(f"{stack.http_url}/api/ps") as r:
+            (model,) = [m for m in (await r.json())["models"] if m["name"] == TEST_MODEL]
+        assert model["expires_at"] > "2200"
+        async with session.post(f"{stack.http_url}/api/generate", json={**load, "keep_alive": "5m"}) as r:
+            assert r.status == 200
+
+
 def dashboard_queries() -> list[str]:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]

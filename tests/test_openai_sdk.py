@@ -143,3 +143,8 @@ async def test_bad_parameters_are_bad_request(oai, stack, kw):
         await oai.chat.completions.create(model=stack.model, messages=MSGS, **kw)
     assert e.value.status_code == 400
     assert e.value.param == next(iter(kw))
+
+
+async def test_largest_seed_with_n_wraps_instead_of_overflowing(oai, stack):
+    r = await oai.chat.completions.create(model=stack.model, messages=MSGS, max_tokens=2, n=2, seed=2**63 - 1)
+    assert [c.index for c in r.choices] == [0, 1]

@@ -18,6 +18,7 @@ Field names and shapes follow Ollama's docs/api.md.  Deliberate choices:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -37,10 +38,11 @@ from backends.types import (
     TokenLogprob,
     ToolCall,
     keep_alive_to_pb,
+    normalize_keep_alive,
 )
 from gateway.common import parse_arguments, parse_tools, require_model, rfc3339
 from gateway.errors import ApiError, bad_request
-from gateway.fields import Body, b64_images, item
+from gateway.fields import INT64_MAX, INT64_MIN, Body, b64_images, item
 from mlxgate.v1 import inference_pb2 as pb
 
 #: Version reported by GET /api/version: a recent Ollama whose API we follow,
@@ -94,7 +96,9 @@ def parse_keep_alive(v: Any, name: str = "keep_alive") -> Optional[float]:
             ) from None
     else:
         raise bad_request(f"{name} must be a duration string or a number of seconds", param=name)
-    return -1.0 if secs < 0 else secs
+    if math.isnan(secs):
+        raise bad_request(f"{name} must be a duration string or a number of seconds", param=name)
+    return normalize_keep_alive(secs)
 
 
 # ---------------------------------------------------------------- options
@@ -128,7 +132,7 @@ def parse_options(opts: Optional[Body]) -> Sampling:
         setattr(s, k, opts.float(k))
     for k in _INT_OPTS:
         setattr(s, k, opts.int(k))
-    seed = opts.int("seed")
+    seed = opts.int("seed", lo=INT64_MIN, hi=INT64_MAX)
     s.seed = seed if seed is not None and seed >= 0 else None
     n = opts.int("num_predict")
     s.max_tokens = n if n is not None and n >= 0 else None

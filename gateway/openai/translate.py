@@ -42,7 +42,7 @@ from backends.types import (
 )
 from gateway.common import Collected, parse_arguments, parse_tools
 from gateway.errors import ApiError, bad_request
-from gateway.fields import Body, item
+from gateway.fields import INT64_MAX, INT64_MIN, Body, item
 from mlxgate.v1 import inference_pb2 as pb
 
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
@@ -85,7 +85,7 @@ def _sampling(b: Body) -> Sampling:
         top_p=b.float("top_p", lo=0, hi=1),
         presence_penalty=b.float("presence_penalty", lo=-2, hi=2),
         frequency_penalty=b.float("frequency_penalty", lo=-2, hi=2),
-        seed=b.int("seed"),
+        seed=b.int("seed", lo=INT64_MIN, hi=INT64_MAX),
         top_k=b.int("top_k", lo=0),
         min_p=b.float("min_p", lo=0, hi=1),
         repeat_penalty=b.float("repeat_penalty", lo=0),
@@ -115,7 +115,7 @@ class Parsed:
                 r = pb.GenerateRequest()
                 r.CopyFrom(base)
                 if self.seed is not None and i > 0:
-                    r.sampling.seed = self.seed + i
+                    r.sampling.seed = (self.seed + i) % 2**63
                 out.append(r)
         return out
 
