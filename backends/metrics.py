@@ -194,8 +194,17 @@ class GenerateTracker:
         self.last: Optional[float] = None
         self.first: Optional[float] = None
         self.gaps: list[float] = []
+        #: Who is answering, from the first chunk: labels a stream that ends
+        #: without a Done (cancelled, failed mid-way).
+        self.backend = "none"
+        self.model = "none"
+        self.tokens = 0
+
+    def answering(self, backend: str, model: str) -> None:
+        self.backend, self.model = backend, model or "none"
 
     def chunk(self, n_tokens: int) -> None:
+        self.tokens += n_tokens
         now = time.monotonic()
         if self.first is None:
             self.first = now
@@ -207,8 +216,8 @@ class GenerateTracker:
     def finish(self, done: Optional[Done], error_code: Optional[str], cancelled: bool) -> None:
         m = self.m
         m.in_flight.dec()
-        model = (done.model if done else "") or "none"
-        backend = (done.backend if done else "") or "none"
+        model = (done.model if done else "") or self.model
+        backend = (done.backend if done else "") or self.backend
         if done is not None:
             reason = done.finish_reason
         else:
@@ -224,6 +233,9 @@ class GenerateTracker:
             m.prompt_tokens.labels(model, backend).inc(done.prompt_tokens)
             m.completion_tokens.labels(model, backend).inc(done.completion_tokens)
             m.cached_tokens.labels(model, backend).inc(done.cached_prompt_tokens)
+        else:
+            # Generated before the stream was cut: work done all the same.
+            m.completion_tokens.labels(model, backend).inc(self.tokens)
         if cancelled:
             m.cancellations.labels(model, backend).inc()
         if error_code:

@@ -319,7 +319,8 @@ class Router:
             try:
                 async with contextlib.aclosing(backend.generate(sub)) as events:
                     async for event in events:
-                        if isinstance(event, Done):
+                        if isinstance(event, Done) or not emitted:
+                            # Done always says who answered; so does the first chunk.
                             event.backend = backend.name
                             event.model = event.model or target.model
                         if not emitted:

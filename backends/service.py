@@ -88,6 +88,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     if isinstance(event, Done):
                         done = event
                     elif tracker is not None:
+                        if event.backend:
+                            tracker.answering(event.backend, event.model)
                         tracker.chunk(len(event.token_ids) or 1)
                     yield event.to_pb()
         except BackendError as e:
@@ -154,6 +156,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
 
 class GenerateTracker(Protocol):
+    def answering(self, backend: str, model: str) -> None: ...
+
     def chunk(self, n_tokens: int) -> None: ...
 
     def finish(self, done: Optional[Done], error_code: Optional[str], cancelled: bool) -> None: ...

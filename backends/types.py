@@ -383,6 +383,9 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: Set by the router on the first chunk: who is answering.
+    backend: str = ""
+    model: str = ""
 
     def to_pb(self) -> pb.GenerateResponse:
         return pb.GenerateResponse(
@@ -391,6 +394,8 @@ class Chunk:
                 token_ids=self.token_ids,
                 tool_calls=[t.to_pb() for t in self.tool_calls],
                 logprobs=[lp.to_pb() for lp in self.logprobs],
+                backend=self.backend,
+                model=self.model,
             )
         )
 
@@ -401,6 +406,8 @@ class Chunk:
             token_ids=list(m.token_ids),
             tool_calls=[ToolCall.from_pb(t) for t in m.tool_calls],
             logprobs=[TokenLogprob.from_pb(x) for x in m.logprobs],
+            backend=m.backend,
+            model=m.model,
         )
 
 

@@ -7,6 +7,7 @@ import uuid
 
 from aiohttp import web
 
+from backends.types import Event
 from gateway.client import InferenceClient
 from mlxgate.config import ServerConfig
 
@@ -16,8 +17,14 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 #: Header a caller may send to correlate logs; echoed on every response.
 REQUEST_ID_HEADER = "X-Request-Id"
-#: Response header naming the backend that answered (non-streaming answers).
+#: Response header naming the backend that answered (streams too: see backend_header).
 BACKEND_HEADER = "x-mlxgate-backend"
+
+
+def backend_header(first: Event) -> dict[str, str]:
+    """The header for a stream, from its first event (the router names the
+    backend on it); empty when the service runs without a router."""
+    return {BACKEND_HEADER: first.backend} if first.backend else {}
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 

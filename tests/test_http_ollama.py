@@ -34,6 +34,7 @@ async def test_generate_stream_is_ndjson(stack):
         async with s.post(stack.base + "/api/generate", json=body) as r:
             assert r.status == 200
             assert r.content_type == "application/x-ndjson"
+            assert r.headers["x-mlxgate-backend"] == "mlx"
             raw = await r.text()
     assert raw.endswith("\n")
     lines = [json.loads(line) for line in raw.splitlines()]

@@ -33,6 +33,7 @@ async def test_chat_stream_sse_framing(stack):
         async with s.post(stack.base + "/v1/chat/completions", json=body) as r:
             assert r.status == 200
             assert r.content_type == "text/event-stream"
+            assert r.headers["x-mlxgate-backend"] == "mlx"
             datas = parse_sse(await r.text())
     assert datas[-1] == "[DONE]"
     chunks = [json.loads(d) for d in datas[:-1]]

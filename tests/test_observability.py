@@ -97,10 +97,10 @@ async def test_metric_values_move_after_requests(stack) -> None:
 
 
 async def test_cancel_counts(stack) -> None:
-    before = sum(
-        s.value for m in stack.registry.collect() if m.name == "mlxgate_cancellations"
-        for s in m.samples if s.name.endswith("_total")
-    )
+    """A cut stream is counted under the backend that was answering, with its tokens."""
+    labels = dict(model=TEST_MODEL, backend="mlx")
+    before = sample(stack, "mlxgate_cancellations_total", **labels)
+    tokens_before = sample(stack, "mlxgate_completion_tokens_total", **labels)
     async with aiohttp.ClientSession() as session:
         body = {"model": TEST_MODEL, "prompt": "tell a story", "options": {"num_predict": 2000}}
         async with session.post(f"{stack.http_url}/api/generate", json=body) as r:
@@ -109,11 +109,9 @@ async def test_cancel_counts(stack) -> None:
     after = before
     while time.monotonic() < deadline and after == before:
         await asyncio.sleep(0.05)
-        after = sum(
-            s.value for m in stack.registry.collect() if m.name == "mlxgate_cancellations"
-            for s in m.samples if s.name.endswith("_total")
-        )
+        after = sample(stack, "mlxgate_cancellations_total", **labels)
     assert after == before + 1
+    assert sample(stack, "mlxgate_completion_tokens_total", **labels) > tokens_before
 
 
 async def test_huge_keep_alive_means_forever_and_metrics_still_scrape(stack) -> None:

@@ -16,7 +16,7 @@ from backends.types import Chunk, Done, Event, TokenLogprob, ToolCall, keep_aliv
 from gateway.errors import ApiError, adapt, ollama_body
 from gateway.fields import read_json
 from gateway.ollama import translate as tr
-from gateway.state import BACKEND_HEADER, client, request_id
+from gateway.state import BACKEND_HEADER, backend_header, client, request_id
 from gateway.streaming import NDJSON, ndjson_frame, open_stream, pump, with_first
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -63,7 +63,8 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
         if isinstance(first, Done):
             tr.check_done(first)  # a failure before any token is a plain HTTP error
         if p.stream:
-            resp = await open_stream(request, NDJSON)
+            # Fallback happens only before the first event, so its backend is final.
+            resp = await open_stream(request, NDJSON, backend_header(first))
 
             def render(ev: Event) -> Iterable[dict[str, Any]]:
                 if isinstance(ev, Done):

@@ -19,7 +19,7 @@ from gateway.common import Collected, collect
 from gateway.errors import ApiError, openai_body
 from gateway.fields import read_json
 from gateway.openai import translate as tr
-from gateway.state import BACKEND_HEADER, client, request_id
+from gateway.state import BACKEND_HEADER, backend_header, client, request_id
 from gateway.streaming import SSE, SSE_DONE, merge, open_stream, pump, sse_frame
 
 
@@ -46,7 +46,8 @@ async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResp
             if isinstance(f, Done):
                 tr.finish_reason(f, False)  # raises for a failure before any token
         if p.stream:
-            resp = await open_stream(request, SSE)
+            # Fallback happens only before the first event, so its backend is final.
+            resp = await open_stream(request, SSE, backend_header(firsts[0]))
             renderer = tr.ChatStream(p) if chat else tr.CompletionStream(p)
             async with contextlib.aclosing(merge(list(zip(firsts, streams)))) as items:
                 ok = await pump(resp, items, renderer.render, sse_frame, _error_frame, rid)

@@ -470,7 +470,7 @@ class ChatStream:
             "object": self.object,
             "created": self.created,
             "model": self.p.model,
-            # The backend is known only at the end; one fingerprint per stream.
+            # One fingerprint per stream (n > 1 choices may come from different backends).
             "system_fingerprint": fingerprint(""),
             "choices": choices,
         }
