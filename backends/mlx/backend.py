@@ -175,9 +175,10 @@ class MLXBackend:
     def _plan(self, req: GenerateRequest, lm: LoadedModel) -> _Plan:
         """Tokenize and check the request (worker thread: tokenizer work, no MLX).
 
-        Context rule, never silent truncation: a prompt that fills the context
-        is an error; an explicit max_tokens that does not fit beside the prompt
-        is an error (as OpenAI does); an unset max_tokens is clamped to the room left.
+        Context rule, never silent truncation of the prompt: a prompt that
+        fills the context is an error.  max_tokens (explicit or default) is
+        clamped to the room left, and the answer then ends with "length" at the
+        context limit, as Ollama and mlx-lm do with a generous num_predict.
         """
         ids = prompt_mod.build_prompt(req, lm.tokenizer, lm.name)
         ctx = lm.context_length
@@ -187,14 +188,8 @@ class MLXBackend:
         if n >= ctx:
             raise InvalidArgument(f"context length exceeded: the prompt has {n} tokens, the context length is {ctx}")
         room = ctx - n
-        if req.sampling.max_tokens is None:
-            max_tokens = min(self.config.default_max_tokens, room)
-        else:
-            max_tokens = req.sampling.max_tokens
-            if max_tokens > room:
-                raise InvalidArgument(
-                    f"context length exceeded: prompt ({n} tokens) + max_tokens ({max_tokens}) > context length {ctx}"
-                )
+        asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
+        max_tokens = min(asked, room)
         matcher = None
         grammar = constrain.grammar_for(req.format)
         if grammar is not None:
