@@ -83,6 +83,16 @@ async def test_openai_validation(stack, body, param):
     assert err["type"] == "invalid_request_error" and err["param"] == param and param in err["message"]
 
 
+async def test_completions_cap_prompts_times_n(stack):
+    body = {"model": stack.model, "prompt": ["hi"] * 100, "n": 10, "max_tokens": 1}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.base + "/v1/completions", json=body) as r:
+            assert r.status == 400
+            err = (await r.json())["error"]
+    assert err["param"] == "n" and "1000" in err["message"]
+    assert stack.backend.active_count == 0
+
+
 async def test_openai_malformed_json(stack):
     async with aiohttp.ClientSession() as s:
         async with s.post(stack.base + CHAT, data=b'{"model": ') as r:

@@ -68,6 +68,11 @@ _IGNORED = (
 )
 
 
+#: Generations one request may start (n, times the prompts of /v1/completions):
+#: one caller must not fill the engine's whole queue.
+MAX_CHOICES = 128
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -272,7 +277,7 @@ def chat_request(data: dict[str, Any]) -> Parsed:
     max_tokens = b.int("max_tokens", lo=1)
     mct = b.int("max_completion_tokens", lo=1)
     sampling.max_tokens = mct if mct is not None else max_tokens
-    n = b.int("n", 1, lo=1, hi=128) or 1
+    n = b.int("n", 1, lo=1, hi=MAX_CHOICES) or 1
     logprobs = bool(b.bool("logprobs", False))
     top = b.int("top_logprobs", 0, lo=0, hi=20) or 0
     if top and not logprobs:
@@ -315,7 +320,7 @@ def completion_request(data: dict[str, Any]) -> Parsed:
     prompts = _texts(b, "prompt")
     if b.bool("echo", False):
         raise bad_request("echo is not supported", param="echo")
-    n = b.int("n", 1, lo=1, hi=128) or 1
+    n = b.int("n", 1, lo=1, hi=MAX_CHOICES) or 1
     best_of = b.int("best_of", lo=1)
     if best_of is not None and best_of != n:
         raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
@@ -329,6 +334,10 @@ def completion_request(data: dict[str, Any]) -> Parsed:
         r = pb.GenerateRequest(model=model, sampling=sampling.to_pb(), logprobs=top is not None, top_logprobs=top or 0)
         r.prompt.CopyFrom(Prompt(prompt=p, suffix=suffix, raw=True).to_pb())
         base.append(r)
+    if len(base) * n > MAX_CHOICES:
+        raise bad_request(
+            f"prompt × n asks for {len(base) * n} completions; at most {MAX_CHOICES} per request", param="n"
+        )
     b.ignore(*_IGNORED)
     b.log_unknown("/v1/completions")
     return Parsed(model, base, n, stream, include_usage, sampling.seed, logprobs=-1 if top is None else top)
