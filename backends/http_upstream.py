@@ -150,22 +150,31 @@ def error_for_exception(who: str, exc: BaseException, secrets: Iterable[Optional
     return Unavailable(f"{who}: upstream request failed ({type(exc).__name__})")
 
 
-async def iter_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+#: Longest line an upstream may send (one NDJSON object or SSE field).
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+async def iter_lines(resp: aiohttp.ClientResponse, who: str = "upstream") -> AsyncIterator[bytes]:
     """Yield each line of the body (without its newline) as soon as it is complete.
 
-    Reads whatever bytes have arrived (no buffering of the whole body, no line
-    length limit); a final line without a newline is yielded at EOF."""
-    buf = b""
+    Reads whatever bytes have arrived (no buffering of the whole body); a final
+    line without a newline is yielded at EOF.  A line over MAX_LINE_BYTES is
+    an upstream fault (Unavailable), not a reason to grow without bound."""
+    buf = bytearray()
     async for data in resp.content.iter_any():
+        start = len(buf)
         buf += data
         while True:
-            i = buf.find(b"\n")
+            i = buf.find(b"\n", start)
             if i < 0:
                 break
-            line, buf = buf[:i], buf[i + 1 :]
-            yield line.rstrip(b"\r")
+            yield bytes(buf[:i]).rstrip(b"\r")
+            del buf[: i + 1]
+            start = 0
+        if len(buf) > MAX_LINE_BYTES:
+            raise Unavailable(f"{who}: a line of the response exceeds {MAX_LINE_BYTES} bytes")
     if buf.strip():
-        yield buf.rstrip(b"\r")
+        yield bytes(buf).rstrip(b"\r")
 
 
 def client_timeout(total: Optional[float], connect: Optional[float], read: Optional[float]) -> aiohttp.ClientTimeout:

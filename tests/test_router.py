@@ -239,11 +239,9 @@ async def test_breaker_opens_after_n_failures_then_skips_the_dead_backend_fast(u
         asked = len([p for p in ollama.paths() if p == "/api/chat"])
         assert asked == 2
 
-        t0 = time.monotonic()
         events = await collect(router.generate(chat("m")))
-        elapsed = time.monotonic() - t0
         assert events[-1].backend == "cloud:acme"
-        assert elapsed < 0.25  # no timeout paid: the dead backend was skipped
+        # No timeout paid: the dead backend was not even asked (counted, not timed).
         assert len([p for p in ollama.paths() if p == "/api/chat"]) == asked
         assert rec.fallbacks[-1] == ("ollama", "cloud:acme", "CIRCUIT_OPEN")
 
@@ -613,6 +611,6 @@ async def test_a_hung_model_listing_does_not_hold_routing(monkeypatch):
     router, _ = scripted_router(hung, ok, breaker_failures=1)
     t0 = time.monotonic()
     events = await collect(router.generate(chat("x")))
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 3.0  # far below the 5 s the listing would hang
     assert events[-1].backend == "cloud:a" and hung.calls == []
     assert router.breaker_states()["ollama"] == "open"  # a timed-out listing is a health failure
