@@ -230,7 +230,7 @@ async def test_queued_request_cancelled_never_prefills(test_model_dir):
         MLXConfig(models_dir=str(test_model_dir), hf_cache=str(test_model_dir / "none"), max_batch_size=1)
     )
     try:
-        first = backend.generate(chat(temperature=0.8, max_tokens=300))
+        first = backend.generate(chat(temperature=0.8, max_tokens=1500))
         assert isinstance(await first.__anext__(), Chunk)
         assert backend.stats.prefills == 1
 
@@ -258,7 +258,7 @@ async def test_requests_beyond_max_pending_are_refused_as_busy(test_model_dir):
         MLXConfig(models_dir=str(test_model_dir), hf_cache=str(test_model_dir / "none"), max_pending=1)
     )
     try:
-        first = backend.generate(chat(temperature=0.8, max_tokens=300))
+        first = backend.generate(chat(temperature=0.8, max_tokens=1500))
         assert isinstance(await first.__anext__(), Chunk)
         with pytest.raises(errors.ResourceExhausted, match="busy") as ei:
             await collect(backend, chat("second", max_tokens=2))
