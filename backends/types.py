@@ -138,6 +138,8 @@ class Message:
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_name: str = ""
     tool_call_id: str = ""
+    #: Assistant history: the reasoning before ``content``.
+    thinking: str = ""
 
     def to_pb(self) -> pb.ChatMessage:
         return pb.ChatMessage(
@@ -147,6 +149,7 @@ class Message:
             tool_calls=[t.to_pb() for t in self.tool_calls],
             tool_name=self.tool_name,
             tool_call_id=self.tool_call_id,
+            thinking=self.thinking,
         )
 
     @classmethod
@@ -160,6 +163,7 @@ class Message:
             tool_calls=[ToolCall.from_pb(t) for t in m.tool_calls],
             tool_name=m.tool_name,
             tool_call_id=m.tool_call_id,
+            thinking=m.thinking,
         )
 
     def to_template_dict(self) -> dict:
@@ -178,6 +182,9 @@ class Message:
             d["name"] = self.tool_name
         if self.tool_call_id:
             d["tool_call_id"] = self.tool_call_id
+        if self.thinking:
+            # The name Qwen3-style templates read; others ignore it.
+            d["reasoning_content"] = self.thinking
         return d
 
 
@@ -305,6 +312,8 @@ class GenerateRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     keep_alive: Optional[float] = None  # seconds; see keep_alive_from_pb
+    #: None = the model's default; True = think; False = no thinking.
+    think: Optional[bool] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_pb(self) -> pb.GenerateRequest:
@@ -324,6 +333,8 @@ class GenerateRequest:
         ka = keep_alive_to_pb(self.keep_alive)
         if ka is not None:
             m.keep_alive.CopyFrom(ka)
+        if self.think is not None:
+            m.think = self.think
         return m
 
     @classmethod
@@ -339,6 +350,7 @@ class GenerateRequest:
             logprobs=m.logprobs,
             top_logprobs=m.top_logprobs,
             keep_alive=keep_alive_from_pb(m),
+            think=m.think if m.HasField("think") else None,
             request_id=m.request_id or uuid.uuid4().hex,
         )
 
@@ -386,6 +398,8 @@ class Chunk:
     #: Set by the router on the first chunk: who is answering.
     backend: str = ""
     model: str = ""
+    #: Reasoning text (delta), apart from ``text``.
+    thinking: str = ""
 
     def to_pb(self) -> pb.GenerateResponse:
         return pb.GenerateResponse(
@@ -396,6 +410,7 @@ class Chunk:
                 logprobs=[lp.to_pb() for lp in self.logprobs],
                 backend=self.backend,
                 model=self.model,
+                thinking=self.thinking,
             )
         )
 
@@ -408,6 +423,7 @@ class Chunk:
             logprobs=[TokenLogprob.from_pb(x) for x in m.logprobs],
             backend=m.backend,
             model=m.model,
+            thinking=m.thinking,
         )
 
 

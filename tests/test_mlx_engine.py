@@ -412,7 +412,7 @@ async def test_list_and_show_describe_the_model(mlx_backend):
     assert d.parameter_count > 100_000 and d.parameter_size.endswith("K")
     show = await mlx_backend.show_model(MODEL)
     assert show.context_length == 2048
-    assert set(show.capabilities) == {"completion", "tools", "embedding", "insert"}
+    assert set(show.capabilities) == {"completion", "tools", "embedding", "insert", "thinking"}
     assert "<tool_call>" in show.chat_template
     assert show.config["model_type"] == "llama"
 

@@ -33,6 +33,7 @@ from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
 from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry
 from backends.mlx.sampling import new_seed, validate_request
+from backends.mlx.thinking import new_splitter as new_think_splitter
 from backends.mlx.toolcalls import ToolCallSplitter
 from mlxgate.config import MLXConfig
 
@@ -201,7 +202,8 @@ class MLXBackend:
             splitter = ToolCallSplitter(
                 tok.tool_call_start, tok.tool_call_end, tok.tool_parser, [t.to_template_dict() for t in req.tools]
             )
-        output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter)
+        thinking = new_think_splitter(tok, ids, req.think)
+        output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)
         return _Plan(ids, max_tokens, ctx, output, matcher)
 
     # ---------------------------------------------------------------- Backend protocol

@@ -1,7 +1,7 @@
 """Turning one sequence's sampled tokens into Chunks.
 
 Per token: streaming detokenize, hold back text that could begin a stop
-string, split out tool-call sections, and attach the token ids (and
+string, split out thinking (reasoning) and then tool-call sections, and attach the token ids (and
 logprobs) to the next chunk that carries something.  Pure Python, no MLX, so
 it is tested on its own with plain token lists.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from backends.types import Chunk, TokenLogprob, ToolCall
+from backends.mlx.thinking import ThinkSplitter
 from backends.mlx.toolcalls import ToolCallSplitter, partial_suffix_len
 
 
@@ -62,11 +63,15 @@ class SequenceOutput:
         eos_token_ids: set[int],
         stops: list[str],
         splitter: Optional[ToolCallSplitter] = None,
+        thinking: Optional[ThinkSplitter] = None,
     ) -> None:
+        """Stop strings apply to everything generated (thinking included);
+        tool calls are looked for in the answer text only."""
         self._detok = detokenizer
         self._eos = eos_token_ids
         self._stops = StopStrings(stops)
         self._splitter = splitter
+        self._thinking = thinking
         self._ids: list[int] = []
         self._lps: list[TokenLogprob] = []
         self.completion_tokens = 0
@@ -108,6 +113,13 @@ class SequenceOutput:
         return self._emit(text, final=True)
 
     def _emit(self, text: str, final: bool = False) -> list[Chunk]:
+        thinking = ""
+        if self._thinking is not None:
+            thinking, text = self._thinking.feed(text)
+            if final:
+                more_thinking, more_text = self._thinking.finish()
+                thinking += more_thinking
+                text += more_text
         pieces: list = self._splitter.feed(text) if self._splitter else ([text] if text else [])
         if final:
             self._finished = True
@@ -115,8 +127,10 @@ class SequenceOutput:
                 pieces += self._splitter.finish()
         out_text = "".join(p for p in pieces if isinstance(p, str))
         calls = [p for p in pieces if isinstance(p, ToolCall)]
-        if not out_text and not calls and not (final and self._ids):
+        if not out_text and not thinking and not calls and not (final and self._ids):
             return []
-        chunk = Chunk(text=out_text, token_ids=self._ids, tool_calls=calls, logprobs=self._lps)
+        chunk = Chunk(
+            text=out_text, thinking=thinking, token_ids=self._ids, tool_calls=calls, logprobs=self._lps
+        )
         self._ids, self._lps = [], []
         return [chunk]

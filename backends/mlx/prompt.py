@@ -31,8 +31,13 @@ def _encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=add_special))
 
 
-def _render(tokenizer, messages: list[dict], tools: Optional[list[dict]], model: str) -> list[int]:
+def _render(
+    tokenizer, messages: list[dict], tools: Optional[list[dict]], model: str, think: Optional[bool] = None
+) -> list[int]:
     continue_final = bool(messages) and messages[-1]["role"] == "assistant"
+    # enable_thinking (Qwen3's name; mlx-lm renames it for templates that use
+    # another) only when the request says; templates ignore unknown variables.
+    extra = {} if think is None else {"enable_thinking": think}
     try:
         ids = tokenizer.apply_chat_template(
             messages,
@@ -40,6 +45,7 @@ def _render(tokenizer, messages: list[dict], tools: Optional[list[dict]], model:
             add_generation_prompt=not continue_final,
             continue_final_message=continue_final,
             tokenize=True,
+            **extra,
         )
     except Exception as e:  # noqa: BLE001 - jinja raises many types; all mean "bad conversation"
         raise InvalidArgument(f"messages: {model}'s chat template rejected the conversation: {e}") from None
@@ -65,14 +71,14 @@ def build_prompt(req: GenerateRequest, tokenizer, model: str) -> list[int]:
             text = f"{p.system}\n\n{p.prompt}" if p.system and not p.raw else p.prompt
             return _encode_text(tokenizer, text)
         messages = ([Message("system", p.system)] if p.system else []) + [Message("user", p.prompt)]
-        return _render(tokenizer, [m.to_template_dict() for m in messages], None, model)
+        return _render(tokenizer, [m.to_template_dict() for m in messages], None, model, req.think)
 
     messages = req.messages or []
     if any(m.images for m in messages):
         raise InvalidArgument(f"images: {model} does not support images")
     tools = [t.to_template_dict() for t in req.tools]
     if tokenizer.has_chat_template:
-        return _render(tokenizer, [m.to_template_dict() for m in messages], tools, model)
+        return _render(tokenizer, [m.to_template_dict() for m in messages], tools, model, req.think)
     # No template: a plain transcript the model can at least continue.
     text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
     return _encode_text(tokenizer, text)

@@ -33,6 +33,11 @@ SPECIAL_TOKENS = [
 FIM_TOKENS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
 # Not special (Qwen's convention): they decode as text, the engine splits them out.
 TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+# Reasoning markers, also plain text (Qwen3's convention); their presence is
+# what makes mlx-lm's tokenizer wrapper report has_thinking.
+THINK_TOKENS = ["<think>", "</think>"]
+# Added (non-special) tokens: decoded as text.
+TEXT_TOKENS = TOOL_TOKENS + THINK_TOKENS
 
 HIDDEN = 64
 LAYERS = 2
@@ -75,7 +80,11 @@ CHAT_TEMPLATE = (
     "{{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' + message.content + '<|eot_id|>' }}"
     "{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    # Qwen3's switch: thinking off pre-fills an empty think block; otherwise
+    # the model decides (this one never thinks unless made to).
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 
 # Training text for the tokenizer: prose, chat turns, JSON and code, so the
@@ -142,7 +151,7 @@ def build_tokenizer(*, fim: bool = True):
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TOOL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TEXT_TOKENS])
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
@@ -171,8 +180,25 @@ SIZES = {
 }
 
 
-def _random_weights(config: dict, seed: int, special_ids: list[int], dtype: str = "float32") -> dict:
-    """Weights for mlx-lm's llama Model, named by the model class itself."""
+def _rows(shape: tuple, key, late: int):
+    """Standard normal (vocab, hidden) matrix whose first rows do not depend on ``late``."""
+    import mlx.core as mx
+
+    first = mx.random.normal((shape[0] - late, shape[1]), key=key)
+    if not late:
+        return first
+    return mx.concatenate([first, mx.random.normal((late, shape[1]), key=mx.random.split(key, 2)[1])])
+
+
+def _random_weights(
+    config: dict, seed: int, special_ids: list[int], dtype: str = "float32", late_rows: int = 0
+) -> dict:
+    """Weights for mlx-lm's llama Model, named by the model class itself.
+
+    The last ``late_rows`` vocabulary rows (tokens added after the first
+    release of this model) are drawn apart, so adding them left every other
+    weight, and so the gibberish tests have seen, unchanged.
+    """
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -188,10 +214,10 @@ def _random_weights(config: dict, seed: int, special_ids: list[int], dtype: str 
         if name.endswith("norm.weight"):
             w = mx.ones(shape, dtype=mx.float32)
         elif name.endswith("embed_tokens.weight"):
-            w = mx.random.normal(shape, key=keys[i])
+            w = _rows(shape, keys[i], late_rows)
         elif name == "lm_head.weight":
             # Logits with a spread of a few nats: peaked enough that seeds matter.
-            w = mx.random.normal(shape, key=keys[i]) * (3.0 / shape[1] ** 0.5)
+            w = _rows(shape, keys[i], late_rows) * (3.0 / shape[1] ** 0.5)
             keep = mx.ones((shape[0], 1))
             keep[mx.array(special_ids)] = 0.0
             w = w * keep
@@ -217,7 +243,7 @@ def write_test_model(
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(fim=fim)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + (FIM_TOKENS if fim else []) + TOOL_TOKENS}
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + (FIM_TOKENS if fim else []) + TEXT_TOKENS}
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -235,8 +261,8 @@ def write_test_model(
         "eos_token_id": [ids["<|eot_id|>"], ids["<|end_of_text|>"]],
         "torch_dtype": dims.dtype,
     }
-    special_ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS + (FIM_TOKENS if fim else []) + TOOL_TOKENS]
-    weights = _random_weights(config, seed, special_ids, dims.dtype)
+    special_ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS + (FIM_TOKENS if fim else []) + TEXT_TOKENS]
+    weights = _random_weights(config, seed, special_ids, dims.dtype, late_rows=len(THINK_TOKENS))
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
 
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -248,7 +274,7 @@ def write_test_model(
             "rstrip": False,
             "normalized": False,
             "single_word": False,
-            "special": t not in TOOL_TOKENS,
+            "special": t not in TEXT_TOKENS,
         }
         for t in ids
     }
