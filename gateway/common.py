@@ -69,17 +69,21 @@ class Collected:
     tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     done: Done = field(default_factory=Done)
+    thinking: str = ""
 
 
 def collect(events: list[Event]) -> Collected:
     out = Collected()
     parts: list[str] = []
+    thoughts: list[str] = []
     for ev in events:
         if isinstance(ev, Chunk):
             parts.append(ev.text)
+            thoughts.append(ev.thinking)
             out.tool_calls.extend(ev.tool_calls)
             out.logprobs.extend(ev.logprobs)
         else:
             out.done = ev
     out.text = "".join(parts)
+    out.thinking = "".join(thoughts)
     return out

@@ -127,7 +127,11 @@ SCHEMAS: dict[str, S] = {
             "options": _ref("OllamaOptions"),
             "stream": {**BOOL, "default": True},
             "keep_alive": DURATION,
-            "think": {"oneOf": [BOOL, STR], "description": "accepted, ignored"},
+            "think": {
+                "oneOf": [BOOL, {"enum": ["low", "medium", "high"]}],
+                "description": "true or a level (all mean true): reasoning in thinking; false: none; absent: "
+                "the model's default",
+            },
             "logprobs": BOOL,
             "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
             "context": {**_arr(INT), "description": "deprecated; ignored"},
@@ -143,7 +147,11 @@ SCHEMAS: dict[str, S] = {
             "options": _ref("OllamaOptions"),
             "stream": {**BOOL, "default": True},
             "keep_alive": DURATION,
-            "think": {"oneOf": [BOOL, STR]},
+            "think": {
+                "oneOf": [BOOL, {"enum": ["low", "medium", "high"]}],
+                "description": "true or a level (all mean true): reasoning in thinking; false: none; absent: "
+                "the model's default",
+            },
             "logprobs": BOOL,
             "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
         },
@@ -156,6 +164,7 @@ SCHEMAS: dict[str, S] = {
                 "model": STR,
                 "created_at": {"type": "string", "format": "date-time"},
                 "response": STR,
+                "thinking": {**STR, "description": "/api/generate: reasoning text, only when non-empty"},
                 "message": _ref("OllamaMessage"),
                 "done": BOOL,
                 "done_reason": {"enum": ["stop", "length", "load", "unload"]},
@@ -300,6 +309,11 @@ SCHEMAS: dict[str, S] = {
                 )
             ),
             "tool_call_id": STR,
+            "reasoning_content": {
+                **STR,
+                "description": "assistant: reasoning text beside content (DeepSeek/vLLM convention), only when "
+                "non-empty; accepted back in history",
+            },
         },
         ("role",),
     ),
@@ -340,6 +354,11 @@ SCHEMAS: dict[str, S] = {
                     "max_completion_tokens": {**INT, "description": "wins over max_tokens"},
                     "logprobs": BOOL,
                     "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
+                    "reasoning_effort": {
+                        "enum": ["none", "minimal", "low", "medium", "high"],
+                        "description": "none: no thinking; any other level: thinking (the level is not "
+                        "honoured); absent: the model's default",
+                    },
                 },
                 ("model", "messages"),
             ),

@@ -69,7 +69,7 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
             def render(ev: Event) -> Iterable[dict[str, Any]]:
                 if isinstance(ev, Done):
                     yield tr.chat_final(p.model, ev) if chat else tr.generate_final(p.model, ev)
-                elif ev.text or ev.tool_calls or ev.logprobs:
+                elif ev.text or ev.thinking or ev.tool_calls or ev.logprobs:
                     yield tr.chat_chunk(p.model, ev) if chat else tr.generate_chunk(p.model, ev)
 
             if await pump(resp, with_first(first, stream), render, ndjson_frame, _error_frame, rid):
@@ -77,20 +77,22 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
             return resp
 
         text: list[str] = []
+        thinking: list[str] = []
         calls: list[ToolCall] = []
         lps: list[TokenLogprob] = []
         done = Done()
         async for ev in with_first(first, stream):
             if isinstance(ev, Chunk):
                 text.append(ev.text)
+                thinking.append(ev.thinking)
                 calls.extend(ev.tool_calls)
                 lps.extend(ev.logprobs)
             else:
                 done = ev
         if chat:
-            body = tr.chat_final(p.model, done, "".join(text), calls, lps)
+            body = tr.chat_final(p.model, done, "".join(text), calls, lps, "".join(thinking))
         else:
-            body = tr.generate_final(p.model, done, "".join(text), lps)
+            body = tr.generate_final(p.model, done, "".join(text), lps, "".join(thinking))
         return web.json_response(body, headers={BACKEND_HEADER: done.backend})
     finally:
         stream.cancel()

@@ -5,10 +5,14 @@ Field names and shapes follow Ollama's docs/api.md.  Deliberate choices:
 - ``template`` (a Go template) cannot be honoured: models here carry Jinja
   chat templates.  A non-empty ``template`` without ``raw`` is a 400 saying
   so; send ``raw: true`` with a fully formatted prompt instead.
-- ``context`` (deprecated), ``think`` and the options without meaning for
-  MLX (``num_gpu``, ``mirostat``, ``use_mmap``, ...) are accepted, type
-  checked and ignored (logged at debug).  Unknown options are ignored too,
-  as Ollama does.
+- ``context`` (deprecated) and the options without meaning for MLX
+  (``num_gpu``, ``mirostat``, ``use_mmap``, ...) are accepted, type checked
+  and ignored (logged at debug).  Unknown options are ignored too, as Ollama
+  does.
+- ``think``: true, or a level ("low", "medium", "high"; all mean true here),
+  asks for thinking; false asks for none; absent leaves it to the model.
+  Reasoning comes back in ``thinking`` (/api/generate) or
+  ``message.thinking`` (/api/chat), present only when non-empty.
 - ``num_predict`` < 0 (Ollama's "no limit" / "fill the context") means the
   backend's default limit.
 - The final object of a generation carries an extra ``backend`` field (the
@@ -168,10 +172,22 @@ def _common(b: Body, req: pb.GenerateRequest) -> tuple[bool, Optional[float]]:
         req.keep_alive.CopyFrom(ka)
     req.logprobs = bool(b.bool("logprobs", False))
     req.top_logprobs = b.int("top_logprobs", 0, lo=0, hi=20) or 0
-    raw_think = b.raw("think")
-    if raw_think is not None and not isinstance(raw_think, (bool, str)):
-        raise bad_request('think must be a boolean or one of "low", "medium", "high"', param="think")
+    think = parse_think(b.raw("think"))
+    if think is not None:
+        req.think = think
     return bool(stream), keep_alive
+
+
+THINK_LEVELS = ("low", "medium", "high")
+
+
+def parse_think(v: Any) -> Optional[bool]:
+    """Ollama's think: a boolean, or a level (newer Ollama) that means true here."""
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v in THINK_LEVELS:
+        return True
+    raise bad_request('think must be a boolean or one of "low", "medium", "high"', param="think")
 
 
 @dataclass
@@ -208,7 +224,7 @@ def generate_request(data: dict[str, Any]) -> Parsed:
     req = pb.GenerateRequest(model=model)
     req.prompt.CopyFrom(p.to_pb())
     stream, keep_alive = _common(b, req)
-    b.ignore("context", "think")
+    b.ignore("context")
     b.log_unknown("/api/generate")
     return Parsed(model, req, stream, keep_alive, load_only=not prompt)
 
@@ -241,8 +257,8 @@ def parse_message(v: Any, name: str) -> Message:
         images=b64_images(m.list("images"), m.name("images")),
         tool_calls=calls,
         tool_name=m.str("tool_name", "") or "",
+        thinking=m.str("thinking", "") or "",
     )
-    m.ignore("thinking")
     m.log_unknown("/api/chat")
     return msg
 
@@ -256,7 +272,7 @@ def chat_request(data: dict[str, Any]) -> Parsed:
     req = pb.GenerateRequest(model=model, tools=[t.to_pb() for t in tools])
     req.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in messages]))
     stream, keep_alive = _common(b, req)
-    b.ignore("think", "template")
+    b.ignore("template")
     b.log_unknown("/api/chat")
     return Parsed(model, req, stream, keep_alive, load_only=not messages)
 
@@ -309,15 +325,22 @@ def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
 
 
 def generate_chunk(model: str, ch: Chunk) -> dict[str, Any]:
-    d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "response": ch.text, "done": False}
+    d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "response": ch.text}
+    if ch.thinking:
+        d["thinking"] = ch.thinking
+    d["done"] = False
     if ch.logprobs:
         d["logprobs"] = logprobs_json(ch.logprobs)
     return d
 
 
-def generate_final(model: str, done: Done, text: str = "", logprobs: Optional[list] = None) -> dict[str, Any]:
+def generate_final(
+    model: str, done: Done, text: str = "", logprobs: Optional[list] = None, thinking: str = ""
+) -> dict[str, Any]:
     check_done(done)
     d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "response": text}
+    if thinking:
+        d["thinking"] = thinking
     d.update(done_fields(done))
     if logprobs:
         d["logprobs"] = logprobs_json(logprobs)
@@ -326,6 +349,8 @@ def generate_final(model: str, done: Done, text: str = "", logprobs: Optional[li
 
 def chat_chunk(model: str, ch: Chunk) -> dict[str, Any]:
     msg: dict[str, Any] = {"role": "assistant", "content": ch.text}
+    if ch.thinking:
+        msg["thinking"] = ch.thinking
     if ch.tool_calls:
         msg["tool_calls"] = tool_calls_json(ch.tool_calls)
     d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "message": msg, "done": False}
@@ -340,9 +365,12 @@ def chat_final(
     text: str = "",
     tool_calls: Optional[list[ToolCall]] = None,
     logprobs: Optional[list] = None,
+    thinking: str = "",
 ) -> dict[str, Any]:
     check_done(done)
     msg: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking:
+        msg["thinking"] = thinking
     if tool_calls:
         msg["tool_calls"] = tool_calls_json(tool_calls)
     d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "message": msg}

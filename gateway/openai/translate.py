@@ -12,7 +12,13 @@ judge in tests.  Deliberate choices:
   legacy completions do; ``echo`` and ``best_of`` other than n are 400.
 - Token-array inputs (completions prompt, embeddings input) are 400: send text.
 - Extensions accepted beyond OpenAI's fields: ``top_k``, ``min_p``,
-  ``repeat_penalty``.  Fields without meaning here (``user``, ``logit_bias``,
+  ``repeat_penalty``.
+- Reasoning models: the reasoning comes back as ``reasoning_content`` beside
+  ``content`` (message and stream deltas; DeepSeek's and vLLM's convention),
+  present only when there is some.  ``reasoning_effort`` "minimal", "low",
+  "medium" or "high" asks for thinking (the level itself is not honoured),
+  "none" for none; absent leaves it to the model.  Assistant messages may
+  carry ``reasoning_content`` back.  Fields without meaning here (``user``, ``logit_bias``,
   ``store``, ``metadata``, ``parallel_tool_calls``, ...) are ignored.
 - The last chunk of a stream carries an extra ``backend`` field (the
   backend that answered); non-streaming answers carry it in the
@@ -58,7 +64,6 @@ _IGNORED = (
     "modalities",
     "audio",
     "prediction",
-    "reasoning_effort",
     "verbosity",
     "web_search_options",
     "prompt_cache_key",
@@ -211,6 +216,7 @@ def parse_messages(values: list[Any]) -> list[Message]:
                 names_by_id[call.id] = call.name
             calls.append(call)
         tool_call_id = m.str("tool_call_id", "") or ""
+        thinking = m.str("reasoning_content", "") or ""
         m.ignore("name", "refusal", "audio", "function_call")
         out.append(
             Message(
@@ -220,6 +226,7 @@ def parse_messages(values: list[Any]) -> list[Message]:
                 tool_calls=calls,
                 tool_call_id=tool_call_id,
                 tool_name=names_by_id.get(tool_call_id, ""),
+                thinking=thinking,
             )
         )
     return out
@@ -265,6 +272,21 @@ def _tool_choice(b: Body, tools: list) -> list:
     raise bad_request('tool_choice must be "none", "auto", "required" or a function', param="tool_choice")
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+
+
+def _think(b: Body) -> Optional[bool]:
+    effort = b.raw("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in REASONING_EFFORTS:
+        raise bad_request(
+            f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; got {effort!r}",
+            param="reasoning_effort",
+        )
+    return effort != "none"
+
+
 def chat_request(data: dict[str, Any]) -> Parsed:
     b = Body(data)
     model = b.str("model", required=True) or ""
@@ -292,6 +314,9 @@ def chat_request(data: dict[str, Any]) -> Parsed:
         top_logprobs=top,
     )
     req.chat.CopyFrom(pb.ChatInput(messages=[m.to_pb() for m in messages]))
+    think = _think(b)
+    if think is not None:
+        req.think = think
     b.ignore(*_IGNORED)
     b.log_unknown("/v1/chat/completions")
     return Parsed(model, [req], n, stream, include_usage, sampling.seed)
@@ -415,6 +440,8 @@ def chat_completion(p: Parsed, results: list[Collected]) -> dict[str, Any]:
     choices = []
     for i, r in enumerate(results):
         msg: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
+        if r.thinking:
+            msg["reasoning_content"] = r.thinking
         if r.tool_calls:
             msg["tool_calls"] = tool_calls_json(r.tool_calls)
             msg["content"] = r.text or None
@@ -504,6 +531,8 @@ class ChatStream:
             last["backend"] = ev.backend
             out.append(last)
             return out
+        if ev.thinking:
+            out.append(self._chunk([self._choice(i, {"reasoning_content": ev.thinking}, None, None)]))
         if ev.tool_calls:
             calls = []
             for c in ev.tool_calls:
