@@ -120,6 +120,18 @@ _FINISH = {
 }
 
 
+def _reasoning(delta: dict) -> str:
+    """Reasoning text of a delta: ``reasoning_content`` (DeepSeek, vLLM) or
+    ``reasoning`` (mlx-lm's server, OpenRouter).  Nothing is sent upstream to
+    ask for it (request fields differ per provider); models that reason
+    anyway are heard."""
+    for key in ("reasoning_content", "reasoning"):
+        v = delta.get(key)
+        if isinstance(v, str) and v:
+            return v
+    return ""
+
+
 def finish_reason(value: Optional[str]) -> str:
     return _FINISH.get(value or "stop", "stop")
 
@@ -179,6 +191,7 @@ class StreamState:
             if isinstance(details, dict):
                 self.cached_tokens = int(details.get("cached_tokens") or 0)
         text = ""
+        thinking = ""
         lps: list[TokenLogprob] = []
         for choice in obj.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
@@ -188,14 +201,15 @@ class StreamState:
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 text += delta.get("content") or ""
+                thinking += _reasoning(delta)
                 for tc in delta.get("tool_calls") or []:
                     self._add_call_delta(tc)
                 lps += _chat_logprobs(choice.get("logprobs"))
             else:  # /completions
                 text += choice.get("text") or ""
                 lps += _completion_logprobs(choice.get("logprobs"))
-        if text or lps:
-            return Chunk(text=text, logprobs=lps)
+        if text or thinking or lps:
+            return Chunk(text=text, thinking=thinking, logprobs=lps)
         return None
 
     def _add_call_delta(self, tc: Any) -> None:

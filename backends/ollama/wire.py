@@ -69,6 +69,8 @@ def message_json(m: Message) -> dict[str, Any]:
         ]
     if m.tool_name:
         d["tool_name"] = m.tool_name
+    if m.thinking:
+        d["thinking"] = m.thinking
     return d
 
 
@@ -106,6 +108,8 @@ def generate_body(req: GenerateRequest) -> tuple[str, dict[str, Any]]:
             body["top_logprobs"] = req.top_logprobs
     if req.keep_alive is not None:
         body["keep_alive"] = req.keep_alive  # a number is read as seconds
+    if req.think is not None:
+        body["think"] = req.think
     return path, body
 
 
@@ -167,14 +171,18 @@ def chunk_from_line(obj: dict) -> Optional[Chunk]:
     msg = obj.get("message")
     if isinstance(msg, dict):
         text = msg.get("content") or ""
+        thinking = msg.get("thinking") or ""
         calls = tool_calls_from(msg)
     else:
         text = obj.get("response") or ""
+        thinking = obj.get("thinking") or ""
         calls = []
     lps = logprobs_from(obj.get("logprobs"))
-    if not text and not calls and not lps:
+    if not isinstance(thinking, str):
+        thinking = ""
+    if not text and not thinking and not calls and not lps:
         return None
-    return Chunk(text=text, tool_calls=calls, logprobs=lps)
+    return Chunk(text=text, thinking=thinking, tool_calls=calls, logprobs=lps)
 
 
 _FINISH = {"stop": "stop", "length": "length", "load": "stop", "unload": "stop"}

@@ -15,6 +15,8 @@ Knobs (set them between requests):
 * ``fault``: a ``Fault`` applied to the next generation requests (chat and
   generate), see its fields;
 * ``reply``: the pieces streamed back, one per line;
+* ``thinking``: pieces streamed as ``thinking`` lines before ``reply``
+  (not when the request has ``think: false``);
 * ``tool_calls``: when set, /api/chat answers with these calls;
 * ``chunk_delay``: seconds between lines;
 * ``gate``: an event the stream waits for after its first line.
@@ -72,6 +74,8 @@ class FakeOllama(LoopbackServer):
     models: list[str] = field(default_factory=lambda: ["tiny:latest", "other:7b"])
     reply: list[str] = field(default_factory=lambda: ["Hello", ",", " world", "!"])
     tool_calls: Optional[list[dict]] = None
+    #: thinking pieces streamed before ``reply`` (as Ollama does), unless the request says think=false
+    thinking: list[str] = field(default_factory=list)
     chunk_delay: float = 0.0
     fault: Optional[Fault] = None
     embed_dims: int = 4
@@ -180,18 +184,23 @@ class FakeOllama(LoopbackServer):
 
         self.loaded[_norm(model)] = 300.0
         options = body.get("options") or {}
-        pieces = list(self.reply)
+        thoughts = [] if body.get("think") is False else [("thinking", t) for t in self.thinking]
+        pieces = thoughts + [("content", t) for t in self.reply]
         done_reason = "stop"
         limit = options.get("num_predict")
         if isinstance(limit, int) and 0 <= limit < len(pieces):
             pieces, done_reason = pieces[:limit], "length"
 
-        def line(text: str) -> dict:
+        def line(piece: tuple[str, str]) -> dict:
+            kind, text = piece
             d: dict[str, Any] = {"model": model, "created_at": _now(), "done": False}
+            msg = {"content": "", "thinking": text} if kind == "thinking" else {"content": text}
             if chat:
-                d["message"] = {"role": "assistant", "content": text}
+                d["message"] = {"role": "assistant", **msg}
             else:
-                d["response"] = text
+                d["response"] = msg["content"]
+                if kind == "thinking":
+                    d["thinking"] = text
             return d
 
         final: dict[str, Any] = {
@@ -215,11 +224,16 @@ class FakeOllama(LoopbackServer):
             final["context"] = [1, 2, 3]
 
         if body.get("stream", True) is False:
-            text = "".join(pieces)
+            text = "".join(t for k, t in pieces if k == "content")
+            thought = "".join(t for k, t in pieces if k == "thinking")
             if chat:
                 final["message"]["content"] = text
+                if thought:
+                    final["message"]["thinking"] = thought
             else:
                 final["response"] = text
+                if thought:
+                    final["thinking"] = thought
             return web.json_response(final)
 
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})

@@ -39,6 +39,8 @@ class FakeOpenAI(LoopbackServer):
     fault: Optional[Fault] = None
     #: seconds between events
     chunk_delay: float = 0.0
+    #: reasoning pieces streamed (as ``delta.reasoning_content``) before the reply
+    reasoning: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.requests: list[tuple[str, Any, dict[str, str]]] = []
@@ -148,6 +150,9 @@ class FakeOpenAI(LoopbackServer):
                         "tool_calls": [{"index": i, "function": {"arguments": args[j:j + 5]}}]}}]))
             finish = "tool_calls"
         else:
+            for piece in self.reasoning:
+                events.append(dict(base, choices=[{"index": 0, "delta": {"reasoning_content": piece},
+                                                   "finish_reason": None}]))
             for piece in self.reply:
                 events.append(dict(base, choices=[{"index": 0, "delta": {"content": piece}, "finish_reason": None}]))
         events.append(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
