@@ -48,6 +48,10 @@ DURATION: S = {
     "oneOf": [STR, NUM],
     "description": 'Go duration ("5m", "1h30m"), seconds as a number, 0 = unload after, negative = keep loaded',
 }
+THINK: S = {
+    "oneOf": [BOOL, {"enum": ["low", "medium", "high"]}],
+    "description": "true or a level (all mean true): reasoning in thinking; false: none; absent: the model's default",
+}
 
 _OPTION_TYPES: dict[str, S] = {
     "stop": STR_OR_LIST,
@@ -127,11 +131,7 @@ SCHEMAS: dict[str, S] = {
             "options": _ref("OllamaOptions"),
             "stream": {**BOOL, "default": True},
             "keep_alive": DURATION,
-            "think": {
-                "oneOf": [BOOL, {"enum": ["low", "medium", "high"]}],
-                "description": "true or a level (all mean true): reasoning in thinking; false: none; absent: "
-                "the model's default",
-            },
+            "think": THINK,
             "logprobs": BOOL,
             "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
             "context": {**_arr(INT), "description": "deprecated; ignored"},
@@ -147,11 +147,7 @@ SCHEMAS: dict[str, S] = {
             "options": _ref("OllamaOptions"),
             "stream": {**BOOL, "default": True},
             "keep_alive": DURATION,
-            "think": {
-                "oneOf": [BOOL, {"enum": ["low", "medium", "high"]}],
-                "description": "true or a level (all mean true): reasoning in thinking; false: none; absent: "
-                "the model's default",
-            },
+            "think": THINK,
             "logprobs": BOOL,
             "top_logprobs": {**INT, "minimum": 0, "maximum": 20},
         },
