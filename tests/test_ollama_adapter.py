@@ -116,6 +116,7 @@ async def test_chat_request_translation(backend, fake):
     await collect(backend.generate(req))
     path, body = fake.requests[-1]
     assert path == "/api/chat"
+    assert fake.request_ids[-1] == req.request_id
     assert body["stream"] is True and body["model"] == "tiny"
     assert body["options"] == {
         "temperature": 0.2, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "seed": 42, "repeat_penalty": 1.1,

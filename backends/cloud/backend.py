@@ -127,7 +127,7 @@ class CloudBackend:
 
             state = wire.StreamState()
             saw_done_marker = False
-            lines = iter_lines(resp)
+            lines = iter_lines(resp, self.name)
             while True:
                 try:
                     line = await anext(lines)

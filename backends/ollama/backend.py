@@ -95,7 +95,10 @@ class OllamaBackend:
         finished = False
         try:
             try:
-                resp = await self._get_session().post(self.base_url + path, json=body)
+                # The request id lets the upstream's logs be joined with ours.
+                resp = await self._get_session().post(
+                    self.base_url + path, json=body, headers={"X-Request-Id": req.request_id}
+                )
                 await raise_for_response(self.name, resp)
             except BackendError:
                 raise
@@ -103,7 +106,7 @@ class OllamaBackend:
                 raise error_for_exception(self.name, e) from None
 
             saw_tool_calls = False
-            lines = iter_lines(resp)
+            lines = iter_lines(resp, self.name)
             while True:
                 try:
                     line = await anext(lines)

@@ -85,6 +85,7 @@ class FakeOllama(LoopbackServer):
     def __post_init__(self) -> None:
         self.requests: list[tuple[str, Any]] = []
         self.loaded: dict[str, float] = {}  # name -> keep_alive seconds
+        self.request_ids: list[str] = []  # X-Request-Id of each request with a body
         self.disconnected = asyncio.Event()
 
     # ------------------------------------------------------------ lifecycle
@@ -139,6 +140,7 @@ class FakeOllama(LoopbackServer):
                 text=json.dumps({"error": "invalid JSON"}), content_type="application/json"
             ) from None
         self.requests.append((request.path, body))
+        self.request_ids.append(request.headers.get("X-Request-Id", ""))
         return body
 
     # ------------------------------------------------------------ generation
