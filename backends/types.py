@@ -299,6 +299,52 @@ class OutputFormat:
         return cls("text")
 
 
+_TOOL_CHOICE_TO_PB = {
+    "auto": pb.TOOL_CHOICE_UNSPECIFIED,
+    "required": pb.TOOL_CHOICE_REQUIRED,
+    "function": pb.TOOL_CHOICE_FUNCTION,
+}
+
+
+@dataclass
+class ToolChoice:
+    """Must the model call a tool?  "auto": it may; "required": one of the
+    tools; "function": the tool named ``function_name``."""
+
+    mode: Literal["auto", "required", "function"] = "auto"
+    function_name: str = ""
+
+    @property
+    def forced(self) -> bool:
+        return self.mode != "auto"
+
+    def describe(self) -> str:
+        return f"function {self.function_name!r}" if self.mode == "function" else repr(self.mode)
+
+    def check(self, tools: list[Tool]) -> None:
+        """A forced choice needs tools, and a named function must be one of them."""
+        if not self.forced:
+            return
+        if not tools:
+            raise InvalidArgument(f"tool_choice {self.describe()} needs tools")
+        if self.mode == "function":
+            if not self.function_name:
+                raise InvalidArgument("tool_choice: function_name is required")
+            if self.function_name not in {t.name for t in tools}:
+                raise InvalidArgument(f"tool_choice names {self.function_name!r}, which is not in tools")
+
+    def to_pb(self) -> pb.ToolChoice:
+        return pb.ToolChoice(mode=_TOOL_CHOICE_TO_PB[self.mode], function_name=self.function_name)
+
+    @classmethod
+    def from_pb(cls, m: pb.ToolChoice) -> "ToolChoice":
+        if m.mode == pb.TOOL_CHOICE_REQUIRED:
+            return cls("required")
+        if m.mode == pb.TOOL_CHOICE_FUNCTION:
+            return cls("function", m.function_name)
+        return cls()
+
+
 @dataclass
 class GenerateRequest:
     """One generation: exactly one of ``prompt`` and ``messages`` is set."""
@@ -314,6 +360,7 @@ class GenerateRequest:
     keep_alive: Optional[float] = None  # seconds; see keep_alive_from_pb
     #: None = the model's default; True = think; False = no thinking.
     think: Optional[bool] = None
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_pb(self) -> pb.GenerateRequest:
@@ -335,12 +382,14 @@ class GenerateRequest:
             m.keep_alive.CopyFrom(ka)
         if self.think is not None:
             m.think = self.think
+        if self.tool_choice.forced:
+            m.tool_choice.CopyFrom(self.tool_choice.to_pb())
         return m
 
     @classmethod
     def from_pb(cls, m: pb.GenerateRequest) -> "GenerateRequest":
         which = m.WhichOneof("input")
-        return cls(
+        req = cls(
             model=m.model,
             prompt=Prompt.from_pb(m.prompt) if which == "prompt" else None,
             messages=[Message.from_pb(x) for x in m.chat.messages] if which == "chat" else None,
@@ -351,8 +400,11 @@ class GenerateRequest:
             top_logprobs=m.top_logprobs,
             keep_alive=keep_alive_from_pb(m),
             think=m.think if m.HasField("think") else None,
+            tool_choice=ToolChoice.from_pb(m.tool_choice),
             request_id=m.request_id or uuid.uuid4().hex,
         )
+        req.tool_choice.check(req.tools)
+        return req
 
 
 # ---------------------------------------------------------------- events

@@ -340,7 +340,9 @@ SCHEMAS: dict[str, S] = {
                     "tools": _arr(_ref("Tool")),
                     "tool_choice": {
                         "oneOf": [{"enum": ["none", "auto", "required"]}, ANYOBJ],
-                        "description": "none drops tools; a named function keeps only it (not forced)",
+                        "description": "none drops tools; auto offers them; required forces one call to one of them, "
+                        "a named function keeps only it and forces a call to it (MLX engine, json_tools models; "
+                        "400 otherwise or with a JSON response_format)",
                     },
                     "response_format": _obj(
                         {"type": {"enum": ["text", "json_object", "json_schema"]}, "json_schema": ANYOBJ},

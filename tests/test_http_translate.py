@@ -185,10 +185,20 @@ def test_openai_tool_choice():
     base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools}
     assert len(atr.chat_request({**base, "tool_choice": "auto"}).base[0].tools) == 2
     assert len(atr.chat_request({**base, "tool_choice": "none"}).base[0].tools) == 0
+    assert not atr.chat_request({**base, "tool_choice": "auto"}).base[0].HasField("tool_choice")
     named = atr.chat_request({**base, "tool_choice": {"type": "function", "function": {"name": "b"}}})
     assert [t.name for t in named.base[0].tools] == ["b"]
+    assert named.base[0].tool_choice.mode == pb.TOOL_CHOICE_FUNCTION
+    assert named.base[0].tool_choice.function_name == "b"
+    required = atr.chat_request({**base, "tool_choice": "required"}).base[0]
+    assert len(required.tools) == 2 and required.tool_choice.mode == pb.TOOL_CHOICE_REQUIRED
     with pytest.raises(ApiError, match="tool_choice"):
         atr.chat_request({**base, "tool_choice": {"type": "function", "function": {"name": "zzz"}}})
+    with pytest.raises(ApiError, match="tool_choice") as e:
+        atr.chat_request({**base, "tool_choice": "required", "response_format": {"type": "json_object"}})
+    assert e.value.param == "tool_choice"
+    with pytest.raises(ApiError, match="needs tools"):
+        atr.chat_request({**base, "tools": [], "tool_choice": "required"})
 
 
 @pytest.mark.parametrize(

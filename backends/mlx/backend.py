@@ -173,6 +173,36 @@ class MLXBackend:
             raise Unavailable(f"failed to load model {entry.name}: {e}") from None
         return lm, time.perf_counter_ns() - t0
 
+    @staticmethod
+    def _grammar(req: GenerateRequest, lm: LoadedModel) -> Optional[str]:
+        """The request's grammar: its output format's, or a forced tool call's.
+
+        tool_choice "required" / a named function forces exactly one call with
+        a grammar written for the model's tool-call syntax; where we have no
+        grammar for that syntax the request is refused (INVALID_ARGUMENT), never
+        silently left unforced.
+        """
+        choice = req.tool_choice
+        if not choice.forced:
+            return constrain.grammar_for(req.format)
+        choice.check(req.tools)
+        if req.format.kind != "text":
+            raise InvalidArgument(
+                f"tool_choice {choice.describe()} cannot be combined with a JSON format (response_format)"
+            )
+        tok = lm.tokenizer
+        parser = constrain.tool_parser_name(tok) if tok.has_tool_calling else None
+        if parser not in constrain.TOOL_CALL_GRAMMARS:
+            fmt = f"tool-call format ({parser})" if parser else "tool-call format (none known)"
+            raise InvalidArgument(
+                f"tool_choice {choice.describe()} is not supported for this model's {fmt}: {lm.name} "
+                f"can only be offered tools (tool_choice auto)"
+            )
+        tools = [t for t in req.tools if choice.mode != "function" or t.name == choice.function_name]
+        return constrain.tool_call_grammar(
+            tools, tok.tool_call_start, tok.tool_call_end, tok.tool_call_start_tokens, tok.tool_call_end_tokens
+        )
+
     def _plan(self, req: GenerateRequest, lm: LoadedModel) -> _Plan:
         """Tokenize and check the request (worker thread: tokenizer work, no MLX).
 
@@ -191,13 +221,14 @@ class MLXBackend:
         room = ctx - n
         asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
         max_tokens = min(asked, room)
+        tok = lm.tokenizer
         matcher = None
-        grammar = constrain.grammar_for(req.format)
+        grammar = self._grammar(req, lm)
+        what = "tool_choice" if req.tool_choice.forced else "format"
         if grammar is not None:
             lltok = lm.lltok.get(lm.tokenizer._tokenizer, lm.vocab_size, sorted(lm.eos_token_ids))
-            matcher = constrain.new_matcher(lltok, grammar)
+            matcher = constrain.new_matcher(lltok, grammar, what)
         splitter = None
-        tok = lm.tokenizer
         if req.tools and tok.has_tool_calling:
             splitter = ToolCallSplitter(
                 tok.tool_call_start, tok.tool_call_end, tok.tool_parser, [t.to_template_dict() for t in req.tools]

@@ -12,16 +12,22 @@ with the sequence's tokens so far (prompt included); it feeds the newly
 sampled token to the matcher, then masks every token the grammar forbids.
 Once the grammar is complete only EOS remains allowed, so the sequence ends
 with finish "stop".
+
+A forced tool call (tool_choice "required" or a named function) is a grammar
+too: the model's tool-call markers around one call object whose name is one
+of the allowed tools and whose arguments follow that tool's parameter schema,
+then EOS.  That needs the exact text format the model's tool parser reads, so
+it exists only for the parsers listed in ``TOOL_CALL_GRAMMARS``.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 from backends.errors import InvalidArgument
-from backends.types import OutputFormat
+from backends.types import OutputFormat, Tool
 
 #: Bounded whitespace between JSON tokens: real models like pretty JSON, but a
 #: model stuck emitting newlines must not run until max_tokens.
@@ -45,6 +51,68 @@ def grammar_for(fmt: OutputFormat) -> Optional[str]:
         raise InvalidArgument(f"format: invalid JSON schema: {e}") from None
 
 
+#: mlx-lm tool parsers (``mlx_lm.tool_parsers.<name>``) whose call syntax we can
+#: write as a grammar.  json_tools reads ``json.loads(body)`` between
+#: ``<tool_call>`` and ``</tool_call>``: ``{"name": ..., "arguments": {...}}``.
+TOOL_CALL_GRAMMARS = frozenset({"json_tools"})
+
+
+def tool_parser_name(tokenizer) -> Optional[str]:
+    """The mlx-lm tool parser module's short name (e.g. "json_tools"), or None."""
+    parser = getattr(tokenizer, "tool_parser", None)
+    module = getattr(parser, "__module__", None) or ""
+    if not module.startswith("mlx_lm.tool_parsers."):
+        return None
+    return module.rsplit(".", 1)[-1]
+
+
+def _lark_marker(text: str, ids: Optional[Sequence[int]]) -> str:
+    """A marker as a lark item: its token when it is one token (special tokens
+    must be generated as themselves), else its text."""
+    if ids is not None and len(ids) == 1:
+        return f"<[{int(ids[0])}]>"
+    return json.dumps(text)
+
+
+def _arguments_schema(tool: Tool) -> dict:
+    schema = dict(tool.parameters) if isinstance(tool.parameters, dict) else {}
+    if "type" not in schema and not any(k in schema for k in ("$ref", "anyOf", "oneOf", "allOf", "enum", "const")):
+        schema["type"] = "object"  # no schema: any object (the parser needs an object)
+    schema["x-guidance"] = _JSON_OPTIONS
+    return schema
+
+
+def tool_call_grammar(
+    tools: Sequence[Tool],
+    start: str,
+    end: str,
+    start_ids: Optional[Sequence[int]] = None,
+    end_ids: Optional[Sequence[int]] = None,
+) -> str:
+    """The lark grammar of exactly one json_tools call to one of ``tools``, then EOS.
+
+    ``<tool_call>`` (optional newline) ``{"name": "<tool>", "arguments": <object
+    matching the tool's parameters>}`` (optional newline) ``</tool_call>``.  Each
+    tool is its own alternative with its own embedded schema, so a ``$ref``
+    inside a parameters schema still resolves against that schema's root.
+    """
+    import llguidance
+
+    if not tools:
+        raise InvalidArgument("tool_choice: no tools to call")
+    lines = [
+        "%llguidance {}",
+        f"start: LEAD? {_lark_marker(start, start_ids)} NL? call NL? {_lark_marker(end, end_ids)}",
+        r'LEAD: /[ \t\n]{1,4}/',
+        r'NL: "\n"',
+        "call: " + " | ".join(f"call_{i}" for i in range(len(tools))),
+    ]
+    for i, tool in enumerate(tools):
+        head = '{"name": ' + json.dumps(tool.name) + ', "arguments": '
+        lines.append(f"call_{i}: {json.dumps(head)} %json {json.dumps(_arguments_schema(tool))} \"}}\"")
+    return llguidance.LLMatcher.grammar_from_lark("\n".join(lines) + "\n")
+
+
 class TokenizerCache:
     """One llguidance tokenizer per loaded model: building it takes up to a second."""
 
@@ -61,13 +129,13 @@ class TokenizerCache:
             return self._tok
 
 
-def new_matcher(lltok, grammar: str):
+def new_matcher(lltok, grammar: str, what: str = "format"):
     """Compile the grammar for one sequence; a schema llguidance cannot use is the caller's error."""
     import llguidance
 
     matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
     if matcher.is_error():
-        raise InvalidArgument(f"format: unsupported JSON schema: {matcher.get_error()}")
+        raise InvalidArgument(f"{what}: unsupported JSON schema: {matcher.get_error()}")
     return matcher
 
 

@@ -3,9 +3,12 @@
 Shapes follow the OpenAI API reference; the official ``openai`` package is the
 judge in tests.  Deliberate choices:
 
-- ``tool_choice``: "none" drops the tools; "auto" and "required" pass them
-  (the model is not forced to call one); a named function keeps only that
-  tool (again not forced).
+- ``tool_choice``: "none" drops the tools; "auto" passes them; "required"
+  passes them and forces a call (ToolChoice REQUIRED); a named function keeps
+  only that tool and forces a call to it (ToolChoice FUNCTION).  Forcing is
+  the backend's: the MLX engine does it with a grammar (one call) for tool-call
+  formats it knows and refuses otherwise (400).  Forcing plus a JSON
+  ``response_format`` is 400.
 - ``n`` > 1 runs n generations concurrently; with a ``seed``, choice i uses
   seed + i so the choices differ yet stay reproducible.
 - ``/v1/completions`` sends the prompt raw (no chat template), as OpenAI's
@@ -44,7 +47,9 @@ from backends.types import (
     Prompt,
     Sampling,
     TokenLogprob,
+    Tool,
     ToolCall,
+    ToolChoice,
 )
 from gateway.common import Collected, parse_arguments, parse_tools
 from gateway.errors import ApiError, bad_request
@@ -254,21 +259,31 @@ def _response_format(b: Body) -> OutputFormat:
     )
 
 
-def _tool_choice(b: Body, tools: list) -> list:
+def _tool_choice(b: Body, tools: list[Tool]) -> tuple[list[Tool], ToolChoice]:
+    """The tools to send and whether a call is forced.
+
+    "none" sends no tools; "auto" (or absent) sends them unforced; "required"
+    forces a call to one of them; a named function keeps only that tool and
+    forces a call to it.
+    """
     tc = b.raw("tool_choice")
-    if tc is None or tc in ("auto", "required"):
-        return tools
+    if tc is None or tc == "auto":
+        return tools, ToolChoice()
     if tc == "none":
-        return []
+        return [], ToolChoice()
+    if tc == "required":
+        if not tools:
+            raise bad_request('tool_choice "required" needs tools', param="tool_choice")
+        return tools, ToolChoice("required")
     if isinstance(tc, dict):
         fn = tc.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not name:
             raise bad_request("tool_choice.function.name is required", param="tool_choice")
         chosen = [t for t in tools if t.name == name]
         if not chosen:
             raise bad_request(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
-        return chosen
+        return chosen, ToolChoice("function", name)
     raise bad_request('tool_choice must be "none", "auto", "required" or a function', param="tool_choice")
 
 
@@ -294,7 +309,13 @@ def chat_request(data: dict[str, Any]) -> Parsed:
     if not raw_msgs:
         raise bad_request("messages is required and must be a non-empty array", param="messages")
     messages = parse_messages(raw_msgs)
-    tools = _tool_choice(b, parse_tools(b.list("tools")))
+    tools, choice = _tool_choice(b, parse_tools(b.list("tools")))
+    fmt = _response_format(b)
+    if choice.forced and fmt.kind != "text":
+        raise bad_request(
+            f"tool_choice {choice.describe()} cannot be combined with response_format {fmt.kind}",
+            param="tool_choice",
+        )
     sampling = _sampling(b)
     max_tokens = b.int("max_tokens", lo=1)
     mct = b.int("max_completion_tokens", lo=1)
@@ -309,10 +330,12 @@ def chat_request(data: dict[str, Any]) -> Parsed:
         model=model,
         tools=[t.to_pb() for t in tools],
         sampling=sampling.to_pb(),
-        format=_response_format(b).to_pb(),
+        format=fmt.to_pb(),
         logprobs=logprobs,
         top_logprobs=top,
     )
+    if choice.forced:
+        req.tool_choice.CopyFrom(choice.to_pb())
     req.chat.CopyFrom(pb.ChatInput(messages=[m.to_pb() for m in messages]))
     think = _think(b)
     if think is not None:

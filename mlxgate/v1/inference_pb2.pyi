@@ -25,6 +25,12 @@ class FormatType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FORMAT_TYPE_JSON: _ClassVar[FormatType]
     FORMAT_TYPE_JSON_SCHEMA: _ClassVar[FormatType]
 
+class ToolChoiceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOOL_CHOICE_UNSPECIFIED: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_REQUIRED: _ClassVar[ToolChoiceMode]
+    TOOL_CHOICE_FUNCTION: _ClassVar[ToolChoiceMode]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -51,6 +57,9 @@ ROLE_TOOL: Role
 FORMAT_TYPE_UNSPECIFIED: FormatType
 FORMAT_TYPE_JSON: FormatType
 FORMAT_TYPE_JSON_SCHEMA: FormatType
+TOOL_CHOICE_UNSPECIFIED: ToolChoiceMode
+TOOL_CHOICE_REQUIRED: ToolChoiceMode
+TOOL_CHOICE_FUNCTION: ToolChoiceMode
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -161,8 +170,16 @@ class OutputFormat(_message.Message):
     json_schema: str
     def __init__(self, type: _Optional[_Union[FormatType, str]] = ..., json_schema: _Optional[str] = ...) -> None: ...
 
+class ToolChoice(_message.Message):
+    __slots__ = ("mode", "function_name")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_NAME_FIELD_NUMBER: _ClassVar[int]
+    mode: ToolChoiceMode
+    function_name: str
+    def __init__(self, mode: _Optional[_Union[ToolChoiceMode, str]] = ..., function_name: _Optional[str] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "chat", "tools", "sampling", "format", "logprobs", "top_logprobs", "keep_alive", "think")
+    __slots__ = ("request_id", "model", "prompt", "chat", "tools", "sampling", "format", "logprobs", "top_logprobs", "keep_alive", "think", "tool_choice")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +191,7 @@ class GenerateRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     THINK_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: PromptInput
@@ -185,7 +203,8 @@ class GenerateRequest(_message.Message):
     top_logprobs: int
     keep_alive: _duration_pb2.Duration
     think: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[_Union[PromptInput, _Mapping]] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., format: _Optional[_Union[OutputFormat, _Mapping]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., think: _Optional[bool] = ...) -> None: ...
+    tool_choice: ToolChoice
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[_Union[PromptInput, _Mapping]] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., format: _Optional[_Union[OutputFormat, _Mapping]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., think: _Optional[bool] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob")
