@@ -272,3 +272,34 @@ async def test_openai_tool_choice_errors(oai, stack):
     assert e.value.body["param"] == "tool_choice"
     with pytest.raises(openai.BadRequestError, match="needs tools"):
         await oai.chat.completions.create(model=stack.model, messages=MSGS, tool_choice="required")
+
+
+# ---------------------------------------------------------------- upstream backends
+
+
+def test_cloud_request_passes_the_forced_choice_upstream() -> None:
+    from backends.cloud import wire as cloud_wire
+    from backends.types import GenerateRequest, Message, Tool, ToolChoice
+
+    tools = [Tool("get_weather", "", {"type": "object"}), Tool("get_time", "", {"type": "object"})]
+    base = dict(model="m", messages=[Message("user", "hi")], tools=tools)
+    _, body = cloud_wire.generate_body(GenerateRequest(**base, tool_choice=ToolChoice("required")))
+    assert body["tool_choice"] == "required"
+    _, body = cloud_wire.generate_body(GenerateRequest(**base, tool_choice=ToolChoice("function", "get_time")))
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
+    _, body = cloud_wire.generate_body(GenerateRequest(**base))
+    assert "tool_choice" not in body
+
+
+def test_ollama_cannot_force_so_the_router_may_move_on() -> None:
+    from backends.errors import Unimplemented
+    from backends.ollama import wire as ollama_wire
+    from backends.types import GenerateRequest, Message, Tool, ToolChoice
+
+    req = GenerateRequest(model="m", messages=[Message("user", "hi")], tools=[Tool("f", "", {"type": "object"})],
+                          tool_choice=ToolChoice("required"))
+    with pytest.raises(Unimplemented, match="tool_choice") as ei:
+        ollama_wire.generate_body(req)
+    assert ei.value.retryable
+    req.tool_choice = ToolChoice()
+    assert ollama_wire.generate_body(req)[1]["tools"][0]["function"]["name"] == "f"

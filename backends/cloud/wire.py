@@ -97,6 +97,10 @@ def generate_body(req: GenerateRequest) -> tuple[str, dict[str, Any]]:
     body["messages"] = [message_json(m, i) for i, m in enumerate(chat_messages(req))]
     if req.tools:
         body["tools"] = [t.to_template_dict() for t in req.tools]
+        if req.tool_choice.mode == "required":
+            body["tool_choice"] = "required"
+        elif req.tool_choice.mode == "function":
+            body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.function_name}}
     if req.format.kind == "json":
         body["response_format"] = {"type": "json_object"}
     elif req.format.kind == "json_schema":

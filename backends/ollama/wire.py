@@ -11,6 +11,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from backends.errors import Unimplemented
 from backends.types import (
     Chunk,
     Done,
@@ -76,6 +77,10 @@ def message_json(m: Message) -> dict[str, Any]:
 
 def generate_body(req: GenerateRequest) -> tuple[str, dict[str, Any]]:
     """(path, JSON body) for a streaming /api/chat or /api/generate call."""
+    if req.tool_choice.forced:
+        # Ollama's API cannot force a tool call.  Unimplemented is retryable:
+        # the router moves on to a backend that can, rather than answer unforced.
+        raise Unimplemented(f"ollama: tool_choice {req.tool_choice.describe()} cannot be forced through Ollama's API")
     body: dict[str, Any] = {"model": req.model, "stream": True}
     if req.messages is not None:
         path = "/api/chat"
