@@ -19,8 +19,6 @@ from backends import errors
 from backends.mlx import constrain
 from backends.mlx.backend import MLXBackend
 from backends.types import (
-    Chunk,
-    Done,
     GenerateRequest,
     Message,
     OutputFormat,
@@ -30,6 +28,7 @@ from backends.types import (
 )
 from mlxgate.config import MLXConfig
 from mlxgate.v1 import inference_pb2 as pb
+from tests.test_mlx_engine import collect
 
 MODEL = "tiny-llama"
 
@@ -79,18 +78,6 @@ def request(choice: ToolChoice, seed: int, tools=(WEATHER, TIME), **kw) -> Gener
         sampling=Sampling(temperature=1.0, seed=seed, max_tokens=200),
         **kw,
     )
-
-
-async def collect(backend, req):
-    chunks, done = [], None
-    async for ev in backend.generate(req):
-        if isinstance(ev, Done):
-            done = ev
-        else:
-            assert isinstance(ev, Chunk)
-            chunks.append(ev)
-    assert done is not None
-    return chunks, done
 
 
 # ---------------------------------------------------------------- grammar
