@@ -47,7 +47,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 from backends.base import Backend
 from backends.breaker import CircuitBreaker, Clock
@@ -95,6 +95,7 @@ MAX_NAMES_IN_ERROR = 25
 LIST_TIMEOUT_S = 10.0
 
 
+
 class RouterObserver(Protocol):
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None: ...
 
@@ -131,6 +132,42 @@ class _Listing:
     expires_at: float
     models: Optional[list[ModelInfo]]  # None: the listing failed
 
+
+class _Attempts:
+    """The targets one request actually calls, in order: at most the retry
+    budget of them, skipping backends whose circuit is open, and reporting
+    each move to a next backend as a fallback (from the last miss).
+
+    Iterate for (target, breaker); call ``failed`` when a target's failure
+    lets the request go on.  ``errors`` collects every miss for the final error.
+    """
+
+    def __init__(self, router: Router, targets: Sequence[Target]) -> None:
+        self._router = router
+        self._targets = targets
+        self.errors: list[BackendError] = []
+        self._pending: Optional[tuple[str, str]] = None  # (from backend, reason) of the last miss
+
+    def __iter__(self) -> Iterator[tuple[Target, CircuitBreaker]]:
+        budget = max(1, self._router.rc.retry_budget)
+        tried = 0
+        for target in self._targets:
+            if tried >= budget:
+                return
+            name = target.backend.name
+            breaker = self._router.breakers[name]
+            if not breaker.allow():
+                log.debug("%s skipped: circuit open", name)
+                self.failed(name, _CircuitOpen(f"{name}: circuit open after repeated failures"), CIRCUIT_OPEN)
+                continue
+            tried += 1
+            if self._pending is not None:
+                self._router._fallback(self._pending[0], name, self._pending[1])
+            yield target, breaker
+
+    def failed(self, backend: str, error: BackendError, reason: str) -> None:
+        self.errors.append(error)
+        self._pending = (backend, reason)
 
 class Router:
     """A Backend that routes each request over ``backends`` (priority order)."""
@@ -296,23 +333,9 @@ class Router:
         targets = await self.targets(req.model)
         if not targets:
             raise await self._not_found(req.model)
-        budget = max(1, self.rc.retry_budget)
-        tried = 0
-        errors: list[BackendError] = []
-        pending: Optional[tuple[str, str]] = None  # (from backend, reason) of the last miss
-        for target in targets:
+        attempts = _Attempts(self, targets)
+        for target, breaker in attempts:
             backend = target.backend
-            if tried >= budget:
-                break
-            breaker = self.breakers[backend.name]
-            if not breaker.allow():
-                log.debug("%s skipped: circuit open", backend.name)
-                errors.append(_CircuitOpen(f"{backend.name}: circuit open after repeated failures"))
-                pending = (backend.name, CIRCUIT_OPEN)
-                continue
-            tried += 1
-            if pending is not None:
-                self._fallback(pending[0], backend.name, pending[1])
             sub = dataclasses.replace(req, model=target.model)
             emitted = False
             verdict = False
@@ -340,8 +363,7 @@ class Router:
                 if emitted or not e.retryable:
                     raise
                 log.info("%s failed before the first token for %s: %s", backend.name, req.model, e.message)
-                errors.append(e)
-                pending = (backend.name, _reason(e))
+                attempts.failed(backend.name, e, _reason(e))
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception:
@@ -351,12 +373,11 @@ class Router:
                 if emitted:
                     raise
                 log.exception("%s failed before the first token for %s", backend.name, req.model)
-                errors.append(Unavailable(f"{backend.name}: internal error"))
-                pending = (backend.name, "INTERNAL")
+                attempts.failed(backend.name, Unavailable(f"{backend.name}: internal error"), "INTERNAL")
             finally:
                 if not verdict:
                     breaker.release()
-        raise await self._exhausted(req.model, errors)
+        raise await self._exhausted(req.model, attempts.errors)
 
     async def _exhausted(self, public: str, errors: list[BackendError]) -> BackendError:
         """The error for a request no target could answer."""
@@ -382,22 +403,9 @@ class Router:
         targets = await self.targets(public)
         if not targets:
             raise await self._not_found(public)
-        budget = max(1, self.rc.retry_budget)
-        tried = 0
-        errors: list[BackendError] = []
-        pending: Optional[tuple[str, str]] = None
-        for target in targets:
-            if tried >= budget:
-                break
+        attempts = _Attempts(self, targets)
+        for target, breaker in attempts:
             backend = target.backend
-            breaker = self.breakers[backend.name]
-            if not breaker.allow():
-                errors.append(_CircuitOpen(f"{backend.name}: circuit open after repeated failures"))
-                pending = (backend.name, CIRCUIT_OPEN)
-                continue
-            tried += 1
-            if pending is not None:
-                self._fallback(pending[0], backend.name, pending[1])
             try:
                 result = await call(backend, target.model)
             except asyncio.CancelledError:
@@ -408,18 +416,16 @@ class Router:
                 if not e.retryable:
                     raise
                 log.info("%s: %s failed for %s: %s", backend.name, what, public, e.message)
-                errors.append(e)
-                pending = (backend.name, _reason(e))
+                attempts.failed(backend.name, e, _reason(e))
                 continue
             except Exception:
                 breaker.record_failure()
                 log.exception("%s: %s failed for %s", backend.name, what, public)
-                errors.append(Unavailable(f"{backend.name}: internal error"))
-                pending = (backend.name, "INTERNAL")
+                attempts.failed(backend.name, Unavailable(f"{backend.name}: internal error"), "INTERNAL")
                 continue
             breaker.record_success()
             return target, result
-        raise await self._exhausted(public, errors)
+        raise await self._exhausted(public, attempts.errors)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         target, result = await self._first(
