@@ -177,5 +177,22 @@ async def iter_lines(resp: aiohttp.ClientResponse, who: str = "upstream") -> Asy
         yield bytes(buf).rstrip(b"\r")
 
 
+class UpstreamSession:
+    """A lazily created aiohttp session (a ClientSession belongs to the running
+    event loop, so it cannot be made in __init__), closed by ``close``."""
+
+    _session: Optional[aiohttp.ClientSession] = None
+
+    def _session_with(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+
 def client_timeout(total: Optional[float], connect: Optional[float], read: Optional[float]) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total, sock_connect=connect, connect=connect, sock_read=read)

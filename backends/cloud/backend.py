@@ -23,6 +23,7 @@ import aiohttp
 from backends.cloud import wire
 from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
 from backends.http_upstream import (
+    UpstreamSession,
     client_timeout,
     error_for_exception,
     error_for_status,
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 
 
-class CloudBackend:
+class CloudBackend(UpstreamSession):
     """Backend named ``cloud:<provider.name>``."""
 
     def __init__(self, provider: CloudProvider, env: Mapping[str, str]) -> None:
@@ -61,7 +62,6 @@ class CloudBackend:
         if provider.api_key_env and not self.__key:
             log.warning("%s: environment variable %s is not set; calling without a key", self.name,
                         provider.api_key_env)
-        self._session: Optional[aiohttp.ClientSession] = None
 
     def __repr__(self) -> str:  # never the key
         return f"CloudBackend({self.name!r}, {self.base_url!r})"
@@ -79,12 +79,7 @@ class CloudBackend:
         return h
 
     def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=client_timeout(None, CONNECT_TIMEOUT, self.provider.timeout),
-                raise_for_status=False,
-            )
-        return self._session
+        return self._session_with(client_timeout(None, CONNECT_TIMEOUT, self.provider.timeout))
 
     def _fail(self, e: BaseException) -> BackendError:
         return error_for_exception(self.name, e, self._secrets)
@@ -236,7 +231,3 @@ class CloudBackend:
     async def unload_model(self, name: str) -> bool:
         return False
 
-    async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None

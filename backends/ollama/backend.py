@@ -19,6 +19,7 @@ import aiohttp
 
 from backends.errors import BackendError, ModelNotFound, Unavailable
 from backends.http_upstream import (
+    UpstreamSession,
     client_timeout,
     error_for_exception,
     error_text_from_body,
@@ -41,7 +42,7 @@ from mlxgate.config import OllamaConfig
 log = logging.getLogger(__name__)
 
 
-class OllamaBackend:
+class OllamaBackend(UpstreamSession):
     """Backend named "ollama" that forwards to ``config.upstream``."""
 
     name = "ollama"
@@ -51,7 +52,6 @@ class OllamaBackend:
             raise ValueError("OllamaBackend needs config.upstream (e.g. http://otherbox:11434)")
         self.config = config
         self.base_url = config.upstream.rstrip("/")
-        self._session: Optional[aiohttp.ClientSession] = None
 
     def __repr__(self) -> str:
         return f"OllamaBackend({self.base_url!r})"
@@ -59,13 +59,7 @@ class OllamaBackend:
     # ------------------------------------------------------------ plumbing
 
     def _get_session(self) -> aiohttp.ClientSession:
-        # Created lazily: a ClientSession belongs to the running event loop.
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=client_timeout(None, self.config.connect_timeout, self.config.timeout),
-                raise_for_status=False,
-            )
-        return self._session
+        return self._session_with(client_timeout(None, self.config.connect_timeout, self.config.timeout))
 
     def _unary_timeout(self) -> aiohttp.ClientTimeout:
         return client_timeout(self.config.timeout, self.config.connect_timeout, self.config.timeout)
@@ -184,10 +178,6 @@ class OllamaBackend:
         await self._call("POST", "/api/generate", {"model": name, "keep_alive": 0, "stream": False})
         return was_loaded
 
-    async def close(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
 
 
 def _same_model(a: str, b: str) -> bool:
