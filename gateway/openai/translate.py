@@ -476,9 +476,16 @@ def chat_completion(p: Parsed, results: list[Collected]) -> dict[str, Any]:
                 "logprobs": chat_logprobs(r.logprobs) if r.logprobs else None,
             }
         )
+    return _whole_answer("chatcmpl", "chat.completion", p, choices, results)
+
+
+def _whole_answer(
+    id_prefix: str, obj: str, p: Parsed, choices: list[dict[str, Any]], results: list[Collected]
+) -> dict[str, Any]:
+    """The envelope chat and text completions share around their choices."""
     return {
-        "id": new_id("chatcmpl"),
-        "object": "chat.completion",
+        "id": new_id(id_prefix),
+        "object": obj,
         "created": int(time.time()),
         "model": p.model,
         "choices": choices,
@@ -498,15 +505,7 @@ def completion(p: Parsed, results: list[Collected]) -> dict[str, Any]:
                 "logprobs": completion_logprobs(r.logprobs) if p.logprobs >= 0 else None,
             }
         )
-    return {
-        "id": new_id("cmpl"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": p.model,
-        "choices": choices,
-        "usage": usage_of([r.done for r in results], p.n),
-        "system_fingerprint": fingerprint(results[0].done.backend if results else ""),
-    }
+    return _whole_answer("cmpl", "text_completion", p, choices, results)
 
 
 class ChatStream:
