@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from backends.types import (
 from mlxgate.config import CloudProvider
 from tests.fakes.ollama_fake import Fault
 from tests.fakes.openai_fake import FakeOpenAI
+from tests.fakes.streams import collect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,13 +55,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-async def collect(agen) -> list:
-    out = []
-    async with contextlib.aclosing(agen) as events:
-        async for ev in events:
-            out.append(ev)
-    return out
 
 
 # ------------------------------------------------------------------ a real server: mlx_lm.server

@@ -31,6 +31,7 @@ from backends.types import (
 )
 from mlxgate.config import OllamaConfig
 from tests.fakes.ollama_fake import Fault, FakeOllama
+from tests.fakes.streams import collect
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -59,13 +60,6 @@ def free_port() -> int:
 def chat(model: str = "tiny", **kw) -> GenerateRequest:
     return GenerateRequest(model=model, messages=[Message("user", "hi")], **kw)
 
-
-async def collect(agen) -> list:
-    out = []
-    async with contextlib.aclosing(agen) as events:
-        async for ev in events:
-            out.append(ev)
-    return out
 
 
 # ------------------------------------------------------------------ streaming

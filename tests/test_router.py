@@ -9,7 +9,6 @@ where only the router's own logic is under test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -36,6 +35,7 @@ from mlxgate.config import CloudProvider, Config, OllamaConfig, RouterConfig
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.scripted_backend import ScriptedBackend
+from tests.fakes.streams import collect
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,13 +75,6 @@ def free_port() -> int:
 def chat(model: str) -> GenerateRequest:
     return GenerateRequest(model=model, messages=[Message("user", "hi")])
 
-
-async def collect(agen) -> list:
-    out = []
-    async with contextlib.aclosing(agen) as events:
-        async for ev in events:
-            out.append(ev)
-    return out
 
 
 def text_of(events) -> str:

@@ -12,7 +12,7 @@ from mlxgate.config import CloudProvider, OllamaConfig
 from tests.fakes.ollama_fake import FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.test_mlx_engine import _tokenizer
-from tests.test_ollama_adapter import collect
+from tests.fakes.streams import collect
 from tests.test_thinking_engine import ANSWER, SAMPLE, THOUGHT
 
 pytestmark = pytest.mark.timeout(30)
