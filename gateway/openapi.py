@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.ollama.routes import MODEL_MANAGEMENT_HELP
-from gateway.ollama.translate import KNOWN_OPTIONS, OLLAMA_COMPAT_VERSION
+from gateway.ollama.translate import BOOL_OPTIONS, INT_OPTIONS, KNOWN_OPTIONS, OLLAMA_COMPAT_VERSION
 
 S = dict[str, Any]
 
@@ -55,36 +55,8 @@ THINK: S = {
 
 _OPTION_TYPES: dict[str, S] = {
     "stop": STR_OR_LIST,
-    **{
-        k: INT
-        for k in (
-            "top_k",
-            "seed",
-            "num_predict",
-            "repeat_last_n",
-            "num_ctx",
-            "num_keep",
-            "mirostat",
-            "num_batch",
-            "num_gpu",
-            "main_gpu",
-            "num_thread",
-        )
-    },
-    **{
-        k: BOOL
-        for k in (
-            "penalize_newline",
-            "numa",
-            "low_vram",
-            "f16_kv",
-            "logits_all",
-            "vocab_only",
-            "use_mmap",
-            "use_mlock",
-            "embedding_only",
-        )
-    },
+    **{k: INT for k in INT_OPTIONS},
+    **{k: BOOL for k in BOOL_OPTIONS},
 }
 
 SCHEMAS: dict[str, S] = {

@@ -122,10 +122,13 @@ _IGNORED_BOOL = {
     "use_mlock",
     "embedding_only",
 }
-#: Every option name Ollama documents (Modelfile parameters + runner options).
+#: Every option name Ollama documents (Modelfile parameters + runner options),
+#: and the integer and boolean ones among them (the rest are numbers, and stop).
 KNOWN_OPTIONS = (
     _FLOAT_OPTS | _INT_OPTS | _IGNORED_FLOAT | _IGNORED_INT | _IGNORED_BOOL | {"seed", "num_predict", "stop"}
 )
+INT_OPTIONS = _INT_OPTS | _IGNORED_INT | {"seed", "num_predict"}
+BOOL_OPTIONS = _IGNORED_BOOL
 
 
 def parse_options(opts: Optional[Body]) -> Sampling:
