@@ -23,6 +23,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, help="gRPC port (env MLXGATE_GRPC_PORT, default 50051)")
     p.add_argument("--ollama-upstream", help="upstream Ollama URL for fallback (env OLLAMA_UPSTREAM)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (env MLXGATE_LOG_LEVEL)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="require this key from callers; repeat for several (env MLXGATE_API_KEYS, comma-separated)",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback bind address without API keys (env MLXGATE_ALLOW_UNAUTHENTICATED)",
+    )
+    p.add_argument("--data-dir", help="where mlxgate keeps its own data (env MLXGATE_DATA_DIR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +74,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.metrics_port": getattr(args, "metrics_port", None),
         "mlx.models_dir": args.models_dir,
         "ollama.upstream": args.ollama_upstream,
+        "server.api_keys": args.api_keys,
+        "server.allow_unauthenticated": args.allow_unauthenticated,
+        "server.data_dir": args.data_dir,
         "log_level": args.log_level or os.environ.get("MLXGATE_LOG_LEVEL"),
     }
     return load_config(args.config, overrides=overrides)

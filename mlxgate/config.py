@@ -27,11 +27,16 @@ dataclass fields, e.g.::
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,8 +52,31 @@ class ServerConfig:
     request_timeout: float = 600.0
     #: Largest request body the front accepts, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
+    #: Largest gRPC message the service receives or sends (and the front's
+    #: channel), in bytes: a little above max_body_bytes, so whatever the HTTP
+    #: front accepts still fits in one message.
+    grpc_max_message_bytes: int = 36 * 1024 * 1024
     #: Port for /metrics when only the inference service runs (``mlxgate service``).
     metrics_port: int = 9464
+    #: API keys.  When any is set, every HTTP route but ``GET /`` and ``HEAD /``
+    #: needs one (``Authorization: Bearer <key>`` or ``x-api-key``), and every
+    #: InferenceService gRPC method needs ``authorization: Bearer <key>``.
+    api_keys: list[str] = field(default_factory=list)
+    #: Serve /metrics without a key even when keys are set.
+    metrics_public: bool = False
+    #: Start on a non-loopback address with no keys (refused otherwise).
+    allow_unauthenticated: bool = False
+    #: Host header values accepted besides the loopback names (DNS-rebinding guard).
+    allowed_hosts: list[str] = field(default_factory=list)
+    #: Browser origins allowed besides the defaults (OLLAMA_ORIGINS and
+    #: MLXGATE_ORIGINS add up), Ollama's pattern syntax ("*" wildcards).
+    origins: list[str] = field(default_factory=list)
+    #: Seconds in-flight requests may run after SIGTERM/SIGINT before they are ended.
+    shutdown_grace: float = 30.0
+    #: Where mlxgate keeps its own data (stored responses, the generated
+    #: test model when no models are found); None = the platform's user data
+    #: folder for mlxgate.
+    data_dir: Optional[str] = None
 
 
 @dataclass
@@ -60,7 +88,9 @@ class MLXConfig:
     max_loaded_models: int = 2
     #: Ollama's default keep_alive, seconds.
     default_keep_alive: float = 300.0
-    default_max_tokens: int = 512
+    #: Tokens to generate when a request sets no limit; -1 (Ollama's
+    #: num_predict default) = until a stop or the context is full.
+    default_max_tokens: int = -1
     #: Sequences decoded together in one step (continuous batching).
     max_batch_size: int = 16
     #: Requests queued or running before new ones are refused with
@@ -80,11 +110,30 @@ class MLXConfig:
 
 
 @dataclass
+class UpstreamTimeouts:
+    """Clocks on a call to an upstream (Ollama, a cloud API), in seconds.
+
+    ``connect``: to open the connection.  ``first_token``: from sending the
+    request to the first token (or the whole answer of a unary call).
+    ``idle``: between two tokens.  Keep-alive lines and SSE comments do not
+    reset the token clocks.  The ``[upstream]`` section (env
+    MLXGATE_CONNECT_TIMEOUT, MLXGATE_FIRST_TOKEN_TIMEOUT, MLXGATE_IDLE_TIMEOUT)
+    gives the defaults; each upstream may set its own.
+    """
+
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 120.0
+    idle_timeout: float = 60.0
+
+
+@dataclass
 class OllamaConfig:
     #: Base URL of an upstream Ollama, e.g. http://otherbox:11434; None = off.
     upstream: Optional[str] = None
-    timeout: float = 600.0
-    connect_timeout: float = 5.0
+    #: None: the ``[upstream]`` default (filled in by load_config).
+    connect_timeout: Optional[float] = None
+    first_token_timeout: Optional[float] = None
+    idle_timeout: Optional[float] = None
 
 
 @dataclass
@@ -95,7 +144,10 @@ class CloudProvider:
     api_key_env: str = ""
     #: Models to offer from this provider; empty = ask its /models.
     models: list[str] = field(default_factory=list)
-    timeout: float = 600.0
+    #: None: the ``[upstream]`` default (filled in by load_config).
+    connect_timeout: Optional[float] = None
+    first_token_timeout: Optional[float] = None
+    idle_timeout: Optional[float] = None
 
 
 @dataclass
@@ -122,16 +174,21 @@ class Config:
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    upstream: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     #: Public name -> ordered targets "mlx:<name>", "ollama:<tag>",
     #: "cloud:<provider>:<model>".
     aliases: dict[str, list[str]] = field(default_factory=dict)
     log_level: str = "INFO"
+    #: What loading noticed and the user should read (logged at start-up):
+    #: an ignored OLLAMA_MODELS, a deprecated key, ...
+    notes: list[str] = field(default_factory=list)
 
     def models_path(self) -> Path:
         return Path(self.mlx.models_dir).expanduser()
 
 
-# Environment variables, each mapped onto one (section, field).
+# Environment variables, each mapped onto one (section, field).  List-valued
+# fields take comma-separated values.
 ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_HOST": ("server", "host"),
     "MLXGATE_PORT": ("server", "port"),
@@ -140,6 +197,13 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_GRPC_TARGET": ("server", "grpc_target"),
     "MLXGATE_REQUEST_TIMEOUT": ("server", "request_timeout"),
     "MLXGATE_METRICS_PORT": ("server", "metrics_port"),
+    "MLXGATE_API_KEYS": ("server", "api_keys"),
+    "MLXGATE_METRICS_PUBLIC": ("server", "metrics_public"),
+    "MLXGATE_ALLOW_UNAUTHENTICATED": ("server", "allow_unauthenticated"),
+    "MLXGATE_ALLOWED_HOSTS": ("server", "allowed_hosts"),
+    "MLXGATE_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
+    "MLXGATE_DATA_DIR": ("server", "data_dir"),
+    "MLXGATE_MAX_BODY_BYTES": ("server", "max_body_bytes"),
     "MLXGATE_MODELS_DIR": ("mlx", "models_dir"),
     "MLXGATE_HF_CACHE": ("mlx", "hf_cache"),
     "MLXGATE_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
@@ -148,20 +212,79 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_MAX_PENDING": ("mlx", "max_pending"),
     "MLXGATE_PROMPT_CACHE_BYTES": ("mlx", "prompt_cache_bytes"),
     "MLXGATE_MLX_ENABLED": ("mlx", "enabled"),
+    "MLXGATE_DEFAULT_MAX_TOKENS": ("mlx", "default_max_tokens"),
     "OLLAMA_UPSTREAM": ("ollama", "upstream"),
+    "MLXGATE_CONNECT_TIMEOUT": ("upstream", "connect_timeout"),
+    "MLXGATE_FIRST_TOKEN_TIMEOUT": ("upstream", "first_token_timeout"),
+    "MLXGATE_IDLE_TIMEOUT": ("upstream", "idle_timeout"),
+}
+
+#: Ollama's own variables, honoured for users replacing Ollama.  mlxgate's
+#: variable for the same setting wins (it is applied after these), except the
+#: origin lists, which add up (MLXGATE_ORIGINS and OLLAMA_ORIGINS).
+OLLAMA_ENV_VARS: dict[str, tuple[str, str]] = {
+    "OLLAMA_KEEP_ALIVE": ("mlx", "default_keep_alive"),
+    "OLLAMA_MAX_QUEUE": ("mlx", "max_pending"),
+    "OLLAMA_NUM_PARALLEL": ("mlx", "max_batch_size"),
+    "OLLAMA_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
 }
 
 
-def _coerce(value: Any, target_type: Any) -> Any:
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go duration syntax ("5m", "1h30m", "-1s", "300ms") or a bare number of seconds."""
+    s = text.strip()
+    try:
+        value = float(s)
+    except ValueError:
+        pass
+    else:
+        if math.isnan(value):
+            raise ValueError(text)
+        return value
+    sign = 1.0
+    if s[:1] and s[:1] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if not s:
+        raise ValueError(text)
+    total, pos = 0.0, 0
+    for m in _DURATION_PART.finditer(s):
+        if m.start() != pos:
+            raise ValueError(text)
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if pos != len(s):
+        raise ValueError(text)
+    return sign * total
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated env value as a list (blanks dropped)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _coerce(value: Any, target_type: Any, name: str = "") -> Any:
     """Turn an env/flag string into the field's type."""
+    t = str(target_type)
+    if "list" in t:
+        if isinstance(value, str):
+            return split_list(value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a list of strings")
+        return list(value)
     if not isinstance(value, str):
         return value
-    t = str(target_type)
     if "bool" in t:
         return value.strip().lower() in ("1", "true", "yes", "on")
     if "int" in t:
         return int(value)
     if "float" in t:
+        if name.endswith("keep_alive"):
+            return parse_duration(value)
         return float(value)
     return value
 
@@ -170,7 +293,10 @@ def _set(section: Any, name: str, value: Any) -> None:
     types = {f.name: f.type for f in dataclasses.fields(section)}
     if name not in types:
         raise ValueError(f"unknown configuration key {type(section).__name__}.{name}")
-    setattr(section, name, _coerce(value, types[name]))
+    try:
+        setattr(section, name, _coerce(value, types[name], name))
+    except ValueError as e:
+        raise ValueError(f"{type(section).__name__}.{name}: invalid value {value!r} ({e})") from None
 
 
 def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
@@ -179,7 +305,10 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
             cfg.aliases.update({k: [v] if isinstance(v, str) else list(v) for k, v in value.items()})
         elif key == "cloud":
             for p in value.get("providers", []):
-                cfg.cloud.providers.append(CloudProvider(**p))
+                try:
+                    cfg.cloud.providers.append(CloudProvider(**p))
+                except TypeError as e:
+                    raise ValueError(f"cloud.providers: {e}") from None
         elif key == "log_level":
             cfg.log_level = value
         elif isinstance(value, Mapping) and hasattr(cfg, key):
@@ -207,6 +336,80 @@ def _cloud_from_env(cfg: Config, env: Mapping[str, str]) -> None:
         )
 
 
+def parse_ollama_host(value: str) -> tuple[str, Optional[int]]:
+    """OLLAMA_HOST: "host", "host:port", ":port", with an optional scheme, IPv6 in brackets."""
+    v = value.strip()
+    v = re.sub(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", "", v).rstrip("/")
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif v.count(":") == 1:
+        host, _, port = v.partition(":")
+    else:
+        host, port = v, ""
+    if port and not port.isdigit():
+        raise ValueError(f"OLLAMA_HOST: bad port in {value!r}")
+    return host or "127.0.0.1", int(port) if port else None
+
+
+def holds_mlx_models(path: Path) -> bool:
+    """A folder with at least one MLX model sub-folder (config.json and safetensors)."""
+    try:
+        return any(
+            sub.is_dir() and (sub / "config.json").is_file() and any(sub.glob("*.safetensors"))
+            for sub in path.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def _ollama_env(cfg: Config, env: Mapping[str, str]) -> None:
+    """Ollama's variables, applied before mlxgate's (which win)."""
+    host = env.get("OLLAMA_HOST")
+    if host:
+        h, port = parse_ollama_host(host)
+        cfg.server.host = h
+        if port is not None:
+            cfg.server.port = port
+    models = env.get("OLLAMA_MODELS")
+    if models:
+        path = Path(models).expanduser()
+        if holds_mlx_models(path):
+            cfg.mlx.models_dir = str(path)
+        elif (path / "manifests").is_dir() or (path / "blobs").is_dir():
+            cfg.notes.append(
+                f"OLLAMA_MODELS={models} is ignored: it is an Ollama model store (GGUF blobs and manifests), "
+                "which MLX cannot load; set MLXGATE_MODELS_DIR to a folder of MLX models, and OLLAMA_UPSTREAM "
+                "to a running Ollama to serve those"
+            )
+        else:
+            cfg.notes.append(f"OLLAMA_MODELS={models} is ignored: it holds no MLX model folders")
+    for var, (section, name) in OLLAMA_ENV_VARS.items():
+        if env.get(var):
+            _set(getattr(cfg, section), name, env[var])
+
+
+def resolved_timeouts(upstream: Any) -> UpstreamTimeouts:
+    """An upstream's timeouts with the unset ones at the built-in defaults
+    (load_config has already filled them from ``[upstream]``)."""
+    base = UpstreamTimeouts()
+    return UpstreamTimeouts(
+        **{
+            f.name: getattr(base, f.name) if getattr(upstream, f.name) is None else getattr(upstream, f.name)
+            for f in dataclasses.fields(UpstreamTimeouts)
+        }
+    )
+
+
+def _upstream_defaults(cfg: Config) -> None:
+    """Per-upstream timeouts left unset take the ``[upstream]`` defaults."""
+    targets: list[Any] = [cfg.ollama, *cfg.cloud.providers]
+    for t in targets:
+        for f in dataclasses.fields(UpstreamTimeouts):
+            if getattr(t, f.name) is None:
+                setattr(t, f.name, getattr(cfg.upstream, f.name))
+
+
 def load_config(
     path: Optional[str | os.PathLike] = None,
     env: Optional[Mapping[str, str]] = None,
@@ -222,17 +425,28 @@ def load_config(
     path = path or env.get("MLXGATE_CONFIG")
     if path:
         with open(Path(path).expanduser(), "rb") as f:
-            _apply_table(cfg, tomllib.load(f))
+            try:
+                table = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: {e}") from None
+        _apply_table(cfg, table)
+    _ollama_env(cfg, env)
     for var, (section, name) in ENV_VARS.items():
         if env.get(var):
             _set(getattr(cfg, section), name, env[var])
+    # Origin lists add up: TOML, OLLAMA_ORIGINS, MLXGATE_ORIGINS.
+    for var in ("OLLAMA_ORIGINS", "MLXGATE_ORIGINS"):
+        for origin in split_list(env.get(var, "")):
+            if origin not in cfg.server.origins:
+                cfg.server.origins.append(origin)
     _cloud_from_env(cfg, env)
     for dotted, value in (overrides or {}).items():
-        if value is None:
+        if value is None or value == []:
             continue
         if "." in dotted:
             section, name = dotted.split(".", 1)
             _set(getattr(cfg, section), name, value)
         else:
             setattr(cfg, dotted, value)
+    _upstream_defaults(cfg)
     return cfg

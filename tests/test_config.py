@@ -57,3 +57,69 @@ def test_cli_flags_reach_config() -> None:
     )
     cfg = config_from_args(args)
     assert (cfg.server.port, cfg.server.grpc_port, cfg.mlx.models_dir, cfg.server.grpc_target) == (0, 0, "/m", "h:1")
+
+
+def test_ollama_env_vars_with_mlxgate_winning(tmp_path: Path) -> None:
+    env = {
+        "OLLAMA_HOST": "http://0.0.0.0:8080",
+        "OLLAMA_KEEP_ALIVE": "10m",
+        "OLLAMA_MAX_QUEUE": "7",
+        "OLLAMA_NUM_PARALLEL": "3",
+        "OLLAMA_MAX_LOADED_MODELS": "5",
+        "OLLAMA_ORIGINS": "https://a.example,https://b.example",
+        "MLXGATE_ORIGINS": "https://c.example",
+        "MLXGATE_MAX_PENDING": "9",  # mlxgate's own variable wins
+    }
+    cfg = load_config(env=env)
+    assert (cfg.server.host, cfg.server.port) == ("0.0.0.0", 8080)
+    assert cfg.mlx.default_keep_alive == 600.0
+    assert cfg.mlx.max_pending == 9
+    assert cfg.mlx.max_batch_size == 3
+    assert cfg.mlx.max_loaded_models == 5
+    assert cfg.server.origins == ["https://a.example", "https://b.example", "https://c.example"]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("127.0.0.1", ("127.0.0.1", None)), (":9999", ("127.0.0.1", 9999)), ("https://[::1]:7", ("::1", 7)),
+     ("localhost:11500", ("localhost", 11500))],
+)
+def test_ollama_host_forms(value: str, expected: tuple) -> None:
+    from mlxgate.config import parse_ollama_host
+
+    assert parse_ollama_host(value) == expected
+
+
+def test_ollama_models_store_is_ignored_with_a_note(tmp_path: Path) -> None:
+    store = tmp_path / "ollama"
+    (store / "manifests").mkdir(parents=True)
+    (store / "blobs").mkdir()
+    cfg = load_config(env={"OLLAMA_MODELS": str(store)})
+    assert cfg.mlx.models_dir == "~/.mlx_models"
+    assert any("OLLAMA_MODELS" in n and "MLX cannot load" in n for n in cfg.notes)
+    mlx = tmp_path / "mlx"
+    (mlx / "m").mkdir(parents=True)
+    (mlx / "m" / "config.json").write_text("{}")
+    (mlx / "m" / "model.safetensors").write_bytes(b"")
+    assert load_config(env={"OLLAMA_MODELS": str(mlx)}).mlx.models_dir == str(mlx)
+
+
+def test_upstream_timeouts_default_from_env_and_per_upstream(tmp_path: Path) -> None:
+    toml = tmp_path / "t.toml"
+    toml.write_text(
+        '[ollama]\nupstream = "http://x:1"\nidle_timeout = 5.0\n'
+        '[[cloud.providers]]\nname = "a"\nbase_url = "http://y/v1"\n'
+    )
+    cfg = load_config(toml, env={"MLXGATE_FIRST_TOKEN_TIMEOUT": "7", "MLXGATE_IDLE_TIMEOUT": "9"})
+    assert (cfg.ollama.connect_timeout, cfg.ollama.first_token_timeout, cfg.ollama.idle_timeout) == (10.0, 7.0, 5.0)
+    p = cfg.cloud.providers[0]
+    assert (p.connect_timeout, p.first_token_timeout, p.idle_timeout) == (10.0, 7.0, 9.0)
+
+
+def test_api_keys_from_env_toml_and_flags(tmp_path: Path) -> None:
+    assert load_config(env={"MLXGATE_API_KEYS": "k1, k2"}).server.api_keys == ["k1", "k2"]
+    toml = tmp_path / "k.toml"
+    toml.write_text('[server]\napi_keys = ["t1"]\n')
+    assert load_config(toml, env={}).server.api_keys == ["t1"]
+    args = build_parser().parse_args(["serve", "--api-key", "f1", "--api-key", "f2"])
+    assert config_from_args(args).server.api_keys == ["f1", "f2"]

@@ -46,7 +46,7 @@ async def fake():
 
 @pytest.fixture
 async def backend(fake):
-    b = OllamaBackend(OllamaConfig(upstream=fake.url, timeout=0.5, connect_timeout=1.0))
+    b = OllamaBackend(OllamaConfig(upstream=fake.url, first_token_timeout=0.5, idle_timeout=0.5, connect_timeout=1.0))
     yield b
     await b.close()
 
@@ -188,7 +188,7 @@ async def test_unknown_model_is_not_found(backend):
 
 
 async def test_connection_refused_is_unavailable():
-    b = OllamaBackend(OllamaConfig(upstream=f"http://127.0.0.1:{free_port()}", timeout=2, connect_timeout=1))
+    b = OllamaBackend(OllamaConfig(upstream=f"http://127.0.0.1:{free_port()}", first_token_timeout=2, idle_timeout=2, connect_timeout=1))
     try:
         with pytest.raises(Unavailable, match="cannot connect"):
             await collect(b.generate(chat()))
@@ -292,7 +292,7 @@ async def test_the_fake_speaks_what_the_official_client_reads(fake):
 @pytest.fixture
 async def via_mlxgate(stack):
     """OllamaBackend whose upstream is another mlxgate's Ollama front (tests/stack.py)."""
-    b = OllamaBackend(OllamaConfig(upstream=stack.base, timeout=60, connect_timeout=2))
+    b = OllamaBackend(OllamaConfig(upstream=stack.base, first_token_timeout=60, idle_timeout=60, connect_timeout=2))
     yield b
     await b.close()
 

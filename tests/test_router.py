@@ -103,7 +103,7 @@ async def upstreams():
 
 def http_router(ollama_url: str, cloud: FakeOpenAI, clock=time.monotonic, aliases=True, **router) -> tuple:
     cfg = config(**router)
-    cfg.ollama = OllamaConfig(upstream=ollama_url, timeout=0.3, connect_timeout=0.5)
+    cfg.ollama = OllamaConfig(upstream=ollama_url, first_token_timeout=0.3, idle_timeout=0.3, connect_timeout=0.5)
     cfg.cloud.providers = [CloudProvider("acme", cloud.base_url, api_key_env="ACME_KEY")]
     if aliases:
         cfg.aliases = {"m": ["ollama:tiny", "cloud:acme:gpt-test"]}
@@ -577,7 +577,7 @@ async def test_real_mlx_engine_that_cannot_load_a_model_falls_back_to_ollama(tmp
     fake = FakeOllama(models=["broken:latest"])
     await fake.start()
     cfg = config()
-    cfg.ollama = OllamaConfig(upstream=fake.url, timeout=5)
+    cfg.ollama = OllamaConfig(upstream=fake.url, first_token_timeout=5, idle_timeout=5)
     rec = Recorder()
     router = Router([mlx, OllamaBackend(cfg.ollama)], cfg, observer=rec)
     try:

@@ -28,7 +28,7 @@ async def fake_ollama():
 
 @pytest.fixture
 async def ollama(fake_ollama):
-    b = OllamaBackend(OllamaConfig(upstream=fake_ollama.url, timeout=5, connect_timeout=1.0))
+    b = OllamaBackend(OllamaConfig(upstream=fake_ollama.url, first_token_timeout=5, idle_timeout=5, connect_timeout=1.0))
     yield b
     await b.close()
 
@@ -83,7 +83,7 @@ async def test_ollama_adapter_against_a_second_mlxgate(stack, monkeypatch):
         return procs + [force]
 
     monkeypatch.setattr(engine, "processors_for", processors_for)
-    b = OllamaBackend(OllamaConfig(upstream=stack.base, timeout=60, connect_timeout=2))
+    b = OllamaBackend(OllamaConfig(upstream=stack.base, first_token_timeout=60, idle_timeout=60, connect_timeout=2))
     try:
         req = GenerateRequest(model=stack.model, messages=[Message("user", "6 x 7?")],
                               sampling=Sampling(max_tokens=100), think=True)

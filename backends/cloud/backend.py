@@ -44,11 +44,9 @@ from backends.types import (
     ModelShow,
     RunningModel,
 )
-from mlxgate.config import CloudProvider
+from mlxgate.config import CloudProvider, resolved_timeouts
 
 log = logging.getLogger(__name__)
-
-CONNECT_TIMEOUT = 10.0
 
 
 class CloudBackend(UpstreamSession):
@@ -56,6 +54,7 @@ class CloudBackend(UpstreamSession):
 
     def __init__(self, provider: CloudProvider, env: Mapping[str, str]) -> None:
         self.provider = provider
+        self.timeouts = resolved_timeouts(provider)
         self.name = f"cloud:{provider.name}"
         self.base_url = provider.base_url.rstrip("/")
         self.__key: Optional[str] = env.get(provider.api_key_env) if provider.api_key_env else None
@@ -79,7 +78,7 @@ class CloudBackend(UpstreamSession):
         return h
 
     def _get_session(self) -> aiohttp.ClientSession:
-        return self._session_with(client_timeout(None, CONNECT_TIMEOUT, self.provider.timeout))
+        return self._session_with(client_timeout(None, self.timeouts.connect_timeout, self.timeouts.idle_timeout))
 
     def _fail(self, e: BaseException) -> BackendError:
         return error_for_exception(self.name, e, self._secrets)
@@ -91,7 +90,11 @@ class CloudBackend(UpstreamSession):
                 self.base_url + path,
                 json=body,
                 headers=self._headers(),
-                timeout=client_timeout(self.provider.timeout, CONNECT_TIMEOUT, self.provider.timeout),
+                timeout=client_timeout(
+                    self.timeouts.first_token_timeout,
+                    self.timeouts.connect_timeout,
+                    self.timeouts.first_token_timeout,
+                ),
             ) as resp:
                 await raise_for_response(self.name, resp, self._secrets)
                 raw = await resp.read()

@@ -220,7 +220,8 @@ class MLXBackend:
             raise InvalidArgument(f"context length exceeded: the prompt has {n} tokens, the context length is {ctx}")
         room = ctx - n
         asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
-        max_tokens = min(asked, room)
+        # A negative limit (Ollama's num_predict -1, the default) fills the context.
+        max_tokens = room if asked < 0 else min(asked, room)
         tok = lm.tokenizer
         matcher = None
         grammar = self._grammar(req, lm)

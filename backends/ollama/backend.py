@@ -4,9 +4,9 @@ Streams are NDJSON: each line is translated into a ``Chunk`` as soon as it
 arrives, and the final ``"done": true`` line into ``Done``.  Closing the
 generator closes the upstream HTTP response, so Ollama stops generating.
 
-Timeouts: ``connect_timeout`` bounds connecting; ``timeout`` bounds the
+Timeouts: ``connect_timeout`` bounds connecting; ``idle_timeout`` bounds the
 silence between two reads of a stream (so a long generation is fine while a
-stuck upstream is not) and the whole of a unary call.
+stuck upstream is not); ``first_token_timeout`` bounds the whole of a unary call.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from backends.types import (
     ModelShow,
     RunningModel,
 )
-from mlxgate.config import OllamaConfig
+from mlxgate.config import OllamaConfig, resolved_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class OllamaBackend(UpstreamSession):
         if not config.upstream:
             raise ValueError("OllamaBackend needs config.upstream (e.g. http://otherbox:11434)")
         self.config = config
+        self.timeouts = resolved_timeouts(config)
         self.base_url = config.upstream.rstrip("/")
 
     def __repr__(self) -> str:
@@ -59,10 +60,12 @@ class OllamaBackend(UpstreamSession):
     # ------------------------------------------------------------ plumbing
 
     def _get_session(self) -> aiohttp.ClientSession:
-        return self._session_with(client_timeout(None, self.config.connect_timeout, self.config.timeout))
+        return self._session_with(client_timeout(None, self.timeouts.connect_timeout, self.timeouts.idle_timeout))
 
     def _unary_timeout(self) -> aiohttp.ClientTimeout:
-        return client_timeout(self.config.timeout, self.config.connect_timeout, self.config.timeout)
+        return client_timeout(
+            self.timeouts.first_token_timeout, self.timeouts.connect_timeout, self.timeouts.first_token_timeout
+        )
 
     async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
         """One request/response call; returns the parsed JSON body."""

@@ -47,6 +47,7 @@ from backends.types import (
 from gateway.common import parse_arguments, parse_tools, require_model, rfc3339
 from gateway.errors import ApiError, bad_request
 from gateway.fields import INT64_MAX, INT64_MIN, Body, b64_images, item
+from mlxgate.config import parse_duration
 from mlxgate.v1 import inference_pb2 as pb
 
 #: Version reported by GET /api/version: a recent Ollama whose API we follow,
@@ -54,34 +55,6 @@ from mlxgate.v1 import inference_pb2 as pb
 OLLAMA_COMPAT_VERSION = "0.12.0"
 
 # ---------------------------------------------------------------- keep_alive
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Go duration syntax ("5m", "1h30m", "-1s", "300ms") or a bare number of seconds."""
-    s = text.strip()
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    sign = 1.0
-    if s[:1] and s[:1] in "+-":
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if not s:
-        raise ValueError(text)
-    total, pos = 0.0, 0
-    for m in _DURATION_PART.finditer(s):
-        if m.start() != pos:
-            raise ValueError(text)
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if pos != len(s):
-        raise ValueError(text)
-    return sign * total
-
 
 def parse_keep_alive(v: Any, name: str = "keep_alive") -> Optional[float]:
     """Seconds; None = default; 0 = unload after; negative (any) = -1, keep loaded."""
