@@ -69,6 +69,7 @@ from backends.types import (
     RunningModel,
 )
 from mlxgate.config import Config
+from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,21 @@ REASONS = (
 )
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
 
-#: At most this many names in a "model not found" message.
-MAX_NAMES_IN_ERROR = 25
 
 #: A model listing that takes longer than this counts as failed (DEADLINE_EXCEEDED):
 #: a hung upstream must not hold every request's routing for its full timeout.
 LIST_TIMEOUT_S = 10.0
 
+
+
+def available(names: Sequence[str]) -> str:
+    """A few of the names a caller could have meant; the whole list is /api/tags."""
+    if not names:
+        return "no models are available"
+    shown = ", ".join(clip_name(n) for n in names[:MAX_NAMES_IN_ERROR])
+    if len(names) > MAX_NAMES_IN_ERROR:
+        shown += f", ... ({len(names) - MAX_NAMES_IN_ERROR} more: see /api/tags)"
+    return f"available models: {shown}"
 
 
 class RouterObserver(Protocol):
@@ -318,10 +327,7 @@ class Router:
 
     async def _not_found(self, public: str) -> ModelNotFound:
         names = [m.name for m in await self.list_models()]
-        shown = ", ".join(names[:MAX_NAMES_IN_ERROR])
-        if len(names) > MAX_NAMES_IN_ERROR:
-            shown += f", ... ({len(names) - MAX_NAMES_IN_ERROR} more)"
-        msg = f"model '{public}' not found; available models: {shown or '(none)'}"
+        msg = f"model '{clip_name(public)}' not found; {available(names)}"
         unreachable = [b.name for b in self.backends if (lst := self._listings.get(b.name)) and lst.models is None]
         if unreachable:
             msg += f" (could not list: {', '.join(unreachable)})"
@@ -390,7 +396,7 @@ class Router:
             if not isinstance(e, _CircuitOpen):
                 return e
         if real:
-            return Unavailable(f"model '{public}': every backend is unavailable ("
+            return Unavailable(f"model '{clip_name(public)}': every backend is unavailable ("
                                + "; ".join(e.message for e in real) + ")")
         return await self._not_found(public)
 

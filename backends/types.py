@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from backends.errors import InvalidArgument
+from mlxgate.jsonutil import JSONError, loads_object
 from mlxgate.v1 import inference_pb2 as pb
 
 # ---------------------------------------------------------------- helpers
@@ -97,16 +98,11 @@ def _from_ts(msg: Any, name: str) -> Optional[datetime]:
 
 
 def _json_or_empty(text: str, field_name: str) -> dict:
-    """A JSON object sent as text; bad JSON is the caller's error, named."""
-    if not text:
-        return {}
+    """A JSON object sent as text; bad, deep or non-object JSON is the caller's error, named."""
     try:
-        value = json.loads(text)
-    except ValueError as e:
-        raise InvalidArgument(f"{field_name}: invalid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{field_name}: must be a JSON object")
-    return value
+        return loads_object(text, field_name)
+    except JSONError as e:
+        raise InvalidArgument(str(e)) from None
 
 
 # ---------------------------------------------------------------- request
@@ -288,14 +284,11 @@ class OutputFormat:
     def from_pb(cls, m: pb.OutputFormat) -> "OutputFormat":
         if m.type == pb.FORMAT_TYPE_JSON:
             return cls("json")
-        if m.type == pb.FORMAT_TYPE_JSON_SCHEMA:
-            try:
-                schema = json.loads(m.json_schema)
-            except ValueError as e:
-                raise InvalidArgument(f"format: json_schema is not valid JSON: {e}") from None
-            if not isinstance(schema, dict):
-                raise InvalidArgument("format: json_schema must be a JSON object")
-            return cls("json_schema", schema)
+        if m.type == pb.FORMAT_TYPE_JSON_SCHEMA or (m.type == pb.FORMAT_TYPE_UNSPECIFIED and m.json_schema):
+            # A schema with no type set is a schema (never silently ignored).
+            if not m.json_schema:
+                raise InvalidArgument("format: type JSON_SCHEMA needs json_schema")
+            return cls("json_schema", _json_or_empty(m.json_schema, "format.json_schema"))
         return cls("text")
 
 
@@ -362,6 +355,9 @@ class GenerateRequest:
     think: Optional[bool] = None
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Context overflow: False = error; True = drop the oldest messages (or
+    #: the start of the prompt) to fit, as Ollama does.
+    truncate: bool = False
 
     def to_pb(self) -> pb.GenerateRequest:
         m = pb.GenerateRequest(
@@ -384,6 +380,8 @@ class GenerateRequest:
             m.think = self.think
         if self.tool_choice.forced:
             m.tool_choice.CopyFrom(self.tool_choice.to_pb())
+        if self.truncate:
+            m.truncate = True
         return m
 
     @classmethod
@@ -402,6 +400,7 @@ class GenerateRequest:
             think=m.think if m.HasField("think") else None,
             tool_choice=ToolChoice.from_pb(m.tool_choice),
             request_id=m.request_id or uuid.uuid4().hex,
+            truncate=m.truncate,
         )
         req.tool_choice.check(req.tools)
         return req

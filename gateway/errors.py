@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional
 import grpc
 from aiohttp import web
 
+from mlxgate.limits import clip
+
 #: Must match backends.service.RETRY_AFTER_KEY (the front does not import backends).
 RETRY_AFTER_KEY = "retry-after"
 
@@ -74,6 +76,7 @@ class ApiError(Exception):
         grpc_code: Optional[grpc.StatusCode] = None,
         retry_after: Optional[str] = None,
     ) -> None:
+        message = clip(message)
         super().__init__(message)
         self.status = status
         self.message = message

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import math
 from typing import Any, Iterable, Optional
@@ -18,6 +17,7 @@ from typing import Any, Iterable, Optional
 from aiohttp import web
 
 from gateway.errors import ApiError, bad_request
+from mlxgate import jsonutil
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,10 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         raise bad_request("missing request body")
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        # Bounded: invalid Unicode (lone surrogates), nesting beyond
+        # MAX_JSON_DEPTH and malformed JSON are all a 400, never a 500.
+        data = jsonutil.loads(raw, "request body")
+    except jsonutil.JSONError as e:
         raise bad_request(f"invalid JSON in request body: {e}") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")

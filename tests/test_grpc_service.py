@@ -113,7 +113,7 @@ async def test_unknown_model_is_not_found_and_names_models(channel) -> None:
         (pb.GenerateRequest(model=TEST_MODEL), "prompt or chat"),
         (pb.GenerateRequest(chat=pb.ChatInput()), "model"),
         (pb.GenerateRequest(model=TEST_MODEL, chat=chat("hi").chat, tools=[pb.Tool(name="f", parameters_json="{bad")]),
-         "tools.parameters_json"),
+         "tools[0].parameters_json"),
     ],
 )
 async def test_invalid_arguments_name_the_parameter(channel, req, field) -> None:

@@ -23,6 +23,7 @@ from typing import Optional
 from backends.errors import ModelNotFound
 from backends.types import ModelDetails, ModelInfo, ModelShow
 from mlxgate.config import MLXConfig
+from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,9 @@ class ModelRegistry:
                         return self._entries[key]
         names = [e.name for e in self.entries()]
         if names:
-            raise ModelNotFound(f"model {name!r} not found in MLX models; available: {', '.join(names)}")
-        raise ModelNotFound(f"model {name!r} not found: no MLX models in {self._models_dir}")
+            shown = ", ".join(names[:MAX_NAMES_IN_ERROR]) + (", ..." if len(names) > MAX_NAMES_IN_ERROR else "")
+            raise ModelNotFound(f"model {clip_name(name)!r} not found in MLX models; available: {shown}")
+        raise ModelNotFound(f"model {clip_name(name)!r} not found: no MLX models in {self._models_dir}")
 
     # ---------------------------------------------------------------- describing
 

@@ -1,0 +1,161 @@
+"""The one validation of a request against the contract, before routing.
+
+Every request that reaches the inference service — from the HTTP front or
+from any gRPC client — passes here first, so MLX, the upstream Ollama and the
+cloud adapters all see only requests inside the contract's bounds
+(``mlxgate/limits.py``) and ranges.  Backends then check only what is theirs
+to know (a model's context length, its tool-call format).
+
+Checks work on the proto message, before any conversion, and stop at the
+first problem with an ``InvalidArgument`` naming the field.  Nothing here
+looks at the text of prompts or messages beyond its presence: its size is
+bounded by the transport (body and message limits) and its cost by the
+backend's context check.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+from backends.errors import InvalidArgument
+from mlxgate import limits
+from mlxgate.jsonutil import JSONError, loads_object
+from mlxgate.v1 import inference_pb2 as pb
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]*$")
+
+
+def _count(name: str, n: int, most: int) -> None:
+    if n > most:
+        raise InvalidArgument(f"{name}: at most {most} allowed, got {n}")
+
+
+def check_model(model: str) -> None:
+    if not model:
+        raise InvalidArgument("model is required")
+    if len(model) > limits.MAX_MODEL_NAME_CHARS:
+        raise InvalidArgument(
+            f"model: names are at most {limits.MAX_MODEL_NAME_CHARS} characters, got {len(model)}"
+        )
+
+
+def check_request_id(request_id: str) -> None:
+    if len(request_id) > limits.MAX_REQUEST_ID_CHARS or not _REQUEST_ID.match(request_id):
+        raise InvalidArgument(
+            f"request_id: at most {limits.MAX_REQUEST_ID_CHARS} characters of [A-Za-z0-9._:-]"
+        )
+
+
+def _json_object(text: str, name: str) -> None:
+    try:
+        loads_object(text, name)
+    except JSONError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+def _number(name: str, value: float, lo: Optional[float] = None, hi: Optional[float] = None,
+            lo_open: bool = False) -> None:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {value}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise InvalidArgument(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise InvalidArgument(f"{name} must be <= {hi}, got {value}")
+
+
+def check_sampling(s: pb.SamplingParams) -> None:
+    """Ranges every backend can honour; dialects may be stricter (OpenAI's 0–2 temperature)."""
+    if s.HasField("temperature"):
+        _number("temperature", s.temperature, lo=0)
+    if s.HasField("top_p"):
+        _number("top_p", s.top_p, lo=0, hi=1)
+    if s.HasField("min_p"):
+        _number("min_p", s.min_p, lo=0, hi=1)
+    if s.HasField("repeat_penalty"):
+        _number("repeat_penalty", s.repeat_penalty, lo=0, lo_open=True)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if s.HasField(name):
+            _number(name, getattr(s, name), lo=-2, hi=2)
+    if s.HasField("top_k") and s.top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0, got {s.top_k}")
+    if s.HasField("repeat_last_n") and s.repeat_last_n < -1:
+        raise InvalidArgument(f"repeat_last_n must be >= -1, got {s.repeat_last_n}")
+    if s.HasField("max_tokens") and s.max_tokens < 0:
+        raise InvalidArgument(f"max_tokens must be >= 0, got {s.max_tokens}")
+    if s.HasField("num_ctx") and s.num_ctx <= 0:
+        raise InvalidArgument(f"num_ctx must be > 0, got {s.num_ctx}")
+    _count("stop", len(s.stop), limits.MAX_STOP_SEQUENCES)
+    for i, stop in enumerate(s.stop):
+        if len(stop) > limits.MAX_STOP_CHARS:
+            raise InvalidArgument(f"stop[{i}]: at most {limits.MAX_STOP_CHARS} characters, got {len(stop)}")
+
+
+def _check_tool_calls(calls, name: str) -> None:
+    _count(f"{name}.tool_calls", len(calls), limits.MAX_TOOL_CALLS)
+    for j, call in enumerate(calls):
+        if len(call.name) > limits.MAX_TOOL_NAME_CHARS:
+            raise InvalidArgument(f"{name}.tool_calls[{j}].name: at most {limits.MAX_TOOL_NAME_CHARS} characters")
+        _json_object(call.arguments_json, f"{name}.tool_calls[{j}].arguments_json")
+
+
+def check_generate(req: pb.GenerateRequest) -> None:
+    """Raise InvalidArgument naming the first field outside the contract."""
+    check_model(req.model)
+    check_request_id(req.request_id)
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("one of prompt or chat is required")
+    images = 0
+    if which == "prompt":
+        images = len(req.prompt.images)
+    else:
+        msgs = req.chat.messages
+        _count("messages", len(msgs), limits.MAX_MESSAGES)
+        for i, m in enumerate(msgs):
+            if m.role == pb.ROLE_UNSPECIFIED or m.role not in pb.Role.values():
+                raise InvalidArgument(
+                    f"messages[{i}].role: every message needs a role (system, user, assistant or tool)"
+                )
+            images += len(m.images)
+            if m.tool_calls:
+                _check_tool_calls(m.tool_calls, f"messages[{i}]")
+    _count("images", images, limits.MAX_IMAGES)
+    _count("tools", len(req.tools), limits.MAX_TOOLS)
+    names = set()
+    for i, t in enumerate(req.tools):
+        if not t.name:
+            raise InvalidArgument(f"tools[{i}].name is required")
+        if len(t.name) > limits.MAX_TOOL_NAME_CHARS:
+            raise InvalidArgument(f"tools[{i}].name: at most {limits.MAX_TOOL_NAME_CHARS} characters")
+        _json_object(t.parameters_json, f"tools[{i}].parameters_json")
+        names.add(t.name)
+    check_sampling(req.sampling)
+    if req.format.json_schema:
+        # A schema with type unset means JSON_SCHEMA (the type is inferred);
+        # with type JSON it is a contradiction, never silently ignored.
+        if req.format.type == pb.FORMAT_TYPE_JSON:
+            raise InvalidArgument("format: type JSON takes no json_schema (use JSON_SCHEMA, or leave type unset)")
+        _json_object(req.format.json_schema, "format.json_schema")
+    elif req.format.type == pb.FORMAT_TYPE_JSON_SCHEMA:
+        raise InvalidArgument("format: type JSON_SCHEMA needs json_schema")
+    if not 0 <= req.top_logprobs <= limits.MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be in [0, {limits.MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
+    mode = req.tool_choice.mode
+    if mode not in (pb.TOOL_CHOICE_UNSPECIFIED, pb.TOOL_CHOICE_REQUIRED, pb.TOOL_CHOICE_FUNCTION):
+        raise InvalidArgument(f"tool_choice.mode: unknown value {mode}")
+    if mode != pb.TOOL_CHOICE_UNSPECIFIED and not req.tools:
+        raise InvalidArgument("tool_choice: a forced call needs tools")
+    if mode == pb.TOOL_CHOICE_FUNCTION and req.tool_choice.function_name not in names:
+        raise InvalidArgument(
+            f"tool_choice names {limits.clip_name(req.tool_choice.function_name)!r}, which is not in tools"
+        )
+
+
+def check_embed(req: pb.EmbedRequest) -> None:
+    check_model(req.model)
+    check_request_id(req.request_id)
+    _count("input", len(req.input), limits.MAX_EMBED_INPUTS)
+    if req.dimensions < 0:
+        raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")

@@ -1,0 +1,56 @@
+"""The contract's bounds: what one request may ask for, in one place.
+
+Every request reaching the inference service (from the HTTP front or from any
+gRPC client) is checked against these before routing (``backends/validation.py``),
+so no backend sees a request whose cost is not bounded.  The HTTP front uses
+the same numbers where a limit belongs to parsing (JSON depth, ``n``).  The
+README's "Limits" table and the proto comments document them.
+
+A leaf module: it imports nothing of the project, so the front and the
+backends can both use it.
+"""
+
+from __future__ import annotations
+
+#: Longest model name (Ollama's names are far shorter; this only stops abuse).
+MAX_MODEL_NAME_CHARS = 256
+#: Stop sequences per request, and the longest one.  Every generated token is
+#: checked against each stop string, so the count multiplies decode cost.
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_CHARS = 1024
+#: Messages in one chat (agents with long histories stay well below).
+MAX_MESSAGES = 4096
+#: Tools offered in one request, and the longest tool name.
+MAX_TOOLS = 256
+MAX_TOOL_NAME_CHARS = 256
+#: Tool calls in one assistant message.
+MAX_TOOL_CALLS = 256
+#: Images in one request (all messages together).
+MAX_IMAGES = 32
+#: Inputs of one embeddings request (OpenAI's limit).
+MAX_EMBED_INPUTS = 2048
+#: Generations one HTTP request may start (n, times the prompts of /v1/completions).
+MAX_CHOICES = 128
+#: Alternatives per token when logprobs are asked for.
+MAX_TOP_LOGPROBS = 20
+#: Nesting depth of any JSON the server parses (request bodies, schemas, tool arguments).
+MAX_JSON_DEPTH = 64
+#: Request ids callers may set (echoed in headers and logs).
+MAX_REQUEST_ID_CHARS = 128
+#: Longest error message put in a gRPC status or an HTTP error body; longer
+#: ones are cut (a status message travels in gRPC metadata, which is bounded).
+MAX_ERROR_CHARS = 1024
+#: Model names listed in a "model not found" message (the full list is /api/tags).
+MAX_NAMES_IN_ERROR = 10
+
+
+def clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, marked when cut."""
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - 15)] + "… (truncated)"
+
+
+def clip_name(name: str, limit: int = 80) -> str:
+    """A caller-supplied name as it may appear inside a message."""
+    return name if len(name) <= limit else name[:limit] + "…"
