@@ -168,6 +168,19 @@ class ServiceMetrics:
             registry=registry,
         )
 
+        self.truncations = Counter(
+            f"{PREFIX}_truncated_prompts",
+            "Prompts cut to fit the context (Ollama's truncation), by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.truncated_messages = Counter(
+            f"{PREFIX}_truncated_messages",
+            "Chat messages dropped to fit the context, by model.",
+            ["model"],
+            registry=registry,
+        )
+
     # -- router observer hooks
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
         self.fallbacks.labels(from_backend, to_backend, reason).inc()
@@ -178,6 +191,11 @@ class ServiceMetrics:
     # -- engine hook
     def observe_queue_wait(self, model: str, seconds: float) -> None:
         self.queue_wait.labels(model).observe(seconds)
+
+    def observe_truncation(self, model: str, messages: int, tokens: int) -> None:
+        self.truncations.labels(model).inc()
+        if messages:
+            self.truncated_messages.labels(model).inc(messages)
 
     # -- service observer
     def start(self, req: GenerateRequest) -> "GenerateTracker":

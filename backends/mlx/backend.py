@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 from backends.errors import BackendError, InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable
 from backends.types import (
@@ -28,6 +29,7 @@ from backends.types import (
     RunningModel,
 )
 from backends.mlx import constrain, embed as embed_mod, prompt as prompt_mod
+from backends.mlx.context import Fitted, TokenCounter, fit as fit_context
 from backends.mlx.engine import Engine, EngineStats, Sequence
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
@@ -72,6 +74,8 @@ class MLXBackend:
         self._engine = Engine(config, self._manager)
         self._engine.observer = observer
         self._bootstrap: Optional[concurrent.futures.Future] = None
+        #: Requests accepted and not yet finished (see ``_admission``).
+        self._accepted = 0
         if config.bootstrap_test_model and not self._registry.scan():
             self._bootstrap = self._engine.call(self._write_bootstrap_model)
 
@@ -80,6 +84,11 @@ class MLXBackend:
     @property
     def active_count(self) -> int:
         return self._engine.active_count
+
+    @property
+    def accepted_count(self) -> int:
+        """Requests accepted (waiting for a load, tokenizing, queued or running)."""
+        return self._accepted
 
     @property
     def stats(self) -> EngineStats:
@@ -203,21 +212,48 @@ class MLXBackend:
             tools, tok.tool_call_start, tok.tool_call_end, tok.tool_call_start_tokens, tok.tool_call_end_tokens
         )
 
+    def _report_truncation(self, req: GenerateRequest, model: str, ctx: int, fitted: Fitted) -> None:
+        """Say what truncation dropped (Ollama logs "truncating input prompt") and count it."""
+        if fitted.dropped_messages:
+            what = f"{fitted.dropped_messages} of {len(req.messages or [])} messages"
+        else:
+            what = "the start of the prompt"
+        log.info(
+            "truncating input prompt: dropped %s (about %d tokens) to fit %s's context of %d tokens (request %s)",
+            what, fitted.dropped_tokens, model, ctx, req.request_id,
+        )
+        observer = self._engine.observer
+        if observer is not None and hasattr(observer, "observe_truncation"):
+            try:
+                observer.observe_truncation(model, fitted.dropped_messages, fitted.dropped_tokens)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.exception("truncation observer failed")
+
     def _plan(self, req: GenerateRequest, lm: LoadedModel) -> _Plan:
         """Tokenize and check the request (worker thread: tokenizer work, no MLX).
 
-        Context rule, never silent truncation of the prompt: a prompt that
-        fills the context is an error.  max_tokens (explicit or default) is
-        clamped to the room left, and the answer then ends with "length" at the
-        context limit, as Ollama and mlx-lm do with a generous num_predict.
+        Context rule (``context.fit``): a prompt that does not fit is an error,
+        or, with ``req.truncate`` (Ollama's default), loses its oldest messages
+        or the start of its text; either way no more of it is tokenized than
+        can fit.  max_tokens (explicit or default) is clamped to the room left,
+        and the answer then ends with "length" at the context limit, as Ollama
+        and mlx-lm do with a generous num_predict.
         """
-        ids = prompt_mod.build_prompt(req, lm.tokenizer, lm.name)
         ctx = lm.context_length
         if req.sampling.num_ctx:
             ctx = min(ctx, req.sampling.num_ctx)
+        if lm.counter is None:
+            lm.counter = TokenCounter(lm.tokenizer)
+        asked_max = req.sampling.max_tokens
+        # Room kept for the answer when history must be dropped anyway.
+        reserve = min(asked_max, ctx // 2) if asked_max else ctx // 8
+        ids, fitted = fit_context(
+            req, lm.counter, ctx, lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name), reserve
+        )
+        if fitted.request is not req:
+            self._report_truncation(req, lm.name, ctx, fitted)
+            req = fitted.request
         n = len(ids)
-        if n >= ctx:
-            raise InvalidArgument(f"context length exceeded: the prompt has {n} tokens, the context length is {ctx}")
         room = ctx - n
         asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
         # A negative limit (Ollama's num_predict -1, the default) fills the context.
@@ -243,14 +279,30 @@ class MLXBackend:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         t_start = time.perf_counter_ns()
         validate_request(req)
-        if self.active_count >= self.config.max_pending:
+        with self._admission():
+            async with contextlib.aclosing(self._generate(req, t_start)) as events:
+                async for ev in events:
+                    yield ev
+
+    @contextlib.contextmanager
+    def _admission(self) -> Iterator[None]:
+        """Count a request from the moment it is accepted — before resolving,
+        loading, tokenizing and queueing — so ``max_pending`` holds even when
+        a cold model keeps every request waiting for its load."""
+        if self._accepted >= self.config.max_pending:
             # Ollama's OLLAMA_MAX_QUEUE: refuse at once rather than queue without
             # bound; the router can send the request to the next backend.
             raise ResourceExhausted(
-                f"MLX engine busy: {self.active_count} requests pending (max_pending "
-                f"{self.config.max_pending})",
+                f"MLX engine busy: {self._accepted} requests pending (max_pending {self.config.max_pending})",
                 retry_after=1.0,
             )
+        self._accepted += 1
+        try:
+            yield
+        finally:
+            self._accepted -= 1
+
+    async def _generate(self, req: GenerateRequest, t_start: int) -> AsyncIterator[Event]:
         entry = await self._resolve(req.model)
         lm, load_ns = await self._acquire(entry, req.keep_alive)
         pinned: Optional[LoadedModel] = lm
@@ -323,15 +375,25 @@ class MLXBackend:
             size = embed_mod.hidden_size(lm.config)
             if req.dimensions and size and req.dimensions > size:
                 raise InvalidArgument(f"dimensions ({req.dimensions}) exceed {lm.name}'s embedding size {size}")
+            if lm.counter is None:
+                lm.counter = TokenCounter(lm.tokenizer)
             batches = await asyncio.to_thread(
-                embed_mod.tokenize_inputs, lm.tokenizer, list(req.inputs), lm.context_length, req.truncate, lm.name
+                embed_mod.tokenize_inputs,
+                lm.counter,
+                lm.tokenizer,
+                list(req.inputs),
+                lm.context_length,
+                req.truncate,
+                lm.name,
             )
             vectors: list[list[float]] = []
-            if batches:
+            for ids in batches:
+                fut = self._engine.call(embed_mod.embed_one, lm.model, ids, req.dimensions)
                 try:
-                    vectors = await asyncio.wrap_future(
-                        self._engine.call(embed_mod.embed_tokens, lm.model, batches, req.dimensions)
-                    )
+                    vectors.append(await asyncio.wrap_future(fut))
+                except asyncio.CancelledError:
+                    fut.cancel()
+                    raise
                 except BackendError:
                     raise
                 except Exception as e:  # noqa: BLE001

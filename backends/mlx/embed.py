@@ -13,13 +13,27 @@ from typing import Any
 from backends.errors import InvalidArgument
 
 
-def tokenize_inputs(tokenizer, inputs: list[str], context_length: int, truncate: bool, model: str) -> list[list[int]]:
-    """Token ids per input (worker thread); too long → cut when truncate, else InvalidArgument."""
+def tokenize_inputs(
+    counter, tokenizer, inputs: list[str], context_length: int, truncate: bool, model: str
+) -> list[list[int]]:
+    """Token ids per input (worker thread); too long → cut when truncate, else InvalidArgument.
+
+    Bounded: an input is tokenized only as far as the context reaches
+    (``TokenCounter``), so a 10 MB input costs what a context-sized one does.
+    """
     out = []
     for i, text in enumerate(inputs):
-        ids = list(tokenizer.encode(text))
-        if not ids:
+        if not text:
             raise InvalidArgument(f"input[{i}]: empty input")
+        c = counter.count(text, context_length + 1)
+        if c.lower > context_length:
+            if not truncate:
+                raise InvalidArgument(
+                    f"input[{i}]: at least {c.lower} tokens exceed {model}'s context length {context_length} "
+                    "and truncate is false"
+                )
+            text = counter.head(text, context_length)
+        ids = list(tokenizer.encode(text))
         if len(ids) > context_length:
             if not truncate:
                 raise InvalidArgument(
@@ -43,26 +57,28 @@ def hidden_states_module(model) -> Any:
     return None
 
 
-def embed_tokens(model, batches: list[list[int]], dimensions: int) -> list[list[float]]:
-    """One vector per token list (MLX thread only)."""
+def embed_one(model, ids: list[int], dimensions: int) -> list[float]:
+    """One vector for one token list (MLX thread only).
+
+    One input per call: the backend submits inputs one by one, so decode
+    steps of running generations interleave with a large embeddings request
+    and a cancelled request stops between two inputs.
+    """
     import mlx.core as mx
 
     body = hidden_states_module(model)
     if body is None:
         raise InvalidArgument("this model has no hidden-state module to embed with")
-    vectors = []
-    for ids in batches:
-        h = body(mx.array([ids]))
-        if isinstance(h, tuple):
-            h = h[0]
-        if h.ndim != 3:
-            raise InvalidArgument(f"this model's hidden states have shape {h.shape}; cannot embed")
-        v = h[0].astype(mx.float32).mean(axis=0)
-        if dimensions:
-            v = v[:dimensions]
-        v = v / mx.maximum(mx.linalg.norm(v), 1e-12)
-        vectors.append(v.tolist())
-    return vectors
+    h = body(mx.array([ids]))
+    if isinstance(h, tuple):
+        h = h[0]
+    if h.ndim != 3:
+        raise InvalidArgument(f"this model's hidden states have shape {h.shape}; cannot embed")
+    v = h[0].astype(mx.float32).mean(axis=0)
+    if dimensions:
+        v = v[:dimensions]
+    v = v / mx.maximum(mx.linalg.norm(v), 1e-12)
+    return v.tolist()
 
 
 def hidden_size(model_config: dict) -> int:

@@ -49,6 +49,8 @@ class LoadedModel:
     expires_at: Optional[float] = None
     last_used: float = field(default_factory=time.monotonic)
     lltok: TokenizerCache = field(default_factory=TokenizerCache)
+    #: Bounded token counting (``context.TokenCounter``), made on first use.
+    counter: Any = None
     # Owned by the engine thread.
     generator: Any = None
     pending: list = field(default_factory=list)

@@ -151,6 +151,9 @@ def _common(b: Body, req: pb.GenerateRequest) -> tuple[bool, Optional[float]]:
     think = parse_think(b.raw("think"))
     if think is not None:
         req.think = think
+    # Ollama's default: a prompt too long for the context loses its oldest
+    # messages (or its start); "truncate": false asks for a 400 instead.
+    req.truncate = bool(b.bool("truncate", True))
     return bool(stream), keep_alive
 
 

@@ -620,7 +620,9 @@ def embeddings_request(data: dict[str, Any]) -> ParsedEmbeddings:
     dims = b.int("dimensions", 0, lo=1) or 0
     b.ignore("user")
     b.log_unknown("/v1/embeddings")
-    return ParsedEmbeddings(model, pb.EmbedRequest(model=model, input=inputs, dimensions=dims), fmt == "base64")
+    # OpenAI refuses an input longer than the model's context (400); it never cuts it silently.
+    req = pb.EmbedRequest(model=model, input=inputs, dimensions=dims, truncate=False)
+    return ParsedEmbeddings(model, req, fmt == "base64")
 
 
 def embeddings_response(p: ParsedEmbeddings, res: pb.EmbedResponse) -> dict[str, Any]:
