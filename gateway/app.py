@@ -22,11 +22,12 @@ from aiohttp import web
 
 from gateway import openapi
 from gateway.client import InferenceClient
-from gateway.errors import ApiError, dialect_of, error_response, from_grpc, from_http, internal_error
+from gateway.errors import ApiError, Dialect, dialect_of, error_response, from_grpc, from_http, internal_error
 from gateway.ollama import routes as ollama_routes
 from gateway.openai import routes as openai_routes
 from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
 from mlxgate.config import ServerConfig
+from mlxgate.memory import trim_after_large
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every failure becomes a status and a body in the caller's dialect."""
     dialect = dialect_of(request.path)
     rid = request_id(request)
+    try:
+        return await answer(request, handler, dialect, rid)
+    finally:
+        # A large body leaves large buffers behind: hand them back.
+        trim_after_large(request.content_length or 0)
+
+
+async def answer(request: web.Request, handler: Handler, dialect: Dialect, rid: str) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:

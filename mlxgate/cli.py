@@ -84,6 +84,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before any thread starts: fewer malloc arenas keep large requests' freed
+    # buffers reusable instead of parked per thread (backends/memory.py).
+    from mlxgate.memory import limit_arenas
+
+    limit_arenas()
     if args.command == "make-test-model":
         from backends.mlx.testmodel import write_test_model
 

@@ -30,9 +30,12 @@ def _error_frame(err: ApiError) -> bytes:
 async def _start_all(streams: list[GenerateStream]) -> list[Any]:
     """First event of every stream; the first failure is raised (after all settled)."""
     firsts = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
-    for f in firsts:
-        if isinstance(f, BaseException):
-            raise f
+    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failed is not None:
+        # Drop the list before raising: it would hold the exception, whose
+        # traceback holds this frame (a cycle keeping the request's buffers).
+        del firsts
+        raise failed
     return firsts
 
 
