@@ -2,8 +2,32 @@
 
 One place turns an upstream HTTP failure into the ``BackendError`` the router
 and the gRPC service understand, parses ``Retry-After``, splits a byte stream
-into lines as they arrive, and scrubs secrets out of anything that could be
-shown or logged.  Client side only: no aiohttp web server here.
+into lines as they arrive, scrubs secrets out of anything that could be
+shown or logged, and runs the clocks that bound a hung upstream.
+Client side only: no aiohttp web server here.
+
+Timeouts (``UpstreamTimeouts``, per upstream):
+
+* ``connect_timeout``: opening the connection (aiohttp's ``connect`` and
+  ``sock_connect``; ``connect`` includes waiting for a free connection of the
+  session's pool).
+* ``first_token_timeout``: from sending a streamed request to its first token.
+  The wait for the response headers counts against it.
+* ``idle_timeout``: from one token to the next.
+
+A *token* is what ``UpstreamStream.token`` is told about: the adapters call it
+for a line whose parsed event carried text, thinking, a tool-call delta or
+logprobs.  Headers, blank lines, SSE comments (``: keep-alive``), role-only
+deltas, usage events and empty NDJSON objects are read but do not move the
+deadline, so an upstream that only keeps the connection warm is still ended.
+aiohttp's ``sock_read`` (reset by any byte) is deliberately not used.
+
+A clock that runs out before the first token raises ``DeadlineExceeded``
+(retryable: the router falls back to the next backend); after it, the same
+error ends the stream (the router re-raises once an event went out).  Either
+way the upstream response is closed, so the upstream sees the disconnect.
+Unary calls (model lists, show, embed, load) are bounded as a whole by
+``connect_timeout + first_token_timeout`` (``call_json``).
 """
 
 from __future__ import annotations
@@ -12,7 +36,7 @@ import asyncio
 import email.utils
 import json
 import time
-from typing import AsyncIterator, Iterable, Optional
+from typing import Any, AsyncIterator, Awaitable, Iterable, Optional, TypeVar
 
 import aiohttp
 
@@ -27,6 +51,9 @@ from backends.errors import (
     Unavailable,
     Unimplemented,
 )
+from mlxgate.config import UpstreamTimeouts
+
+T = TypeVar("T")
 
 #: Longest upstream error text passed on to callers.
 MAX_ERROR_TEXT = 500
@@ -129,12 +156,20 @@ def _is_json_error(body: bytes) -> bool:
     return isinstance(data, dict)
 
 
-def error_for_exception(who: str, exc: BaseException, secrets: Iterable[Optional[str]] = ()) -> BackendError:
+def error_for_exception(
+    who: str,
+    exc: BaseException,
+    secrets: Iterable[Optional[str]] = (),
+    timeouts: Optional[UpstreamTimeouts] = None,
+) -> BackendError:
     """Map an aiohttp/asyncio client failure onto a BackendError.
 
     The message names the failure kind, never headers (which hold keys)."""
     if isinstance(exc, BackendError):
         return exc
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        within = f" within {timeouts.connect_timeout:g} s" if timeouts is not None else ""
+        return DeadlineExceeded(f"{who}: could not connect to upstream{within} (connect_timeout)")
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return DeadlineExceeded(f"{who}: upstream timed out")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -177,22 +212,200 @@ async def iter_lines(resp: aiohttp.ClientResponse, who: str = "upstream") -> Asy
         yield bytes(buf).rstrip(b"\r")
 
 
+def connect_timeout(timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
+    """aiohttp's own clock on an upstream call: connecting only.
+
+    No ``total`` (a generation may run for as long as tokens keep coming) and
+    no ``sock_read``: the token clocks below replace it, since any byte (a
+    keep-alive line) would reset it."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=timeouts.connect_timeout, sock_connect=timeouts.connect_timeout, sock_read=None
+    )
+
+
+class TokenClock:
+    """The first-token clock, then the idle clock, of one streamed call.
+
+    It starts when made (just before the request is sent), with the deadline
+    ``first_token_timeout`` ahead; each ``token()`` sets it ``idle_timeout``
+    ahead of now.  Nothing else moves it forward, except ``extend`` for time
+    the caller held the stream (see ``UpstreamStream``)."""
+
+    def __init__(self, who: str, timeouts: UpstreamTimeouts) -> None:
+        self.who = who
+        self.timeouts = timeouts
+        self._loop = asyncio.get_running_loop()
+        self.started = self._loop.time()
+        self.deadline = self.started + timeouts.first_token_timeout
+        self.tokens = 0
+
+    def token(self) -> None:
+        """A token arrived: the next one is due within ``idle_timeout``."""
+        self.tokens += 1
+        self.deadline = self._loop.time() + self.timeouts.idle_timeout
+
+    def extend(self, seconds: float) -> None:
+        self.deadline += max(0.0, seconds)
+
+    def error(self) -> DeadlineExceeded:
+        """The error for a deadline that passed, naming the clock."""
+        if self.tokens == 0:
+            return DeadlineExceeded(
+                f"{self.who}: no token within {self.timeouts.first_token_timeout:g} s of the request "
+                "(first_token_timeout)"
+            )
+        return DeadlineExceeded(f"{self.who}: no token for {self.timeouts.idle_timeout:g} s (idle_timeout)")
+
+    async def bound(self, aw: Awaitable[T]) -> T:
+        """Await ``aw`` until the current deadline; past it, ``aw`` is cancelled
+        and ``DeadlineExceeded`` raised.  Other timeouts from inside ``aw``
+        (aiohttp's connect timeout) pass through unchanged."""
+        timeout = asyncio.timeout_at(self.deadline)
+        try:
+            async with timeout:
+                return await aw
+        except TimeoutError:
+            if timeout.expired():
+                raise self.error() from None
+            raise
+
+
+class UpstreamStream:
+    """One streamed call to an upstream: its response, read line by line under
+    the token clocks.  Both adapters use it the same way::
+
+        stream = UpstreamStream(self.name, self.timeouts, secrets)
+        try:
+            await stream.open(session, url, json=body, headers=headers)
+            async for line in stream:      # each read bounded by the clock
+                ...                        # parse; stream.token() if it carried one
+            stream.finish()                # the answer is complete (before yielding Done)
+        finally:
+            stream.close()                 # released when finished, else dropped
+
+    Time the caller spends between two lines (parsing, and handing a token
+    downstream, where a slow client may push back) does not count against
+    the upstream: the deadline is moved on by that much.  So the clocks
+    measure the upstream's silence only.
+    """
+
+    def __init__(self, who: str, timeouts: UpstreamTimeouts, secrets: Iterable[Optional[str]] = ()) -> None:
+        self.who = who
+        self.timeouts = timeouts
+        self.secrets = tuple(secrets)
+        self.clock: Optional[TokenClock] = None
+        self.resp: Optional[aiohttp.ClientResponse] = None
+        self._lines: Optional[AsyncIterator[bytes]] = None
+        self._handed_at: Optional[float] = None
+        self._finished = False
+
+    def _fail(self, exc: BaseException) -> BackendError:
+        return error_for_exception(self.who, exc, self.secrets, self.timeouts)
+
+    async def open(self, session: aiohttp.ClientSession, url: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """POST the request and wait for a 2xx answer's headers (under the
+        first-token clock, which starts here); an error status raises its
+        BackendError."""
+        self.clock = TokenClock(self.who, self.timeouts)
+        try:
+            self.resp = await self.clock.bound(
+                session.post(url, timeout=connect_timeout(self.timeouts), **kwargs)
+            )
+        except BackendError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._fail(e) from None
+        await raise_for_response(self.who, self.resp, self.secrets)
+        self._lines = iter_lines(self.resp, self.who)
+        return self.resp
+
+    def token(self) -> None:
+        """The line just read carried a token (text, thinking, a tool-call delta, logprobs)."""
+        assert self.clock is not None
+        self.clock.token()
+
+    def finish(self) -> None:
+        """The answer is complete: ``close`` returns the connection to the pool."""
+        self._finished = True
+
+    def __aiter__(self) -> UpstreamStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self.clock is not None and self._lines is not None, "open() first"
+        loop = asyncio.get_running_loop()
+        if self._handed_at is not None:
+            self.clock.extend(loop.time() - self._handed_at)
+            self._handed_at = None
+        try:
+            line = await self.clock.bound(anext(self._lines))
+        except (StopAsyncIteration, BackendError):
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise self._fail(e) from None
+        self._handed_at = loop.time()
+        return line
+
+    def close(self) -> None:
+        if self.resp is None:
+            return
+        if self._finished:
+            self.resp.release()
+        else:
+            # Timed out, failed, or cancelled mid-stream: drop the connection
+            # so the upstream sees the disconnect and stops generating.
+            self.resp.close()
+
+
+async def call_json(
+    session: aiohttp.ClientSession,
+    who: str,
+    timeouts: UpstreamTimeouts,
+    method: str,
+    url: str,
+    secrets: Iterable[Optional[str]] = (),
+    **kwargs: Any,
+) -> Any:
+    """One unary call (list models, show, embed, load, ...); the parsed JSON body.
+
+    A unary answer is its own first token, so the whole call -- connecting,
+    the headers and the body -- is bounded by ``connect_timeout +
+    first_token_timeout``, and connecting alone by ``connect_timeout``."""
+    total = timeouts.connect_timeout + timeouts.first_token_timeout
+    timeout = asyncio.timeout(total)
+    try:
+        async with timeout:
+            async with session.request(method, url, timeout=connect_timeout(timeouts), **kwargs) as resp:
+                await raise_for_response(who, resp, secrets)
+                raw = await resp.read()
+    except BackendError:
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        if timeout.expired():
+            raise DeadlineExceeded(
+                f"{who}: no answer within {total:g} s (connect_timeout + first_token_timeout)"
+            ) from None
+        raise error_for_exception(who, e, secrets, timeouts) from None
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        raise Unavailable(f"{who}: upstream sent a body that is not JSON") from None
+
+
 class UpstreamSession:
     """A lazily created aiohttp session (a ClientSession belongs to the running
-    event loop, so it cannot be made in __init__), closed by ``close``."""
+    event loop, so it cannot be made in __init__), closed by ``close``.
+    Subclasses set ``timeouts``."""
 
     _session: Optional[aiohttp.ClientSession] = None
+    timeouts: UpstreamTimeouts
 
-    def _session_with(self, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=timeout, raise_for_status=False)
+            self._session = aiohttp.ClientSession(timeout=connect_timeout(self.timeouts), raise_for_status=False)
         return self._session
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
-
-
-def client_timeout(total: Optional[float], connect: Optional[float], read: Optional[float]) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=total, sock_connect=connect, connect=connect, sock_read=read)

@@ -272,7 +272,7 @@ async def test_half_open_lets_one_probe_through_and_a_failed_probe_reopens(upstr
         # successful probe, slow to its first token: while it is out, others skip
         clock.advance(11)
         ollama.fault = Fault("hang_after_headers", delay=0.2)
-        router.backends[0].config.timeout = 2.0
+        router.backends[0].timeouts.first_token_timeout = 2.0  # slow, but within its clock
         before = len(ollama.paths())
         probe = asyncio.create_task(collect(router.generate(chat("m"))))
         await asyncio.sleep(0.05)

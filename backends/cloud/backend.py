@@ -5,6 +5,13 @@ Chat (and non-raw prompts, sent as a one-turn chat) stream from
 are parsed as they arrive (``data:`` lines, ``[DONE]``), with
 ``stream_options.include_usage`` so the final ``Done`` carries token counts.
 
+Timeouts (``backends.http_upstream``): ``connect_timeout`` bounds connecting;
+``first_token_timeout`` bounds the wait from the request to the first event
+that carries text, reasoning, a tool-call delta or logprobs (SSE comments such
+as ``: keep-alive``, role-only deltas and usage events do not count);
+``idle_timeout`` bounds the wait between two such events.  A unary call is
+bounded as a whole by ``connect_timeout + first_token_timeout``.
+
 The API key is read once from ``env[provider.api_key_env]`` and only ever
 placed in the Authorization header.  It never appears in a repr, a log line,
 an exception message or a metric label: every upstream error text is passed
@@ -18,18 +25,14 @@ import logging
 import time
 from typing import Any, AsyncIterator, Mapping, Optional
 
-import aiohttp
-
 from backends.cloud import wire
 from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
 from backends.http_upstream import (
     UpstreamSession,
-    client_timeout,
-    error_for_exception,
+    UpstreamStream,
+    call_json,
     error_for_status,
     error_text_from_body,
-    iter_lines,
-    raise_for_response,
     redact,
 )
 from backends.types import (
@@ -77,62 +80,23 @@ class CloudBackend(UpstreamSession):
             h["Authorization"] = f"Bearer {self.__key}"
         return h
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        return self._session_with(client_timeout(None, self.timeouts.connect_timeout, self.timeouts.idle_timeout))
-
-    def _fail(self, e: BaseException) -> BackendError:
-        return error_for_exception(self.name, e, self._secrets)
-
     async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
-        try:
-            async with self._get_session().request(
-                method,
-                self.base_url + path,
-                json=body,
-                headers=self._headers(),
-                timeout=client_timeout(
-                    self.timeouts.first_token_timeout,
-                    self.timeouts.connect_timeout,
-                    self.timeouts.first_token_timeout,
-                ),
-            ) as resp:
-                await raise_for_response(self.name, resp, self._secrets)
-                raw = await resp.read()
-        except BackendError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise self._fail(e) from None
-        try:
-            return json.loads(raw) if raw else {}
-        except ValueError:
-            raise Unavailable(f"{self.name}: upstream sent a body that is not JSON") from None
+        return await call_json(
+            self._get_session(), self.name, self.timeouts, method, self.base_url + path, self._secrets,
+            json=body, headers=self._headers(),
+        )
 
     # ------------------------------------------------------------ generate
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         path, body = wire.generate_body(req)
         started = time.monotonic_ns()
-        resp: Optional[aiohttp.ClientResponse] = None
-        finished = False
+        stream = UpstreamStream(self.name, self.timeouts, self._secrets)
         try:
-            try:
-                resp = await self._get_session().post(self.base_url + path, json=body, headers=self._headers())
-                await raise_for_response(self.name, resp, self._secrets)
-            except BackendError:
-                raise
-            except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                raise self._fail(e) from None
-
+            await stream.open(self._get_session(), self.base_url + path, json=body, headers=self._headers())
             state = wire.StreamState()
             saw_done_marker = False
-            lines = iter_lines(resp, self.name)
-            while True:
-                try:
-                    line = await anext(lines)
-                except StopAsyncIteration:
-                    break
-                except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                    raise self._fail(e) from None
+            async for line in stream:
                 if not line.startswith(b"data:"):
                     continue  # blank separator, ": comment", "event:", "id:"
                 data = line[5:].strip()
@@ -147,7 +111,10 @@ class CloudBackend(UpstreamSession):
                     continue
                 if "error" in obj:
                     raise self._stream_error(obj)
+                tokens = state.token_events
                 chunk = state.feed(obj)
+                if state.token_events != tokens:
+                    stream.token()
                 if chunk is not None:
                     yield chunk
             if not saw_done_marker and state.finish is None:
@@ -158,7 +125,7 @@ class CloudBackend(UpstreamSession):
             reason = wire.finish_reason(state.finish)
             if calls and reason == "stop":
                 reason = "tool_calls"
-            finished = True
+            stream.finish()
             yield Done(
                 finish_reason=reason,  # type: ignore[arg-type]
                 prompt_tokens=state.prompt_tokens,
@@ -169,11 +136,7 @@ class CloudBackend(UpstreamSession):
                 model=req.model,
             )
         finally:
-            if resp is not None:
-                if finished:
-                    resp.release()
-                else:
-                    resp.close()  # cancelled or failed: drop the upstream request
+            stream.close()
 
     def _stream_error(self, obj: dict) -> BackendError:
         err = obj.get("error")

@@ -179,6 +179,10 @@ class StreamState:
     cached_tokens: int = 0
     model: str = ""
     calls: dict[int, _PendingCall] = field(default_factory=dict)
+    #: Events that carried a token (text, reasoning, a tool-call delta or
+    #: logprobs); role-only deltas, finish and usage events do not.  The
+    #: token clocks (backends.http_upstream) run on this.
+    token_events: int = 0
 
     def feed(self, obj: dict) -> Optional[Chunk]:
         """Take one parsed ``data:`` event; return the chunk to emit now, if any.
@@ -197,6 +201,7 @@ class StreamState:
         text = ""
         thinking = ""
         lps: list[TokenLogprob] = []
+        call_deltas = 0
         for choice in obj.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
@@ -207,11 +212,14 @@ class StreamState:
                 text += delta.get("content") or ""
                 thinking += _reasoning(delta)
                 for tc in delta.get("tool_calls") or []:
+                    call_deltas += isinstance(tc, dict)
                     self._add_call_delta(tc)
                 lps += _chat_logprobs(choice.get("logprobs"))
             else:  # /completions
                 text += choice.get("text") or ""
                 lps += _completion_logprobs(choice.get("logprobs"))
+        if text or thinking or lps or call_deltas:
+            self.token_events += 1
         if text or thinking or lps:
             return Chunk(text=text, thinking=thinking, logprobs=lps)
         return None

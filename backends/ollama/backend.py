@@ -4,9 +4,12 @@ Streams are NDJSON: each line is translated into a ``Chunk`` as soon as it
 arrives, and the final ``"done": true`` line into ``Done``.  Closing the
 generator closes the upstream HTTP response, so Ollama stops generating.
 
-Timeouts: ``connect_timeout`` bounds connecting; ``idle_timeout`` bounds the
-silence between two reads of a stream (so a long generation is fine while a
-stuck upstream is not); ``first_token_timeout`` bounds the whole of a unary call.
+Timeouts (``backends.http_upstream``): ``connect_timeout`` bounds connecting;
+``first_token_timeout`` bounds the wait from the request to the first line that
+carries text, thinking, a tool call or logprobs (blank lines and lines with
+empty content, which a proxy may send to keep the connection warm, do not
+count); ``idle_timeout`` bounds the wait between two such lines.  A unary call
+is bounded as a whole by ``connect_timeout + first_token_timeout``.
 """
 
 from __future__ import annotations
@@ -15,16 +18,12 @@ import json
 import logging
 from typing import Any, AsyncIterator, Optional
 
-import aiohttp
-
 from backends.errors import BackendError, ModelNotFound, Unavailable
 from backends.http_upstream import (
     UpstreamSession,
-    client_timeout,
-    error_for_exception,
+    UpstreamStream,
+    call_json,
     error_text_from_body,
-    iter_lines,
-    raise_for_response,
 )
 from backends.ollama import wire
 from backends.types import (
@@ -59,58 +58,22 @@ class OllamaBackend(UpstreamSession):
 
     # ------------------------------------------------------------ plumbing
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        return self._session_with(client_timeout(None, self.timeouts.connect_timeout, self.timeouts.idle_timeout))
-
-    def _unary_timeout(self) -> aiohttp.ClientTimeout:
-        return client_timeout(
-            self.timeouts.first_token_timeout, self.timeouts.connect_timeout, self.timeouts.first_token_timeout
-        )
-
     async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
         """One request/response call; returns the parsed JSON body."""
-        try:
-            async with self._get_session().request(
-                method, self.base_url + path, json=body, timeout=self._unary_timeout()
-            ) as resp:
-                await raise_for_response(self.name, resp)
-                raw = await resp.read()
-        except BackendError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise error_for_exception(self.name, e) from None
-        try:
-            return json.loads(raw) if raw else {}
-        except ValueError:
-            raise Unavailable(f"{self.name}: upstream sent a body that is not JSON") from None
+        return await call_json(self._get_session(), self.name, self.timeouts, method, self.base_url + path, json=body)
 
     # ------------------------------------------------------------ generate
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         path, body = wire.generate_body(req)
-        resp: Optional[aiohttp.ClientResponse] = None
-        finished = False
+        stream = UpstreamStream(self.name, self.timeouts)
         try:
-            try:
-                # The request id lets the upstream's logs be joined with ours.
-                resp = await self._get_session().post(
-                    self.base_url + path, json=body, headers={"X-Request-Id": req.request_id}
-                )
-                await raise_for_response(self.name, resp)
-            except BackendError:
-                raise
-            except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                raise error_for_exception(self.name, e) from None
-
+            # The request id lets the upstream's logs be joined with ours.
+            await stream.open(
+                self._get_session(), self.base_url + path, json=body, headers={"X-Request-Id": req.request_id}
+            )
             saw_tool_calls = False
-            lines = iter_lines(resp, self.name)
-            while True:
-                try:
-                    line = await anext(lines)
-                except StopAsyncIteration:
-                    break
-                except (aiohttp.ClientError, TimeoutError, OSError) as e:
-                    raise error_for_exception(self.name, e) from None
+            async for line in stream:
                 if not line.strip():
                     continue
                 try:
@@ -123,21 +86,16 @@ class OllamaBackend(UpstreamSession):
                     raise _stream_error(self.name, obj["error"])
                 chunk = wire.chunk_from_line(obj)
                 if chunk is not None:
+                    stream.token()
                     saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
                     yield chunk
                 if obj.get("done"):
-                    finished = True
+                    stream.finish()
                     yield wire.done_from_line(obj, self.name, req.model, saw_tool_calls)
                     return
             raise Unavailable(f"{self.name}: upstream ended the stream before its final line")
         finally:
-            if resp is not None:
-                if finished:
-                    resp.release()
-                else:
-                    # Cancelled or failed mid-stream: drop the connection so
-                    # the upstream sees the disconnect and stops generating.
-                    resp.close()
+            stream.close()
 
     # ------------------------------------------------------------ unary
 

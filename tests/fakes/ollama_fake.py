@@ -21,8 +21,15 @@ Knobs (set them between requests):
 * ``chunk_delay``: seconds between lines;
 * ``gate``: an event the stream waits for after its first line.
 
-It records every request in ``requests`` (path, JSON body) and sets
-``disconnected`` when a client goes away in the middle of a stream.
+It records every request in ``requests`` (path, JSON body), counts clients
+that go away in the middle of a generation request in ``disconnects`` and
+sets ``disconnected`` at the first.
+
+Ollama itself sends no keep-alive lines, but a proxy in front of it may:
+the ``keepalive`` and ``stall`` faults send blank lines, empty objects and
+lines with empty content, none of which carries a token.  Every fault that
+holds a request is bounded by its ``delay`` and ends early when the client
+goes away, so no handler outlives its test.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import LoopbackServer, client_gone, hold
 
 
 def _norm(name: str) -> str:
@@ -52,8 +59,12 @@ class Fault:
 
     kind:
       "status"            answer ``status`` with ``{"error": message}`` (and Retry-After if set)
-      "hang"              wait ``delay`` seconds before sending anything
-      "hang_after_headers" send the 200 headers, then wait ``delay`` before the first line
+      "hang"              send nothing (not even headers) for ``delay`` seconds, then answer
+      "hang_after_headers" send the 200 headers, then nothing for ``delay`` seconds, then the lines
+      "keepalive"         send the 200 headers, then only keep-alive lines (every
+                          ``interval`` seconds) for ``delay`` seconds, then the lines
+      "stall"             stream ``after`` lines, then nothing for ``delay`` seconds
+                          (keep-alive lines every ``interval`` seconds when set), then the rest
       "disconnect"        stream ``after`` lines, then drop the connection
       "error_line"        stream ``after`` lines, then an ``{"error": message}`` line
       "no_done"           stream the reply and end without the final done line
@@ -65,6 +76,8 @@ class Fault:
     retry_after: Optional[str] = None
     delay: float = 0.0
     after: int = 1
+    #: seconds between keep-alive lines ("keepalive": 0 means 0.05; "stall": 0 means silence)
+    interval: float = 0.0
     #: how many requests it applies to (None: all until cleared)
     times: Optional[int] = None
 
@@ -182,7 +195,9 @@ class FakeOllama(LoopbackServer):
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
             return web.json_response({"error": fault.message}, status=fault.status, headers=headers)
         if fault is not None and fault.kind == "hang":
-            await asyncio.sleep(fault.delay)
+            if not await hold(request, fault.delay):
+                self.client_left()
+                return web.Response(status=499)
 
         self.loaded[_norm(model)] = 300.0
         options = body.get("options") or {}
@@ -238,12 +253,27 @@ class FakeOllama(LoopbackServer):
                     final["thinking"] = thought
             return web.json_response(final)
 
+        # What a keep-alive may look like: a blank line, an empty object, a
+        # line whose content is empty.  None carries a token.
+        empty = {"model": model, "created_at": _now(), "done": False}
+        empty.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+        keepalive = (b"\n", b"{}\n", json.dumps(empty).encode() + b"\n")
+
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
+        held = True
         if fault is not None and fault.kind == "hang_after_headers":
-            await asyncio.sleep(fault.delay)
+            held = await hold(request, fault.delay)
+        elif fault is not None and fault.kind == "keepalive":
+            held = await hold(request, fault.delay, resp, keepalive, fault.interval or 0.05)
+        if not held:
+            self.client_left()
+            return resp
         try:
             for i, piece in enumerate(pieces):
+                if fault is not None and fault.kind == "stall" and i == fault.after:
+                    if not await hold(request, fault.delay, resp, keepalive, fault.interval):
+                        raise ConnectionResetError
                 if fault is not None and i == fault.after:
                     if fault.kind == "disconnect":
                         assert request.transport is not None
@@ -253,7 +283,7 @@ class FakeOllama(LoopbackServer):
                         await resp.write(json.dumps({"error": fault.message}).encode() + b"\n")
                         await resp.write_eof()
                         return resp
-                if request.transport is None or request.transport.is_closing():
+                if client_gone(request):
                     raise ConnectionResetError
                 await resp.write(json.dumps(line(piece)).encode() + b"\n")
                 if i == 0 and self.gate is not None:
@@ -266,7 +296,7 @@ class FakeOllama(LoopbackServer):
                 await resp.write(json.dumps(final).encode() + b"\n")
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError, RuntimeError):
-            self.disconnected.set()
+            self.client_left()
         return resp
 
     # ------------------------------------------------------------ the rest

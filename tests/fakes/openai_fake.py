@@ -10,7 +10,16 @@ in fragments).  ``/v1/completions`` streams ``choices[0].text``;
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Used where the real thing cannot run: faults, tool-call deltas, and keys that
-an upstream echoes back in error messages.  (Plain streaming is tested against
+an upstream echoes back in error messages.
+
+Faults (``tests.fakes.ollama_fake.Fault``): "status", "disconnect" (after
+``after`` events), and the hung upstreams: "hang" (no headers for ``delay``
+seconds), "hang_after_headers" (headers, then silence), "keepalive" (headers,
+the role-only first delta, then only ``: keep-alive`` SSE comments every
+``interval`` seconds -- what providers send while a model thinks) and "stall"
+(``after`` events, then silence, or comments when ``interval`` is set).  Each
+holds the request for at most ``delay`` seconds, then answers normally, and
+ends early when the client goes away (counted in ``disconnects``).  (Plain streaming is tested against
 ``mlx_lm.server``, a real OpenAI-compatible server.)
 """
 
@@ -24,8 +33,11 @@ from typing import Any, Optional
 
 from aiohttp import web
 
-from tests.fakes.loopback import LoopbackServer
+from tests.fakes.loopback import LoopbackServer, client_gone, hold
 from tests.fakes.ollama_fake import Fault
+
+#: Faults that act once the event stream has begun (the rest act in ``_begin``).
+STREAM_FAULTS = ("disconnect", "hang_after_headers", "keepalive", "stall")
 
 
 @dataclass
@@ -104,28 +116,42 @@ class FakeOpenAI(LoopbackServer):
             if f.kind == "status":
                 headers = {"Retry-After": f.retry_after} if f.retry_after else None
                 return self._error(f.status, f.message, "server_error", headers=headers), body
-            if f.kind == "hang":
-                await asyncio.sleep(f.delay)
+            if f.kind == "hang" and not await hold(request, f.delay):
+                self.client_left()
+                return web.Response(status=499), body
         return None, body
 
     async def _sse(self, request: web.Request, events: list[dict], fault: Optional[Fault]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        keepalive = (b": keep-alive\n\n",)
+        kind = fault.kind if fault is not None else None
         try:
             await resp.write(b": connected\n\n")
+            if kind == "hang_after_headers":
+                assert fault is not None
+                if not await hold(request, fault.delay):
+                    raise ConnectionResetError
             for i, ev in enumerate(events):
-                if fault is not None and fault.kind == "disconnect" and i == fault.after:
+                if fault is not None and i == fault.after and kind == "disconnect":
                     assert request.transport is not None
                     request.transport.close()
                     return resp
-                if request.transport is None or request.transport.is_closing():
+                if fault is not None and i == fault.after and kind == "stall":
+                    if not await hold(request, fault.delay, resp, keepalive, fault.interval):
+                        raise ConnectionResetError
+                if client_gone(request):
                     raise ConnectionResetError
                 await resp.write(f"data: {json.dumps(ev)}\n\n".encode())
+                if fault is not None and i == 0 and kind == "keepalive":
+                    # after the role-only first delta: comments, no token
+                    if not await hold(request, fault.delay, resp, keepalive, fault.interval or 0.05):
+                        raise ConnectionResetError
                 await asyncio.sleep(self.chunk_delay)
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError, RuntimeError):
-            self.disconnected.set()
+            self.client_left()
         return resp
 
     # ------------------------------------------------------------ endpoints
@@ -162,7 +188,7 @@ class FakeOpenAI(LoopbackServer):
                 "prompt_tokens_details": {"cached_tokens": 3}}))
         if not body.get("stream"):
             return self._error(400, "this fake only streams", "invalid_request_error")
-        return await self._sse(request, events, fault if fault is not None and fault.kind == "disconnect" else None)
+        return await self._sse(request, events, fault if fault is not None and fault.kind in STREAM_FAULTS else None)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         fault = self.fault
@@ -175,7 +201,7 @@ class FakeOpenAI(LoopbackServer):
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append(dict(base, choices=[], usage={"prompt_tokens": 5, "completion_tokens": len(self.reply),
                                                          "total_tokens": 5 + len(self.reply)}))
-        return await self._sse(request, events, fault if fault is not None and fault.kind == "disconnect" else None)
+        return await self._sse(request, events, fault if fault is not None and fault.kind in STREAM_FAULTS else None)
 
     async def embeddings(self, request: web.Request) -> web.Response:
         err, body = await self._begin(request)
