@@ -196,7 +196,15 @@ def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpc
             async def pump() -> None:
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
-                        await context.write(response)
+                        try:
+                            await context.write(response)
+                        except asyncio.CancelledError:
+                            # Cancelled while sending: the servicer waits at its
+                            # yield; let it see the cancellation there, as at any
+                            # of its own awaits (it counts it, the backend stops).
+                            with contextlib.suppress(BaseException):
+                                await responses.athrow(asyncio.CancelledError())
+                            raise
 
             await gate.run(pump(), context)
 
