@@ -1,10 +1,11 @@
 """The gRPC inference service: proto in, one Backend (the router) behind it.
 
-Handlers are thin: convert with ``from_pb``, call the backend, convert events
-with ``to_pb``.  Backend errors become gRPC statuses carrying their message;
-anything unexpected becomes INTERNAL with a generic message (the traceback is
-logged, never sent).  When the client cancels, grpc.aio cancels the handler
-task; ``aclosing`` then closes the backend's generator so the work stops.
+Handlers are thin: validate against the contract (``validation``), convert
+with ``from_pb``, call the backend, convert events with ``to_pb``.  Backend
+errors become gRPC statuses carrying their (capped) message; anything
+unexpected becomes INTERNAL with a generic message (the traceback is logged,
+never sent).  When the client cancels, grpc.aio cancels the handler task;
+``aclosing`` then closes the backend's generator so the work stops.
 """
 
 from __future__ import annotations
@@ -14,24 +15,29 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from backends.base import Backend
+from google.protobuf import message_factory
+
 from backends import validation
-from backends.errors import BackendError, Internal, InvalidArgument
-from mlxgate.memory import trim_after_large
+from backends.base import Backend
+from backends.errors import BackendError, Internal
+from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
+from mlxgate.config import ServerConfig
 from mlxgate.limits import clip
+from mlxgate.memory import trim_after_large
+from mlxgate.ports import bind_error, bind_problem
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+__all__ = ["SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
 
 T = TypeVar("T")
 
@@ -211,15 +217,83 @@ class GenerateObserver(Protocol):
     def start(self, req: GenerateRequest) -> GenerateTracker: ...
 
 
+def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpcHandler:
+    """The service's handlers, as the generated code would build them, but
+    parsing with ``gate.deserializer`` and running each call in ``gate.run``."""
+
+    def unary(behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], empty: Any) -> Any:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, Malformed):
+                gate.reject_malformed(request, context)
+                return empty()
+            result = await gate.run(behaviour(request, context), context)
+            # A call ended with a status (refused, shut down) still returns a message.
+            return empty() if result is None else result
+
+        return handle
+
+    def stream(behaviour: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]) -> Any:
+        # A coroutine writing with context.write (not an async generator), so
+        # the whole stream runs inside gate.run and end_all() can end it.
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, Malformed):
+                gate.reject_malformed(request, context)
+                return
+
+            async def pump() -> None:
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        try:
+                            await context.write(response)
+                        except asyncio.CancelledError:
+                            # Cancelled while sending: the servicer waits at its
+                            # yield; let it see the cancellation there, as at any
+                            # of its own awaits (it counts it, the backend stops).
+                            with contextlib.suppress(BaseException):
+                                await responses.athrow(asyncio.CancelledError())
+                            raise
+
+            await gate.run(pump(), context)
+
+        return handle
+
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in pb.DESCRIPTOR.services_by_name["InferenceService"].methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            stream(behaviour) if method.server_streaming else unary(behaviour, response_type),
+            request_deserializer=deserializer(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 @dataclass
 class RunningService:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    gate: Gate
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    async def begin_drain(self) -> None:
+        """Health turns NOT_SERVING ("" and the service) and new calls get
+        UNAVAILABLE; calls in flight go on."""
+        self.gate.begin_drain()
+        await self.health.enter_graceful_shutdown()
+
+    async def wait_idle(self, timeout: Optional[float]) -> bool:
+        return await self.gate.wait_idle(timeout)
+
+    def end_calls(self) -> int:
+        """End the calls still running with UNAVAILABLE "server shutting down"."""
+        return self.gate.end_all()
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
@@ -230,26 +304,48 @@ async def start_inference_service(
     host: str = "127.0.0.1",
     port: int = 0,
     observer: Optional[GenerateObserver] = None,
+    *,
+    api_keys: Sequence[str] = (),
+    max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
+    front_token: Optional[str] = None,
 ) -> RunningService:
-    """Start the gRPC server; port 0 picks a free port, returned in the result."""
+    """Start the gRPC server; port 0 picks a free port, returned in the result.
+
+    ``api_keys``: when any, InferenceService calls need ``authorization:
+    Bearer <key>``.  ``max_message_bytes``: the largest message received or
+    sent (larger ones end RESOURCE_EXHAUSTED).  ``front_token``: the token the
+    in-process HTTP front sends, admitted while draining.  A port that cannot
+    be bound raises ``mlxgate.ports.BindError`` (``PortInUse`` when taken).
+    """
+    gate = Gate(api_keys, front_token)
     server = grpc.aio.server(
+        interceptors=[GateInterceptor(gate)],
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ]
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Exclusive port: a second server on it fails instead of sharing traffic.
+            ("grpc.so_reuseport", 0),
+        ],
     )
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(backend, observer), server)
+    server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(backend, observer), gate),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    # Check first: grpc's own failure says only "Failed to bind" (and logs to stderr).
+    problem = bind_problem(host, port)
+    if problem is not None:
+        raise bind_error("gRPC", host, port, problem)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise InvalidArgument(f"cannot bind gRPC to {host}:{port}")
+        raise bind_error("gRPC", host, port, bind_problem(host, port))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("inference service listening on %s:%d", host, bound)
-    return RunningService(server=server, port=bound, health=health_servicer)
+    return RunningService(server=server, port=bound, health=health_servicer, gate=gate)

@@ -9,6 +9,10 @@ see the final status of every answer, errors included.
 Run it with ``start_http``, or pass ``handler_cancellation=True`` to your own
 ``web.AppRunner``: that is what makes a client disconnect cancel its handler,
 whose ``finally`` cancels the gRPC call and so the generation.
+
+Shutdown (``gateway.drain``): ``begin_drain(app)`` makes new requests 503
+while those in flight go on; ``wait_idle(app, timeout)`` waits for them;
+``end_calls(app)`` ends the rest (their streams end with an error line).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from aiohttp import web
 
 from gateway import openapi
 from gateway.client import InferenceClient
+from gateway.drain import DRAIN_KEY, Drain, drain_middleware
 from gateway.errors import ApiError, Dialect, dialect_of, error_response, from_grpc, from_http, internal_error
 from gateway.ollama import routes as ollama_routes
 from gateway.openai import routes as openai_routes
@@ -71,17 +76,25 @@ async def answer(request: web.Request, handler: Handler, dialect: Dialect, rid: 
 
 
 def build_middlewares(extra: Iterable[Middleware] = ()) -> list[Middleware]:
-    """Outermost first: extra (metrics, ...), then the error middleware."""
-    return [*extra, error_middleware]
+    """Outermost first: extra (metrics, ...), the drain, then the error middleware."""
+    return [*extra, drain_middleware, error_middleware]
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[REQUEST_ID_HEADER] = request_id(request)
 
 
-def _client_ctx(grpc_target: str, timeout: float) -> Callable[[web.Application], AsyncIterator[None]]:
+def _client_ctx(
+    server_cfg: ServerConfig, grpc_target: str, front_token: Optional[str]
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        c = InferenceClient.connect(grpc_target, timeout)
+        c = InferenceClient.connect(
+            grpc_target,
+            server_cfg.request_timeout,
+            api_key=server_cfg.api_keys[0] if server_cfg.api_keys else None,
+            max_message_bytes=server_cfg.grpc_max_message_bytes,
+            front_token=front_token,
+        )
         app[CLIENT_KEY] = c
         try:
             yield
@@ -95,13 +108,17 @@ def create_app(
     server_cfg: ServerConfig,
     grpc_target: str,
     extra_middlewares: Optional[Iterable[Middleware]] = None,
+    front_token: Optional[str] = None,
 ) -> web.Application:
+    """``front_token``: sent on every gRPC call so an in-process service
+    that is draining still serves the requests this front already accepted."""
     app = web.Application(
         middlewares=build_middlewares(extra_middlewares or ()),
         client_max_size=server_cfg.max_body_bytes,
     )
     app[SERVER_CONFIG_KEY] = server_cfg
-    app.cleanup_ctx.append(_client_ctx(grpc_target, server_cfg.request_timeout))
+    app[DRAIN_KEY] = Drain()
+    app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token))
     app.on_response_prepare.append(_echo_request_id)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)
@@ -109,10 +126,31 @@ def create_app(
     return app
 
 
+def begin_drain(app: web.Application) -> None:
+    """New requests get 503 + Retry-After; requests in flight go on."""
+    app[DRAIN_KEY].begin()
+
+
+async def wait_idle(app: web.Application, timeout: Optional[float]) -> bool:
+    """Wait for the requests in flight; False when ``timeout`` passed first."""
+    return await app[DRAIN_KEY].wait_idle(timeout)
+
+
+def end_calls(app: web.Application) -> int:
+    """End every gRPC call still running (UNAVAILABLE "server shutting down"):
+    streams end with their dialect's error line, other requests answer 503."""
+    c = app.get(CLIENT_KEY)
+    return c.end_calls() if c is not None else 0
+
+
 @dataclass
 class RunningHTTP:
     runner: web.AppRunner
     port: int
+
+    @property
+    def app(self) -> web.Application:
+        return self.runner.app
 
     @property
     def url(self) -> str:
@@ -122,12 +160,23 @@ class RunningHTTP:
         await self.runner.cleanup()
 
 
-async def start_http(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> RunningHTTP:
-    """Serve ``app``; port 0 picks a free port, returned in the result."""
-    runner = web.AppRunner(app, handler_cancellation=True)
+async def start_http(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 60.0
+) -> RunningHTTP:
+    """Serve ``app``; port 0 picks a free port, returned in the result.
+
+    ``shutdown_timeout``: how long ``stop()`` lets handlers still running
+    finish before cancelling them.  A failed bind (``OSError``) is raised
+    after the runner is cleaned up.
+    """
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     bound = port
     for addr in runner.addresses:
         if isinstance(addr, tuple):

@@ -6,25 +6,53 @@ field.  ``GenerateStream`` wraps the server stream: ``start()`` waits for the
 first event so failures before any token surface as a gRPC status (and become
 a proper HTTP status), iteration yields domain events, ``cancel()`` cancels the
 RPC (the service then closes the backend's generator).
+
+Calls also carry ``authorization: Bearer <key>`` when the configuration has
+API keys (the front and an in-process service share them; a front started
+with ``--grpc-target`` sends its own first key), and, from an in-process
+front, the per-process token that lets its calls through while the service
+drains.  ``end_calls()`` (shutdown, after the grace period) ends every call
+still running: streams and unary calls fail with UNAVAILABLE "server
+shutting down", which the handlers turn into their dialect's error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import AsyncIterator, Optional, Protocol
+import weakref
+from typing import Any, AsyncIterator, Awaitable, Optional, Protocol, Sequence
 
 import grpc
 
 from backends.types import Event, event_from_pb
+from mlxgate.config import ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-]
+#: Must match backends.gate.FRONT_TOKEN_KEY (the front does not import the service).
+FRONT_TOKEN_KEY = "x-mlxgate-front"
+SHUTTING_DOWN = "server shutting down"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def _shutting_down() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=SHUTTING_DOWN)
+
+
+def _ended_by_us(ended: bool) -> bool:
+    """A CancelledError that came from ``end_calls`` rather than from this
+    task being cancelled (a client disconnect)."""
+    me = asyncio.current_task()
+    return ended and (me is None or not me.cancelling())
 
 
 class EventStream(Protocol):
@@ -43,10 +71,25 @@ class GenerateStream:
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self._call = call
         self._first: Optional[Event] = None
+        self._ended = False
+
+    async def _read(self) -> Any:
+        try:
+            return await self._call.read()
+        except asyncio.CancelledError:
+            if _ended_by_us(self._ended):
+                raise _shutting_down() from None
+            raise
+
+    def end(self) -> None:
+        """Shutdown: fail the stream with UNAVAILABLE "server shutting down"."""
+        if not self._call.done():
+            self._ended = True
+            self._call.cancel()
 
     async def start(self) -> Event:
         """The first event; raises ``grpc.aio.AioRpcError`` when the call failed."""
-        msg = await self._call.read()
+        msg = await self._read()
         if msg is grpc.aio.EOF:
             # The service always ends with Done; an empty stream breaks the contract.
             raise grpc.aio.AioRpcError(
@@ -57,7 +100,7 @@ class GenerateStream:
 
     async def _rest(self) -> AsyncIterator[Event]:
         while True:
-            msg = await self._call.read()
+            msg = await self._read()
             if msg is grpc.aio.EOF:
                 return
             yield event_from_pb(msg)
@@ -80,45 +123,89 @@ class GenerateStream:
 class InferenceClient:
     """The stub plus the deadline and request id every call gets."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.channel = channel
         self.stub = pb_grpc.InferenceServiceStub(channel)
         self.timeout = timeout
+        self._metadata = tuple(metadata)
+        self._streams: "weakref.WeakSet[GenerateStream]" = weakref.WeakSet()
+        self._unary: dict[grpc.aio.UnaryUnaryCall, bool] = {}  # running call -> ended by end_calls()
 
     @classmethod
-    def connect(cls, target: str, timeout: float) -> "InferenceClient":
-        return cls(grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), timeout)
+    def connect(
+        cls,
+        target: str,
+        timeout: float,
+        *,
+        api_key: Optional[str] = None,
+        max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
+        front_token: Optional[str] = None,
+    ) -> "InferenceClient":
+        """A client on a new channel.  ``api_key``: sent as ``authorization:
+        Bearer``; ``front_token``: the in-process service's drain pass."""
+        metadata = []
+        if api_key:
+            metadata.append(("authorization", f"Bearer {api_key}"))
+        if front_token:
+            metadata.append((FRONT_TOKEN_KEY, front_token))
+        channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        return cls(channel, timeout, metadata)
 
     async def close(self) -> None:
         await self.channel.close()
 
+    def end_calls(self) -> int:
+        """Shutdown: every call still running fails with UNAVAILABLE "server
+        shutting down"; returns how many were ended."""
+        streams = [s for s in self._streams if not s._call.done()]
+        for s in streams:
+            s.end()
+        for call in self._unary:
+            self._unary[call] = True
+            call.cancel()
+        return len(streams) + len(self._unary)
+
     def _md(self, request_id: str) -> tuple[tuple[str, str], ...]:
-        return (("x-request-id", request_id),)
+        return (("x-request-id", request_id), *self._metadata)
+
+    async def _call(self, call: grpc.aio.UnaryUnaryCall) -> Any:
+        self._unary[call] = False
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if _ended_by_us(self._unary.get(call, False)):
+                raise _shutting_down() from None
+            raise
+        finally:
+            self._unary.pop(call, None)
 
     def generate(self, req: pb.GenerateRequest, request_id: str) -> GenerateStream:
         req.request_id = request_id
         call = self.stub.Generate(req, timeout=self.timeout, metadata=self._md(request_id))
-        return GenerateStream(call)
+        stream = GenerateStream(call)
+        self._streams.add(stream)
+        return stream
+
+    def _unary_call(self, method: Any, req: Any, request_id: str) -> Awaitable[Any]:
+        return self._call(method(req, timeout=self.timeout, metadata=self._md(request_id)))
 
     async def embed(self, req: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
         req.request_id = request_id
-        return await self.stub.Embed(req, timeout=self.timeout, metadata=self._md(request_id))
+        return await self._unary_call(self.stub.Embed, req, request_id)
 
     async def list_models(self, request_id: str) -> pb.ListModelsResponse:
-        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self._md(request_id))
+        return await self._unary_call(self.stub.ListModels, pb.ListModelsRequest(), request_id)
 
     async def show_model(self, model: str, request_id: str) -> pb.ShowModelResponse:
-        return await self.stub.ShowModel(
-            pb.ShowModelRequest(model=model), timeout=self.timeout, metadata=self._md(request_id)
-        )
+        return await self._unary_call(self.stub.ShowModel, pb.ShowModelRequest(model=model), request_id)
 
     async def list_running(self, request_id: str) -> pb.ListRunningResponse:
-        return await self.stub.ListRunning(pb.ListRunningRequest(), timeout=self.timeout, metadata=self._md(request_id))
+        return await self._unary_call(self.stub.ListRunning, pb.ListRunningRequest(), request_id)
 
     async def load_model(self, req: pb.LoadModelRequest, request_id: str) -> pb.LoadModelResponse:
-        return await self.stub.LoadModel(req, timeout=self.timeout, metadata=self._md(request_id))
+        return await self._unary_call(self.stub.LoadModel, req, request_id)
 
     async def unload_model(self, model: str, request_id: str) -> pb.UnloadModelResponse:
-        return await self.stub.UnloadModel(
-            pb.UnloadModelRequest(model=model), timeout=self.timeout, metadata=self._md(request_id)
-        )
+        return await self._unary_call(self.stub.UnloadModel, pb.UnloadModelRequest(model=model), request_id)

@@ -7,6 +7,11 @@ are raised as ``ApiError`` directly, gRPC failures are converted with
 the caller's dialect; which dialect a request speaks is decided by its path
 (``/v1/...`` is OpenAI, everything else Ollama).
 
+RESOURCE_EXHAUSTED means two things: the engine is busy (the service adds a
+``retry-after`` trailer; 429, or Ollama's 503 "server busy"), or grpc itself
+refused a message over the size limit ("Received/Sent message larger than
+max", no trailer), which is 413 in both dialects.
+
 Messages of mapped statuses (INVALID_ARGUMENT, NOT_FOUND, ...) are the
 backend's own clear messages and are passed through.  Anything not in the
 table becomes 500 with a generic message naming the request id; the details
@@ -44,6 +49,9 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.CANCELLED: 499,
 }
+
+#: What grpc core says when a message exceeds grpc.max_{send,receive}_message_length.
+_MESSAGE_TOO_LARGE = "message larger than max"
 
 #: What real Ollama answers (HTTP 503) when its queue is full.
 OLLAMA_BUSY = "server busy, please try again.  maximum pending requests exceeded"
@@ -104,12 +112,19 @@ def from_grpc(err: grpc.aio.AioRpcError, request_id: str = "") -> ApiError:
         log.error("gRPC call failed (request %s): %s %s", request_id, code, err.details())
         return internal_error(request_id)
     message = err.details() or code.name.lower().replace("_", " ")
+    retry_after = dict(err.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
     api_code = None
     if code == grpc.StatusCode.NOT_FOUND and "model" in message.lower():
         api_code = "model_not_found"
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if retry_after is None and _MESSAGE_TOO_LARGE in message:
+            return ApiError(
+                413,
+                f"request or response too large for the inference service ({message})",
+                code="request_too_large",
+                grpc_code=code,
+            )
         api_code = "rate_limit_exceeded"
-    retry_after = dict(err.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
     return ApiError(status, message, code=api_code, grpc_code=code, retry_after=retry_after)
 
 
@@ -131,7 +146,7 @@ def dialect_of(path: str) -> Dialect:
 
 def adapt(err: ApiError, dialect: Dialect) -> ApiError:
     """Dialect-specific adjustments of status and text (Ollama's busy answer)."""
-    if dialect == "ollama" and err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+    if dialect == "ollama" and err.status == 429 and err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(503, OLLAMA_BUSY, grpc_code=err.grpc_code, retry_after=err.retry_after)
     return err
 

@@ -105,21 +105,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from mlxgate import server
+    from mlxgate.ports import BindError
 
     runner = server.serve if args.command == "serve" else server.serve_service_only
+    status = 0
     try:
         asyncio.run(runner(config, dict(os.environ)))
     except KeyboardInterrupt:
         pass
+    except BindError as e:  # a port in use: one line, no traceback
+        print(f"mlxgate: {e}", file=sys.stderr)
+        status = 2
     # Shutdown is complete: servers stopped, streams cancelled, models freed.
     # Skip interpreter finalization, where grpc.aio's background thread can
     # abort the process ("terminate called without an active exception",
     # grpc/grpc#38679; seen here about 1 exit in 15 on a loaded machine), so a
-    # supervisor sees exit status 0 for a clean stop.
+    # supervisor sees exit status 0 for a clean stop (2 when a port was taken).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

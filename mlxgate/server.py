@@ -3,13 +3,25 @@
 ``Stack`` starts the pieces a Config asks for and stops them in reverse
 order; ``serve`` runs it until SIGINT/SIGTERM.  Tests start the same Stack on
 port 0, so what they exercise is what ``mlxgate serve`` runs.
+
+Ports are checked before anything starts: a port that is taken raises
+``mlxgate.ports.PortInUse`` (the CLI prints its one line and exits 2).
+
+Shutdown on SIGTERM/SIGINT (``Stack.drain``): gRPC health turns NOT_SERVING,
+new gRPC calls get UNAVAILABLE and new HTTP requests 503 with Retry-After;
+requests and streams in flight run on for up to ``server.shutdown_grace``
+seconds, then are ended with an error; then the servers stop and the
+backends close.  A second signal ends the wait at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -19,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from backends.metrics import MemoryCollector, ServiceMetrics
 from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
+from mlxgate.ports import bind_error, check_free
 
 if TYPE_CHECKING:
     from backends.router import Router
@@ -41,6 +54,10 @@ def ensure_default_model(config: Config) -> None:
     write_test_model(models)
 
 
+#: After the drain (or on a failed start), how long stopping may still wait.
+_STOP_TIMEOUT = 2.0
+
+
 @dataclass
 class Stack:
     """The running pieces of one mlxgate process."""
@@ -51,6 +68,8 @@ class Stack:
     service: Optional[RunningService] = None
     http: Optional[RunningHTTP] = None
     service_metrics: Optional[ServiceMetrics] = None
+    #: Lets the in-process front's gRPC calls through while the service drains.
+    front_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     @property
     def grpc_target(self) -> str:
@@ -80,6 +99,9 @@ class Stack:
             host=self.config.server.grpc_host,
             port=self.config.server.grpc_port,
             observer=self.service_metrics,
+            api_keys=self.config.server.api_keys,
+            max_message_bytes=self.config.server.grpc_max_message_bytes,
+            front_token=self.front_token,
         )
 
     async def start_front(self) -> None:
@@ -90,21 +112,82 @@ class Stack:
         if self.service is None:
             # Front only: this process's memory still shows on its /metrics.
             self.registry.register(MemoryCollector("front", None))
-        app = create_app(self.config.server, self.grpc_target, extra_middlewares=[http_metrics.middleware])
+        cfg = self.config.server
+        app = create_app(
+            cfg,
+            self.grpc_target,
+            extra_middlewares=[http_metrics.middleware],
+            front_token=self.front_token if self.service is not None else None,
+        )
         app.router.add_get("/metrics", metrics_handler(self.registry))
-        self.http = await start_http(app, self.config.server.host, self.config.server.port)
+        try:
+            self.http = await start_http(app, cfg.host, cfg.port, shutdown_timeout=_STOP_TIMEOUT)
+        except OSError as e:
+            raise bind_error("HTTP", cfg.host, cfg.port, e) from None
         log.info("HTTP front on %s (gRPC service %s)", self.http_url, self.grpc_target)
+
+    async def drain(self, grace: float, hurry: Optional[asyncio.Event] = None) -> None:
+        """Refuse new work, let what is in flight finish for up to ``grace``
+        seconds (or until ``hurry`` is set), then end what is left with an
+        error.  ``stop()`` follows."""
+        from gateway.app import begin_drain, end_calls, wait_idle
+
+        app = self.http.app if self.http is not None else None
+        if app is not None:
+            begin_drain(app)
+        if self.service is not None:
+            await self.service.begin_drain()
+        log.info("shutting down: refusing new requests, waiting up to %.0f s for those in flight", grace)
+
+        async def idle() -> None:
+            if app is not None:
+                await wait_idle(app, None)
+            if self.service is not None:
+                await self.service.wait_idle(None)
+
+        started = time.monotonic()
+        waiters = [asyncio.ensure_future(asyncio.wait_for(idle(), grace))]
+        if hurry is not None:
+            waiters.append(asyncio.ensure_future(hurry.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        front_calls = end_calls(app) if app is not None else 0
+        service_calls = self.service.end_calls() if self.service is not None else 0
+        if front_calls or service_calls:
+            log.warning(
+                "shutdown: after %.1f s, ended the calls still running (%d of the HTTP front, %d on the service)",
+                time.monotonic() - started,
+                front_calls,
+                service_calls,
+            )
+            # Let their handlers write the error lines.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(idle(), _STOP_TIMEOUT)
 
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
         if self.service is not None:
-            await self.service.stop(grace=2.0)
+            await self.service.stop(grace=_STOP_TIMEOUT)
         if self.router is not None:
             await self.router.close()
 
 
+def check_ports(config: Config, front: bool = True) -> None:
+    """Fail before anything starts when a port is taken (``PortInUse``)."""
+    s = config.server
+    if front:
+        check_free("HTTP", s.host, s.port)
+    if not s.grpc_target:
+        check_free("gRPC", s.grpc_host, s.grpc_port)
+
+
 async def start_stack(config: Config, env: Mapping[str, str], front: bool = True) -> Stack:
+    check_ports(config, front)
     stack = Stack(config)
     try:
         if not config.server.grpc_target:
@@ -118,22 +201,37 @@ async def start_stack(config: Config, env: Mapping[str, str], front: bool = True
     return stack
 
 
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+class Signals:
+    """SIGINT/SIGTERM: the first sets ``stop``, a second one ``hurry``."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.stop.is_set():
+            log.warning("%s again: ending the requests in flight now", sig.name)
+            self.hurry.set()
+        self.stop.set()
+
+
+async def _run_until_signalled(stack: Stack) -> None:
+    signals = Signals()
+    try:
+        await signals.stop.wait()
+        await stack.drain(stack.config.server.shutdown_grace, signals.hurry)
+    finally:
+        await stack.stop()
 
 
 async def serve(config: Config, env: Mapping[str, str]) -> None:
     """``mlxgate serve``: front and (unless --grpc-target) the service."""
     stack = await start_stack(config, env)
     print(f"mlxgate: HTTP {stack.http_url}  gRPC {stack.grpc_target}", flush=True)
-    try:
-        await _until_signalled()
-    finally:
-        await stack.stop()
+    await _run_until_signalled(stack)
 
 
 async def serve_service_only(config: Config, env: Mapping[str, str]) -> None:
@@ -141,13 +239,16 @@ async def serve_service_only(config: Config, env: Mapping[str, str]) -> None:
     from prometheus_client import start_http_server
 
     config.server.grpc_target = None
+    host, port = config.server.grpc_host, config.server.metrics_port
+    check_free("metrics", host, port)
     stack = await start_stack(config, env, front=False)
-    start_http_server(config.server.metrics_port, addr=config.server.grpc_host, registry=stack.registry)
+    try:
+        start_http_server(port, addr=host, registry=stack.registry)
+    except OSError as e:
+        await stack.stop()
+        raise bind_error("metrics", host, port, e) from None
     print(
         f"mlxgate: gRPC {stack.grpc_target}  metrics http://{config.server.grpc_host}:{config.server.metrics_port}",
         flush=True,
     )
-    try:
-        await _until_signalled()
-    finally:
-        await stack.stop()
+    await _run_until_signalled(stack)

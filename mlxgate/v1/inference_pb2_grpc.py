@@ -32,6 +32,20 @@ class InferenceServiceStub:
     seconds to wait when known), UNAVAILABLE (no backend could answer),
     DEADLINE_EXCEEDED, UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED.  An
     error after the first chunk ends the stream with that status.
+
+    Limits and access:
+    - Every message, request or response, is at most grpc_max_message_bytes
+    ([server] in the TOML config; default 36 MiB, a little above the HTTP
+    body limit).  A larger one fails with RESOURCE_EXHAUSTED "... message
+    larger than max (N vs. M)" from gRPC itself, with no "retry-after"
+    trailer (which tells it from a busy engine).
+    - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - When the server has API keys (MLXGATE_API_KEYS), every method here needs
+    metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
+    standard grpc.health.v1.Health service and reflection need no key.
+    - On shutdown, health turns NOT_SERVING and new calls fail with UNAVAILABLE
+    "server shutting down"; calls in flight run on for up to
+    MLXGATE_SHUTDOWN_GRACE seconds (default 30), then end with that status.
     """
 
     def __init__(self, channel):
@@ -84,6 +98,20 @@ class InferenceServiceServicer:
     seconds to wait when known), UNAVAILABLE (no backend could answer),
     DEADLINE_EXCEEDED, UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED.  An
     error after the first chunk ends the stream with that status.
+
+    Limits and access:
+    - Every message, request or response, is at most grpc_max_message_bytes
+    ([server] in the TOML config; default 36 MiB, a little above the HTTP
+    body limit).  A larger one fails with RESOURCE_EXHAUSTED "... message
+    larger than max (N vs. M)" from gRPC itself, with no "retry-after"
+    trailer (which tells it from a busy engine).
+    - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - When the server has API keys (MLXGATE_API_KEYS), every method here needs
+    metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
+    standard grpc.health.v1.Health service and reflection need no key.
+    - On shutdown, health turns NOT_SERVING and new calls fail with UNAVAILABLE
+    "server shutting down"; calls in flight run on for up to
+    MLXGATE_SHUTDOWN_GRACE seconds (default 30), then end with that status.
     """
 
     def Generate(self, request, context):
@@ -185,6 +213,20 @@ class InferenceService:
     seconds to wait when known), UNAVAILABLE (no backend could answer),
     DEADLINE_EXCEEDED, UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED.  An
     error after the first chunk ends the stream with that status.
+
+    Limits and access:
+    - Every message, request or response, is at most grpc_max_message_bytes
+    ([server] in the TOML config; default 36 MiB, a little above the HTTP
+    body limit).  A larger one fails with RESOURCE_EXHAUSTED "... message
+    larger than max (N vs. M)" from gRPC itself, with no "retry-after"
+    trailer (which tells it from a busy engine).
+    - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - When the server has API keys (MLXGATE_API_KEYS), every method here needs
+    metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
+    standard grpc.health.v1.Health service and reflection need no key.
+    - On shutdown, health turns NOT_SERVING and new calls fail with UNAVAILABLE
+    "server shutting down"; calls in flight run on for up to
+    MLXGATE_SHUTDOWN_GRACE seconds (default 30), then end with that status.
     """
 
     @staticmethod
