@@ -108,8 +108,9 @@ def mlx_lm_server(tmp_path_factory):
 @pytest.fixture
 async def real(mlx_lm_server):
     base_url, _ = mlx_lm_server
-    b = CloudBackend(CloudProvider(name="mlxlm", base_url=base_url, api_key_env="MLXLM_KEY", first_token_timeout=30, idle_timeout=30),
-                     {"MLXLM_KEY": SECRET})
+    provider = CloudProvider(name="mlxlm", base_url=base_url, api_key_env="MLXLM_KEY", first_token_timeout=30,
+                             idle_timeout=30)
+    b = CloudBackend(provider, {"MLXLM_KEY": SECRET})
     yield b
     await b.close()
 

@@ -188,7 +188,8 @@ async def test_unknown_model_is_not_found(backend):
 
 
 async def test_connection_refused_is_unavailable():
-    b = OllamaBackend(OllamaConfig(upstream=f"http://127.0.0.1:{free_port()}", first_token_timeout=2, idle_timeout=2, connect_timeout=1))
+    b = OllamaBackend(OllamaConfig(upstream=f"http://127.0.0.1:{free_port()}", first_token_timeout=2, idle_timeout=2,
+                                   connect_timeout=1))
     try:
         with pytest.raises(Unavailable, match="cannot connect"):
             await collect(b.generate(chat()))

@@ -28,7 +28,8 @@ async def fake_ollama():
 
 @pytest.fixture
 async def ollama(fake_ollama):
-    b = OllamaBackend(OllamaConfig(upstream=fake_ollama.url, first_token_timeout=5, idle_timeout=5, connect_timeout=1.0))
+    b = OllamaBackend(OllamaConfig(upstream=fake_ollama.url, first_token_timeout=5, idle_timeout=5,
+                                   connect_timeout=1.0))
     yield b
     await b.close()
 

@@ -23,7 +23,6 @@ Field names and shapes follow Ollama's docs/api.md.  Deliberate choices:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
