@@ -172,9 +172,20 @@ def test_default_origins_follow_ollama():
     assert OriginMatcher(["*"]).allowed("http://anything.example")
 
 
+async def engine_idle_prefills(stack) -> int:
+    """The engine's prefill count once nothing is queued or running (so that
+    no earlier test's leftover can move it while we watch)."""
+    for _ in range(600):
+        if stack.backend.active_count == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stack.backend.active_count == 0
+    return stack.backend.stats.prefills
+
+
 async def test_cross_site_text_plain_post_is_refused_before_any_work(stack):
     """The CSRF shape a web page can send without a preflight: refused, and the engine never saw it."""
-    prefills = stack.backend.stats.prefills
+    prefills = await engine_idle_prefills(stack)
     body = json.dumps(CHAT_BODY)
     async with aiohttp.ClientSession() as s:
         for path in ("/api/chat", "/api/generate", "/v1/chat/completions"):
@@ -350,7 +361,7 @@ async def test_keys_missing_wrong_and_right(keyed, method, path, dialect):
 
 
 async def test_keys_on_generation_and_unknown_routes(keyed, stack):
-    prefills = stack.backend.stats.prefills
+    prefills = await engine_idle_prefills(stack)
     async with aiohttp.ClientSession() as s:
         async with s.post(keyed + "/api/chat", json=CHAT_BODY) as r:
             assert r.status == 401
