@@ -2,9 +2,12 @@
 
 ``create_app(server_cfg, grpc_target)`` builds it; the gRPC channel is opened
 and closed by a ``cleanup_ctx`` and stored under ``CLIENT_KEY``.  Middlewares
-come from ``build_middlewares``; callers (the CLI's metrics layer) pass more
-with ``extra_middlewares`` — they run outside the error middleware, so they
-see the final status of every answer, errors included.
+come from ``build_middlewares``: callers (the CLI's metrics layer) pass more
+with ``extra_middlewares``; then the trust middleware (``gateway/security.py``:
+Host, Origin/CORS, API keys), the first one that may answer; then the error
+middleware.  The extra ones run outside both, so they see the final status of
+every answer, refusals and errors included; they must only observe (never
+read a body or call the service), since they run before the trust check.
 
 Run it with ``start_http``, or pass ``handler_cancellation=True`` to your own
 ``web.AppRunner``: that is what makes a client disconnect cancel its handler,
@@ -30,6 +33,7 @@ from gateway.drain import DRAIN_KEY, Drain, drain_middleware
 from gateway.errors import ApiError, Dialect, dialect_of, error_response, from_grpc, from_http, internal_error
 from gateway.ollama import routes as ollama_routes
 from gateway.openai import routes as openai_routes
+from gateway.security import TrustGuard
 from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
 from mlxgate.config import ServerConfig
 from mlxgate.memory import trim_after_large
@@ -75,9 +79,13 @@ async def answer(request: web.Request, handler: Handler, dialect: Dialect, rid: 
         return error_response(internal_error(rid), dialect)
 
 
-def build_middlewares(extra: Iterable[Middleware] = ()) -> list[Middleware]:
-    """Outermost first: extra (metrics, ...), the drain, then the error middleware."""
-    return [*extra, drain_middleware, error_middleware]
+def build_middlewares(guard: TrustGuard, extra: Iterable[Middleware] = ()) -> list[Middleware]:
+    """Outermost first: extra (metrics, ...), the trust guard, the drain, the error middleware.
+
+    The guard is first of those that answer (who may call is decided before
+    anything else, even during a drain); observers sit outside it so that
+    refusals are counted (see ``gateway.security``)."""
+    return [*extra, guard.middleware, drain_middleware, error_middleware]
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -112,14 +120,16 @@ def create_app(
 ) -> web.Application:
     """``front_token``: sent on every gRPC call so an in-process service
     that is draining still serves the requests this front already accepted."""
+    guard = TrustGuard(server_cfg)
     app = web.Application(
-        middlewares=build_middlewares(extra_middlewares or ()),
+        middlewares=build_middlewares(guard, extra_middlewares or ()),
         client_max_size=server_cfg.max_body_bytes,
     )
     app[SERVER_CONFIG_KEY] = server_cfg
     app[DRAIN_KEY] = Drain()
     app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token))
     app.on_response_prepare.append(_echo_request_id)
+    app.on_response_prepare.append(guard.on_response_prepare)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)
     openapi.add_routes(app)

@@ -3,9 +3,11 @@
 Every failure the front reports goes through ``ApiError``: validation errors
 are raised as ``ApiError`` directly, gRPC failures are converted with
 ``from_grpc`` (the table in DESIGN.md), aiohttp's own HTTP exceptions (404,
-405, 413) with ``from_http``.  ``ollama_body`` / ``openai_body`` render it in
-the caller's dialect; which dialect a request speaks is decided by its path
-(``/v1/...`` is OpenAI, everything else Ollama).
+405 with its ``Allow`` header, 413) with ``from_http``; the refusals of the
+trust middleware (``gateway/security.py``: 401, 403) are ``ApiError`` too.
+``ollama_body`` / ``openai_body`` render it in the caller's dialect; which
+dialect a request speaks is decided by its path (``/v1/...`` is OpenAI,
+everything else Ollama).
 
 RESOURCE_EXHAUSTED means two things: the engine is busy (the service adds a
 ``retry-after`` trailer; 429, or Ollama's 503 "server busy"), or grpc itself
@@ -21,7 +23,7 @@ are logged, never sent.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import grpc
 from aiohttp import web
@@ -83,6 +85,7 @@ class ApiError(Exception):
         code: Optional[str] = None,
         grpc_code: Optional[grpc.StatusCode] = None,
         retry_after: Optional[str] = None,
+        headers: Optional[Mapping[str, str]] = None,
     ) -> None:
         message = clip(message)
         super().__init__(message)
@@ -93,6 +96,8 @@ class ApiError(Exception):
         self.grpc_code = grpc_code
         #: Seconds, as the Retry-After header wants them (from the service's trailers).
         self.retry_after = retry_after
+        #: More response headers (``Allow`` on 405, ``WWW-Authenticate`` on 401).
+        self.headers = dict(headers) if headers else {}
 
 
 def bad_request(message: str, param: Optional[str] = None) -> ApiError:
@@ -134,7 +139,10 @@ def from_http(exc: web.HTTPException, path: str) -> ApiError:
     if status == 404:
         return ApiError(404, f"not found: no route for {path}", code="not_found")
     if status == 405:
-        return ApiError(405, f"method not allowed for {path}")
+        # OPTIONS is answered on every route by the trust middleware.
+        allowed = set(getattr(exc, "allowed_methods", ()) or ()) | {"OPTIONS"}
+        allow = ", ".join(sorted(allowed))
+        return ApiError(405, f"method not allowed for {path}", headers={"Allow": allow})
     if status == 413:
         return ApiError(413, f"request body too large: {exc.text or 'limit exceeded'}")
     return ApiError(status, exc.reason or "request failed")
@@ -147,7 +155,9 @@ def dialect_of(path: str) -> Dialect:
 def adapt(err: ApiError, dialect: Dialect) -> ApiError:
     """Dialect-specific adjustments of status and text (Ollama's busy answer)."""
     if dialect == "ollama" and err.status == 429 and err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ApiError(503, OLLAMA_BUSY, grpc_code=err.grpc_code, retry_after=err.retry_after)
+        return ApiError(
+            503, OLLAMA_BUSY, grpc_code=err.grpc_code, retry_after=err.retry_after, headers=err.headers
+        )
     return err
 
 
@@ -180,5 +190,7 @@ def error_response(err: ApiError, dialect: Dialect) -> web.Response:
     err = adapt(err, dialect)
     # 499 is not a registered HTTP reason; aiohttp needs one spelled out.
     reason = "Client Closed Request" if err.status == 499 else None
-    headers = {"Retry-After": err.retry_after} if err.retry_after else None
+    headers = dict(err.headers)
+    if err.retry_after:
+        headers["Retry-After"] = err.retry_after
     return web.json_response(body_for(err, dialect), status=err.status, reason=reason, headers=headers)

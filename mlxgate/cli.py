@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from mlxgate.config import Config, load_config
+from mlxgate.exposure import exposure_problem
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -100,6 +101,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = config_from_args(args)
     except (ValueError, OSError) as e:
         print(f"mlxgate: configuration error: {e}", file=sys.stderr)
+        return 2
+    serve_grpc = args.command == "service" or not config.server.grpc_target
+    problem = exposure_problem(config, http=args.command == "serve", grpc=serve_grpc)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

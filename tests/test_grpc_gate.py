@@ -151,7 +151,9 @@ async def test_the_http_front_sends_its_first_key(keyed_service) -> None:
         cfg = ServerConfig(port=0, api_keys=keys)
         http = await start_http(create_app(cfg, keyed_service.target), "127.0.0.1", 0)
         try:
-            async with aiohttp.ClientSession() as s, s.get(http.url + "/api/tags") as r:
+            # The HTTP side wants the key too when keys are set (gateway/security.py).
+            headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+            async with aiohttp.ClientSession() as s, s.get(http.url + "/api/tags", headers=headers) as r:
                 assert r.status == status, await r.text()
                 if status == 200:
                     assert [m["name"] for m in (await r.json())["models"]] == [MODEL]
