@@ -80,3 +80,16 @@ def metrics_handler(registry: CollectorRegistry) -> Handler:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return handle
+
+
+def metrics_app(server_cfg, registry: CollectorRegistry) -> web.Application:
+    """/metrics alone (``mlxgate service``'s metrics port), behind the same
+    trust guard as the HTTP front: a key unless ``metrics_public``, the Host
+    and Origin checks for the address it is bound to (``server_cfg.host``)."""
+    from gateway.security import TrustGuard
+
+    guard = TrustGuard(server_cfg)
+    app = web.Application(middlewares=[guard.middleware])
+    app.on_response_prepare.append(guard.on_response_prepare)
+    app.router.add_get("/metrics", metrics_handler(registry))
+    return app

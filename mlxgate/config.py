@@ -61,7 +61,7 @@ class ServerConfig:
     #: API keys.  When any is set, every HTTP route but ``GET /`` and ``HEAD /``
     #: needs one (``Authorization: Bearer <key>`` or ``x-api-key``), and every
     #: InferenceService gRPC method needs ``authorization: Bearer <key>``.
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list, repr=False)
     #: Serve /metrics without a key even when keys are set.
     metrics_public: bool = False
     #: Start on a non-loopback address with no keys (refused otherwise).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import signal
@@ -67,6 +68,8 @@ class Stack:
     router: Optional[Router] = None
     service: Optional[RunningService] = None
     http: Optional[RunningHTTP] = None
+    #: ``mlxgate service``'s own /metrics server.
+    metrics_http: Optional[RunningHTTP] = None
     service_metrics: Optional[ServiceMetrics] = None
     #: Lets the in-process front's gRPC calls through while the service drains.
     front_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
@@ -171,6 +174,8 @@ class Stack:
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
         if self.service is not None:
             await self.service.stop(grace=_STOP_TIMEOUT)
         if self.router is not None:
@@ -235,20 +240,20 @@ async def serve(config: Config, env: Mapping[str, str]) -> None:
 
 
 async def serve_service_only(config: Config, env: Mapping[str, str]) -> None:
-    """``mlxgate service``: the gRPC service with /metrics on its own port."""
-    from prometheus_client import start_http_server
+    """``mlxgate service``: the gRPC service with /metrics on its own port
+    (keyed like the front's: a key unless MLXGATE_METRICS_PUBLIC)."""
+    from gateway.app import start_http
+    from gateway.metrics import metrics_app
 
     config.server.grpc_target = None
     host, port = config.server.grpc_host, config.server.metrics_port
     check_free("metrics", host, port)
     stack = await start_stack(config, env, front=False)
     try:
-        start_http_server(port, addr=host, registry=stack.registry)
+        metrics_cfg = dataclasses.replace(config.server, host=host)
+        stack.metrics_http = await start_http(metrics_app(metrics_cfg, stack.registry), host, port)
     except OSError as e:
         await stack.stop()
         raise bind_error("metrics", host, port, e) from None
-    print(
-        f"mlxgate: gRPC {stack.grpc_target}  metrics http://{config.server.grpc_host}:{config.server.metrics_port}",
-        flush=True,
-    )
+    print(f"mlxgate: gRPC {stack.grpc_target}  metrics http://{host}:{stack.metrics_http.port}", flush=True)
     await _run_until_signalled(stack)

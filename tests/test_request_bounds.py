@@ -423,3 +423,16 @@ def test_stop_strings_cost_does_not_grow_with_text() -> None:
         s.feed("lorem ")
     per_token = (time.process_time() - t0) / 20_000
     assert per_token < 1e-3  # microseconds in practice; the bound only catches quadratic behaviour
+
+
+def test_the_readme_states_the_enforced_limits() -> None:
+    """The README's limits table is the one in mlxgate/limits.py (a changed limit fails here)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## What a request may cost"):readme.index("## Architecture")]
+    for name in ("MAX_MODEL_NAME_CHARS", "MAX_STOP_SEQUENCES", "MAX_STOP_CHARS", "MAX_MESSAGES", "MAX_TOOLS",
+                 "MAX_TOOL_NAME_CHARS", "MAX_TOOL_CALLS", "MAX_IMAGES", "MAX_EMBED_INPUTS", "MAX_CHOICES",
+                 "MAX_TOP_LOGPROBS", "MAX_JSON_DEPTH", "MAX_REQUEST_ID_CHARS", "MAX_ERROR_CHARS",
+                 "MAX_NAMES_IN_ERROR"):
+        assert f"{getattr(limits, name):,}" in section, name
