@@ -9,7 +9,7 @@ MODELS ?= .models
 OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
 FAST_BLAS := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup run test proto model bench lint clean
+.PHONY: setup run test proto model bench soak lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ model: setup
 
 bench: setup
 	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench
+
+# An hour of mixed traffic against a running server (not part of `make test`):
+# failures and the RSS slope after warm-up.  SOAK_MINUTES=5 for a short one.
+SOAK_MINUTES ?= 60
+soak: setup
+	$(FAST_BLAS) $(BIN)/python -m tests.soak.run_soak --minutes $(SOAK_MINUTES)
 
 lint: setup
 	$(BIN)/python -m ruff check mlxgate gateway backends tests
