@@ -195,7 +195,9 @@ async def run(minutes: float, workers: int, warmup_fraction: float, pause: float
             "mean_pause_s": pause,
             "requests": sum(soak.ok.values()) + sum(soak.failed.values()),
             "failures": sum(soak.failed.values()),
-            "by_kind": {k: {"ok": soak.ok[k], "failed": soak.failed[k]} for k in sorted(set(soak.ok) | set(soak.failed))},
+            "by_kind": {
+                k: {"ok": soak.ok[k], "failed": soak.failed[k]} for k in sorted(set(soak.ok) | set(soak.failed))
+            },
             "failure_examples": soak.examples,
             "rss_mb": {"start": samples[0][1] if samples else 0, "after_warmup": after[0][1] if after else 0,
                        "end": samples[-1][1] if samples else 0, "max": max((r for _, r in samples), default=0)},
