@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from backends.mlx.delivery import Dispatcher, EventQueue, coalesce
-from backends.mlx.pacing import MIN_TOKENS, PrefillPacer
+from backends.mlx.pacing import FIRST_CHUNK, MIN_TOKENS, SAMPLE_EVERY, SHORT_BURST, SHORT_PROMPT, PrefillPacer
 from backends.types import Chunk, Done, TokenLogprob, ToolCall
 
 
@@ -132,25 +132,39 @@ def test_events_for_a_closed_loop_cancel_their_sequence():
 
 # ---------------------------------------------------------------- prefill pacing
 
+LONG = [2000]
+
 
 def test_without_decoding_sequences_the_chunk_is_the_configured_step():
     p = PrefillPacer(max_chunk=512, interleave=1.5)
-    assert p.chunk(decoding=False, prefilling=1) == 512
+    assert p.chunk(decoding=False, prompts=LONG) == 512
     off = PrefillPacer(max_chunk=512, interleave=0)
     off.step_s, off.rate = 0.05, 1000.0
-    assert off.chunk(decoding=True, prefilling=1) == 512
+    assert off.chunk(decoding=True, prompts=LONG) == 512
 
 
-def test_while_decoding_a_chunk_takes_about_interleave_steps():
+def test_short_prompts_are_prefilled_at_once():
     p = PrefillPacer(max_chunk=512, interleave=1.5)
-    assert p.chunk(decoding=True, prefilling=1) < 512  # cautious before anything is measured
+    p.step_s, p.rate = 0.05, 400.0
+    assert p.chunk(decoding=True, prompts=[SHORT_PROMPT]) == 512
+    assert p.chunk(decoding=True, prompts=[30] * (SHORT_BURST // 30)) == 512  # a burst of chat turns
+    assert p.chunk(decoding=True, prompts=[30] * (SHORT_BURST // 30 + 1)) < 512
+    assert p.chunk(decoding=True, prompts=[SHORT_PROMPT + 1]) < 512
+    # With a long prompt in the batch, the short ones are paced along with it.
+    assert p.chunk(decoding=True, prompts=[20, 2000]) < 512
+
+
+def test_while_decoding_a_long_prompt_takes_about_interleave_steps_a_call():
+    p = PrefillPacer(max_chunk=512, interleave=1.5)
+    assert p.chunk(decoding=True, prompts=LONG) == 0  # time a decode step first
     p.observe(0.050, decoded=True, prompt_tokens=0, joined=False)  # a decode step: 50 ms
+    assert p.chunk(decoding=True, prompts=LONG) == FIRST_CHUNK  # no prefill timed yet
     p.observe(0.250, decoded=False, prompt_tokens=100, joined=False)  # prefill alone: 400 tok/s
     assert p.step_s == pytest.approx(0.050) and p.rate == pytest.approx(400)
     # 1.5 steps = 75 ms of prefill = 30 tokens, shared by the sequences in prefill.
-    assert p.chunk(decoding=True, prefilling=1) == 30
-    assert p.chunk(decoding=True, prefilling=2) == 15
-    assert p.chunk(decoding=True, prefilling=8) == 3
+    assert p.chunk(decoding=True, prompts=LONG) == 30
+    assert p.chunk(decoding=True, prompts=LONG * 2) == 15
+    assert p.chunk(decoding=True, prompts=LONG * 8) == 3
     # A call that decoded and prefilled: the step's share is taken out of the rate sample.
     p.observe(0.050 + 0.075, decoded=True, prompt_tokens=30, joined=False)
     assert p.rate == pytest.approx(400)
@@ -163,6 +177,25 @@ def test_while_decoding_a_chunk_takes_about_interleave_steps():
 def test_the_chunk_stays_between_a_floor_and_the_configured_step():
     p = PrefillPacer(max_chunk=64, interleave=1.5)
     p.step_s, p.rate = 1.0, 100000.0
-    assert p.chunk(decoding=True, prefilling=1) == 64
+    assert p.chunk(decoding=True, prompts=LONG) == 64
     p.step_s, p.rate = 0.001, 100.0  # 0.15 tokens' worth: a call still makes progress
-    assert p.chunk(decoding=True, prefilling=1) == MIN_TOKENS
+    assert p.chunk(decoding=True, prompts=LONG) == MIN_TOKENS
+
+
+def test_the_step_is_timed_again_every_few_chunks():
+    """A long prefill does not size its chunks from a decode step timed
+    before it began (the batch or the load may have changed since)."""
+    p = PrefillPacer(max_chunk=512, interleave=1.5)
+    p.observe(0.200, decoded=True, prompt_tokens=0, joined=False)  # a slow moment
+    p.observe(0.100, decoded=False, prompt_tokens=100, joined=False)
+    sizes = []
+    for _ in range(3 * (SAMPLE_EVERY + 1)):
+        n = p.chunk(decoding=True, prompts=LONG)
+        sizes.append(n)
+        if n:
+            p.observe(0.050 + n / 1000, decoded=True, prompt_tokens=n, joined=False)
+        else:
+            p.observe(0.050, decoded=True, prompt_tokens=0, joined=False)  # steps are fast again
+    runs = "".join("x" if n else "0" for n in sizes).split("0")
+    assert max(len(r) for r in runs) == SAMPLE_EVERY and sizes.count(0) >= 2
+    assert p.step_s < 0.1 and sizes[-1] < sizes[0]

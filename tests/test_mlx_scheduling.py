@@ -69,7 +69,7 @@ async def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(te
     decode step of the running streams, and its answer is unchanged."""
     ref_ids, ref_done = unchunked
     b = backend(test_model_dir, prefill_step_size=4096)
-    asked: list[tuple[bool, int]] = []
+    asked: list[tuple[bool, list[int]]] = []
     progress = [0] * 4
     try:
         running = [
@@ -80,10 +80,10 @@ async def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(te
         (lm,) = b._manager.loaded()
         real_chunk = lm.pacer.chunk
 
-        def chunk(decoding: bool, prefilling: int) -> int:
-            asked.append((decoding, prefilling))
+        def chunk(decoding: bool, prompts: list[int]) -> int:
+            asked.append((decoding, prompts))
             # Whatever the timing on this machine: at most 64 tokens a step while others decode.
-            return min(real_chunk(decoding, prefilling), 64)
+            return min(real_chunk(decoding, prompts), 64)
 
         lm.pacer.chunk = chunk
         calls_before = b.stats.prefill_calls
@@ -95,7 +95,7 @@ async def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(te
         assert ids_of([first] + rest) == ref_ids and done.prompt_tokens == ref_done.prompt_tokens
         steps = b.stats.prefill_calls - calls_before
         assert steps >= math.ceil(done.prompt_tokens / 64)
-        assert (True, 1) in asked
+        assert (True, [ref_done.prompt_tokens]) in asked
         # Every running stream got tokens during the prefill, not only after it.
         assert all(b - a >= steps // 2 for a, b in zip(at_send, at_first_token)), (at_send, at_first_token, steps)
         for t in running:

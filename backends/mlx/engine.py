@@ -326,16 +326,19 @@ class Engine:
 
     def _step(self, lm: LoadedModel) -> None:
         gen = lm.generator
-        decoding = prefilling = 0
+        decoding = 0
+        # Uncached prompt lengths of the sequences the next call prefills
+        # (BatchGenerator takes them in arrival order, prefill_batch_size at a time).
+        prompts: list[int] = []
         for s in lm.active.values():
             if s.decoding:
                 decoding += 1
-            else:
-                prefilling += 1
+            elif len(prompts) < gen.prefill_batch_size:
+                prompts.append(len(s.prompt_ids) - s.cached_tokens)
         if lm.pacer is None:
             lm.pacer = PrefillPacer(self._config.prefill_step_size, self._config.prefill_interleave)
-        if prefilling:
-            gen.prefill_step_size = lm.pacer.chunk(decoding > 0, min(prefilling, gen.prefill_batch_size))
+        if prompts:
+            gen.prefill_step_size = lm.pacer.chunk(decoding > 0, prompts)
         t0 = time.perf_counter()
         try:
             prompt_resps, gen_resps = gen.next()
