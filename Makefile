@@ -31,8 +31,10 @@ proto: setup
 model: setup
 	$(BIN)/mlxgate make-test-model $(MODELS)
 
+# Sections, reps and sizes: make bench BENCH_ARGS="--sections engine --reps 5" (see tests/bench/run_bench.py).
+BENCH_ARGS ?=
 bench: setup
-	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench
+	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
 
 # An hour of mixed traffic against a running server (not part of `make test`):
 # failures and the RSS slope after warm-up.  SOAK_MINUTES=5 for a short one.
