@@ -167,3 +167,18 @@ async def test_a_slow_reader_gets_merged_chunks_with_every_token_and_logprob(mlx
     ]
     assert [lp.logprob for lp in slow_lps] == pytest.approx([lp.logprob for lp in fast_lps], abs=1e-4)
     assert "".join(c.text for c in slow) == "".join(c.text for c in fast)
+
+
+async def test_greedy_answers_do_not_depend_on_the_batch(mlx_backend):
+    """Greedy sequences share one sampler (one argmax for a batch of them);
+    alone, among greedy neighbours or among sampled ones, the answer is the same."""
+    alone, _ = await collect(mlx_backend, chat("Same answer please", temperature=0, max_tokens=16))
+    greedy_batch = await asyncio.gather(
+        *(collect(mlx_backend, chat(p, temperature=0, max_tokens=16)) for p in ["Same answer please", "x", "y z"])
+    )
+    mixed_batch = await asyncio.gather(
+        collect(mlx_backend, chat("Same answer please", temperature=0, max_tokens=16)),
+        collect(mlx_backend, chat("sampled", temperature=1.0, seed=3, max_tokens=16)),
+    )
+    assert ids_of(greedy_batch[0][0]) == ids_of(alone)
+    assert ids_of(mixed_batch[0][0]) == ids_of(alone)

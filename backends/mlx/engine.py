@@ -57,6 +57,13 @@ _STOP = object()
 _LOGPROB_FLOOR = -9999.0
 
 
+def _greedy(logprobs):
+    """The sampler of every greedy sequence (it cannot fail, so it needs no guard)."""
+    import mlx.core as mx
+
+    return mx.argmax(logprobs, axis=-1)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generation request as the engine sees it."""
@@ -300,7 +307,12 @@ class Engine:
             try:
                 if lm.generator is None:
                     lm.generator = self._new_generator(lm)
-                sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
+                if seq.sampling.temperature == 0:
+                    # One object for every greedy sequence: a batch of them is
+                    # sampled with one argmax instead of one per row.
+                    sampler = _greedy
+                else:
+                    sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
                 procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
                 cache, n = lm.prompt_cache.fetch(seq.prompt_ids) if lm.prompt_cache is not None else (None, 0)
                 (uid,) = lm.generator.insert(
