@@ -77,6 +77,8 @@ class Context:
     reps: int
     #: Sections may keep servers here to share them; the runner stops them all.
     servers: dict = field(default_factory=dict)
+    #: Another mlxgate source tree (an older commit) measured beside this one.
+    baseline: Optional[Path] = None
 
     @property
     def model_path(self) -> Path:
@@ -92,6 +94,21 @@ def load_average() -> str:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def cpu_seconds(pid: Optional[int] = None) -> float:
+    """CPU time (user + system, all threads) of a process, this one by default.
+
+    Beside tokens/s, CPU time per token says what serving costs even when
+    other work shares the machine (wall-clock figures then drift)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 # ---------------------------------------------------------------- servers
@@ -129,13 +146,16 @@ class Server:
                 self.proc.wait(5)
 
 
-def start_mlxgate(ctx: Context, env: Optional[dict[str, str]] = None, name: str = "mlxgate") -> Server:
-    """``mlxgate serve`` on free ports over ``ctx.models_dir`` (BLAS preload inherited)."""
+def start_mlxgate(
+    ctx: Context, env: Optional[dict[str, str]] = None, name: str = "mlxgate", src: Optional[Path] = None
+) -> Server:
+    """``mlxgate serve`` on free ports over ``ctx.models_dir`` (BLAS preload
+    inherited), from this tree or from the source tree ``src``."""
     data = Path(tempfile.mkdtemp(prefix="mlxgate-bench-"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxgate.cli", "serve", "--port", "0", "--grpc-port", "0",
          "--models-dir", str(ctx.models_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=src or ROOT,
         env=_clean_env({"MLXGATE_DATA_DIR": str(data), **(env or {})}),
     )
     line = proc.stdout.readline() if proc.stdout else ""
@@ -251,13 +271,22 @@ def prompt_for(i: int, tag: str) -> str:
     return f"Request {tag}-{i}: tell me a long story about the sea."
 
 
-async def concurrent_streams(server: Server, n: int, tokens: int, tag: str) -> float:
+@dataclass
+class Throughput:
+    tokens_per_s: float
+    #: CPU milliseconds the server process spent per token.
+    cpu_ms_per_token: float
+
+
+async def concurrent_streams(server: Server, n: int, tokens: int, tag: str) -> Throughput:
     """n clients each streaming ``tokens`` tokens at once; aggregate tokens/s over the wall time."""
     async with session() as s:
+        cpu0 = cpu_seconds(server.proc.pid)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(stream_chat(s, server, prompt_for(i, tag), tokens) for i in range(n)))
         wall = time.perf_counter() - t0
+        cpu = cpu_seconds(server.proc.pid) - cpu0
     got = sum(r.tokens for r in results)
     if got != n * tokens:
         print(f"  note: {server.name} streamed {got} tokens, not {n * tokens}", file=sys.stderr)
-    return got / wall
+    return Throughput(got / wall, cpu * 1000 / max(got, 1))

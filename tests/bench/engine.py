@@ -9,7 +9,9 @@
 Every figure is greedy decoding of ``ctx.tokens`` tokens per client on short
 chat prompts, wall time from the first request to the last token.  The three
 are measured in rotation, ``ctx.reps`` times each, and the medians compared,
-so a load change on the machine hits all of them alike.
+so a load change on the machine hits all of them alike.  With
+``--baseline-src DIR`` an mlxgate from another source tree (an older commit)
+is measured in the same rotation.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from tests.bench.common import (
     Context,
     Section,
     Table,
+    Throughput,
     concurrent_streams,
+    cpu_seconds,
     median,
     prompt_for,
     start_mlx_lm_server,
@@ -40,7 +44,7 @@ class PureLoop:
         self.model, self.tok = load(str(ctx.model_path))
         self.prefill_step_size = 512  # mlxgate's default
 
-    def run(self, n: int, tokens: int, tag: str) -> float:
+    def run(self, n: int, tokens: int, tag: str) -> Throughput:
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
 
@@ -57,6 +61,7 @@ class PureLoop:
             stream=mx.new_stream(mx.default_device()),
         )
         try:
+            cpu0 = cpu_seconds()
             t0 = time.perf_counter()
             gen.insert(prompts, max_tokens=[tokens] * n)
             count = finished = 0
@@ -65,7 +70,8 @@ class PureLoop:
                 for r in responses:
                     count += 1
                     finished += r.finish_reason is not None
-            return count / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            return Throughput(count / wall, (cpu_seconds() - cpu0) * 1000 / count)
         finally:
             gen.close()
 
@@ -73,39 +79,70 @@ class PureLoop:
 async def run(ctx: Context) -> Section:
     pure = PureLoop(ctx)
     pure.run(2, 4, "warm")
-    gate = ctx.servers.get("mlxgate") or start_mlxgate(ctx, {"MLXGATE_MAX_BATCH_SIZE": str(BATCH)})
+    env = {"MLXGATE_MAX_BATCH_SIZE": str(BATCH)}
+    gate = ctx.servers.get("mlxgate") or start_mlxgate(ctx, env)
     ctx.servers["mlxgate"] = gate
     lm = ctx.servers.get("mlx_lm.server") or start_mlx_lm_server(ctx, BATCH)
     ctx.servers["mlx_lm.server"] = lm
-    for server in (gate, lm):  # load the model, warm up
+    servers = {"mlxgate": gate, "mlx_lm": lm}
+    if ctx.baseline is not None:
+        servers["baseline"] = ctx.servers["baseline"] = start_mlxgate(ctx, env, "mlxgate (baseline)", ctx.baseline)
+    for server in servers.values():  # load the model, warm up
         await concurrent_streams(server, 2, 4, "warm")
 
-    kinds = ("pure", "mlxgate", "mlx_lm")
-    samples: dict[str, dict[int, list[float]]] = {k: {n: [] for n in ctx.clients} for k in kinds}
+    kinds = ("pure", *servers)
+    samples: dict[str, dict[int, list[Throughput]]] = {k: {n: [] for n in ctx.clients} for k in kinds}
     for rep in range(ctx.reps):
         for n in ctx.clients:
             tag = f"{rep}.{n}"
             samples["pure"][n].append(pure.run(n, ctx.tokens, tag))
-            samples["mlxgate"][n].append(await concurrent_streams(gate, n, ctx.tokens, "g" + tag))
-            samples["mlx_lm"][n].append(await concurrent_streams(lm, n, ctx.tokens, "m" + tag))
+            for key, server in servers.items():
+                samples[key][n].append(await concurrent_streams(server, n, ctx.tokens, key[0] + tag))
     del pure
 
-    rows, results = [], {}
+    rows, cpu_rows, results = [], [], {}
     for n in ctx.clients:
-        p, g, m = (median(samples[k][n]) for k in ("pure", "mlxgate", "mlx_lm"))
-        rows.append([n, p, g, m, g / p, g / m])
+        med = {k: median([x.tokens_per_s for x in samples[k][n]]) for k in kinds}
+        best = {k: max(x.tokens_per_s for x in samples[k][n]) for k in kinds}
+        cpu = {k: median([x.cpu_ms_per_token for x in samples[k][n]]) for k in kinds}
+        p, g, m = med["pure"], med["mlxgate"], med["mlx_lm"]
+        row = [n, p, g, m, g / p, g / m]
         results[str(n)] = {
             "pure_loop_tokens_per_s": p,
             "mlxgate_tokens_per_s": g,
             "mlx_lm_server_tokens_per_s": m,
             "mlxgate_vs_pure": g / p,
             "mlxgate_vs_mlx_lm_server": g / m,
-            "samples": {k: samples[k][n] for k in samples},
+            "best_of_reps": {"mlxgate_vs_pure": best["mlxgate"] / best["pure"],
+                             "mlxgate_vs_mlx_lm_server": best["mlxgate"] / best["mlx_lm"]},
+            "cpu_ms_per_token": cpu,
+            "samples": {k: [x.tokens_per_s for x in samples[k][n]] for k in kinds},
         }
+        best_ratios = [best["mlxgate"] / best["pure"], best["mlxgate"] / best["mlx_lm"]]
+        cpu_rows.append([n] + [cpu[k] for k in kinds] + best_ratios)
+        if "baseline" in med:
+            b = med["baseline"]
+            row += [b, b / p]
+            results[str(n)].update(baseline_tokens_per_s=b, baseline_vs_pure=b / p)
+        rows.append(row)
+    header = ["clients", "pure loop", "mlxgate", "mlx_lm.server", "mlxgate/pure", "mlxgate/mlx_lm"]
+    if ctx.baseline is not None:
+        header += ["baseline", "baseline/pure"]
     table = Table(
         f"Engine: streamed tokens/s, {ctx.tokens} tokens per client, greedy (median of {ctx.reps})",
-        ["clients", "pure loop", "mlxgate", "mlx_lm.server", "mlxgate/pure", "mlxgate/mlx_lm"],
+        header,
         rows,
-        "goal: mlxgate/pure >= 0.90 at every count, mlxgate/mlx_lm >= 1.3 at 8 and 32",
+        "goal: mlxgate/pure >= 0.90 at every count, mlxgate/mlx_lm >= 1.3 at 8 and 32"
+        + (f"\nbaseline: mlxgate from {ctx.baseline}" if ctx.baseline is not None else ""),
     )
-    return Section({"tokens_per_client": ctx.tokens, "batch": BATCH, "clients": results}, [table])
+    names = {"pure": "pure loop", "mlxgate": "mlxgate", "mlx_lm": "mlx_lm.server", "baseline": "baseline"}
+    cpu_table = Table(
+        "Engine: CPU ms per token (the serving process, all threads; median) and best-of ratios",
+        ["clients"] + [names[k] for k in kinds] + ["best mlxgate/pure", "best mlxgate/mlx_lm"],
+        cpu_rows,
+        "CPU per token holds better than tokens/s when other work shares the machine.",
+    )
+    result = {"tokens_per_client": ctx.tokens, "batch": BATCH, "clients": results}
+    if ctx.baseline is not None:
+        result["baseline_src"] = str(ctx.baseline)
+    return Section(result, [table, cpu_table])

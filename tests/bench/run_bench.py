@@ -2,6 +2,7 @@
 
 Usage: python -m tests.bench.run_bench [--sections basics,engine,stall] [--reps 3]
        [--clients 1,8,32] [--tokens 64] [--size bench|bench-bf16|tiny] [--models-dir DIR --model NAME]
+       [--baseline-src DIR]
 
 Without arguments it generates the ~90M-parameter "bench" model (random
 weights, so only speed and memory mean anything) and runs every section:
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="tokens each client streams")
     ap.add_argument("--clients", default="1,8,32", help="client counts for the engine section")
     ap.add_argument("--reps", type=int, default=3, help="measurements of each figure (the median is kept)")
+    ap.add_argument("--baseline-src", type=Path,
+                    help="also measure mlxgate from this source tree (git archive REV | tar -x -C DIR)")
     ap.add_argument("--out", type=Path, default=Path(".bench/results.json"))
     args = ap.parse_args()
     names = [n.strip() for n in args.sections.split(",") if n.strip()]
@@ -93,7 +96,8 @@ def main() -> None:
         models_dir = Path(".bench/models")
         if not (models_dir / model / "config.json").exists():
             write_test_model(models_dir, model, size=args.size)
-    ctx = Context(models_dir.resolve(), model, args.tokens, [int(c) for c in args.clients.split(",")], args.reps)
+    ctx = Context(models_dir.resolve(), model, args.tokens, [int(c) for c in args.clients.split(",")], args.reps,
+                  baseline=args.baseline_src.resolve() if args.baseline_src else None)
     started = datetime.datetime.now(datetime.timezone.utc)
     info = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "model": model, "machine": machine(),
             "load_average_before": load_average()}
