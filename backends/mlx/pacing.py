@@ -39,8 +39,9 @@ from typing import Optional, Sequence
 #: prefill rate is inferred, and drifts as the prompt's offset grows.
 ALPHA_STEP = 0.5
 ALPHA_RATE = 0.3
-#: Chunk (tokens per sequence) used before any prefill has been timed.
-FIRST_CHUNK = 32
+#: Chunk (tokens per sequence) of the first paced call, before a paced chunk
+#: has been timed: about a decode step's worth on a CPU.
+FIRST_CHUNK = 16
 #: Fewest prompt tokens one call processes (all sequences in prefill
 #: together), so a prompt always makes progress.  A chunk's forward pass has a
 #: fixed cost (reading the weights, about a decode step's) besides its tokens;
@@ -54,6 +55,9 @@ SAMPLE_EVERY = 6
 #: each at most SHORT_PROMPT and all of them together at most SHORT_BURST.
 SHORT_PROMPT = 64
 SHORT_BURST = 256
+#: A paced chunk is at most this many times the previous one, so one wrong
+#: estimate cannot make one step many times longer than the others.
+GROWTH = 2.0
 
 
 class PrefillPacer:
@@ -62,10 +66,18 @@ class PrefillPacer:
         self.interleave = interleave
         #: Seconds of a call that only decoded (running average).
         self.step_s: Optional[float] = None
-        #: Prompt tokens per second of prefill work (running average).
+        #: Prompt tokens per second of paced prefill work (running average of
+        #: calls that decoded and carried a chunk).
         self.rate: Optional[float] = None
         #: Calls that carried a chunk since the decode step was last timed.
         self.since_step = 0
+        #: The last ``chunk`` was a paced one (its call times a chunk's cost),
+        #: and its size (a paced chunk grows at most GROWTH times a call).
+        self.paced = False
+        self.last_chunk = 0
+        #: The next step timing replaces the average instead of joining it
+        #: (pacing starts, or the average proved stale).
+        self.retime = True
 
     def chunk(self, decoding: bool, prompts: Sequence[int]) -> int:
         """Prompt tokens per sequence for the next call (0: decode only).
@@ -75,17 +87,27 @@ class PrefillPacer:
         call prefills (its whole prompt, not what is left of it, so the end
         of a long prompt is paced like the rest).
         """
+        was_paced, self.paced = self.paced, False
         if self.interleave <= 0 or not decoding or not prompts:
             return self.max_chunk
         if max(prompts) <= SHORT_PROMPT and sum(prompts) <= SHORT_BURST:
             return self.max_chunk
-        prefilling = len(prompts)
-        if self.step_s is None or self.since_step >= SAMPLE_EVERY:
-            return 0  # decode only: time the step first
+        if self.step_s is None or self.since_step >= SAMPLE_EVERY or not (was_paced or self.since_step == 0):
+            # Decode only, to time the step: first of all, every few chunks,
+            # and when pacing starts (the batch may have changed since).
+            if not was_paced:
+                self.retime = True
+            return 0
+        self.paced = True
         if self.rate is None:
-            return min(self.max_chunk, FIRST_CHUNK)
-        tokens = max(MIN_TOKENS, self.interleave * self.step_s * self.rate)
-        return max(1, min(self.max_chunk, int(tokens / prefilling)))
+            n = FIRST_CHUNK
+        else:
+            tokens = max(MIN_TOKENS, self.interleave * self.step_s * self.rate)
+            n = max(1, int(tokens / len(prompts)))
+            if self.last_chunk:
+                n = min(n, max(1, int(self.last_chunk * GROWTH)))
+        self.last_chunk = n = min(self.max_chunk, n)
+        return n
 
     def observe(self, seconds: float, decoded: bool, prompt_tokens: int, joined: bool) -> None:
         """Account for one ``next()`` call: its wall time, whether it ran a
@@ -95,15 +117,21 @@ class PrefillPacer:
             return
         if prompt_tokens == 0:
             if decoded and not joined:
-                self.step_s = _avg(self.step_s, seconds, ALPHA_STEP)
-                self.since_step = 0
+                self.step_s = seconds if self.retime else _avg(self.step_s, seconds, ALPHA_STEP)
+                self.since_step, self.retime = 0, False
             return
         self.since_step += 1
-        if joined:
-            return  # an extra forward pass of unknown cost: not a clean sample
-        work = seconds - (self.step_s or 0.0) if decoded else seconds
-        # Timing noise can make the difference tiny or negative: bound it.
-        work = max(work, 0.25 * seconds)
+        if joined or not decoded or not self.paced or self.step_s is None:
+            # Only a paced chunk beside a decode step says what a paced chunk
+            # costs: whole prompts prefilled at once spread a forward pass's
+            # fixed cost over far more tokens, and a join adds a forward pass.
+            return
+        work = seconds - self.step_s
+        if work < 0.05 * seconds:
+            # The chunk seems to have cost (next to) nothing: the step time is
+            # stale (too long).  Time the step again rather than believe it.
+            self.since_step, self.retime = SAMPLE_EVERY, True
+            return
         self.rate = _avg(self.rate, prompt_tokens / work, ALPHA_RATE)
 
 
