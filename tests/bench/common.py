@@ -205,6 +205,8 @@ class Stream:
     prompt_tokens: int = 0
     #: Seconds from sending the request to each SSE event that carried text.
     arrivals: list[float] = field(default_factory=list)
+    #: Tokens each of those events carried (from their logprobs; 1 when not asked for).
+    counts: list[int] = field(default_factory=list)
     t_sent: float = 0.0
     t_end: float = 0.0
 
@@ -212,10 +214,13 @@ class Stream:
     def ttft(self) -> float:
         return self.arrivals[0] if self.arrivals else float("nan")
 
-    def gaps(self, after: float = 0.0) -> list[float]:
-        """Gaps between successive text events (after the first, as a running stream sees them)."""
-        a = self.arrivals
-        return [a[i] - a[i - 1] for i in range(1, len(a)) if a[i - 1] >= after]
+    def gaps(self) -> list[float]:
+        """Time per token between successive text events: an event carrying k
+        tokens after a gap g counts g / k.  (A token whose text is not complete
+        yet, a piece of a UTF-8 character, is held back and sent with the next
+        one: the stream did not stop, its text came in one piece.)"""
+        a, k = self.arrivals, self.counts
+        return [(a[i] - a[i - 1]) / max(1, k[i]) for i in range(1, len(a))]
 
 
 def session() -> aiohttp.ClientSession:
@@ -229,6 +234,7 @@ async def stream_chat(
     max_tokens: int,
     on_event: Optional[Callable[[Stream], None]] = None,
     stop: Optional[asyncio.Event] = None,
+    logprobs: bool = False,
 ) -> Stream:
     """Stream one OpenAI chat completion (greedy); count tokens from the usage
     chunk (content deltas when a server sends none).  ``stop`` set: hang up
@@ -241,6 +247,8 @@ async def stream_chat(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if logprobs:
+        body["logprobs"] = True
     out = Stream(t_sent=time.perf_counter())
     deltas = 0
     usage = None
@@ -255,9 +263,11 @@ async def stream_chat(
             if d.get("usage"):
                 usage = d["usage"].get("completion_tokens")
                 out.prompt_tokens = d["usage"].get("prompt_tokens") or 0
-            if any((c.get("delta") or {}).get("content") for c in d.get("choices") or ()):
+            choices = d.get("choices") or ()
+            if any((c.get("delta") or {}).get("content") for c in choices):
                 deltas += 1
                 out.arrivals.append(now)
+                out.counts.append(sum(len((c.get("logprobs") or {}).get("content") or ()) for c in choices) or 1)
                 if on_event is not None:
                     on_event(out)
             if stop is not None and stop.is_set():
