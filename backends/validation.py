@@ -82,8 +82,7 @@ def check_sampling(s: pb.SamplingParams) -> None:
         raise InvalidArgument(f"top_k must be >= 0, got {s.top_k}")
     if s.HasField("repeat_last_n") and s.repeat_last_n < -1:
         raise InvalidArgument(f"repeat_last_n must be >= -1, got {s.repeat_last_n}")
-    if s.HasField("max_tokens") and s.max_tokens < 0:
-        raise InvalidArgument(f"max_tokens must be >= 0, got {s.max_tokens}")
+    # max_tokens < 0 is "no limit" (until a stop or the context is full).
     if s.HasField("num_ctx") and s.num_ctx <= 0:
         raise InvalidArgument(f"num_ctx must be > 0, got {s.num_ctx}")
     _count("stop", len(s.stop), limits.MAX_STOP_SEQUENCES)

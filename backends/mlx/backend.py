@@ -237,7 +237,8 @@ class MLXBackend:
         or the start of its text; either way no more of it is tokenized than
         can fit.  max_tokens (explicit or default) is clamped to the room left,
         and the answer then ends with "length" at the context limit, as Ollama
-        and mlx-lm do with a generous num_predict.
+        and mlx-lm do with a generous num_predict; a negative one (no limit)
+        is that room.
         """
         ctx = lm.context_length
         if req.sampling.num_ctx:
@@ -246,7 +247,7 @@ class MLXBackend:
             lm.counter = TokenCounter(lm.tokenizer)
         asked_max = req.sampling.max_tokens
         # Room kept for the answer when history must be dropped anyway.
-        reserve = min(asked_max, ctx // 2) if asked_max else ctx // 8
+        reserve = min(asked_max, ctx // 2) if asked_max and asked_max > 0 else ctx // 8
         ids, fitted = fit_context(
             req, lm.counter, ctx, lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name), reserve
         )
@@ -256,7 +257,8 @@ class MLXBackend:
         n = len(ids)
         room = ctx - n
         asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
-        # A negative limit (Ollama's num_predict -1, the default) fills the context.
+        # A negative limit -- asked for (Ollama's num_predict -1 or -2) or the
+        # default (default_max_tokens, -1 unless configured) -- fills the context.
         max_tokens = room if asked < 0 else min(asked, room)
         tok = lm.tokenizer
         matcher = None
