@@ -270,7 +270,11 @@ class MLXBackend:
         splitter = None
         if req.tools and tok.has_tool_calling:
             splitter = ToolCallSplitter(
-                tok.tool_call_start, tok.tool_call_end, tok.tool_parser, [t.to_template_dict() for t in req.tools]
+                tok.tool_call_start,
+                tok.tool_call_end,
+                tok.tool_parser,
+                [t.to_template_dict() for t in req.tools],
+                forced=req.tool_choice.forced,
             )
         thinking = new_think_splitter(tok, ids, req.think)
         output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)

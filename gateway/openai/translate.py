@@ -395,9 +395,12 @@ def completion_request(data: dict[str, Any]) -> Parsed:
 
 
 def finish_reason(done: Done, had_tool_calls: bool) -> str:
+    """"tool_calls" when the answer has calls, unless it was cut: a call an
+    upstream cut short comes with "length", as OpenAI marks it, so a client
+    never runs a call whose arguments were truncated."""
     if done.finish_reason == "error":
         raise ApiError(500, done.error_message or "generation failed")
-    if had_tool_calls:
+    if had_tool_calls and done.finish_reason != "length":
         return "tool_calls"
     return _FINISH.get(done.finish_reason, "stop")
 
