@@ -153,8 +153,19 @@ def check_generate(req: pb.GenerateRequest) -> None:
 
 
 def check_embed(req: pb.EmbedRequest) -> None:
+    """Texts or token ids, never both, within the count; no empty token list.
+
+    Whether ids are in the model's vocabulary is the backend's to check (it
+    knows the vocabulary); so is an input's length against the context.
+    """
     check_model(req.model)
     check_request_id(req.request_id)
+    if req.input and req.input_tokens:
+        raise InvalidArgument("input and input_tokens are exclusive: send texts or token ids, not both")
     _count("input", len(req.input), limits.MAX_EMBED_INPUTS)
+    _count("input_tokens", len(req.input_tokens), limits.MAX_EMBED_INPUTS)
+    for i, tokens in enumerate(req.input_tokens):
+        if not tokens.ids:
+            raise InvalidArgument(f"input_tokens[{i}]: empty token list")
     if req.dimensions < 0:
         raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")

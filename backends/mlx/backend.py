@@ -64,6 +64,8 @@ class MLXBackend:
     """
 
     name = BACKEND
+    #: Embeddings take token ids: the models are here, with their own tokenizers.
+    takes_token_ids = True
 
     def __init__(self, config: MLXConfig, observer: Any = None) -> None:
         """``observer``: optional object with ``observe_queue_wait(model, seconds)``
@@ -381,17 +383,27 @@ class MLXBackend:
             size = embed_mod.hidden_size(lm.config)
             if req.dimensions and size and req.dimensions > size:
                 raise InvalidArgument(f"dimensions ({req.dimensions}) exceed {lm.name}'s embedding size {size}")
-            if lm.counter is None:
-                lm.counter = TokenCounter(lm.tokenizer)
-            batches = await asyncio.to_thread(
-                embed_mod.tokenize_inputs,
-                lm.counter,
-                lm.tokenizer,
-                list(req.inputs),
-                lm.context_length,
-                req.truncate,
-                lm.name,
-            )
+            if req.input_tokens:
+                batches = await asyncio.to_thread(
+                    embed_mod.token_inputs,
+                    req.input_tokens,
+                    _vocabulary_size(lm),
+                    lm.context_length,
+                    req.truncate,
+                    lm.name,
+                )
+            else:
+                if lm.counter is None:
+                    lm.counter = TokenCounter(lm.tokenizer)
+                batches = await asyncio.to_thread(
+                    embed_mod.tokenize_inputs,
+                    lm.counter,
+                    lm.tokenizer,
+                    list(req.inputs),
+                    lm.context_length,
+                    req.truncate,
+                    lm.name,
+                )
             vectors: list[list[float]] = []
             for ids in batches:
                 fut = self._engine.call(embed_mod.embed_one, lm.model, ids, req.dimensions)
@@ -452,3 +464,12 @@ class MLXBackend:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.stop)
+
+
+def _vocabulary_size(lm: LoadedModel) -> int:
+    """Ids a client may send: the tokenizer's, within the model's embedding rows
+    (rows past the tokenizer's last id are padding, never produced by it)."""
+    try:
+        return min(lm.vocab_size, len(lm.tokenizer._tokenizer))
+    except TypeError:  # a tokenizer without a length
+        return lm.vocab_size
