@@ -8,6 +8,11 @@ HTTP adapter closes its upstream request.
 
 Failures are raised as ``backends.errors.BackendError`` subclasses so the
 router can tell "try the next backend" (``retryable``) from "tell the caller".
+
+Optional attribute ``takes_token_ids`` (False when absent): ``embed`` accepts
+``EmbedRequest.input_tokens``.  Token ids are a model's own tokenizer's, so
+only a backend that runs the model itself can honour them; the router sends
+token-id requests to no other backend.
 """
 
 from __future__ import annotations

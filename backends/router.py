@@ -21,6 +21,8 @@ once an event has reached the caller, any failure is re-raised (the stream
 ends with an error, never a splice of two answers).  Non-retryable errors
 (InvalidArgument, Unauthenticated, PermissionDenied, ...) propagate at once.
 At most ``RouterConfig.retry_budget`` targets are tried per request.
+Embeddings given as token ids go only to targets whose backend takes them
+(``takes_token_ids``: the MLX engine); the others are never tried.
 
 Circuit breakers.  Each backend has a ``CircuitBreaker``; an open one is
 skipped without a call.  Health failures are Unavailable and
@@ -54,6 +56,7 @@ from backends.breaker import CircuitBreaker, Clock
 from backends.errors import (
     BackendError,
     DeadlineExceeded,
+    InvalidArgument,
     ModelNotFound,
     Unavailable,
 )
@@ -403,10 +406,16 @@ class Router:
     # ------------------------------------------------------------ unary calls
 
     async def _first(
-        self, public: str, what: str, call: Callable[[Backend, str], Awaitable[T]]
+        self,
+        public: str,
+        what: str,
+        call: Callable[[Backend, str], Awaitable[T]],
+        targets: Optional[list[Target]] = None,
     ) -> tuple[Target, T]:
-        """Run ``call`` on targets in order; the first success wins (same rules as generate)."""
-        targets = await self.targets(public)
+        """Run ``call`` on targets (default: all of ``public``'s) in order; the
+        first success wins (same rules as generate)."""
+        if targets is None:
+            targets = await self.targets(public)
         if not targets:
             raise await self._not_found(public)
         attempts = _Attempts(self, targets)
@@ -434,13 +443,34 @@ class Router:
         raise await self._exhausted(public, attempts.errors)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        targets = await self.targets(req.model)
+        if req.input_tokens:
+            targets = self._taking_token_ids(req.model, targets)
         target, result = await self._first(
-            req.model, "embed", lambda b, name: b.embed(dataclasses.replace(req, model=name))
+            req.model, "embed", lambda b, name: b.embed(dataclasses.replace(req, model=name)), targets
         )
         result.backend = target.backend.name
         result.model = result.model or target.model
         self._answered(target.backend.name, target.model)
         return result
+
+    @staticmethod
+    def _taking_token_ids(public: str, targets: list[Target]) -> list[Target]:
+        """The targets that can embed token ids (``Backend.takes_token_ids``).
+
+        Ids are a model's own tokenizer's: sent to another backend's model they
+        would be other words, a wrong answer nobody could see.  So the others are
+        not tried at all -- when the local engine fails, its own error is the
+        answer -- and a model only they serve is the caller's error.
+        """
+        able = [t for t in targets if getattr(t.backend, "takes_token_ids", False)]
+        if targets and not able:
+            names = ", ".join(dict.fromkeys(t.backend.name for t in targets))
+            raise InvalidArgument(
+                f"model '{clip_name(public)}' is served by {names}, which cannot embed token ids: token ids "
+                "are taken only for models this server runs itself (MLX); send the input as text"
+            )
+        return able
 
     async def show_model(self, name: str) -> ModelShow:
         target, show = await self._first(name, "show_model", lambda b, n: b.show_model(n))

@@ -542,12 +542,19 @@ def event_from_pb(m: pb.GenerateResponse) -> Event:
 
 @dataclass
 class EmbedRequest:
+    """Texts (``inputs``) or token ids (``input_tokens``) to embed, never both.
+
+    Token ids are the model's own (OpenAI's token-array input): only a
+    backend running the model itself can take them (``Backend.takes_token_ids``).
+    """
+
     model: str
-    inputs: list[str]
+    inputs: list[str] = field(default_factory=list)
     truncate: bool = True
     dimensions: int = 0
     keep_alive: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    input_tokens: list[list[int]] = field(default_factory=list)
 
     def to_pb(self) -> pb.EmbedRequest:
         m = pb.EmbedRequest(
@@ -556,6 +563,7 @@ class EmbedRequest:
             input=self.inputs,
             truncate=self.truncate,
             dimensions=self.dimensions,
+            input_tokens=[pb.TokenIds(ids=ids) for ids in self.input_tokens],
         )
         ka = keep_alive_to_pb(self.keep_alive)
         if ka is not None:
@@ -567,6 +575,7 @@ class EmbedRequest:
         return cls(
             model=m.model,
             inputs=list(m.input),
+            input_tokens=[list(t.ids) for t in m.input_tokens],
             truncate=m.truncate if m.HasField("truncate") else True,
             dimensions=m.dimensions,
             keep_alive=keep_alive_from_pb(m),

@@ -82,8 +82,7 @@ def check_sampling(s: pb.SamplingParams) -> None:
         raise InvalidArgument(f"top_k must be >= 0, got {s.top_k}")
     if s.HasField("repeat_last_n") and s.repeat_last_n < -1:
         raise InvalidArgument(f"repeat_last_n must be >= -1, got {s.repeat_last_n}")
-    if s.HasField("max_tokens") and s.max_tokens < 0:
-        raise InvalidArgument(f"max_tokens must be >= 0, got {s.max_tokens}")
+    # max_tokens < 0 is "no limit" (until a stop or the context is full).
     if s.HasField("num_ctx") and s.num_ctx <= 0:
         raise InvalidArgument(f"num_ctx must be > 0, got {s.num_ctx}")
     _count("stop", len(s.stop), limits.MAX_STOP_SEQUENCES)
@@ -154,8 +153,19 @@ def check_generate(req: pb.GenerateRequest) -> None:
 
 
 def check_embed(req: pb.EmbedRequest) -> None:
+    """Texts or token ids, never both, within the count; no empty token list.
+
+    Whether ids are in the model's vocabulary is the backend's to check (it
+    knows the vocabulary); so is an input's length against the context.
+    """
     check_model(req.model)
     check_request_id(req.request_id)
+    if req.input and req.input_tokens:
+        raise InvalidArgument("input and input_tokens are exclusive: send texts or token ids, not both")
     _count("input", len(req.input), limits.MAX_EMBED_INPUTS)
+    _count("input_tokens", len(req.input_tokens), limits.MAX_EMBED_INPUTS)
+    for i, tokens in enumerate(req.input_tokens):
+        if not tokens.ids:
+            raise InvalidArgument(f"input_tokens[{i}]: empty token list")
     if req.dimensions < 0:
         raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")

@@ -397,7 +397,17 @@ SCHEMAS: dict[str, S] = {
     "EmbeddingsRequest": _obj(
         {
             "model": STR,
-            "input": {**STR_OR_LIST, "description": "text only; token arrays are 400"},
+            "input": {
+                "oneOf": [
+                    STR,
+                    {"type": "array", "items": STR, "minItems": 1},
+                    {"type": "array", "items": {**INT, "minimum": 0}, "minItems": 1},
+                    {"type": "array", "items": {"type": "array", "items": {**INT, "minimum": 0}, "minItems": 1},
+                     "minItems": 1},
+                ],
+                "description": "text, or token ids of the model's own tokenizer (MLX models only; 400 for a "
+                "model only an upstream Ollama or a cloud API serves)",
+            },
             "encoding_format": {"enum": ["float", "base64"], "default": "float"},
             "dimensions": {**INT, "minimum": 1},
             "user": STR,

@@ -64,9 +64,33 @@ def test_ollama_options_map_onto_sampling():
     assert p.stream is True and p.load_only is False
 
 
-def test_ollama_num_predict_negative_means_backend_default():
-    p = otr.generate_request({"model": "m", "prompt": "x", "options": {"num_predict": -1}})
+@pytest.mark.parametrize("num_predict", [-1, -2, -100])
+def test_ollama_num_predict_negative_means_no_limit(num_predict):
+    # Sent as max_tokens -1, so a server default (MLXGATE_DEFAULT_MAX_TOKENS) cannot cap it.
+    p = otr.generate_request({"model": "m", "prompt": "x", "options": {"num_predict": num_predict}})
+    assert p.req.sampling.max_tokens == -1
+
+
+def test_ollama_num_predict_absent_leaves_the_default_to_the_backend():
+    p = otr.generate_request({"model": "m", "prompt": "x", "options": {"temperature": 0}})
     assert not p.req.sampling.HasField("max_tokens")
+
+
+@pytest.mark.parametrize("max_tokens", [None, -1])
+def test_upstream_adapters_invent_no_limit(max_tokens):
+    """Unset stays unset upstream; "no limit" is Ollama's num_predict -1 and nothing for a cloud API."""
+    from backends.cloud import wire as cloud_wire
+    from backends.ollama import wire as ollama_wire
+    from backends.types import GenerateRequest, Message, Sampling
+
+    req = GenerateRequest(model="m", messages=[Message("user", "hi")], sampling=Sampling(max_tokens=max_tokens))
+    _, body = cloud_wire.generate_body(req)
+    assert "max_tokens" not in body and "max_completion_tokens" not in body
+    _, body = ollama_wire.generate_body(req)
+    if max_tokens is None:
+        assert "num_predict" not in body.get("options", {})
+    else:
+        assert body["options"]["num_predict"] == -1
 
 
 @pytest.mark.parametrize(
@@ -247,8 +271,6 @@ def test_openai_embeddings_request_and_base64():
 
     assert struct.unpack("<2f", raw) == (1.0, -2.5)
     assert out["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
-    with pytest.raises(ApiError, match="token arrays"):
-        atr.embeddings_request({"model": "m", "input": [[1, 2]]})
     with pytest.raises(ApiError, match="encoding_format"):
         atr.embeddings_request({"model": "m", "input": "x", "encoding_format": "int8"})
 

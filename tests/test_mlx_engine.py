@@ -428,7 +428,6 @@ async def test_list_and_show_describe_the_model(mlx_backend):
         ("top_p", 0.0),
         ("top_k", -1),
         ("min_p", 2.0),
-        ("max_tokens", -1),
         ("repeat_penalty", 0.0),
         ("presence_penalty", 3.0),
         ("num_ctx", 0),

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 class CloudBackend(UpstreamSession):
     """Backend named ``cloud:<provider.name>``."""
 
+    #: OpenAI's API takes token ids, but ids in a request to this gateway are a
+    #: local model's; the provider's model would read them as other words.
+    takes_token_ids = False
+
     def __init__(self, provider: CloudProvider, env: Mapping[str, str]) -> None:
         self.provider = provider
         self.timeouts = resolved_timeouts(provider)
@@ -152,6 +156,8 @@ class CloudBackend(UpstreamSession):
     # ------------------------------------------------------------ unary
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        if req.input_tokens:
+            raise InvalidArgument(f"{self.name}: embeddings from token ids are not sent to a cloud API; send text")
         body: dict[str, Any] = {"model": req.model, "input": list(req.inputs)}
         if req.dimensions:
             body["dimensions"] = req.dimensions

@@ -55,10 +55,13 @@ def message_json(m: Message, i: int) -> dict[str, Any]:
 
 def _sampling(req: GenerateRequest, body: dict[str, Any]) -> None:
     s = req.sampling
-    for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "max_tokens"):
+    for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
         v = getattr(s, k)
         if v is not None:
             body[k] = v
+    # Unset or negative (no limit) sends none: the provider's own default, never one we invent.
+    if s.max_tokens is not None and s.max_tokens >= 0:
+        body["max_tokens"] = s.max_tokens
     if s.stop:
         body["stop"] = list(s.stop)
 

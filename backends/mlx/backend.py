@@ -64,6 +64,8 @@ class MLXBackend:
     """
 
     name = BACKEND
+    #: Embeddings take token ids: the models are here, with their own tokenizers.
+    takes_token_ids = True
 
     def __init__(self, config: MLXConfig, observer: Any = None) -> None:
         """``observer``: optional object with ``observe_queue_wait(model, seconds)``
@@ -237,7 +239,8 @@ class MLXBackend:
         or the start of its text; either way no more of it is tokenized than
         can fit.  max_tokens (explicit or default) is clamped to the room left,
         and the answer then ends with "length" at the context limit, as Ollama
-        and mlx-lm do with a generous num_predict.
+        and mlx-lm do with a generous num_predict; a negative one (no limit)
+        is that room.
         """
         ctx = lm.context_length
         if req.sampling.num_ctx:
@@ -246,7 +249,7 @@ class MLXBackend:
             lm.counter = TokenCounter(lm.tokenizer)
         asked_max = req.sampling.max_tokens
         # Room kept for the answer when history must be dropped anyway.
-        reserve = min(asked_max, ctx // 2) if asked_max else ctx // 8
+        reserve = min(asked_max, ctx // 2) if asked_max and asked_max > 0 else ctx // 8
         ids, fitted = fit_context(
             req, lm.counter, ctx, lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name), reserve
         )
@@ -256,7 +259,8 @@ class MLXBackend:
         n = len(ids)
         room = ctx - n
         asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
-        # A negative limit (Ollama's num_predict -1, the default) fills the context.
+        # A negative limit -- asked for (Ollama's num_predict -1 or -2) or the
+        # default (default_max_tokens, -1 unless configured) -- fills the context.
         max_tokens = room if asked < 0 else min(asked, room)
         tok = lm.tokenizer
         matcher = None
@@ -268,7 +272,11 @@ class MLXBackend:
         splitter = None
         if req.tools and tok.has_tool_calling:
             splitter = ToolCallSplitter(
-                tok.tool_call_start, tok.tool_call_end, tok.tool_parser, [t.to_template_dict() for t in req.tools]
+                tok.tool_call_start,
+                tok.tool_call_end,
+                tok.tool_parser,
+                [t.to_template_dict() for t in req.tools],
+                forced=req.tool_choice.forced,
             )
         thinking = new_think_splitter(tok, ids, req.think)
         output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)
@@ -375,17 +383,27 @@ class MLXBackend:
             size = embed_mod.hidden_size(lm.config)
             if req.dimensions and size and req.dimensions > size:
                 raise InvalidArgument(f"dimensions ({req.dimensions}) exceed {lm.name}'s embedding size {size}")
-            if lm.counter is None:
-                lm.counter = TokenCounter(lm.tokenizer)
-            batches = await asyncio.to_thread(
-                embed_mod.tokenize_inputs,
-                lm.counter,
-                lm.tokenizer,
-                list(req.inputs),
-                lm.context_length,
-                req.truncate,
-                lm.name,
-            )
+            if req.input_tokens:
+                batches = await asyncio.to_thread(
+                    embed_mod.token_inputs,
+                    req.input_tokens,
+                    _vocabulary_size(lm),
+                    lm.context_length,
+                    req.truncate,
+                    lm.name,
+                )
+            else:
+                if lm.counter is None:
+                    lm.counter = TokenCounter(lm.tokenizer)
+                batches = await asyncio.to_thread(
+                    embed_mod.tokenize_inputs,
+                    lm.counter,
+                    lm.tokenizer,
+                    list(req.inputs),
+                    lm.context_length,
+                    req.truncate,
+                    lm.name,
+                )
             vectors: list[list[float]] = []
             for ids in batches:
                 fut = self._engine.call(embed_mod.embed_one, lm.model, ids, req.dimensions)
@@ -446,3 +464,12 @@ class MLXBackend:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.stop)
+
+
+def _vocabulary_size(lm: LoadedModel) -> int:
+    """Ids a client may send: the tokenizer's, within the model's embedding rows
+    (rows past the tokenizer's last id are padding, never produced by it)."""
+    try:
+        return min(lm.vocab_size, len(lm.tokenizer._tokenizer))
+    except TypeError:  # a tokenizer without a length
+        return lm.vocab_size

@@ -55,8 +55,6 @@ def validate_request(req: GenerateRequest) -> None:
         v = getattr(s, name)
         if v is not None and not -2 <= v <= 2:
             raise InvalidArgument(f"{name} must be in [-2, 2], got {v}")
-    if s.max_tokens is not None and s.max_tokens < 0:
-        raise InvalidArgument(f"max_tokens must be >= 0, got {s.max_tokens}")
     if s.num_ctx is not None and s.num_ctx <= 0:
         raise InvalidArgument(f"num_ctx must be > 0, got {s.num_ctx}")
     if any(not isinstance(x, str) for x in s.stop):

@@ -45,6 +45,8 @@ class OllamaBackend(UpstreamSession):
     """Backend named "ollama" that forwards to ``config.upstream``."""
 
     name = "ollama"
+    #: /api/embed takes text only (see ``wire.embed_body``).
+    takes_token_ids = False
 
     def __init__(self, config: OllamaConfig) -> None:
         if not config.upstream:

@@ -11,7 +11,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from backends.errors import Unimplemented
+from backends.errors import InvalidArgument, Unimplemented
 from backends.types import (
     Chunk,
     Done,
@@ -119,6 +119,9 @@ def generate_body(req: GenerateRequest) -> tuple[str, dict[str, Any]]:
 
 
 def embed_body(req: EmbedRequest) -> dict[str, Any]:
+    if req.input_tokens:
+        # /api/embed takes text only, and ids made for a local model mean nothing to Ollama's.
+        raise InvalidArgument("ollama: embeddings from token ids are not supported by an upstream Ollama; send text")
     body: dict[str, Any] = {"model": req.model, "input": list(req.inputs), "truncate": req.truncate}
     if req.dimensions:
         body["dimensions"] = req.dimensions

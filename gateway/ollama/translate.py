@@ -13,8 +13,12 @@ Field names and shapes follow Ollama's docs/api.md.  Deliberate choices:
   asks for thinking; false asks for none; absent leaves it to the model.
   Reasoning comes back in ``thinking`` (/api/generate) or
   ``message.thinking`` (/api/chat), present only when non-empty.
-- ``num_predict`` < 0 (Ollama's "no limit" / "fill the context") means the
-  backend's default limit.
+- ``num_predict`` < 0 (Ollama's -1 "no limit" and -2 "fill the context")
+  is sent as max_tokens -1: generate until a stop or the context is full,
+  whatever the server's default.  Absent leaves the default to the backend
+  (MLX: ``default_max_tokens``, -1 unless configured, so the same).  There is
+  no context shift: a full context ends the answer with ``done_reason``
+  "length".
 - The final object of a generation carries an extra ``backend`` field (the
   backend that answered); non-streaming answers also carry it in the
   ``x-mlxgate-backend`` header.
@@ -114,7 +118,7 @@ def parse_options(opts: Optional[Body]) -> Sampling:
     seed = opts.int("seed", lo=INT64_MIN, hi=INT64_MAX)
     s.seed = seed if seed is not None and seed >= 0 else None
     n = opts.int("num_predict")
-    s.max_tokens = n if n is not None and n >= 0 else None
+    s.max_tokens = None if n is None else max(n, -1)
     s.stop = opts.str_or_list("stop") or []
     for k in _IGNORED_FLOAT:
         opts.float(k)

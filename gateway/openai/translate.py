@@ -13,7 +13,10 @@ judge in tests.  Deliberate choices:
   seed + i so the choices differ yet stay reproducible.
 - ``/v1/completions`` sends the prompt raw (no chat template), as OpenAI's
   legacy completions do; ``echo`` and ``best_of`` other than n are 400.
-- Token-array inputs (completions prompt, embeddings input) are 400: send text.
+- Embeddings ``input`` may be token ids (an array of ints, or of arrays of
+  ints): they are the model's own tokenizer's ids, taken for models this
+  server runs (MLX) and refused (400) for a model only an upstream Ollama or a
+  cloud API serves.  Token-array *prompts* on /v1/completions are 400: send text.
 - Extensions accepted beyond OpenAI's fields: ``top_k``, ``min_p``,
   ``repeat_penalty``.
 - Reasoning models: the reasoning comes back as ``reasoning_content`` beside
@@ -349,17 +352,57 @@ def chat_request(data: dict[str, Any]) -> Parsed:
 
 
 def _texts(b: Body, name: str) -> list[str]:
-    """A string or a non-empty list of strings (token arrays are refused)."""
+    """A string or a non-empty list of strings (/v1/completions: token-array prompts are refused)."""
     v = b.raw(name)
     if isinstance(v, str):
         return [v]
     if isinstance(v, list) and v and all(isinstance(s, str) for s in v):
         return list(v)
     if isinstance(v, list) and v and all(isinstance(s, (int, list)) for s in v):
-        raise bad_request(f"{name}: token arrays are not supported; send text", param=name)
+        raise bad_request(f"{name}: token arrays are not supported here; send text", param=name)
     if v is None:
         raise bad_request(f"{name} is required", param=name)
     raise bad_request(f"{name} must be a string or a non-empty array of strings", param=name)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _is_token_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _token_ids(v: Any, name: str) -> list[int]:
+    """One input given as token ids: a non-empty array of integers in the id range."""
+    if not isinstance(v, list) or not v or not all(_is_token_id(t) for t in v):
+        raise bad_request(f"{name} must be a non-empty array of token ids (integers)", param="input")
+    bad = next((t for t in v if not 0 <= t <= INT32_MAX), None)
+    if bad is not None:
+        raise bad_request(f"{name}: token ids are integers from 0 to {INT32_MAX}, got {bad}", param="input")
+    return v
+
+
+def _embedding_input(b: Body) -> tuple[list[str], list[list[int]]]:
+    """(texts, token-id inputs): OpenAI's ``input`` is a string, an array of
+    strings, an array of token ids (one input) or an array of such arrays.
+    Whether the ids fit the model is the backend's to say."""
+    v = b.raw("input")
+    if v is None:
+        raise bad_request("input is required", param="input")
+    if isinstance(v, str):
+        return [v], []
+    if not isinstance(v, list) or not v:
+        raise bad_request(
+            "input must be a string, or a non-empty array of strings, of token ids or of arrays of token ids",
+            param="input",
+        )
+    if all(isinstance(t, str) for t in v):
+        return list(v), []
+    if all(_is_token_id(t) for t in v):
+        return [], [_token_ids(v, "input")]
+    if all(isinstance(t, list) for t in v):
+        return [], [_token_ids(t, f"input[{i}]") for i, t in enumerate(v)]
+    raise bad_request("input: an array holds strings, token ids or arrays of token ids, one kind only", param="input")
 
 
 def completion_request(data: dict[str, Any]) -> Parsed:
@@ -395,9 +438,12 @@ def completion_request(data: dict[str, Any]) -> Parsed:
 
 
 def finish_reason(done: Done, had_tool_calls: bool) -> str:
+    """"tool_calls" when the answer has calls, unless it was cut: a call an
+    upstream cut short comes with "length", as OpenAI marks it, so a client
+    never runs a call whose arguments were truncated."""
     if done.finish_reason == "error":
         raise ApiError(500, done.error_message or "generation failed")
-    if had_tool_calls:
+    if had_tool_calls and done.finish_reason != "length":
         return "tool_calls"
     return _FINISH.get(done.finish_reason, "stop")
 
@@ -613,7 +659,7 @@ class ParsedEmbeddings:
 def embeddings_request(data: dict[str, Any]) -> ParsedEmbeddings:
     b = Body(data)
     model = b.str("model", required=True) or ""
-    inputs = _texts(b, "input")
+    texts, token_inputs = _embedding_input(b)
     fmt = b.str("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise bad_request(f"encoding_format must be float or base64; got {fmt!r}", param="encoding_format")
@@ -621,7 +667,13 @@ def embeddings_request(data: dict[str, Any]) -> ParsedEmbeddings:
     b.ignore("user")
     b.log_unknown("/v1/embeddings")
     # OpenAI refuses an input longer than the model's context (400); it never cuts it silently.
-    req = pb.EmbedRequest(model=model, input=inputs, dimensions=dims, truncate=False)
+    req = pb.EmbedRequest(
+        model=model,
+        input=texts,
+        input_tokens=[pb.TokenIds(ids=ids) for ids in token_inputs],
+        dimensions=dims,
+        truncate=False,
+    )
     return ParsedEmbeddings(model, req, fmt == "base64")
 
 
