@@ -32,7 +32,7 @@ def test_serve_bootstraps_a_model_and_shuts_down_cleanly(tmp_path: Path) -> None
         with urllib.request.urlopen(f"{http}/") as r:
             assert r.read() == b"Ollama is running"
         with urllib.request.urlopen(f"{http}/api/tags") as r:
-            assert [t["name"] for t in json.load(r)["models"]] == ["tiny-llama"]
+            assert [t["name"] for t in json.load(r)["models"]] == ["tiny-llama:latest"]
         body = json.dumps({"model": "tiny-llama", "prompt": "hi", "stream": False, "options": {"num_predict": 3}})
         req = urllib.request.Request(f"{http}/api/generate", data=body.encode(), method="POST")
         with urllib.request.urlopen(req) as r:

@@ -165,7 +165,7 @@ async def test_the_http_front_sends_its_first_key(keyed_service) -> None:
             async with aiohttp.ClientSession() as s, s.get(http.url + "/api/tags", headers=headers) as r:
                 assert r.status == status, await r.text()
                 if status == 200:
-                    assert [m["name"] for m in (await r.json())["models"]] == [MODEL]
+                    assert [m["name"] for m in (await r.json())["models"]] == [f"{MODEL}:latest"]
         finally:
             await http.stop()
 

@@ -426,7 +426,7 @@ async def test_openai_client_with_key(keyed, stack):
 
 async def test_ollama_client_with_key(keyed, stack):
     good = AsyncClient(host=keyed, headers={"Authorization": f"Bearer {KEY2}"}, timeout=60)
-    assert [m.model for m in (await good.list()).models] == [stack.model]
+    assert [m.model for m in (await good.list()).models] == [f"{stack.model}:latest"]
     r = await good.generate(model=stack.model, prompt="hi", options={"num_predict": 2})
     assert r.done and r.eval_count == 2
     with pytest.raises(ResponseError) as e:

@@ -124,7 +124,7 @@ async def test_huge_keep_alive_means_forever_and_metrics_still_scrape(stack) -> 
             text = await r.text()
         assert f'mlxgate_model_expiry_timestamp_seconds{{model="{TEST_MODEL}"}} +Inf' in text
         async with session.get(f"{stack.http_url}/api/ps") as r:
-            (model,) = [m for m in (await r.json())["models"] if m["name"] == TEST_MODEL]
+            (model,) = [m for m in (await r.json())["models"] if m["name"] == f"{TEST_MODEL}:latest"]
         assert model["expires_at"] > "2200"
         async with session.post(f"{stack.http_url}/api/generate", json={**load, "keep_alive": "5m"}) as r:
             assert r.status == 200

@@ -279,7 +279,7 @@ async def test_serve_with_api_keys_front_and_service_share_them(tmp_path, test_m
             # The front reaches the keyed service: its calls carry the (first) key.
             async with http.get(f"{p.http}/api/tags") as r:
                 assert r.status == 200
-                assert TEST_MODEL in [m["name"] for m in (await r.json())["models"]]
+                assert f"{TEST_MODEL}:latest" in [m["name"] for m in (await r.json())["models"]]
             async with http.post(f"{p.http}/api/generate", json={
                     "model": TEST_MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 3}}) as r:
                 assert r.status == 200 and (await r.json())["eval_count"] == 3

@@ -24,6 +24,7 @@ from backends.errors import ModelNotFound
 from backends.types import ModelDetails, ModelInfo, ModelShow
 from mlxgate.config import MLXConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
+from mlxgate.names import untagged
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,7 @@ class ModelRegistry:
 
     def resolve(self, name: str) -> ModelEntry:
         """Case-insensitive, with an optional ":latest" (Ollama clients send it)."""
-        keys = [name.lower()]
-        if keys[0].endswith(":latest"):
-            keys.append(keys[0][: -len(":latest")])
+        keys = list(dict.fromkeys((name.lower(), untagged(name.lower()))))
         for attempt in range(2):
             if attempt:
                 self.scan()
