@@ -59,6 +59,7 @@ class Proc:
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env["MLXGATE_HF_CACHE"] = str(tmp_path / "no-hf-cache")
+    env["MLXGATE_DATA_DIR"] = str(tmp_path / "data")  # never the real home
     env.update(extra)
     return env
 
