@@ -581,6 +581,13 @@ class Router:
         """The local engine, when configured (the memory collector reads it)."""
         return self._by_name.get("mlx")
 
+    def alias_backend_orders(self) -> list[list[str]]:
+        """Each alias's backends in its order (the fallbacks it can cause)."""
+        orders = []
+        for entries in self.config.aliases.values():
+            orders.append([t.backend.name for t in (self._parse_alias(e) for e in entries) if t is not None])
+        return orders
+
     def breaker_states(self) -> dict[str, str]:
         return {name: br.state.value for name, br in self.breakers.items()}
 

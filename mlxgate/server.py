@@ -92,6 +92,9 @@ class Stack:
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)
+        self.service_metrics.init_backends(
+            [b.name for b in self.router.backends], self.router.alias_backend_orders()
+        )
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram

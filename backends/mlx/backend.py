@@ -158,7 +158,17 @@ class MLXBackend:
             raise
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"failed to load model {entry.name}: {e}") from None
+        self._report_loaded(lm.name)
         return lm, time.perf_counter_ns() - t0
+
+    def _report_loaded(self, model: str) -> None:
+        """Tell the observer a model is resident (its metric series start at 0)."""
+        observer = self._engine.observer
+        if observer is not None and hasattr(observer, "model_loaded"):
+            try:
+                observer.model_loaded(BACKEND, model)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.exception("model-loaded observer failed")
 
     @staticmethod
     def _grammar(req: GenerateRequest, lm: LoadedModel) -> Optional[str]:
