@@ -42,5 +42,6 @@ bench: setup
 lint: setup
 	$(BIN)/python -m ruff check mlxgate gateway backends tests
 
+# Only the project's own folders: MODELS or DATA may name a user's folder.
 clean:
-	rm -rf $(VENV) $(MODELS) $(DATA) build *.egg-info
+	rm -rf $(VENV) .models .mlxgate-data build *.egg-info
