@@ -3,7 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# `make run` serves MODELS (`make model` writes the generated model there);
+# serve your own with `make run MODELS=~/.mlx_models`.  DATA is mlxgate's data
+# folder for `make run`: with no models it serves the generated test model
+# from DATA/test-models, so nothing is written outside the project.
 MODELS ?= .models
+DATA   ?= .mlxgate-data
 # mlx[cpu] on Linux links a reference BLAS; OpenBLAS (Debian libopenblas0-pthread),
 # when installed, makes fp32 prefill ~15x and decode ~4x faster (see README, Benchmarks).
 OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
@@ -20,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(FAST_BLAS) $(BIN)/mlxgate serve
+	MLXGATE_DATA_DIR=$(DATA) $(FAST_BLAS) $(BIN)/mlxgate serve --models-dir $(MODELS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -43,5 +48,6 @@ soak: setup
 lint: setup
 	$(BIN)/python -m ruff check mlxgate gateway backends tests
 
+# Only the project's own folders: MODELS or DATA may name a user's folder.
 clean:
-	rm -rf $(VENV) $(MODELS) build *.egg-info
+	rm -rf $(VENV) .models .mlxgate-data build *.egg-info

@@ -73,6 +73,7 @@ from backends.types import (
 )
 from mlxgate.config import Config
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
+from mlxgate.names import untagged
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +113,6 @@ class RouterObserver(Protocol):
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None: ...
 
     def answered(self, backend: str, model: str) -> None: ...
-
-
-def normalize(name: str) -> str:
-    """'x:latest' and 'x' are the same model."""
-    return name[: -len(":latest")] if name.endswith(":latest") else name
 
 
 def _reason(e: BaseException) -> str:
@@ -273,12 +269,12 @@ class Router:
     def _find(models: Optional[list[ModelInfo]], name: str) -> Optional[ModelInfo]:
         if not models:
             return None
-        want = normalize(name)
+        want = untagged(name)
         exact = [m for m in models if m.name == name]
         if exact:
             return exact[0]
         for m in models:
-            if normalize(m.name) == want:
+            if untagged(m.name) == want:
                 return m
         return None
 
@@ -286,9 +282,9 @@ class Router:
         aliases = self.config.aliases
         if public in aliases:
             return aliases[public]
-        want = normalize(public)
+        want = untagged(public)
         for k, v in aliases.items():
-            if normalize(k) == want:
+            if untagged(k) == want:
                 return v
         return None
 
@@ -525,7 +521,7 @@ class Router:
         order: list[str] = []
         for backend, models in zip(self.backends, listings):
             for m in models or []:
-                key = normalize(m.name)
+                key = untagged(m.name)
                 if key in owners:
                     if backend.name != owners[key].backend and backend.name not in owners[key].fallbacks:
                         owners[key].fallbacks.append(backend.name)
@@ -549,7 +545,7 @@ class Router:
                 if t.backend.name != first.backend.name and t.backend.name not in seen:
                     seen.append(t.backend.name)
             info.fallbacks = seen
-            key = normalize(alias)
+            key = untagged(alias)
             if key not in owners:
                 order.append(key)
             owners[key] = info
@@ -580,6 +576,25 @@ class Router:
         out: list[RunningModel] = []
         for part in await asyncio.gather(*(one(b) for b in self.backends)):
             out.extend(part)
+        return out + self._running_aliases(out)
+
+    def _running_aliases(self, running: list[RunningModel]) -> list[RunningModel]:
+        """An alias is running when one of its targets is: it is listed (as a
+        copy of the first running target, in the alias's order) so a client
+        that shows what is loaded by the name it uses (Open WebUI) sees it.
+        An alias whose name is already listed adds nothing."""
+        listed = {untagged(r.name) for r in running}
+        out = []
+        for alias, entries in self.config.aliases.items():
+            if untagged(alias) in listed:
+                continue
+            for target in (t for t in (self._parse_alias(e) for e in entries) if t is not None):
+                hit = next((r for r in running if r.backend == target.backend.name
+                            and untagged(r.name) == untagged(target.model)), None)
+                if hit is not None:
+                    out.append(dataclasses.replace(hit, name=alias))
+                    listed.add(untagged(alias))
+                    break
         return out
 
     async def close(self) -> None:
@@ -595,6 +610,13 @@ class Router:
     def mlx_backend(self) -> Optional[Backend]:
         """The local engine, when configured (the memory collector reads it)."""
         return self._by_name.get("mlx")
+
+    def alias_backend_orders(self) -> list[list[str]]:
+        """Each alias's backends in its order (the fallbacks it can cause)."""
+        orders = []
+        for entries in self.config.aliases.values():
+            orders.append([t.backend.name for t in (self._parse_alias(e) for e in entries) if t is not None])
+        return orders
 
     def breaker_states(self) -> dict[str, str]:
         return {name: br.state.value for name, br in self.breakers.items()}

@@ -19,7 +19,6 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, 
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from google.protobuf import message_factory
 
@@ -27,6 +26,7 @@ from backends import validation
 from backends.base import Backend
 from backends.errors import BackendError, Internal
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer
+from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
 from mlxgate.config import ServerConfig
 from mlxgate.limits import clip
@@ -330,10 +330,7 @@ async def start_inference_service(
     server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(backend, observer), gate),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
+    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     # Check first: grpc's own failure says only "Failed to bind" (and logs to stderr).
     problem = bind_problem(host, port)
     if problem is not None:

@@ -13,7 +13,7 @@ import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -32,6 +32,7 @@ _ROLE_TO_PB = {
 _PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 _FINISH_TO_PB = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,

@@ -10,58 +10,144 @@ import asyncio
 import logging
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlxgate.config import Config, load_config
+from mlxgate.config import Config, MLXConfig, ServerConfig, load_config
 from mlxgate.exposure import exposure_problem
 
 
+USAGE = """\
+mlxgate is a local LLM gateway. On one port it answers the Ollama REST API
+(/api/generate, /api/chat, /api/tags, ...) and the OpenAI REST API (/v1/...),
+so Ollama and OpenAI clients work unchanged; gRPC clients get
+mlxgate.v1.InferenceService. It runs MLX models itself (one folder per model
+in the models directory, or the Hugging Face cache) and falls back to an
+upstream Ollama and to OpenAI-compatible cloud APIs."""
+
+EPILOG = """\
+examples:
+  mlxgate serve                          serve on http://127.0.0.1:11434 (gRPC 127.0.0.1:50051)
+  mlxgate serve --models-dir ~/models    serve the MLX models in ~/models
+  mlxgate make-test-model ./models       write a small random-weight model to try things with
+  mlxgate serve --help                   every option of serve, with its default
+
+Settings come from flags, then environment variables (MLXGATE_*, and Ollama's
+own: OLLAMA_HOST, OLLAMA_MODELS, OLLAMA_KEEP_ALIVE, ...), then a TOML file
+(--config), then defaults. README.md in the mlxgate source tree documents
+every setting, the API routes, metrics and dashboards."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows argparse defaults except None/False: flags that fall back to the
+    configuration carry their default in the help text (``_described``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _described(text: str, env: Optional[str] = None, default: object = None) -> str:
+    """Help text with the variable that also sets it and its default (taken
+    from the Config dataclasses by the callers, never retyped)."""
+    notes = [f"env {env}"] if env else []
+    if default not in (None, ""):
+        notes.append(f"default: {default}")
+    text = f"{text} ({'; '.join(notes)})" if notes else text
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _version() -> str:
+    try:
+        return f"mlxgate {metadata.version('mlxgate')}"
+    except metadata.PackageNotFoundError:
+        return "mlxgate (not installed: version unknown)"
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML configuration file (env MLXGATE_CONFIG)")
-    p.add_argument("--models-dir", help="folder with one MLX model per subfolder (env MLXGATE_MODELS_DIR)")
-    p.add_argument("--grpc-host", help="gRPC bind address (env MLXGATE_GRPC_HOST, default 127.0.0.1)")
-    p.add_argument("--grpc-port", type=int, help="gRPC port (env MLXGATE_GRPC_PORT, default 50051)")
-    p.add_argument("--ollama-upstream", help="upstream Ollama URL for fallback (env OLLAMA_UPSTREAM)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING (env MLXGATE_LOG_LEVEL)")
+    server, mlx = ServerConfig, MLXConfig
+    p.add_argument("--config", metavar="FILE", help=_described("TOML configuration file", "MLXGATE_CONFIG"))
+    p.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help=_described("folder with one MLX model per subfolder", "MLXGATE_MODELS_DIR", mlx.models_dir),
+    )
+    p.add_argument("--grpc-host", metavar="HOST", help=_described("gRPC bind address", "MLXGATE_GRPC_HOST",
+                                                                  server.grpc_host))
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help=_described("gRPC port, 0 for any free one", "MLXGATE_GRPC_PORT", server.grpc_port))
+    p.add_argument("--ollama-upstream", metavar="URL",
+                   help=_described("upstream Ollama to fall back to, e.g. http://otherbox:11434", "OLLAMA_UPSTREAM"))
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help=_described("DEBUG, INFO, WARNING or ERROR", "MLXGATE_LOG_LEVEL", Config.log_level))
     p.add_argument(
         "--api-key",
         action="append",
         dest="api_keys",
         metavar="KEY",
-        help="require this key from callers; repeat for several (env MLXGATE_API_KEYS, comma-separated)",
+        help=_described("require this key from callers; repeat for several",
+                        "MLXGATE_API_KEYS, comma-separated"),
     )
     p.add_argument(
         "--allow-unauthenticated",
         action="store_true",
         default=None,
-        help="allow a non-loopback bind address without API keys (env MLXGATE_ALLOW_UNAUTHENTICATED)",
+        help=_described("allow a non-loopback bind address without API keys", "MLXGATE_ALLOW_UNAUTHENTICATED"),
     )
-    p.add_argument("--data-dir", help="where mlxgate keeps its own data (env MLXGATE_DATA_DIR)")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=_described("where mlxgate keeps its own data, such as the generated test model served when "
+                        "there are no models", "MLXGATE_DATA_DIR", Config().data_path()),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlxgate", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="mlxgate", description=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    server = ServerConfig
 
-    serve = sub.add_parser("serve", help="HTTP front (Ollama + OpenAI) and the gRPC inference service")
-    serve.add_argument("--host", help="HTTP bind address (env MLXGATE_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="HTTP port (env MLXGATE_PORT, default 11434)")
+    serve = sub.add_parser(
+        "serve",
+        help="serve the HTTP APIs (Ollama and OpenAI) and the gRPC service",
+        description="Serve the Ollama and OpenAI REST APIs on one HTTP port and the gRPC inference service.",
+        formatter_class=_HelpFormatter,
+    )
+    serve.add_argument("--host", help=_described("HTTP bind address", "MLXGATE_HOST or OLLAMA_HOST", server.host))
+    serve.add_argument("--port", type=int,
+                       help=_described("HTTP port, 0 for any free one", "MLXGATE_PORT or OLLAMA_HOST", server.port))
     serve.add_argument(
         "--grpc-target",
-        help="use the inference service at host:port instead of starting one (env MLXGATE_GRPC_TARGET)",
+        metavar="HOST:PORT",
+        help=_described("serve only the HTTP front, calling the inference service there", "MLXGATE_GRPC_TARGET"),
     )
     _add_common(serve)
 
-    service = sub.add_parser("service", help="only the gRPC inference service, with /metrics on its own port")
-    service.add_argument("--metrics-port", type=int, help="port for /metrics (env MLXGATE_METRICS_PORT, 9464)")
+    service = sub.add_parser(
+        "service",
+        help="only the gRPC inference service, with /metrics on its own port",
+        description="Run only the gRPC inference service (for a front started with serve --grpc-target).",
+        formatter_class=_HelpFormatter,
+    )
+    service.add_argument("--metrics-port", type=int, metavar="PORT",
+                         help=_described("port for /metrics", "MLXGATE_METRICS_PORT", server.metrics_port))
     _add_common(service)
 
-    model = sub.add_parser("make-test-model", help="write a small random-weight model into DIR")
+    model = sub.add_parser(
+        "make-test-model",
+        help="write a small random-weight model into DIR (for trying things out)",
+        description="Write a small generated MLX model (random weights: it answers gibberish) into DIR/NAME.",
+        formatter_class=_HelpFormatter,
+    )
     model.add_argument("dir", help="models directory; the model is written to DIR/<name>")
-    model.add_argument("--name", default="tiny-llama")
-    model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--size", default="tiny", help="tiny (tests, default), bench (~90M params), bench-bf16")
+    model.add_argument("--name", default="tiny-llama", help="model (folder) name")
+    model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    model.add_argument("--size", default="tiny", help="tiny (tests), bench (~90M params), bench-bf16")
     return parser
 
 

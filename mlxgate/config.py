@@ -102,9 +102,14 @@ class MLXConfig:
     #: turn of a chat, a repeated system prompt) skips that part of prefill;
     #: 0 turns prompt-cache reuse off.
     prompt_cache_bytes: int = 512 * 1024 * 1024
-    #: When the models directory is empty, generate a small test model into
-    #: it so the server has something to serve (``make run`` on a fresh box).
+    #: When no MLX model is found (models_dir, the Hugging Face cache), serve
+    #: the small generated test model from ``<data_dir>/test-models``, writing
+    #: it there the first time, so a fresh box has something to serve; never
+    #: written into models_dir (``backends.mlx.bootstrap``).
     bootstrap_test_model: bool = True
+    #: A folder of generated test models scanned after models_dir; set at
+    #: start-up when the bootstrap above applies (None: not scanned).
+    test_models_dir: Optional[str] = None
     #: Set false to run without the MLX engine (gateway to Ollama/cloud only).
     enabled: bool = True
 
@@ -185,6 +190,16 @@ class Config:
 
     def models_path(self) -> Path:
         return Path(self.mlx.models_dir).expanduser()
+
+    def data_path(self) -> Path:
+        """``server.data_dir``, or the platform's user data folder for mlxgate
+        (platformdirs: ``~/.local/share/mlxgate`` on Linux,
+        ``~/Library/Application Support/mlxgate`` on macOS)."""
+        if self.server.data_dir:
+            return Path(self.server.data_dir).expanduser()
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
 
 
 # Environment variables, each mapped onto one (section, field).  List-valued

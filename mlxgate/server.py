@@ -42,17 +42,19 @@ log = logging.getLogger(__name__)
 
 
 def ensure_default_model(config: Config) -> None:
-    """On a fresh machine the models directory is empty: write the small test
-    model there so ``make run`` has something to serve."""
+    """On a fresh machine there is no model: serve the generated test model
+    from the data folder (``backends.mlx.bootstrap``; never the models dir)."""
     if not (config.mlx.enabled and config.mlx.bootstrap_test_model):
         return
-    models = config.models_path()
-    if models.is_dir() and any((p / "config.json").is_file() for p in models.iterdir()):
-        return
-    from backends.mlx.testmodel import write_test_model
+    from backends.mlx.bootstrap import ensure_test_model
 
-    log.warning("no models in %s: writing the small test model there (random weights)", models)
-    write_test_model(models)
+    ensure_test_model(config.mlx, config.data_path())
+
+
+def log_notes(config: Config) -> None:
+    """What loading the configuration noticed (an ignored OLLAMA_MODELS, ...)."""
+    for note in config.notes:
+        log.warning("%s", note)
 
 
 #: After the drain (or on a failed start), how long stopping may still wait.
@@ -93,6 +95,9 @@ class Stack:
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)
+        self.service_metrics.init_backends(
+            [b.name for b in self.router.backends], self.router.alias_backend_orders()
+        )
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram
@@ -193,6 +198,7 @@ def check_ports(config: Config, front: bool = True) -> None:
 
 async def start_stack(config: Config, env: Mapping[str, str], front: bool = True) -> Stack:
     check_ports(config, front)
+    log_notes(config)
     stack = Stack(config)
     try:
         if not config.server.grpc_target:

@@ -123,3 +123,12 @@ def test_api_keys_from_env_toml_and_flags(tmp_path: Path) -> None:
     assert load_config(toml, env={}).server.api_keys == ["t1"]
     args = build_parser().parse_args(["serve", "--api-key", "f1", "--api-key", "f2"])
     assert config_from_args(args).server.api_keys == ["f1", "f2"]
+
+
+def test_data_dir_from_env_flag_or_the_platform_folder(tmp_path: Path) -> None:
+    import platformdirs
+
+    assert load_config(env={}).data_path() == Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
+    assert load_config(env={"MLXGATE_DATA_DIR": str(tmp_path)}).data_path() == tmp_path
+    args = build_parser().parse_args(["serve", "--data-dir", "~/d"])
+    assert config_from_args(args).data_path() == Path("~/d").expanduser()

@@ -395,12 +395,27 @@ async def test_hugging_face_cache_layout(tmp_path, test_model_dir):
         await backend.close()
 
 
-async def test_bootstrap_writes_a_model_into_an_empty_dir(tmp_path):
-    backend = MLXBackend(MLXConfig(models_dir=str(tmp_path / "models"), hf_cache=str(tmp_path / "none")))
+async def test_bootstrap_serves_the_test_model_from_the_data_dir_only_when_there_is_none(tmp_path, test_model_dir):
+    from backends.mlx.bootstrap import ensure_test_model
+
+    models, data = tmp_path / "models", tmp_path / "data"
+    models.mkdir()
+    cfg = MLXConfig(models_dir=str(models), hf_cache=str(tmp_path / "none"))
+    path = ensure_test_model(cfg, data)
+    assert path == data / "test-models" / "tiny-llama" and (path / "config.json").is_file()
+    assert cfg.test_models_dir == str(data / "test-models") and list(models.iterdir()) == []
+    backend = MLXBackend(cfg)
     try:
         assert [m.name for m in await backend.list_models()] == ["tiny-llama"]
+        shutil.copytree(test_model_dir / MODEL, models / "mine")  # a model of the user's: it wins
+        assert [m.name for m in await backend.list_models()] == ["mine", "tiny-llama"]
     finally:
         await backend.close()
+    # With a model of the user's, the next start serves only theirs.
+    again = MLXConfig(models_dir=str(models), hf_cache=str(tmp_path / "none"))
+    assert ensure_test_model(again, data) is None and again.test_models_dir is None
+    off = MLXConfig(models_dir=str(tmp_path / "empty"), hf_cache=str(tmp_path / "none"), bootstrap_test_model=False)
+    assert ensure_test_model(off, data) is None
 
 
 async def test_list_and_show_describe_the_model(mlx_backend):

@@ -458,6 +458,24 @@ async def test_unary_calls_route_like_generate():
     assert ("mlx", "ollama", "UNAVAILABLE") in rec.fallbacks
 
 
+async def test_running_lists_an_alias_whose_target_is_loaded():
+    """Open WebUI shows an alias as loaded only when /api/ps names it."""
+    mlx = ScriptedBackend("mlx", ["tiny", "big"])
+    oll = ScriptedBackend("ollama", ["tiny:latest", "llama3.2:latest"])
+    router, _ = scripted_router(mlx, oll, aliases={
+        "chat": ["mlx:tiny", "ollama:llama3.2"], "chat2:latest": ["ollama:llama3.2", "mlx:tiny"],
+        "cold": ["mlx:big"], "tiny": ["ollama:tiny"]})
+    assert await router.list_running() == []
+    mlx.loaded.add("tiny")
+    running = [(r.name, r.backend) for r in await router.list_running()]
+    # "tiny" is already listed under its own name; "cold" is not loaded.
+    assert running == [("tiny", "mlx"), ("chat", "mlx"), ("chat2:latest", "mlx")]
+    oll.loaded.add("llama3.2:latest")
+    running = [(r.name, r.backend) for r in await router.list_running()]
+    # The first loaded target in the alias's order describes it.
+    assert ("chat", "mlx") in running and ("chat2:latest", "ollama") in running
+
+
 # ------------------------------------------------------------------ wiring
 
 

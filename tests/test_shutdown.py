@@ -59,6 +59,7 @@ class Proc:
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env["MLXGATE_HF_CACHE"] = str(tmp_path / "no-hf-cache")
+    env["MLXGATE_DATA_DIR"] = str(tmp_path / "data")  # never the real home
     env.update(extra)
     return env
 
@@ -279,7 +280,7 @@ async def test_serve_with_api_keys_front_and_service_share_them(tmp_path, test_m
             # The front reaches the keyed service: its calls carry the (first) key.
             async with http.get(f"{p.http}/api/tags") as r:
                 assert r.status == 200
-                assert TEST_MODEL in [m["name"] for m in (await r.json())["models"]]
+                assert f"{TEST_MODEL}:latest" in [m["name"] for m in (await r.json())["models"]]
             async with http.post(f"{p.http}/api/generate", json={
                     "model": TEST_MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 3}}) as r:
                 assert r.status == 200 and (await r.json())["eval_count"] == 3

@@ -41,9 +41,6 @@ from mlxgate.config import MLXConfig
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_MODEL = "tiny-llama"
-
-
 @dataclass
 class _Plan:
     """What a request becomes once tokenized: decided off the event loop."""
@@ -75,11 +72,8 @@ class MLXBackend:
         self._manager = ModelManager(config, self._registry)
         self._engine = Engine(config, self._manager)
         self._engine.observer = observer
-        self._bootstrap: Optional[concurrent.futures.Future] = None
         #: Requests accepted and not yet finished (see ``_admission``).
         self._accepted = 0
-        if config.bootstrap_test_model and not self._registry.scan():
-            self._bootstrap = self._engine.call(self._write_bootstrap_model)
 
     # ---------------------------------------------------------------- introspection
 
@@ -139,23 +133,7 @@ class MLXBackend:
 
     # ---------------------------------------------------------------- helpers
 
-    def _write_bootstrap_model(self) -> None:
-        from backends.mlx.testmodel import write_test_model
-
-        path = write_test_model(self._registry.models_dir, BOOTSTRAP_MODEL)
-        log.info("models directory was empty; wrote the test model to %s", path)
-        self._registry.scan()
-
-    async def _ready(self) -> None:
-        if self._bootstrap is not None:
-            try:
-                await asyncio.wrap_future(self._bootstrap)
-            except Exception:  # noqa: BLE001 - serve what exists
-                log.exception("could not write the bootstrap test model")
-            self._bootstrap = None
-
     async def _resolve(self, name: str) -> ModelEntry:
-        await self._ready()
         return await asyncio.to_thread(self._registry.resolve, name)
 
     def _release(self, lm: LoadedModel, keep_alive: Optional[float]) -> concurrent.futures.Future:
@@ -182,7 +160,17 @@ class MLXBackend:
             raise
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"failed to load model {entry.name}: {e}") from None
+        self._report_loaded(lm.name)
         return lm, time.perf_counter_ns() - t0
+
+    def _report_loaded(self, model: str) -> None:
+        """Tell the observer a model is resident (its metric series start at 0)."""
+        observer = self._engine.observer
+        if observer is not None and hasattr(observer, "model_loaded"):
+            try:
+                observer.model_loaded(BACKEND, model)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.exception("model-loaded observer failed")
 
     @staticmethod
     def _grammar(req: GenerateRequest, lm: LoadedModel) -> Optional[str]:
@@ -431,8 +419,6 @@ class MLXBackend:
                 self._release(lm, req.keep_alive)
 
     async def list_models(self) -> list[ModelInfo]:
-        await self._ready()
-
         def _list() -> list[ModelInfo]:
             return [self._registry.info(e) for e in self._registry.scan()]
 

@@ -37,6 +37,7 @@ from backends.types import (
     RunningModel,
 )
 from mlxgate.config import OllamaConfig, resolved_timeouts
+from mlxgate.names import same_model
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +138,10 @@ class OllamaBackend(UpstreamSession):
 
     async def unload_model(self, name: str) -> bool:
         running = await self.list_running()
-        was_loaded = any(_same_model(r.name, name) for r in running)
+        was_loaded = any(same_model(r.name, name) for r in running)
         await self._call("POST", "/api/generate", {"model": name, "keep_alive": 0, "stream": False})
         return was_loaded
 
-
-
-def _same_model(a: str, b: str) -> bool:
-    def norm(x: str) -> str:
-        return x[: -len(":latest")] if x.endswith(":latest") else x
-
-    return norm(a) == norm(b)
 
 
 def _stream_error(who: str, error: Any) -> BackendError:

@@ -21,6 +21,7 @@ from gateway.fields import read_json
 from gateway.openai import translate as tr
 from gateway.state import BACKEND_HEADER, backend_header, client, request_id
 from gateway.streaming import SSE, SSE_DONE, merge, open_stream, pump, sse_frame
+from mlxgate.names import same_model
 
 
 def _error_frame(err: ApiError) -> bytes:
@@ -90,11 +91,14 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
+    """The listed model of that id; ``x:latest`` (an Ollama-style name) finds
+    ``x`` and is echoed as asked, as every answer echoes the requested name."""
     name = request.match_info["model"]
     res = await client(request).list_models(request_id(request))
-    for m in res.models:
-        if m.name == name:
-            return web.json_response(tr.model_json(m))
+    match = next((m for m in res.models if m.name == name), None) or next(
+        (m for m in res.models if same_model(m.name, name)), None)
+    if match is not None:
+        return web.json_response({**tr.model_json(match), "id": name})
     raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
 
