@@ -19,10 +19,11 @@ Both services stay open when API keys are set: the gate
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection as v1alpha
 from grpc_reflection.v1alpha import reflection_pb2 as alpha_pb2
 
@@ -69,25 +70,48 @@ def register_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
         pool.AddSerializedFile(v1_file_descriptor().SerializeToString())
 
 
-def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+def _guarded(servicer, warn: Callable[..., bool]) -> Callable:
+    """The servicer's ServerReflectionInfo with malformed requests answered
+    INVALID_ARGUMENT (a rate-limited warning, as for InferenceService) instead
+    of grpcio's UNKNOWN and a logged traceback per call: reflection is open
+    to anyone who can reach the port."""
+
+    async def info(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        bad: list[str] = []
+
+        async def requests() -> AsyncIterator[Any]:
+            try:
+                async for request in request_iterator:
+                    yield request
+            except DecodeError as e:
+                bad.append(str(e))
+
+        async for response in servicer.ServerReflectionInfo(requests(), context):
+            yield response
+        if bad:
+            warn("malformed reflection request from %s answered INVALID_ARGUMENT: %s", context.peer(), bad[0])
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(f"malformed ServerReflectionRequest: {bad[0]}")
+
+    return info
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str], warn: Callable[..., bool]) -> None:
     """Serve reflection v1 and v1alpha on ``server`` for ``service_names``
-    (the reflection services list themselves too)."""
+    (the reflection services list themselves too); ``warn`` logs a malformed
+    request (rate-limited)."""
     pool = descriptor_pool.Default()
     register_v1_descriptor(pool)
     names = (*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME)
-    servicer = v1alpha.aio.ReflectionServicer(names, pool=pool)
-    v1alpha.enable_server_reflection(names, server, pool=pool)
+    info = _guarded(v1alpha.aio.ReflectionServicer(names, pool=pool), warn)
+    handler = grpc.stream_stream_rpc_method_handler(
+        info,
+        request_deserializer=alpha_pb2.ServerReflectionRequest.FromString,
+        response_serializer=alpha_pb2.ServerReflectionResponse.SerializeToString,
+    )
     server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                V1_SERVICE_NAME,
-                {
-                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                        servicer.ServerReflectionInfo,
-                        request_deserializer=alpha_pb2.ServerReflectionRequest.FromString,
-                        response_serializer=alpha_pb2.ServerReflectionResponse.SerializeToString,
-                    )
-                },
-            ),
+        tuple(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+            for name in (V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME)
         )
     )

@@ -330,7 +330,9 @@ async def start_inference_service(
     server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(backend, observer), gate),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+    enable_reflection(
+        server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), gate.malformed_warning
+    )
     # Check first: grpc's own failure says only "Failed to bind" (and logs to stderr).
     problem = bind_problem(host, port)
     if problem is not None:

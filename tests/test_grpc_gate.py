@@ -265,3 +265,18 @@ def test_the_ollama_port_message_names_ollama() -> None:
     msg = str(PortInUse("HTTP", "127.0.0.1", 11434))
     assert "11434" in msg and "ollama serve" in msg and "Ollama app" in msg and "\n" not in msg
     assert "Ollama" not in str(PortInUse("gRPC", "127.0.0.1", 50051))
+
+
+async def test_malformed_reflection_requests_are_invalid_argument_without_tracebacks(open_service, caplog) -> None:
+    """Reflection is open to anyone; its malformed requests get the same treatment as InferenceService's."""
+    async with grpc.aio.insecure_channel(open_service.target) as ch:
+        for name in ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"):
+            call = ch.stream_stream(f"/{name}/ServerReflectionInfo", request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+            for _ in range(10):
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    async for _ in call(iter([b"\xff\xff\xff"])):
+                        pass
+                assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text
