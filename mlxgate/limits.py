@@ -37,6 +37,9 @@ MAX_TOP_LOGPROBS = 20
 MAX_JSON_DEPTH = 64
 #: Request ids callers may set (echoed in headers and logs).
 MAX_REQUEST_ID_CHARS = 128
+#: A keep_alive longer than this means "keep loaded" (Ollama's forever is Go's
+#: largest duration, ~292 years); also keeps expiry dates inside datetime's range.
+KEEP_ALIVE_FOREVER_S = 290 * 365 * 24 * 3600.0
 #: Longest error message put in a gRPC status or an HTTP error body; longer
 #: ones are cut (a status message travels in gRPC metadata, which is bounded).
 MAX_ERROR_CHARS = 1024

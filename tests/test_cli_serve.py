@@ -20,7 +20,7 @@ def test_serve_bootstraps_a_model_and_shuts_down_cleanly(tmp_path: Path) -> None
     models = tmp_path / "models"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxgate.cli", "serve", "--port", "0", "--grpc-port", "0", "--models-dir", str(models)],
+        [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0", "--models-dir", str(models)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     try:

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from mlxgate.config import Config, MLXConfig, ServerConfig
-from mlxgate.server import start_stack
+from mlxgate_cli.stack import start_stack
 from tests.mlx_fixtures import TEST_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

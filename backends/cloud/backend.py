@@ -89,7 +89,7 @@ class CloudBackend(UpstreamSession):
     # ------------------------------------------------------------ generate
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        path, body = wire.generate_body(req)
+        path, body = wire.generate_body(req, self.name)
         started = time.monotonic_ns()
         stream = UpstreamStream(self.name, self.timeouts, self._secrets)
         try:
@@ -152,9 +152,7 @@ class CloudBackend(UpstreamSession):
     # ------------------------------------------------------------ unary
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        body: dict[str, Any] = {"model": req.model, "input": list(req.inputs)}
-        if req.dimensions:
-            body["dimensions"] = req.dimensions
+        body = wire.embed_body(req.model, list(req.inputs), req.dimensions, self.name)
         started = time.monotonic_ns()
         data = await self._call("POST", "/embeddings", body)
         items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
