@@ -505,12 +505,14 @@ async def test_through_the_grpc_service(upstreams):
     try:
         async with grpc.aio.insecure_channel(service.target) as channel:
             stub = pb_grpc.InferenceServiceStub(channel)
-            req = chat("m").to_pb()
+            req = pb.GenerateRequest(model="m", chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER,
+                                                                                            content="hi")]))
             replies = [r async for r in stub.Generate(req)]
             assert "".join(r.chunk.text for r in replies if r.WhichOneof("event") == "chunk") == "Hi there"
             assert replies[-1].done.backend == "cloud:acme"
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                _ = [r async for r in stub.Generate(chat("ghost").to_pb())]
+                req.model = "ghost"
+                _ = [r async for r in stub.Generate(req)]
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert "gpt-test" in info.value.details()
             listed = await stub.ListModels(pb.ListModelsRequest())

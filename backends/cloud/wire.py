@@ -27,9 +27,9 @@ from mlxgate.dialects import openai as dialect
 from mlxgate.dialects.base import Tool, ToolFunction, WireModel, produced_arguments, wire_error
 
 
-def _body(model: type[WireModel], who: str, **fields: Any) -> dict[str, Any]:
+def _body(cls: type[WireModel], who: str, /, **fields: Any) -> dict[str, Any]:
     try:
-        return model(**{k: v for k, v in fields.items() if v is not None}).dump()
+        return cls(**{k: v for k, v in fields.items() if v is not None}).dump()
     except ValidationError as e:
         raise InvalidArgument(f"{who}: {wire_error(e, fields).message}") from None
 

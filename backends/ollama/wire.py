@@ -36,11 +36,11 @@ from mlxgate.dialects import ollama as dialect
 from mlxgate.dialects.base import Tool, ToolFunction, WireModel, produced_arguments, wire_error
 
 
-def _body(model: type[WireModel], **fields: Any) -> dict[str, Any]:
+def _body(cls: type[WireModel], /, **fields: Any) -> dict[str, Any]:
     """A request body built (and so checked) by the dialect's model; what the
     dialect cannot carry is the caller's error, named."""
     try:
-        return model(**{k: v for k, v in fields.items() if v is not None}).dump()
+        return cls(**{k: v for k, v in fields.items() if v is not None}).dump()
     except ValidationError as e:
         raise InvalidArgument(f"ollama: {wire_error(e, fields).message}") from None
 

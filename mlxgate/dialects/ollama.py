@@ -274,7 +274,8 @@ class ShowRequest(WireModel):
     """POST /api/show."""
 
     model: Optional[ModelName] = None
-    name: Optional[ModelName] = Field(None, deprecated=True)
+    name: Optional[ModelName] = Field(
+        None, description="deprecated: use model", json_schema_extra={"deprecated": True})
     verbose: Optional[bool] = None
     system: Optional[Any] = Field(None, description="accepted and ignored")
     template: Optional[Any] = Field(None, description="accepted and ignored")
