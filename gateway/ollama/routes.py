@@ -8,6 +8,7 @@ that Ollama has.  No file path is ever built from request data.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable
 
 from aiohttp import web
@@ -83,7 +84,8 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
                         yield tr.chat_chunk(p.model, ch) if chat else tr.generate_chunk(p.model, ch)
 
             if await pump(resp, with_first(first, stream), render, ndjson_frame, _error_frame, rid):
-                await resp.write_eof()
+                with contextlib.suppress(ConnectionResetError):  # the client left after the last line
+                    await resp.write_eof()
             return resp
 
         text: list[str] = []

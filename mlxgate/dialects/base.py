@@ -63,8 +63,11 @@ class Limit:
 
 
 def _integral(v: Any) -> Any:
-    """JSON has one number type: 5.0 is the integer 5 (1.5 stays a float and fails)."""
-    if isinstance(v, float) and v.is_integer():
+    """JSON has one number type: 5.0 is the integer 5 (1.5 stays a float and
+    fails).  Beyond 2**53 a float is not an integer a caller meant: the JSON
+    parser turned a too-large integer (-2**63 - 1) into the nearest float,
+    which may land on a valid bound; it stays a float and fails."""
+    if isinstance(v, float) and v.is_integer() and abs(v) <= 2**53:
         return int(v)
     return v
 
@@ -249,7 +252,7 @@ def wire_error(exc: ValidationError, data: Any) -> WireError:
     the same place (``"stop": 5``), what the field may be."""
     errors = exc.errors(include_url=False, include_input=False)
     located = [(_path(tuple(e.get("loc", ())), data, e.get("type") == "missing"), e) for e in errors]
-    (path, value), err = max(located, key=lambda pe: len(pe[0][0]))
+    (path, value), err = max(located, key=lambda pe: pe[0][0].count(".") + pe[0][0].count("["))
     same = [e for (p, _), e in located if p == path]
     if len(same) > 1 and all(e.get("type") in _WANT for e in same):
         wants = " or ".join(dict.fromkeys(_WANT[e["type"]] for e in same))

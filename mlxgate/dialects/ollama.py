@@ -93,21 +93,22 @@ def _range(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: b
     return Limit(**bounds)
 
 
-class Options(WireModel):
-    """Model options (Modelfile parameters and runner options)."""
+class OptionTypes(WireModel):
+    """Model options (Modelfile parameters and runner options), by type only:
+    what the embedding routes accept and ignore."""
 
-    temperature: Optional[Annotated[float, _range(0)]] = None
-    top_p: Optional[Annotated[float, _range(0, 1)]] = Field(None, description="0 means greedy")
-    top_k: Optional[Annotated[Int32, _range(0)]] = None
-    min_p: Optional[Annotated[float, _range(0, 1)]] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[Int32] = None
+    min_p: Optional[float] = None
     seed: Optional[Int64] = Field(None, description="negative: a random seed")
-    repeat_penalty: Optional[Annotated[float, _range(0, lo_open=True)]] = None
-    repeat_last_n: Optional[Annotated[Int32, _range(-1)]] = None
-    presence_penalty: Optional[Annotated[float, _range(-2, 2)]] = None
-    frequency_penalty: Optional[Annotated[float, _range(-2, 2)]] = None
+    repeat_penalty: Optional[float] = None
+    repeat_last_n: Optional[Int32] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
     num_predict: Optional[Int32] = Field(None, description="most tokens to generate; negative: the default limit")
-    num_ctx: Optional[Annotated[Int32, _range(1)]] = None
-    stop: Optional[Union[StopText, StopList]] = None
+    num_ctx: Optional[Int32] = None
+    stop: Optional[Union[str, list[str]]] = None
     # Documented by Ollama, without meaning here.
     typical_p: Optional[float] = Field(None, description=_IGNORED)
     tfs_z: Optional[float] = Field(None, description=_IGNORED)
@@ -131,6 +132,22 @@ class Options(WireModel):
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+
+
+class Options(OptionTypes):
+    """Model options of a generation: the sampling ones carry the contract's
+    ranges (documented here, enforced by the inference service)."""
+
+    temperature: Optional[Annotated[float, _range(0)]] = None
+    top_p: Optional[Annotated[float, _range(0, 1)]] = Field(None, description="0 means greedy")
+    top_k: Optional[Annotated[Int32, _range(0)]] = None
+    min_p: Optional[Annotated[float, _range(0, 1)]] = None
+    repeat_penalty: Optional[Annotated[float, _range(0, lo_open=True)]] = None
+    repeat_last_n: Optional[Annotated[Int32, _range(-1)]] = None
+    presence_penalty: Optional[Annotated[float, _range(-2, 2)]] = None
+    frequency_penalty: Optional[Annotated[float, _range(-2, 2)]] = None
+    num_ctx: Optional[Annotated[Int32, _range(1)]] = None
+    stop: Optional[Union[StopText, StopList]] = None
 
 
 # ---------------------------------------------------------------- shared request fields
@@ -255,7 +272,8 @@ class EmbedRequest(WireModel):
     truncate: Optional[bool] = Field(None, description="default true: inputs are cut to the context")
     dimensions: Optional[integer(0, INT32_MAX)] = None
     keep_alive: Optional[KeepAlive] = None
-    options: Optional[Options] = Field(None, description="type checked; embeddings take no sampling options")
+    options: Optional[OptionTypes] = Field(None, description="type checked and ignored: embeddings take no "
+                                                               "sampling options")
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input or ())
@@ -267,7 +285,7 @@ class EmbeddingsRequest(WireModel):
     model: Annotated[ModelName, Field(min_length=1)]
     prompt: Optional[str] = None
     keep_alive: Optional[KeepAlive] = None
-    options: Optional[Options] = None
+    options: Optional[OptionTypes] = Field(None, description="type checked and ignored")
 
 
 class ShowRequest(WireModel):
