@@ -181,12 +181,19 @@ def _operation(r: Route, s: _Schemas) -> S:
                                                       "with an error line"},
                 }
             else:
-                content["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "data: <item JSON>\\n\\n per event, then "
-                                                                "data: [DONE]\\n\\n; a stream that failed ends "
-                                                                "with an error event and no [DONE]"},
-                    "x-item-schema": item,
-                }
+                # Each event (OpenAPI 3.1 reads an SSE schema as one event's): data is the JSON of
+                # an item, or [DONE] at the end; a stream that failed ends with an error and no [DONE].
+                content["text/event-stream"] = {"schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {"anyOf": [
+                            {"const": "[DONE]"},
+                            {"type": "string", "contentMediaType": "application/json", "contentSchema": item},
+                        ]},
+                        "event": {"const": "message"},
+                    },
+                }}
         if content:
             ok["content"] = content
         responses["200"] = ok
