@@ -41,7 +41,8 @@ soak: setup
 	$(FAST_BLAS) $(BIN)/python -m tests.soak.run_soak --minutes $(SOAK_MINUTES)
 
 lint: setup
-	$(BIN)/python -m ruff check mlxgate gateway backends tests
+	$(BIN)/python -m ruff check mlxgate mlxgate_cli gateway backends tests
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(MODELS) build *.egg-info
