@@ -17,8 +17,6 @@ from typing import Any, Iterable
 from aiohttp import web
 from pydantic import TypeAdapter
 
-from gateway.errors import GRPC_TO_HTTP  # noqa: F401 - the table the statuses below come from
-from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, REQUEST_ID_HEADER
@@ -271,5 +269,3 @@ ROUTES: list[Route] = [
 def add_routes(app: web.Application) -> None:
     _add(app, ROUTES)
 
-
-__all__ = ["ROUTES", "add_routes", "document", "json_response"]

@@ -70,10 +70,6 @@ def message(m: Message, i: int) -> dialect.ChatMessage:
     )
 
 
-def message_json(m: Message, i: int) -> dict[str, Any]:
-    return message(m, i).dump()
-
-
 def uses_completions(req: GenerateRequest) -> bool:
     """Raw prompts go to /completions; everything else to /chat/completions."""
     return req.prompt is not None and req.prompt.raw and not req.prompt.images

@@ -72,10 +72,6 @@ def message(m: Message) -> dialect.Message:
     )
 
 
-def message_json(m: Message) -> dict[str, Any]:
-    return message(m).dump()
-
-
 def tool(t: Any) -> Tool:
     return Tool(type="function", function=ToolFunction(name=t.name, description=t.description, parameters=t.parameters))
 

@@ -334,7 +334,3 @@ def produced_arguments(value: Any) -> dict[str, Any]:
     except jsonutil.JSONError:
         return {"_raw": text}
     return parsed if isinstance(parsed, dict) else {"_raw": text}
-
-
-def optional(v: Optional[Any], default: Any) -> Any:
-    return default if v is None else v
