@@ -258,7 +258,7 @@ def document() -> S:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(body=_document(), content_type="application/json")
+    return web.Response(body=_document(), content_type="application/json", charset="utf-8")
 
 
 ROUTES: list[Route] = [

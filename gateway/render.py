@@ -21,5 +21,6 @@ def json_response(
     body: Any, status: int = 200, reason: Optional[str] = None, headers: Optional[Mapping[str, str]] = None
 ) -> web.Response:
     return web.Response(
-        body=orjson.dumps(body), status=status, reason=reason, headers=headers, content_type="application/json"
+        body=orjson.dumps(body), status=status, reason=reason, headers=headers, content_type="application/json",
+        charset="utf-8",
     )

@@ -113,6 +113,13 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def ignored(json_schema: dict[str, Any]) -> Any:
+    """A field the dialect defines that has no meaning here: accepted whatever
+    its value (lenient, as the front always was) and documented with the
+    dialect's type."""
+    return Annotated[Any, WithJsonSchema({**json_schema, "description": "accepted and ignored"})]
+
+
 #: Bytes that travel as base64 text (Ollama's ``images``).
 Base64Bytes = Annotated[
     bytes,
@@ -146,7 +153,7 @@ class ToolFunction(WireModel):
     name: Annotated[ToolName, Field(min_length=1)]
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = Field(None, description="JSON schema of the arguments")
-    strict: Optional[bool] = Field(None, description="accepted and ignored")
+    strict: Optional[ignored({"type": "boolean"})] = None
 
 
 class Tool(WireModel):

@@ -40,6 +40,7 @@ from mlxgate.dialects.base import (
     ToolName,
     WireModel,
     caller_arguments,
+    ignored,
     integer,
 )
 from mlxgate.durations import parse_duration
@@ -228,7 +229,7 @@ class GenerateRequest(_Common):
     template: Optional[str] = Field(None, description="only with raw=true (then ignored); otherwise 400")
     raw: Optional[bool] = None
     images: Optional[Images] = None
-    context: Optional[list[Int]] = Field(None, description="deprecated; accepted and ignored")
+    context: Optional[ignored({"type": "array", "items": {"type": "integer"}, "deprecated": True})] = None
 
 
 class ToolCallFunction(WireModel):
@@ -257,7 +258,7 @@ class ChatRequest(_Common):
     messages: Optional[Annotated[list[Message], Limit(maxItems=limits.MAX_MESSAGES)]] = Field(
         None, description="empty or absent: load the model (keep_alive 0: unload)")
     tools: Optional[Annotated[list[Tool], Limit(maxItems=limits.MAX_TOOLS)]] = None
-    template: Optional[str] = Field(None, description="accepted and ignored")
+    template: Optional[ignored({"type": "string"})] = None
 
 
 #: One input or several (a request's inputs are a contract limit).
@@ -294,7 +295,7 @@ class ShowRequest(WireModel):
     model: Optional[ModelName] = None
     name: Optional[ModelName] = Field(
         None, description="deprecated: use model", json_schema_extra={"deprecated": True})
-    verbose: Optional[bool] = None
+    verbose: Optional[ignored({"type": "boolean"})] = None
     system: Optional[Any] = Field(None, description="accepted and ignored")
     template: Optional[Any] = Field(None, description="accepted and ignored")
     options: Optional[Any] = Field(None, description="accepted and ignored")

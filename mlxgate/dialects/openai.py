@@ -35,6 +35,7 @@ from mlxgate.dialects.base import (
     ToolName,
     WireModel,
     caller_arguments,
+    ignored,
     integer,
     json_type,
 )
@@ -89,7 +90,7 @@ def texts(v: Union[str, list[str]]) -> list[str]:
 
 class ImageURL(WireModel):
     url: str = Field(description="a data: URL (base64); other URLs are not fetched (400)")
-    detail: Optional[str] = Field(None, description=_IGNORED)
+    detail: Optional[ignored({"type": "string"})] = None
 
 
 class TextPart(WireModel):
@@ -144,7 +145,7 @@ class ToolCall(WireModel):
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
-    name: Optional[str] = Field(None, description=_IGNORED)
+    name: Optional[ignored({"type": "string"})] = None
     tool_calls: Optional[Annotated[list[ToolCall], Limit(maxItems=limits.MAX_TOOL_CALLS)]] = None
     tool_call_id: Optional[str] = None
     reasoning_content: Optional[str] = Field(
@@ -172,10 +173,10 @@ ToolChoice = Annotated[
 
 
 class JSONSchemaFormat(WireModel):
-    name: Optional[str] = None
-    description: Optional[str] = None
+    name: Optional[ignored({"type": "string"})] = None
+    description: Optional[ignored({"type": "string"})] = None
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
-    strict: Optional[bool] = None
+    strict: Optional[ignored({"type": "boolean"})] = None
 
 
 class ResponseFormat(WireModel):
