@@ -3,7 +3,10 @@
 schemathesis generates requests for every operation of the generated
 /openapi.json and sends them to the real stack (front -> gRPC service -> MLX
 engine on the generated model); every answer must be no server error, have a
-documented status, content type, headers and body (checks below).  Model
+documented status, content type, headers and body (checks below), and the
+items of NDJSON and SSE streams must match their item schemas.  Operations
+with a body are also sent bodies that break the document (schemathesis's
+negative mode): they must be refused with a documented 4xx, never a 500.  Model
 management routes answer 501 by design: for them the check is that they do,
 in the documented shape.
 
@@ -119,6 +122,44 @@ class StreamItems:
             assert not errors, f"stream item violates the document: {errors[:3]}\n{item[:500]}"
 
 
+def _run_operation(op: Any, mode: Any, examples: int, base: str, session: requests.Session, streams: StreamItems,
+                   statuses: dict[str, Counter]) -> str:
+    """Run one operation's examples; the failure, if any, as text."""
+    unsupported = op.path.startswith(UNSUPPORTED)
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=op.as_strategy(generation_mode=mode))
+    def check(case: schemathesis.Case) -> None:
+        _cap(case.body)
+        try:
+            _one(case)
+        except Exception as e:
+            raise AssertionError(f"{type(e).__name__}: {str(e)[:2000]}\nrequest body: {str(case.body)[:2000]}") \
+                from None
+
+    def _one(case: schemathesis.Case) -> None:
+        if unsupported:
+            response = case.call(base_url=base, session=session, timeout=60)
+            assert response.status_code == 501, (response.status_code, response.text[:300])
+            case.validate_response(response, checks=[c for c in CHECKS if c is not not_a_server_error])
+        else:
+            response = case.call_and_validate(base_url=base, session=session, checks=CHECKS, timeout=60)
+            streams.check(case, response)
+        statuses.setdefault(op.label, Counter())[response.status_code] += 1
+
+    try:
+        check()
+    except Exception as e:  # noqa: BLE001 - every operation's failure is reported
+        return f"{type(e).__name__}: {str(e)[:3000]}"
+    return ""
+
+
 def _run(doc: dict[str, Any], base: str, statuses: dict[str, Counter]) -> list[str]:
     schema = schemathesis.openapi.from_dict(doc)
     # Read whole streams (schemathesis stops after 20 events by default): their ends are checked.
@@ -130,38 +171,14 @@ def _run(doc: dict[str, Any], base: str, statuses: dict[str, Counter]) -> list[s
         op = result.ok()
         if os.environ.get("MLXGATE_SCHEMATHESIS_ONLY", op.label) != op.label:
             continue
-        unsupported = op.path.startswith(UNSUPPORTED)
-
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            database=None,
-            phases=[Phase.explicit, Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(case=op.as_strategy())
-        def check(case: schemathesis.Case) -> None:
-            _cap(case.body)
-            try:
-                _one(case)
-            except Exception as e:
-                raise AssertionError(f"{type(e).__name__}: {str(e)[:2000]}\nrequest body: {str(case.body)[:2000]}") \
-                    from None
-
-        def _one(case: schemathesis.Case) -> None:
-            if unsupported:
-                response = case.call(base_url=base, session=session, timeout=60)
-                assert response.status_code == 501, (response.status_code, response.text[:300])
-                case.validate_response(response, checks=[c for c in CHECKS if c is not not_a_server_error])
-            else:
-                response = case.call_and_validate(base_url=base, session=session, checks=CHECKS, timeout=60)
-                streams.check(case, response)
-            statuses.setdefault(op.label, Counter())[response.status_code] += 1
-
-        try:
-            check()
-        except Exception as e:  # noqa: BLE001 - every operation's failure is reported
-            failures.append(f"{op.label}: {type(e).__name__}: {str(e)[:3000]}")
+        modes = [(schemathesis.GenerationMode.POSITIVE, EXAMPLES)]
+        if op.body:
+            # Bodies that break the document (wrong types, missing fields, bounds): 4xx as documented.
+            modes.append((schemathesis.GenerationMode.NEGATIVE, max(1, EXAMPLES // 3)))
+        for mode, examples in modes:
+            failure = _run_operation(op, mode, examples, base, session, streams, statuses)
+            if failure:
+                failures.append(f"{op.label} ({mode.value}): {failure}")
     return failures
 
 
