@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from aiohttp import web
 from pydantic import TypeAdapter
 
+from gateway.errors import dialect_of
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, REQUEST_ID_HEADER
@@ -42,10 +43,6 @@ _STATUS_TEXT = {
     503: "unavailable: no backend could answer, the server is shutting down, or (Ollama dialect) busy",
     504: "deadline exceeded",
 }
-
-
-def dialect_of(path: str) -> str:
-    return "openai" if path.startswith("/v1/") else "ollama"
 
 
 def _statuses(r: Route, dialect: str) -> list[int]:

@@ -62,6 +62,18 @@ class Limit:
         return js
 
 
+def contract_range(name: str) -> Limit:
+    """The contract's range of a sampling knob (``limits.SAMPLING_RANGES``),
+    documented on a dialect field and enforced by the inference service."""
+    lo, hi, lo_open = limits.SAMPLING_RANGES[name]
+    bounds: dict[str, Any] = {}
+    if lo is not None:
+        bounds["exclusiveMinimum" if lo_open else "minimum"] = lo
+    if hi is not None:
+        bounds["maximum"] = hi
+    return Limit(**bounds)
+
+
 def _integral(v: Any) -> Any:
     """JSON has one number type: 5.0 is the integer 5 (1.5 stays a float and
     fails).  Beyond 2**53 a float is not an integer a caller meant: the JSON

@@ -40,6 +40,7 @@ from mlxgate.dialects.base import (
     ToolName,
     WireModel,
     caller_arguments,
+    contract_range,
     ignored,
     integer,
 )
@@ -82,16 +83,6 @@ IGNORED_OPTIONS = (
 )
 
 _IGNORED = "accepted and ignored (no meaning for MLX)"
-
-
-def _range(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False) -> Limit:
-    """A contract range, documented here and enforced by the inference service."""
-    bounds: dict[str, Any] = {}
-    if lo is not None:
-        bounds["exclusiveMinimum" if lo_open else "minimum"] = lo
-    if hi is not None:
-        bounds["maximum"] = hi
-    return Limit(**bounds)
 
 
 class OptionTypes(WireModel):
@@ -139,15 +130,15 @@ class Options(OptionTypes):
     """Model options of a generation: the sampling ones carry the contract's
     ranges (documented here, enforced by the inference service)."""
 
-    temperature: Optional[Annotated[float, _range(0)]] = None
-    top_p: Optional[Annotated[float, _range(0, 1)]] = Field(None, description="0 means greedy")
-    top_k: Optional[Annotated[Int32, _range(0)]] = None
-    min_p: Optional[Annotated[float, _range(0, 1)]] = None
-    repeat_penalty: Optional[Annotated[float, _range(0, lo_open=True)]] = None
-    repeat_last_n: Optional[Annotated[Int32, _range(-1)]] = None
-    presence_penalty: Optional[Annotated[float, _range(-2, 2)]] = None
-    frequency_penalty: Optional[Annotated[float, _range(-2, 2)]] = None
-    num_ctx: Optional[Annotated[Int32, _range(1)]] = None
+    temperature: Optional[Annotated[float, contract_range("temperature")]] = None
+    top_p: Optional[Annotated[float, contract_range("top_p")]] = Field(None, description="0 means greedy")
+    top_k: Optional[Annotated[Int32, contract_range("top_k")]] = None
+    min_p: Optional[Annotated[float, contract_range("min_p")]] = None
+    repeat_penalty: Optional[Annotated[float, contract_range("repeat_penalty")]] = None
+    repeat_last_n: Optional[Annotated[Int32, contract_range("repeat_last_n")]] = None
+    presence_penalty: Optional[Annotated[float, contract_range("presence_penalty")]] = None
+    frequency_penalty: Optional[Annotated[float, contract_range("frequency_penalty")]] = None
+    num_ctx: Optional[Annotated[Int32, contract_range("num_ctx")]] = None
     stop: Optional[Union[StopText, StopList]] = None
 
 

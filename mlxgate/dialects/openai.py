@@ -35,6 +35,7 @@ from mlxgate.dialects.base import (
     ToolName,
     WireModel,
     caller_arguments,
+    contract_range,
     ignored,
     integer,
     json_type,
@@ -188,15 +189,6 @@ class StreamOptions(WireModel):
     include_usage: Optional[bool] = None
 
 
-def _range(lo: Optional[float] = None, hi: Optional[float] = None, *, lo_open: bool = False) -> Limit:
-    bounds: dict[str, Any] = {}
-    if lo is not None:
-        bounds["exclusiveMinimum" if lo_open else "minimum"] = lo
-    if hi is not None:
-        bounds["maximum"] = hi
-    return Limit(**bounds)
-
-
 class _Sampling(WireModel):
     """Fields chat and text completions share.
 
@@ -216,9 +208,9 @@ class _Sampling(WireModel):
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
     max_tokens: Optional[integer(1, INT32_MAX)] = None
-    top_k: Optional[Annotated[Int32, _range(0)]] = Field(None, description="extension")
-    min_p: Optional[Annotated[float, _range(0, 1)]] = Field(None, description="extension")
-    repeat_penalty: Optional[Annotated[float, _range(0, lo_open=True)]] = Field(None, description="extension")
+    top_k: Optional[Annotated[Int32, contract_range("top_k")]] = Field(None, description="extension")
+    min_p: Optional[Annotated[float, contract_range("min_p")]] = Field(None, description="extension")
+    repeat_penalty: Optional[Annotated[float, contract_range("repeat_penalty")]] = Field(None, description="extension")
     # Without meaning here.
     user: Optional[Any] = Field(None, description=_IGNORED)
     logit_bias: Optional[Any] = Field(None, description=_IGNORED)
