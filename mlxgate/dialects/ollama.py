@@ -20,7 +20,7 @@ Deliberate choices of the front (README, "Deviations from Ollama"):
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from pydantic import AfterValidator, Field
 from typing_extensions import Annotated, NotRequired, TypedDict
@@ -51,9 +51,11 @@ from mlxgate.durations import parse_duration
 VERSION = "0.12.0"
 
 #: ``think`` levels (newer Ollama); every level means "think" here.
-THINK_LEVELS = ("low", "medium", "high")
+ThinkLevel = Literal["low", "medium", "high"]
+THINK_LEVELS: tuple[str, ...] = get_args(ThinkLevel)
 
-ROLES = ("system", "user", "assistant", "tool")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 # ---------------------------------------------------------------- options
 
@@ -175,7 +177,7 @@ Format = Annotated[
 ]
 
 Think = Annotated[
-    Union[bool, Literal["low", "medium", "high"]],
+    Union[bool, ThinkLevel],
     Field(description="true or a level (all mean true): reasoning in `thinking`; false: none; "
                       "absent: the model's default"),
 ]
@@ -235,7 +237,7 @@ class ToolCall(WireModel):
 
 
 class Message(WireModel):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Role
     content: Optional[str] = None
     images: Optional[Images] = None
     tool_calls: Optional[Annotated[list[ToolCall], Limit(maxItems=limits.MAX_TOOL_CALLS)]] = None

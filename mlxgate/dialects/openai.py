@@ -17,7 +17,7 @@ extensions; reasoning comes back as ``reasoning_content``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema
 from typing_extensions import Annotated, NotRequired, TypedDict
@@ -41,13 +41,16 @@ from mlxgate.dialects.base import (
     json_type,
 )
 
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 #: Chat roles -> the contract's roles ("developer" is OpenAI's newer "system").
 ROLES: dict[str, str] = {
     "system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
 }
+assert set(ROLES) == set(get_args(Role))
 
 #: ``reasoning_effort`` values: "none" asks for no thinking, any other for thinking.
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+REASONING_EFFORTS: tuple[str, ...] = get_args(ReasoningEffort)
 
 #: Fields OpenAI defines that have no meaning here: accepted and ignored.
 IGNORED_FIELDS = (
@@ -144,7 +147,7 @@ class ToolCall(WireModel):
 
 
 class ChatMessage(WireModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Role
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[ignored({"type": "string"})] = None
     tool_calls: Optional[Annotated[list[ToolCall], Limit(maxItems=limits.MAX_TOOL_CALLS)]] = None
@@ -242,7 +245,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[integer(1, INT32_MAX)] = Field(None, description="wins over max_tokens")
     logprobs: Optional[bool] = None
     top_logprobs: Optional[Annotated[Int32, Limit(minimum=0, maximum=limits.MAX_TOP_LOGPROBS)]] = None
-    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high"]] = Field(
+    reasoning_effort: Optional[ReasoningEffort] = Field(
         None, description="none: no thinking; any other level: thinking (the level is not honoured); "
                           "absent: the model's default")
 
