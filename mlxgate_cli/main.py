@@ -1,9 +1,10 @@
 """Command line: parse flags into a Config and hand it to the composition root.
 
 Only this module knows about argparse; everything below it gets a Config
-(or the section of it that it needs).  ``mlxgate`` (the console script) and
-``python -m mlxgate_cli`` run ``main``.
+(or the section of it that it needs).
 """
+
+# ``mlxgate`` (the console script) and ``python -m mlxgate_cli`` run ``main``.
 
 from __future__ import annotations
 
