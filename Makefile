@@ -46,7 +46,8 @@ soak: setup
 	$(FAST_BLAS) $(BIN)/python -m tests.soak.run_soak --minutes $(SOAK_MINUTES)
 
 lint: setup
-	$(BIN)/python -m ruff check mlxgate gateway backends tests
+	$(BIN)/python -m ruff check mlxgate mlxgate_cli gateway backends tests
+	$(BIN)/lint-imports
 
 # Only the project's own folders: MODELS or DATA may name a user's folder.
 clean:

@@ -1,9 +1,9 @@
 """Backend errors, each bound to the gRPC status it becomes.
 
 Backends raise these; the inference service turns them into a gRPC status with
-the same message, and the HTTP front maps that status onto its dialect (see the
-error table in DESIGN.md).  Anything else that escapes a backend becomes
-INTERNAL with a generic message, never a traceback.
+the same message, and the HTTP front maps that status onto its dialect (see
+the error table in docs/architecture.md, "Errors").  Anything else that
+escapes a backend becomes INTERNAL with a generic message, never a traceback.
 """
 
 from __future__ import annotations

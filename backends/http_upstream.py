@@ -111,7 +111,7 @@ def error_text_from_body(body: bytes) -> str:
 def error_for_status(
     who: str, status: int, message: str, retry_after: Optional[float] = None
 ) -> BackendError:
-    """Map an upstream HTTP status onto a BackendError (DESIGN.md's table, reversed)."""
+    """Map an upstream HTTP status onto a BackendError (docs/architecture.md, "Errors", reversed)."""
     msg = f"{who}: {message or f'HTTP {status}'}"
     if status == 400 or status == 413 or status == 422:
         return InvalidArgument(msg)

@@ -3,7 +3,7 @@
 Resolution.  A public model name maps to an ordered list of targets
 (backend, name at that backend):
 
-* when ``config.aliases`` has the name, its entries in order -- "mlx:<name>",
+* when ``aliases`` has the name, its entries in order -- "mlx:<name>",
   "ollama:<tag>", "cloud:<provider>:<model>" -- and nothing else (an alias is
   an explicit routing decision; entries naming a backend that is not
   configured are skipped);
@@ -49,7 +49,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
 
 from backends.base import Backend
 from backends.breaker import CircuitBreaker, Clock
@@ -71,7 +71,7 @@ from backends.types import (
     ModelShow,
     RunningModel,
 )
-from mlxgate.config import Config
+from mlxgate.config import RouterConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
 from mlxgate.names import untagged
 
@@ -185,17 +185,20 @@ class Router:
     def __init__(
         self,
         backends: Sequence[Backend],
-        config: Config,
+        config: Optional[RouterConfig] = None,
+        aliases: Optional[Mapping[str, Sequence[str]]] = None,
         *,
         observer: Optional[RouterObserver] = None,
         clock: Clock = time.monotonic,
     ) -> None:
+        """``config``: the ``[router]`` section; ``aliases``: public name ->
+        ordered targets ("mlx:<name>", "ollama:<tag>", "cloud:<provider>:<model>")."""
         names = [b.name for b in backends]
         if len(set(names)) != len(names):
             raise ValueError(f"backend names must be unique, got {names}")
         self.backends = list(backends)
-        self.config = config
-        self.rc = config.router
+        self.rc = config if config is not None else RouterConfig()
+        self.aliases: dict[str, list[str]] = {k: list(v) for k, v in (aliases or {}).items()}
         self.observer = observer
         self.clock = clock
         self._by_name = {b.name: b for b in self.backends}
@@ -279,7 +282,7 @@ class Router:
         return None
 
     def _alias_entries(self, public: str) -> Optional[list[str]]:
-        aliases = self.config.aliases
+        aliases = self.aliases
         if public in aliases:
             return aliases[public]
         want = untagged(public)
@@ -530,7 +533,7 @@ class Router:
                 owners[key] = info
                 order.append(key)
         by_backend = {b.name: models for b, models in zip(self.backends, listings)}
-        for alias, entries in self.config.aliases.items():
+        for alias, entries in self.aliases.items():
             targets = [t for t in (self._parse_alias(e) for e in entries) if t is not None]
             reachable = [t for t in targets if by_backend.get(t.backend.name) is not None]
             if not reachable:
@@ -585,7 +588,7 @@ class Router:
         An alias whose name is already listed adds nothing."""
         listed = {untagged(r.name) for r in running}
         out = []
-        for alias, entries in self.config.aliases.items():
+        for alias, entries in self.aliases.items():
             if untagged(alias) in listed:
                 continue
             for target in (t for t in (self._parse_alias(e) for e in entries) if t is not None):
@@ -614,7 +617,7 @@ class Router:
     def alias_backend_orders(self) -> list[list[str]]:
         """Each alias's backends in its order (the fallbacks it can cause)."""
         orders = []
-        for entries in self.config.aliases.values():
+        for entries in self.aliases.values():
             orders.append([t.backend.name for t in (self._parse_alias(e) for e in entries) if t is not None])
         return orders
 

@@ -1,9 +1,11 @@
 """Domain types every backend speaks, with their proto conversions beside them.
 
 Backends never see protobuf messages: the inference service converts a
-request with ``from_pb`` and each event a backend yields with ``to_pb``.  Keeping
-conversion here (TGI's pattern) means handlers stay thin and a proto change
-touches one file.
+request with ``from_pb`` and each event or result a backend returns with
+``to_pb``.  Only those two directions exist: the HTTP front builds and reads
+proto messages itself (``gateway/*/translate.py``), so these types stay
+inside the service.  Keeping conversion here (TGI's pattern) means handlers
+stay thin and a proto change touches one file.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Literal, Optional, Union, get_args
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import timestamp_pb2
 
 from backends.errors import InvalidArgument
-from mlxgate.jsonutil import JSONError, loads_object
+from mlxgate import limits
+from mlxgate.dialects.base import caller_arguments
+from mlxgate.jsonutil import JSONError
 from mlxgate.v1 import inference_pb2 as pb
 
 # ---------------------------------------------------------------- helpers
@@ -40,7 +44,6 @@ _FINISH_TO_PB = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
     "error": pb.FINISH_REASON_ERROR,
 }
-_PB_TO_FINISH = {v: k for k, v in _FINISH_TO_PB.items()}
 
 CAPABILITIES = ("completion", "tools", "embedding", "insert", "vision", "thinking")
 _CAP_TO_PB = {
@@ -51,12 +54,10 @@ _CAP_TO_PB = {
     "vision": pb.CAPABILITY_VISION,
     "thinking": pb.CAPABILITY_THINKING,
 }
-_PB_TO_CAP = {v: k for k, v in _CAP_TO_PB.items()}
 
 
-#: Longer than this means "keep loaded" (Ollama's forever is Go's largest
-#: duration, ~292 years); also keeps expiry dates inside datetime's range.
-KEEP_ALIVE_FOREVER_S = 290 * 365 * 24 * 3600.0
+#: Longer than this means "keep loaded" (limits.py).
+KEEP_ALIVE_FOREVER_S = limits.KEEP_ALIVE_FOREVER_S
 
 
 def normalize_keep_alive(seconds: Optional[float]) -> Optional[float]:
@@ -75,15 +76,6 @@ def keep_alive_from_pb(msg: pb.GenerateRequest | pb.EmbedRequest | pb.LoadModelR
     return normalize_keep_alive(msg.keep_alive.seconds + msg.keep_alive.nanos / 1e9)
 
 
-def keep_alive_to_pb(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
-    seconds = normalize_keep_alive(seconds)
-    if seconds is None:
-        return None
-    d = duration_pb2.Duration()
-    d.FromTimedelta(timedelta(seconds=seconds))
-    return d
-
-
 def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
     if dt is None:
         return None
@@ -92,16 +84,11 @@ def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
     return t
 
 
-def _from_ts(msg: Any, name: str) -> Optional[datetime]:
-    if not msg.HasField(name):
-        return None
-    return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
-
-
 def _json_or_empty(text: str, field_name: str) -> dict:
-    """A JSON object sent as text; bad, deep or non-object JSON is the caller's error, named."""
+    """A JSON object sent as text by a caller (the caller rule of
+    ``mlxgate.dialects.base``): bad, deep or non-object JSON is INVALID_ARGUMENT, named."""
     try:
-        return loads_object(text, field_name)
+        return caller_arguments(text, field_name)
     except JSONError as e:
         raise InvalidArgument(str(e)) from None
 
@@ -118,7 +105,7 @@ class ToolCall:
 
     def to_pb(self) -> pb.ToolCall:
         return pb.ToolCall(
-            id=self.id, name=self.name, arguments_json=json.dumps(self.arguments), index=self.index
+            id=self.id, name=self.name, arguments_json=json.dumps(self.arguments, ensure_ascii=False), index=self.index
         )
 
     @classmethod
@@ -138,16 +125,6 @@ class Message:
     #: Assistant history: the reasoning before ``content``.
     thinking: str = ""
 
-    def to_pb(self) -> pb.ChatMessage:
-        return pb.ChatMessage(
-            role=_ROLE_TO_PB[self.role],
-            content=self.content,
-            images=self.images,
-            tool_calls=[t.to_pb() for t in self.tool_calls],
-            tool_name=self.tool_name,
-            tool_call_id=self.tool_call_id,
-            thinking=self.thinking,
-        )
 
     @classmethod
     def from_pb(cls, m: pb.ChatMessage) -> "Message":
@@ -193,10 +170,6 @@ class Prompt:
     raw: bool = False
     images: list[bytes] = field(default_factory=list)
 
-    def to_pb(self) -> pb.PromptInput:
-        return pb.PromptInput(
-            prompt=self.prompt, suffix=self.suffix, system=self.system, raw=self.raw, images=self.images
-        )
 
     @classmethod
     def from_pb(cls, m: pb.PromptInput) -> "Prompt":
@@ -209,10 +182,6 @@ class Tool:
     description: str = ""
     parameters: dict = field(default_factory=dict)
 
-    def to_pb(self) -> pb.Tool:
-        return pb.Tool(
-            name=self.name, description=self.description, parameters_json=json.dumps(self.parameters)
-        )
 
     @classmethod
     def from_pb(cls, m: pb.Tool) -> "Tool":
@@ -258,9 +227,6 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     num_ctx: Optional[int] = None
 
-    def to_pb(self) -> pb.SamplingParams:
-        kw = {k: getattr(self, k) for k in _SAMPLING_OPTIONAL if getattr(self, k) is not None}
-        return pb.SamplingParams(stop=self.stop, **kw)
 
     @classmethod
     def from_pb(cls, m: pb.SamplingParams) -> "Sampling":
@@ -273,13 +239,6 @@ class OutputFormat:
     kind: Literal["text", "json", "json_schema"] = "text"
     schema: Optional[dict] = None
 
-    def to_pb(self) -> pb.OutputFormat:
-        kind = {
-            "text": pb.FORMAT_TYPE_UNSPECIFIED,
-            "json": pb.FORMAT_TYPE_JSON,
-            "json_schema": pb.FORMAT_TYPE_JSON_SCHEMA,
-        }
-        return pb.OutputFormat(type=kind[self.kind], json_schema=json.dumps(self.schema) if self.schema else "")
 
     @classmethod
     def from_pb(cls, m: pb.OutputFormat) -> "OutputFormat":
@@ -291,13 +250,6 @@ class OutputFormat:
                 raise InvalidArgument("format: type JSON_SCHEMA needs json_schema")
             return cls("json_schema", _json_or_empty(m.json_schema, "format.json_schema"))
         return cls("text")
-
-
-_TOOL_CHOICE_TO_PB = {
-    "auto": pb.TOOL_CHOICE_UNSPECIFIED,
-    "required": pb.TOOL_CHOICE_REQUIRED,
-    "function": pb.TOOL_CHOICE_FUNCTION,
-}
 
 
 @dataclass
@@ -327,8 +279,6 @@ class ToolChoice:
             if self.function_name not in {t.name for t in tools}:
                 raise InvalidArgument(f"tool_choice names {self.function_name!r}, which is not in tools")
 
-    def to_pb(self) -> pb.ToolChoice:
-        return pb.ToolChoice(mode=_TOOL_CHOICE_TO_PB[self.mode], function_name=self.function_name)
 
     @classmethod
     def from_pb(cls, m: pb.ToolChoice) -> "ToolChoice":
@@ -360,30 +310,6 @@ class GenerateRequest:
     #: the start of the prompt) to fit, as Ollama does.
     truncate: bool = False
 
-    def to_pb(self) -> pb.GenerateRequest:
-        m = pb.GenerateRequest(
-            request_id=self.request_id,
-            model=self.model,
-            tools=[t.to_pb() for t in self.tools],
-            sampling=self.sampling.to_pb(),
-            format=self.format.to_pb(),
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs,
-        )
-        if self.prompt is not None:
-            m.prompt.CopyFrom(self.prompt.to_pb())
-        elif self.messages is not None:
-            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages]))
-        ka = keep_alive_to_pb(self.keep_alive)
-        if ka is not None:
-            m.keep_alive.CopyFrom(ka)
-        if self.think is not None:
-            m.think = self.think
-        if self.tool_choice.forced:
-            m.tool_choice.CopyFrom(self.tool_choice.to_pb())
-        if self.truncate:
-            m.truncate = True
-        return m
 
     @classmethod
     def from_pb(cls, m: pb.GenerateRequest) -> "GenerateRequest":
@@ -432,12 +358,6 @@ class TokenLogprob:
             top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in self.top],
         )
 
-    @classmethod
-    def from_pb(cls, m: pb.TokenLogprob) -> "TokenLogprob":
-        return cls(
-            m.token_id, m.token, m.logprob, [TopLogprob(t.token_id, t.token, t.logprob) for t in m.top_logprobs]
-        )
-
 
 @dataclass
 class Chunk:
@@ -464,18 +384,6 @@ class Chunk:
                 model=self.model,
                 thinking=self.thinking,
             )
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.Chunk) -> "Chunk":
-        return cls(
-            text=m.text,
-            token_ids=list(m.token_ids),
-            tool_calls=[ToolCall.from_pb(t) for t in m.tool_calls],
-            logprobs=[TokenLogprob.from_pb(x) for x in m.logprobs],
-            backend=m.backend,
-            model=m.model,
-            thinking=m.thinking,
         )
 
 
@@ -512,30 +420,8 @@ class Done:
             )
         )
 
-    @classmethod
-    def from_pb(cls, m: pb.Done) -> "Done":
-        return cls(
-            finish_reason=_PB_TO_FINISH.get(m.finish_reason, "stop"),  # type: ignore[arg-type]
-            prompt_tokens=m.prompt_tokens,
-            completion_tokens=m.completion_tokens,
-            cached_prompt_tokens=m.cached_prompt_tokens,
-            load_duration_ns=m.load_duration_ns,
-            prompt_eval_duration_ns=m.prompt_eval_duration_ns,
-            eval_duration_ns=m.eval_duration_ns,
-            total_duration_ns=m.total_duration_ns,
-            backend=m.backend,
-            model=m.model,
-            error_message=m.error_message,
-        )
-
 
 Event = Union[Chunk, Done]
-
-
-def event_from_pb(m: pb.GenerateResponse) -> Event:
-    if m.WhichOneof("event") == "done":
-        return Done.from_pb(m.done)
-    return Chunk.from_pb(m.chunk)
 
 
 # ---------------------------------------------------------------- embeddings
@@ -557,19 +443,6 @@ class EmbedRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     input_tokens: list[list[int]] = field(default_factory=list)
 
-    def to_pb(self) -> pb.EmbedRequest:
-        m = pb.EmbedRequest(
-            request_id=self.request_id,
-            model=self.model,
-            input=self.inputs,
-            truncate=self.truncate,
-            dimensions=self.dimensions,
-            input_tokens=[pb.TokenIds(ids=ids) for ids in self.input_tokens],
-        )
-        ka = keep_alive_to_pb(self.keep_alive)
-        if ka is not None:
-            m.keep_alive.CopyFrom(ka)
-        return m
 
     @classmethod
     def from_pb(cls, m: pb.EmbedRequest) -> "EmbedRequest":
@@ -603,17 +476,6 @@ class EmbedResult:
             total_duration_ns=self.total_duration_ns,
         )
 
-    @classmethod
-    def from_pb(cls, m: pb.EmbedResponse) -> "EmbedResult":
-        return cls(
-            embeddings=[list(e.values) for e in m.embeddings],
-            prompt_tokens=m.prompt_tokens,
-            model=m.model,
-            backend=m.backend,
-            load_duration_ns=m.load_duration_ns,
-            total_duration_ns=m.total_duration_ns,
-        )
-
 
 # ---------------------------------------------------------------- models
 
@@ -635,12 +497,6 @@ class ModelDetails:
             parameter_size=self.parameter_size,
             quantization_level=self.quantization_level,
             format=self.format,
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.ModelDetails) -> "ModelDetails":
-        return cls(
-            m.family, list(m.families), m.parameter_count, m.parameter_size, m.quantization_level, m.format
         )
 
 
@@ -665,18 +521,6 @@ class ModelInfo:
             fallbacks=self.fallbacks,
         )
 
-    @classmethod
-    def from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
-        return cls(
-            name=m.name,
-            backend=m.backend,
-            size_bytes=m.size_bytes,
-            digest=m.digest,
-            modified_at=_from_ts(m, "modified_at"),
-            details=ModelDetails.from_pb(m.details),
-            fallbacks=list(m.fallbacks),
-        )
-
 
 @dataclass
 class ModelShow:
@@ -697,17 +541,6 @@ class ModelShow:
             license=self.license,
         )
 
-    @classmethod
-    def from_pb(cls, m: pb.ShowModelResponse) -> "ModelShow":
-        return cls(
-            info=ModelInfo.from_pb(m.model),
-            chat_template=m.chat_template,
-            context_length=m.context_length,
-            capabilities=[_PB_TO_CAP[c] for c in m.capabilities if c in _PB_TO_CAP],
-            config=_json_or_empty(m.config_json, "config_json"),
-            license=m.license,
-        )
-
 
 @dataclass
 class RunningModel:
@@ -726,17 +559,6 @@ class RunningModel:
             expires_at=_ts(self.expires_at),
             context_length=self.context_length,
             details=self.details.to_pb(),
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.RunningModel) -> "RunningModel":
-        return cls(
-            name=m.name,
-            backend=m.backend,
-            size_bytes=m.size_bytes,
-            expires_at=_from_ts(m, "expires_at"),
-            context_length=m.context_length,
-            details=ModelDetails.from_pb(m.details),
         )
 
 

@@ -66,25 +66,12 @@ def _number(name: str, value: float, lo: Optional[float] = None, hi: Optional[fl
 
 
 def check_sampling(s: pb.SamplingParams) -> None:
-    """Ranges every backend can honour; dialects may be stricter (OpenAI's 0–2 temperature)."""
-    if s.HasField("temperature"):
-        _number("temperature", s.temperature, lo=0)
-    if s.HasField("top_p"):
-        _number("top_p", s.top_p, lo=0, hi=1)
-    if s.HasField("min_p"):
-        _number("min_p", s.min_p, lo=0, hi=1)
-    if s.HasField("repeat_penalty"):
-        _number("repeat_penalty", s.repeat_penalty, lo=0, lo_open=True)
-    for name in ("presence_penalty", "frequency_penalty"):
+    """The contract's ranges (``limits.SAMPLING_RANGES``), which every backend
+    can honour; a dialect or an upstream's API may be stricter (OpenAI's 0-2
+    temperature)."""
+    for name, (lo, hi, lo_open) in limits.SAMPLING_RANGES.items():
         if s.HasField(name):
-            _number(name, getattr(s, name), lo=-2, hi=2)
-    if s.HasField("top_k") and s.top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0, got {s.top_k}")
-    if s.HasField("repeat_last_n") and s.repeat_last_n < -1:
-        raise InvalidArgument(f"repeat_last_n must be >= -1, got {s.repeat_last_n}")
-    # max_tokens < 0 is "no limit" (until a stop or the context is full).
-    if s.HasField("num_ctx") and s.num_ctx <= 0:
-        raise InvalidArgument(f"num_ctx must be > 0, got {s.num_ctx}")
+            _number(name, getattr(s, name), lo, hi, lo_open)
     _count("stop", len(s.stop), limits.MAX_STOP_SEQUENCES)
     for i, stop in enumerate(s.stop):
         if len(stop) > limits.MAX_STOP_CHARS:

@@ -2,7 +2,7 @@
 
 Every failure the front reports goes through ``ApiError``: validation errors
 are raised as ``ApiError`` directly, gRPC failures are converted with
-``from_grpc`` (the table in DESIGN.md), aiohttp's own HTTP exceptions (404,
+``from_grpc`` (the table in docs/architecture.md, "Errors"), aiohttp's own HTTP exceptions (404,
 405 with its ``Allow`` header, 413) with ``from_http``; the refusals of the
 trust middleware (``gateway/security.py``: 401, 403) are ``ApiError`` too.
 ``ollama_body`` / ``openai_body`` render it in the caller's dialect; which
@@ -28,6 +28,7 @@ from typing import Any, Literal, Mapping, Optional
 import grpc
 from aiohttp import web
 
+from gateway.render import json_response
 from mlxgate.limits import clip
 
 #: Must match backends.service.RETRY_AFTER_KEY (the front does not import backends).
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 Dialect = Literal["ollama", "openai"]
 
-#: gRPC status -> HTTP status (DESIGN.md, "Errors: one table").
+#: gRPC status -> HTTP status (docs/architecture.md, "Errors").
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -193,4 +194,4 @@ def error_response(err: ApiError, dialect: Dialect) -> web.Response:
     headers = dict(err.headers)
     if err.retry_after:
         headers["Retry-After"] = err.retry_after
-    return web.json_response(body_for(err, dialect), status=err.status, reason=reason, headers=headers)
+    return json_response(body_for(err, dialect), status=err.status, reason=reason, headers=headers)

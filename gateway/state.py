@@ -7,9 +7,9 @@ import uuid
 
 from aiohttp import web
 
-from backends.types import Event
 from gateway.client import InferenceClient
 from mlxgate.config import ServerConfig
+from mlxgate.v1 import inference_pb2 as pb
 
 CLIENT_KEY = web.AppKey("inference_client", InferenceClient)
 SERVER_CONFIG_KEY = web.AppKey("server_config", ServerConfig)
@@ -21,10 +21,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 BACKEND_HEADER = "x-mlxgate-backend"
 
 
-def backend_header(first: Event) -> dict[str, str]:
+def backend_header(first: pb.GenerateResponse) -> dict[str, str]:
     """The header for a stream, from its first event (the router names the
     backend on it); empty when the service runs without a router."""
-    return {BACKEND_HEADER: first.backend} if first.backend else {}
+    backend = first.done.backend if first.WhichOneof("event") == "done" else first.chunk.backend
+    return {BACKEND_HEADER: backend} if backend else {}
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 

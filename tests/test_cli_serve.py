@@ -33,7 +33,7 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
     """The process and the HTTP URL and gRPC target it printed once both listen."""
-    proc = subprocess.Popen([sys.executable, "-m", "mlxgate.cli", "serve", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "mlxgate_cli", "serve", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     m = re.match(r"mlxgate: HTTP (http://\S+)\s+gRPC (\S+)", line)
@@ -114,7 +114,7 @@ def test_ollama_host_moves_the_port_and_an_ollama_store_is_ignored_with_a_note(
 def test_help_and_version() -> None:
     from importlib import metadata
 
-    run = [sys.executable, "-m", "mlxgate.cli"]
+    run = [sys.executable, "-m", "mlxgate_cli"]
     top = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
     assert top.returncode == 0 and "local LLM gateway" in top.stdout and "Command line:" not in top.stdout
     for command in ("serve", "service", "make-test-model"):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxgate.cli import build_parser, config_from_args
+from mlxgate_cli.main import build_parser, config_from_args
 from mlxgate.config import load_config
 
 

@@ -497,7 +497,7 @@ def _clean_env(tmp_path, **extra: str) -> dict[str, str]:
     ],
 )
 def test_non_loopback_without_keys_refuses_to_start(args, env, test_model_dir, tmp_path):
-    cmd = [sys.executable, "-m", "mlxgate.cli", *args, "--grpc-port", "0", "--models-dir", str(test_model_dir)]
+    cmd = [sys.executable, "-m", "mlxgate_cli", *args, "--grpc-port", "0", "--models-dir", str(test_model_dir)]
     if args[0] == "serve":
         cmd += ["--port", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(tmp_path, **env), timeout=60)
@@ -509,7 +509,7 @@ def test_non_loopback_without_keys_refuses_to_start(args, env, test_model_dir, t
 
 
 def _start(args: list[str], test_model_dir, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "mlxgate.cli", "serve", "--host", "0.0.0.0", "--port", "0", "--grpc-port", "0",
+    cmd = [sys.executable, "-m", "mlxgate_cli", "serve", "--host", "0.0.0.0", "--port", "0", "--grpc-port", "0",
            "--models-dir", str(test_model_dir), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()  # printed once both servers listen

@@ -19,7 +19,7 @@ from backends.mlx.backend import MLXBackend
 from backends.router import Router
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
-from mlxgate.config import Config, MLXConfig, ServerConfig
+from mlxgate.config import MLXConfig, ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.mlx_fixtures import TEST_MODEL
@@ -39,7 +39,7 @@ async def unlimited(test_model_dir):
                     bootstrap_test_model=False)
     assert cfg.default_max_tokens == -1
     backend = MLXBackend(cfg)
-    service = await start_inference_service(Router([backend], Config()), port=0)
+    service = await start_inference_service(Router([backend]), port=0)
     server_cfg = ServerConfig(host="127.0.0.1", port=0, request_timeout=120.0)
     http = await start_http(create_app(server_cfg, service.target), "127.0.0.1", 0)
     try:

@@ -18,7 +18,7 @@ import pytest
 
 from backends.router import REASONS
 from mlxgate.config import Config, MLXConfig, ServerConfig
-from mlxgate.server import start_stack
+from mlxgate_cli.stack import start_stack
 from tests.mlx_fixtures import TEST_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ ALIAS = "chat"
 async def aliased(mlx_backend):
     """A front and service over the session's MLX backend, with an alias."""
     cfg = Config(aliases={ALIAS: [f"mlx:{TEST_MODEL}"]})
-    service = await start_inference_service(Router([mlx_backend], cfg), port=0)
+    service = await start_inference_service(Router([mlx_backend], cfg.router, cfg.aliases), port=0)
     http = await start_http(create_app(ServerConfig(port=0), service.target), "127.0.0.1", 0)
     yield http.url
     await http.stop()

@@ -27,7 +27,7 @@ from backends.errors import (
     Unauthenticated,
     Unavailable,
 )
-from backends.factory import build_backends, build_router
+from mlxgate_cli.factory import build_backends, build_router
 from backends.ollama import OllamaBackend
 from backends.router import REASONS, Router
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
@@ -108,7 +108,7 @@ def http_router(ollama_url: str, cloud: FakeOpenAI, clock=time.monotonic, aliase
     if aliases:
         cfg.aliases = {"m": ["ollama:tiny", "cloud:acme:gpt-test"]}
     rec = Recorder()
-    r = Router(build_backends(cfg, {"ACME_KEY": SECRET}), cfg, observer=rec, clock=clock)
+    r = Router(build_backends(cfg, {"ACME_KEY": SECRET}), cfg.router, cfg.aliases, observer=rec, clock=clock)
     return r, rec
 
 
@@ -320,7 +320,7 @@ def scripted_router(*backends, aliases=None, clock=time.monotonic, **router):
     cfg = config(**router)
     cfg.aliases = aliases or {}
     rec = Recorder()
-    return Router(list(backends), cfg, observer=rec, clock=clock), rec
+    return Router(list(backends), cfg.router, cfg.aliases, observer=rec, clock=clock), rec
 
 
 async def test_mlx_unavailable_falls_back_with_no_error_seen():
@@ -523,12 +523,14 @@ async def test_through_the_grpc_service(upstreams):
     try:
         async with grpc.aio.insecure_channel(service.target) as channel:
             stub = pb_grpc.InferenceServiceStub(channel)
-            req = chat("m").to_pb()
+            req = pb.GenerateRequest(model="m", chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER,
+                                                                                            content="hi")]))
             replies = [r async for r in stub.Generate(req)]
             assert "".join(r.chunk.text for r in replies if r.WhichOneof("event") == "chunk") == "Hi there"
             assert replies[-1].done.backend == "cloud:acme"
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                _ = [r async for r in stub.Generate(chat("ghost").to_pb())]
+                req.model = "ghost"
+                _ = [r async for r in stub.Generate(req)]
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert "gpt-test" in info.value.details()
             listed = await stub.ListModels(pb.ListModelsRequest())
@@ -547,7 +549,7 @@ async def test_keys_never_reach_router_errors_or_logs(upstreams, caplog):
         CloudProvider("listed", cloud.base_url, api_key_env="ACME_KEY", models=["gpt-test"]),
         CloudProvider("asks", cloud.base_url, api_key_env="ACME_KEY"),
     ]
-    router = Router(build_backends(cfg, {"ACME_KEY": wrong}), cfg)
+    router = Router(build_backends(cfg, {"ACME_KEY": wrong}), cfg.router, cfg.aliases)
     try:
         # generate: the upstream answers 401 and echoes the key; non-retryable, so it propagates
         with pytest.raises(Unauthenticated) as info:
@@ -597,7 +599,7 @@ async def test_real_mlx_engine_that_cannot_load_a_model_falls_back_to_ollama(tmp
     cfg = config()
     cfg.ollama = OllamaConfig(upstream=fake.url, first_token_timeout=5, idle_timeout=5)
     rec = Recorder()
-    router = Router([mlx, OllamaBackend(cfg.ollama)], cfg, observer=rec)
+    router = Router([mlx, OllamaBackend(cfg.ollama)], cfg.router, cfg.aliases, observer=rec)
     try:
         assert [t.backend.name for t in await router.targets("broken")] == ["mlx", "ollama"]
         events = await collect(router.generate(chat("broken")))

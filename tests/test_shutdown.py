@@ -1,4 +1,4 @@
-"""Process lifecycle against real `python -m mlxgate.cli` processes: the drain on
+"""Process lifecycle against real `python -m mlxgate_cli` processes: the drain on
 SIGTERM, the grace period running out, keys shared by the front and the
 service, and ports that are taken.
 
@@ -66,7 +66,7 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 async def spawn(args: list[str], env: dict[str, str]) -> Proc:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mlxgate.cli", *args,
+        sys.executable, "-m", "mlxgate_cli", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )
     assert proc.stderr is not None

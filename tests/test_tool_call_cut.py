@@ -190,8 +190,8 @@ def test_a_cloud_call_cut_by_length_stays_marked_as_cut():
     """Cloud APIs send structured call deltas; one cut short keeps its raw arguments
     and the answer's finish reason stays "length" (OpenAI's own marking)."""
     from backends.cloud import wire as cloud_wire
-    from backends.types import Done
     from gateway.openai import translate as atr
+    from mlxgate.v1 import inference_pb2 as pb
 
     state = cloud_wire.StreamState()
     call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
@@ -201,5 +201,5 @@ def test_a_cloud_call_cut_by_length_stays_marked_as_cut():
     (got,) = state.tool_calls()
     assert got.name == "get_weather" and got.arguments == {"_raw": '{"ci'}
     assert cloud_wire.finish_reason(state.finish) == "length"
-    assert atr.finish_reason(Done(finish_reason="length"), had_tool_calls=True) == "length"
-    assert atr.finish_reason(Done(finish_reason="stop"), had_tool_calls=True) == "tool_calls"
+    assert atr.finish_reason(pb.Done(finish_reason=pb.FINISH_REASON_LENGTH), had_tool_calls=True) == "length"
+    assert atr.finish_reason(pb.Done(finish_reason=pb.FINISH_REASON_STOP), had_tool_calls=True) == "tool_calls"

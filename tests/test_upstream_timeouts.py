@@ -26,7 +26,7 @@ import pytest
 
 from backends.cloud import CloudBackend
 from backends.errors import DeadlineExceeded
-from backends.factory import build_backends
+from mlxgate_cli.factory import build_backends
 from backends.http_upstream import UpstreamStream
 from backends.ollama import OllamaBackend
 from backends.router import Router
@@ -293,7 +293,7 @@ async def test_router_falls_back_when_the_first_backend_hangs_before_its_first_t
     cfg.aliases = {"m": order if first == "ollama" else order[::-1]}
     hung, second = (ollama, cloud) if first == "ollama" else (cloud, ollama)
     hung.fault = Fault(mode, delay=HOLD)
-    router = Router(build_backends(cfg, {}), cfg)
+    router = Router(build_backends(cfg, {}), cfg.router, cfg.aliases)
     try:
         t0 = time.monotonic()
         events = await collect(router.generate(chat("m")))
@@ -321,7 +321,7 @@ async def front(ollama, cloud):
     cfg.ollama = OllamaConfig(upstream=ollama.url, connect_timeout=2, first_token_timeout=FIRST, idle_timeout=IDLE)
     cfg.cloud.providers = [CloudProvider("acme", cloud.base_url, connect_timeout=2, first_token_timeout=FIRST,
                                          idle_timeout=IDLE)]
-    router = Router(build_backends(cfg, {}), cfg)
+    router = Router(build_backends(cfg, {}), cfg.router, cfg.aliases)
     service = await start_inference_service(router, port=0)
     http = await start_http(create_app(ServerConfig(request_timeout=30), service.target))
     try:

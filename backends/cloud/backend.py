@@ -93,7 +93,7 @@ class CloudBackend(UpstreamSession):
     # ------------------------------------------------------------ generate
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        path, body = wire.generate_body(req)
+        path, body = wire.generate_body(req, self.name)
         started = time.monotonic_ns()
         stream = UpstreamStream(self.name, self.timeouts, self._secrets)
         try:
@@ -158,9 +158,7 @@ class CloudBackend(UpstreamSession):
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         if req.input_tokens:
             raise InvalidArgument(f"{self.name}: embeddings from token ids are not sent to a cloud API; send text")
-        body: dict[str, Any] = {"model": req.model, "input": list(req.inputs)}
-        if req.dimensions:
-            body["dimensions"] = req.dimensions
+        body = wire.embed_body(req.model, list(req.inputs), req.dimensions, self.name)
         started = time.monotonic_ns()
         data = await self._call("POST", "/embeddings", body)
         items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))

@@ -1,7 +1,7 @@
 """MLXBackend: the ``backends.base.Backend`` protocol over the MLX engine.
 
-This layer runs on the event loop and never touches MLX: it validates,
-resolves names, pins models, tokenizes in worker threads, and hands work to
+This layer runs on the event loop and never touches MLX: it resolves names,
+pins models, tokenizes in worker threads, and hands work to
 the engine thread, whose results come back through per-request asyncio
 queues.
 """
@@ -34,7 +34,7 @@ from backends.mlx.engine import Engine, EngineStats, Sequence
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
 from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry
-from backends.mlx.sampling import new_seed, validate_request
+from backends.mlx.sampling import new_seed
 from backends.mlx.thinking import new_splitter as new_think_splitter
 from backends.mlx.toolcalls import ToolCallSplitter
 from mlxgate.config import MLXConfig
@@ -273,8 +273,10 @@ class MLXBackend:
     # ---------------------------------------------------------------- Backend protocol
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        # The request is inside the contract (backends/validation.py, at the
+        # service); what is checked here is this engine's: context, tool-call
+        # format, images.
         t_start = time.perf_counter_ns()
-        validate_request(req)
         with self._admission():
             async with contextlib.aclosing(self._generate(req, t_start)) as events:
                 async for ev in events:
@@ -362,8 +364,6 @@ class MLXBackend:
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         t_start = time.perf_counter_ns()
-        if req.dimensions < 0:
-            raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")
         entry = await self._resolve(req.model)
         lm, load_ns = await self._acquire(entry, req.keep_alive)
         released = False

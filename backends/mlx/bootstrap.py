@@ -9,7 +9,7 @@ own (still empty) folder must not find a random-weight model among their
 models later.  Each start that serves it says so in one log line, with where
 it is and how to remove it; once a real model is found it is no longer served.
 
-This is the only place the bootstrap happens; ``mlxgate.server`` calls it
+This is the only place the bootstrap happens; ``mlxgate_cli.stack`` calls it
 before the MLX backend starts, and ``MLXConfig.test_models_dir`` tells the
 registry to scan the folder.
 """

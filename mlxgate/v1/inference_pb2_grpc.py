@@ -40,6 +40,13 @@ class InferenceServiceStub:
     larger than max (N vs. M)" from gRPC itself, with no "retry-after"
     trailer (which tells it from a busy engine).
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - Every request is checked against the limits and ranges written beside
+    its fields below (mlxgate/limits.py, enforced once, by the service,
+    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    naming the field.  The same numbers bound the HTTP dialects
+    (/openapi.json states them).  JSON carried as text (schemas, tool
+    parameters, tool-call arguments) must be an object nested at most 64
+    levels deep.
     - When the server has API keys (MLXGATE_API_KEYS), every method here needs
     metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
     standard grpc.health.v1.Health service and reflection need no key.
@@ -106,6 +113,13 @@ class InferenceServiceServicer:
     larger than max (N vs. M)" from gRPC itself, with no "retry-after"
     trailer (which tells it from a busy engine).
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - Every request is checked against the limits and ranges written beside
+    its fields below (mlxgate/limits.py, enforced once, by the service,
+    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    naming the field.  The same numbers bound the HTTP dialects
+    (/openapi.json states them).  JSON carried as text (schemas, tool
+    parameters, tool-call arguments) must be an object nested at most 64
+    levels deep.
     - When the server has API keys (MLXGATE_API_KEYS), every method here needs
     metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
     standard grpc.health.v1.Health service and reflection need no key.
@@ -221,6 +235,13 @@ class InferenceService:
     larger than max (N vs. M)" from gRPC itself, with no "retry-after"
     trailer (which tells it from a busy engine).
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - Every request is checked against the limits and ranges written beside
+    its fields below (mlxgate/limits.py, enforced once, by the service,
+    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    naming the field.  The same numbers bound the HTTP dialects
+    (/openapi.json states them).  JSON carried as text (schemas, tool
+    parameters, tool-call arguments) must be an object nested at most 64
+    levels deep.
     - When the server has API keys (MLXGATE_API_KEYS), every method here needs
     metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
     standard grpc.health.v1.Health service and reflection need no key.

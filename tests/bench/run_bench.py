@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 
 from mlxgate.config import Config, MLXConfig, ServerConfig
-from mlxgate.server import start_stack
+from mlxgate_cli.stack import start_stack
 
 LONG_PROMPT = " ".join(f"item {i} is a line of text for the prompt." for i in range(120))
 

@@ -1,11 +1,11 @@
-"""Process composition: backends → router → gRPC service → HTTP front.
+"""The composition root: backends → router → gRPC service → HTTP front.
 
 ``Stack`` starts the pieces a Config asks for and stops them in reverse
 order; ``serve`` runs it until SIGINT/SIGTERM.  Tests start the same Stack on
 port 0, so what they exercise is what ``mlxgate serve`` runs.
 
 Ports are checked before anything starts: a port that is taken raises
-``mlxgate.ports.PortInUse`` (the CLI prints its one line and exits 2).
+``mlxgate.ports.PortInUse`` (``mlxgate_cli.main`` prints its one line and exits 2).
 
 Shutdown on SIGTERM/SIGINT (``Stack.drain``): gRPC health turns NOT_SERVING,
 new gRPC calls get UNAVAILABLE and new HTTP requests 503 with Retry-After;
@@ -91,7 +91,7 @@ class Stack:
     async def start_service(self, env: Mapping[str, str], process: str = "mlxgate") -> None:
         """``process`` labels this process's memory: "mlxgate" (front and
         service together) or "service" (``mlxgate service``)."""
-        from backends.factory import build_router
+        from mlxgate_cli.factory import build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)

@@ -1,7 +1,10 @@
-"""Command line: parse flags into a Config and hand it to the server.
+"""Command line: parse flags into a Config and hand it to the composition root.
 
-Only this module knows about argparse; everything below it gets a Config.
+Only this module knows about argparse; everything below it gets a Config
+(or the section of it that it needs).
 """
+
+# ``mlxgate`` (the console script) and ``python -m mlxgate_cli`` run ``main``.
 
 from __future__ import annotations
 
@@ -172,7 +175,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # Before any thread starts: fewer malloc arenas keep large requests' freed
-    # buffers reusable instead of parked per thread (backends/memory.py).
+    # buffers reusable instead of parked per thread (mlxgate/memory.py).
     from mlxgate.memory import limit_arenas
 
     limit_arenas()
@@ -196,10 +199,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from mlxgate import server
     from mlxgate.ports import BindError
+    from mlxgate_cli import stack
 
-    runner = server.serve if args.command == "serve" else server.serve_service_only
+    runner = stack.serve if args.command == "serve" else stack.serve_service_only
     status = 0
     try:
         asyncio.run(runner(config, dict(os.environ)))

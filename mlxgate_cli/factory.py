@@ -1,5 +1,9 @@
 """Build the configured backends, in priority order, and the router over them.
 
+Part of the composition root: each backend is handed only its own section of
+the configuration (``MLXBackend(config.mlx)``, ``OllamaBackend(config.ollama)``,
+``CloudBackend(provider, env)``, ``Router(backends, config.router, config.aliases)``).
+
 Order: MLX (when ``config.mlx.enabled``), the upstream Ollama (when
 ``config.ollama.upstream`` is set), then one cloud backend per
 ``config.cloud.providers`` entry, in the order configured.  MLX is imported
@@ -15,25 +19,25 @@ from backends.base import Backend
 from backends.cloud import CloudBackend
 from backends.ollama import OllamaBackend
 from backends.router import Router, RouterObserver
-from mlxgate.config import Config
+from mlxgate.config import Config, MLXConfig
 
 log = logging.getLogger(__name__)
 
 
-def _mlx_backend(config: Config) -> Optional[Backend]:
+def _mlx_backend(config: MLXConfig) -> Optional[Backend]:
     try:
         from backends.mlx import MLXBackend
     except ImportError:
         # The gateway still serves what Ollama and the cloud providers have.
         log.exception("MLX engine could not be imported; running without it")
         return None
-    return MLXBackend(config.mlx)
+    return MLXBackend(config)
 
 
 def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
     backends: list[Backend] = []
     if config.mlx.enabled:
-        mlx = _mlx_backend(config)
+        mlx = _mlx_backend(config.mlx)
         if mlx is not None:
             backends.append(mlx)
     if config.ollama.upstream:
@@ -50,4 +54,4 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
 def build_router(
     config: Config, env: Mapping[str, str], observer: Optional[RouterObserver] = None
 ) -> Router:
-    return Router(build_backends(config, env), config, observer=observer)
+    return Router(build_backends(config, env), config.router, config.aliases, observer=observer)
