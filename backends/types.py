@@ -386,6 +386,22 @@ class Chunk:
             )
         )
 
+    @staticmethod
+    def merged(chunks: list["Chunk"]) -> "Chunk":
+        """Several chunks as one, in order: what a reader that fell behind (or an
+        upstream that sent many tokens in one write) gets in one message."""
+        if len(chunks) == 1:
+            return chunks[0]
+        first = chunks[0]
+        return Chunk(
+            text="".join(c.text for c in chunks),
+            token_ids=[t for c in chunks for t in c.token_ids],
+            tool_calls=[t for c in chunks for t in c.tool_calls],
+            logprobs=[lp for c in chunks for lp in c.logprobs],
+            backend=first.backend,
+            model=first.model,
+            thinking="".join(c.thinking for c in chunks),
+        )
 
 @dataclass
 class Done:

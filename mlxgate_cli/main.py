@@ -172,6 +172,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
+def run_loop(main_coro) -> None:
+    """Run the server on uvloop where it is installed (a faster event loop for
+    the HTTP front and the upstream clients; grpc.aio runs on it), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coro)
+        return
+    uvloop.run(main_coro)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # Before any thread starts: fewer malloc arenas keep large requests' freed
@@ -205,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runner = stack.serve if args.command == "serve" else stack.serve_service_only
     status = 0
     try:
-        asyncio.run(runner(config, dict(os.environ)))
+        run_loop(runner(config, dict(os.environ)))
     except KeyboardInterrupt:
         pass
     except BindError as e:  # a port in use: one line, no traceback

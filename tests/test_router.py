@@ -123,6 +123,8 @@ class Row:
     reason: str | None = None
     error: type | None = None
     chunks_before_error: list[str] | None = None
+    #: seconds between the upstream's lines (lines written together arrive as one chunk)
+    chunk_delay: float = 0.0
 
 
 FAULT_MATRIX = [
@@ -136,7 +138,7 @@ FAULT_MATRIX = [
         reason="UNAVAILABLE"),
     Row("disconnect-mid-stream", Fault("disconnect", after=1), error=Unavailable, chunks_before_error=["Hello"]),
     Row("error-line-mid-stream", Fault("error_line", message="oom", after=2), error=Unavailable,
-        chunks_before_error=["Hello", ","]),
+        chunks_before_error=["Hello", ","], chunk_delay=0.05),
     Row("bad-request-is-not-retried", Fault("status", 400, "bad option"), error=InvalidArgument,
         chunks_before_error=[]),
     Row("unknown-model-everywhere", model="ghost", error=ModelNotFound, chunks_before_error=[]),
@@ -149,6 +151,7 @@ async def test_fault_matrix(upstreams, row: Row):
     ollama, cloud = upstreams
     url = f"http://127.0.0.1:{free_port()}" if row.refused else ollama.url
     ollama.fault = row.fault
+    ollama.chunk_delay = row.chunk_delay
     router, rec = http_router(url, cloud)
     got: list = []
     try:

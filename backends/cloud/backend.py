@@ -25,6 +25,8 @@ import logging
 import time
 from typing import Any, AsyncIterator, Mapping, Optional
 
+import orjson
+
 from backends.cloud import wire
 from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
 from backends.http_upstream import (
@@ -100,27 +102,33 @@ class CloudBackend(UpstreamSession):
             await stream.open(self._get_session(), self.base_url + path, json=body, headers=self._headers())
             state = wire.StreamState()
             saw_done_marker = False
+            # Chunks of events that arrived together go out as one (LineReader.ready).
+            pending: list[Chunk] = []
             async for line in stream:
-                if not line.startswith(b"data:"):
-                    continue  # blank separator, ": comment", "event:", "id:"
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    saw_done_marker = True
-                    break
-                try:
-                    obj = json.loads(data)
-                except ValueError:
-                    raise Unavailable(f"{self.name}: upstream sent an event that is not JSON") from None
-                if not isinstance(obj, dict):
-                    continue
-                if "error" in obj:
-                    raise self._stream_error(obj)
-                tokens = state.token_events
-                chunk = state.feed(obj)
-                if state.token_events != tokens:
-                    stream.token()
-                if chunk is not None:
-                    yield chunk
+                if line.startswith(b"data:"):
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        saw_done_marker = True
+                        break
+                    try:
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise Unavailable(f"{self.name}: upstream sent an event that is not JSON") from None
+                    if isinstance(obj, dict):
+                        if "error" in obj:
+                            raise self._stream_error(obj)
+                        tokens = state.token_events
+                        chunk = state.feed(obj)
+                        if state.token_events != tokens:
+                            stream.token()
+                        if chunk is not None:
+                            pending.append(chunk)
+                # (other lines: blank separators, ": comment", "event:", "id:")
+                if pending and not stream.more_ready():
+                    yield Chunk.merged(pending)
+                    pending = []
+            if pending:
+                yield Chunk.merged(pending)
             if not saw_done_marker and state.finish is None:
                 raise Unavailable(f"{self.name}: upstream ended the stream before it finished")
             calls = state.tool_calls()

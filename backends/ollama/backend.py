@@ -18,6 +18,8 @@ import json
 import logging
 from typing import Any, AsyncIterator, Optional
 
+import orjson
+
 from backends.errors import BackendError, ModelNotFound, Unavailable
 from backends.http_upstream import (
     UpstreamSession,
@@ -27,6 +29,7 @@ from backends.http_upstream import (
 )
 from backends.ollama import wire
 from backends.types import (
+    Chunk,
     EmbedRequest,
     EmbedResult,
     Event,
@@ -76,26 +79,32 @@ class OllamaBackend(UpstreamSession):
                 self._get_session(), self.base_url + path, json=body, headers={"X-Request-Id": req.request_id}
             )
             saw_tool_calls = False
+            # Chunks of lines that arrived together go out as one (LineReader.ready).
+            pending: list[Chunk] = []
             async for line in stream:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    raise Unavailable(f"{self.name}: upstream sent a line that is not JSON") from None
-                if not isinstance(obj, dict):
-                    raise Unavailable(f"{self.name}: upstream sent an unexpected line")
-                if "error" in obj:
-                    raise _stream_error(self.name, obj["error"])
-                chunk = wire.chunk_from_line(obj)
-                if chunk is not None:
-                    stream.token()
-                    saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
-                    yield chunk
-                if obj.get("done"):
-                    stream.finish()
-                    yield wire.done_from_line(obj, self.name, req.model, saw_tool_calls)
-                    return
+                if line.strip():
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        raise Unavailable(f"{self.name}: upstream sent a line that is not JSON") from None
+                    if not isinstance(obj, dict):
+                        raise Unavailable(f"{self.name}: upstream sent an unexpected line")
+                    if "error" in obj:
+                        raise _stream_error(self.name, obj["error"])
+                    chunk = wire.chunk_from_line(obj)
+                    if chunk is not None:
+                        stream.token()
+                        saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
+                        pending.append(chunk)
+                    if obj.get("done"):
+                        if pending:
+                            yield Chunk.merged(pending)
+                        stream.finish()
+                        yield wire.done_from_line(obj, self.name, req.model, saw_tool_calls)
+                        return
+                if pending and not stream.more_ready():
+                    yield Chunk.merged(pending)
+                    pending = []
             raise Unavailable(f"{self.name}: upstream ended the stream before its final line")
         finally:
             stream.close()
