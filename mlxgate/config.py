@@ -444,4 +444,6 @@ def load_config(
         else:
             setattr(cfg, dotted, value)
     _upstream_defaults(cfg)
+    if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
+        raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")
     return cfg

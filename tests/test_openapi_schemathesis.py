@@ -54,6 +54,8 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
+#: The last event of a Responses stream (named events, no [DONE]).
+RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 #: Model management: 501 by design (README, "Deviations from Ollama").
 UNSUPPORTED = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/")
 
@@ -75,7 +77,7 @@ def _cap(body: Any) -> None:
             body["best_of"] = body["n"]
     if isinstance(body.get("prompt"), list):
         del body["prompt"][2:]
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if _number(body.get(key)):
             body[key] = min(body[key], 8)
     options = body.get("options")
@@ -98,8 +100,8 @@ class StreamItems:
         key = (path, method, media)
         if key not in self._validators:
             content = self.doc["paths"][path][method]["responses"]["200"]["content"][media]["schema"]
-            item = content if media == "application/x-ndjson" else \
-                content["properties"]["data"]["anyOf"][1]["contentSchema"]
+            item = content if media == "application/x-ndjson" else next(
+                b["contentSchema"] for b in content["properties"]["data"]["anyOf"] if "contentSchema" in b)
             self._validators[key] = jsonschema_rs.validator_for({**item, "components": self.doc["components"]})
         return self._validators[key]
 
@@ -114,7 +116,9 @@ class StreamItems:
             items = [line for line in text.split("\n") if line.strip()]
         else:
             items = [line[6:] for line in text.split("\n") if line.startswith("data: ") and line != "data: [DONE]"]
-            assert text.rstrip().endswith("data: [DONE]") or '"error"' in items[-1], text[-300:]
+            # Chat streams end with [DONE] or an error; Responses streams with their terminal event.
+            assert text.rstrip().endswith("data: [DONE]") or '"error"' in items[-1] or \
+                json.loads(items[-1]).get("type") in RESPONSES_TERMINAL, text[-300:]
         assert items, "an empty stream"
         for item in items:
             value = json.loads(item)
@@ -195,5 +199,5 @@ async def test_the_api_conforms_to_its_own_document(stack) -> None:
     # Every operation was exercised, and the generations were answered, not only refused.
     assert len(statuses) == sum(1 for ops in doc["paths"].values() for _ in ops), statuses
     for label in ("POST /api/generate", "POST /api/chat", "POST /v1/chat/completions", "POST /v1/completions",
-                  "POST /api/embed", "POST /v1/embeddings"):
+                  "POST /api/embed", "POST /v1/embeddings", "POST /v1/responses"):
         assert statuses[label][200] > 0, (label, statuses[label])

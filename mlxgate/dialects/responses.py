@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union, get_args
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag
+from pydantic import BeforeValidator, ConfigDict, Discriminator, Field, Tag, WithJsonSchema
 from typing_extensions import Annotated, NotRequired, TypedDict
 
 from mlxgate import limits
@@ -78,7 +78,12 @@ LIST_LIMIT_MAX, LIST_LIMIT_DEFAULT = 100, 20
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 _IGNORED = "accepted and ignored"
-_UNSUPPORTED = "not supported here: a value other than null (or false) is 400"
+
+
+def refused(json_schema: dict[str, Any], why: str) -> Any:
+    """A field OpenAI defines for something not served here: documented with
+    the only value accepted (``json_schema``), any other is 400 saying ``why``."""
+    return Annotated[Any, WithJsonSchema({**json_schema, "description": why})]
 
 
 # ---------------------------------------------------------------- content parts
@@ -139,7 +144,10 @@ def _arguments_text(v: Any) -> Any:
     """A caller's function-call arguments: JSON text of an object (kept as sent)."""
     if not isinstance(v, str):
         raise ValueError(f"must be a string (JSON text of an object), got {json_type(v)}")
-    caller_arguments(v, "")  # raises ValueError when not an object
+    try:
+        caller_arguments(v, "")
+    except ValueError as e:  # not an object: "is not valid JSON ...", "must be ..."
+        raise ValueError(str(e).strip()) from None
     return v
 
 
@@ -153,7 +161,7 @@ class FunctionCallItem(WireModel):
     type: Literal["function_call"]
     call_id: Annotated[str, Field(min_length=1)]
     name: Annotated[ToolName, Field(min_length=1)]
-    arguments: ArgumentsText = Field(description="JSON text of an object")
+    arguments: ArgumentsText = Field(description="JSON text of an object", examples=["{}"])
     id: Optional[str] = None
     status: Optional[ignored({"type": "string"})] = None
 
@@ -311,10 +319,14 @@ ResponseId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 
 
 class CreateRequest(WireModel):
-    """POST /v1/responses."""
+    """POST /v1/responses.  ``input`` is required unless ``previous_response_id`` is given."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["input"]},
+                                                           {"required": ["previous_response_id"]}]})
 
     model: Annotated[ModelName, Field(min_length=1)]
-    input: Optional[Union[str, Annotated[list[InputItem], Limit(maxItems=limits.MAX_MESSAGES)]]] = Field(
+    input: Optional[Union[str, Annotated[list[InputItem], Field(min_length=1),
+                                         Limit(maxItems=limits.MAX_MESSAGES)]]] = Field(
         None, description="text (one user message) or items; with previous_response_id, the new items")
     instructions: Optional[str] = Field(
         None, description="a system message first; not carried over by previous_response_id")
@@ -335,9 +347,9 @@ class CreateRequest(WireModel):
         None, description="auto: drop the oldest messages that do not fit the context (system messages "
                           "stay); disabled (default): 400 when the input does not fit")
     # Not served: 400 when set.
-    background: Optional[bool] = Field(None, description="true is 400 (no background mode)")
-    conversation: Optional[Any] = Field(None, description=_UNSUPPORTED + " (no conversation objects)")
-    prompt: Optional[Any] = Field(None, description=_UNSUPPORTED + " (no prompt templates)")
+    background: Optional[refused({"const": False}, "no background mode: true is 400")] = None
+    conversation: refused({"type": "null"}, "no conversation objects (400): use previous_response_id") = None
+    prompt: refused({"type": "null"}, "no prompt templates (400): send instructions and input") = None
     # Without meaning here.
     user: Optional[Any] = Field(None, description=_IGNORED)
     include: Optional[Any] = Field(None, description=_IGNORED)
