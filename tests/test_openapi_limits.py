@@ -175,8 +175,8 @@ def _place(body: dict[str, Any], b: Bound, doc: Doc, root: dict[str, Any]) -> tu
             if b.path[i + 1] == "[]":
                 node[part] = [doc.example(_array(doc, prop, nested=b.path[i + 2 : i + 3] == ("[]",))["items"])]
             else:
-                node[part] = doc.example(
-                    _object_with(doc, prop, b.path[i + 1]) or next(x for x in _branches(doc, prop) if "properties" in x))
+                first = next(x for x in _branches(doc, prop) if "properties" in x)
+                node[part] = doc.example(_object_with(doc, prop, b.path[i + 1]) or first)
         node, schema = node[part], prop
     return node, b.path[-1]
 
