@@ -277,6 +277,15 @@ async def test_tool_round_trip(oai, stack):
     assert follow.usage.input_tokens > r.usage.input_tokens
 
 
+async def test_a_forced_call_with_a_json_format_is_a_call(oai, stack):
+    """text.format shapes output_text; a forced answer is a call, so the format does not apply to it
+    (agents send both: the Agents SDK's structured output with tool_choice "required")."""
+    r = await oai.responses.create(model=stack.model, input="Weather?", tools=TOOLS, tool_choice="required",
+                                   text=JSON_FORMAT, max_output_tokens=200)
+    assert [o.type for o in r.output] == ["function_call"] and valid(WEATHER, json.loads(r.output[0].arguments))
+    assert r.text.format.type == "json_schema"
+
+
 async def test_forced_call_streams_its_arguments(oai, stack):
     async with oai.responses.stream(model=stack.model, input="Weather?", tools=TOOLS,
                                     tool_choice={"type": "function", "name": "get_weather"},
@@ -310,8 +319,6 @@ async def test_forced_call_streams_its_arguments(oai, stack):
      "input[0].arguments", "object"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "not in tools"),
-    ({"tools": TOOLS, "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, "tool_choice",
-     "cannot be combined"),
     ({"input": None}, "input", "input is required"),
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "16"),
     ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "must be"),

@@ -231,9 +231,11 @@ def create_request(data: dict[str, Any]) -> Parsed:
     items = input_items(r.input)
     tools, choice = _tools(r)
     fmt, fmt_echo = _format(r.text)
-    if choice is not None and fmt.type != pb.FORMAT_TYPE_UNSPECIFIED:
-        raise bad_request(
-            f"a forced tool_choice cannot be combined with text.format {fmt_echo['type']}", param="tool_choice")
+    if choice is not None:
+        # A forced answer is a call, never text: text.format (which shapes output_text) does not
+        # apply to it, and the contract forces a call only with free text (the call's own grammar).
+        # Agents send both: the Agents SDK's structured output_type with tool_choice "required".
+        fmt = pb.OutputFormat()
     sampling = pb.SamplingParams()
     if r.temperature is not None:
         sampling.temperature = r.temperature
