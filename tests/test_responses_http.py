@@ -13,6 +13,8 @@ import aiohttp
 import openai
 import pytest
 
+from gateway.app import create_app, end_calls, start_http
+from mlxgate.config import ServerConfig
 from tests.test_http_trust import EVIL, KEY1, KEY2, WRONG, assert_openai_error, engine_idle_prefills, front
 
 pytestmark = pytest.mark.timeout(120)
@@ -135,3 +137,49 @@ async def test_a_conversation_longer_than_a_body_is_refused(stack, tmp_path):
             assert e.value.body["param"] == "previous_response_id" and "too long" in e.value.body["message"]
         finally:
             await oai.close()
+
+
+async def test_an_unusable_store_is_a_503_and_store_false_still_works(stack, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the data folder should be")
+    async with front(stack, data_dir=str(blocker)) as base:
+        oai = client(base)
+        try:
+            with pytest.raises(openai.InternalServerError) as e:
+                await oai.responses.create(**BODY)
+            assert e.value.status_code == 503 and "store: false" in e.value.body["message"]
+            with pytest.raises(openai.InternalServerError):
+                await oai.responses.retrieve("resp_1")
+            r = await oai.responses.create(**BODY, store=False)
+            assert r.output_text and r.store is False
+        finally:
+            await oai.close()
+    assert "responses store" in caplog.text
+
+
+async def test_a_failure_after_the_stream_began_ends_it_with_response_failed(stack, tmp_path):
+    """The calls still running at shutdown are ended (gateway.app.end_calls): the stream's last events
+    are error and response.failed, and the failed response is stored as such."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, request_timeout=120.0, data_dir=str(tmp_path))
+    app = create_app(cfg, stack.grpc_target)
+    http = await start_http(app, "127.0.0.1", 0)
+    try:
+        body = {**BODY, "stream": True, "max_output_tokens": 2000}
+        events = []
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{http.url}/v1/responses", json=body) as r:
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        events.append(json.loads(line[6:]))
+                        if events[-1]["type"] == "response.output_text.delta":
+                            assert end_calls(app) == 1
+            kinds = [e["type"] for e in events]
+            assert kinds[-2:] == ["error", "response.failed"] and "response.completed" not in kinds
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))
+            failed = events[-1]["response"]
+            assert failed["status"] == "failed" and "shutting down" in failed["error"]["message"]
+            assert failed["error"]["code"] == "server_error" and events[-2]["message"] == failed["error"]["message"]
+            async with s.get(f"{http.url}/v1/responses/{failed['id']}") as r:
+                assert (await r.json())["status"] == "failed"
+    finally:
+        await http.stop()

@@ -16,10 +16,10 @@ every id belongs to the API key that created it (``gateway/responses/store.py``)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
-import sqlite3
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
@@ -28,7 +28,7 @@ from gateway.errors import ApiError, bad_request
 from gateway.fields import read_json
 from gateway.render import json_bytes, json_response
 from gateway.responses import translate as tr
-from gateway.responses.store import BadCursor, BrokenChain, NotFound, ResponseStore, TooLong
+from gateway.responses.store import BadCursor, BrokenChain, NotFound, ResponseStore, TooLong, Unavailable
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, backend_header, caller_key, client, request_id
@@ -43,6 +43,23 @@ STORE_KEY = web.AppKey("responses_store", ResponseStore)
 
 def store_of(request: web.Request) -> ResponseStore:
     return request.app[STORE_KEY]
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def store_errors(handler: Handler) -> Handler:
+    """The store failing is a 503 that says so (the details are in the log)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Unavailable as e:
+            raise ApiError(503, f"the response store is unavailable ({e}; the server log says why); requests "
+                                "with store: false and no previous_response_id do not need it") from None
+
+    return wrapped
 
 
 def event_frame(obj: dict[str, Any]) -> bytes:
@@ -77,19 +94,23 @@ async def _history(request: web.Request, p: tr.Parsed, owner: str) -> list[dict[
 
 
 async def _save(request: web.Request, owner: str, response: dict[str, Any], p: tr.Parsed) -> None:
-    """Keep a response (``store``); a failing disk is logged, the answer still goes out."""
+    """Keep a response (``store``); a failing store is logged, the answer still goes out."""
     if not p.store:
         return
     try:
         await store_of(request).save(owner, response, p.items)
-    except (sqlite3.Error, OSError) as e:
-        log.error("responses store: could not store %s (request %s): %s", response["id"], request_id(request), e)
+    except Unavailable:
+        log.error("responses store: could not store %s (request %s)", response["id"], request_id(request))
 
 
+@store_errors
 async def create(request: web.Request) -> web.StreamResponse:
     p = tr.create_request(await read_json(request))
-    needs_store = p.store or p.r.previous_response_id is not None
-    owner = await _owner(request) if needs_store else ""
+    owner = ""
+    if p.store or p.r.previous_response_id is not None:
+        # Before generating: a store that cannot keep the answer is said at once (503).
+        await store_of(request).ready()
+        owner = await _owner(request)
     req = tr.generate_request(p, await _history(request, p, owner))
     rid = request_id(request)
     stream = client(request).generate(req, rid)
@@ -149,6 +170,7 @@ def _response_id(request: web.Request) -> str:
     return rid
 
 
+@store_errors
 async def retrieve(request: web.Request) -> web.Response:
     rid = _response_id(request)
     body = await store_of(request).get(rid, await _owner(request))
@@ -157,6 +179,7 @@ async def retrieve(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json", charset="utf-8")
 
 
+@store_errors
 async def delete(request: web.Request) -> web.Response:
     rid = _response_id(request)
     if not await store_of(request).delete(rid, await _owner(request)):
@@ -177,6 +200,7 @@ def _query(request: web.Request) -> wire.ListItemsQuery:
     return parse(wire.ListItemsQuery, data, "/v1/responses/{response_id}/input_items")
 
 
+@store_errors
 async def input_items(request: web.Request) -> web.Response:
     rid = _response_id(request)
     q = _query(request)

@@ -106,6 +106,11 @@ INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
 """
 
 
+class Unavailable(Exception):
+    """The database cannot be used (an unwritable folder, a full disk, a damaged file); logged where
+    it happens, with the details."""
+
+
 class NotFound(Exception):
     """No such response for this owner (missing, deleted, evicted, or another key's)."""
 
@@ -188,9 +193,13 @@ class ResponseStore:
         return await loop.run_in_executor(self._executor, functools.partial(self._call, fn, *args))
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._db is None:
-            self._open()
-        return fn(*args)
+        try:
+            if self._db is None:
+                self._open()
+            return fn(*args)
+        except (sqlite3.Error, OSError) as e:
+            log.error("responses store %s: %s: %s", self.path, type(e).__name__, e)
+            raise Unavailable(type(e).__name__) from e
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +243,10 @@ class ResponseStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    async def ready(self) -> None:
+        """Open the database now if it is not (``Unavailable`` when it cannot be)."""
+        await self._run(lambda: None)
 
     # ---------------------------------------------------------------- owners
 
