@@ -28,7 +28,9 @@ without ever reading the request body:
    with ``WWW-Authenticate: Bearer``.  Keys are compared as SHA-256 digests
    with ``hmac.compare_digest`` against every configured key, with no early
    exit, so neither a key's content nor its length shows in the timing.  No
-   key, configured or presented, is ever logged or echoed.
+   key, configured or presented, is ever logged or echoed.  The accepted
+   key's digest is left on the request (``state.CALLER_KEY``) for handlers
+   that keep what a key stores private to it (the Responses API's store).
 
 Refusals are ``ApiError`` rendered by ``error_response``: the caller's dialect
 (``{"error": "..."}`` on ``/api/*`` and ``/``; ``{"error": {"message", "type",
