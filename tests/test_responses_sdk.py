@@ -315,6 +315,8 @@ async def test_forced_call_streams_its_arguments(oai, stack):
      "input[0].content[0].file_id", "file inputs"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "input[0].content[0].image_url", "does not fetch URLs"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "not base64!"}]}]},
+     "input[0].content[0].image_url", "data: URLs"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]},
      "input[0].arguments", "object"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),

@@ -42,7 +42,8 @@ def test_items_become_chat_messages():
     p = parsed(input=[
         {"role": "developer", "content": "rules"},
         {"role": "user", "content": [{"type": "input_text", "text": "look: "},
-                                     {"type": "input_image", "image_url": PNG, "detail": "low"}]},
+                                     {"type": "input_image", "image_url": PNG, "detail": "low"},
+                                     {"type": "input_image", "image_url": PNG.split(",")[1]}]},
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "short"}],
          "content": [{"type": "reasoning_text", "text": "long thought"}]},
         {"role": "assistant", "content": "Let me check."},
@@ -57,7 +58,7 @@ def test_items_become_chat_messages():
     m = req.chat.messages
     assert [x.role for x in m] == [pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL, pb.ROLE_TOOL,
                                    pb.ROLE_ASSISTANT]
-    assert m[1].content == "look: " and m[1].images == [b"\x89PNG\r\n\x1a\n"]
+    assert m[1].content == "look: " and m[1].images == [b"\x89PNG\r\n\x1a\n"] * 2  # a data: URL, bare base64
     assert m[2].content == "Let me check." and m[2].thinking == "long thought"
     assert [(c.id, c.name, json.loads(c.arguments_json), c.index) for c in m[2].tool_calls] == [
         ("c1", "lookup", {"q": 1}, 0), ("c2", "other", {}, 1)]

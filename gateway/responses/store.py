@@ -187,8 +187,8 @@ class ResponseStore:
     # ---------------------------------------------------------------- plumbing
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._closed:
-            raise RuntimeError("the response store is closed")
+        if self._closed:  # the app is shutting down
+            raise Unavailable("the store is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(self._call, fn, *args))
 

@@ -87,9 +87,15 @@ def _refuse_unsupported(r: wire.CreateRequest) -> None:
 
 
 def _data_url(url: str, name: str) -> bytes:
+    """An image's bytes: a base64 data: URL, or bare base64; other URLs are not fetched."""
     if not url.startswith("data:"):
+        if "://" not in url and url:
+            try:
+                return base64.b64decode(url, validate=True)
+            except (binascii.Error, ValueError):
+                pass
         raise bad_request(
-            f"{name}: only data: URLs (base64) are supported for images; this server does not fetch URLs",
+            f"{name}: only data: URLs (base64) or base64 are supported for images; this server does not fetch URLs",
             param=name,
         )
     head, _, payload = url.partition(",")
