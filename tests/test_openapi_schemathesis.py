@@ -14,8 +14,9 @@ Cost.  The server bounds every request (the contract's limits, the model's
 2,048-token context), but a generated ``n`` of 128 with ``max_tokens`` 2**31
 is still 128 context-fulls of tokens: the test caps ``n`` at 2 and token
 counts at 8 (``max_output_tokens`` of the Responses API too), and sends the
-generated body's ``model`` as the test model so that generations happen at all (unknown models are covered by the error
-tests).  MLXGATE_SCHEMATHESIS_EXAMPLES sets the examples per operation
+generated body's ``model`` as the test model so that generations happen at
+all (unknown models are covered by the error tests).
+MLXGATE_SCHEMATHESIS_EXAMPLES sets the examples per operation
 (default 100: about 40 s alone on 2 cores); MLXGATE_SCHEMATHESIS_ONLY
 (an operation's label, "POST /api/chat") runs one operation.
 """
