@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 
 from gateway.common import check_done, is_done, parse
-from gateway.errors import ApiError, bad_request
+from gateway.errors import ApiError, bad_request, internal_error
 from gateway.fields import read_json
 from gateway.render import json_bytes, json_response
 from gateway.responses import translate as tr
@@ -150,6 +150,10 @@ async def create(request: web.Request) -> web.StreamResponse:
             return resp
         async with contextlib.aclosing(with_first(first, stream)) as events:
             ok = await pump(resp, events, render, event_frame, error_frame, rid)
+        if ok and "response" not in ending:  # the service broke the contract (no Done): a failure
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write(error_frame(internal_error(rid)))
+            ok = False
         if ok:
             await _save(request, owner, ending["response"], p)
             with contextlib.suppress(ConnectionResetError):

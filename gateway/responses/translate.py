@@ -315,6 +315,7 @@ def messages_pb(items: list[dict[str, Any]]) -> list[pb.ChatMessage]:
                 and p.get("type") == "input_image"
             ] if not isinstance(content, str) else []
             out.append(pb.ChatMessage(role=_ROLE[role], content=_texts(content), images=images))
+            thinking.clear()  # reasoning belongs to the assistant turn right after it
         elif kind == "function_call":
             msg = out[-1] if out and out[-1].role == pb.ROLE_ASSISTANT and not thinking else assistant()
             call_id = item.get("call_id", "")
