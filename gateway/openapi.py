@@ -55,6 +55,9 @@ def _statuses(r: Route, dialect: str) -> list[int]:
             out.add(429)
     if r.unsupported:
         out.add(501)
+    if r.query is not None:
+        out.add(400)
+    out.update(r.statuses)
     return sorted(out)
 
 
@@ -75,9 +78,24 @@ def _openapi_path(path: str) -> str:
     return "".join(out)
 
 
-def _params(path: str) -> list[S]:
+def _params(path: str, query: Any = None) -> list[S]:
     names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
-    return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+    out = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+    if query is not None:
+        schema = query.model_json_schema()
+        for name, prop in schema.get("properties", {}).items():
+            prop = dict(prop)
+            description = prop.pop("description", None)
+            prop.pop("title", None)
+            prop.pop("default", None)
+            # Optional fields are anyOf [type, null]; a query value is never null.
+            branches = [b for b in prop.pop("anyOf", [prop]) if b.get("type") != "null"]
+            param: S = {"name": name, "in": "query", "required": name in schema.get("required", ()),
+                        "schema": {**prop, **branches[0]} if len(branches) == 1 else {**prop, "anyOf": branches}}
+            if description:
+                param["description"] = description
+            out.append(param)
+    return out
 
 
 _REQUEST_ID: S = {
@@ -120,7 +138,7 @@ class _Schemas:
     def _rename(self) -> None:
         """pydantic qualifies clashing names with their module ("mlxgate__dialects__ollama__Error");
         the document calls them "OllamaError", "OpenAIError"."""
-        prefixes = {"ollama": "Ollama", "openai": "OpenAI"}
+        prefixes = {"ollama": "Ollama", "openai": "OpenAI", "responses": "Responses"}
         ollama_names = {n for n, v in vars(ollama).items() if isinstance(v, type) and v.__module__ == ollama.__name__}
         renames = {}
         for name in self.defs:
@@ -175,6 +193,19 @@ def _operation(r: Route, s: _Schemas) -> S:
                     "schema": {**item, "description": "each line is one of these; a stream that failed ends "
                                                       "with an error line"},
                 }
+            elif r.event_names:
+                # Named events (OpenAI's Responses API): event is the data's type; no [DONE].
+                content["text/event-stream"] = {"schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "data": {"anyOf": [
+                            {"type": "string", "contentMediaType": "application/json",
+                             "contentSchema": s.answer(r.stream_item)},
+                        ]},
+                        "event": {"type": "string", "description": "the type of the event's data"},
+                    },
+                }}
             else:
                 # Each event (OpenAPI 3.1 reads an SSE schema as one event's): data is the JSON of
                 # an item, or [DONE] at the end; a stream that failed ends with an error and no [DONE].
@@ -208,7 +239,7 @@ def _operation(r: Route, s: _Schemas) -> S:
         op["description"] = r.description
     if r.body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": s.body(r.body)}}}
-    params = _params(_openapi_path(r.path))
+    params = _params(_openapi_path(r.path), r.query)
     if params:
         op["parameters"] = params
     return op
@@ -217,8 +248,9 @@ def _operation(r: Route, s: _Schemas) -> S:
 def all_routes() -> list[Route]:
     from gateway.ollama.routes import ROUTES as OLLAMA
     from gateway.openai.routes import ROUTES as OPENAI
+    from gateway.responses.routes import ROUTES as RESPONSES
 
-    return [*OLLAMA, *OPENAI, *ROUTES]
+    return [*OLLAMA, *OPENAI, *RESPONSES, *ROUTES]
 
 
 @functools.lru_cache(maxsize=1)

@@ -37,6 +37,14 @@ class Route:
     #: Never answers 200 (model management: always 501).
     unsupported: bool = False
     description: str = ""
+    #: SSE events carry their name (``event: <the data's type>``, OpenAI's
+    #: Responses API) and there is no ``[DONE]``.
+    event_names: bool = False
+    #: The query string's model (a ``WireModel``): documented as parameters.
+    query: Any = None
+    #: Statuses the operation may answer besides the ones its kind implies
+    #: (a stored object's id: 404).
+    statuses: tuple[int, ...] = ()
 
 
 def add_routes(app: web.Application, routes: list[Route]) -> None:

@@ -78,6 +78,21 @@ class ServerConfig:
     #: test model when no models are found); None = the platform's user data
     #: folder for mlxgate.
     data_dir: Optional[str] = None
+    #: The Responses API's store (``<data_dir>/responses.sqlite3``): most
+    #: responses kept, and most bytes (responses and their input items
+    #: together); beyond either, the oldest are removed first.
+    responses_max_count: int = 10_000
+    responses_max_bytes: int = 256 * 1024 * 1024
+
+    def data_path(self) -> Path:
+        """``data_dir``, or the platform's user data folder for mlxgate
+        (platformdirs: ``~/.local/share/mlxgate`` on Linux,
+        ``~/Library/Application Support/mlxgate`` on macOS)."""
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
 
 
 @dataclass
@@ -193,14 +208,8 @@ class Config:
         return Path(self.mlx.models_dir).expanduser()
 
     def data_path(self) -> Path:
-        """``server.data_dir``, or the platform's user data folder for mlxgate
-        (platformdirs: ``~/.local/share/mlxgate`` on Linux,
-        ``~/Library/Application Support/mlxgate`` on macOS)."""
-        if self.server.data_dir:
-            return Path(self.server.data_dir).expanduser()
-        import platformdirs
-
-        return Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
+        """``server.data_dir``, or the platform's user data folder (``ServerConfig.data_path``)."""
+        return self.server.data_path()
 
 
 # Environment variables, each mapped onto one (section, field).  List-valued
@@ -220,6 +229,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
     "MLXGATE_DATA_DIR": ("server", "data_dir"),
     "MLXGATE_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "MLXGATE_RESPONSES_MAX_COUNT": ("server", "responses_max_count"),
+    "MLXGATE_RESPONSES_MAX_BYTES": ("server", "responses_max_bytes"),
     "MLXGATE_MODELS_DIR": ("mlx", "models_dir"),
     "MLXGATE_HF_CACHE": ("mlx", "hf_cache"),
     "MLXGATE_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
@@ -433,4 +444,6 @@ def load_config(
         else:
             setattr(cfg, dotted, value)
     _upstream_defaults(cfg)
+    if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
+        raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")
     return cfg

@@ -102,8 +102,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",
         metavar="DIR",
-        help=_described("where mlxgate keeps its own data, such as the generated test model served when "
-                        "there are no models", "MLXGATE_DATA_DIR", Config().data_path()),
+        help=_described("where mlxgate keeps its own data: stored responses (responses.sqlite3) and the "
+                        "generated test model served when there are no models", "MLXGATE_DATA_DIR",
+                        Config().data_path()),
     )
 
 

@@ -132,3 +132,18 @@ def test_data_dir_from_env_flag_or_the_platform_folder(tmp_path: Path) -> None:
     assert load_config(env={"MLXGATE_DATA_DIR": str(tmp_path)}).data_path() == tmp_path
     args = build_parser().parse_args(["serve", "--data-dir", "~/d"])
     assert config_from_args(args).data_path() == Path("~/d").expanduser()
+    # The front, which has only the server section, finds the same folder.
+    assert load_config(env={"MLXGATE_DATA_DIR": str(tmp_path)}).server.data_path() == tmp_path
+
+
+def test_responses_store_bounds(tmp_path: Path) -> None:
+    cfg = load_config(env={})
+    assert (cfg.server.responses_max_count, cfg.server.responses_max_bytes) == (10_000, 256 * 1024 * 1024)
+    env = {"MLXGATE_RESPONSES_MAX_COUNT": "50", "MLXGATE_RESPONSES_MAX_BYTES": "1048576"}
+    cfg = load_config(env=env)
+    assert (cfg.server.responses_max_count, cfg.server.responses_max_bytes) == (50, 1048576)
+    toml = tmp_path / "r.toml"
+    toml.write_text("[server]\nresponses_max_count = 7\n")
+    assert load_config(toml, env={}).server.responses_max_count == 7
+    with pytest.raises(ValueError, match="responses_max_count"):
+        load_config(env={"MLXGATE_RESPONSES_MAX_COUNT": "0"})

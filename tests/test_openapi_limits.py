@@ -42,6 +42,8 @@ BASE: dict[str, dict[str, Any]] = {
                              "stream": True, "logprobs": True},
     "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 1, "stream": True},
     "/v1/embeddings": {"model": MODEL, "input": "hi"},
+    "/v1/responses": {"model": MODEL, "input": [{"role": "user", "content": "hi"}], "max_output_tokens": 1,
+                      "stream": True, "store": False},
 }
 
 #: Refusals at a bound that are the test model's (or the dialect's other rules), not the bound's.
@@ -86,7 +88,7 @@ class Doc:
         for kw in KEYWORDS:
             if kw in node and node.get("type") in _APPLIES[kw]:
                 yield Bound(route, path, kw, node[kw], node)
-        for branch in node.get("anyOf", ()):
+        for branch in (*node.get("anyOf", ()), *node.get("oneOf", ())):
             yield from self.walk(route, {**branch, **_carry(node, branch)}, path, seen)
         for name, prop in node.get("properties", {}).items():
             yield from self.walk(route, prop, (*path, name), seen)
@@ -96,8 +98,11 @@ class Doc:
     def example(self, node: dict[str, Any]) -> Any:
         """A minimal valid instance of a schema."""
         node = self.resolve(node)
-        if "anyOf" in node:
-            return self.example(next(b for b in node["anyOf"] if b.get("type") != "null"))
+        if "examples" in node:
+            return node["examples"][0]
+        for union in ("anyOf", "oneOf"):
+            if union in node:
+                return self.example(next(b for b in node[union] if b.get("type") != "null"))
         if "const" in node:
             return node["const"]
         if "enum" in node:
@@ -154,18 +159,24 @@ def _place(body: dict[str, Any], b: Bound, doc: Doc, root: dict[str, Any]) -> tu
     for i, part in enumerate(b.path[:-1]):
         if part == "[]":
             items = _array(doc, schema, nested=b.path[i + 1] == "[]")["items"]
-            if not node or not isinstance(node[0], type(doc.example(items))):
-                node[:] = [doc.example(items)]
+            # Of a union of objects told apart by "type" (Responses' input items), the one with the field.
+            branch = _object_with(doc, items, b.path[i + 1])
+            kind = branch.get("properties", {}).get("type", {}).get("const") if branch else None
+            if not node or not isinstance(node[0], type(doc.example(items))) or (
+                kind is not None and isinstance(node[0], dict) and node[0].get("type") != kind
+            ):
+                node[:] = [doc.example(branch or items)]
             node, schema = node[0], items
             continue
-        prop = _props(doc, schema)[part]
+        prop = _props(doc, schema, part)[part]
         if not isinstance(node.get(part), (dict, list)) or (
             b.path[i + 1] == "[]" and b.path[i + 2 : i + 3] == ("[]",) and not isinstance(node[part][0], list)
         ):
             if b.path[i + 1] == "[]":
                 node[part] = [doc.example(_array(doc, prop, nested=b.path[i + 2 : i + 3] == ("[]",))["items"])]
             else:
-                node[part] = doc.example(next(x for x in _branches(doc, prop) if "properties" in x))
+                first = next(x for x in _branches(doc, prop) if "properties" in x)
+                node[part] = doc.example(_object_with(doc, prop, b.path[i + 1]) or first)
         node, schema = node[part], prop
     return node, b.path[-1]
 
@@ -173,12 +184,19 @@ def _place(body: dict[str, Any], b: Bound, doc: Doc, root: dict[str, Any]) -> tu
 def _branches(doc: Doc, schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
     schema = doc.resolve(schema)
     yield schema
-    for branch in schema.get("anyOf", ()):
+    for branch in (*schema.get("anyOf", ()), *schema.get("oneOf", ())):
         yield from _branches(doc, branch)
 
 
-def _props(doc: Doc, schema: dict[str, Any]) -> dict[str, Any]:
-    return next(b["properties"] for b in _branches(doc, schema) if "properties" in b)
+def _props(doc: Doc, schema: dict[str, Any], key: Any = None) -> dict[str, Any]:
+    """The properties of the schema's first object branch (that has ``key``, when given)."""
+    return next(b["properties"] for b in _branches(doc, schema) if "properties" in b
+                and (key is None or key in b["properties"]))
+
+
+def _object_with(doc: Doc, schema: dict[str, Any], key: Any) -> dict[str, Any]:
+    """The schema's first object branch with the property ``key`` ({} if none)."""
+    return next((b for b in _branches(doc, schema) if key in b.get("properties", {})), {})
 
 
 def _array(doc: Doc, schema: dict[str, Any], nested: bool = False) -> dict[str, Any]:
@@ -196,6 +214,8 @@ def _adjust(route: str, b: Bound, body: dict[str, Any], value: Any) -> None:
         body.pop("model", None)  # "model" wins over the deprecated "name"
     if route == "/v1/chat/completions" and b.path[:1] == ("tool_choice",) and isinstance(value, str):
         body["tools"] = [{"type": "function", "function": {"name": value}}]
+    if route == "/v1/responses" and b.path[:1] == ("tool_choice",) and isinstance(value, str):
+        body["tools"] = [{"type": "function", "name": value}]
     if route == "/v1/completions" and b.path == ("best_of",):
         body["n"] = min(value, 128) if isinstance(value, int) and value >= 1 else 1
 
@@ -265,6 +285,11 @@ def test_bounds_are_found_in_nested_and_union_fields() -> None:
         "/v1/completions prompt maxItems=128",
         "/api/embed input maxItems=2048",
         "/v1/chat/completions n maximum=128",
+        "/v1/responses input maxItems=4096",
+        "/v1/responses input[].name maxLength=256",
+        "/v1/responses tools[].name maxLength=256",
+        "/v1/responses tool_choice.tools[].name maxLength=256",
+        "/v1/responses max_output_tokens minimum=1",
     ):
         assert expected in stated, expected
 

@@ -13,9 +13,10 @@ in the documented shape.
 Cost.  The server bounds every request (the contract's limits, the model's
 2,048-token context), but a generated ``n`` of 128 with ``max_tokens`` 2**31
 is still 128 context-fulls of tokens: the test caps ``n`` at 2 and token
-counts at 8, and sends the generated body's ``model`` as the test model so
-that generations happen at all (unknown models are covered by the error
-tests).  MLXGATE_SCHEMATHESIS_EXAMPLES sets the examples per operation
+counts at 8 (``max_output_tokens`` of the Responses API too), and sends the
+generated body's ``model`` as the test model so that generations happen at
+all (unknown models are covered by the error tests).
+MLXGATE_SCHEMATHESIS_EXAMPLES sets the examples per operation
 (default 100: about 40 s alone on 2 cores); MLXGATE_SCHEMATHESIS_ONLY
 (an operation's label, "POST /api/chat") runs one operation.
 """
@@ -54,6 +55,8 @@ CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
+#: The last event of a Responses stream (named events, no [DONE]).
+RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 #: Model management: 501 by design (README, "Deviations from Ollama").
 UNSUPPORTED = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/")
 
@@ -75,7 +78,7 @@ def _cap(body: Any) -> None:
             body["best_of"] = body["n"]
     if isinstance(body.get("prompt"), list):
         del body["prompt"][2:]
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         if _number(body.get(key)):
             body[key] = min(body[key], 8)
     options = body.get("options")
@@ -98,8 +101,8 @@ class StreamItems:
         key = (path, method, media)
         if key not in self._validators:
             content = self.doc["paths"][path][method]["responses"]["200"]["content"][media]["schema"]
-            item = content if media == "application/x-ndjson" else \
-                content["properties"]["data"]["anyOf"][1]["contentSchema"]
+            item = content if media == "application/x-ndjson" else next(
+                b["contentSchema"] for b in content["properties"]["data"]["anyOf"] if "contentSchema" in b)
             self._validators[key] = jsonschema_rs.validator_for({**item, "components": self.doc["components"]})
         return self._validators[key]
 
@@ -114,7 +117,9 @@ class StreamItems:
             items = [line for line in text.split("\n") if line.strip()]
         else:
             items = [line[6:] for line in text.split("\n") if line.startswith("data: ") and line != "data: [DONE]"]
-            assert text.rstrip().endswith("data: [DONE]") or '"error"' in items[-1], text[-300:]
+            # Chat streams end with [DONE] or an error; Responses streams with their terminal event.
+            assert text.rstrip().endswith("data: [DONE]") or '"error"' in items[-1] or \
+                json.loads(items[-1]).get("type") in RESPONSES_TERMINAL, text[-300:]
         assert items, "an empty stream"
         for item in items:
             value = json.loads(item)
@@ -195,5 +200,5 @@ async def test_the_api_conforms_to_its_own_document(stack) -> None:
     # Every operation was exercised, and the generations were answered, not only refused.
     assert len(statuses) == sum(1 for ops in doc["paths"].values() for _ in ops), statuses
     for label in ("POST /api/generate", "POST /api/chat", "POST /v1/chat/completions", "POST /v1/completions",
-                  "POST /api/embed", "POST /v1/embeddings"):
+                  "POST /api/embed", "POST /v1/embeddings", "POST /v1/responses"):
         assert statuses[label][200] > 0, (label, statuses[label])
