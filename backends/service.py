@@ -24,7 +24,7 @@ from google.protobuf import message_factory
 
 from backends import validation
 from backends.base import Backend
-from backends.errors import BackendError, Internal
+from backends.errors import RETRY_AFTER_KEY, BackendError, Internal
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer
 from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
@@ -37,14 +37,9 @@ from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
+__all__ = ["RETRY_AFTER_KEY", "SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
 
 T = TypeVar("T")
-
-
-#: Trailing metadata key carrying ResourceExhausted.retry_after (whole seconds);
-#: the HTTP front turns it into a Retry-After header.
-RETRY_AFTER_KEY = "retry-after"
 
 
 def _fail(context: grpc.aio.ServicerContext, e: BackendError) -> None:
@@ -192,7 +187,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         res = await _guard(context, "LoadModel", lambda: self.backend.load_model(request.model, keep_alive))
         if res is None:
             return pb.LoadModelResponse()
-        return pb.LoadModelResponse(model=res.model, backend=res.backend, load_duration_ns=res.load_duration_ns)
+        return res.to_pb()
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
