@@ -1,0 +1,50 @@
+"""What the inference service knows about the call it is serving: its
+deadline and its request id, for the backends that call further.
+
+The service sets them once per call (``enter``, in ``backends.service``'s
+method handlers, from the gRPC context); the call's task and everything it
+awaits (the router, a backend's generator) read them with ``remaining`` and
+``request_id``.  A ``ContextVar``: each call runs in its own task, so calls
+never see each other's.  Outside a call (a test calling a backend directly)
+there is no deadline and no request id.
+
+The remote backend (``backends/remote``) is the reader: a call it makes to
+another mlxgate service carries this call's remaining time as its gRPC
+deadline, and its request id as ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Optional
+
+from mlxgate.limits import MAX_REQUEST_ID_CHARS
+
+
+@dataclass(frozen=True)
+class Call:
+    #: ``time.monotonic()`` by which the caller wants its answer; None: no deadline.
+    deadline: Optional[float] = None
+    #: The caller's ``x-request-id`` ("" when it sent none).
+    request_id: str = ""
+
+
+_current: ContextVar[Call] = ContextVar("mlxgate_call", default=Call())
+
+
+def enter(time_remaining: Optional[float], request_id: Optional[str]) -> None:
+    """Called by the service at the start of a call (in the call's own task)."""
+    deadline = None if time_remaining is None else time.monotonic() + max(0.0, time_remaining)
+    _current.set(Call(deadline, (request_id or "")[:MAX_REQUEST_ID_CHARS]))
+
+
+def remaining() -> Optional[float]:
+    """Seconds left of the current call's deadline (never negative); None: no deadline."""
+    deadline = _current.get().deadline
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def request_id() -> str:
+    return _current.get().request_id
