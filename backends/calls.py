@@ -6,7 +6,9 @@ method handlers, from the gRPC context); the call's task and everything it
 awaits (the router, a backend's generator) read them with ``remaining`` and
 ``request_id``.  A ``ContextVar``: each call runs in its own task, so calls
 never see each other's.  Outside a call (a test calling a backend directly)
-there is no deadline and no request id.
+there is no deadline and no request id; ``detached()`` leaves the call for
+work done on everyone's behalf (the router filling a shared cache), which
+must not end with one caller's deadline nor carry its id.
 
 The remote backend (``backends/remote``) is the reader: a call it makes to
 another mlxgate service carries this call's remaining time as its gRPC
@@ -15,10 +17,11 @@ deadline, and its request id as ``x-request-id``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from mlxgate.limits import MAX_REQUEST_ID_CHARS
 
@@ -48,3 +51,13 @@ def remaining() -> Optional[float]:
 
 def request_id() -> str:
     return _current.get().request_id
+
+
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """Run the block outside the current call (no deadline, no request id)."""
+    token = _current.set(Call())
+    try:
+        yield
+    finally:
+        _current.reset(token)

@@ -80,6 +80,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
 
+from backends import calls
 from backends.base import Backend
 from backends.breaker import CircuitBreaker, Clock, State
 from backends.errors import (
@@ -343,7 +344,8 @@ class Router:
             models: Optional[list[ModelInfo]]
             try:
                 try:
-                    models = await asyncio.wait_for(backend.list_models(), LIST_TIMEOUT_S)
+                    with calls.detached():  # a shared cache: not this caller's deadline
+                        models = await asyncio.wait_for(backend.list_models(), LIST_TIMEOUT_S)
                 except asyncio.TimeoutError:
                     raise DeadlineExceeded(f"{backend.name}: listing models timed out") from None
             except asyncio.CancelledError:
@@ -480,7 +482,8 @@ class Router:
     async def _fetch_running(self, backend: Backend) -> None:
         names: Optional[set[str]]
         try:
-            running = await asyncio.wait_for(backend.list_running(), RUNNING_TIMEOUT_S)
+            with calls.detached():
+                running = await asyncio.wait_for(backend.list_running(), RUNNING_TIMEOUT_S)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # placement only: health is the breaker's and the watch's business
