@@ -32,8 +32,14 @@ before Ollama and the clouds, whose order never changes), ordered by:
    counted per backend from the call to the backend to its end);
 4. the priority order.
 
+Spill: when every serving warm engine already has ``RouterConfig.spill_at``
+requests in flight (default 8; 0 turns it off), step 2 is dropped, so the
+least loaded engine that has the model on disk takes the next request and
+loads it: sustained concurrency grows onto more machines, which then stay
+in the spread as warm ones.
+
 So sequential requests stay on the warm service, and concurrent ones spread
-over every warm service.  The order is computed after the last await of
+over every warm service (and beyond, past the spill point).  The order is computed after the last await of
 ``targets`` and the first attempt counts itself in flight before anything
 else runs, so requests arriving together each see the ones before them.
 With a single engine nothing is fetched and the order is the priority order.
@@ -451,10 +457,14 @@ class Router:
         await asyncio.gather(*(self._running_of(t.backend) for t in engines if _serving(t.backend)))
         # No await from here until the caller's first attempt counts itself in flight.
         rank = {b.name: i for i, b in enumerate(self.backends)}
+        warm = [t for t in engines if _serving(t.backend) and self.is_warm(t.backend.name, t.model)]
+        spill = self.rc.spill_at > 0 and bool(warm) and all(
+            self.in_flight[t.backend.name] >= self.rc.spill_at for t in warm)
 
         def order(t: Target) -> tuple[bool, bool, int, int]:
             name = t.backend.name
-            return (not _serving(t.backend), not self.is_warm(name, t.model), self.in_flight[name], rank[name])
+            cold = not spill and not self.is_warm(name, t.model)
+            return (not _serving(t.backend), cold, self.in_flight[name], rank[name])
 
         out = list(targets)
         for i, t in zip(slots, sorted(engines, key=order)):

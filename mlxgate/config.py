@@ -205,6 +205,13 @@ class RouterConfig:
     #: again, seconds.  It is also refreshed in the background after each
     #: request it served.
     running_ttl: float = 5.0
+    #: Placement: when every serving engine that has the model loaded already
+    #: has this many of this router's requests in flight, the warm/cold
+    #: preference is dropped and the least loaded engine that has the model
+    #: takes the next one (loading it there), so sustained concurrent traffic
+    #: grows onto more machines.  0: never (a cold engine only when no warm
+    #: one serves).
+    spill_at: int = 8
 
 
 @dataclass

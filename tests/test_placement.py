@@ -232,3 +232,23 @@ async def test_close_cancels_background_refreshes():
     await collect(r.generate(chat()))
     await r.close()
     assert r._refreshers == {}
+
+
+@pytest.mark.parametrize("spill_at", [2, 0])
+async def test_past_the_spill_point_a_cold_engine_takes_the_next_request(spill_at):
+    hold = asyncio.Event()
+    a, b = engine("remote:a", hold=hold), engine("remote:b", hold=hold)
+    a.loaded.add("m")
+    r, _ = router(a, b, spill_at=spill_at)
+    streams = [r.generate(chat()) for _ in range(4)]
+    try:
+        got = [(await anext(s)).backend for s in streams]  # one after the other, each still in flight
+        if spill_at:
+            # two on the warm one, then it is "full": the cold one loads and shares the rest
+            assert got == ["remote:a", "remote:a", "remote:b", "remote:b"]
+        else:
+            assert got == ["remote:a"] * 4
+    finally:
+        hold.set()
+        for s in streams:
+            await s.aclose()
