@@ -252,3 +252,27 @@ async def test_past_the_spill_point_a_cold_engine_takes_the_next_request(spill_a
         hold.set()
         for s in streams:
             await s.aclose()
+
+
+async def test_in_flight_and_serving_are_metrics():
+    from prometheus_client import CollectorRegistry
+
+    from backends.metrics import BackendCollector
+
+    hold = asyncio.Event()
+    a, b = engine("remote:a", hold=hold), engine("remote:b", hold=hold)
+    b.serving = False  # draining
+    r, _ = router(a, b, ScriptedBackend("ollama", ["m"]))
+    registry = CollectorRegistry()
+    registry.register(BackendCollector(r))
+    stream = r.generate(chat())
+    try:
+        await anext(stream)
+        assert registry.get_sample_value("mlxgate_backend_in_flight", {"backend": "remote:a"}) == 1
+        assert registry.get_sample_value("mlxgate_backend_in_flight", {"backend": "ollama"}) == 0
+        assert registry.get_sample_value("mlxgate_backend_serving", {"backend": "remote:a"}) == 1
+        assert registry.get_sample_value("mlxgate_backend_serving", {"backend": "remote:b"}) == 0
+    finally:
+        hold.set()
+        await stream.aclose()
+    assert registry.get_sample_value("mlxgate_backend_in_flight", {"backend": "remote:a"}) == 0

@@ -306,7 +306,7 @@ class RemoteBackend:
                     self._set_health(HealthState.UNKNOWN)
                     backoff = self.backoff_max
                 else:
-                    self._set_health(HealthState.UNREACHABLE, e.code().name)
+                    self._set_health(HealthState.UNREACHABLE, f"{e.code().name}: {(e.details() or '')[:200]}")
             except Exception:
                 log.exception("%s: health watch failed", self.name)
                 self._set_health(HealthState.UNREACHABLE)
