@@ -39,10 +39,11 @@ loads it: sustained concurrency grows onto more machines, which then stay
 in the spread as warm ones.
 
 So sequential requests stay on the warm service, and concurrent ones spread
-over every warm service (and beyond, past the spill point).  The order is computed after the last await of
-``targets`` and the first attempt counts itself in flight before anything
-else runs, so requests arriving together each see the ones before them.
-With a single engine nothing is fetched and the order is the priority order.
+over every warm service (and beyond, past the spill point).  The order is
+computed after the last await of ``targets`` and the first attempt counts
+itself in flight before anything else runs, so requests arriving together
+each see the ones before them.  With a single engine nothing is fetched and
+the order is the priority order.
 
 Fallback.  ``generate`` tries targets in order.  A retryable ``BackendError``
 (Unavailable, ResourceExhausted, DeadlineExceeded, ModelNotFound,
