@@ -13,6 +13,13 @@ must not end with one caller's deadline nor carry its id.
 The remote backend (``backends/remote``) is the reader: a call it makes to
 another mlxgate service carries this call's remaining time as its gRPC
 deadline, and its request id as ``x-request-id``.
+
+One hop only: the remote backend marks every call it makes with
+``x-mlxgate-forwarded: 1``; a call that arrives so marked is ``forwarded``,
+and the router serves it from its own backends only, never from its remote
+services.  So two fronts that list each other as remotes cannot send a
+request back and forth, and a remote's model list shows what that machine
+serves itself.
 """
 
 from __future__ import annotations
@@ -26,21 +33,27 @@ from typing import Iterator, Optional
 from mlxgate.limits import MAX_REQUEST_ID_CHARS
 
 
+#: Metadata marking a call made by another mlxgate's remote backend.
+FORWARDED_KEY = "x-mlxgate-forwarded"
+
+
 @dataclass(frozen=True)
 class Call:
     #: ``time.monotonic()`` by which the caller wants its answer; None: no deadline.
     deadline: Optional[float] = None
     #: The caller's ``x-request-id`` ("" when it sent none).
     request_id: str = ""
+    #: Made by another mlxgate's remote backend: served without remotes.
+    forwarded: bool = False
 
 
 _current: ContextVar[Call] = ContextVar("mlxgate_call", default=Call())
 
 
-def enter(time_remaining: Optional[float], request_id: Optional[str]) -> None:
+def enter(time_remaining: Optional[float], request_id: Optional[str], forwarded: bool = False) -> None:
     """Called by the service at the start of a call (in the call's own task)."""
     deadline = None if time_remaining is None else time.monotonic() + max(0.0, time_remaining)
-    _current.set(Call(deadline, (request_id or "")[:MAX_REQUEST_ID_CHARS]))
+    _current.set(Call(deadline, (request_id or "")[:MAX_REQUEST_ID_CHARS], forwarded))
 
 
 def remaining() -> Optional[float]:
@@ -53,10 +66,15 @@ def request_id() -> str:
     return _current.get().request_id
 
 
+def forwarded() -> bool:
+    return _current.get().forwarded
+
+
 @contextlib.contextmanager
 def detached() -> Iterator[None]:
-    """Run the block outside the current call (no deadline, no request id)."""
-    token = _current.set(Call())
+    """Run the block outside the current call (no deadline, no request id;
+    still forwarded if the call was, which decides what may be asked)."""
+    token = _current.set(Call(forwarded=forwarded()))
     try:
         yield
     finally:

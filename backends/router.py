@@ -55,6 +55,10 @@ At most ``RouterConfig.retry_budget`` targets are tried per request.
 Embeddings given as token ids go only to targets whose backend takes them
 (``takes_token_ids``: the MLX engine); the others are never tried.
 
+One hop.  A call another mlxgate forwarded (``backends.calls.forwarded``) is
+served by backends that do not forward (``forwards`` False or absent): its
+targets, model list and running list leave the remote services out.
+
 Health.  A backend whose ``serving`` attribute is False (optional, True when
 absent; remote services have it) gets no new request: it is skipped like an
 open circuit (reason NOT_SERVING), its model list is neither fetched nor
@@ -433,14 +437,22 @@ class Router:
             log.warning("alias target %r skipped: %s", entry, why)
         return None
 
+    def _usable(self) -> list[Backend]:
+        """The backends this call may use: all, but those that forward to
+        another mlxgate when the call was itself forwarded (one hop only)."""
+        if calls.forwarded():
+            return [b for b in self.backends if not getattr(b, "forwards", False)]
+        return self.backends
+
     async def targets(self, public: str) -> list[Target]:
         """Ordered (backend, name at backend) for a public name."""
+        usable = self._usable()
         entries = self._alias_entries(public)
         if entries is not None:
-            return [t for t in (self._parse_alias(e) for e in entries) if t is not None]
-        listings = await asyncio.gather(*(self._models_of(b) for b in self.backends))
+            return [t for t in (self._parse_alias(e) for e in entries) if t is not None and t.backend in usable]
+        listings = await asyncio.gather(*(self._models_of(b) for b in usable))
         out = []
-        for backend, models in zip(self.backends, listings):
+        for backend, models in zip(usable, listings):
             found = self._find(models, public)
             if found is not None:
                 out.append(Target(backend, found.name))
@@ -553,10 +565,11 @@ class Router:
     async def _not_found(self, public: str) -> ModelNotFound:
         names = [m.name for m in await self.list_models()]
         msg = f"model '{clip_name(public)}' not found; {available(names)}"
-        unreachable = [b.name for b in self.backends if (lst := self._listings.get(b.name)) and lst.models is None]
+        usable = self._usable()
+        unreachable = [b.name for b in usable if (lst := self._listings.get(b.name)) and lst.models is None]
         if unreachable:
             msg += f" (could not list: {', '.join(unreachable)})"
-        resting = [b.name for b in self.backends if not _serving(b) and b.name not in self._listings]
+        resting = [b.name for b in usable if not _serving(b) and b.name not in self._listings]
         if resting:
             msg += f" (not serving, so not listed: {', '.join(resting)})"
         return ModelNotFound(msg)
@@ -749,10 +762,11 @@ class Router:
     async def list_models(self) -> list[ModelInfo]:
         """Union over reachable backends, first backend (priority order) owning
         each name, ``fallbacks`` naming the others; aliases as their own entries."""
-        listings = await asyncio.gather(*(self._models_of(b) for b in self.backends))
+        usable = self._usable()
+        listings = await asyncio.gather(*(self._models_of(b) for b in usable))
         owners: dict[str, ModelInfo] = {}
         order: list[str] = []
-        for backend, models in zip(self.backends, listings):
+        for backend, models in zip(usable, listings):
             for m in models or []:
                 key = untagged(m.name)
                 if key in owners:
@@ -762,7 +776,7 @@ class Router:
                 info = dataclasses.replace(m, backend=backend.name, fallbacks=[], details=m.details)
                 owners[key] = info
                 order.append(key)
-        by_backend = {b.name: models for b, models in zip(self.backends, listings)}
+        by_backend = {b.name: models for b, models in zip(usable, listings)}
         for alias, entries in self.aliases.items():
             targets = [t for t in (self._parse_alias(e) for e in entries) if t is not None]
             reachable = [t for t in targets if by_backend.get(t.backend.name) is not None]
@@ -809,7 +823,7 @@ class Router:
             return running
 
         out: list[RunningModel] = []
-        for part in await asyncio.gather(*(one(b) for b in self.backends)):
+        for part in await asyncio.gather(*(one(b) for b in self._usable())):
             out.extend(part)
         return out + self._running_aliases(out)
 

@@ -213,9 +213,12 @@ class GenerateObserver(Protocol):
 
 
 def _enter(context: grpc.aio.ServicerContext) -> None:
-    """The call's deadline and request id, for backends that call further
-    (``backends.calls``); set before ``gate.run`` copies this task's context."""
-    calls.enter(context.time_remaining(), metadata_value(context.invocation_metadata(), "x-request-id"))
+    """The call's deadline, request id and whether another mlxgate forwarded
+    it, for the router and backends that call further (``backends.calls``);
+    set before ``gate.run`` copies this task's context."""
+    metadata = context.invocation_metadata()
+    calls.enter(context.time_remaining(), metadata_value(metadata, "x-request-id"),
+                metadata_value(metadata, calls.FORWARDED_KEY) == "1")
 
 
 def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpcHandler:

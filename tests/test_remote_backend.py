@@ -444,3 +444,33 @@ async def test_a_server_without_the_contract_is_unimplemented():
     finally:
         await r.close()
         await server.stop(0)
+
+
+# ------------------------------------------------------------------ one hop only
+
+
+async def test_a_forwarded_call_is_served_without_remotes():
+    """Fronts that list each other as remotes: a call that came from another
+    mlxgate is served by the service's own backends only, and its model list
+    shows only what that machine serves itself."""
+    far = await start_inference_service(Router([ScriptedBackend("mlx", ["only-far"])]), port=0)
+    hop_to_far = remote(far.target, name="far", key="")
+    middle = await start_inference_service(Router([ScriptedBackend("mlx", ["m"]), hop_to_far]), port=0)
+    front = remote(middle.target, name="middle", key="")
+    try:
+        # A client of the middle service sees both ...
+        async with grpc.aio.insecure_channel(middle.target) as ch:
+            listed = await pb_grpc.InferenceServiceStub(ch).ListModels(pb.ListModelsRequest())
+        assert [(m.name, m.backend) for m in listed.models] == [("m", "mlx"), ("only-far", "remote:far")]
+        # ... another mlxgate's remote backend only what the middle serves itself.
+        assert [m.name for m in await front.list_models()] == ["m"]
+        with pytest.raises(ModelNotFound) as info:
+            await collect(front.generate(chat("only-far")))
+        assert "remote:far" not in info.value.message
+        assert (await collect(front.generate(chat("m"))))[-1].backend == "mlx"
+        assert [r.backend for r in await front.list_running()] == []
+    finally:
+        await front.close()
+        await middle.stop(0)
+        await hop_to_far.close()
+        await far.stop(0)

@@ -28,6 +28,9 @@ What travels over the hop:
 * **Request ids**: ``x-request-id`` metadata on every call, and the
   request's ``request_id`` field (generate, embed), so the remote's logs and
   its own upstreams see the same id.
+* **One hop**: every call is marked ``x-mlxgate-forwarded: 1``; the remote
+  serves it from its own backends, never from its own remotes
+  (``backends.calls``), so fronts listing each other cannot loop.
 * **Keys**: ``authorization: Bearer <key>`` on every InferenceService call
   when this remote has a key (``key_env``, ``key``, or the front's own).  The
   key is never logged and never in a repr.
@@ -106,6 +109,9 @@ class RemoteBackend:
     #: The remote decides: its own router refuses token ids for a model it
     #: does not run itself, with the same rule as here.
     takes_token_ids = True
+    #: Calls here go to another mlxgate: a call that was itself forwarded is
+    #: not forwarded again (``backends.calls``, one hop only).
+    forwards = True
 
     #: Health watch reconnect backoff, seconds (doubles from min to max).
     backoff_min = 0.2
@@ -185,7 +191,7 @@ class RemoteBackend:
         self._get_stub()
 
     def _md(self, request_id: str) -> tuple[tuple[str, str], ...]:
-        return (("x-request-id", request_id), *self._metadata)
+        return (("x-request-id", request_id), (calls.FORWARDED_KEY, "1"), *self._metadata)
 
     def _error(self, e: grpc.aio.AioRpcError) -> BackendError:
         retry_after = None
