@@ -24,6 +24,10 @@ Optional attribute ``serving`` (True when absent): False while the backend
 takes no new requests (a remote service draining or unreachable, from its
 health watch); the router then skips it.
 
+Optional attribute ``forwards`` (False when absent): calls go on to another
+mlxgate (a remote service); a call that another mlxgate forwarded here is
+never sent on to such a backend (one hop only, ``backends.calls``).
+
 Optional coroutine ``start()``: background work to begin when the process
 starts (a remote's health watch); ``Router.start`` calls it.  ``close``
 ends it.
