@@ -391,6 +391,14 @@ async def test_health_serving_draining_unreachable_and_back():
         assert front.health() == {"remote:a": True, "remote:b": True}
         assert (await collect(front.generate(chat())))[-1].backend == "remote:a"
 
+        # A refusal for shutting down says as much as the watch would.
+        svc.gate.begin_drain()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await a.list_models()
+        assert a.health is HealthState.NOT_SERVING
+        svc.gate.draining = False  # (only the gate drained: health never changed, so
+        a.health = HealthState.SERVING  # the watch has nothing to say; put it back by hand)
+
         await svc.begin_drain()  # SIGTERM's first step: NOT_SERVING
         await until(lambda: a.health is HealthState.NOT_SERVING)
         assert a.serving is False and front.health()["remote:a"] is False

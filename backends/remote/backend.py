@@ -67,7 +67,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backends import calls
 from backends.errors import RETRY_AFTER_KEY, BackendError, Unavailable, error_for_code
-from backends.gate import SERVICE_NAME
+from backends.gate import SERVICE_NAME, SHUTTING_DOWN
 from backends.http_upstream import TokenClock, parse_retry_after
 from backends.types import (
     Done,
@@ -199,6 +199,9 @@ class RemoteBackend:
             if key == RETRY_AFTER_KEY:
                 retry_after = parse_retry_after(value if isinstance(value, str) else value.decode("latin-1"))
         details = e.details() or e.code().name
+        if e.code() == grpc.StatusCode.UNAVAILABLE and details == SHUTTING_DOWN:
+            # Draining, and the watch has not said so yet: no more new requests.
+            self._set_health(HealthState.NOT_SERVING)
         return error_for_code(e.code(), f"{self.name}: {details}", retry_after)
 
     def _unary_timeout(self) -> float:
