@@ -357,12 +357,13 @@ async def test_the_token_clocks_end_a_silent_remote(where):
 
 async def test_time_the_caller_holds_the_stream_is_not_the_remotes_silence(service):
     svc, scripted = service
-    r = remote(svc.target, idle_timeout=0.3)
+    r = remote(svc.target, idle_timeout=1.0)
     try:
         got = []
         async for ev in r.generate(chat()):
             got.append(ev)
-            await asyncio.sleep(0.5)  # a slow client, longer than the idle clock
+            if len(got) == 1:
+                await asyncio.sleep(1.5)  # a slow client, longer than the idle clock
         assert isinstance(got[-1], Done)
     finally:
         await r.close()
