@@ -145,7 +145,7 @@ class RemoteBackend:
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),) if key else ()
         self.health = HealthState.UNKNOWN
         #: Each transition into SERVING counts one (tests and logs).
-        self.serving_since = 0
+        self.times_serving = 0
         self._channel: Optional[grpc.aio.Channel] = None
         self._stub: Optional[pb_grpc.InferenceServiceStub] = None
         self._watch_task: Optional[asyncio.Task] = None
@@ -288,7 +288,7 @@ class RemoteBackend:
             return
         before, self.health = self.health, state
         if state is HealthState.SERVING:
-            self.serving_since += 1
+            self.times_serving += 1
             log.info("%s (%s): serving", self.name, self.target)
         elif state is HealthState.NOT_SERVING:
             log.info("%s (%s): not serving (draining): no new requests go there", self.name, self.target)
