@@ -14,7 +14,7 @@ DATA   ?= .mlxgate-data
 OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
 FAST_BLAS := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup run test proto model bench soak lint clean
+.PHONY: setup run test proto model bench bench-scale soak lint clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ model: setup
 
 bench: setup
 	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench
+
+# One front over 1 vs 2 local `mlxgate service` processes (tests/bench/scale.py).
+bench-scale: setup
+	$(FAST_BLAS) $(BIN)/python -m tests.bench.scale
 
 # An hour of mixed traffic against a running server (not part of `make test`):
 # failures and the RSS slope after warm-up.  SOAK_MINUTES=5 for a short one.

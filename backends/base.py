@@ -13,6 +13,24 @@ Optional attribute ``takes_token_ids`` (False when absent): ``embed`` accepts
 ``EmbedRequest.input_tokens``.  Token ids are a model's own tokenizer's, so
 only a backend that runs the model itself can honour them; the router sends
 token-id requests to no other backend.
+
+Optional attribute ``is_engine`` (False when absent): the backend is an mlxgate
+engine (the local MLX engine, a remote mlxgate service).  Engines that have
+a model are interchangeable for it, so the router orders them by where the
+model is loaded and by load rather than by priority (backends/router.py,
+"Placement"); they must implement ``list_running`` cheaply.
+
+Optional attribute ``serving`` (True when absent): False while the backend
+takes no new requests (a remote service draining or unreachable, from its
+health watch); the router then skips it.
+
+Optional attribute ``forwards`` (False when absent): calls go on to another
+mlxgate (a remote service); a call that another mlxgate forwarded here is
+never sent on to such a backend (one hop only, ``backends.calls``).
+
+Optional coroutine ``start()``: background work to begin when the process
+starts (a remote's health watch); ``Router.start`` calls it.  ``close``
+ends it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from backends.router import REASONS
+from backends.router import REASONS, Router
 from backends.types import FINISH_REASONS, Done, GenerateRequest
 
 PREFIX = "mlxgate"
@@ -102,6 +102,33 @@ class MemoryCollector(Collector):
         for model, at in snap.model_expiry.items():
             expiry.add_metric([model], float("inf") if at is None else at)
         yield expiry
+
+
+class BackendCollector(Collector):
+    """Per backend, read from the router at scrape time: the requests it has in
+    flight there (placement's load), and, for backends that watch their
+    health (remote services), whether they take new requests."""
+
+    def __init__(self, router: "Router") -> None:
+        self.router = router
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_backend_in_flight",
+            "Requests this router has running at each backend (what placement balances).",
+            labels=["backend"],
+        )
+        for name, n in self.router.in_flight.items():
+            in_flight.add_metric([name], n)
+        yield in_flight
+        serving = GaugeMetricFamily(
+            f"{PREFIX}_backend_serving",
+            "1 while a remote service takes new requests (health SERVING), 0 while it drains or cannot be reached.",
+            labels=["backend"],
+        )
+        for name, ok in self.router.health().items():
+            serving.add_metric([name], 1 if ok else 0)
+        yield serving
 
 
 class ServiceMetrics:

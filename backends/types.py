@@ -2,10 +2,14 @@
 
 Backends never see protobuf messages: the inference service converts a
 request with ``from_pb`` and each event or result a backend returns with
-``to_pb``.  Only those two directions exist: the HTTP front builds and reads
-proto messages itself (``gateway/*/translate.py``), so these types stay
-inside the service.  Keeping conversion here (TGI's pattern) means handlers
-stay thin and a proto change touches one file.
+``to_pb``.  The remote backend (``backends/remote``), a client of another
+mlxgate service, needs the other two directions: requests ``to_pb`` and
+events and results ``from_pb``; each type that travels that way has them
+here too, so ``X.from_pb(x.to_pb()) == x`` (tests/test_types_roundtrip.py).
+The HTTP front builds and reads proto messages itself
+(``gateway/*/translate.py``), so these types stay inside the service.
+Keeping conversion here (TGI's pattern) means handlers stay thin and a proto
+change touches one file.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional, Union, get_args
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from backends.errors import InvalidArgument
 from mlxgate import limits
-from mlxgate.dialects.base import caller_arguments
-from mlxgate.jsonutil import JSONError
+from mlxgate.dialects.base import caller_arguments, produced_arguments
+from mlxgate.jsonutil import JSONError, loads_object
 from mlxgate.v1 import inference_pb2 as pb
 
 # ---------------------------------------------------------------- helpers
@@ -44,6 +48,7 @@ _FINISH_TO_PB = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
     "error": pb.FINISH_REASON_ERROR,
 }
+_PB_TO_FINISH = {v: k for k, v in _FINISH_TO_PB.items()}
 
 CAPABILITIES = ("completion", "tools", "embedding", "insert", "vision", "thinking")
 _CAP_TO_PB = {
@@ -54,6 +59,7 @@ _CAP_TO_PB = {
     "vision": pb.CAPABILITY_VISION,
     "thinking": pb.CAPABILITY_THINKING,
 }
+_PB_TO_CAP = {v: k for k, v in _CAP_TO_PB.items()}
 
 
 #: Longer than this means "keep loaded" (limits.py).
@@ -74,6 +80,19 @@ def keep_alive_from_pb(msg: pb.GenerateRequest | pb.EmbedRequest | pb.LoadModelR
     if not msg.HasField("keep_alive"):
         return None
     return normalize_keep_alive(msg.keep_alive.seconds + msg.keep_alive.nanos / 1e9)
+
+
+def keep_alive_to_pb(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
+    """The Duration ``keep_alive_from_pb`` reads back (None: leave it unset)."""
+    if seconds is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def _from_ts(m: Any, name: str) -> Optional[datetime]:
+    return getattr(m, name).ToDatetime(tzinfo=timezone.utc) if m.HasField(name) else None
 
 
 def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
@@ -110,8 +129,15 @@ class ToolCall:
 
     @classmethod
     def from_pb(cls, m: pb.ToolCall) -> "ToolCall":
+        """A call a *caller* sent (history): its arguments must be an object."""
         arguments = _json_or_empty(m.arguments_json, "tool_calls.arguments_json")
         return cls(name=m.name, arguments=arguments, id=m.id, index=m.index)
+
+    @classmethod
+    def produced_from_pb(cls, m: pb.ToolCall) -> "ToolCall":
+        """A call a model *produced* (an answer from another service): kept
+        whatever its arguments are (``produced_arguments``)."""
+        return cls(name=m.name, arguments=produced_arguments(m.arguments_json), id=m.id, index=m.index)
 
 
 @dataclass
@@ -125,6 +151,17 @@ class Message:
     #: Assistant history: the reasoning before ``content``.
     thinking: str = ""
 
+
+    def to_pb(self) -> pb.ChatMessage:
+        return pb.ChatMessage(
+            role=_ROLE_TO_PB[self.role],
+            content=self.content,
+            images=self.images,
+            tool_calls=[t.to_pb() for t in self.tool_calls],
+            tool_name=self.tool_name,
+            tool_call_id=self.tool_call_id,
+            thinking=self.thinking,
+        )
 
     @classmethod
     def from_pb(cls, m: pb.ChatMessage) -> "Message":
@@ -171,6 +208,10 @@ class Prompt:
     images: list[bytes] = field(default_factory=list)
 
 
+    def to_pb(self) -> pb.PromptInput:
+        return pb.PromptInput(prompt=self.prompt, suffix=self.suffix, system=self.system, raw=self.raw,
+                              images=self.images)
+
     @classmethod
     def from_pb(cls, m: pb.PromptInput) -> "Prompt":
         return cls(prompt=m.prompt, suffix=m.suffix, system=m.system, raw=m.raw, images=list(m.images))
@@ -182,6 +223,10 @@ class Tool:
     description: str = ""
     parameters: dict = field(default_factory=dict)
 
+
+    def to_pb(self) -> pb.Tool:
+        parameters = json.dumps(self.parameters, ensure_ascii=False) if self.parameters else ""
+        return pb.Tool(name=self.name, description=self.description, parameters_json=parameters)
 
     @classmethod
     def from_pb(cls, m: pb.Tool) -> "Tool":
@@ -228,6 +273,10 @@ class Sampling:
     num_ctx: Optional[int] = None
 
 
+    def to_pb(self) -> pb.SamplingParams:
+        kw = {k: v for k in _SAMPLING_OPTIONAL if (v := getattr(self, k)) is not None}
+        return pb.SamplingParams(stop=self.stop, **kw)
+
     @classmethod
     def from_pb(cls, m: pb.SamplingParams) -> "Sampling":
         kw = {k: getattr(m, k) for k in _SAMPLING_OPTIONAL if m.HasField(k)}
@@ -239,6 +288,14 @@ class OutputFormat:
     kind: Literal["text", "json", "json_schema"] = "text"
     schema: Optional[dict] = None
 
+
+    def to_pb(self) -> pb.OutputFormat:
+        if self.kind == "json":
+            return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON)
+        if self.kind == "json_schema":
+            return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA,
+                                   json_schema=json.dumps(self.schema or {}, ensure_ascii=False))
+        return pb.OutputFormat()
 
     @classmethod
     def from_pb(cls, m: pb.OutputFormat) -> "OutputFormat":
@@ -280,6 +337,13 @@ class ToolChoice:
                 raise InvalidArgument(f"tool_choice names {self.function_name!r}, which is not in tools")
 
 
+    def to_pb(self) -> pb.ToolChoice:
+        if self.mode == "required":
+            return pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
+        if self.mode == "function":
+            return pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=self.function_name)
+        return pb.ToolChoice()
+
     @classmethod
     def from_pb(cls, m: pb.ToolChoice) -> "ToolChoice":
         if m.mode == pb.TOOL_CHOICE_REQUIRED:
@@ -310,6 +374,31 @@ class GenerateRequest:
     #: the start of the prompt) to fit, as Ollama does.
     truncate: bool = False
 
+
+    def to_pb(self) -> pb.GenerateRequest:
+        """The request as another mlxgate service takes it (``from_pb`` reads it back)."""
+        m = pb.GenerateRequest(
+            request_id=self.request_id,
+            model=self.model,
+            tools=[t.to_pb() for t in self.tools],
+            sampling=self.sampling.to_pb(),
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            keep_alive=keep_alive_to_pb(self.keep_alive),
+        )
+        if self.format.kind != "text":
+            m.format.CopyFrom(self.format.to_pb())
+        if self.tool_choice.forced:
+            m.tool_choice.CopyFrom(self.tool_choice.to_pb())
+        if self.prompt is not None:
+            m.prompt.CopyFrom(self.prompt.to_pb())
+        else:
+            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages or []]))
+        if self.think is not None:
+            m.think = self.think
+        if self.truncate:
+            m.truncate = True
+        return m
 
     @classmethod
     def from_pb(cls, m: pb.GenerateRequest) -> "GenerateRequest":
@@ -358,6 +447,15 @@ class TokenLogprob:
             top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in self.top],
         )
 
+    @classmethod
+    def from_pb(cls, m: pb.TokenLogprob) -> "TokenLogprob":
+        return cls(
+            token_id=m.token_id,
+            token=m.token,
+            logprob=m.logprob,
+            top=[TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in m.top_logprobs],
+        )
+
 
 @dataclass
 class Chunk:
@@ -403,6 +501,19 @@ class Chunk:
             thinking="".join(c.thinking for c in chunks),
         )
 
+    @classmethod
+    def from_pb(cls, m: pb.Chunk) -> "Chunk":
+        return cls(
+            text=m.text,
+            token_ids=list(m.token_ids),
+            tool_calls=[ToolCall.produced_from_pb(t) for t in m.tool_calls],
+            logprobs=[TokenLogprob.from_pb(lp) for lp in m.logprobs],
+            backend=m.backend,
+            model=m.model,
+            thinking=m.thinking,
+        )
+
+
 @dataclass
 class Done:
     """The last event of every generation."""
@@ -436,6 +547,32 @@ class Done:
             )
         )
 
+    @classmethod
+    def from_pb(cls, m: pb.Done) -> "Done":
+        return cls(
+            finish_reason=_PB_TO_FINISH.get(m.finish_reason, "stop"),  # type: ignore[arg-type]
+            prompt_tokens=m.prompt_tokens,
+            completion_tokens=m.completion_tokens,
+            cached_prompt_tokens=m.cached_prompt_tokens,
+            load_duration_ns=m.load_duration_ns,
+            prompt_eval_duration_ns=m.prompt_eval_duration_ns,
+            eval_duration_ns=m.eval_duration_ns,
+            total_duration_ns=m.total_duration_ns,
+            backend=m.backend,
+            model=m.model,
+            error_message=m.error_message,
+        )
+
+
+def event_from_pb(m: pb.GenerateResponse) -> Optional["Event"]:
+    """A streamed response as a Chunk or Done (None: neither is set)."""
+    which = m.WhichOneof("event")
+    if which == "chunk":
+        return Chunk.from_pb(m.chunk)
+    if which == "done":
+        return Done.from_pb(m.done)
+    return None
+
 
 Event = Union[Chunk, Done]
 
@@ -459,6 +596,17 @@ class EmbedRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     input_tokens: list[list[int]] = field(default_factory=list)
 
+
+    def to_pb(self) -> pb.EmbedRequest:
+        return pb.EmbedRequest(
+            request_id=self.request_id,
+            model=self.model,
+            input=self.inputs,
+            input_tokens=[pb.TokenIds(ids=ids) for ids in self.input_tokens],
+            truncate=self.truncate,
+            dimensions=self.dimensions,
+            keep_alive=keep_alive_to_pb(self.keep_alive),
+        )
 
     @classmethod
     def from_pb(cls, m: pb.EmbedRequest) -> "EmbedRequest":
@@ -492,6 +640,17 @@ class EmbedResult:
             total_duration_ns=self.total_duration_ns,
         )
 
+    @classmethod
+    def from_pb(cls, m: pb.EmbedResponse) -> "EmbedResult":
+        return cls(
+            embeddings=[list(e.values) for e in m.embeddings],
+            prompt_tokens=m.prompt_tokens,
+            model=m.model,
+            backend=m.backend,
+            load_duration_ns=m.load_duration_ns,
+            total_duration_ns=m.total_duration_ns,
+        )
+
 
 # ---------------------------------------------------------------- models
 
@@ -513,6 +672,17 @@ class ModelDetails:
             parameter_size=self.parameter_size,
             quantization_level=self.quantization_level,
             format=self.format,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelDetails) -> "ModelDetails":
+        return cls(
+            family=m.family,
+            families=list(m.families),
+            parameter_count=m.parameter_count,
+            parameter_size=m.parameter_size,
+            quantization_level=m.quantization_level,
+            format=m.format,
         )
 
 
@@ -537,6 +707,18 @@ class ModelInfo:
             fallbacks=self.fallbacks,
         )
 
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
+        return cls(
+            name=m.name,
+            backend=m.backend,
+            size_bytes=m.size_bytes,
+            digest=m.digest,
+            modified_at=_from_ts(m, "modified_at"),
+            details=ModelDetails.from_pb(m.details),
+            fallbacks=list(m.fallbacks),
+        )
+
 
 @dataclass
 class ModelShow:
@@ -555,6 +737,21 @@ class ModelShow:
             capabilities=[_CAP_TO_PB[c] for c in self.capabilities if c in _CAP_TO_PB],
             config_json=json.dumps(self.config),
             license=self.license,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.ShowModelResponse) -> "ModelShow":
+        try:
+            config = loads_object(m.config_json, "config_json") if m.config_json else {}
+        except JSONError:
+            config = {}
+        return cls(
+            info=ModelInfo.from_pb(m.model),
+            chat_template=m.chat_template,
+            context_length=m.context_length,
+            capabilities=[_PB_TO_CAP[c] for c in m.capabilities if c in _PB_TO_CAP],
+            config=config,
+            license=m.license,
         )
 
 
@@ -577,9 +774,27 @@ class RunningModel:
             details=self.details.to_pb(),
         )
 
+    @classmethod
+    def from_pb(cls, m: pb.RunningModel) -> "RunningModel":
+        return cls(
+            name=m.name,
+            backend=m.backend,
+            size_bytes=m.size_bytes,
+            expires_at=_from_ts(m, "expires_at"),
+            context_length=m.context_length,
+            details=ModelDetails.from_pb(m.details),
+        )
+
 
 @dataclass
 class LoadResult:
     model: str
     backend: str
     load_duration_ns: int = 0
+
+    def to_pb(self) -> pb.LoadModelResponse:
+        return pb.LoadModelResponse(model=self.model, backend=self.backend, load_duration_ns=self.load_duration_ns)
+
+    @classmethod
+    def from_pb(cls, m: pb.LoadModelResponse) -> "LoadResult":
+        return cls(model=m.model, backend=m.backend, load_duration_ns=m.load_duration_ns)

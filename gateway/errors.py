@@ -31,7 +31,7 @@ from aiohttp import web
 from gateway.render import json_response
 from mlxgate.limits import clip
 
-#: Must match backends.service.RETRY_AFTER_KEY (the front does not import backends).
+#: Must match backends.errors.RETRY_AFTER_KEY (the front does not import backends).
 RETRY_AFTER_KEY = "retry-after"
 
 log = logging.getLogger(__name__)

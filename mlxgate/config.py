@@ -22,6 +22,11 @@ dataclass fields, e.g.::
     base_url = "https://openrouter.ai/api/v1"
     api_key_env = "OPENROUTER_API_KEY"
     models = ["meta-llama/llama-3.1-8b-instruct"]
+
+    [[remote]]
+    name = "studio2"
+    target = "studio2.lan:50051"
+    key_env = "MLXGATE_STUDIO2_KEY"
 """
 
 from __future__ import annotations
@@ -177,6 +182,30 @@ class CloudConfig:
 
 
 @dataclass
+class RemoteService:
+    """Another mlxgate inference service (``mlxgate service`` on another
+    machine), used as a backend named ``remote:<name>``.
+
+    The key it wants (``authorization: Bearer``): preferably ``key_env``, the
+    name of an environment variable holding it, so the key never sits in a
+    file; ``key`` holds it in the file itself.  With neither, the front's own
+    first API key is sent (``server.api_keys``), if it has one.
+    """
+
+    #: The backend is ``remote:<name>`` (metrics labels, x-mlxgate-backend,
+    #: alias targets ``remote:<name>:<model>``); empty: the target.
+    name: str = ""
+    #: host:port of its gRPC port.
+    target: str = ""
+    key: str = field(default="", repr=False)
+    key_env: str = ""
+    #: None: the ``[upstream]`` default (filled in by load_config).
+    connect_timeout: Optional[float] = None
+    first_token_timeout: Optional[float] = None
+    idle_timeout: Optional[float] = None
+
+
+@dataclass
 class RouterConfig:
     #: Backends tried for one request, fallbacks included.
     retry_budget: int = 3
@@ -186,6 +215,18 @@ class RouterConfig:
     breaker_cooldown: float = 30.0
     #: How long a backend's model list is reused, seconds.
     model_list_ttl: float = 10.0
+    #: Placement (several engines with the model: the local one and remote
+    #: services): how long what each has loaded is reused before it is asked
+    #: again, seconds.  It is also refreshed in the background after each
+    #: request it served.
+    running_ttl: float = 5.0
+    #: Placement: when every serving engine that has the model loaded already
+    #: has this many of this router's requests in flight, the warm/cold
+    #: preference is dropped and the least loaded engine that has the model
+    #: takes the next one (loading it there), so sustained concurrent traffic
+    #: grows onto more machines.  0: never (a cold engine only when no warm
+    #: one serves).
+    spill_at: int = 8
 
 
 @dataclass
@@ -194,6 +235,8 @@ class Config:
     mlx: MLXConfig = field(default_factory=MLXConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
+    #: Other mlxgate inference services (TOML ``[[remote]]``, MLXGATE_REMOTES).
+    remotes: list[RemoteService] = field(default_factory=list)
     router: RouterConfig = field(default_factory=RouterConfig)
     upstream: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     #: Public name -> ordered targets "mlx:<name>", "ollama:<tag>",
@@ -304,6 +347,14 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
                     cfg.cloud.providers.append(CloudProvider(**p))
                 except TypeError as e:
                     raise ValueError(f"cloud.providers: {e}") from None
+        elif key == "remote":
+            if not isinstance(value, list):
+                raise ValueError("remote: expected [[remote]] entries (name, target, key_env or key)")
+            for r in value:
+                try:
+                    cfg.remotes.append(RemoteService(**r))
+                except TypeError as e:
+                    raise ValueError(f"remote: {e}") from None
         elif key == "log_level":
             cfg.log_level = value
         elif isinstance(value, Mapping) and hasattr(cfg, key):
@@ -329,6 +380,39 @@ def _cloud_from_env(cfg: Config, env: Mapping[str, str]) -> None:
                 models=models,
             )
         )
+
+
+#: Names become metric labels, header values and alias prefixes.
+_REMOTE_NAME = re.compile(r"^[A-Za-z0-9._:\-\[\]]{1,128}$")
+
+
+def _remotes_from_env(cfg: Config, env: Mapping[str, str]) -> None:
+    """MLXGATE_REMOTES=host:port,name=host:port,...: more remote services (after
+    the TOML ones; a target already configured is not added twice).  A bare
+    target names itself (backend ``remote:host:port``)."""
+    for entry in split_list(env.get("MLXGATE_REMOTES", "")):
+        name, sep, target = entry.partition("=")
+        if not sep:
+            name, target = "", entry
+        target = target.strip()
+        if any(r.target == target for r in cfg.remotes):
+            continue
+        cfg.remotes.append(RemoteService(name=name.strip(), target=target))
+
+
+def _check_remotes(cfg: Config) -> None:
+    names: set[str] = set()
+    for r in cfg.remotes:
+        if not r.target or ":" not in r.target or not r.target.rsplit(":", 1)[1].isdigit():
+            raise ValueError(f"remote {r.name or r.target!r}: target must be host:port, got {r.target!r}")
+        r.name = r.name or r.target
+        if not _REMOTE_NAME.match(r.name):
+            raise ValueError(f"remote {r.name!r}: a name is 1-128 characters of [A-Za-z0-9._:-]")
+        if r.name in names:
+            raise ValueError(f"remote {r.name!r} is configured twice")
+        names.add(r.name)
+        if r.key and r.key_env:
+            raise ValueError(f"remote {r.name!r}: set key_env or key, not both")
 
 
 def parse_ollama_host(value: str) -> tuple[str, Optional[int]]:
@@ -398,7 +482,7 @@ def resolved_timeouts(upstream: Any) -> UpstreamTimeouts:
 
 def _upstream_defaults(cfg: Config) -> None:
     """Per-upstream timeouts left unset take the ``[upstream]`` defaults."""
-    targets: list[Any] = [cfg.ollama, *cfg.cloud.providers]
+    targets: list[Any] = [cfg.ollama, *cfg.cloud.providers, *cfg.remotes]
     for t in targets:
         for f in dataclasses.fields(UpstreamTimeouts):
             if getattr(t, f.name) is None:
@@ -435,6 +519,7 @@ def load_config(
             if origin not in cfg.server.origins:
                 cfg.server.origins.append(origin)
     _cloud_from_env(cfg, env)
+    _remotes_from_env(cfg, env)
     for dotted, value in (overrides or {}).items():
         if value is None or value == []:
             continue
@@ -443,6 +528,7 @@ def load_config(
             _set(getattr(cfg, section), name, value)
         else:
             setattr(cfg, dotted, value)
+    _check_remotes(cfg)
     _upstream_defaults(cfg)
     if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
         raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")

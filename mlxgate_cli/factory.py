@@ -4,10 +4,18 @@ Part of the composition root: each backend is handed only its own section of
 the configuration (``MLXBackend(config.mlx)``, ``OllamaBackend(config.ollama)``,
 ``CloudBackend(provider, env)``, ``Router(backends, config.router, config.aliases)``).
 
-Order: MLX (when ``config.mlx.enabled``), the upstream Ollama (when
+Order: MLX (when ``config.mlx.enabled``), one remote mlxgate service per
+``config.remotes`` entry (in the order configured), the upstream Ollama (when
 ``config.ollama.upstream`` is set), then one cloud backend per
-``config.cloud.providers`` entry, in the order configured.  MLX is imported
-lazily so a process without it (front only, or MLX disabled) never loads it.
+``config.cloud.providers`` entry, in the order configured.  MLX and the
+remotes are the engines the router places by warmth and load
+(``backends/router.py``, "Placement"); the others keep this order.  MLX is
+imported lazily so a process without it (front only, or MLX disabled) never
+loads it.
+
+A remote's key: its ``key_env`` variable, else its ``key``, else the front's
+own first API key (``server.api_keys``), so a fleet sharing one key needs it
+set once.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Mapping, Optional
 from backends.base import Backend
 from backends.cloud import CloudBackend
 from backends.ollama import OllamaBackend
+from backends.remote import RemoteBackend
 from backends.router import Router, RouterObserver
 from mlxgate.config import Config, MLXConfig
 
@@ -40,6 +49,10 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
         mlx = _mlx_backend(config.mlx)
         if mlx is not None:
             backends.append(mlx)
+    shared_key = config.server.api_keys[0] if config.server.api_keys else None
+    for remote in config.remotes:
+        backends.append(RemoteBackend(remote, env, shared_key=shared_key,
+                                      max_message_bytes=config.server.grpc_max_message_bytes))
     if config.ollama.upstream:
         backends.append(OllamaBackend(config.ollama))
     seen = set()

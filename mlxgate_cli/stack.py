@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 from prometheus_client import CollectorRegistry
 
-from backends.metrics import MemoryCollector, ServiceMetrics
+from backends.metrics import BackendCollector, MemoryCollector, ServiceMetrics
 from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
 from mlxgate.ports import bind_error, check_free
@@ -95,13 +95,13 @@ class Stack:
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)
-        self.service_metrics.init_backends(
-            [b.name for b in self.router.backends], self.router.alias_backend_orders()
-        )
+        self.service_metrics.init_backends([b.name for b in self.router.backends], self.router.fallback_orders())
+        await self.router.start()  # remote services' health watches
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram
         self.registry.register(MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None))
+        self.registry.register(BackendCollector(self.router))
         self.service = await start_inference_service(
             self.router,
             host=self.config.server.grpc_host,

@@ -63,6 +63,9 @@ class MLXBackend:
     name = BACKEND
     #: Embeddings take token ids: the models are here, with their own tokenizers.
     takes_token_ids = True
+    #: An mlxgate engine: placed with the remote services by warmth and load
+    #: (backends/router.py, "Placement").
+    is_engine = True
 
     def __init__(self, config: MLXConfig, observer: Any = None) -> None:
         """``observer``: optional object with ``observe_queue_wait(model, seconds)``
