@@ -402,6 +402,8 @@ class Done:
     backend: str = ""
     model: str = ""
     error_message: str = ""
+    #: The stop sequence that ended the generation, when one did and the backend can tell.
+    stop_sequence: str = ""
 
     def to_pb(self) -> pb.GenerateResponse:
         return pb.GenerateResponse(
@@ -417,11 +419,24 @@ class Done:
                 backend=self.backend,
                 model=self.model,
                 error_message=self.error_message,
+                stop_sequence=self.stop_sequence,
             )
         )
 
 
 Event = Union[Chunk, Done]
+
+
+@dataclass
+class TokenCount:
+    """What ``Backend.count_tokens`` answers: the prompt tokens of a request's input."""
+
+    input_tokens: int
+    backend: str = ""
+    model: str = ""
+
+    def to_pb(self) -> pb.CountTokensResponse:
+        return pb.CountTokensResponse(input_tokens=self.input_tokens, backend=self.backend, model=self.model)
 
 
 # ---------------------------------------------------------------- embeddings

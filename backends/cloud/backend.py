@@ -26,7 +26,7 @@ import time
 from typing import Any, AsyncIterator, Mapping, Optional
 
 from backends.cloud import wire
-from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
+from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable, Unimplemented
 from backends.http_upstream import (
     UpstreamSession,
     UpstreamStream,
@@ -46,6 +46,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from mlxgate.config import CloudProvider, resolved_timeouts
 
@@ -154,6 +155,10 @@ class CloudBackend(UpstreamSession):
         return Unavailable(f"{self.name}: {text}")
 
     # ------------------------------------------------------------ unary
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        # OpenAI-compatible APIs have no endpoint that counts a chat's tokens.
+        raise Unimplemented(f"{self.name}: counting tokens is not supported by OpenAI-compatible APIs")
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         if req.input_tokens:

@@ -18,7 +18,7 @@ import json
 import logging
 from typing import Any, AsyncIterator, Optional
 
-from backends.errors import BackendError, ModelNotFound, Unavailable
+from backends.errors import BackendError, ModelNotFound, Unavailable, Unimplemented
 from backends.http_upstream import (
     UpstreamSession,
     UpstreamStream,
@@ -35,6 +35,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from mlxgate.config import OllamaConfig, resolved_timeouts
 from mlxgate.names import same_model
@@ -101,6 +102,10 @@ class OllamaBackend(UpstreamSession):
             stream.close()
 
     # ------------------------------------------------------------ unary
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        # Ollama's API has no way to count a prompt without generating.
+        raise Unimplemented(f"{self.name}: counting tokens is not supported by Ollama's API")
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         data = await self._call("POST", "/api/embed", wire.embed_body(req))
