@@ -42,6 +42,9 @@ BASE: dict[str, dict[str, Any]] = {
                              "stream": True, "logprobs": True},
     "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 1, "stream": True},
     "/v1/embeddings": {"model": MODEL, "input": "hi"},
+    "/v1/messages": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                     "stream": True},
+    "/v1/messages/count_tokens": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
 }
 
 #: Refusals at a bound that are the test model's (or the dialect's other rules), not the bound's.

@@ -98,8 +98,10 @@ class StreamItems:
         key = (path, method, media)
         if key not in self._validators:
             content = self.doc["paths"][path][method]["responses"]["200"]["content"][media]["schema"]
-            item = content if media == "application/x-ndjson" else \
-                content["properties"]["data"]["anyOf"][1]["contentSchema"]
+            data = content["properties"]["data"] if media == "text/event-stream" else None
+            # OpenAI's data is an item or [DONE]; Anthropic's (named events) is always an item.
+            item = content if data is None else data["anyOf"][1]["contentSchema"] if "anyOf" in data else \
+                data["contentSchema"]
             self._validators[key] = jsonschema_rs.validator_for({**item, "components": self.doc["components"]})
         return self._validators[key]
 
@@ -114,7 +116,14 @@ class StreamItems:
             items = [line for line in text.split("\n") if line.strip()]
         else:
             items = [line[6:] for line in text.split("\n") if line.startswith("data: ") and line != "data: [DONE]"]
-            assert text.rstrip().endswith("data: [DONE]") or '"error"' in items[-1], text[-300:]
+            # OpenAI's streams end with [DONE], Anthropic's with message_stop; a failed one with an error.
+            ended = text.rstrip().endswith("data: [DONE]") or json.loads(items[-1]).get("type") == "message_stop"
+            assert ended or '"error"' in items[-1], text[-300:]
+            # Named events (Anthropic): each event's name is its data's type.
+            for block in text.split("\n\n"):
+                lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+                if "event" in lines:
+                    assert lines["event"] == json.loads(lines["data"])["type"], block[:300]
         assert items, "an empty stream"
         for item in items:
             value = json.loads(item)
@@ -195,5 +204,5 @@ async def test_the_api_conforms_to_its_own_document(stack) -> None:
     # Every operation was exercised, and the generations were answered, not only refused.
     assert len(statuses) == sum(1 for ops in doc["paths"].values() for _ in ops), statuses
     for label in ("POST /api/generate", "POST /api/chat", "POST /v1/chat/completions", "POST /v1/completions",
-                  "POST /api/embed", "POST /v1/embeddings"):
+                  "POST /api/embed", "POST /v1/embeddings", "POST /v1/messages", "POST /v1/messages/count_tokens"):
         assert statuses[label][200] > 0, (label, statuses[label])
