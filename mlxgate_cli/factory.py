@@ -2,11 +2,13 @@
 
 Part of the composition root: each backend is handed only its own section of
 the configuration (``MLXBackend(config.mlx)``, ``OllamaBackend(config.ollama)``,
-``CloudBackend(provider, env)``, ``Router(backends, config.router, config.aliases)``).
+``cloud_backend(provider, env)`` -- a ``CloudBackend`` or an ``AnthropicBackend``
+by the provider's kind --, ``Router(backends, config.router, config.aliases)``).
 
 Order: MLX (when ``config.mlx.enabled``), the upstream Ollama (when
 ``config.ollama.upstream`` is set), then one cloud backend per
-``config.cloud.providers`` entry, in the order configured.  MLX is imported
+``config.cloud.providers`` entry (OpenAI-compatible or Anthropic, by its
+``kind``), in the order configured.  MLX is imported
 lazily so a process without it (front only, or MLX disabled) never loads it.
 """
 
@@ -16,7 +18,7 @@ import logging
 from typing import Mapping, Optional
 
 from backends.base import Backend
-from backends.cloud import CloudBackend
+from backends.cloud import cloud_backend
 from backends.ollama import OllamaBackend
 from backends.router import Router, RouterObserver
 from mlxgate.config import Config, MLXConfig
@@ -47,7 +49,7 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
         if provider.name in seen:
             raise ValueError(f"cloud provider {provider.name!r} is configured twice")
         seen.add(provider.name)
-        backends.append(CloudBackend(provider, env))
+        backends.append(cloud_backend(provider, env))
     return backends
 
 

@@ -79,10 +79,14 @@ class CloudBackend(UpstreamSession):
     def _secrets(self) -> tuple[Optional[str], ...]:
         return (self.__key,)
 
+    def _auth_headers(self, key: str) -> dict[str, str]:
+        """Where the key goes (OpenAI: a bearer token; Anthropic's adapter overrides it)."""
+        return {"Authorization": f"Bearer {key}"}
+
     def _headers(self) -> dict[str, str]:
         h = {"Accept": "application/json"}
         if self.__key:
-            h["Authorization"] = f"Bearer {self.__key}"
+            h.update(self._auth_headers(self.__key))
         return h
 
     async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
