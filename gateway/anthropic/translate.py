@@ -6,7 +6,9 @@ module maps it onto the contract.  A request becomes one
 ``CountTokens``):
 
 - ``system`` (a string, or text blocks joined by blank lines) is the first,
-  system message; ``messages`` keep their order.  Within a message, text
+  system message, and system-role messages (newer clients send them inside
+  ``messages``) are added to it, since most chat templates take a system
+  message only first; the other ``messages`` keep their order.  Within a message, text
   blocks are joined as they are (as OpenAI's text parts); a user message's
   ``tool_result`` blocks become tool messages (the call's id and name) before
   the rest of it; an assistant's ``tool_use`` blocks are its tool calls and its
@@ -99,13 +101,34 @@ def _system_text(system: Optional[Union[str, list[wire.TextBlock]]]) -> str:
     return "\n\n".join(b.text for b in system)
 
 
+def _system_messages(r: wire._Input) -> str:
+    """``system``, then the text of every system-role message (Claude Code sends
+    one after the first user turn), joined by blank lines: most chat templates
+    take a system message only first, so all of it goes there."""
+    parts = [_system_text(r.system)]
+    for i, m in enumerate(r.messages):
+        if m.role != "system":
+            continue
+        if isinstance(m.content, str):
+            parts.append(m.content)
+            continue
+        for j, b in enumerate(m.content):
+            if not isinstance(b, wire.TextBlock):
+                raise bad_request(f"messages[{i}].content[{j}]: system messages hold text blocks only",
+                                  param=f"messages[{i}].content[{j}].type")
+        parts.append("".join(b.text for b in m.content))  # type: ignore[union-attr]
+    return "\n\n".join(p for p in parts if p)
+
+
 def messages_pb(r: wire._Input) -> list[pb.ChatMessage]:
     out: list[pb.ChatMessage] = []
-    system = _system_text(r.system)
+    system = _system_messages(r)
     if system:
         out.append(pb.ChatMessage(role=pb.ROLE_SYSTEM, content=system))
     names_by_id: dict[str, str] = {}
     for i, m in enumerate(r.messages):
+        if m.role == "system":
+            continue  # in the system prompt
         if isinstance(m.content, str):
             out.append(pb.ChatMessage(role=_ROLE[m.role], content=m.content))
             continue
