@@ -232,6 +232,19 @@ async def test_count_tokens_is_the_prompt_a_message_uses(stack):
     assert n.input_tokens > len(tok.encode("Be brief.\n\nBe kind.What is the weather like in Paris?"))
 
 
+async def test_system_role_messages_join_the_system_prompt(stack):
+    """Claude Code sends a system-role message after the first user turn; it is
+    counted (and generated) as if it were part of ``system``."""
+    c = client(stack)
+    hoisted = await c.messages.count_tokens(model=stack.model, system="Be brief.", messages=[
+        {"role": "user", "content": "hi"}, {"role": "system", "content": [{"type": "text", "text": "Be kind."}]}])
+    joined = await c.messages.count_tokens(model=stack.model, system="Be brief.\n\nBe kind.", messages=HI)
+    assert hoisted.input_tokens == joined.input_tokens
+    with pytest.raises(anthropic.BadRequestError, match="system messages hold text blocks only"):
+        await c.messages.count_tokens(model=stack.model, messages=[*HI, {"role": "system", "content": [
+            {"type": "tool_result", "tool_use_id": "x"}]}])
+
+
 async def test_count_tokens_of_an_input_beyond_the_context_is_refused(stack):
     c = client(stack)
     with pytest.raises(anthropic.BadRequestError, match="context length exceeded") as e:

@@ -207,7 +207,8 @@ ContentBlock = Annotated[
 
 
 class MessageParam(WireModel):
-    role: Role
+    role: Role = Field(description="user, assistant, or system (its text is added to the system prompt, as most "
+                                   "chat templates take a system message only first)")
     content: Union[str, list[ContentBlock]]
 
 
