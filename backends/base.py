@@ -9,6 +9,11 @@ HTTP adapter closes its upstream request.
 Failures are raised as ``backends.errors.BackendError`` subclasses so the
 router can tell "try the next backend" (``retryable``) from "tell the caller".
 
+``count_tokens`` counts the prompt tokens of a request's input (its chat
+template, tools, system and think applied) without generating; a backend
+that cannot count raises ``Unimplemented`` (retryable: the router asks the
+next).
+
 Optional attribute ``takes_token_ids`` (False when absent): ``embed`` accepts
 ``EmbedRequest.input_tokens``.  Token ids are a model's own tokenizer's, so
 only a backend that runs the model itself can honour them; the router sends
@@ -46,6 +51,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 
 
@@ -58,6 +64,10 @@ class Backend(Protocol):
         ...
 
     async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        """Prompt tokens of ``req``'s input; ``req.model`` is the name at this backend."""
+        ...
 
     async def list_models(self) -> list[ModelInfo]:
         """Models this backend can serve now (names at this backend)."""

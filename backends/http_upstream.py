@@ -123,7 +123,8 @@ def error_for_status(
         return ModelNotFound(msg)
     if status == 408 or status == 504:
         return DeadlineExceeded(msg)
-    if status == 429 or status == 503:
+    if status == 429 or status == 503 or status == 529:
+        # 529: Anthropic's "overloaded_error", a busy upstream like a 503.
         return ResourceExhausted(msg, retry_after=retry_after)
     if status == 501:
         return Unimplemented(msg)

@@ -100,6 +100,7 @@ from backends.errors import (
     InvalidArgument,
     ModelNotFound,
     Unavailable,
+    Unimplemented,
 )
 from backends.types import (
     Done,
@@ -111,6 +112,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from mlxgate.config import RouterConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
@@ -693,6 +695,23 @@ class Router:
         result.backend = target.backend.name
         result.model = result.model or target.model
         self._answered(target.backend.name, target.model)
+        return result
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        """Counted by the first target that can count (the MLX engine renders and
+        tokenizes; an Anthropic provider asks its API); backends that cannot
+        (an upstream Ollama, OpenAI-compatible clouds) answer Unimplemented and
+        the next is asked, as for any retryable failure."""
+
+        async def count(b: Backend, name: str) -> TokenCount:
+            method = getattr(b, "count_tokens", None)
+            if method is None:
+                raise Unimplemented(f"{b.name}: counting tokens is not supported")
+            return await method(dataclasses.replace(req, model=name))
+
+        target, result = await self._first(req.model, "count_tokens", count)
+        result.backend = target.backend.name
+        result.model = result.model or target.model
         return result
 
     @staticmethod

@@ -154,6 +154,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             trim_after_large(size)
         return result.to_pb() if result is not None else pb.EmbedResponse()
 
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountTokensResponse:
+        size = request.ByteSize()
+        try:
+            validation.check_count_tokens(request)
+            req = GenerateRequest.from_pb(request.request)
+        except BackendError as e:
+            _fail(context, e)
+            return pb.CountTokensResponse()
+        finally:
+            trim_after_large(size)
+        del request
+        try:
+            result = await _guard(context, "CountTokens", lambda: self.backend.count_tokens(req))
+        finally:
+            trim_after_large(size)
+        return result.to_pb() if result is not None else pb.CountTokensResponse()
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:

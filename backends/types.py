@@ -529,6 +529,8 @@ class Done:
     backend: str = ""
     model: str = ""
     error_message: str = ""
+    #: The stop sequence that ended the generation, when one did and the backend can tell.
+    stop_sequence: str = ""
 
     def to_pb(self) -> pb.GenerateResponse:
         return pb.GenerateResponse(
@@ -544,6 +546,7 @@ class Done:
                 backend=self.backend,
                 model=self.model,
                 error_message=self.error_message,
+                stop_sequence=self.stop_sequence,
             )
         )
 
@@ -561,6 +564,7 @@ class Done:
             backend=m.backend,
             model=m.model,
             error_message=m.error_message,
+            stop_sequence=m.stop_sequence,
         )
 
 
@@ -575,6 +579,22 @@ def event_from_pb(m: pb.GenerateResponse) -> Optional["Event"]:
 
 
 Event = Union[Chunk, Done]
+
+
+@dataclass
+class TokenCount:
+    """What ``Backend.count_tokens`` answers: the prompt tokens of a request's input."""
+
+    input_tokens: int
+    backend: str = ""
+    model: str = ""
+
+    def to_pb(self) -> pb.CountTokensResponse:
+        return pb.CountTokensResponse(input_tokens=self.input_tokens, backend=self.backend, model=self.model)
+
+    @classmethod
+    def from_pb(cls, m: pb.CountTokensResponse) -> "TokenCount":
+        return cls(input_tokens=m.input_tokens, backend=m.backend, model=m.model)
 
 
 # ---------------------------------------------------------------- embeddings

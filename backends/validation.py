@@ -139,6 +139,13 @@ def check_generate(req: pb.GenerateRequest) -> None:
         )
 
 
+def check_count_tokens(req: pb.CountTokensRequest) -> None:
+    """The input to count is checked as a generation would be."""
+    if not req.HasField("request"):
+        raise InvalidArgument("request is required")
+    check_generate(req.request)
+
+
 def check_embed(req: pb.EmbedRequest) -> None:
     """Texts or token ids, never both, within the count; no empty token list.
 

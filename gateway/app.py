@@ -1,4 +1,4 @@
-"""The aiohttp application: both dialects over one inference-service client.
+"""The aiohttp application: the dialects (Ollama, OpenAI, Anthropic) over one inference-service client.
 
 ``create_app(server_cfg, grpc_target)`` builds it; the gRPC channel is opened
 and closed by a ``cleanup_ctx`` and stored under ``CLIENT_KEY``.  Middlewares
@@ -28,6 +28,7 @@ import grpc
 from aiohttp import web
 
 from gateway import openapi
+from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
 from gateway.errors import ApiError, Dialect, dialect_of, error_response, from_grpc, from_http, internal_error
@@ -43,6 +44,9 @@ from mlxgate.limits import MAX_MESSAGES
 from mlxgate.memory import trim_after_large
 
 log = logging.getLogger(__name__)
+
+#: The header Anthropic's API names its request id with.
+ANTHROPIC_REQUEST_ID_HEADER = "request-id"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -93,7 +97,11 @@ def build_middlewares(guard: TrustGuard, extra: Iterable[Middleware] = ()) -> li
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers[REQUEST_ID_HEADER] = request_id(request)
+    rid = request_id(request)
+    response.headers[REQUEST_ID_HEADER] = rid
+    if dialect_of(request.path) == "anthropic":
+        # Anthropic's SDKs read the id from "request-id" (APIStatusError.request_id).
+        response.headers[ANTHROPIC_REQUEST_ID_HEADER] = rid
 
 
 def _client_ctx(
@@ -162,6 +170,7 @@ def create_app(
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)
     responses_routes.add_routes(app)
+    anthropic_routes.add_routes(app)
     openapi.add_routes(app)
     return app
 

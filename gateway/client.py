@@ -195,6 +195,10 @@ class InferenceClient:
         req.request_id = request_id
         return await self._unary_call(self.stub.Embed, req, request_id)
 
+    async def count_tokens(self, req: pb.GenerateRequest, request_id: str) -> pb.CountTokensResponse:
+        req.request_id = request_id
+        return await self._unary_call(self.stub.CountTokens, pb.CountTokensRequest(request=req), request_id)
+
     async def list_models(self, request_id: str) -> pb.ListModelsResponse:
         return await self._unary_call(self.stub.ListModels, pb.ListModelsRequest(), request_id)
 

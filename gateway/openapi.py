@@ -21,12 +21,12 @@ from gateway.errors import dialect_of
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, REQUEST_ID_HEADER
-from mlxgate.dialects import ollama, openai
+from mlxgate.dialects import anthropic, ollama, openai
 
 S = dict[str, Any]
 REF = "#/components/schemas/{model}"
 
-_ERRORS = {"ollama": ollama.Error, "openai": openai.Error}
+_ERRORS = {"ollama": ollama.Error, "openai": openai.Error, "anthropic": anthropic.Error}
 
 #: Why each status may be answered (the error table: docs/architecture.md, "Errors").
 _STATUS_TEXT = {
@@ -42,6 +42,8 @@ _STATUS_TEXT = {
     501: "not implemented",
     503: "unavailable: no backend could answer, the server is shutting down, or (Ollama dialect) busy",
     504: "deadline exceeded",
+    529: "overloaded (Anthropic's overloaded_error): the engine is busy, no backend could answer, or the server "
+         "is shutting down; see Retry-After",
 }
 
 
@@ -55,6 +57,9 @@ def _statuses(r: Route, dialect: str) -> list[int]:
             out.add(429)
     if r.unsupported:
         out.add(501)
+    if dialect == "anthropic":
+        # Only the statuses Anthropic documents (gateway/errors.py: adapt).
+        out = (out - {429, 501, 503}) | {529}
     if r.query is not None:
         out.add(400)
     out.update(r.statuses)
@@ -138,7 +143,7 @@ class _Schemas:
     def _rename(self) -> None:
         """pydantic qualifies clashing names with their module ("mlxgate__dialects__ollama__Error");
         the document calls them "OllamaError", "OpenAIError"."""
-        prefixes = {"ollama": "Ollama", "openai": "OpenAI", "responses": "Responses"}
+        prefixes = {"ollama": "Ollama", "openai": "OpenAI", "responses": "Responses", "anthropic": "Anthropic"}
         ollama_names = {n for n, v in vars(ollama).items() if isinstance(v, type) and v.__module__ == ollama.__name__}
         renames = {}
         for name in self.defs:
@@ -193,6 +198,17 @@ def _operation(r: Route, s: _Schemas) -> S:
                     "schema": {**item, "description": "each line is one of these; a stream that failed ends "
                                                       "with an error line"},
                 }
+            elif dialect == "anthropic":
+                # Named events: event is the data's type; no [DONE] (message_stop ends the stream, an
+                # error event a stream that failed).
+                content["text/event-stream"] = {"schema": {
+                    "type": "object",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"enum": list(anthropic.EVENT_NAMES)},
+                        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": item},
+                    },
+                }}
             elif r.event_names:
                 # Named events (OpenAI's Responses API): event is the data's type; no [DONE].
                 content["text/event-stream"] = {"schema": {
@@ -224,7 +240,7 @@ def _operation(r: Route, s: _Schemas) -> S:
             ok["content"] = content
         responses["200"] = ok
     for status in _statuses(r, dialect):
-        extra = ["Retry-After"] if status in (429, 503) else []
+        extra = ["Retry-After"] if status in (429, 503, 529) else []
         resp: S = {"description": _STATUS_TEXT[status], "headers": _headers(extra)}
         if not head:
             resp["content"] = error
@@ -246,11 +262,12 @@ def _operation(r: Route, s: _Schemas) -> S:
 
 
 def all_routes() -> list[Route]:
+    from gateway.anthropic.routes import ROUTES as ANTHROPIC
     from gateway.ollama.routes import ROUTES as OLLAMA
     from gateway.openai.routes import ROUTES as OPENAI
     from gateway.responses.routes import ROUTES as RESPONSES
 
-    return [*OLLAMA, *OPENAI, *RESPONSES, *ROUTES]
+    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *ROUTES]
 
 
 @functools.lru_cache(maxsize=1)
@@ -271,14 +288,17 @@ def document() -> S:
         "info": {
             "title": "mlxgate HTTP API",
             "version": "1",
-            "description": "Ollama REST (/api/*) and OpenAI REST (/v1/*) in front of the mlxgate inference "
-            "service. Every response carries X-Request-Id; answers from a backend carry x-mlxgate-backend. "
+            "description": "Ollama REST (/api/*), OpenAI REST (/v1/*) and Anthropic Messages (/v1/messages) in "
+            "front of the mlxgate inference service. Every response carries X-Request-Id; answers from a backend "
+            "carry x-mlxgate-backend. "
             "Bounds marked here are enforced: the dialects' own rules by the front, the contract's limits "
             "(mlxgate/limits.py) by the inference service.",
         },
         "tags": [
             {"name": "ollama", "description": 'Ollama dialect (errors: {"error": "..."})'},
             {"name": "openai", "description": 'OpenAI dialect (errors: {"error": {message,type,param,code}})'},
+            {"name": "anthropic", "description": 'Anthropic Messages dialect (errors: {"type": "error", "error": '
+                                                 '{type,message}})'},
             {"name": "meta"},
         ],
         "paths": paths,

@@ -34,7 +34,8 @@ without ever reading the request body:
 
 Refusals are ``ApiError`` rendered by ``error_response``: the caller's dialect
 (``{"error": "..."}`` on ``/api/*`` and ``/``; ``{"error": {"message", "type",
-"param", "code"}}`` on ``/v1/*``).
+"param", "code"}}`` on ``/v1/*``; ``{"type": "error", "error": {"type",
+"message"}}`` on ``/v1/messages*``).
 
 ``on_response_prepare`` (an ``app.on_response_prepare`` hook) puts
 ``Access-Control-Allow-Origin`` (echoing the origin), ``Vary: Origin`` and

@@ -27,6 +27,12 @@ dataclass fields, e.g.::
     name = "studio2"
     target = "studio2.lan:50051"
     key_env = "MLXGATE_STUDIO2_KEY"
+
+    [[cloud.providers]]
+    name = "claude"
+    kind = "anthropic"                      # Anthropic's Messages API ("openai" is the default)
+    base_url = "https://api.anthropic.com"
+    api_key_env = "ANTHROPIC_API_KEY"
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
 
 from mlxgate.durations import parse_duration  # noqa: F401 - re-exported
 
@@ -162,18 +169,32 @@ class OllamaConfig:
     idle_timeout: Optional[float] = None
 
 
+#: The APIs a cloud provider may speak: "openai" (OpenAI-compatible chat
+#: completions; base_url ends with /v1) or "anthropic" (Anthropic's Messages
+#: API; base_url is the API root, as ANTHROPIC_BASE_URL: https://api.anthropic.com).
+CLOUD_KINDS = ("openai", "anthropic")
+
+
 @dataclass
 class CloudProvider:
     name: str
     base_url: str
     #: Name of the environment variable that holds the key (never the key).
     api_key_env: str = ""
+    #: The API it speaks: one of CLOUD_KINDS.
+    kind: str = "openai"
     #: Models to offer from this provider; empty = ask its /models.
     models: list[str] = field(default_factory=list)
     #: None: the ``[upstream]`` default (filled in by load_config).
     connect_timeout: Optional[float] = None
     first_token_timeout: Optional[float] = None
     idle_timeout: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CLOUD_KINDS:
+            raise ValueError(
+                f"cloud provider {self.name!r}: kind must be one of {', '.join(CLOUD_KINDS)}, got {self.kind!r}"
+            )
 
 
 @dataclass
@@ -345,7 +366,7 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
             for p in value.get("providers", []):
                 try:
                     cfg.cloud.providers.append(CloudProvider(**p))
-                except TypeError as e:
+                except (TypeError, ValueError) as e:
                     raise ValueError(f"cloud.providers: {e}") from None
         elif key == "remote":
             if not isinstance(value, list):
@@ -366,11 +387,12 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
 
 
 def _cloud_from_env(cfg: Config, env: Mapping[str, str]) -> None:
-    """OPENAI_BASE_URL / OPENAI_API_KEY give the common single provider."""
-    if any(p.name == "openai" for p in cfg.cloud.providers):
-        return
+    """OPENAI_BASE_URL / OPENAI_API_KEY give the common single provider
+    ("openai"), ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY an Anthropic one
+    ("anthropic"), each unless the file already names one so."""
+    names = {p.name for p in cfg.cloud.providers}
     base = env.get("OPENAI_BASE_URL")
-    if base or env.get("OPENAI_API_KEY"):
+    if "openai" not in names and (base or env.get("OPENAI_API_KEY")):
         models = [m for m in env.get("MLXGATE_CLOUD_MODELS", "").split(",") if m]
         cfg.cloud.providers.append(
             CloudProvider(
@@ -380,6 +402,46 @@ def _cloud_from_env(cfg: Config, env: Mapping[str, str]) -> None:
                 models=models,
             )
         )
+    base = env.get("ANTHROPIC_BASE_URL")
+    if "anthropic" not in names and (base or env.get("ANTHROPIC_API_KEY")):
+        cfg.cloud.providers.append(
+            CloudProvider(
+                name="anthropic",
+                kind="anthropic",
+                base_url=base or "https://api.anthropic.com",
+                api_key_env="ANTHROPIC_API_KEY",
+                models=split_list(env.get("MLXGATE_ANTHROPIC_MODELS", "")),
+            )
+        )
+
+
+def _points_here(base_url: str, server: ServerConfig) -> bool:
+    """Whether an upstream's URL is this server's own HTTP address (a loop)."""
+    try:
+        u = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return False
+    host = (u.hostname or "").lower()
+    local = host in ("localhost", "::1", "0.0.0.0", "::") or host.startswith("127.") or host == server.host.lower()
+    return local and port == server.port
+
+
+def _drop_loops(cfg: Config) -> None:
+    """A cloud provider pointing at this very server (ANTHROPIC_BASE_URL or
+    OPENAI_BASE_URL exported for a client such as Claude Code, in the shell
+    that runs mlxgate) would forward every request it cannot serve to itself,
+    forever: it is left out, with a note saying why."""
+    kept = []
+    for p in cfg.cloud.providers:
+        if _points_here(p.base_url, cfg.server):
+            cfg.notes.append(
+                f"cloud provider {p.name!r} is ignored: its base_url {p.base_url} is this server's own address "
+                f"(port {cfg.server.port}), so it would send requests back to itself"
+            )
+        else:
+            kept.append(p)
+    cfg.cloud.providers = kept
 
 
 #: Names become metric labels, header values and alias prefixes.
@@ -529,6 +591,7 @@ def load_config(
         else:
             setattr(cfg, dotted, value)
     _check_remotes(cfg)
+    _drop_loops(cfg)
     _upstream_defaults(cfg)
     if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
         raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")

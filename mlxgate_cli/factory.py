@@ -2,16 +2,17 @@
 
 Part of the composition root: each backend is handed only its own section of
 the configuration (``MLXBackend(config.mlx)``, ``OllamaBackend(config.ollama)``,
-``CloudBackend(provider, env)``, ``Router(backends, config.router, config.aliases)``).
+``cloud_backend(provider, env)`` -- a ``CloudBackend`` or an ``AnthropicBackend``
+by the provider's kind --, ``Router(backends, config.router, config.aliases)``).
 
 Order: MLX (when ``config.mlx.enabled``), one remote mlxgate service per
 ``config.remotes`` entry (in the order configured), the upstream Ollama (when
 ``config.ollama.upstream`` is set), then one cloud backend per
-``config.cloud.providers`` entry, in the order configured.  MLX and the
-remotes are the engines the router places by warmth and load
-(``backends/router.py``, "Placement"); the others keep this order.  MLX is
-imported lazily so a process without it (front only, or MLX disabled) never
-loads it.
+``config.cloud.providers`` entry (OpenAI-compatible or Anthropic, by its
+``kind``), in the order configured.  MLX and the remotes are the engines the
+router places by warmth and load (``backends/router.py``, "Placement"); the
+others keep this order.  MLX is imported lazily so a process without it
+(front only, or MLX disabled) never loads it.
 
 A remote's key: its ``key_env`` variable, else its ``key``, else the front's
 own first API key (``server.api_keys``), so a fleet sharing one key needs it
@@ -24,7 +25,7 @@ import logging
 from typing import Mapping, Optional
 
 from backends.base import Backend
-from backends.cloud import CloudBackend
+from backends.cloud import cloud_backend
 from backends.ollama import OllamaBackend
 from backends.remote import RemoteBackend
 from backends.router import Router, RouterObserver
@@ -60,7 +61,7 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
         if provider.name in seen:
             raise ValueError(f"cloud provider {provider.name!r} is configured twice")
         seen.add(provider.name)
-        backends.append(CloudBackend(provider, env))
+        backends.append(cloud_backend(provider, env))
     return backends
 
 

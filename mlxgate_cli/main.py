@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--name", default="tiny-llama", help="model (folder) name")
     model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     model.add_argument("--size", default="tiny", help="tiny (tests), bench (~90M params), bench-bf16")
+    model.add_argument("--context", type=int, metavar="TOKENS",
+                       help="context length (default 2048; the same weights with more room, for long prompts such "
+                            "as Claude Code's)")
+    model.add_argument("--ending", action="store_true",
+                       help="a variant that ends its turns by itself after a few tokens (for clients that wait for "
+                            "the end of a turn, such as Claude Code)")
     return parser
 
 
@@ -192,9 +198,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     limit_arenas()
     if args.command == "make-test-model":
-        from backends.mlx.testmodel import write_test_model
+        from backends.mlx.testmodel import CONTEXT, write_test_model
 
-        path = write_test_model(Path(args.dir).expanduser(), name=args.name, seed=args.seed, size=args.size)
+        path = write_test_model(Path(args.dir).expanduser(), name=args.name, seed=args.seed, size=args.size,
+                                context=args.context or CONTEXT, ending=args.ending)
         print(path)
         return 0
 

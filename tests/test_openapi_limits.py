@@ -44,6 +44,9 @@ BASE: dict[str, dict[str, Any]] = {
     "/v1/embeddings": {"model": MODEL, "input": "hi"},
     "/v1/responses": {"model": MODEL, "input": [{"role": "user", "content": "hi"}], "max_output_tokens": 1,
                       "stream": True, "store": False},
+    "/v1/messages": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                     "stream": True},
+    "/v1/messages/count_tokens": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
 }
 
 #: Refusals at a bound that are the test model's (or the dialect's other rules), not the bound's.
@@ -216,6 +219,16 @@ def _adjust(route: str, b: Bound, body: dict[str, Any], value: Any) -> None:
         body["tools"] = [{"type": "function", "function": {"name": value}}]
     if route == "/v1/responses" and b.path[:1] == ("tool_choice",) and isinstance(value, str):
         body["tools"] = [{"type": "function", "name": value}]
+    if route.startswith("/v1/messages"):
+        if b.path[:1] == ("tool_choice",) and isinstance(value, str):
+            body["tools"] = [{"name": value, "input_schema": {"type": "object"}}]
+        messages = body.get("messages") or []
+        for m in messages:
+            blocks = m.get("content") if isinstance(m.get("content"), list) else []
+            if any(isinstance(c, dict) and c.get("type") == "tool_use" for c in blocks):
+                m["role"] = "assistant"  # tool_use blocks are the assistant's
+        if messages and messages[-1].get("role") == "assistant":
+            messages.append({"role": "user", "content": "go on"})
     if route == "/v1/completions" and b.path == ("best_of",):
         body["n"] = min(value, 128) if isinstance(value, int) and value >= 1 else 1
 

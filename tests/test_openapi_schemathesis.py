@@ -101,8 +101,11 @@ class StreamItems:
         key = (path, method, media)
         if key not in self._validators:
             content = self.doc["paths"][path][method]["responses"]["200"]["content"][media]["schema"]
-            item = content if media == "application/x-ndjson" else next(
-                b["contentSchema"] for b in content["properties"]["data"]["anyOf"] if "contentSchema" in b)
+            data = content["properties"]["data"] if media == "text/event-stream" else None
+            # OpenAI's data is an item or [DONE]; named events (Responses, Anthropic) always an item.
+            item = content if data is None else next(
+                (x["contentSchema"] for x in data["anyOf"] if "contentSchema" in x), None
+            ) if "anyOf" in data else data["contentSchema"]
             self._validators[key] = jsonschema_rs.validator_for({**item, "components": self.doc["components"]})
         return self._validators[key]
 
@@ -117,9 +120,17 @@ class StreamItems:
             items = [line for line in text.split("\n") if line.strip()]
         else:
             items = [line[6:] for line in text.split("\n") if line.startswith("data: ") and line != "data: [DONE]"]
-            # Chat streams end with [DONE] or an error; Responses streams with their terminal event.
-            assert text.rstrip().endswith("data: [DONE]") or '"error"' in items[-1] or \
-                json.loads(items[-1]).get("type") in RESPONSES_TERMINAL, text[-300:]
+            # Chat streams end with [DONE], Anthropic's with message_stop, Responses streams with
+            # their terminal event; a failed one with an error.
+            last_type = json.loads(items[-1]).get("type")
+            ended = text.rstrip().endswith("data: [DONE]") or last_type == "message_stop" or \
+                last_type in RESPONSES_TERMINAL
+            assert ended or '"error"' in items[-1], text[-300:]
+            # Named events (Responses, Anthropic): each event's name is its data's type.
+            for block in text.split("\n\n"):
+                lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+                if "event" in lines and lines["event"] != "message":
+                    assert lines["event"] == json.loads(lines["data"])["type"], block[:300]
         assert items, "an empty stream"
         for item in items:
             value = json.loads(item)
@@ -200,5 +211,6 @@ async def test_the_api_conforms_to_its_own_document(stack) -> None:
     # Every operation was exercised, and the generations were answered, not only refused.
     assert len(statuses) == sum(1 for ops in doc["paths"].values() for _ in ops), statuses
     for label in ("POST /api/generate", "POST /api/chat", "POST /v1/chat/completions", "POST /v1/completions",
-                  "POST /api/embed", "POST /v1/embeddings", "POST /v1/responses"):
+                  "POST /api/embed", "POST /v1/embeddings", "POST /v1/responses", "POST /v1/messages",
+                  "POST /v1/messages/count_tokens"):
         assert statuses[label][200] > 0, (label, statuses[label])

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Mapping, Optional
 import orjson
 
 from backends.cloud import wire
-from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
+from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable, Unimplemented
 from backends.http_upstream import (
     UpstreamSession,
     UpstreamStream,
@@ -48,6 +48,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from mlxgate.config import CloudProvider, resolved_timeouts
 
@@ -80,10 +81,14 @@ class CloudBackend(UpstreamSession):
     def _secrets(self) -> tuple[Optional[str], ...]:
         return (self.__key,)
 
+    def _auth_headers(self, key: str) -> dict[str, str]:
+        """Where the key goes (OpenAI: a bearer token; Anthropic's adapter overrides it)."""
+        return {"Authorization": f"Bearer {key}"}
+
     def _headers(self) -> dict[str, str]:
         h = {"Accept": "application/json"}
         if self.__key:
-            h["Authorization"] = f"Bearer {self.__key}"
+            h.update(self._auth_headers(self.__key))
         return h
 
     async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
@@ -162,6 +167,10 @@ class CloudBackend(UpstreamSession):
         return Unavailable(f"{self.name}: {text}")
 
     # ------------------------------------------------------------ unary
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        # OpenAI-compatible APIs have no endpoint that counts a chat's tokens.
+        raise Unimplemented(f"{self.name}: counting tokens is not supported by OpenAI-compatible APIs")
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         if req.input_tokens:

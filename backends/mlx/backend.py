@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from backends.mlx import constrain, embed as embed_mod, prompt as prompt_mod
 from backends.mlx.context import Fitted, TokenCounter, fit as fit_context
@@ -364,6 +366,32 @@ class MLXBackend:
                 self._engine.cancel(seq)
             if pinned is not None:
                 self._release(pinned, req.keep_alive)
+
+    def _count(self, req: GenerateRequest, lm: LoadedModel) -> int:
+        """Prompt tokens of ``req`` as ``_plan`` would build them (worker thread).
+
+        The same bounded fitting as a generation, never truncating: an input
+        beyond the context is refused ("context length exceeded") without
+        tokenizing more of it than the context can hold."""
+        ctx = lm.context_length
+        if req.sampling.num_ctx:
+            ctx = min(ctx, req.sampling.num_ctx)
+        if lm.counter is None:
+            lm.counter = TokenCounter(lm.tokenizer)
+        ids, _ = fit_context(
+            dataclasses.replace(req, truncate=False), lm.counter, ctx,
+            lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name),
+        )
+        return len(ids)
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        entry = await self._resolve(req.model)
+        lm, _ = await self._acquire(entry, req.keep_alive)
+        try:
+            n = 0 if prompt_mod.is_empty(req) else await asyncio.to_thread(self._count, req, lm)
+        finally:
+            self._release(lm, req.keep_alive)
+        return TokenCount(input_tokens=n, backend=BACKEND, model=lm.name)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         t_start = time.perf_counter_ns()

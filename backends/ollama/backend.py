@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Optional
 
 import orjson
 
-from backends.errors import BackendError, ModelNotFound, Unavailable
+from backends.errors import BackendError, ModelNotFound, Unavailable, Unimplemented
 from backends.http_upstream import (
     UpstreamSession,
     UpstreamStream,
@@ -38,6 +38,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from mlxgate.config import OllamaConfig, resolved_timeouts
 from mlxgate.names import same_model
@@ -110,6 +111,10 @@ class OllamaBackend(UpstreamSession):
             stream.close()
 
     # ------------------------------------------------------------ unary
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        # Ollama's API has no way to count a prompt without generating.
+        raise Unimplemented(f"{self.name}: counting tokens is not supported by Ollama's API")
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         data = await self._call("POST", "/api/embed", wire.embed_body(req))

@@ -79,6 +79,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
     event_from_pb,
     keep_alive_to_pb,
 )
@@ -257,6 +258,12 @@ class RemoteBackend:
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         return EmbedResult.from_pb(await self._unary("Embed", req.to_pb(), req.request_id))
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        res = TokenCount.from_pb(await self._unary(
+            "CountTokens", pb.CountTokensRequest(request=req.to_pb()), req.request_id))
+        res.backend = self.name
+        return res
 
     async def list_models(self) -> list[ModelInfo]:
         res = await self._unary("ListModels", pb.ListModelsRequest())

@@ -255,6 +255,15 @@ def _one(err: dict[str, Any], data: Any) -> WireError:
         return WireError(path, f"{where} must be less than {ctx.get('lt')}, got {value}")
     if kind == "literal_error":
         return WireError(path, f"{where} must be {ctx.get('expected')}, got {limits.clip_name(repr(value))}")
+    if kind == "union_tag_invalid":
+        # A discriminated union ({"type": ...} blocks): name the tag field and the tags it takes.
+        tag_field = str(ctx.get("discriminator", "type")).strip("'")
+        return WireError(f"{path}.{tag_field}" if path else tag_field,
+                         f"{where}.{tag_field} must be one of {ctx.get('expected_tags')}, "
+                         f"got {limits.clip_name(repr(ctx.get('tag')))}")
+    if kind == "union_tag_not_found":
+        tag_field = str(ctx.get("discriminator", "type")).strip("'")
+        return WireError(f"{path}.{tag_field}" if path else tag_field, f"{where}.{tag_field} is required")
     if kind in ("too_short", "string_too_short"):
         return WireError(path, f"{where} is required (it must not be empty)")
     if kind in ("value_error", "assertion_error"):

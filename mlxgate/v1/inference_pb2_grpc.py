@@ -96,6 +96,11 @@ class InferenceServiceStub:
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/CountTokens',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -174,6 +179,19 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """Tokens the request's input would take: the prompt as Generate would
+        build it (chat template, tools, system, think), not generated.  Checked
+        as Generate checks it.  A backend that cannot count (an upstream Ollama,
+        an OpenAI-compatible cloud) answers UNIMPLEMENTED and the router tries
+        the next; an input beyond the model's context is INVALID_ARGUMENT
+        ("context length exceeded"), refused at a cost bounded by the context,
+        never by the input's size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +229,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -429,6 +452,33 @@ class InferenceService:
             '/mlxgate.v1.InferenceService/UnloadModel',
             mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
             mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/CountTokens',
+            mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
