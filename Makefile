@@ -3,13 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# `make run` serves MODELS (`make model` writes the generated model there);
+# serve your own with `make run MODELS=~/.mlx_models`.  DATA is mlxgate's data
+# folder for `make run`: with no models it serves the generated test model
+# from DATA/test-models, so nothing is written outside the project.
 MODELS ?= .models
+DATA   ?= .mlxgate-data
 # mlx[cpu] on Linux links a reference BLAS; OpenBLAS (Debian libopenblas0-pthread),
 # when installed, makes fp32 prefill ~15x and decode ~4x faster (see README, Benchmarks).
 OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
 FAST_BLAS := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup run test proto model bench soak lint clean
+.PHONY: setup run test proto model bench bench-scale soak lint clean
 
 setup: $(STAMP)
 
@@ -20,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(FAST_BLAS) $(BIN)/mlxgate serve
+	MLXGATE_DATA_DIR=$(DATA) $(FAST_BLAS) $(BIN)/mlxgate serve --models-dir $(MODELS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -36,6 +41,10 @@ BENCH_ARGS ?=
 bench: setup
 	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
 
+# One front over 1 vs 2 local `mlxgate service` processes (tests/bench/scale.py).
+bench-scale: setup
+	$(FAST_BLAS) $(BIN)/python -m tests.bench.scale
+
 # An hour of mixed traffic against a running server (not part of `make test`):
 # failures and the RSS slope after warm-up.  SOAK_MINUTES=5 for a short one.
 SOAK_MINUTES ?= 60
@@ -43,7 +52,9 @@ soak: setup
 	$(FAST_BLAS) $(BIN)/python -m tests.soak.run_soak --minutes $(SOAK_MINUTES)
 
 lint: setup
-	$(BIN)/python -m ruff check mlxgate gateway backends tests
+	$(BIN)/python -m ruff check mlxgate mlxgate_cli gateway backends tests
+	$(BIN)/lint-imports
 
+# Only the project's own folders: MODELS or DATA may name a user's folder.
 clean:
-	rm -rf $(VENV) $(MODELS) build *.egg-info
+	rm -rf $(VENV) .models .mlxgate-data build *.egg-info

@@ -8,6 +8,34 @@ HTTP adapter closes its upstream request.
 
 Failures are raised as ``backends.errors.BackendError`` subclasses so the
 router can tell "try the next backend" (``retryable``) from "tell the caller".
+
+``count_tokens`` counts the prompt tokens of a request's input (its chat
+template, tools, system and think applied) without generating; a backend
+that cannot count raises ``Unimplemented`` (retryable: the router asks the
+next).
+
+Optional attribute ``takes_token_ids`` (False when absent): ``embed`` accepts
+``EmbedRequest.input_tokens``.  Token ids are a model's own tokenizer's, so
+only a backend that runs the model itself can honour them; the router sends
+token-id requests to no other backend.
+
+Optional attribute ``is_engine`` (False when absent): the backend is an mlxgate
+engine (the local MLX engine, a remote mlxgate service).  Engines that have
+a model are interchangeable for it, so the router orders them by where the
+model is loaded and by load rather than by priority (backends/router.py,
+"Placement"); they must implement ``list_running`` cheaply.
+
+Optional attribute ``serving`` (True when absent): False while the backend
+takes no new requests (a remote service draining or unreachable, from its
+health watch); the router then skips it.
+
+Optional attribute ``forwards`` (False when absent): calls go on to another
+mlxgate (a remote service); a call that another mlxgate forwarded here is
+never sent on to such a backend (one hop only, ``backends.calls``).
+
+Optional coroutine ``start()``: background work to begin when the process
+starts (a remote's health watch); ``Router.start`` calls it.  ``close``
+ends it.
 """
 
 from __future__ import annotations
@@ -23,6 +51,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 
 
@@ -35,6 +64,10 @@ class Backend(Protocol):
         ...
 
     async def embed(self, req: EmbedRequest) -> EmbedResult: ...
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        """Prompt tokens of ``req``'s input; ``req.model`` is the name at this backend."""
+        ...
 
     async def list_models(self) -> list[ModelInfo]:
         """Models this backend can serve now (names at this backend)."""

@@ -1,9 +1,9 @@
 """Backend errors, each bound to the gRPC status it becomes.
 
 Backends raise these; the inference service turns them into a gRPC status with
-the same message, and the HTTP front maps that status onto its dialect (see the
-error table in DESIGN.md).  Anything else that escapes a backend becomes
-INTERNAL with a generic message, never a traceback.
+the same message, and the HTTP front maps that status onto its dialect (see
+the error table in docs/architecture.md, "Errors").  Anything else that
+escapes a backend becomes INTERNAL with a generic message, never a traceback.
 """
 
 from __future__ import annotations
@@ -70,3 +70,44 @@ class Unimplemented(BackendError):
 
 class Internal(BackendError):
     code = grpc.StatusCode.INTERNAL
+
+
+#: Trailing metadata key carrying ``ResourceExhausted.retry_after`` (whole
+#: seconds): the service sets it, the HTTP front turns it into Retry-After and
+#: the remote backend reads it back.
+RETRY_AFTER_KEY = "retry-after"
+
+#: The classes above, each bound to its code: the service's direction
+#: (exception -> status) read backwards.
+_CLASSES: tuple[type[BackendError], ...] = (
+    InvalidArgument, ModelNotFound, Unavailable, ResourceExhausted, DeadlineExceeded,
+    Unauthenticated, PermissionDenied, Unimplemented,
+)
+_OF_CODE: dict[grpc.StatusCode, type[BackendError]] = {cls.code: cls for cls in _CLASSES}
+#: Codes no class of ours raises: as the HTTP front reads them (400 for the
+#: first three), and the server-side failures as a failing upstream
+#: (Unavailable: another backend may answer), as ``error_for_status`` does a 5xx.
+_OF_CODE.update({
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidArgument,
+    grpc.StatusCode.ALREADY_EXISTS: InvalidArgument,
+    grpc.StatusCode.INTERNAL: Unavailable,
+    grpc.StatusCode.UNKNOWN: Unavailable,
+    grpc.StatusCode.DATA_LOSS: Unavailable,
+    grpc.StatusCode.ABORTED: Unavailable,
+    # Not our cancellation (that is a CancelledError here): the other side
+    # ended the call, e.g. a server stopping.
+    grpc.StatusCode.CANCELLED: Unavailable,
+})
+
+
+def error_for_code(code: grpc.StatusCode, message: str, retry_after: float | None = None) -> BackendError:
+    """The BackendError for a gRPC status another mlxgate service answered:
+    the table above, reversed (docs/architecture.md, "Errors").  ``retry_after``
+    (from the ``retry-after`` trailer) is kept on ResourceExhausted; without it
+    a RESOURCE_EXHAUSTED stays trailer-less (gRPC's own "message larger than
+    max"), which the front answers 413."""
+    cls = _OF_CODE.get(code, Unavailable)
+    if cls is ResourceExhausted:
+        return ResourceExhausted(message, retry_after=retry_after)
+    return cls(message)

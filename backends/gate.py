@@ -50,7 +50,7 @@ SHUTTING_DOWN = "server shutting down"
 MALFORMED_LOG_INTERVAL = 10.0
 
 
-def _metadata_value(metadata: Optional[Iterable[Any]], key: str) -> Optional[str]:
+def metadata_value(metadata: Optional[Iterable[Any]], key: str) -> Optional[str]:
     for item in metadata or ():
         k, v = item[0], item[1]
         if k == key:
@@ -132,7 +132,7 @@ class Gate:
     def refusal(self, metadata: Optional[Iterable[Any]]) -> Optional[tuple[grpc.StatusCode, str]]:
         """Why a new InferenceService call must be refused, or None to admit it."""
         if self._keys:
-            auth = _metadata_value(metadata, "authorization")
+            auth = metadata_value(metadata, "authorization")
             if auth is None:
                 return grpc.StatusCode.UNAUTHENTICATED, (
                     "missing API key: send metadata 'authorization: Bearer <key>'"
@@ -147,7 +147,7 @@ class Gate:
     def _from_front(self, metadata: Optional[Iterable[Any]]) -> bool:
         if self._front_token is None:
             return False
-        token = _metadata_value(metadata, FRONT_TOKEN_KEY)
+        token = metadata_value(metadata, FRONT_TOKEN_KEY)
         return token is not None and self._matches(token.encode(), [self._front_token])
 
     # ------------------------------------------------------------ running calls

@@ -36,7 +36,7 @@ import asyncio
 import email.utils
 import json
 import time
-from typing import Any, AsyncIterator, Awaitable, Iterable, Optional, TypeVar
+from typing import Any, Awaitable, Iterable, Optional, TypeVar
 
 import aiohttp
 
@@ -111,7 +111,7 @@ def error_text_from_body(body: bytes) -> str:
 def error_for_status(
     who: str, status: int, message: str, retry_after: Optional[float] = None
 ) -> BackendError:
-    """Map an upstream HTTP status onto a BackendError (DESIGN.md's table, reversed)."""
+    """Map an upstream HTTP status onto a BackendError (docs/architecture.md, "Errors", reversed)."""
     msg = f"{who}: {message or f'HTTP {status}'}"
     if status == 400 or status == 413 or status == 422:
         return InvalidArgument(msg)
@@ -123,7 +123,8 @@ def error_for_status(
         return ModelNotFound(msg)
     if status == 408 or status == 504:
         return DeadlineExceeded(msg)
-    if status == 429 or status == 503:
+    if status == 429 or status == 503 or status == 529:
+        # 529: Anthropic's "overloaded_error", a busy upstream like a 503.
         return ResourceExhausted(msg, retry_after=retry_after)
     if status == 501:
         return Unimplemented(msg)
@@ -189,27 +190,61 @@ def error_for_exception(
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
-async def iter_lines(resp: aiohttp.ClientResponse, who: str = "upstream") -> AsyncIterator[bytes]:
-    """Yield each line of the body (without its newline) as soon as it is complete.
+class LineReader:
+    """The body's lines as they complete, and whether another one is already here.
 
     Reads whatever bytes have arrived (no buffering of the whole body); a final
-    line without a newline is yielded at EOF.  A line over MAX_LINE_BYTES is
-    an upstream fault (Unavailable), not a reason to grow without bound."""
-    buf = bytearray()
-    async for data in resp.content.iter_any():
-        start = len(buf)
-        buf += data
+    line without a newline is given at EOF.  ``ready()`` says, without waiting,
+    whether a complete line is buffered: an adapter uses it to merge every
+    event one network read brought into one chunk (an upstream that answers
+    at once costs one gRPC message, not one per token).  A line over
+    MAX_LINE_BYTES is an upstream fault (Unavailable), not a reason to grow
+    without bound."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, who: str = "upstream") -> None:
+        self._chunks = resp.content.iter_any()
+        self._who = who
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf known to hold no newline
+        self._eof = False
+
+    def ready(self) -> bool:
+        if self._buf.find(b"\n", self._scanned) >= 0:
+            return True
+        self._scanned = len(self._buf)
+        return self._eof and bool(self._buf.strip())
+
+    def __aiter__(self) -> "LineReader":
+        return self
+
+    async def __anext__(self) -> bytes:
         while True:
-            i = buf.find(b"\n", start)
-            if i < 0:
-                break
-            yield bytes(buf[:i]).rstrip(b"\r")
-            del buf[: i + 1]
-            start = 0
-        if len(buf) > MAX_LINE_BYTES:
-            raise Unavailable(f"{who}: a line of the response exceeds {MAX_LINE_BYTES} bytes")
-    if buf.strip():
-        yield bytes(buf).rstrip(b"\r")
+            i = self._buf.find(b"\n", self._scanned)
+            if i >= 0:
+                line = bytes(self._buf[:i]).rstrip(b"\r")
+                del self._buf[: i + 1]
+                self._scanned = 0
+                return line
+            self._scanned = len(self._buf)
+            if self._eof:
+                if self._buf.strip():
+                    line = bytes(self._buf).rstrip(b"\r")
+                    self._buf.clear()
+                    return line
+                raise StopAsyncIteration
+            try:
+                data = await anext(self._chunks)
+            except StopAsyncIteration:
+                self._eof = True
+                continue
+            self._buf += data
+            if len(self._buf) > MAX_LINE_BYTES and self._buf.find(b"\n", self._scanned) < 0:
+                raise Unavailable(f"{self._who}: a line of the response exceeds {MAX_LINE_BYTES} bytes")
+
+
+def iter_lines(resp: aiohttp.ClientResponse, who: str = "upstream") -> LineReader:
+    """Each line of the body (without its newline) as soon as it is complete."""
+    return LineReader(resp, who)
 
 
 def connect_timeout(timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
@@ -295,7 +330,7 @@ class UpstreamStream:
         self.secrets = tuple(secrets)
         self.clock: Optional[TokenClock] = None
         self.resp: Optional[aiohttp.ClientResponse] = None
-        self._lines: Optional[AsyncIterator[bytes]] = None
+        self._lines: Optional[LineReader] = None
         self._handed_at: Optional[float] = None
         self._finished = False
 
@@ -328,6 +363,11 @@ class UpstreamStream:
         """The answer is complete: ``close`` returns the connection to the pool."""
         self._finished = True
 
+    def more_ready(self) -> bool:
+        """Another complete line is already here (read with no wait): the
+        caller may hold back what it has and hand both on together."""
+        return self._lines is not None and self._lines.ready()
+
     def __aiter__(self) -> UpstreamStream:
         return self
 
@@ -338,7 +378,11 @@ class UpstreamStream:
             self.clock.extend(loop.time() - self._handed_at)
             self._handed_at = None
         try:
-            line = await self.clock.bound(anext(self._lines))
+            if self._lines.ready():
+                # Already here: no wait, so no clock (a timer per line costs more than the line).
+                line = await anext(self._lines)
+            else:
+                line = await self.clock.bound(anext(self._lines))
         except (StopAsyncIteration, BackendError):
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as e:

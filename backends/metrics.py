@@ -5,6 +5,13 @@ Everything is registered on the ``CollectorRegistry`` passed in (a fresh one
 per test), never on the global default.  Labels are bounded: the model label is
 the model that actually answered (a name some backend listed) or "none" when
 the request failed before any backend answered; never a request id or text.
+
+Series a dashboard panel reads start at 0 rather than appearing with the first
+event (Grafana shows "No data" until then): fallbacks and answers for the
+configured backends (``init_backends``, at start-up), and per model, as it
+loads in the MLX engine or first answers at any backend, its cancellations and
+its requests by finish reason.  Still bounded: configured backends, models that
+exist.
 """
 
 from __future__ import annotations
@@ -12,13 +19,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from backends.types import Done, GenerateRequest
+from backends.router import REASONS, Router
+from backends.types import FINISH_REASONS, Done, GenerateRequest
 
 PREFIX = "mlxgate"
 
@@ -94,6 +102,33 @@ class MemoryCollector(Collector):
         for model, at in snap.model_expiry.items():
             expiry.add_metric([model], float("inf") if at is None else at)
         yield expiry
+
+
+class BackendCollector(Collector):
+    """Per backend, read from the router at scrape time: the requests it has in
+    flight there (placement's load), and, for backends that watch their
+    health (remote services), whether they take new requests."""
+
+    def __init__(self, router: "Router") -> None:
+        self.router = router
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_backend_in_flight",
+            "Requests this router has running at each backend (what placement balances).",
+            labels=["backend"],
+        )
+        for name, n in self.router.in_flight.items():
+            in_flight.add_metric([name], n)
+        yield in_flight
+        serving = GaugeMetricFamily(
+            f"{PREFIX}_backend_serving",
+            "1 while a remote service takes new requests (health SERVING), 0 while it drains or cannot be reached.",
+            labels=["backend"],
+        )
+        for name, ok in self.router.health().items():
+            serving.add_metric([name], 1 if ok else 0)
+        yield serving
 
 
 class ServiceMetrics:
@@ -181,14 +216,42 @@ class ServiceMetrics:
             registry=registry,
         )
 
+    # -- series at 0 before the first event
+    def init_backends(self, backends: Sequence[str], orders: Iterable[Sequence[str]] = ()) -> None:
+        """Zero every fallback the router can report between ``backends``
+        (priority order) and along each of ``orders`` (the backends of an
+        alias's targets, in its order), for every reason; and each backend's
+        answers."""
+        pairs: dict[tuple[str, str], None] = {}
+        for order in (list(backends), *map(list, orders)):
+            for i, src in enumerate(order):
+                for dst in order[i + 1:]:
+                    if src != dst:
+                        pairs[(src, dst)] = None
+        for src, dst in pairs:
+            for reason in REASONS:
+                self.fallbacks.labels(src, dst, reason)
+        for backend in backends:
+            self.answers.labels(backend)
+
+    def init_model(self, backend: str, model: str) -> None:
+        """Zero a model's cancellations and requests (by finish reason)."""
+        self.cancellations.labels(model, backend)
+        for reason in FINISH_REASONS:
+            self.requests.labels(model, backend, reason)
+
     # -- router observer hooks
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
         self.fallbacks.labels(from_backend, to_backend, reason).inc()
 
     def answered(self, backend: str, model: str) -> None:
         self.answers.labels(backend).inc()
+        self.init_model(backend, model)
 
-    # -- engine hook
+    # -- engine hooks
+    def model_loaded(self, backend: str, model: str) -> None:
+        self.init_model(backend, model)
+
     def observe_queue_wait(self, model: str, seconds: float) -> None:
         self.queue_wait.labels(model).observe(seconds)
 

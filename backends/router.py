@@ -3,16 +3,47 @@
 Resolution.  A public model name maps to an ordered list of targets
 (backend, name at that backend):
 
-* when ``config.aliases`` has the name, its entries in order -- "mlx:<name>",
-  "ollama:<tag>", "cloud:<provider>:<model>" -- and nothing else (an alias is
-  an explicit routing decision; entries naming a backend that is not
-  configured are skipped);
+* when ``aliases`` has the name, its entries in order -- "mlx:<name>",
+  "remote:<name>:<model>", "ollama:<tag>", "cloud:<provider>:<model>" -- and
+  nothing else (an alias is an explicit routing decision, kept in its order;
+  entries naming a backend that is not configured are skipped);
 * otherwise every backend whose ``list_models`` has the name, in the
-  priority order the backends were given (MLX, Ollama, cloud providers).
+  priority order the backends were given (MLX, remote services, Ollama,
+  cloud providers), with the engines among them placed (below).
   Model lists are cached for ``RouterConfig.model_list_ttl`` seconds; a
   backend whose listing fails is skipped (and that failure is cached too).
 
 "x" and "x:latest" name the same model everywhere.
+
+Placement.  Backends with ``is_engine = True`` -- the local MLX engine and the
+remote mlxgate services (``backends/remote``) -- run the same models the same
+way, so which of them answers is a matter of load, not priority.  When a
+model resolves (without an alias) to two or more engines, they form one tier
+that keeps the place of the first of them (the factory puts every engine
+before Ollama and the clouds, whose order never changes), ordered by:
+
+1. serving first: a backend whose ``serving`` is False (a remote draining or
+   unreachable, per its health watch) goes last, and is then skipped;
+2. warm first: the model is loaded there (its ``list_running``, cached for
+   ``RouterConfig.running_ttl`` seconds and refreshed in the background at
+   the first event and at the end of each request it serves, and from every
+   ``list_running`` call);
+3. least loaded: fewest requests in flight from this router (``in_flight``,
+   counted per backend from the call to the backend to its end);
+4. the priority order.
+
+Spill: when every serving warm engine already has ``RouterConfig.spill_at``
+requests in flight (default 8; 0 turns it off), step 2 is dropped, so the
+least loaded engine that has the model on disk takes the next request and
+loads it: sustained concurrency grows onto more machines, which then stay
+in the spread as warm ones.
+
+So sequential requests stay on the warm service, and concurrent ones spread
+over every warm service (and beyond, past the spill point).  The order is
+computed after the last await of ``targets`` and the first attempt counts
+itself in flight before anything else runs, so requests arriving together
+each see the ones before them.  With a single engine nothing is fetched and
+the order is the priority order.
 
 Fallback.  ``generate`` tries targets in order.  A retryable ``BackendError``
 (Unavailable, ResourceExhausted, DeadlineExceeded, ModelNotFound,
@@ -21,6 +52,17 @@ once an event has reached the caller, any failure is re-raised (the stream
 ends with an error, never a splice of two answers).  Non-retryable errors
 (InvalidArgument, Unauthenticated, PermissionDenied, ...) propagate at once.
 At most ``RouterConfig.retry_budget`` targets are tried per request.
+Embeddings given as token ids go only to targets whose backend takes them
+(``takes_token_ids``: the MLX engine); the others are never tried.
+
+One hop.  A call another mlxgate forwarded (``backends.calls.forwarded``) is
+served by backends that do not forward (``forwards`` False or absent): its
+targets, model list and running list leave the remote services out.
+
+Health.  A backend whose ``serving`` attribute is False (optional, True when
+absent; remote services have it) gets no new request: it is skipped like an
+open circuit (reason NOT_SERVING), its model list is neither fetched nor
+dropped, and it is left out of ``list_running``.
 
 Circuit breakers.  Each backend has a ``CircuitBreaker``; an open one is
 skipped without a call.  Health failures are Unavailable and
@@ -47,15 +89,18 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
 
+from backends import calls
 from backends.base import Backend
-from backends.breaker import CircuitBreaker, Clock
+from backends.breaker import CircuitBreaker, Clock, State
 from backends.errors import (
     BackendError,
     DeadlineExceeded,
+    InvalidArgument,
     ModelNotFound,
     Unavailable,
+    Unimplemented,
 )
 from backends.types import (
     Done,
@@ -67,9 +112,11 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
-from mlxgate.config import Config
+from mlxgate.config import RouterConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
+from mlxgate.names import untagged
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +132,20 @@ REASONS = (
     "UNIMPLEMENTED",
     "INTERNAL",
     "CIRCUIT_OPEN",
+    "NOT_SERVING",
 )
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
+NOT_SERVING = "NOT_SERVING"
 
 
 #: A model listing that takes longer than this counts as failed (DEADLINE_EXCEEDED):
 #: a hung upstream must not hold every request's routing for its full timeout.
 LIST_TIMEOUT_S = 10.0
+
+#: Placement's look at what an engine has loaded: longer counts as "unknown"
+#: (cold), and background refreshes of one backend are at least this far apart.
+RUNNING_TIMEOUT_S = 2.0
+RUNNING_MIN_INTERVAL_S = 0.5
 
 
 
@@ -111,23 +165,46 @@ class RouterObserver(Protocol):
     def answered(self, backend: str, model: str) -> None: ...
 
 
-def normalize(name: str) -> str:
-    """'x:latest' and 'x' are the same model."""
-    return name[: -len(":latest")] if name.endswith(":latest") else name
-
-
 def _reason(e: BaseException) -> str:
     if isinstance(e, BackendError) and e.code.name in REASONS:
         return e.code.name
     return "INTERNAL"
 
 
-class _CircuitOpen(Unavailable):
-    """A target skipped because its breaker is open (never raised by a backend)."""
+class _Skipped(Unavailable):
+    """A target skipped without a call (never raised by a backend)."""
+
+
+class _CircuitOpen(_Skipped):
+    """Skipped because its breaker is open."""
+
+
+class _NotServing(_Skipped):
+    """Skipped because its health says it takes no new requests."""
 
 
 def _is_health_failure(e: BaseException) -> bool:
     return isinstance(e, (Unavailable, DeadlineExceeded))
+
+
+def _serving(backend: Backend) -> bool:
+    return getattr(backend, "serving", True)
+
+
+def _is_engine(backend: Backend) -> bool:
+    return getattr(backend, "is_engine", False)
+
+
+def _not_serving_message(backend: Backend) -> str:
+    health = getattr(getattr(backend, "health", None), "value", "")
+    if health == "unreachable":
+        return f"{backend.name}: cannot be reached (health watch)"
+    return f"{backend.name}: not serving (draining: its health is NOT_SERVING)"
+
+
+def _key(name: str) -> str:
+    """How placement compares a target's model with what is loaded."""
+    return untagged(name).lower()
 
 
 @dataclass
@@ -140,6 +217,15 @@ class Target:
 class _Listing:
     expires_at: float
     models: Optional[list[ModelInfo]]  # None: the listing failed
+
+
+@dataclass
+class _Running:
+    """What an engine had loaded (``_key`` names), for placement."""
+
+    expires_at: float  # router clock
+    fetched: float  # time.monotonic(), spaces the background refreshes
+    names: Optional[set[str]]  # None: could not be asked (counts as cold)
 
 
 class _Attempts:
@@ -164,6 +250,10 @@ class _Attempts:
             if tried >= budget:
                 return
             name = target.backend.name
+            if not _serving(target.backend):
+                log.debug("%s skipped: not serving", name)
+                self.failed(name, _NotServing(_not_serving_message(target.backend)), NOT_SERVING)
+                continue
             breaker = self._router.breakers[name]
             if not breaker.allow():
                 log.debug("%s skipped: circuit open", name)
@@ -186,17 +276,21 @@ class Router:
     def __init__(
         self,
         backends: Sequence[Backend],
-        config: Config,
+        config: Optional[RouterConfig] = None,
+        aliases: Optional[Mapping[str, Sequence[str]]] = None,
         *,
         observer: Optional[RouterObserver] = None,
         clock: Clock = time.monotonic,
     ) -> None:
+        """``config``: the ``[router]`` section; ``aliases``: public name ->
+        ordered targets ("mlx:<name>", "remote:<name>:<model>", "ollama:<tag>",
+        "cloud:<provider>:<model>")."""
         names = [b.name for b in backends]
         if len(set(names)) != len(names):
             raise ValueError(f"backend names must be unique, got {names}")
         self.backends = list(backends)
-        self.config = config
-        self.rc = config.router
+        self.rc = config if config is not None else RouterConfig()
+        self.aliases: dict[str, list[str]] = {k: list(v) for k, v in (aliases or {}).items()}
         self.observer = observer
         self.clock = clock
         self._by_name = {b.name: b for b in self.backends}
@@ -206,6 +300,21 @@ class Router:
         self._listings: dict[str, _Listing] = {}
         self._list_locks = {b.name: asyncio.Lock() for b in self.backends}
         self._warned_aliases: set[str] = set()
+        #: Requests this router has running at each backend (placement's load).
+        self.in_flight: dict[str, int] = {b.name: 0 for b in self.backends}
+        self._engines = [b for b in self.backends if _is_engine(b)]
+        self._running: dict[str, _Running] = {}
+        self._running_locks = {b.name: asyncio.Lock() for b in self._engines}
+        self._refreshers: dict[str, asyncio.Task] = {}
+        self._refresh_again: set[str] = set()
+
+    async def start(self) -> None:
+        """Start what backends run in the background (remote services' health
+        watches); otherwise each starts with its first call."""
+        for b in self.backends:
+            start = getattr(b, "start", None)
+            if start is not None:
+                await start()
 
     # ------------------------------------------------------------ observer
 
@@ -237,6 +346,10 @@ class Router:
             now = self.clock()
             if cached is not None and cached.expires_at > now:
                 return cached.models
+            if not _serving(backend):
+                # Draining or unreachable: keep what it had (it is skipped
+                # when routing), neither ask nor cache a failure.
+                return cached.models if cached is not None else None
             breaker = self.breakers[backend.name]
             if not breaker.allow():
                 # Open circuit: reuse a stale list if there is one, else skip.
@@ -244,7 +357,8 @@ class Router:
             models: Optional[list[ModelInfo]]
             try:
                 try:
-                    models = await asyncio.wait_for(backend.list_models(), LIST_TIMEOUT_S)
+                    with calls.detached():  # a shared cache: not this caller's deadline
+                        models = await asyncio.wait_for(backend.list_models(), LIST_TIMEOUT_S)
                 except asyncio.TimeoutError:
                     raise DeadlineExceeded(f"{backend.name}: listing models timed out") from None
             except asyncio.CancelledError:
@@ -270,26 +384,37 @@ class Router:
     def _find(models: Optional[list[ModelInfo]], name: str) -> Optional[ModelInfo]:
         if not models:
             return None
-        want = normalize(name)
+        want = untagged(name)
         exact = [m for m in models if m.name == name]
         if exact:
             return exact[0]
         for m in models:
-            if normalize(m.name) == want:
+            if untagged(m.name) == want:
                 return m
         return None
 
     def _alias_entries(self, public: str) -> Optional[list[str]]:
-        aliases = self.config.aliases
+        aliases = self.aliases
         if public in aliases:
             return aliases[public]
-        want = normalize(public)
+        want = untagged(public)
         for k, v in aliases.items():
-            if normalize(k) == want:
+            if untagged(k) == want:
                 return v
         return None
 
     def _parse_alias(self, entry: str) -> Optional[Target]:
+        if entry.startswith("remote:"):
+            # "remote:<name>:<model>": a name may hold ":" itself (host:port),
+            # so the longest configured remote the entry starts with.
+            names = [n for n in self._by_name if n.startswith("remote:") and entry.startswith(n + ":")]
+            if not names:
+                return self._bad_alias(entry, "no configured remote service matches")
+            backend_name = max(names, key=len)
+            model = entry[len(backend_name) + 1:]
+            if not model:
+                return self._bad_alias(entry)
+            return Target(self._by_name[backend_name], model)
         if entry.startswith("cloud:"):
             parts = entry.split(":", 2)
             if len(parts) != 3 or not parts[2]:
@@ -305,32 +430,150 @@ class Router:
         return Target(backend, model)
 
     def _bad_alias(
-        self, entry: str, why: str = "expected mlx:<name>, ollama:<tag> or cloud:<provider>:<model>"
+        self,
+        entry: str,
+        why: str = "expected mlx:<name>, remote:<name>:<model>, ollama:<tag> or cloud:<provider>:<model>",
     ) -> None:
         if entry not in self._warned_aliases:
             self._warned_aliases.add(entry)
             log.warning("alias target %r skipped: %s", entry, why)
         return None
 
+    def _usable(self) -> list[Backend]:
+        """The backends this call may use: all, but those that forward to
+        another mlxgate when the call was itself forwarded (one hop only)."""
+        if calls.forwarded():
+            return [b for b in self.backends if not getattr(b, "forwards", False)]
+        return self.backends
+
     async def targets(self, public: str) -> list[Target]:
         """Ordered (backend, name at backend) for a public name."""
+        usable = self._usable()
         entries = self._alias_entries(public)
         if entries is not None:
-            return [t for t in (self._parse_alias(e) for e in entries) if t is not None]
-        listings = await asyncio.gather(*(self._models_of(b) for b in self.backends))
+            return [t for t in (self._parse_alias(e) for e in entries) if t is not None and t.backend in usable]
+        listings = await asyncio.gather(*(self._models_of(b) for b in usable))
         out = []
-        for backend, models in zip(self.backends, listings):
+        for backend, models in zip(usable, listings):
             found = self._find(models, public)
             if found is not None:
                 out.append(Target(backend, found.name))
+        return await self._place(out)
+
+    # ------------------------------------------------------------ placement
+
+    async def _place(self, targets: list[Target]) -> list[Target]:
+        """The engines among ``targets`` in placement order (module docstring),
+        in the slots they held; other targets keep theirs."""
+        slots = [i for i, t in enumerate(targets) if _is_engine(t.backend)]
+        if len(slots) < 2:
+            return targets
+        engines = [targets[i] for i in slots]
+        await asyncio.gather(*(self._running_of(t.backend) for t in engines if _serving(t.backend)))
+        # No await from here until the caller's first attempt counts itself in flight.
+        rank = {b.name: i for i, b in enumerate(self.backends)}
+        warm = [t for t in engines if _serving(t.backend) and self.is_warm(t.backend.name, t.model)]
+        spill = self.rc.spill_at > 0 and bool(warm) and all(
+            self.in_flight[t.backend.name] >= self.rc.spill_at for t in warm)
+
+        def order(t: Target) -> tuple[bool, bool, int, int]:
+            name = t.backend.name
+            cold = not spill and not self.is_warm(name, t.model)
+            return (not _serving(t.backend), cold, self.in_flight[name], rank[name])
+
+        out = list(targets)
+        for i, t in zip(slots, sorted(engines, key=order)):
+            out[i] = t
         return out
+
+    def is_warm(self, backend: str, model: str) -> bool:
+        """Placement's view: does ``backend`` have ``model`` loaded?"""
+        running = self._running.get(backend)
+        return running is not None and running.names is not None and _key(model) in running.names
+
+    async def _running_of(self, backend: Backend) -> None:
+        """Make sure what ``backend`` has loaded is known (cached for running_ttl)."""
+        cached = self._running.get(backend.name)
+        if cached is not None and cached.expires_at > self.clock():
+            return
+        if self.breakers[backend.name].state is State.OPEN:
+            return
+        async with self._running_locks[backend.name]:
+            cached = self._running.get(backend.name)
+            if cached is not None and cached.expires_at > self.clock():
+                return
+            await self._fetch_running(backend)
+
+    async def _fetch_running(self, backend: Backend) -> None:
+        names: Optional[set[str]]
+        try:
+            with calls.detached():
+                running = await asyncio.wait_for(backend.list_running(), RUNNING_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # placement only: health is the breaker's and the watch's business
+            log.debug("%s: list_running for placement failed: %s", backend.name, getattr(e, "message", repr(e)))
+            names = None
+        else:
+            names = {_key(r.name) for r in running}
+        self._note_running(backend.name, names)
+
+    def _note_running(self, backend: str, names: Optional[set[str]]) -> None:
+        self._running[backend] = _Running(self.clock() + self.rc.running_ttl, time.monotonic(), names)
+
+    def _refresh_soon(self, backend: Backend) -> None:
+        """Refresh what an engine has loaded in the background (after it
+        served something); one refresh per backend at a time, coalesced."""
+        if len(self._engines) < 2 or not _is_engine(backend):
+            return
+        name = backend.name
+        task = self._refreshers.get(name)
+        if task is not None and not task.done():
+            self._refresh_again.add(name)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a generator finalized outside the loop: nothing to refresh for
+            return
+        self._refreshers[name] = loop.create_task(
+            self._refresher(backend), name=f"router: {name} running models"
+        )
+
+    async def _refresher(self, backend: Backend) -> None:
+        name = backend.name
+        while True:
+            self._refresh_again.discard(name)
+            last = self._running.get(name)
+            if last is not None:
+                wait = last.fetched + RUNNING_MIN_INTERVAL_S - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            if _serving(backend):
+                async with self._running_locks[name]:
+                    await self._fetch_running(backend)
+            if name not in self._refresh_again:
+                return
+
+    @contextlib.contextmanager
+    def _counted(self, backend: Backend) -> Iterator[None]:
+        """One request in flight at ``backend`` (placement's load)."""
+        self.in_flight[backend.name] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[backend.name] -= 1
+            self._refresh_soon(backend)
 
     async def _not_found(self, public: str) -> ModelNotFound:
         names = [m.name for m in await self.list_models()]
         msg = f"model '{clip_name(public)}' not found; {available(names)}"
-        unreachable = [b.name for b in self.backends if (lst := self._listings.get(b.name)) and lst.models is None]
+        usable = self._usable()
+        unreachable = [b.name for b in usable if (lst := self._listings.get(b.name)) and lst.models is None]
         if unreachable:
             msg += f" (could not list: {', '.join(unreachable)})"
+        resting = [b.name for b in usable if not _serving(b) and b.name not in self._listings]
+        if resting:
+            msg += f" (not serving, so not listed: {', '.join(resting)})"
         return ModelNotFound(msg)
 
     # ------------------------------------------------------------ generate
@@ -346,18 +589,20 @@ class Router:
             emitted = False
             verdict = False
             try:
-                async with contextlib.aclosing(backend.generate(sub)) as events:
-                    async for event in events:
-                        if isinstance(event, Done) or not emitted:
-                            # Done always says who answered; so does the first chunk.
-                            event.backend = backend.name
-                            event.model = event.model or target.model
-                        if not emitted:
-                            emitted = True
-                            breaker.record_success()
-                            verdict = True
-                            self._answered(backend.name, target.model)
-                        yield event
+                with self._counted(backend):
+                    async with contextlib.aclosing(backend.generate(sub)) as events:
+                        async for event in events:
+                            if isinstance(event, Done) or not emitted:
+                                # Done always says who answered; so does the first chunk.
+                                event.backend = backend.name
+                                event.model = event.model or target.model
+                            if not emitted:
+                                emitted = True
+                                breaker.record_success()
+                                verdict = True
+                                self._answered(backend.name, target.model)
+                                self._refresh_soon(backend)  # the model is loaded there now
+                            yield event
                 if not emitted:  # a backend that yields nothing is broken
                     raise Unavailable(f"{backend.name}: ended without an answer")
                 return
@@ -391,9 +636,9 @@ class Router:
             return await self._not_found(public)
         real = [e for e in errors if not isinstance(e, ModelNotFound)]
         # The most telling failure: the last one a backend actually raised
-        # (a "circuit open" note only when nothing else happened).
+        # (a "circuit open" or "not serving" note only when nothing else happened).
         for e in reversed(real):
-            if not isinstance(e, _CircuitOpen):
+            if not isinstance(e, _Skipped):
                 return e
         if real:
             return Unavailable(f"model '{clip_name(public)}': every backend is unavailable ("
@@ -403,17 +648,24 @@ class Router:
     # ------------------------------------------------------------ unary calls
 
     async def _first(
-        self, public: str, what: str, call: Callable[[Backend, str], Awaitable[T]]
+        self,
+        public: str,
+        what: str,
+        call: Callable[[Backend, str], Awaitable[T]],
+        targets: Optional[list[Target]] = None,
     ) -> tuple[Target, T]:
-        """Run ``call`` on targets in order; the first success wins (same rules as generate)."""
-        targets = await self.targets(public)
+        """Run ``call`` on targets (default: all of ``public``'s) in order; the
+        first success wins (same rules as generate)."""
+        if targets is None:
+            targets = await self.targets(public)
         if not targets:
             raise await self._not_found(public)
         attempts = _Attempts(self, targets)
         for target, breaker in attempts:
             backend = target.backend
             try:
-                result = await call(backend, target.model)
+                with self._counted(backend):
+                    result = await call(backend, target.model)
             except asyncio.CancelledError:
                 breaker.release()
                 raise
@@ -434,13 +686,51 @@ class Router:
         raise await self._exhausted(public, attempts.errors)
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
+        targets = await self.targets(req.model)
+        if req.input_tokens:
+            targets = self._taking_token_ids(req.model, targets)
         target, result = await self._first(
-            req.model, "embed", lambda b, name: b.embed(dataclasses.replace(req, model=name))
+            req.model, "embed", lambda b, name: b.embed(dataclasses.replace(req, model=name)), targets
         )
         result.backend = target.backend.name
         result.model = result.model or target.model
         self._answered(target.backend.name, target.model)
         return result
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        """Counted by the first target that can count (the MLX engine renders and
+        tokenizes; an Anthropic provider asks its API); backends that cannot
+        (an upstream Ollama, OpenAI-compatible clouds) answer Unimplemented and
+        the next is asked, as for any retryable failure."""
+
+        async def count(b: Backend, name: str) -> TokenCount:
+            method = getattr(b, "count_tokens", None)
+            if method is None:
+                raise Unimplemented(f"{b.name}: counting tokens is not supported")
+            return await method(dataclasses.replace(req, model=name))
+
+        target, result = await self._first(req.model, "count_tokens", count)
+        result.backend = target.backend.name
+        result.model = result.model or target.model
+        return result
+
+    @staticmethod
+    def _taking_token_ids(public: str, targets: list[Target]) -> list[Target]:
+        """The targets that can embed token ids (``Backend.takes_token_ids``).
+
+        Ids are a model's own tokenizer's: sent to another backend's model they
+        would be other words, a wrong answer nobody could see.  So the others are
+        not tried at all -- when the local engine fails, its own error is the
+        answer -- and a model only they serve is the caller's error.
+        """
+        able = [t for t in targets if getattr(t.backend, "takes_token_ids", False)]
+        if targets and not able:
+            names = ", ".join(dict.fromkeys(t.backend.name for t in targets))
+            raise InvalidArgument(
+                f"model '{clip_name(public)}' is served by {names}, which cannot embed token ids: token ids "
+                "are taken only for models this server runs itself (MLX); send the input as text"
+            )
+        return able
 
     async def show_model(self, name: str) -> ModelShow:
         target, show = await self._first(name, "show_model", lambda b, n: b.show_model(n))
@@ -464,7 +754,7 @@ class Router:
         errors: list[BackendError] = []
         for target in targets:
             breaker = self.breakers[target.backend.name]
-            if not breaker.allow():
+            if not _serving(target.backend) or not breaker.allow():
                 continue
             try:
                 was = await target.backend.unload_model(target.model) or was
@@ -481,6 +771,7 @@ class Router:
                 errors.append(Unavailable(f"{target.backend.name}: internal error"))
                 continue
             breaker.record_success()
+            self._refresh_soon(target.backend)
         if not was and errors and len(errors) == len(targets):
             raise await self._exhausted(name, errors)
         return was
@@ -490,12 +781,13 @@ class Router:
     async def list_models(self) -> list[ModelInfo]:
         """Union over reachable backends, first backend (priority order) owning
         each name, ``fallbacks`` naming the others; aliases as their own entries."""
-        listings = await asyncio.gather(*(self._models_of(b) for b in self.backends))
+        usable = self._usable()
+        listings = await asyncio.gather(*(self._models_of(b) for b in usable))
         owners: dict[str, ModelInfo] = {}
         order: list[str] = []
-        for backend, models in zip(self.backends, listings):
+        for backend, models in zip(usable, listings):
             for m in models or []:
-                key = normalize(m.name)
+                key = untagged(m.name)
                 if key in owners:
                     if backend.name != owners[key].backend and backend.name not in owners[key].fallbacks:
                         owners[key].fallbacks.append(backend.name)
@@ -503,8 +795,8 @@ class Router:
                 info = dataclasses.replace(m, backend=backend.name, fallbacks=[], details=m.details)
                 owners[key] = info
                 order.append(key)
-        by_backend = {b.name: models for b, models in zip(self.backends, listings)}
-        for alias, entries in self.config.aliases.items():
+        by_backend = {b.name: models for b, models in zip(usable, listings)}
+        for alias, entries in self.aliases.items():
             targets = [t for t in (self._parse_alias(e) for e in entries) if t is not None]
             reachable = [t for t in targets if by_backend.get(t.backend.name) is not None]
             if not reachable:
@@ -519,7 +811,7 @@ class Router:
                 if t.backend.name != first.backend.name and t.backend.name not in seen:
                     seen.append(t.backend.name)
             info.fallbacks = seen
-            key = normalize(alias)
+            key = untagged(alias)
             if key not in owners:
                 order.append(key)
             owners[key] = info
@@ -527,7 +819,7 @@ class Router:
 
     async def list_running(self) -> list[RunningModel]:
         async def one(b: Backend) -> list[RunningModel]:
-            if not self.breakers[b.name].allow():
+            if not _serving(b) or not self.breakers[b.name].allow():
                 return []
             breaker = self.breakers[b.name]
             try:
@@ -545,14 +837,39 @@ class Router:
             breaker.record_success()
             for r in running:
                 r.backend = r.backend or b.name
+            if b in self._engines:
+                self._note_running(b.name, {_key(r.name) for r in running})
             return running
 
         out: list[RunningModel] = []
-        for part in await asyncio.gather(*(one(b) for b in self.backends)):
+        for part in await asyncio.gather(*(one(b) for b in self._usable())):
             out.extend(part)
+        return out + self._running_aliases(out)
+
+    def _running_aliases(self, running: list[RunningModel]) -> list[RunningModel]:
+        """An alias is running when one of its targets is: it is listed (as a
+        copy of the first running target, in the alias's order) so a client
+        that shows what is loaded by the name it uses (Open WebUI) sees it.
+        An alias whose name is already listed adds nothing."""
+        listed = {untagged(r.name) for r in running}
+        out = []
+        for alias, entries in self.aliases.items():
+            if untagged(alias) in listed:
+                continue
+            for target in (t for t in (self._parse_alias(e) for e in entries) if t is not None):
+                hit = next((r for r in running if r.backend == target.backend.name
+                            and untagged(r.name) == untagged(target.model)), None)
+                if hit is not None:
+                    out.append(dataclasses.replace(hit, name=alias))
+                    listed.add(untagged(alias))
+                    break
         return out
 
     async def close(self) -> None:
+        for task in self._refreshers.values():
+            task.cancel()
+        await asyncio.gather(*self._refreshers.values(), return_exceptions=True)
+        self._refreshers.clear()
         for b in self.backends:
             try:
                 await b.close()
@@ -565,6 +882,26 @@ class Router:
     def mlx_backend(self) -> Optional[Backend]:
         """The local engine, when configured (the memory collector reads it)."""
         return self._by_name.get("mlx")
+
+    def alias_backend_orders(self) -> list[list[str]]:
+        """Each alias's backends in its order (the fallbacks it can cause)."""
+        orders = []
+        for entries in self.aliases.values():
+            orders.append([t.backend.name for t in (self._parse_alias(e) for e in entries) if t is not None])
+        return orders
+
+    def fallback_orders(self) -> list[list[str]]:
+        """Every order the router can move between backends in, besides the
+        priority order (metrics zero these pairs): each alias's, and the
+        engines' backwards (placement may put a later one first)."""
+        orders = self.alias_backend_orders()
+        if len(self._engines) > 1:
+            orders.append([b.name for b in reversed(self._engines)])
+        return orders
+
+    def health(self) -> dict[str, bool]:
+        """Serving or not, for the backends that watch their health (remotes)."""
+        return {b.name: _serving(b) for b in self.backends if hasattr(b, "serving")}
 
     def breaker_states(self) -> dict[str, str]:
         return {name: br.state.value for name, br in self.breakers.items()}

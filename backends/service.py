@@ -19,14 +19,14 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, 
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from google.protobuf import message_factory
 
-from backends import validation
+from backends import calls, validation
 from backends.base import Backend
-from backends.errors import BackendError, Internal
-from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer
+from backends.errors import RETRY_AFTER_KEY, BackendError, Internal
+from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
+from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
 from mlxgate.config import ServerConfig
 from mlxgate.limits import clip
@@ -37,14 +37,9 @@ from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
+__all__ = ["RETRY_AFTER_KEY", "SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
 
 T = TypeVar("T")
-
-
-#: Trailing metadata key carrying ResourceExhausted.retry_after (whole seconds);
-#: the HTTP front turns it into a Retry-After header.
-RETRY_AFTER_KEY = "retry-after"
 
 
 def _fail(context: grpc.aio.ServicerContext, e: BackendError) -> None:
@@ -159,6 +154,25 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             trim_after_large(size)
         return result.to_pb() if result is not None else pb.EmbedResponse()
 
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountTokensResponse:
+        size = request.ByteSize()
+        try:
+            validation.check_count_tokens(request)
+            req = GenerateRequest.from_pb(request.request)
+        except BackendError as e:
+            _fail(context, e)
+            return pb.CountTokensResponse()
+        finally:
+            trim_after_large(size)
+        del request
+        try:
+            result = await _guard(context, "CountTokens", lambda: self.backend.count_tokens(req))
+        finally:
+            trim_after_large(size)
+        return result.to_pb() if result is not None else pb.CountTokensResponse()
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -192,7 +206,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         res = await _guard(context, "LoadModel", lambda: self.backend.load_model(request.model, keep_alive))
         if res is None:
             return pb.LoadModelResponse()
-        return pb.LoadModelResponse(model=res.model, backend=res.backend, load_duration_ns=res.load_duration_ns)
+        return res.to_pb()
 
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
@@ -217,6 +231,15 @@ class GenerateObserver(Protocol):
     def start(self, req: GenerateRequest) -> GenerateTracker: ...
 
 
+def _enter(context: grpc.aio.ServicerContext) -> None:
+    """The call's deadline, request id and whether another mlxgate forwarded
+    it, for the router and backends that call further (``backends.calls``);
+    set before ``gate.run`` copies this task's context."""
+    metadata = context.invocation_metadata()
+    calls.enter(context.time_remaining(), metadata_value(metadata, "x-request-id"),
+                metadata_value(metadata, calls.FORWARDED_KEY) == "1")
+
+
 def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpcHandler:
     """The service's handlers, as the generated code would build them, but
     parsing with ``gate.deserializer`` and running each call in ``gate.run``."""
@@ -226,6 +249,7 @@ def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpc
             if isinstance(request, Malformed):
                 gate.reject_malformed(request, context)
                 return empty()
+            _enter(context)
             result = await gate.run(behaviour(request, context), context)
             # A call ended with a status (refused, shut down) still returns a message.
             return empty() if result is None else result
@@ -239,6 +263,7 @@ def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpc
             if isinstance(request, Malformed):
                 gate.reject_malformed(request, context)
                 return
+            _enter(context)
 
             async def pump() -> None:
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
@@ -325,14 +350,20 @@ async def start_inference_service(
             ("grpc.max_send_message_length", max_message_bytes),
             # Exclusive port: a second server on it fails instead of sharing traffic.
             ("grpc.so_reuseport", 0),
+            # Let clients check the connection with HTTP/2 pings every 10 s or
+            # more, also while no call runs: a front's remote backend pings
+            # every 30 s (backends/remote).  grpc's default (one per 5 minutes
+            # without data) answers such pings with GOAWAY "too_many_pings",
+            # which fails the calls on the connection.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
     server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(backend, observer), gate),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
+    enable_reflection(
+        server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), gate.malformed_warning
     )
     # Check first: grpc's own failure says only "Failed to bind" (and logs to stderr).
     problem = bind_problem(host, port)

@@ -1,9 +1,15 @@
 """Domain types every backend speaks, with their proto conversions beside them.
 
 Backends never see protobuf messages: the inference service converts a
-request with ``from_pb`` and each event a backend yields with ``to_pb``.  Keeping
-conversion here (TGI's pattern) means handlers stay thin and a proto change
-touches one file.
+request with ``from_pb`` and each event or result a backend returns with
+``to_pb``.  The remote backend (``backends/remote``), a client of another
+mlxgate service, needs the other two directions: requests ``to_pb`` and
+events and results ``from_pb``; each type that travels that way has them
+here too, so ``X.from_pb(x.to_pb()) == x`` (tests/test_types_roundtrip.py).
+The HTTP front builds and reads proto messages itself
+(``gateway/*/translate.py``), so these types stay inside the service.
+Keeping conversion here (TGI's pattern) means handlers stay thin and a proto
+change touches one file.
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import json
 import math
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal, Optional, Union
+from datetime import datetime, timezone
+from typing import Any, Literal, Optional, Union, get_args
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from backends.errors import InvalidArgument
+from mlxgate import limits
+from mlxgate.dialects.base import caller_arguments, produced_arguments
 from mlxgate.jsonutil import JSONError, loads_object
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -32,6 +40,7 @@ _ROLE_TO_PB = {
 _PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 _FINISH_TO_PB = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -53,9 +62,8 @@ _CAP_TO_PB = {
 _PB_TO_CAP = {v: k for k, v in _CAP_TO_PB.items()}
 
 
-#: Longer than this means "keep loaded" (Ollama's forever is Go's largest
-#: duration, ~292 years); also keeps expiry dates inside datetime's range.
-KEEP_ALIVE_FOREVER_S = 290 * 365 * 24 * 3600.0
+#: Longer than this means "keep loaded" (limits.py).
+KEEP_ALIVE_FOREVER_S = limits.KEEP_ALIVE_FOREVER_S
 
 
 def normalize_keep_alive(seconds: Optional[float]) -> Optional[float]:
@@ -75,12 +83,16 @@ def keep_alive_from_pb(msg: pb.GenerateRequest | pb.EmbedRequest | pb.LoadModelR
 
 
 def keep_alive_to_pb(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
-    seconds = normalize_keep_alive(seconds)
+    """The Duration ``keep_alive_from_pb`` reads back (None: leave it unset)."""
     if seconds is None:
         return None
     d = duration_pb2.Duration()
-    d.FromTimedelta(timedelta(seconds=seconds))
+    d.FromNanoseconds(round(seconds * 1e9))
     return d
+
+
+def _from_ts(m: Any, name: str) -> Optional[datetime]:
+    return getattr(m, name).ToDatetime(tzinfo=timezone.utc) if m.HasField(name) else None
 
 
 def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
@@ -91,16 +103,11 @@ def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
     return t
 
 
-def _from_ts(msg: Any, name: str) -> Optional[datetime]:
-    if not msg.HasField(name):
-        return None
-    return getattr(msg, name).ToDatetime(tzinfo=timezone.utc)
-
-
 def _json_or_empty(text: str, field_name: str) -> dict:
-    """A JSON object sent as text; bad, deep or non-object JSON is the caller's error, named."""
+    """A JSON object sent as text by a caller (the caller rule of
+    ``mlxgate.dialects.base``): bad, deep or non-object JSON is INVALID_ARGUMENT, named."""
     try:
-        return loads_object(text, field_name)
+        return caller_arguments(text, field_name)
     except JSONError as e:
         raise InvalidArgument(str(e)) from None
 
@@ -117,13 +124,20 @@ class ToolCall:
 
     def to_pb(self) -> pb.ToolCall:
         return pb.ToolCall(
-            id=self.id, name=self.name, arguments_json=json.dumps(self.arguments), index=self.index
+            id=self.id, name=self.name, arguments_json=json.dumps(self.arguments, ensure_ascii=False), index=self.index
         )
 
     @classmethod
     def from_pb(cls, m: pb.ToolCall) -> "ToolCall":
+        """A call a *caller* sent (history): its arguments must be an object."""
         arguments = _json_or_empty(m.arguments_json, "tool_calls.arguments_json")
         return cls(name=m.name, arguments=arguments, id=m.id, index=m.index)
+
+    @classmethod
+    def produced_from_pb(cls, m: pb.ToolCall) -> "ToolCall":
+        """A call a model *produced* (an answer from another service): kept
+        whatever its arguments are (``produced_arguments``)."""
+        return cls(name=m.name, arguments=produced_arguments(m.arguments_json), id=m.id, index=m.index)
 
 
 @dataclass
@@ -136,6 +150,7 @@ class Message:
     tool_call_id: str = ""
     #: Assistant history: the reasoning before ``content``.
     thinking: str = ""
+
 
     def to_pb(self) -> pb.ChatMessage:
         return pb.ChatMessage(
@@ -192,10 +207,10 @@ class Prompt:
     raw: bool = False
     images: list[bytes] = field(default_factory=list)
 
+
     def to_pb(self) -> pb.PromptInput:
-        return pb.PromptInput(
-            prompt=self.prompt, suffix=self.suffix, system=self.system, raw=self.raw, images=self.images
-        )
+        return pb.PromptInput(prompt=self.prompt, suffix=self.suffix, system=self.system, raw=self.raw,
+                              images=self.images)
 
     @classmethod
     def from_pb(cls, m: pb.PromptInput) -> "Prompt":
@@ -208,10 +223,10 @@ class Tool:
     description: str = ""
     parameters: dict = field(default_factory=dict)
 
+
     def to_pb(self) -> pb.Tool:
-        return pb.Tool(
-            name=self.name, description=self.description, parameters_json=json.dumps(self.parameters)
-        )
+        parameters = json.dumps(self.parameters, ensure_ascii=False) if self.parameters else ""
+        return pb.Tool(name=self.name, description=self.description, parameters_json=parameters)
 
     @classmethod
     def from_pb(cls, m: pb.Tool) -> "Tool":
@@ -257,8 +272,9 @@ class Sampling:
     stop: list[str] = field(default_factory=list)
     num_ctx: Optional[int] = None
 
+
     def to_pb(self) -> pb.SamplingParams:
-        kw = {k: getattr(self, k) for k in _SAMPLING_OPTIONAL if getattr(self, k) is not None}
+        kw = {k: v for k in _SAMPLING_OPTIONAL if (v := getattr(self, k)) is not None}
         return pb.SamplingParams(stop=self.stop, **kw)
 
     @classmethod
@@ -272,13 +288,14 @@ class OutputFormat:
     kind: Literal["text", "json", "json_schema"] = "text"
     schema: Optional[dict] = None
 
+
     def to_pb(self) -> pb.OutputFormat:
-        kind = {
-            "text": pb.FORMAT_TYPE_UNSPECIFIED,
-            "json": pb.FORMAT_TYPE_JSON,
-            "json_schema": pb.FORMAT_TYPE_JSON_SCHEMA,
-        }
-        return pb.OutputFormat(type=kind[self.kind], json_schema=json.dumps(self.schema) if self.schema else "")
+        if self.kind == "json":
+            return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON)
+        if self.kind == "json_schema":
+            return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA,
+                                   json_schema=json.dumps(self.schema or {}, ensure_ascii=False))
+        return pb.OutputFormat()
 
     @classmethod
     def from_pb(cls, m: pb.OutputFormat) -> "OutputFormat":
@@ -290,13 +307,6 @@ class OutputFormat:
                 raise InvalidArgument("format: type JSON_SCHEMA needs json_schema")
             return cls("json_schema", _json_or_empty(m.json_schema, "format.json_schema"))
         return cls("text")
-
-
-_TOOL_CHOICE_TO_PB = {
-    "auto": pb.TOOL_CHOICE_UNSPECIFIED,
-    "required": pb.TOOL_CHOICE_REQUIRED,
-    "function": pb.TOOL_CHOICE_FUNCTION,
-}
 
 
 @dataclass
@@ -326,8 +336,13 @@ class ToolChoice:
             if self.function_name not in {t.name for t in tools}:
                 raise InvalidArgument(f"tool_choice names {self.function_name!r}, which is not in tools")
 
+
     def to_pb(self) -> pb.ToolChoice:
-        return pb.ToolChoice(mode=_TOOL_CHOICE_TO_PB[self.mode], function_name=self.function_name)
+        if self.mode == "required":
+            return pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
+        if self.mode == "function":
+            return pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=self.function_name)
+        return pb.ToolChoice()
 
     @classmethod
     def from_pb(cls, m: pb.ToolChoice) -> "ToolChoice":
@@ -359,27 +374,28 @@ class GenerateRequest:
     #: the start of the prompt) to fit, as Ollama does.
     truncate: bool = False
 
+
     def to_pb(self) -> pb.GenerateRequest:
+        """The request as another mlxgate service takes it (``from_pb`` reads it back)."""
         m = pb.GenerateRequest(
             request_id=self.request_id,
             model=self.model,
             tools=[t.to_pb() for t in self.tools],
             sampling=self.sampling.to_pb(),
-            format=self.format.to_pb(),
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs,
+            keep_alive=keep_alive_to_pb(self.keep_alive),
         )
-        if self.prompt is not None:
-            m.prompt.CopyFrom(self.prompt.to_pb())
-        elif self.messages is not None:
-            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages]))
-        ka = keep_alive_to_pb(self.keep_alive)
-        if ka is not None:
-            m.keep_alive.CopyFrom(ka)
-        if self.think is not None:
-            m.think = self.think
+        if self.format.kind != "text":
+            m.format.CopyFrom(self.format.to_pb())
         if self.tool_choice.forced:
             m.tool_choice.CopyFrom(self.tool_choice.to_pb())
+        if self.prompt is not None:
+            m.prompt.CopyFrom(self.prompt.to_pb())
+        else:
+            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages or []]))
+        if self.think is not None:
+            m.think = self.think
         if self.truncate:
             m.truncate = True
         return m
@@ -434,7 +450,10 @@ class TokenLogprob:
     @classmethod
     def from_pb(cls, m: pb.TokenLogprob) -> "TokenLogprob":
         return cls(
-            m.token_id, m.token, m.logprob, [TopLogprob(t.token_id, t.token, t.logprob) for t in m.top_logprobs]
+            token_id=m.token_id,
+            token=m.token,
+            logprob=m.logprob,
+            top=[TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in m.top_logprobs],
         )
 
 
@@ -465,13 +484,30 @@ class Chunk:
             )
         )
 
+    @staticmethod
+    def merged(chunks: list["Chunk"]) -> "Chunk":
+        """Several chunks as one, in order: what a reader that fell behind (or an
+        upstream that sent many tokens in one write) gets in one message."""
+        if len(chunks) == 1:
+            return chunks[0]
+        first = chunks[0]
+        return Chunk(
+            text="".join(c.text for c in chunks),
+            token_ids=[t for c in chunks for t in c.token_ids],
+            tool_calls=[t for c in chunks for t in c.tool_calls],
+            logprobs=[lp for c in chunks for lp in c.logprobs],
+            backend=first.backend,
+            model=first.model,
+            thinking="".join(c.thinking for c in chunks),
+        )
+
     @classmethod
     def from_pb(cls, m: pb.Chunk) -> "Chunk":
         return cls(
             text=m.text,
             token_ids=list(m.token_ids),
-            tool_calls=[ToolCall.from_pb(t) for t in m.tool_calls],
-            logprobs=[TokenLogprob.from_pb(x) for x in m.logprobs],
+            tool_calls=[ToolCall.produced_from_pb(t) for t in m.tool_calls],
+            logprobs=[TokenLogprob.from_pb(lp) for lp in m.logprobs],
             backend=m.backend,
             model=m.model,
             thinking=m.thinking,
@@ -493,6 +529,8 @@ class Done:
     backend: str = ""
     model: str = ""
     error_message: str = ""
+    #: The stop sequence that ended the generation, when one did and the backend can tell.
+    stop_sequence: str = ""
 
     def to_pb(self) -> pb.GenerateResponse:
         return pb.GenerateResponse(
@@ -508,6 +546,7 @@ class Done:
                 backend=self.backend,
                 model=self.model,
                 error_message=self.error_message,
+                stop_sequence=self.stop_sequence,
             )
         )
 
@@ -525,16 +564,37 @@ class Done:
             backend=m.backend,
             model=m.model,
             error_message=m.error_message,
+            stop_sequence=m.stop_sequence,
         )
+
+
+def event_from_pb(m: pb.GenerateResponse) -> Optional["Event"]:
+    """A streamed response as a Chunk or Done (None: neither is set)."""
+    which = m.WhichOneof("event")
+    if which == "chunk":
+        return Chunk.from_pb(m.chunk)
+    if which == "done":
+        return Done.from_pb(m.done)
+    return None
 
 
 Event = Union[Chunk, Done]
 
 
-def event_from_pb(m: pb.GenerateResponse) -> Event:
-    if m.WhichOneof("event") == "done":
-        return Done.from_pb(m.done)
-    return Chunk.from_pb(m.chunk)
+@dataclass
+class TokenCount:
+    """What ``Backend.count_tokens`` answers: the prompt tokens of a request's input."""
+
+    input_tokens: int
+    backend: str = ""
+    model: str = ""
+
+    def to_pb(self) -> pb.CountTokensResponse:
+        return pb.CountTokensResponse(input_tokens=self.input_tokens, backend=self.backend, model=self.model)
+
+    @classmethod
+    def from_pb(cls, m: pb.CountTokensResponse) -> "TokenCount":
+        return cls(input_tokens=m.input_tokens, backend=m.backend, model=m.model)
 
 
 # ---------------------------------------------------------------- embeddings
@@ -542,31 +602,38 @@ def event_from_pb(m: pb.GenerateResponse) -> Event:
 
 @dataclass
 class EmbedRequest:
+    """Texts (``inputs``) or token ids (``input_tokens``) to embed, never both.
+
+    Token ids are the model's own (OpenAI's token-array input): only a
+    backend running the model itself can take them (``Backend.takes_token_ids``).
+    """
+
     model: str
-    inputs: list[str]
+    inputs: list[str] = field(default_factory=list)
     truncate: bool = True
     dimensions: int = 0
     keep_alive: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    input_tokens: list[list[int]] = field(default_factory=list)
+
 
     def to_pb(self) -> pb.EmbedRequest:
-        m = pb.EmbedRequest(
+        return pb.EmbedRequest(
             request_id=self.request_id,
             model=self.model,
             input=self.inputs,
+            input_tokens=[pb.TokenIds(ids=ids) for ids in self.input_tokens],
             truncate=self.truncate,
             dimensions=self.dimensions,
+            keep_alive=keep_alive_to_pb(self.keep_alive),
         )
-        ka = keep_alive_to_pb(self.keep_alive)
-        if ka is not None:
-            m.keep_alive.CopyFrom(ka)
-        return m
 
     @classmethod
     def from_pb(cls, m: pb.EmbedRequest) -> "EmbedRequest":
         return cls(
             model=m.model,
             inputs=list(m.input),
+            input_tokens=[list(t.ids) for t in m.input_tokens],
             truncate=m.truncate if m.HasField("truncate") else True,
             dimensions=m.dimensions,
             keep_alive=keep_alive_from_pb(m),
@@ -630,7 +697,12 @@ class ModelDetails:
     @classmethod
     def from_pb(cls, m: pb.ModelDetails) -> "ModelDetails":
         return cls(
-            m.family, list(m.families), m.parameter_count, m.parameter_size, m.quantization_level, m.format
+            family=m.family,
+            families=list(m.families),
+            parameter_count=m.parameter_count,
+            parameter_size=m.parameter_size,
+            quantization_level=m.quantization_level,
+            format=m.format,
         )
 
 
@@ -689,12 +761,16 @@ class ModelShow:
 
     @classmethod
     def from_pb(cls, m: pb.ShowModelResponse) -> "ModelShow":
+        try:
+            config = loads_object(m.config_json, "config_json") if m.config_json else {}
+        except JSONError:
+            config = {}
         return cls(
             info=ModelInfo.from_pb(m.model),
             chat_template=m.chat_template,
             context_length=m.context_length,
             capabilities=[_PB_TO_CAP[c] for c in m.capabilities if c in _PB_TO_CAP],
-            config=_json_or_empty(m.config_json, "config_json"),
+            config=config,
             license=m.license,
         )
 
@@ -735,3 +811,10 @@ class LoadResult:
     model: str
     backend: str
     load_duration_ns: int = 0
+
+    def to_pb(self) -> pb.LoadModelResponse:
+        return pb.LoadModelResponse(model=self.model, backend=self.backend, load_duration_ns=self.load_duration_ns)
+
+    @classmethod
+    def from_pb(cls, m: pb.LoadModelResponse) -> "LoadResult":
+        return cls(model=m.model, backend=m.backend, load_duration_ns=m.load_duration_ns)

@@ -66,26 +66,12 @@ def _number(name: str, value: float, lo: Optional[float] = None, hi: Optional[fl
 
 
 def check_sampling(s: pb.SamplingParams) -> None:
-    """Ranges every backend can honour; dialects may be stricter (OpenAI's 0–2 temperature)."""
-    if s.HasField("temperature"):
-        _number("temperature", s.temperature, lo=0)
-    if s.HasField("top_p"):
-        _number("top_p", s.top_p, lo=0, hi=1)
-    if s.HasField("min_p"):
-        _number("min_p", s.min_p, lo=0, hi=1)
-    if s.HasField("repeat_penalty"):
-        _number("repeat_penalty", s.repeat_penalty, lo=0, lo_open=True)
-    for name in ("presence_penalty", "frequency_penalty"):
+    """The contract's ranges (``limits.SAMPLING_RANGES``), which every backend
+    can honour; a dialect or an upstream's API may be stricter (OpenAI's 0-2
+    temperature)."""
+    for name, (lo, hi, lo_open) in limits.SAMPLING_RANGES.items():
         if s.HasField(name):
-            _number(name, getattr(s, name), lo=-2, hi=2)
-    if s.HasField("top_k") and s.top_k < 0:
-        raise InvalidArgument(f"top_k must be >= 0, got {s.top_k}")
-    if s.HasField("repeat_last_n") and s.repeat_last_n < -1:
-        raise InvalidArgument(f"repeat_last_n must be >= -1, got {s.repeat_last_n}")
-    if s.HasField("max_tokens") and s.max_tokens < 0:
-        raise InvalidArgument(f"max_tokens must be >= 0, got {s.max_tokens}")
-    if s.HasField("num_ctx") and s.num_ctx <= 0:
-        raise InvalidArgument(f"num_ctx must be > 0, got {s.num_ctx}")
+            _number(name, getattr(s, name), lo, hi, lo_open)
     _count("stop", len(s.stop), limits.MAX_STOP_SEQUENCES)
     for i, stop in enumerate(s.stop):
         if len(stop) > limits.MAX_STOP_CHARS:
@@ -153,9 +139,27 @@ def check_generate(req: pb.GenerateRequest) -> None:
         )
 
 
+def check_count_tokens(req: pb.CountTokensRequest) -> None:
+    """The input to count is checked as a generation would be."""
+    if not req.HasField("request"):
+        raise InvalidArgument("request is required")
+    check_generate(req.request)
+
+
 def check_embed(req: pb.EmbedRequest) -> None:
+    """Texts or token ids, never both, within the count; no empty token list.
+
+    Whether ids are in the model's vocabulary is the backend's to check (it
+    knows the vocabulary); so is an input's length against the context.
+    """
     check_model(req.model)
     check_request_id(req.request_id)
+    if req.input and req.input_tokens:
+        raise InvalidArgument("input and input_tokens are exclusive: send texts or token ids, not both")
     _count("input", len(req.input), limits.MAX_EMBED_INPUTS)
+    _count("input_tokens", len(req.input_tokens), limits.MAX_EMBED_INPUTS)
+    for i, tokens in enumerate(req.input_tokens):
+        if not tokens.ids:
+            raise InvalidArgument(f"input_tokens[{i}]: empty token list")
     if req.dimensions < 0:
         raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")

@@ -1,4 +1,4 @@
-"""The aiohttp application: both dialects over one inference-service client.
+"""The aiohttp application: the dialects (Ollama, OpenAI, Anthropic) over one inference-service client.
 
 ``create_app(server_cfg, grpc_target)`` builds it; the gRPC channel is opened
 and closed by a ``cleanup_ctx`` and stored under ``CLIENT_KEY``.  Middlewares
@@ -28,17 +28,25 @@ import grpc
 from aiohttp import web
 
 from gateway import openapi
+from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
 from gateway.errors import ApiError, Dialect, dialect_of, error_response, from_grpc, from_http, internal_error
 from gateway.ollama import routes as ollama_routes
 from gateway.openai import routes as openai_routes
+from gateway.responses import routes as responses_routes
+from gateway.responses.store import FILENAME as RESPONSES_FILENAME
+from gateway.responses.store import ResponseStore
 from gateway.security import TrustGuard
 from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
 from mlxgate.config import ServerConfig
+from mlxgate.limits import MAX_MESSAGES
 from mlxgate.memory import trim_after_large
 
 log = logging.getLogger(__name__)
+
+#: The header Anthropic's API names its request id with.
+ANTHROPIC_REQUEST_ID_HEADER = "request-id"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -89,7 +97,11 @@ def build_middlewares(guard: TrustGuard, extra: Iterable[Middleware] = ()) -> li
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers[REQUEST_ID_HEADER] = request_id(request)
+    rid = request_id(request)
+    response.headers[REQUEST_ID_HEADER] = rid
+    if dialect_of(request.path) == "anthropic":
+        # Anthropic's SDKs read the id from "request-id" (APIStatusError.request_id).
+        response.headers[ANTHROPIC_REQUEST_ID_HEADER] = rid
 
 
 def _client_ctx(
@@ -112,6 +124,28 @@ def _client_ctx(
     return ctx
 
 
+def _store_ctx(store: ResponseStore) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await store.close()
+
+    return ctx
+
+
+def responses_store(server_cfg: ServerConfig) -> ResponseStore:
+    """The Responses API's store under the data directory (opened on first use)."""
+    return ResponseStore(
+        server_cfg.data_path() / RESPONSES_FILENAME,
+        max_count=server_cfg.responses_max_count,
+        max_bytes=server_cfg.responses_max_bytes,
+        # A stored conversation costs what the same history sent in one body would.
+        max_history_bytes=server_cfg.max_body_bytes,
+        max_history_items=2 * MAX_MESSAGES,
+    )
+
+
 def create_app(
     server_cfg: ServerConfig,
     grpc_target: str,
@@ -128,10 +162,15 @@ def create_app(
     app[SERVER_CONFIG_KEY] = server_cfg
     app[DRAIN_KEY] = Drain()
     app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token))
+    store = responses_store(server_cfg)
+    app[responses_routes.STORE_KEY] = store
+    app.cleanup_ctx.append(_store_ctx(store))
     app.on_response_prepare.append(_echo_request_id)
     app.on_response_prepare.append(guard.on_response_prepare)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)
+    responses_routes.add_routes(app)
+    anthropic_routes.add_routes(app)
     openapi.add_routes(app)
     return app
 

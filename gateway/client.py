@@ -4,7 +4,8 @@ Every call carries a deadline (``request_timeout``) and the request id, both as
 ``x-request-id`` metadata and, where the proto has one, in the ``request_id``
 field.  ``GenerateStream`` wraps the server stream: ``start()`` waits for the
 first event so failures before any token surface as a gRPC status (and become
-a proper HTTP status), iteration yields domain events, ``cancel()`` cancels the
+a proper HTTP status), iteration yields the ``pb.GenerateResponse`` messages
+as they arrive (read in place, never converted), ``cancel()`` cancels the
 RPC (the service then closes the backend's generator).
 
 Calls also carry ``authorization: Bearer <key>`` when the configuration has
@@ -25,7 +26,6 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol, Sequence
 
 import grpc
 
-from backends.types import Event, event_from_pb
 from mlxgate.config import ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
@@ -58,9 +58,9 @@ def _ended_by_us(ended: bool) -> bool:
 class EventStream(Protocol):
     """What the stream writers consume; ``GenerateStream`` and test fakes implement it."""
 
-    async def start(self) -> Event: ...
+    async def start(self) -> pb.GenerateResponse: ...
 
-    def __aiter__(self) -> AsyncIterator[Event]: ...
+    def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]: ...
 
     def cancel(self) -> None: ...
 
@@ -70,7 +70,7 @@ class GenerateStream:
 
     def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
         self._call = call
-        self._first: Optional[Event] = None
+        self._first: Optional[pb.GenerateResponse] = None
         self._ended = False
 
     async def _read(self) -> Any:
@@ -87,7 +87,7 @@ class GenerateStream:
             self._ended = True
             self._call.cancel()
 
-    async def start(self) -> Event:
+    async def start(self) -> pb.GenerateResponse:
         """The first event; raises ``grpc.aio.AioRpcError`` when the call failed."""
         msg = await self._read()
         if msg is grpc.aio.EOF:
@@ -95,24 +95,24 @@ class GenerateStream:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.INTERNAL, details="inference service ended the stream without a result"
             )
-        self._first = event_from_pb(msg)
+        self._first = msg
         return self._first
 
-    async def _rest(self) -> AsyncIterator[Event]:
+    async def _rest(self) -> AsyncIterator[pb.GenerateResponse]:
         while True:
             msg = await self._read()
             if msg is grpc.aio.EOF:
                 return
-            yield event_from_pb(msg)
+            yield msg
 
-    def __aiter__(self) -> AsyncIterator[Event]:
+    def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
         return self._rest()
 
     def cancel(self) -> None:
         if not self._call.done():
             self._call.cancel()
 
-    async def collect(self) -> list[Event]:
+    async def collect(self) -> list[pb.GenerateResponse]:
         """All events, the first included (non-streaming answers)."""
         events = [self._first] if self._first is not None else [await self.start()]
         async for ev in self:
@@ -194,6 +194,10 @@ class InferenceClient:
     async def embed(self, req: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
         req.request_id = request_id
         return await self._unary_call(self.stub.Embed, req, request_id)
+
+    async def count_tokens(self, req: pb.GenerateRequest, request_id: str) -> pb.CountTokensResponse:
+        req.request_id = request_id
+        return await self._unary_call(self.stub.CountTokens, pb.CountTokensRequest(request=req), request_id)
 
     async def list_models(self, request_id: str) -> pb.ListModelsResponse:
         return await self._unary_call(self.stub.ListModels, pb.ListModelsRequest(), request_id)

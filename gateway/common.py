@@ -1,15 +1,39 @@
-"""Translation pieces both dialects share: tools, tool-call arguments, times."""
+"""Pieces both dialects share: parsing a body with its dialect model, reading
+proto events, times.
+
+The front speaks proto directly: translators build ``mlxgate.v1`` request
+messages from the dialect models and render answers from the ``pb.Chunk`` /
+``pb.Done`` events the service streams, read in place.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, TypeVar
 
-from backends.types import Chunk, Done, Event, TokenLogprob, Tool, ToolCall
-from gateway.errors import bad_request
-from gateway.fields import Body, item
+from google.protobuf import duration_pb2
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import ApiError, bad_request
+from mlxgate import jsonutil
+from mlxgate.dialects.base import Tool, log_unknown, wire_error
+from mlxgate.v1 import inference_pb2 as pb
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], data: dict[str, Any], route: str) -> M:
+    """A request body (already bounded JSON: ``fields.read_json``) as its
+    dialect model; a 400 naming the first bad field otherwise.  Unknown fields
+    are kept and logged once per name."""
+    try:
+        parsed = model.model_validate(data)
+    except ValidationError as e:
+        err = wire_error(e, data)
+        raise bad_request(err.message, param=err.path or None) from None
+    log_unknown(parsed, route)
+    return parsed
 
 
 def rfc3339(dt: Optional[datetime] = None) -> str:
@@ -18,47 +42,58 @@ def rfc3339(dt: Optional[datetime] = None) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def parse_tools(values: Optional[list[Any]], name: str = "tools") -> list[Tool]:
-    """``[{"type": "function", "function": {name, description, parameters}}]`` (same in both dialects)."""
-    tools: list[Tool] = []
-    for i, v in enumerate(values or []):
-        t = item(v, f"{name}[{i}]")
-        kind = t.str("type", "function")
-        if kind != "function":
-            raise bad_request(f"{t.name('type')}: only 'function' tools are supported, got {kind!r}")
-        fn = t.obj("function")
-        if fn is None:
-            raise bad_request(f"{t.name('function')} is required", param=t.name("function"))
-        params = fn.obj("parameters")
-        tools.append(
-            Tool(
-                name=fn.str("name", required=True) or "",
-                description=fn.str("description", "") or "",
-                parameters=params.data if params is not None else {},
-            )
+def time_of(msg: Any, name: str) -> str:
+    """A proto Timestamp field as RFC 3339 (now when unset)."""
+    if msg.HasField(name):
+        return rfc3339(getattr(msg, name).ToDatetime(tzinfo=timezone.utc))
+    return rfc3339()
+
+
+def duration(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
+    """Seconds (already normalised by the dialect: -1 = keep loaded) as a proto Duration."""
+    if seconds is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def tools_pb(tools: Optional[Iterable[Tool]]) -> list[pb.Tool]:
+    """``[{"type": "function", "function": {...}}]``, the same in both dialects."""
+    return [
+        pb.Tool(
+            name=t.function.name,
+            description=t.function.description or "",
+            parameters_json=jsonutil.dumps(t.function.parameters or {}),
         )
-        fn.ignore("strict")
-        fn.log_unknown("tools")
-        t.log_unknown("tools")
-    return tools
+        for t in tools or ()
+    ]
 
 
-def parse_arguments(v: Any, name: str) -> dict:
-    """Tool-call arguments: a JSON object, or JSON text of one (OpenAI sends text)."""
-    if v is None or v == "":
-        return {}
-    if isinstance(v, str):
-        try:
-            v = json.loads(v)
-        except ValueError:
-            raise bad_request(f"{name} is not valid JSON", param=name) from None
-    if not isinstance(v, dict):
-        raise bad_request(f"{name} must be a JSON object", param=name)
-    return v
+# ---------------------------------------------------------------- events
+
+_FINISH = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_ERROR: "error",
+}
 
 
-def require_model(body: Body) -> str:
-    return body.str("model", required=True) or ""
+def finish_of(done: pb.Done) -> str:
+    """The contract's finish reason as the dialects' tables key it ("stop", "length", ...)."""
+    return _FINISH.get(done.finish_reason, "stop")
+
+
+def check_done(done: pb.Done) -> None:
+    """A Done that reports a failure becomes an error answer."""
+    if done.finish_reason == pb.FINISH_REASON_ERROR:
+        raise ApiError(500, done.error_message or "generation failed")
+
+
+def is_done(ev: pb.GenerateResponse) -> bool:
+    return ev.WhichOneof("event") == "done"
 
 
 @dataclass
@@ -66,24 +101,25 @@ class Collected:
     """A whole generation, gathered for a non-streaming answer."""
 
     text: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    done: Done = field(default_factory=Done)
+    tool_calls: list[pb.ToolCall] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    done: pb.Done = field(default_factory=pb.Done)
     thinking: str = ""
 
 
-def collect(events: list[Event]) -> Collected:
+def collect(events: Iterable[pb.GenerateResponse]) -> Collected:
     out = Collected()
     parts: list[str] = []
     thoughts: list[str] = []
     for ev in events:
-        if isinstance(ev, Chunk):
-            parts.append(ev.text)
-            thoughts.append(ev.thinking)
-            out.tool_calls.extend(ev.tool_calls)
-            out.logprobs.extend(ev.logprobs)
+        if is_done(ev):
+            out.done = ev.done
         else:
-            out.done = ev
+            ch = ev.chunk
+            parts.append(ch.text)
+            thoughts.append(ch.thinking)
+            out.tool_calls.extend(ch.tool_calls)
+            out.logprobs.extend(ch.logprobs)
     out.text = "".join(parts)
     out.thinking = "".join(thoughts)
     return out

@@ -2,12 +2,22 @@
 
 Every failure the front reports goes through ``ApiError``: validation errors
 are raised as ``ApiError`` directly, gRPC failures are converted with
-``from_grpc`` (the table in DESIGN.md), aiohttp's own HTTP exceptions (404,
+``from_grpc`` (the table in docs/architecture.md, "Errors"), aiohttp's own HTTP exceptions (404,
 405 with its ``Allow`` header, 413) with ``from_http``; the refusals of the
 trust middleware (``gateway/security.py``: 401, 403) are ``ApiError`` too.
-``ollama_body`` / ``openai_body`` render it in the caller's dialect; which
-dialect a request speaks is decided by its path (``/v1/...`` is OpenAI,
+``ollama_body`` / ``openai_body`` / ``anthropic_body`` render it in the
+caller's dialect; which dialect a request speaks is decided by its path
+(``/v1/messages`` and below is Anthropic, the rest of ``/v1/...`` OpenAI,
 everything else Ollama).
+
+The Anthropic dialect answers only the statuses Anthropic documents
+(``adapt``): a busy engine (RESOURCE_EXHAUSTED) and an unavailable service
+(UNAVAILABLE, the drain's 503) are 529 ``overloaded_error`` -- temporary,
+retried by Anthropic's SDKs and Claude Code, and not a rate limit on the
+caller's key (Anthropic's 429 means that, and this server has no per-key
+limits); DEADLINE_EXCEEDED is 504 ``timeout_error``; UNIMPLEMENTED (a model
+whose backend cannot count tokens) is 400 ``invalid_request_error``, since
+retrying cannot help and Anthropic has no 501.
 
 RESOURCE_EXHAUSTED means two things: the engine is busy (the service adds a
 ``retry-after`` trailer; 429, or Ollama's 503 "server busy"), or grpc itself
@@ -28,16 +38,18 @@ from typing import Any, Literal, Mapping, Optional
 import grpc
 from aiohttp import web
 
+from gateway.render import json_response
+from mlxgate.dialects import anthropic
 from mlxgate.limits import clip
 
-#: Must match backends.service.RETRY_AFTER_KEY (the front does not import backends).
+#: Must match backends.errors.RETRY_AFTER_KEY (the front does not import backends).
 RETRY_AFTER_KEY = "retry-after"
 
 log = logging.getLogger(__name__)
 
-Dialect = Literal["ollama", "openai"]
+Dialect = Literal["ollama", "openai", "anthropic"]
 
-#: gRPC status -> HTTP status (DESIGN.md, "Errors: one table").
+#: gRPC status -> HTTP status (docs/architecture.md, "Errors").
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -137,6 +149,9 @@ def from_http(exc: web.HTTPException, path: str) -> ApiError:
     """aiohttp's own errors (unknown route, wrong method, body too large)."""
     status = exc.status
     if status == 404:
+        if path.startswith(ANTHROPIC_PREFIX + "/batches"):
+            return ApiError(404, f"not found: no route for {path} (Anthropic's Message Batches API is not served; "
+                                 "send each request to POST /v1/messages)", code="not_found")
         return ApiError(404, f"not found: no route for {path}", code="not_found")
     if status == 405:
         # OPTIONS is answered on every route by the trust middleware.
@@ -148,15 +163,31 @@ def from_http(exc: web.HTTPException, path: str) -> ApiError:
     return ApiError(status, exc.reason or "request failed")
 
 
+#: Paths of the Anthropic dialect: /v1/messages and everything below it.
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
 def dialect_of(path: str) -> Dialect:
+    if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        return "anthropic"
     return "openai" if path == "/v1" or path.startswith("/v1/") else "ollama"
 
 
+#: Anthropic dialect: our status -> the one Anthropic documents (see the module docstring).
+_ANTHROPIC_STATUS = {429: 529, 503: 529, 501: 400}
+
+
 def adapt(err: ApiError, dialect: Dialect) -> ApiError:
-    """Dialect-specific adjustments of status and text (Ollama's busy answer)."""
+    """Dialect-specific adjustments of status and text (Ollama's busy answer,
+    Anthropic's statuses)."""
     if dialect == "ollama" and err.status == 429 and err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(
             503, OLLAMA_BUSY, grpc_code=err.grpc_code, retry_after=err.retry_after, headers=err.headers
+        )
+    if dialect == "anthropic" and err.status in _ANTHROPIC_STATUS:
+        return ApiError(
+            _ANTHROPIC_STATUS[err.status], err.message, param=err.param, code=err.code, grpc_code=err.grpc_code,
+            retry_after=err.retry_after, headers=err.headers,
         )
     return err
 
@@ -182,8 +213,17 @@ def openai_body(err: ApiError) -> dict[str, Any]:
     }
 
 
+def anthropic_body(err: ApiError) -> dict[str, Any]:
+    """``{"type": "error", "error": {"type", "message"}}`` (after ``adapt``)."""
+    return {"type": "error", "error": {"type": anthropic.error_type(err.status), "message": err.message}}
+
+
 def body_for(err: ApiError, dialect: Dialect) -> dict[str, Any]:
-    return openai_body(err) if dialect == "openai" else ollama_body(err)
+    if dialect == "openai":
+        return openai_body(err)
+    if dialect == "anthropic":
+        return anthropic_body(err)
+    return ollama_body(err)
 
 
 def error_response(err: ApiError, dialect: Dialect) -> web.Response:
@@ -193,4 +233,4 @@ def error_response(err: ApiError, dialect: Dialect) -> web.Response:
     headers = dict(err.headers)
     if err.retry_after:
         headers["Retry-After"] = err.retry_after
-    return web.json_response(body_for(err, dialect), status=err.status, reason=reason, headers=headers)
+    return json_response(body_for(err, dialect), status=err.status, reason=reason, headers=headers)

@@ -28,11 +28,14 @@ without ever reading the request body:
    with ``WWW-Authenticate: Bearer``.  Keys are compared as SHA-256 digests
    with ``hmac.compare_digest`` against every configured key, with no early
    exit, so neither a key's content nor its length shows in the timing.  No
-   key, configured or presented, is ever logged or echoed.
+   key, configured or presented, is ever logged or echoed.  The accepted
+   key's digest is left on the request (``state.CALLER_KEY``) for handlers
+   that keep what a key stores private to it (the Responses API's store).
 
 Refusals are ``ApiError`` rendered by ``error_response``: the caller's dialect
 (``{"error": "..."}`` on ``/api/*`` and ``/``; ``{"error": {"message", "type",
-"param", "code"}}`` on ``/v1/*``).
+"param", "code"}}`` on ``/v1/*``; ``{"type": "error", "error": {"type",
+"message"}}`` on ``/v1/messages*``).
 
 ``on_response_prepare`` (an ``app.on_response_prepare`` hook) puts
 ``Access-Control-Allow-Origin`` (echoing the origin), ``Vary: Origin`` and
@@ -60,7 +63,7 @@ from typing import Awaitable, Callable, Iterable, Mapping, Optional
 from aiohttp import hdrs, web
 
 from gateway.errors import ApiError, dialect_of, error_response, from_http
-from gateway.state import BACKEND_HEADER, REQUEST_ID_HEADER
+from gateway.state import BACKEND_HEADER, CALLER_KEY, REQUEST_ID_HEADER
 from mlxgate.config import ServerConfig
 from mlxgate.exposure import effective_keys, is_loopback
 
@@ -222,6 +225,12 @@ class TrustGuard:
     def key_valid(self, headers: Mapping[str, str]) -> Optional[bool]:
         """None when no key was presented, else whether one presented key is
         configured (``headers``: case-insensitive, as ``request.headers``)."""
+        valid, _ = self.check_key(headers)
+        return valid
+
+    def check_key(self, headers: Mapping[str, str]) -> tuple[Optional[bool], Optional[bytes]]:
+        """``key_valid``, and the digest of the first presented key that is
+        configured (the caller's identity for what it stores: ``CALLER_KEY``)."""
         presented = []
         auth = headers.get(hdrs.AUTHORIZATION)
         if auth:
@@ -232,13 +241,16 @@ class TrustGuard:
         if x_api_key:
             presented.append(x_api_key)
         if not presented:
-            return None
-        ok = False
+            return None, None
+        matched: Optional[bytes] = None
         for credential in presented:
             digest = _digest(credential)
+            ok = False
             for known in self._key_digests:  # every key, no early exit
                 ok |= hmac.compare_digest(digest, known)
-        return ok
+            if ok and matched is None:
+                matched = digest
+        return matched is not None, matched
 
     def _needs_key(self, request: web.Request) -> bool:
         path = request.path
@@ -285,7 +297,7 @@ class TrustGuard:
         if request.method == hdrs.METH_OPTIONS:
             return self._options(request, origin)
         if self._key_digests and self._needs_key(request):
-            valid = self.key_valid(headers)
+            valid, digest = self.check_key(headers)
             if not valid:
                 message = (
                     "invalid API key"
@@ -297,6 +309,8 @@ class TrustGuard:
                     ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}),
                     "missing API key" if valid is None else "wrong API key",
                 )
+            assert digest is not None
+            request[CALLER_KEY] = digest
         return await handler(request)
 
     def _refuse(self, request: web.Request, err: ApiError, why: str) -> web.Response:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Optional
 
 from aiohttp import web
 
-from backends.types import Event
 from gateway.client import InferenceClient
 from mlxgate.config import ServerConfig
+from mlxgate.v1 import inference_pb2 as pb
 
 CLIENT_KEY = web.AppKey("inference_client", InferenceClient)
 SERVER_CONFIG_KEY = web.AppKey("server_config", ServerConfig)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+#: The SHA-256 digest of the API key the caller presented, once the trust
+#: middleware has accepted it (absent when no keys are configured).  Handlers
+#: read it to keep what a key stores private to it; it is never logged.
+CALLER_KEY = web.RequestKey("caller_key_digest", bytes)
 
 #: Header a caller may send to correlate logs; echoed on every response.
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -21,10 +26,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 BACKEND_HEADER = "x-mlxgate-backend"
 
 
-def backend_header(first: Event) -> dict[str, str]:
+def backend_header(first: pb.GenerateResponse) -> dict[str, str]:
     """The header for a stream, from its first event (the router names the
     backend on it); empty when the service runs without a router."""
-    return {BACKEND_HEADER: first.backend} if first.backend else {}
+    backend = first.done.backend if first.WhichOneof("event") == "done" else first.chunk.backend
+    return {BACKEND_HEADER: backend} if backend else {}
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -40,6 +46,11 @@ def request_id(request: web.Request) -> str:
     if rid is None:
         rid = request[REQUEST_ID_KEY] = new_request_id(request)
     return rid
+
+
+def caller_key(request: web.Request) -> Optional[bytes]:
+    """The digest of the caller's API key (``CALLER_KEY``), or None without keys."""
+    return request.get(CALLER_KEY)
 
 
 def client(request: web.Request) -> InferenceClient:

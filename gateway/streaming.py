@@ -17,16 +17,16 @@ and the handler's ``finally`` cancels the gRPC call (with the runner's
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any, AsyncIterator, Callable, Iterable, Optional, TypeVar
 
 import grpc
 from aiohttp import web
 
-from backends.types import Event
 from gateway.client import EventStream
 from gateway.errors import ApiError, from_grpc, internal_error
+from gateway.render import json_bytes
+from mlxgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,12 @@ SSE_DONE = b"data: [DONE]\n\n"
 T = TypeVar("T")
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
 def ndjson_frame(obj: Any) -> bytes:
-    return (_dumps(obj) + "\n").encode()
+    return json_bytes(obj) + b"\n"
 
 
 def sse_frame(obj: Any) -> bytes:
-    return f"data: {_dumps(obj)}\n\n".encode()
+    return b"data: " + json_bytes(obj) + b"\n\n"
 
 
 async def open_stream(
@@ -107,7 +103,9 @@ async def pump(
     return False
 
 
-async def merge(streams: list[tuple[Event, EventStream]]) -> AsyncIterator[tuple[int, Event]]:
+async def merge(
+    streams: list[tuple[pb.GenerateResponse, EventStream]],
+) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
     """Interleave several started streams as (index, event), in arrival order.
 
     The first failure is raised to the consumer; closing the generator (or a
@@ -116,7 +114,7 @@ async def merge(streams: list[tuple[Event, EventStream]]) -> AsyncIterator[tuple
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     _END = object()
 
-    async def drain(i: int, first: Event, s: EventStream) -> None:
+    async def drain(i: int, first: pb.GenerateResponse, s: EventStream) -> None:
         try:
             await queue.put((i, first))
             async for ev in s:

@@ -22,19 +22,32 @@ dataclass fields, e.g.::
     base_url = "https://openrouter.ai/api/v1"
     api_key_env = "OPENROUTER_API_KEY"
     models = ["meta-llama/llama-3.1-8b-instruct"]
+
+    [[remote]]
+    name = "studio2"
+    target = "studio2.lan:50051"
+    key_env = "MLXGATE_STUDIO2_KEY"
+
+    [[cloud.providers]]
+    name = "claude"
+    kind = "anthropic"                      # Anthropic's Messages API ("openai" is the default)
+    base_url = "https://api.anthropic.com"
+    api_key_env = "ANTHROPIC_API_KEY"
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
+
+from mlxgate.durations import parse_duration  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +90,21 @@ class ServerConfig:
     #: test model when no models are found); None = the platform's user data
     #: folder for mlxgate.
     data_dir: Optional[str] = None
+    #: The Responses API's store (``<data_dir>/responses.sqlite3``): most
+    #: responses kept, and most bytes (responses and their input items
+    #: together); beyond either, the oldest are removed first.
+    responses_max_count: int = 10_000
+    responses_max_bytes: int = 256 * 1024 * 1024
+
+    def data_path(self) -> Path:
+        """``data_dir``, or the platform's user data folder for mlxgate
+        (platformdirs: ``~/.local/share/mlxgate`` on Linux,
+        ``~/Library/Application Support/mlxgate`` on macOS)."""
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
 
 
 @dataclass
@@ -108,9 +136,14 @@ class MLXConfig:
     #: turn of a chat, a repeated system prompt) skips that part of prefill;
     #: 0 turns prompt-cache reuse off.
     prompt_cache_bytes: int = 512 * 1024 * 1024
-    #: When the models directory is empty, generate a small test model into
-    #: it so the server has something to serve (``make run`` on a fresh box).
+    #: When no MLX model is found (models_dir, the Hugging Face cache), serve
+    #: the small generated test model from ``<data_dir>/test-models``, writing
+    #: it there the first time, so a fresh box has something to serve; never
+    #: written into models_dir (``backends.mlx.bootstrap``).
     bootstrap_test_model: bool = True
+    #: A folder of generated test models scanned after models_dir; set at
+    #: start-up when the bootstrap above applies (None: not scanned).
+    test_models_dir: Optional[str] = None
     #: Set false to run without the MLX engine (gateway to Ollama/cloud only).
     enabled: bool = True
 
@@ -142,12 +175,20 @@ class OllamaConfig:
     idle_timeout: Optional[float] = None
 
 
+#: The APIs a cloud provider may speak: "openai" (OpenAI-compatible chat
+#: completions; base_url ends with /v1) or "anthropic" (Anthropic's Messages
+#: API; base_url is the API root, as ANTHROPIC_BASE_URL: https://api.anthropic.com).
+CLOUD_KINDS = ("openai", "anthropic")
+
+
 @dataclass
 class CloudProvider:
     name: str
     base_url: str
     #: Name of the environment variable that holds the key (never the key).
     api_key_env: str = ""
+    #: The API it speaks: one of CLOUD_KINDS.
+    kind: str = "openai"
     #: Models to offer from this provider; empty = ask its /models.
     models: list[str] = field(default_factory=list)
     #: None: the ``[upstream]`` default (filled in by load_config).
@@ -155,10 +196,40 @@ class CloudProvider:
     first_token_timeout: Optional[float] = None
     idle_timeout: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        if self.kind not in CLOUD_KINDS:
+            raise ValueError(
+                f"cloud provider {self.name!r}: kind must be one of {', '.join(CLOUD_KINDS)}, got {self.kind!r}"
+            )
+
 
 @dataclass
 class CloudConfig:
     providers: list[CloudProvider] = field(default_factory=list)
+
+
+@dataclass
+class RemoteService:
+    """Another mlxgate inference service (``mlxgate service`` on another
+    machine), used as a backend named ``remote:<name>``.
+
+    The key it wants (``authorization: Bearer``): preferably ``key_env``, the
+    name of an environment variable holding it, so the key never sits in a
+    file; ``key`` holds it in the file itself.  With neither, the front's own
+    first API key is sent (``server.api_keys``), if it has one.
+    """
+
+    #: The backend is ``remote:<name>`` (metrics labels, x-mlxgate-backend,
+    #: alias targets ``remote:<name>:<model>``); empty: the target.
+    name: str = ""
+    #: host:port of its gRPC port.
+    target: str = ""
+    key: str = field(default="", repr=False)
+    key_env: str = ""
+    #: None: the ``[upstream]`` default (filled in by load_config).
+    connect_timeout: Optional[float] = None
+    first_token_timeout: Optional[float] = None
+    idle_timeout: Optional[float] = None
 
 
 @dataclass
@@ -171,6 +242,18 @@ class RouterConfig:
     breaker_cooldown: float = 30.0
     #: How long a backend's model list is reused, seconds.
     model_list_ttl: float = 10.0
+    #: Placement (several engines with the model: the local one and remote
+    #: services): how long what each has loaded is reused before it is asked
+    #: again, seconds.  It is also refreshed in the background after each
+    #: request it served.
+    running_ttl: float = 5.0
+    #: Placement: when every serving engine that has the model loaded already
+    #: has this many of this router's requests in flight, the warm/cold
+    #: preference is dropped and the least loaded engine that has the model
+    #: takes the next one (loading it there), so sustained concurrent traffic
+    #: grows onto more machines.  0: never (a cold engine only when no warm
+    #: one serves).
+    spill_at: int = 8
 
 
 @dataclass
@@ -179,6 +262,8 @@ class Config:
     mlx: MLXConfig = field(default_factory=MLXConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
+    #: Other mlxgate inference services (TOML ``[[remote]]``, MLXGATE_REMOTES).
+    remotes: list[RemoteService] = field(default_factory=list)
     router: RouterConfig = field(default_factory=RouterConfig)
     upstream: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     #: Public name -> ordered targets "mlx:<name>", "ollama:<tag>",
@@ -191,6 +276,10 @@ class Config:
 
     def models_path(self) -> Path:
         return Path(self.mlx.models_dir).expanduser()
+
+    def data_path(self) -> Path:
+        """``server.data_dir``, or the platform's user data folder (``ServerConfig.data_path``)."""
+        return self.server.data_path()
 
 
 # Environment variables, each mapped onto one (section, field).  List-valued
@@ -210,6 +299,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
     "MLXGATE_DATA_DIR": ("server", "data_dir"),
     "MLXGATE_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "MLXGATE_RESPONSES_MAX_COUNT": ("server", "responses_max_count"),
+    "MLXGATE_RESPONSES_MAX_BYTES": ("server", "responses_max_bytes"),
     "MLXGATE_MODELS_DIR": ("mlx", "models_dir"),
     "MLXGATE_HF_CACHE": ("mlx", "hf_cache"),
     "MLXGATE_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
@@ -235,38 +326,6 @@ OLLAMA_ENV_VARS: dict[str, tuple[str, str]] = {
     "OLLAMA_NUM_PARALLEL": ("mlx", "max_batch_size"),
     "OLLAMA_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
 }
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Go duration syntax ("5m", "1h30m", "-1s", "300ms") or a bare number of seconds."""
-    s = text.strip()
-    try:
-        value = float(s)
-    except ValueError:
-        pass
-    else:
-        if math.isnan(value):
-            raise ValueError(text)
-        return value
-    sign = 1.0
-    if s[:1] and s[:1] in "+-":
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if not s:
-        raise ValueError(text)
-    total, pos = 0.0, 0
-    for m in _DURATION_PART.finditer(s):
-        if m.start() != pos:
-            raise ValueError(text)
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if pos != len(s):
-        raise ValueError(text)
-    return sign * total
 
 
 def split_list(value: str) -> list[str]:
@@ -314,8 +373,16 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
             for p in value.get("providers", []):
                 try:
                     cfg.cloud.providers.append(CloudProvider(**p))
-                except TypeError as e:
+                except (TypeError, ValueError) as e:
                     raise ValueError(f"cloud.providers: {e}") from None
+        elif key == "remote":
+            if not isinstance(value, list):
+                raise ValueError("remote: expected [[remote]] entries (name, target, key_env or key)")
+            for r in value:
+                try:
+                    cfg.remotes.append(RemoteService(**r))
+                except TypeError as e:
+                    raise ValueError(f"remote: {e}") from None
         elif key == "log_level":
             cfg.log_level = value
         elif isinstance(value, Mapping) and hasattr(cfg, key):
@@ -327,11 +394,12 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
 
 
 def _cloud_from_env(cfg: Config, env: Mapping[str, str]) -> None:
-    """OPENAI_BASE_URL / OPENAI_API_KEY give the common single provider."""
-    if any(p.name == "openai" for p in cfg.cloud.providers):
-        return
+    """OPENAI_BASE_URL / OPENAI_API_KEY give the common single provider
+    ("openai"), ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY an Anthropic one
+    ("anthropic"), each unless the file already names one so."""
+    names = {p.name for p in cfg.cloud.providers}
     base = env.get("OPENAI_BASE_URL")
-    if base or env.get("OPENAI_API_KEY"):
+    if "openai" not in names and (base or env.get("OPENAI_API_KEY")):
         models = [m for m in env.get("MLXGATE_CLOUD_MODELS", "").split(",") if m]
         cfg.cloud.providers.append(
             CloudProvider(
@@ -341,6 +409,79 @@ def _cloud_from_env(cfg: Config, env: Mapping[str, str]) -> None:
                 models=models,
             )
         )
+    base = env.get("ANTHROPIC_BASE_URL")
+    if "anthropic" not in names and (base or env.get("ANTHROPIC_API_KEY")):
+        cfg.cloud.providers.append(
+            CloudProvider(
+                name="anthropic",
+                kind="anthropic",
+                base_url=base or "https://api.anthropic.com",
+                api_key_env="ANTHROPIC_API_KEY",
+                models=split_list(env.get("MLXGATE_ANTHROPIC_MODELS", "")),
+            )
+        )
+
+
+def _points_here(base_url: str, server: ServerConfig) -> bool:
+    """Whether an upstream's URL is this server's own HTTP address (a loop)."""
+    try:
+        u = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return False
+    host = (u.hostname or "").lower()
+    local = host in ("localhost", "::1", "0.0.0.0", "::") or host.startswith("127.") or host == server.host.lower()
+    return local and port == server.port
+
+
+def _drop_loops(cfg: Config) -> None:
+    """A cloud provider pointing at this very server (ANTHROPIC_BASE_URL or
+    OPENAI_BASE_URL exported for a client such as Claude Code, in the shell
+    that runs mlxgate) would forward every request it cannot serve to itself,
+    forever: it is left out, with a note saying why."""
+    kept = []
+    for p in cfg.cloud.providers:
+        if _points_here(p.base_url, cfg.server):
+            cfg.notes.append(
+                f"cloud provider {p.name!r} is ignored: its base_url {p.base_url} is this server's own address "
+                f"(port {cfg.server.port}), so it would send requests back to itself"
+            )
+        else:
+            kept.append(p)
+    cfg.cloud.providers = kept
+
+
+#: Names become metric labels, header values and alias prefixes.
+_REMOTE_NAME = re.compile(r"^[A-Za-z0-9._:\-\[\]]{1,128}$")
+
+
+def _remotes_from_env(cfg: Config, env: Mapping[str, str]) -> None:
+    """MLXGATE_REMOTES=host:port,name=host:port,...: more remote services (after
+    the TOML ones; a target already configured is not added twice).  A bare
+    target names itself (backend ``remote:host:port``)."""
+    for entry in split_list(env.get("MLXGATE_REMOTES", "")):
+        name, sep, target = entry.partition("=")
+        if not sep:
+            name, target = "", entry
+        target = target.strip()
+        if any(r.target == target for r in cfg.remotes):
+            continue
+        cfg.remotes.append(RemoteService(name=name.strip(), target=target))
+
+
+def _check_remotes(cfg: Config) -> None:
+    names: set[str] = set()
+    for r in cfg.remotes:
+        if not r.target or ":" not in r.target or not r.target.rsplit(":", 1)[1].isdigit():
+            raise ValueError(f"remote {r.name or r.target!r}: target must be host:port, got {r.target!r}")
+        r.name = r.name or r.target
+        if not _REMOTE_NAME.match(r.name):
+            raise ValueError(f"remote {r.name!r}: a name is 1-128 characters of [A-Za-z0-9._:-]")
+        if r.name in names:
+            raise ValueError(f"remote {r.name!r} is configured twice")
+        names.add(r.name)
+        if r.key and r.key_env:
+            raise ValueError(f"remote {r.name!r}: set key_env or key, not both")
 
 
 def parse_ollama_host(value: str) -> tuple[str, Optional[int]]:
@@ -410,7 +551,7 @@ def resolved_timeouts(upstream: Any) -> UpstreamTimeouts:
 
 def _upstream_defaults(cfg: Config) -> None:
     """Per-upstream timeouts left unset take the ``[upstream]`` defaults."""
-    targets: list[Any] = [cfg.ollama, *cfg.cloud.providers]
+    targets: list[Any] = [cfg.ollama, *cfg.cloud.providers, *cfg.remotes]
     for t in targets:
         for f in dataclasses.fields(UpstreamTimeouts):
             if getattr(t, f.name) is None:
@@ -447,6 +588,7 @@ def load_config(
             if origin not in cfg.server.origins:
                 cfg.server.origins.append(origin)
     _cloud_from_env(cfg, env)
+    _remotes_from_env(cfg, env)
     for dotted, value in (overrides or {}).items():
         if value is None or value == []:
             continue
@@ -455,5 +597,9 @@ def load_config(
             _set(getattr(cfg, section), name, value)
         else:
             setattr(cfg, dotted, value)
+    _check_remotes(cfg)
+    _drop_loops(cfg)
     _upstream_defaults(cfg)
+    if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
+        raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")
     return cfg

@@ -12,6 +12,8 @@ backends can both use it.
 
 from __future__ import annotations
 
+from typing import Optional
+
 #: Longest model name (Ollama's names are far shorter; this only stops abuse).
 MAX_MODEL_NAME_CHARS = 256
 #: Stop sequences per request, and the longest one.  Every generated token is
@@ -37,6 +39,25 @@ MAX_TOP_LOGPROBS = 20
 MAX_JSON_DEPTH = 64
 #: Request ids callers may set (echoed in headers and logs).
 MAX_REQUEST_ID_CHARS = 128
+#: The ranges of the contract's sampling knobs (SamplingParams in the .proto):
+#: name -> (lowest, highest, whether the lowest itself is excluded).  The
+#: service enforces them (backends/validation.py); the dialect models state
+#: them in /openapi.json (mlxgate.dialects.base.contract_range).
+SAMPLING_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
+    "temperature": (0, None, False),
+    "top_p": (0, 1, False),  # 0 keeps only the most likely token: greedy
+    "top_k": (0, None, False),
+    "min_p": (0, 1, False),
+    "repeat_penalty": (0, None, True),
+    "repeat_last_n": (-1, None, False),
+    "presence_penalty": (-2, 2, False),
+    "frequency_penalty": (-2, 2, False),
+    # max_tokens: any value; negative is "no limit" (until a stop or the context is full).
+    "num_ctx": (1, None, False),
+}
+#: A keep_alive longer than this means "keep loaded" (Ollama's forever is Go's
+#: largest duration, ~292 years); also keeps expiry dates inside datetime's range.
+KEEP_ALIVE_FOREVER_S = 290 * 365 * 24 * 3600.0
 #: Longest error message put in a gRPC status or an HTTP error body; longer
 #: ones are cut (a status message travels in gRPC metadata, which is bounded).
 MAX_ERROR_CHARS = 1024

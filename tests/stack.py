@@ -16,7 +16,7 @@ import pytest
 from backends.router import Router
 from backends.service import RunningService, start_inference_service
 from gateway.app import RunningHTTP, create_app, start_http
-from mlxgate.config import Config, ServerConfig
+from mlxgate.config import ServerConfig
 
 #: The model the generated test model is served as (tests/mlx_fixtures.py).
 MODEL = "tiny-llama"
@@ -34,10 +34,12 @@ class StackInfo:
 
 
 @pytest.fixture(scope="session")
-async def stack(mlx_backend) -> Any:
-    router = Router([mlx_backend], Config())
+async def stack(mlx_backend, tmp_path_factory) -> Any:
+    router = Router([mlx_backend])
     service = await start_inference_service(router, port=0)
-    cfg = ServerConfig(host="127.0.0.1", port=0, request_timeout=120.0, max_body_bytes=1024 * 1024)
+    # The data folder (the Responses API's store) under the session's tmp dir, never the user's.
+    cfg = ServerConfig(host="127.0.0.1", port=0, request_timeout=120.0, max_body_bytes=1024 * 1024,
+                       data_dir=str(tmp_path_factory.mktemp("data")))
     http = await start_http(create_app(cfg, service.target), cfg.host, 0)
     try:
         yield StackInfo(

@@ -343,3 +343,16 @@ async def test_closing_the_generator_closes_the_upstream_request(cloud, fake):
     assert not fake.disconnected.is_set()
     await agen.aclose()
     await asyncio.wait_for(fake.disconnected.wait(), 5)
+
+
+async def test_events_that_arrive_together_go_on_as_one_chunk(cloud, fake):
+    """An upstream that sends its answer in one write costs one message downstream (one
+    gRPC message and one SSE frame), not one per token; spaced out, each event is its own chunk."""
+    req = GenerateRequest(model="gpt-test", messages=[Message("user", "hi")])
+    fake.one_write = True
+    events = await collect(cloud.generate(req))
+    assert [e.text for e in events if isinstance(e, Chunk)] == ["Hi there"]
+    assert events[-1].finish_reason == "stop" and events[-1].prompt_tokens == 11
+    fake.one_write, fake.chunk_delay = False, 0.02
+    events = await collect(cloud.generate(req))
+    assert [e.text for e in events if isinstance(e, Chunk)] == ["Hi", " there"]

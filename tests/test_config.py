@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxgate.cli import build_parser, config_from_args
+from mlxgate_cli.main import build_parser, config_from_args
 from mlxgate.config import load_config
 
 
@@ -123,3 +123,72 @@ def test_api_keys_from_env_toml_and_flags(tmp_path: Path) -> None:
     assert load_config(toml, env={}).server.api_keys == ["t1"]
     args = build_parser().parse_args(["serve", "--api-key", "f1", "--api-key", "f2"])
     assert config_from_args(args).server.api_keys == ["f1", "f2"]
+
+
+def test_data_dir_from_env_flag_or_the_platform_folder(tmp_path: Path) -> None:
+    import platformdirs
+
+    assert load_config(env={}).data_path() == Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
+    assert load_config(env={"MLXGATE_DATA_DIR": str(tmp_path)}).data_path() == tmp_path
+    args = build_parser().parse_args(["serve", "--data-dir", "~/d"])
+    assert config_from_args(args).data_path() == Path("~/d").expanduser()
+    # The front, which has only the server section, finds the same folder.
+    assert load_config(env={"MLXGATE_DATA_DIR": str(tmp_path)}).server.data_path() == tmp_path
+
+
+def test_responses_store_bounds(tmp_path: Path) -> None:
+    cfg = load_config(env={})
+    assert (cfg.server.responses_max_count, cfg.server.responses_max_bytes) == (10_000, 256 * 1024 * 1024)
+    env = {"MLXGATE_RESPONSES_MAX_COUNT": "50", "MLXGATE_RESPONSES_MAX_BYTES": "1048576"}
+    cfg = load_config(env=env)
+    assert (cfg.server.responses_max_count, cfg.server.responses_max_bytes) == (50, 1048576)
+    toml = tmp_path / "r.toml"
+    toml.write_text("[server]\nresponses_max_count = 7\n")
+    assert load_config(toml, env={}).server.responses_max_count == 7
+    with pytest.raises(ValueError, match="responses_max_count"):
+        load_config(env={"MLXGATE_RESPONSES_MAX_COUNT": "0"})
+
+
+def test_remote_services_from_toml_and_env(tmp_path: Path) -> None:
+    toml = tmp_path / "remotes.toml"
+    toml.write_text(
+        '[upstream]\nfirst_token_timeout = 200.0\n'
+        '[[remote]]\nname = "studio2"\ntarget = "studio2.lan:50051"\nkey_env = "STUDIO2_KEY"\nidle_timeout = 5.0\n'
+        '[[remote]]\ntarget = "10.0.0.3:50051"\nkey = "sk-in-the-file"\n'
+    )
+    cfg = load_config(toml, env={"MLXGATE_REMOTES": "10.0.0.3:50051, mini=10.0.0.4:50051,[::1]:50052"})
+    assert [(r.name, r.target) for r in cfg.remotes] == [
+        ("studio2", "studio2.lan:50051"),
+        ("10.0.0.3:50051", "10.0.0.3:50051"),  # named after its target; not added twice by the env
+        ("mini", "10.0.0.4:50051"),
+        ("[::1]:50052", "[::1]:50052"),
+    ]
+    studio = cfg.remotes[0]
+    assert (studio.key_env, studio.first_token_timeout, studio.idle_timeout) == ("STUDIO2_KEY", 200.0, 5.0)
+    assert "sk-in-the-file" not in repr(cfg)
+
+
+@pytest.mark.parametrize("text, error", [
+    ('[[remote]]\nname = "a"\n', "target must be host:port"),
+    ('[[remote]]\ntarget = "nohost"\n', "target must be host:port"),
+    ('[[remote]]\ntarget = "h:1"\nname = "a b"\n', "a name is"),
+    ('[[remote]]\ntarget = "h:1"\nname = "a"\n[[remote]]\ntarget = "h:2"\nname = "a"\n', "configured twice"),
+    ('[[remote]]\ntarget = "h:1"\nkey = "k"\nkey_env = "K"\n', "not both"),
+    ('[[remote]]\ntarget = "h:1"\nhost = "x"\n', "remote: .*host"),
+    ('remote = "h:1"\n', "expected \\[\\[remote\\]\\]"),
+])
+def test_remote_entries_are_checked(tmp_path: Path, text: str, error: str) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text(text)
+    with pytest.raises(ValueError, match=error):
+        load_config(toml, env={})
+
+
+def test_remotes_come_after_mlx_and_share_the_fronts_key() -> None:
+    from mlxgate_cli.factory import build_backends
+
+    cfg = load_config(env={"MLXGATE_REMOTES": "h:1,named=h:2", "MLXGATE_MLX_ENABLED": "false",
+                           "OLLAMA_UPSTREAM": "http://127.0.0.1:9", "MLXGATE_API_KEYS": "front-key,other"})
+    backends = build_backends(cfg, {})
+    assert [b.name for b in backends] == ["remote:h:1", "remote:named", "ollama"]
+    assert backends[0]._metadata == (("authorization", "Bearer front-key"),)

@@ -21,6 +21,7 @@ from mlxgate.ports import PortInUse
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.scripted_backend import ScriptedBackend
+from tests.reflection_client import v1_reflection_call
 
 MODEL = "m"
 KEYS = ("key-one", "key-two")
@@ -143,6 +144,14 @@ async def test_keys_are_required_on_every_inference_method(keyed_service, caplog
             for s in resp.list_services_response.service
         ]
         assert "mlxgate.v1.InferenceService" in names
+        request, call = v1_reflection_call(ch)  # reflection v1 too
+
+        async def list_services_v1():
+            yield request(list_services="")
+
+        assert "mlxgate.v1.InferenceService" in [
+            s.name async for resp in call(list_services_v1()) for s in resp.list_services_response.service
+        ]
     assert not any(k in caplog.text for k in KEYS)
 
 
@@ -156,7 +165,7 @@ async def test_the_http_front_sends_its_first_key(keyed_service) -> None:
             async with aiohttp.ClientSession() as s, s.get(http.url + "/api/tags", headers=headers) as r:
                 assert r.status == status, await r.text()
                 if status == 200:
-                    assert [m["name"] for m in (await r.json())["models"]] == [MODEL]
+                    assert [m["name"] for m in (await r.json())["models"]] == [f"{MODEL}:latest"]
         finally:
             await http.stop()
 
@@ -256,3 +265,18 @@ def test_the_ollama_port_message_names_ollama() -> None:
     msg = str(PortInUse("HTTP", "127.0.0.1", 11434))
     assert "11434" in msg and "ollama serve" in msg and "Ollama app" in msg and "\n" not in msg
     assert "Ollama" not in str(PortInUse("gRPC", "127.0.0.1", 50051))
+
+
+async def test_malformed_reflection_requests_are_invalid_argument_without_tracebacks(open_service, caplog) -> None:
+    """Reflection is open to anyone; its malformed requests get the same treatment as InferenceService's."""
+    async with grpc.aio.insecure_channel(open_service.target) as ch:
+        for name in ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"):
+            call = ch.stream_stream(f"/{name}/ServerReflectionInfo", request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+            for _ in range(10):
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    async for _ in call(iter([b"\xff\xff\xff"])):
+                        pass
+                assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text

@@ -16,6 +16,7 @@ from backends.service import SERVICE_NAME, start_inference_service
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.mlx_fixtures import TEST_MODEL
+from tests.reflection_client import v1_reflection_call
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,35 @@ async def test_reflection_lists_the_service(channel) -> None:
         names = [s.name for s in resp.list_services_response.service]
     assert "mlxgate.v1.InferenceService" in names
     assert "grpc.health.v1.Health" in names
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= set(names)
+
+
+async def test_reflection_v1_lists_and_resolves_the_service(channel) -> None:
+    from google.protobuf import descriptor_pb2
+
+    request, call = v1_reflection_call(channel)
+
+    async def requests():
+        yield request(list_services="")
+        yield request(file_containing_symbol=SERVICE_NAME)
+        yield request(file_containing_symbol="grpc.reflection.v1.ServerReflection")
+
+    answers = [r async for r in call(requests())]
+    assert [a.WhichOneof("message_response") for a in answers] == ["list_services_response",
+                                                                   "file_descriptor_response",
+                                                                   "file_descriptor_response"]
+    assert SERVICE_NAME in [s.name for s in answers[0].list_services_response.service]
+    files = {}
+    for raw in answers[1].file_descriptor_response.file_descriptor_proto:
+        fdp = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        files[fdp.name] = fdp
+    assert "mlxgate/v1/inference.proto" in files
+    service = next(s for s in files["mlxgate/v1/inference.proto"].service if s.name == "InferenceService")
+    assert {"Generate", "ListModels", "ShowModel"} <= {m.name for m in service.method}
+    (v1,) = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in answers[2].file_descriptor_response.file_descriptor_proto]
+    assert (v1.name, v1.package) == ("grpc/reflection/v1/reflection.proto", "grpc.reflection.v1")
+    assert v1.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
 
 
 async def test_generate_streams_chunks_then_done(channel) -> None:

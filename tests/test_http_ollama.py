@@ -95,8 +95,9 @@ async def test_load_and_unload_with_empty_prompt(stack):
         async with s.get(stack.base + "/api/ps") as r:
             ps = await r.json()
         names = [m["name"] for m in ps["models"]]
-        assert stack.model in names
-        m = ps["models"][names.index(stack.model)]
+        assert f"{stack.model}:latest" in names
+        m = ps["models"][names.index(f"{stack.model}:latest")]
+        assert m["model"] == m["name"]
         assert m["size"] > 0 and m["size_vram"] == m["size"] and m["context_length"] > 0
         assert RFC3339_Z.match(m["expires_at"])
 
@@ -104,7 +105,7 @@ async def test_load_and_unload_with_empty_prompt(stack):
             d = await r.json()
         assert (d["done_reason"], d["message"]) == ("unload", {"role": "assistant", "content": ""})
         async with s.get(stack.base + "/api/ps") as r:
-            assert stack.model not in [m["name"] for m in (await r.json())["models"]]
+            assert f"{stack.model}:latest" not in [m["name"] for m in (await r.json())["models"]]
 
 
 async def test_embed_and_legacy_embeddings(stack):
@@ -132,12 +133,12 @@ async def test_tags_show(stack):
             show = await r.json()
         async with s.post(stack.base + "/api/show", json={"name": stack.model}) as r:
             assert r.status == 200
-    m = next(m for m in tags["models"] if m["name"] == stack.model)
-    assert m["model"] == stack.model and m["size"] > 0 and RFC3339_Z.match(m["modified_at"])
+    m = next(m for m in tags["models"] if m["name"] == f"{stack.model}:latest")
+    assert m["model"] == f"{stack.model}:latest" and m["size"] > 0 and RFC3339_Z.match(m["modified_at"])
     assert set(m["details"]) >= {"parent_model", "format", "family", "families", "parameter_size",
                                  "quantization_level"}
     assert "completion" in show["capabilities"]
-    assert show["template"] and f"FROM {stack.model}" in show["modelfile"]
+    assert show["template"] and f"FROM {stack.model}:latest\n" in show["modelfile"]
     arch = show["model_info"]["general.architecture"]
     assert show["model_info"][f"{arch}.context_length"] > 0
     assert show["details"]["family"] == m["details"]["family"]

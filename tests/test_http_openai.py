@@ -110,6 +110,9 @@ async def test_models_list_and_retrieve(stack):
             d = await r.json()
         async with s.get(f"{stack.base}/v1/models/{stack.model}") as r:
             one = await r.json()
+        async with s.get(f"{stack.base}/v1/models/{stack.model}:latest") as r:
+            assert r.status == 200
+            tagged = await r.json()
         async with s.get(f"{stack.base}/v1/models/org/no-such") as r:
             assert r.status == 404
             err = (await r.json())["error"]
@@ -118,5 +121,8 @@ async def test_models_list_and_retrieve(stack):
         m for m in d["data"] if m["id"] == stack.model
     ).items()
     assert one["id"] == stack.model and isinstance(one["created"], int)
+    # OpenAI's list keeps plain ids; an Ollama-style name still finds the model.
+    assert all(not m["id"].endswith(":latest") for m in d["data"])
+    assert tagged == {**one, "id": f"{stack.model}:latest"}
     assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error"
     assert "org/no-such" in err["message"]

@@ -52,16 +52,33 @@ def test_document_is_openapi_31_and_refs_resolve():
         for m, op in ops.items():
             assert "responses" in op and op["summary"], (m, path)
             for param in op.get("parameters", []):
-                assert "{" + param["name"] + "}" in path
+                assert param["in"] == "query" or "{" + param["name"] + "}" in path
+
+
+def test_responses_api_is_documented():
+    """The Responses routes: named SSE events without [DONE], the query string of input_items,
+    404 for a stored object's id."""
+    doc = openapi.document()
+    create = doc["paths"]["/v1/responses"]["post"]
+    events = create["responses"]["200"]["content"]["text/event-stream"]["schema"]["properties"]
+    assert events["event"] == {"type": "string", "description": "the type of the event's data"}
+    assert [b.get("const") for b in events["data"]["anyOf"]] == [None]  # no [DONE]
+    listing = doc["paths"]["/v1/responses/{response_id}/input_items"]["get"]
+    params = {p["name"]: p for p in listing["parameters"]}
+    assert params["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 100}
+    assert params["order"]["schema"] == {"type": "string", "enum": ["asc", "desc"]}
+    assert {"400", "404"} <= set(listing["responses"])
+    for method in ("get", "delete"):
+        assert "404" in doc["paths"]["/v1/responses/{response_id}"][method]["responses"]
 
 
 def test_request_schemas_list_the_fields_the_translators_read():
-    s = openapi.SCHEMAS
+    s = openapi.document()["components"]["schemas"]
     assert {"model", "prompt", "suffix", "system", "template", "raw", "images", "format", "options", "stream",
             "keep_alive", "think", "logprobs", "top_logprobs"} <= set(s["OllamaGenerateRequest"]["properties"])
-    chat = s["ChatCompletionRequest"]["allOf"][1]["properties"]
+    chat = s["ChatCompletionRequest"]["properties"]
     assert {"messages", "tools", "tool_choice", "response_format", "max_completion_tokens", "logprobs"} <= set(chat)
-    assert {"temperature", "top_p", "n", "seed", "stop", "stream_options"} <= set(s["SamplingFields"]["properties"])
+    assert {"temperature", "top_p", "n", "seed", "stop", "stream_options"} <= set(chat)
 
 
 async def test_openapi_json_is_served():

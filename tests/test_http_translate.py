@@ -8,12 +8,24 @@ import json
 import grpc
 import pytest
 
-from backends.types import Done, TokenLogprob, ToolCall, TopLogprob
 from gateway.common import Collected
 from gateway.errors import OLLAMA_BUSY, ApiError, adapt, from_grpc, openai_body
 from gateway.ollama import translate as otr
 from gateway.openai import translate as atr
 from mlxgate.v1 import inference_pb2 as pb
+
+
+def Done(finish="stop", prompt=0, completion=0, cached=0, load=0, prompt_eval=0, eval_ns=0, total=0, backend="",
+         model="", error_message="") -> pb.Done:
+    """A proto Done, positional like the service's domain Done."""
+    return pb.Done(finish_reason=getattr(pb, f"FINISH_REASON_{finish.upper()}"), prompt_tokens=prompt,
+                   completion_tokens=completion, cached_prompt_tokens=cached, load_duration_ns=load,
+                   prompt_eval_duration_ns=prompt_eval, eval_duration_ns=eval_ns, total_duration_ns=total,
+                   backend=backend, model=model, error_message=error_message)
+
+
+def ToolCall(name: str, arguments: dict, id: str = "") -> pb.ToolCall:
+    return pb.ToolCall(name=name, arguments_json=json.dumps(arguments), id=id)
 
 
 def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -64,9 +76,33 @@ def test_ollama_options_map_onto_sampling():
     assert p.stream is True and p.load_only is False
 
 
-def test_ollama_num_predict_negative_means_backend_default():
-    p = otr.generate_request({"model": "m", "prompt": "x", "options": {"num_predict": -1}})
+@pytest.mark.parametrize("num_predict", [-1, -2, -100])
+def test_ollama_num_predict_negative_means_no_limit(num_predict):
+    # Sent as max_tokens -1, so a server default (MLXGATE_DEFAULT_MAX_TOKENS) cannot cap it.
+    p = otr.generate_request({"model": "m", "prompt": "x", "options": {"num_predict": num_predict}})
+    assert p.req.sampling.max_tokens == -1
+
+
+def test_ollama_num_predict_absent_leaves_the_default_to_the_backend():
+    p = otr.generate_request({"model": "m", "prompt": "x", "options": {"temperature": 0}})
     assert not p.req.sampling.HasField("max_tokens")
+
+
+@pytest.mark.parametrize("max_tokens", [None, -1])
+def test_upstream_adapters_invent_no_limit(max_tokens):
+    """Unset stays unset upstream; "no limit" is Ollama's num_predict -1 and nothing for a cloud API."""
+    from backends.cloud import wire as cloud_wire
+    from backends.ollama import wire as ollama_wire
+    from backends.types import GenerateRequest, Message, Sampling
+
+    req = GenerateRequest(model="m", messages=[Message("user", "hi")], sampling=Sampling(max_tokens=max_tokens))
+    _, body = cloud_wire.generate_body(req)
+    assert "max_tokens" not in body and "max_completion_tokens" not in body
+    _, body = ollama_wire.generate_body(req)
+    if max_tokens is None:
+        assert "num_predict" not in body.get("options", {})
+    else:
+        assert body["options"]["num_predict"] == -1
 
 
 @pytest.mark.parametrize(
@@ -247,8 +283,6 @@ def test_openai_embeddings_request_and_base64():
 
     assert struct.unpack("<2f", raw) == (1.0, -2.5)
     assert out["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
-    with pytest.raises(ApiError, match="token arrays"):
-        atr.embeddings_request({"model": "m", "input": [[1, 2]]})
     with pytest.raises(ApiError, match="encoding_format"):
         atr.embeddings_request({"model": "m", "input": "x", "encoding_format": "int8"})
 
@@ -257,18 +291,21 @@ def test_openai_chat_stream_renderer():
     p = atr.chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2,
                           "stream": True, "stream_options": {"include_usage": True}})
     r = atr.ChatStream(p)
-    from backends.types import Chunk
+    def Chunk(text, **kw):
+        return pb.GenerateResponse(chunk=pb.Chunk(text=text, **kw))
 
-    out = r.render((1, Chunk("he", logprobs=[TokenLogprob(1, "he", -0.1, [TopLogprob(1, "he", -0.1)])])))
+    lp = pb.TokenLogprob(token_id=1, token="he", logprob=-0.1,
+                         top_logprobs=[pb.TopLogprob(token_id=1, token="he", logprob=-0.1)])
+    out = r.render((1, Chunk("he", logprobs=[lp])))
     assert out[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert out[1]["choices"][0]["delta"] == {"content": "he"}
     assert out[1]["choices"][0]["logprobs"]["content"][0]["token"] == "he"
     out = r.render((1, Chunk("", tool_calls=[ToolCall("f", {"a": 1}, id="c1")])))
     call = out[0]["choices"][0]["delta"]["tool_calls"][0]
     assert call["index"] == 0 and call["id"] == "c1" and json.loads(call["function"]["arguments"]) == {"a": 1}
-    out = r.render((1, Done("stop", 4, 2, backend="mlx")))
+    out = r.render((1, pb.GenerateResponse(done=Done("stop", 4, 2, backend="mlx"))))
     assert out[-1]["choices"][0]["finish_reason"] == "tool_calls" and out[-1]["backend"] == "mlx"
-    r.render((0, Done("length", 4, 3, backend="mlx")))
+    r.render((0, pb.GenerateResponse(done=Done("length", 4, 3, backend="mlx"))))
     tail = r.tail()
     assert tail[0]["choices"] == [] and tail[0]["usage"]["total_tokens"] == 4 + 2 + 3
 

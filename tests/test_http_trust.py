@@ -426,7 +426,7 @@ async def test_openai_client_with_key(keyed, stack):
 
 async def test_ollama_client_with_key(keyed, stack):
     good = AsyncClient(host=keyed, headers={"Authorization": f"Bearer {KEY2}"}, timeout=60)
-    assert [m.model for m in (await good.list()).models] == [stack.model]
+    assert [m.model for m in (await good.list()).models] == [f"{stack.model}:latest"]
     r = await good.generate(model=stack.model, prompt="hi", options={"num_predict": 2})
     assert r.done and r.eval_count == 2
     with pytest.raises(ResponseError) as e:
@@ -479,8 +479,9 @@ def test_exposure_problem():
     assert exposure_problem(cfg(host="0.0.0.0", allow_unauthenticated=True), http=True, grpc=True) is None
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
+def _clean_env(tmp_path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
+    env["MLXGATE_DATA_DIR"] = str(tmp_path / "data")  # never the real home
     env.update(extra)
     return env
 
@@ -495,11 +496,11 @@ def _clean_env(**extra: str) -> dict[str, str]:
         (["service", "--grpc-host", "0.0.0.0"], {}),
     ],
 )
-def test_non_loopback_without_keys_refuses_to_start(args, env, test_model_dir):
-    cmd = [sys.executable, "-m", "mlxgate.cli", *args, "--grpc-port", "0", "--models-dir", str(test_model_dir)]
+def test_non_loopback_without_keys_refuses_to_start(args, env, test_model_dir, tmp_path):
+    cmd = [sys.executable, "-m", "mlxgate_cli", *args, "--grpc-port", "0", "--models-dir", str(test_model_dir)]
     if args[0] == "serve":
         cmd += ["--port", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(**env), timeout=60)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(tmp_path, **env), timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -508,7 +509,7 @@ def test_non_loopback_without_keys_refuses_to_start(args, env, test_model_dir):
 
 
 def _start(args: list[str], test_model_dir, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "mlxgate.cli", "serve", "--host", "0.0.0.0", "--port", "0", "--grpc-port", "0",
+    cmd = [sys.executable, "-m", "mlxgate_cli", "serve", "--host", "0.0.0.0", "--port", "0", "--grpc-port", "0",
            "--models-dir", str(test_model_dir), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()  # printed once both servers listen
@@ -537,8 +538,8 @@ def _status(url: str, headers: dict[str, str]) -> int:
         return e.code
 
 
-def test_non_loopback_with_a_key_starts_and_requires_it(test_model_dir):
-    proc, base = _start([], test_model_dir, _clean_env(MLXGATE_API_KEYS=f"{KEY1},{KEY2}"))
+def test_non_loopback_with_a_key_starts_and_requires_it(test_model_dir, tmp_path):
+    proc, base = _start([], test_model_dir, _clean_env(tmp_path, MLXGATE_API_KEYS=f"{KEY1},{KEY2}"))
     try:
         assert _status(base + "/", {}) == 200
         assert _status(base + "/api/tags", {}) == 401
@@ -548,8 +549,8 @@ def test_non_loopback_with_a_key_starts_and_requires_it(test_model_dir):
     assert "Traceback" not in err and KEY1 not in err and KEY2 not in err
 
 
-def test_non_loopback_with_allow_unauthenticated_starts(test_model_dir):
-    proc, base = _start(["--allow-unauthenticated"], test_model_dir, _clean_env())
+def test_non_loopback_with_allow_unauthenticated_starts(test_model_dir, tmp_path):
+    proc, base = _start(["--allow-unauthenticated"], test_model_dir, _clean_env(tmp_path))
     try:
         assert _status(base + "/api/tags", {}) == 200
     finally:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from backends import errors
+from backends import errors, validation
 from backends.mlx.backend import MLXBackend
 from backends.mlx.output import SequenceOutput, StopStrings
 from backends.mlx.testmodel import write_test_model
@@ -32,6 +32,7 @@ from backends.types import (
     Tool,
 )
 from mlxgate.config import MLXConfig
+from mlxgate.v1 import inference_pb2 as pb
 
 MODEL = "tiny-llama"
 
@@ -395,12 +396,27 @@ async def test_hugging_face_cache_layout(tmp_path, test_model_dir):
         await backend.close()
 
 
-async def test_bootstrap_writes_a_model_into_an_empty_dir(tmp_path):
-    backend = MLXBackend(MLXConfig(models_dir=str(tmp_path / "models"), hf_cache=str(tmp_path / "none")))
+async def test_bootstrap_serves_the_test_model_from_the_data_dir_only_when_there_is_none(tmp_path, test_model_dir):
+    from backends.mlx.bootstrap import ensure_test_model
+
+    models, data = tmp_path / "models", tmp_path / "data"
+    models.mkdir()
+    cfg = MLXConfig(models_dir=str(models), hf_cache=str(tmp_path / "none"))
+    path = ensure_test_model(cfg, data)
+    assert path == data / "test-models" / "tiny-llama" and (path / "config.json").is_file()
+    assert cfg.test_models_dir == str(data / "test-models") and list(models.iterdir()) == []
+    backend = MLXBackend(cfg)
     try:
         assert [m.name for m in await backend.list_models()] == ["tiny-llama"]
+        shutil.copytree(test_model_dir / MODEL, models / "mine")  # a model of the user's: it wins
+        assert [m.name for m in await backend.list_models()] == ["mine", "tiny-llama"]
     finally:
         await backend.close()
+    # With a model of the user's, the next start serves only theirs.
+    again = MLXConfig(models_dir=str(models), hf_cache=str(tmp_path / "none"))
+    assert ensure_test_model(again, data) is None and again.test_models_dir is None
+    off = MLXConfig(models_dir=str(tmp_path / "empty"), hf_cache=str(tmp_path / "none"), bootstrap_test_model=False)
+    assert ensure_test_model(off, data) is None
 
 
 async def test_list_and_show_describe_the_model(mlx_backend):
@@ -420,33 +436,49 @@ async def test_list_and_show_describe_the_model(mlx_backend):
 # ---------------------------------------------------------------- validation and context
 
 
+def pb_chat(text="Hello! How are you?", **sampling) -> pb.GenerateRequest:
+    """chat() as a gRPC caller sends it."""
+    message = pb.ChatMessage(role=pb.ROLE_USER, content=text)
+    return pb.GenerateRequest(model=MODEL, chat=pb.ChatInput(messages=[message]),
+                              sampling=pb.SamplingParams(**sampling))
+
+
+# Parameter ranges are the contract's, checked once at the service boundary
+# (backends/validation.py) for every backend; the engine no longer repeats them.
 @pytest.mark.parametrize(
     "field,value",
     [
         ("temperature", -0.5),
         ("top_p", 1.5),
-        ("top_p", 0.0),
         ("top_k", -1),
         ("min_p", 2.0),
-        ("max_tokens", -1),
         ("repeat_penalty", 0.0),
         ("presence_penalty", 3.0),
         ("num_ctx", 0),
     ],
 )
-async def test_bad_parameters_are_invalid_argument_naming_them(mlx_backend, field, value):
+def test_bad_parameters_are_invalid_argument_naming_them(field, value):
     with pytest.raises(errors.InvalidArgument) as e:
-        async for _ in mlx_backend.generate(chat(**{field: value})):
-            pass
+        validation.check_generate(pb_chat(**{field: value}))
     assert field in e.value.message
 
 
-async def test_too_many_top_logprobs_is_invalid(mlx_backend):
-    req = chat()
+def test_too_many_top_logprobs_is_invalid():
+    req = pb_chat()
     req.top_logprobs = 21
     with pytest.raises(errors.InvalidArgument, match="top_logprobs"):
-        async for _ in mlx_backend.generate(req):
-            pass
+        validation.check_generate(req)
+
+
+async def test_top_p_zero_is_greedy(mlx_backend):
+    """top_p 0 keeps only the most likely token (OpenAI's and Ollama's reading): the
+    contract accepts it and the sampler decodes greedily, whatever the temperature."""
+    validation.check_generate(pb_chat(top_p=0.0))
+    greedy, _ = await collect(mlx_backend, chat("Tell me a story", temperature=0, max_tokens=8))
+    for seed in (1, 2):
+        chunks, _ = await collect(mlx_backend, chat("Tell me a story", temperature=1.5, top_p=0.0, seed=seed,
+                                                    max_tokens=8))
+        assert text_of(chunks) == text_of(greedy)
 
 
 async def test_context_length_exceeded(mlx_backend):

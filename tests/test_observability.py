@@ -16,8 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from backends.router import REASONS
 from mlxgate.config import Config, MLXConfig, ServerConfig
-from mlxgate.server import start_stack
+from mlxgate_cli.stack import start_stack
 from tests.mlx_fixtures import TEST_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +97,48 @@ async def test_metric_values_move_after_requests(stack) -> None:
     assert "no-such-model" not in text and "hi" not in text.split()
 
 
+async def test_a_fresh_stack_shows_zeros_not_missing_series(test_model_dir) -> None:
+    """Grafana shows "No data" for a series that does not exist yet: the
+    fallbacks between configured backends, and a model's cancellations once
+    it is loaded, are exposed at 0 before the first event."""
+    fresh = await start_stack(stack_config(test_model_dir), env={})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{fresh.http_url}/metrics") as r:
+                before = await r.text()
+            load = {"model": TEST_MODEL, "prompt": "", "keep_alive": "5m"}
+            async with session.post(f"{fresh.http_url}/api/generate", json=load) as r:
+                assert r.status == 200 and (await r.json())["done_reason"] == "load"
+            async with session.get(f"{fresh.http_url}/metrics") as r:
+                after = await r.text()
+    finally:
+        await fresh.stop()
+    before, after = samples(before), samples(after)
+    # Priority order (mlx, then ollama), and the alias's order (ollama, then mlx).
+    for src, dst in (("mlx", "ollama"), ("ollama", "mlx")):
+        for reason in REASONS:
+            key = ("mlxgate_fallbacks_total", frozenset(dict(from_backend=src, to_backend=dst, reason=reason).items()))
+            assert before.get(key) == 0.0, key
+    assert before.get(("mlxgate_backend_answers_total", frozenset({"backend": "mlx"}.items()))) == 0.0
+    cancels = ("mlxgate_cancellations_total", frozenset(dict(model=TEST_MODEL, backend="mlx").items()))
+    assert cancels not in before and after.get(cancels) == 0.0
+    for reason in ("stop", "length", "cancelled", "error"):
+        key = ("mlxgate_generate_requests_total",
+               frozenset(dict(model=TEST_MODEL, backend="mlx", finish_reason=reason).items()))
+        assert after.get(key) == 0.0, key
+    # Bounded: only configured backends; no series for models never loaded or asked for.
+    labels = {v for _, ls in after for _, v in ls}
+    assert not any(v.startswith("cloud") for v in labels) and "none" not in labels
+
+
+def samples(exposition: str) -> dict[tuple[str, frozenset], float]:
+    """/metrics text as {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(exposition) for s in family.samples}
+
+
 async def test_cancel_counts(stack) -> None:
     """A cut stream is counted under the backend that was answering, with its tokens."""
     labels = dict(model=TEST_MODEL, backend="mlx")
@@ -124,7 +167,7 @@ async def test_huge_keep_alive_means_forever_and_metrics_still_scrape(stack) -> 
             text = await r.text()
         assert f'mlxgate_model_expiry_timestamp_seconds{{model="{TEST_MODEL}"}} +Inf' in text
         async with session.get(f"{stack.http_url}/api/ps") as r:
-            (model,) = [m for m in (await r.json())["models"] if m["name"] == TEST_MODEL]
+            (model,) = [m for m in (await r.json())["models"] if m["name"] == f"{TEST_MODEL}:latest"]
         assert model["expires_at"] > "2200"
         async with session.post(f"{stack.http_url}/api/generate", json={**load, "keep_alive": "5m"}) as r:
             assert r.status == 200

@@ -66,6 +66,7 @@ def chat(model: str = "tiny", **kw) -> GenerateRequest:
 
 
 async def test_chat_stream_translates_lines_and_final_statistics(backend, fake):
+    fake.chunk_delay = 0.02  # one line per read: one chunk per line
     events = await collect(backend.generate(chat()))
     chunks = [e for e in events if isinstance(e, Chunk)]
     assert [c.text for c in chunks] == ["Hello", ",", " world", "!"]
@@ -77,6 +78,14 @@ async def test_chat_stream_translates_lines_and_final_statistics(backend, fake):
         1_000_000, 1_500_000, 2_500_000, 5_000_000)
     assert done.backend == "ollama" and done.model == "tiny"
     assert fake.paths() == ["/api/chat"]
+
+
+async def test_lines_that_arrive_together_go_on_as_one_chunk(backend, fake):
+    """An upstream that writes many lines at once costs one message downstream, not one per token."""
+    events = await collect(backend.generate(chat()))
+    chunks = [e for e in events if isinstance(e, Chunk)]
+    assert [c.text for c in chunks] == ["Hello, world!"]
+    assert isinstance(events[-1], Done) and events[-1].completion_tokens == 4
 
 
 async def test_chunks_arrive_before_the_stream_ends(backend, fake):
@@ -140,7 +149,7 @@ async def test_prompt_request_translation_and_length_finish(backend, fake):
     assert (body["prompt"], body["suffix"], body["system"], body["raw"], body["format"]) == (
         "def f(", "return x", "code", True, "json")
     assert "keep_alive" not in body
-    assert [e.text for e in events if isinstance(e, Chunk)] == ["Hello", ","]
+    assert "".join(e.text for e in events if isinstance(e, Chunk)) == "Hello,"
     assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 2
 
 
@@ -202,6 +211,7 @@ async def test_connection_refused_is_unavailable():
 @pytest.mark.parametrize("kind", ["error_line", "disconnect"])
 async def test_failure_after_first_chunk_ends_the_stream_with_an_error(backend, fake, kind):
     fake.fault = Fault(kind, message="runner crashed", after=2)
+    fake.chunk_delay = 0.05  # the failure comes after the first chunks went out
     got = []
     with pytest.raises(Unavailable) as info:
         async for ev in backend.generate(chat()):

@@ -88,13 +88,13 @@ async def test_embed(client, stack):
 
 async def test_list_show_ps(client, stack):
     lst = await client.list()
-    m = next(m for m in lst.models if m.model == stack.model)
+    m = next(m for m in lst.models if m.model == f"{stack.model}:latest")  # Ollama's names carry a tag
     assert m.size > 0 and m.modified_at is not None and m.details.family
     show = await client.show(stack.model)
     assert "completion" in show.capabilities and show.modelinfo and show.template
     await client.generate(model=stack.model, prompt="", keep_alive="5m")  # load
     ps = await client.ps()
-    running = next(p for p in ps.models if p.model == stack.model)
+    running = next(p for p in ps.models if p.model == f"{stack.model}:latest")
     assert running.size > 0 and running.expires_at is not None and running.context_length > 0
 
 

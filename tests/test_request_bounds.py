@@ -31,7 +31,7 @@ from backends.service import start_inference_service
 from backends.types import GenerateRequest, Message
 from gateway.app import create_app, start_http
 from mlxgate import limits
-from mlxgate.config import Config, MLXConfig, ServerConfig
+from mlxgate.config import MLXConfig, ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.mlx_fixtures import TEST_MODEL
@@ -70,7 +70,7 @@ def served(test_model_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env["MLXGATE_MAX_BODY_BYTES"] = str(40 * 1024 * 1024)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxgate.cli", "serve", "--port", "0", "--grpc-port", "0",
+        [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0",
          "--models-dir", str(test_model_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )
@@ -374,7 +374,7 @@ async def test_max_pending_holds_for_a_cold_model(test_model_dir, monkeypatch) -
     monkeypatch.setattr(model_manager, "_load_files", slow_load)
     backend = MLXBackend(MLXConfig(models_dir=str(test_model_dir), hf_cache=str(test_model_dir / "none"),
                                    max_pending=4, bootstrap_test_model=False))
-    service = await start_inference_service(Router([backend], Config()), port=0)
+    service = await start_inference_service(Router([backend]), port=0)
     cfg = ServerConfig(port=0, request_timeout=60)
     http = await start_http(create_app(cfg, service.target), "127.0.0.1", 0)
     try:

@@ -27,7 +27,7 @@ from backends.errors import (
     Unauthenticated,
     Unavailable,
 )
-from backends.factory import build_backends, build_router
+from mlxgate_cli.factory import build_backends, build_router
 from backends.ollama import OllamaBackend
 from backends.router import REASONS, Router
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
@@ -108,7 +108,7 @@ def http_router(ollama_url: str, cloud: FakeOpenAI, clock=time.monotonic, aliase
     if aliases:
         cfg.aliases = {"m": ["ollama:tiny", "cloud:acme:gpt-test"]}
     rec = Recorder()
-    r = Router(build_backends(cfg, {"ACME_KEY": SECRET}), cfg, observer=rec, clock=clock)
+    r = Router(build_backends(cfg, {"ACME_KEY": SECRET}), cfg.router, cfg.aliases, observer=rec, clock=clock)
     return r, rec
 
 
@@ -123,6 +123,8 @@ class Row:
     reason: str | None = None
     error: type | None = None
     chunks_before_error: list[str] | None = None
+    #: seconds between the upstream's lines (lines written together arrive as one chunk)
+    chunk_delay: float = 0.0
 
 
 FAULT_MATRIX = [
@@ -136,7 +138,7 @@ FAULT_MATRIX = [
         reason="UNAVAILABLE"),
     Row("disconnect-mid-stream", Fault("disconnect", after=1), error=Unavailable, chunks_before_error=["Hello"]),
     Row("error-line-mid-stream", Fault("error_line", message="oom", after=2), error=Unavailable,
-        chunks_before_error=["Hello", ","]),
+        chunks_before_error=["Hello", ","], chunk_delay=0.05),
     Row("bad-request-is-not-retried", Fault("status", 400, "bad option"), error=InvalidArgument,
         chunks_before_error=[]),
     Row("unknown-model-everywhere", model="ghost", error=ModelNotFound, chunks_before_error=[]),
@@ -149,6 +151,7 @@ async def test_fault_matrix(upstreams, row: Row):
     ollama, cloud = upstreams
     url = f"http://127.0.0.1:{free_port()}" if row.refused else ollama.url
     ollama.fault = row.fault
+    ollama.chunk_delay = row.chunk_delay
     router, rec = http_router(url, cloud)
     got: list = []
     try:
@@ -320,7 +323,7 @@ def scripted_router(*backends, aliases=None, clock=time.monotonic, **router):
     cfg = config(**router)
     cfg.aliases = aliases or {}
     rec = Recorder()
-    return Router(list(backends), cfg, observer=rec, clock=clock), rec
+    return Router(list(backends), cfg.router, cfg.aliases, observer=rec, clock=clock), rec
 
 
 async def test_mlx_unavailable_falls_back_with_no_error_seen():
@@ -458,6 +461,24 @@ async def test_unary_calls_route_like_generate():
     assert ("mlx", "ollama", "UNAVAILABLE") in rec.fallbacks
 
 
+async def test_running_lists_an_alias_whose_target_is_loaded():
+    """Open WebUI shows an alias as loaded only when /api/ps names it."""
+    mlx = ScriptedBackend("mlx", ["tiny", "big"])
+    oll = ScriptedBackend("ollama", ["tiny:latest", "llama3.2:latest"])
+    router, _ = scripted_router(mlx, oll, aliases={
+        "chat": ["mlx:tiny", "ollama:llama3.2"], "chat2:latest": ["ollama:llama3.2", "mlx:tiny"],
+        "cold": ["mlx:big"], "tiny": ["ollama:tiny"]})
+    assert await router.list_running() == []
+    mlx.loaded.add("tiny")
+    running = [(r.name, r.backend) for r in await router.list_running()]
+    # "tiny" is already listed under its own name; "cold" is not loaded.
+    assert running == [("tiny", "mlx"), ("chat", "mlx"), ("chat2:latest", "mlx")]
+    oll.loaded.add("llama3.2:latest")
+    running = [(r.name, r.backend) for r in await router.list_running()]
+    # The first loaded target in the alias's order describes it.
+    assert ("chat", "mlx") in running and ("chat2:latest", "ollama") in running
+
+
 # ------------------------------------------------------------------ wiring
 
 
@@ -505,12 +526,14 @@ async def test_through_the_grpc_service(upstreams):
     try:
         async with grpc.aio.insecure_channel(service.target) as channel:
             stub = pb_grpc.InferenceServiceStub(channel)
-            req = chat("m").to_pb()
+            req = pb.GenerateRequest(model="m", chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER,
+                                                                                            content="hi")]))
             replies = [r async for r in stub.Generate(req)]
             assert "".join(r.chunk.text for r in replies if r.WhichOneof("event") == "chunk") == "Hi there"
             assert replies[-1].done.backend == "cloud:acme"
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                _ = [r async for r in stub.Generate(chat("ghost").to_pb())]
+                req.model = "ghost"
+                _ = [r async for r in stub.Generate(req)]
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
             assert "gpt-test" in info.value.details()
             listed = await stub.ListModels(pb.ListModelsRequest())
@@ -529,7 +552,7 @@ async def test_keys_never_reach_router_errors_or_logs(upstreams, caplog):
         CloudProvider("listed", cloud.base_url, api_key_env="ACME_KEY", models=["gpt-test"]),
         CloudProvider("asks", cloud.base_url, api_key_env="ACME_KEY"),
     ]
-    router = Router(build_backends(cfg, {"ACME_KEY": wrong}), cfg)
+    router = Router(build_backends(cfg, {"ACME_KEY": wrong}), cfg.router, cfg.aliases)
     try:
         # generate: the upstream answers 401 and echoes the key; non-retryable, so it propagates
         with pytest.raises(Unauthenticated) as info:
@@ -579,7 +602,7 @@ async def test_real_mlx_engine_that_cannot_load_a_model_falls_back_to_ollama(tmp
     cfg = config()
     cfg.ollama = OllamaConfig(upstream=fake.url, first_token_timeout=5, idle_timeout=5)
     rec = Recorder()
-    router = Router([mlx, OllamaBackend(cfg.ollama)], cfg, observer=rec)
+    router = Router([mlx, OllamaBackend(cfg.ollama)], cfg.router, cfg.aliases, observer=rec)
     try:
         assert [t.backend.name for t in await router.targets("broken")] == ["mlx", "ollama"]
         events = await collect(router.generate(chat("broken")))

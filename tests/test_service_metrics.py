@@ -32,7 +32,7 @@ def test_service_metrics_need_a_key_unless_public(tmp_path: Path, test_model_dir
     if public:
         env["MLXGATE_METRICS_PUBLIC"] = "1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxgate.cli", "service", "--grpc-port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "mlxgate_cli", "service", "--grpc-port", "0", "--metrics-port", "0",
          "--models-dir", str(test_model_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )

@@ -71,3 +71,28 @@ def test_without_fim_tokens(tmp_path):
     path = write_test_model(tmp_path, "nofim", fim=False)
     vocab = json.loads((path / "tokenizer.json").read_text())["added_tokens"]
     assert not any(t["content"].startswith("<|fim") for t in vocab)
+
+
+def test_context_and_ending_variants_leave_the_default_as_it_was(tmp_path):
+    default = write_test_model(tmp_path / "d", "m")
+    wide = write_test_model(tmp_path / "w", "m", context=65536)
+    ending = write_test_model(tmp_path / "e", "m", ending=True)
+    # A wider context: the same weights and tokenizer, a larger declared window.
+    assert _digest(wide)["model.safetensors"] == _digest(default)["model.safetensors"]
+    assert json.loads((wide / "config.json").read_text())["max_position_embeddings"] == 65536
+    assert json.loads((wide / "tokenizer_config.json").read_text())["model_max_length"] == 65536
+    # The ending variant differs in weights only, and ends its turns by itself.
+    d, e = _digest(default), _digest(ending)
+    assert d.pop("model.safetensors") != e.pop("model.safetensors") and d == e
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tok = load(str(ending))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    ended = 0
+    for _ in range(8):
+        last = None
+        for last in stream_generate(model, tok, prompt, max_tokens=300, sampler=make_sampler(0.8)):
+            pass
+        ended += last.finish_reason == "stop"
+    assert ended >= 5  # the default model runs to max_tokens (its end-of-turn row is zero)

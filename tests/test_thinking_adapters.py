@@ -45,7 +45,7 @@ async def test_ollama_adapter_maps_thinking_lines_and_sends_think(ollama, fake_o
     for think in (True, None):
         thinking, text, done = split(await collect(ollama.generate(GenerateRequest(
             model="tiny", messages=history, think=think))))
-        assert thinking == ["Let me", " think.", "", "", "", ""]
+        assert "".join(thinking) == "Let me think."
         assert "".join(text) == "Hello, world!" and done.finish_reason == "stop"
         body = fake_ollama.requests[-1][1]
         assert body.get("think") is think

@@ -9,6 +9,7 @@ import pytest
 from backends.mlx.output import SequenceOutput
 from backends.mlx.thinking import ThinkSplitter, starts_in_thinking
 from backends.types import GenerateRequest, Message, Prompt, Sampling, Tool
+from mlxgate.v1 import inference_pb2 as pb
 from tests.test_mlx_engine import MODEL, _tokenizer, collect, forced_tokens, text_of  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,11 +175,14 @@ def test_assistant_thinking_reaches_the_template_as_reasoning_content():
     d = Message("assistant", "42", thinking="6 x 7").to_template_dict()
     assert d["reasoning_content"] == "6 x 7"
     assert "reasoning_content" not in Message("assistant", "42").to_template_dict()
-    m = Message.from_pb(Message("assistant", "42", thinking="6 x 7").to_pb())
+    m = Message.from_pb(pb.ChatMessage(role=pb.ROLE_ASSISTANT, content="42", thinking="6 x 7"))
     assert m.thinking == "6 x 7"
 
 
 def test_think_round_trips_through_the_proto():
     for think in (None, True, False):
-        req = GenerateRequest(model=MODEL, messages=[Message("user", "x")], think=think)
-        assert GenerateRequest.from_pb(req.to_pb()).think is think
+        req = pb.GenerateRequest(model=MODEL, chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER,
+                                                                                         content="x")]))
+        if think is not None:
+            req.think = think
+        assert GenerateRequest.from_pb(req).think is think

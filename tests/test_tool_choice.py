@@ -172,13 +172,27 @@ async def test_a_tool_format_without_a_grammar_is_refused(tmp_path, test_model_d
         await backend.close()
 
 
+def _pb_request(choice: ToolChoice) -> pb.GenerateRequest:
+    """request(choice, 1) as a gRPC caller sends it."""
+    m = pb.GenerateRequest(
+        model=MODEL,
+        chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="What's the weather in Paris?")]),
+        tools=[pb.Tool(name=t.name, description=t.description, parameters_json=json.dumps(t.parameters))
+               for t in (WEATHER, TIME)],
+        sampling=pb.SamplingParams(temperature=1.0, seed=1, max_tokens=200),
+    )
+    modes = {"required": pb.TOOL_CHOICE_REQUIRED, "function": pb.TOOL_CHOICE_FUNCTION}
+    if choice.forced:
+        m.tool_choice.CopyFrom(pb.ToolChoice(mode=modes[choice.mode], function_name=choice.function_name))
+    return m
+
+
 def test_tool_choice_round_trips_through_proto():
     for choice in (ToolChoice(), ToolChoice("required"), ToolChoice("function", "get_time")):
-        req = request(choice, 1)
-        m = req.to_pb()
+        m = _pb_request(choice)
         assert m.HasField("tool_choice") == choice.forced
         assert GenerateRequest.from_pb(m).tool_choice == choice
-    m = request(ToolChoice(), 1).to_pb()
+    m = _pb_request(ToolChoice())
     m.tool_choice.CopyFrom(pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name="zzz"))
     with pytest.raises(errors.InvalidArgument, match="not in tools"):
         GenerateRequest.from_pb(m)

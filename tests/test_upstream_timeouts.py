@@ -24,9 +24,9 @@ from typing import Optional
 import aiohttp
 import pytest
 
-from backends.cloud import CloudBackend
+from backends.cloud import AnthropicBackend, CloudBackend
 from backends.errors import DeadlineExceeded
-from backends.factory import build_backends
+from mlxgate_cli.factory import build_backends
 from backends.http_upstream import UpstreamStream
 from backends.ollama import OllamaBackend
 from backends.router import Router
@@ -34,6 +34,7 @@ from backends.service import start_inference_service
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
 from gateway.app import create_app, start_http
 from mlxgate.config import CloudProvider, Config, OllamaConfig, ServerConfig, UpstreamTimeouts, load_config
+from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.streams import collect
@@ -88,26 +89,44 @@ def cloud_backend(fake: FakeOpenAI, first: float = FIRST, idle: float = IDLE, co
                                       idle_timeout=idle), {})
 
 
+@pytest.fixture
+async def claude():
+    f = FakeAnthropic()
+    await f.start()
+    yield f
+    await f.stop()
+
+
+def anthropic_backend(fake: FakeAnthropic, first: float = FIRST, idle: float = IDLE,
+                      connect: float = 2.0) -> AnthropicBackend:
+    return AnthropicBackend(CloudProvider("claude", fake.base_url, kind="anthropic", connect_timeout=connect,
+                                          first_token_timeout=first, idle_timeout=idle), {})
+
+
 #: upstream kind -> (model it serves, events it sends before its first token
 #: (the cloud's role-only delta), its first token)
 UPSTREAMS = {"ollama": ("tiny", 0, "Hello"), "cloud": ("gpt-test", 1, "Hi")}
+#: The adapter-level tests also run against the Anthropic adapter (message_start
+#: and the text block's start come before its first token; its keep-alives are
+#: ping events).
+ADAPTERS = {**UPSTREAMS, "anthropic": ("claude-test", 2, "Hi")}
 
 
-@pytest.fixture(params=list(UPSTREAMS))
-async def upstream(request, ollama, cloud):
+@pytest.fixture(params=list(ADAPTERS))
+async def upstream(request, ollama, cloud, claude):
     """(kind, fake, make(first, idle) -> backend) for each adapter."""
     kind = request.param
     made = []
+    makers = {"ollama": (ollama, ollama_backend), "cloud": (cloud, cloud_backend),
+              "anthropic": (claude, anthropic_backend)}
+    fake, maker = makers[kind]
 
     def make(first: float = FIRST, idle: float = IDLE, connect: float = 2.0):
-        if kind == "ollama":
-            b: OllamaBackend | CloudBackend = ollama_backend(ollama, first, idle, connect)
-        else:
-            b = cloud_backend(cloud, first, idle, connect)
+        b = maker(fake, first, idle, connect)
         made.append(b)
         return b
 
-    yield kind, (ollama if kind == "ollama" else cloud), make
+    yield kind, fake, make
     for b in made:
         await b.close()
 
@@ -144,7 +163,7 @@ async def assert_upstream_hung_up(fake) -> None:
 @pytest.mark.parametrize("mode", HUNG)
 async def test_hung_upstream_before_the_first_token_ends_by_the_first_token_clock(upstream, mode):
     kind, fake, make = upstream
-    model, _, _ = UPSTREAMS[kind]
+    model, _, _ = ADAPTERS[kind]
     backend = make(first=FIRST, idle=LONG)
     fake.fault = Fault(mode, delay=HOLD)
     events, err, took, _ = await drain(backend.generate(chat(model)))
@@ -158,7 +177,7 @@ async def test_hung_upstream_before_the_first_token_ends_by_the_first_token_cloc
 @pytest.mark.parametrize("keepalive", [0.0, 0.05], ids=["silent", "keep-alive-lines"])
 async def test_stall_after_the_first_token_ends_the_stream_by_the_idle_clock(upstream, keepalive):
     kind, fake, make = upstream
-    model, before, first_token = UPSTREAMS[kind]
+    model, before, first_token = ADAPTERS[kind]
     backend = make(first=LONG, idle=IDLE)
     # one token (after the cloud's role-only delta), then nothing -- or only keep-alives
     fake.fault = Fault("stall", after=before + 1, delay=HOLD, interval=keepalive)
@@ -174,7 +193,7 @@ async def test_keepalive_lines_are_read_past_when_the_token_comes_in_time(upstre
     """Keep-alives are not an error and not content: with clocks longer than
     the keep-alive phase, the answer comes through whole."""
     kind, fake, make = upstream
-    model = UPSTREAMS[kind][0]
+    model = ADAPTERS[kind][0]
     backend = make(first=LONG, idle=LONG)
     fake.fault = Fault("keepalive", delay=0.3, interval=0.02)
     events = await collect(backend.generate(chat(model)))
@@ -184,9 +203,23 @@ async def test_keepalive_lines_are_read_past_when_the_token_comes_in_time(upstre
     assert fake.disconnects == 0
 
 
-@pytest.mark.parametrize("kind", list(UPSTREAMS))
-async def test_the_fakes_really_send_keepalive_lines_and_no_token(kind, ollama, cloud):
+@pytest.mark.parametrize("kind", list(ADAPTERS))
+async def test_the_fakes_really_send_keepalive_lines_and_no_token(kind, ollama, cloud, claude):
     """What the keep-alive tests rely on: the fake's wire during "keepalive"."""
+    if kind == "anthropic":
+        url = claude.base_url + "/v1/messages"
+        body = {"model": "claude-test", "max_tokens": 5, "stream": True, "messages": [{"role": "user",
+                                                                                      "content": "x"}]}
+        claude.fault = Fault("keepalive", delay=0.3, interval=0.02, times=1)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body, headers={"anthropic-version": "2023-06-01"}) as r:
+                raw = await r.text()
+        datas = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: ")]
+        first_token = next(i for i, d in enumerate(datas) if d["type"] == "content_block_delta")
+        kinds = [d["type"] for d in datas[:first_token]]
+        assert kinds[0] == "message_start" and kinds[-1] == "content_block_start"
+        assert kinds.count("ping") >= 5 and set(kinds[1:-1]) == {"ping"}
+        return
     if kind == "ollama":
         url, body = ollama.url + "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
         ollama.fault = Fault("keepalive", delay=0.3, interval=0.02, times=1)
@@ -293,7 +326,7 @@ async def test_router_falls_back_when_the_first_backend_hangs_before_its_first_t
     cfg.aliases = {"m": order if first == "ollama" else order[::-1]}
     hung, second = (ollama, cloud) if first == "ollama" else (cloud, ollama)
     hung.fault = Fault(mode, delay=HOLD)
-    router = Router(build_backends(cfg, {}), cfg)
+    router = Router(build_backends(cfg, {}), cfg.router, cfg.aliases)
     try:
         t0 = time.monotonic()
         events = await collect(router.generate(chat("m")))
@@ -321,7 +354,7 @@ async def front(ollama, cloud):
     cfg.ollama = OllamaConfig(upstream=ollama.url, connect_timeout=2, first_token_timeout=FIRST, idle_timeout=IDLE)
     cfg.cloud.providers = [CloudProvider("acme", cloud.base_url, connect_timeout=2, first_token_timeout=FIRST,
                                          idle_timeout=IDLE)]
-    router = Router(build_backends(cfg, {}), cfg)
+    router = Router(build_backends(cfg, {}), cfg.router, cfg.aliases)
     service = await start_inference_service(router, port=0)
     http = await start_http(create_app(ServerConfig(request_timeout=30), service.target))
     try:

@@ -25,8 +25,10 @@ import logging
 import time
 from typing import Any, AsyncIterator, Mapping, Optional
 
+import orjson
+
 from backends.cloud import wire
-from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable
+from backends.errors import BackendError, InvalidArgument, ModelNotFound, Unavailable, Unimplemented
 from backends.http_upstream import (
     UpstreamSession,
     UpstreamStream,
@@ -46,6 +48,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from mlxgate.config import CloudProvider, resolved_timeouts
 
@@ -54,6 +57,10 @@ log = logging.getLogger(__name__)
 
 class CloudBackend(UpstreamSession):
     """Backend named ``cloud:<provider.name>``."""
+
+    #: OpenAI's API takes token ids, but ids in a request to this gateway are a
+    #: local model's; the provider's model would read them as other words.
+    takes_token_ids = False
 
     def __init__(self, provider: CloudProvider, env: Mapping[str, str]) -> None:
         self.provider = provider
@@ -74,10 +81,14 @@ class CloudBackend(UpstreamSession):
     def _secrets(self) -> tuple[Optional[str], ...]:
         return (self.__key,)
 
+    def _auth_headers(self, key: str) -> dict[str, str]:
+        """Where the key goes (OpenAI: a bearer token; Anthropic's adapter overrides it)."""
+        return {"Authorization": f"Bearer {key}"}
+
     def _headers(self) -> dict[str, str]:
         h = {"Accept": "application/json"}
         if self.__key:
-            h["Authorization"] = f"Bearer {self.__key}"
+            h.update(self._auth_headers(self.__key))
         return h
 
     async def _call(self, method: str, path: str, body: Optional[dict] = None) -> Any:
@@ -89,34 +100,40 @@ class CloudBackend(UpstreamSession):
     # ------------------------------------------------------------ generate
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        path, body = wire.generate_body(req)
+        path, body = wire.generate_body(req, self.name)
         started = time.monotonic_ns()
         stream = UpstreamStream(self.name, self.timeouts, self._secrets)
         try:
             await stream.open(self._get_session(), self.base_url + path, json=body, headers=self._headers())
             state = wire.StreamState()
             saw_done_marker = False
+            # Chunks of events that arrived together go out as one (LineReader.ready).
+            pending: list[Chunk] = []
             async for line in stream:
-                if not line.startswith(b"data:"):
-                    continue  # blank separator, ": comment", "event:", "id:"
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    saw_done_marker = True
-                    break
-                try:
-                    obj = json.loads(data)
-                except ValueError:
-                    raise Unavailable(f"{self.name}: upstream sent an event that is not JSON") from None
-                if not isinstance(obj, dict):
-                    continue
-                if "error" in obj:
-                    raise self._stream_error(obj)
-                tokens = state.token_events
-                chunk = state.feed(obj)
-                if state.token_events != tokens:
-                    stream.token()
-                if chunk is not None:
-                    yield chunk
+                if line.startswith(b"data:"):
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        saw_done_marker = True
+                        break
+                    try:
+                        obj = orjson.loads(data)
+                    except orjson.JSONDecodeError:
+                        raise Unavailable(f"{self.name}: upstream sent an event that is not JSON") from None
+                    if isinstance(obj, dict):
+                        if "error" in obj:
+                            raise self._stream_error(obj)
+                        tokens = state.token_events
+                        chunk = state.feed(obj)
+                        if state.token_events != tokens:
+                            stream.token()
+                        if chunk is not None:
+                            pending.append(chunk)
+                # (other lines: blank separators, ": comment", "event:", "id:")
+                if pending and not stream.more_ready():
+                    yield Chunk.merged(pending)
+                    pending = []
+            if pending:
+                yield Chunk.merged(pending)
             if not saw_done_marker and state.finish is None:
                 raise Unavailable(f"{self.name}: upstream ended the stream before it finished")
             calls = state.tool_calls()
@@ -151,10 +168,14 @@ class CloudBackend(UpstreamSession):
 
     # ------------------------------------------------------------ unary
 
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        # OpenAI-compatible APIs have no endpoint that counts a chat's tokens.
+        raise Unimplemented(f"{self.name}: counting tokens is not supported by OpenAI-compatible APIs")
+
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        body: dict[str, Any] = {"model": req.model, "input": list(req.inputs)}
-        if req.dimensions:
-            body["dimensions"] = req.dimensions
+        if req.input_tokens:
+            raise InvalidArgument(f"{self.name}: embeddings from token ids are not sent to a cloud API; send text")
+        body = wire.embed_body(req.model, list(req.inputs), req.dimensions, self.name)
         started = time.monotonic_ns()
         data = await self._call("POST", "/embeddings", body)
         items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))

@@ -1,21 +1,40 @@
-"""Domain types <-> OpenAI-compatible REST JSON (chat/completions, completions, embeddings).
+"""Domain types <-> OpenAI-compatible REST JSON (chat/completions, completions,
+embeddings), through the one declaration of the dialect
+(``mlxgate/dialects/openai.py``) that the HTTP front uses too.
 
-Pure functions, no I/O.  Only the standard OpenAI request fields are sent:
-top_k, min_p, repeat_penalty, repeat_last_n and num_ctx have no OpenAI
-equivalent and are dropped (real OpenAI rejects unknown fields with 400).
+Requests are built as the dialect's request models and dumped; only the
+standard OpenAI request fields are sent: top_k, min_p, repeat_penalty,
+repeat_last_n and num_ctx have no OpenAI equivalent and are dropped (real
+OpenAI rejects unknown fields with 400), and a value OpenAI's ranges refuse
+(temperature above 2) is INVALID_ARGUMENT here rather than a 400 from the
+provider.  Answers are read against the dialect's response shapes, with its
+finish-reason map and the rule for tool-call arguments an upstream produced
+(``mlxgate.dialects.base.produced_arguments``).  Pure functions, no I/O.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pydantic import ValidationError
+
+from backends.errors import InvalidArgument
 from backends.types import Chunk, GenerateRequest, Message, TokenLogprob, ToolCall, TopLogprob
+from mlxgate import jsonutil
+from mlxgate.dialects import openai as dialect
+from mlxgate.dialects.base import Tool, ToolFunction, WireModel, produced_arguments, wire_error
 
 
-def _image_url(data: bytes) -> dict[str, Any]:
+def _body(cls: type[WireModel], who: str, /, **fields: Any) -> dict[str, Any]:
+    try:
+        return cls(**{k: v for k, v in fields.items() if v is not None}).dump()
+    except ValidationError as e:
+        raise InvalidArgument(f"{who}: {wire_error(e, fields).message}") from None
+
+
+def _image_url(data: bytes) -> dialect.ImagePart:
     mime = "image/png"
     if data[:3] == b"\xff\xd8\xff":
         mime = "image/jpeg"
@@ -23,44 +42,32 @@ def _image_url(data: bytes) -> dict[str, Any]:
         mime = "image/gif"
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         mime = "image/webp"
-    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
+    url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return dialect.ImagePart(type="image_url", image_url=dialect.ImageURL(url=url))
 
 
-def message_json(m: Message, i: int) -> dict[str, Any]:
-    d: dict[str, Any] = {"role": m.role}
+def message(m: Message, i: int) -> dialect.ChatMessage:
+    content: Any = m.content
     if m.images:
-        parts: list[dict[str, Any]] = [{"type": "text", "text": m.content}] if m.content else []
-        parts += [_image_url(b) for b in m.images]
-        d["content"] = parts
-    else:
-        d["content"] = m.content
-    if m.tool_calls:
-        d["tool_calls"] = [
-            {
-                "id": t.id or f"call_{i}_{j}",
-                "type": "function",
-                "function": {"name": t.name, "arguments": json.dumps(t.arguments)},
-            }
-            for j, t in enumerate(m.tool_calls)
-        ]
-        if not m.content:
-            d["content"] = None
-    if m.role == "tool":
-        if m.tool_call_id:
-            d["tool_call_id"] = m.tool_call_id
-        if m.tool_name:
-            d["name"] = m.tool_name
-    return d
-
-
-def _sampling(req: GenerateRequest, body: dict[str, Any]) -> None:
-    s = req.sampling
-    for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "max_tokens"):
-        v = getattr(s, k)
-        if v is not None:
-            body[k] = v
-    if s.stop:
-        body["stop"] = list(s.stop)
+        parts: list[Any] = [dialect.TextPart(type="text", text=m.content)] if m.content else []
+        content = parts + [_image_url(b) for b in m.images]
+    calls = [
+        dialect.ToolCall(
+            id=t.id or f"call_{i}_{j}",
+            type="function",
+            function=dialect.ToolCallFunction(name=t.name, arguments=t.arguments),
+        )
+        for j, t in enumerate(m.tool_calls)
+    ]
+    if calls and not m.content:
+        content = None
+    return dialect.ChatMessage(
+        role=m.role,
+        content=content,
+        tool_calls=calls or None,
+        tool_call_id=(m.tool_call_id or None) if m.role == "tool" else None,
+        name=(m.tool_name or None) if m.role == "tool" else None,
+    )
 
 
 def uses_completions(req: GenerateRequest) -> bool:
@@ -78,50 +85,64 @@ def chat_messages(req: GenerateRequest) -> list[Message]:
     return msgs
 
 
-def generate_body(req: GenerateRequest) -> tuple[str, dict[str, Any]]:
+def _sampling(req: GenerateRequest) -> dict[str, Any]:
+    s = req.sampling
+    out = {k: getattr(s, k) for k in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")}
+    # Unset or negative (no limit) sends none: the provider's own default, never one we invent.
+    out["max_tokens"] = s.max_tokens if s.max_tokens is not None and s.max_tokens >= 0 else None
+    out["stop"] = list(s.stop) or None
+    return out
+
+
+def generate_body(req: GenerateRequest, who: str = "cloud") -> tuple[str, dict[str, Any]]:
     """(path relative to base_url, JSON body) of a streaming call."""
-    body: dict[str, Any] = {
+    common: dict[str, Any] = {
         "model": req.model,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": dialect.StreamOptions(include_usage=True),
+        **_sampling(req),
     }
-    _sampling(req, body)
     if uses_completions(req):
         assert req.prompt is not None
-        body["prompt"] = req.prompt.prompt
-        if req.prompt.suffix:
-            body["suffix"] = req.prompt.suffix
-        if req.logprobs:
-            body["logprobs"] = max(1, req.top_logprobs)
-        return "/completions", body
-    body["messages"] = [message_json(m, i) for i, m in enumerate(chat_messages(req))]
-    if req.tools:
-        body["tools"] = [t.to_template_dict() for t in req.tools]
-        if req.tool_choice.mode == "required":
-            body["tool_choice"] = "required"
-        elif req.tool_choice.mode == "function":
-            body["tool_choice"] = {"type": "function", "function": {"name": req.tool_choice.function_name}}
+        return "/completions", _body(
+            dialect.CompletionRequest, who,
+            prompt=req.prompt.prompt,
+            suffix=req.prompt.suffix or None,
+            logprobs=max(1, req.top_logprobs) if req.logprobs else None,
+            **common,
+        )
+    tool_choice: Any = None
+    if req.tools and req.tool_choice.mode == "required":
+        tool_choice = "required"
+    elif req.tools and req.tool_choice.mode == "function":
+        tool_choice = dialect.ToolChoiceFunction(
+            type="function", function=dialect.NamedFunction(name=req.tool_choice.function_name))
+    response_format = None
     if req.format.kind == "json":
-        body["response_format"] = {"type": "json_object"}
+        response_format = dialect.ResponseFormat(type="json_object")
     elif req.format.kind == "json_schema":
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "response", "schema": req.format.schema or {}},
-        }
-    if req.logprobs:
-        body["logprobs"] = True
-        if req.top_logprobs:
-            body["top_logprobs"] = req.top_logprobs
-    return "/chat/completions", body
+        response_format = dialect.ResponseFormat(
+            type="json_schema",
+            json_schema=dialect.JSONSchemaFormat(name="response", schema=req.format.schema or {}),
+        )
+    return "/chat/completions", _body(
+        dialect.ChatCompletionRequest, who,
+        messages=[message(m, i) for i, m in enumerate(chat_messages(req))],
+        tools=[
+            Tool(type="function", function=ToolFunction(name=t.name, description=t.description,
+                                                        parameters=t.parameters))
+            for t in req.tools
+        ] or None,
+        tool_choice=tool_choice,
+        response_format=response_format,
+        logprobs=True if req.logprobs else None,
+        top_logprobs=req.top_logprobs if req.logprobs and req.top_logprobs else None,
+        **common,
+    )
 
 
-_FINISH = {
-    "stop": "stop",
-    "length": "length",
-    "tool_calls": "tool_calls",
-    "function_call": "tool_calls",
-    "content_filter": "stop",
-}
+def embed_body(model: str, inputs: list[str], dimensions: int, who: str = "cloud") -> dict[str, Any]:
+    return _body(dialect.EmbeddingsRequest, who, model=model, input=inputs, dimensions=dimensions or None)
 
 
 def _reasoning(delta: dict) -> str:
@@ -137,7 +158,7 @@ def _reasoning(delta: dict) -> str:
 
 
 def finish_reason(value: Optional[str]) -> str:
-    return _FINISH.get(value or "stop", "stop")
+    return dialect.FINISH_OF_UPSTREAM.get(value or "stop", "stop")
 
 
 def _chat_logprobs(lp: Any) -> list[TokenLogprob]:
@@ -238,25 +259,14 @@ class StreamState:
         if isinstance(args, str):
             pending.arguments += args
         elif isinstance(args, dict):
-            pending.arguments = json.dumps(args)
+            pending.arguments = jsonutil.dumps(args)
 
     def tool_calls(self) -> list[ToolCall]:
         out = []
         for idx in sorted(self.calls):
             p = self.calls[idx]
-            out.append(ToolCall(name=p.name, arguments=parse_arguments(p.arguments), id=p.id, index=idx))
+            out.append(ToolCall(name=p.name, arguments=produced_arguments(p.arguments), id=p.id, index=idx))
         return out
-
-
-def parse_arguments(text: str) -> dict:
-    if not text.strip():
-        return {}
-    try:
-        v = json.loads(text)
-    except ValueError:
-        # Keep what the model said rather than dropping it.
-        return {"_raw": text}
-    return v if isinstance(v, dict) else {"value": v}
 
 
 def _completion_logprobs(lp: Any) -> list[TokenLogprob]:

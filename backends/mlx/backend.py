@@ -1,7 +1,7 @@
 """MLXBackend: the ``backends.base.Backend`` protocol over the MLX engine.
 
-This layer runs on the event loop and never touches MLX: it validates,
-resolves names, pins models, tokenizes in worker threads, and hands work to
+This layer runs on the event loop and never touches MLX: it resolves names,
+pins models, tokenizes in worker threads, and hands work to
 the engine thread, whose results come back through per-request event queues
 (``delivery.py``).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from backends.mlx import constrain, embed as embed_mod, prompt as prompt_mod
 from backends.mlx.context import Fitted, TokenCounter, fit as fit_context
@@ -35,15 +37,12 @@ from backends.mlx.engine import Engine, EngineStats, Sequence
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
 from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry
-from backends.mlx.sampling import new_seed, validate_request
+from backends.mlx.sampling import new_seed
 from backends.mlx.thinking import new_splitter as new_think_splitter
 from backends.mlx.toolcalls import ToolCallSplitter
 from mlxgate.config import MLXConfig
 
 log = logging.getLogger(__name__)
-
-BOOTSTRAP_MODEL = "tiny-llama"
-
 
 @dataclass
 class _Plan:
@@ -65,6 +64,11 @@ class MLXBackend:
     """
 
     name = BACKEND
+    #: Embeddings take token ids: the models are here, with their own tokenizers.
+    takes_token_ids = True
+    #: An mlxgate engine: placed with the remote services by warmth and load
+    #: (backends/router.py, "Placement").
+    is_engine = True
 
     def __init__(self, config: MLXConfig, observer: Any = None) -> None:
         """``observer``: optional object with ``observe_queue_wait(model, seconds)``
@@ -74,11 +78,8 @@ class MLXBackend:
         self._manager = ModelManager(config, self._registry)
         self._engine = Engine(config, self._manager)
         self._engine.observer = observer
-        self._bootstrap: Optional[concurrent.futures.Future] = None
         #: Requests accepted and not yet finished (see ``_admission``).
         self._accepted = 0
-        if config.bootstrap_test_model and not self._registry.scan():
-            self._bootstrap = self._engine.call(self._write_bootstrap_model)
 
     # ---------------------------------------------------------------- introspection
 
@@ -138,23 +139,7 @@ class MLXBackend:
 
     # ---------------------------------------------------------------- helpers
 
-    def _write_bootstrap_model(self) -> None:
-        from backends.mlx.testmodel import write_test_model
-
-        path = write_test_model(self._registry.models_dir, BOOTSTRAP_MODEL)
-        log.info("models directory was empty; wrote the test model to %s", path)
-        self._registry.scan()
-
-    async def _ready(self) -> None:
-        if self._bootstrap is not None:
-            try:
-                await asyncio.wrap_future(self._bootstrap)
-            except Exception:  # noqa: BLE001 - serve what exists
-                log.exception("could not write the bootstrap test model")
-            self._bootstrap = None
-
     async def _resolve(self, name: str) -> ModelEntry:
-        await self._ready()
         return await asyncio.to_thread(self._registry.resolve, name)
 
     def _release(self, lm: LoadedModel, keep_alive: Optional[float]) -> concurrent.futures.Future:
@@ -181,7 +166,17 @@ class MLXBackend:
             raise
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"failed to load model {entry.name}: {e}") from None
+        self._report_loaded(lm.name)
         return lm, time.perf_counter_ns() - t0
+
+    def _report_loaded(self, model: str) -> None:
+        """Tell the observer a model is resident (its metric series start at 0)."""
+        observer = self._engine.observer
+        if observer is not None and hasattr(observer, "model_loaded"):
+            try:
+                observer.model_loaded(BACKEND, model)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.exception("model-loaded observer failed")
 
     @staticmethod
     def _grammar(req: GenerateRequest, lm: LoadedModel) -> Optional[str]:
@@ -238,7 +233,8 @@ class MLXBackend:
         or the start of its text; either way no more of it is tokenized than
         can fit.  max_tokens (explicit or default) is clamped to the room left,
         and the answer then ends with "length" at the context limit, as Ollama
-        and mlx-lm do with a generous num_predict.
+        and mlx-lm do with a generous num_predict; a negative one (no limit)
+        is that room.
         """
         ctx = lm.context_length
         if req.sampling.num_ctx:
@@ -247,7 +243,7 @@ class MLXBackend:
             lm.counter = TokenCounter(lm.tokenizer)
         asked_max = req.sampling.max_tokens
         # Room kept for the answer when history must be dropped anyway.
-        reserve = min(asked_max, ctx // 2) if asked_max else ctx // 8
+        reserve = min(asked_max, ctx // 2) if asked_max and asked_max > 0 else ctx // 8
         ids, fitted = fit_context(
             req, lm.counter, ctx, lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name), reserve
         )
@@ -257,7 +253,8 @@ class MLXBackend:
         n = len(ids)
         room = ctx - n
         asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
-        # A negative limit (Ollama's num_predict -1, the default) fills the context.
+        # A negative limit -- asked for (Ollama's num_predict -1 or -2) or the
+        # default (default_max_tokens, -1 unless configured) -- fills the context.
         max_tokens = room if asked < 0 else min(asked, room)
         tok = lm.tokenizer
         matcher = None
@@ -269,7 +266,11 @@ class MLXBackend:
         splitter = None
         if req.tools and tok.has_tool_calling:
             splitter = ToolCallSplitter(
-                tok.tool_call_start, tok.tool_call_end, tok.tool_parser, [t.to_template_dict() for t in req.tools]
+                tok.tool_call_start,
+                tok.tool_call_end,
+                tok.tool_parser,
+                [t.to_template_dict() for t in req.tools],
+                forced=req.tool_choice.forced,
             )
         thinking = new_think_splitter(tok, ids, req.think)
         output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)
@@ -278,8 +279,10 @@ class MLXBackend:
     # ---------------------------------------------------------------- Backend protocol
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        # The request is inside the contract (backends/validation.py, at the
+        # service); what is checked here is this engine's: context, tool-call
+        # format, images.
         t_start = time.perf_counter_ns()
-        validate_request(req)
         with self._admission():
             async with contextlib.aclosing(self._generate(req, t_start)) as events:
                 async for ev in events:
@@ -358,10 +361,34 @@ class MLXBackend:
             if pinned is not None:
                 self._release(pinned, req.keep_alive)
 
+    def _count(self, req: GenerateRequest, lm: LoadedModel) -> int:
+        """Prompt tokens of ``req`` as ``_plan`` would build them (worker thread).
+
+        The same bounded fitting as a generation, never truncating: an input
+        beyond the context is refused ("context length exceeded") without
+        tokenizing more of it than the context can hold."""
+        ctx = lm.context_length
+        if req.sampling.num_ctx:
+            ctx = min(ctx, req.sampling.num_ctx)
+        if lm.counter is None:
+            lm.counter = TokenCounter(lm.tokenizer)
+        ids, _ = fit_context(
+            dataclasses.replace(req, truncate=False), lm.counter, ctx,
+            lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name),
+        )
+        return len(ids)
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        entry = await self._resolve(req.model)
+        lm, _ = await self._acquire(entry, req.keep_alive)
+        try:
+            n = 0 if prompt_mod.is_empty(req) else await asyncio.to_thread(self._count, req, lm)
+        finally:
+            self._release(lm, req.keep_alive)
+        return TokenCount(input_tokens=n, backend=BACKEND, model=lm.name)
+
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         t_start = time.perf_counter_ns()
-        if req.dimensions < 0:
-            raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")
         entry = await self._resolve(req.model)
         lm, load_ns = await self._acquire(entry, req.keep_alive)
         released = False
@@ -369,17 +396,27 @@ class MLXBackend:
             size = embed_mod.hidden_size(lm.config)
             if req.dimensions and size and req.dimensions > size:
                 raise InvalidArgument(f"dimensions ({req.dimensions}) exceed {lm.name}'s embedding size {size}")
-            if lm.counter is None:
-                lm.counter = TokenCounter(lm.tokenizer)
-            batches = await asyncio.to_thread(
-                embed_mod.tokenize_inputs,
-                lm.counter,
-                lm.tokenizer,
-                list(req.inputs),
-                lm.context_length,
-                req.truncate,
-                lm.name,
-            )
+            if req.input_tokens:
+                batches = await asyncio.to_thread(
+                    embed_mod.token_inputs,
+                    req.input_tokens,
+                    _vocabulary_size(lm),
+                    lm.context_length,
+                    req.truncate,
+                    lm.name,
+                )
+            else:
+                if lm.counter is None:
+                    lm.counter = TokenCounter(lm.tokenizer)
+                batches = await asyncio.to_thread(
+                    embed_mod.tokenize_inputs,
+                    lm.counter,
+                    lm.tokenizer,
+                    list(req.inputs),
+                    lm.context_length,
+                    req.truncate,
+                    lm.name,
+                )
             vectors: list[list[float]] = []
             for ids in batches:
                 fut = self._engine.call(embed_mod.embed_one, lm.model, ids, req.dimensions)
@@ -407,8 +444,6 @@ class MLXBackend:
                 self._release(lm, req.keep_alive)
 
     async def list_models(self) -> list[ModelInfo]:
-        await self._ready()
-
         def _list() -> list[ModelInfo]:
             return [self._registry.info(e) for e in self._registry.scan()]
 
@@ -440,3 +475,12 @@ class MLXBackend:
 
     async def close(self) -> None:
         await asyncio.to_thread(self._engine.stop)
+
+
+def _vocabulary_size(lm: LoadedModel) -> int:
+    """Ids a client may send: the tokenizer's, within the model's embedding rows
+    (rows past the tokenizer's last id are padding, never produced by it)."""
+    try:
+        return min(lm.vocab_size, len(lm.tokenizer._tokenizer))
+    except TypeError:  # a tokenizer without a length
+        return lm.vocab_size

@@ -45,6 +45,35 @@ def tokenize_inputs(
     return out
 
 
+def token_inputs(
+    inputs: list[list[int]], vocab_size: int, context_length: int, truncate: bool, model: str
+) -> list[list[int]]:
+    """Token-id inputs, checked: every id in the vocabulary, lengths by the same rule as text.
+
+    The ids are used as given (no special tokens added), so ids a client got
+    from this model's tokenizer embed exactly like the text they encode.
+    """
+    out = []
+    for i, ids in enumerate(inputs):
+        if not ids:
+            raise InvalidArgument(f"input[{i}]: empty input")
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument(
+                f"input[{i}]: token id {bad} is not in {model}'s vocabulary (0 to {vocab_size - 1}); "
+                "token ids must come from this model's own tokenizer"
+            )
+        if len(ids) > context_length:
+            if not truncate:
+                raise InvalidArgument(
+                    f"input[{i}]: {len(ids)} tokens exceed {model}'s context length {context_length} "
+                    "and truncate is false"
+                )
+            ids = ids[:context_length]
+        out.append(list(ids))
+    return out
+
+
 def hidden_states_module(model) -> Any:
     for path in ("model", "language_model.model", "backbone", "transformer"):
         obj = model

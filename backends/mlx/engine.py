@@ -490,6 +490,7 @@ class Engine:
             total_duration_ns=now - seq.t_start_ns,
             backend=BACKEND,
             model=seq.lm.name,
+            stop_sequence=seq.output.stop_sequence if reason == "stop" else "",
         )
         # Release first, so a keep_alive=0 model is gone when the caller sees Done.
         self._retire(seq)

@@ -23,6 +23,8 @@ class StopStrings:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._text = ""
         self._sent = 0
+        #: The stop string that was reached (the earliest in the text; on a tie, the first listed).
+        self.matched = ""
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
@@ -30,9 +32,10 @@ class StopStrings:
             return delta, False
         self._text += delta
         start = max(0, self._sent - self._longest + 1)
-        hits = [i for i in (self._text.find(s, start) for s in self._stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self._text.find(s, start), s) for s in self._stops) if i >= 0]
         if hits:
-            cut = max(min(hits), self._sent)
+            first, self.matched = min(hits, key=lambda hit: hit[0])
+            cut = max(first, self._sent)
             out = self._text[self._sent : cut]
             self._sent = len(self._text)
             return out, True
@@ -77,6 +80,11 @@ class SequenceOutput:
         self.completion_tokens = 0
         self.stopped_by_string = False
         self._finished = False
+
+    @property
+    def stop_sequence(self) -> str:
+        """The stop string that ended the sequence ("" when none did)."""
+        return self._stops.matched if self.stopped_by_string else ""
 
     @property
     def tool_calls_emitted(self) -> int:

@@ -3,6 +3,8 @@
 Two places hold models: ``MLXConfig.models_dir`` (one model per sub-folder
 with a config.json; the folder name is the model name) and the Hugging Face
 hub cache (``models--org--name/snapshots/<rev>/``; the name is "org/name").
+A third, ``MLXConfig.test_models_dir``, is scanned like models_dir when set
+(only when nothing else was found: ``backends.mlx.bootstrap``).
 Everything here reads small files only (config, tokenizer config, safetensors
 headers), so listing stays cheap even with many large models.
 """
@@ -24,6 +26,7 @@ from backends.errors import ModelNotFound
 from backends.types import ModelDetails, ModelInfo, ModelShow
 from mlxgate.config import MLXConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
+from mlxgate.names import untagged
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,11 @@ class ModelEntry:
 
 def _weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
+
+
+def has_weights(path: Path) -> bool:
+    """A model folder: config.json and safetensors weights."""
+    return path.is_dir() and (path / "config.json").exists() and bool(_weight_files(path))
 
 
 def _read_json(path: Path) -> dict:
@@ -124,6 +132,7 @@ class ModelRegistry:
 
     def __init__(self, config: MLXConfig) -> None:
         self._models_dir = Path(config.models_dir).expanduser()
+        self._test_models_dir = Path(config.test_models_dir).expanduser() if config.test_models_dir else None
         hf = Path(config.hf_cache).expanduser() if config.hf_cache else Path.home() / ".cache/huggingface/hub"
         self._hf_cache = hf
         self._lock = threading.Lock()
@@ -140,23 +149,23 @@ class ModelRegistry:
         entries: dict[str, ModelEntry] = {}
         for entry in self._scan_hf():
             entries[entry.name.lower()] = entry
-        # Local folders win over hub entries of the same name.
-        for entry in self._scan_dir():
+        # Local folders win over hub entries of the same name, and the
+        # models directory over the generated test models.
+        if self._test_models_dir is not None:
+            for entry in self._scan_dir(self._test_models_dir):
+                entries[entry.name.lower()] = entry
+        for entry in self._scan_dir(self._models_dir):
             entries[entry.name.lower()] = entry
         with self._lock:
             self._entries = entries
             self._scanned_at = time.monotonic()
         return sorted(entries.values(), key=lambda e: e.name.lower())
 
-    def _scan_dir(self) -> list[ModelEntry]:
-        root = self._models_dir
+    @staticmethod
+    def _scan_dir(root: Path) -> list[ModelEntry]:
         if not root.is_dir():
             return []
-        out = []
-        for sub in sorted(root.iterdir()):
-            if sub.is_dir() and (sub / "config.json").exists() and _weight_files(sub):
-                out.append(ModelEntry(sub.name, sub, "dir"))
-        return out
+        return [ModelEntry(sub.name, sub, "dir") for sub in sorted(root.iterdir()) if has_weights(sub)]
 
     def _scan_hf(self) -> list[ModelEntry]:
         root = self._hf_cache
@@ -193,9 +202,7 @@ class ModelRegistry:
 
     def resolve(self, name: str) -> ModelEntry:
         """Case-insensitive, with an optional ":latest" (Ollama clients send it)."""
-        keys = [name.lower()]
-        if keys[0].endswith(":latest"):
-            keys.append(keys[0][: -len(":latest")])
+        keys = list(dict.fromkeys((name.lower(), untagged(name.lower()))))
         for attempt in range(2):
             if attempt:
                 self.scan()

@@ -228,14 +228,50 @@ def _random_weights(
     return weights
 
 
+#: ``ending``: every token embedding gets this much along the first hidden
+#: dimension, so the residual stream always carries it ...
+ENDING_OFFSET = 4.0
+#: ... and the end-of-turn row of ``lm_head`` reads it with this weight: the
+#: end of turn is then likely at every step (measured at the default
+#: temperature: about half the answers end within a dozen tokens, a few run
+#: past a hundred).
+ENDING_WEIGHT = 3.0
+
+
+def _make_ending(weights: dict, eot_id: int, dtype: str) -> None:
+    """Let the random model end its turn by itself (see ``write_test_model``)."""
+    import mlx.core as mx
+
+    emb = weights["model.embed_tokens.weight"].astype(mx.float32)
+    offset = mx.zeros(emb.shape)
+    offset[:, 0] = ENDING_OFFSET
+    weights["model.embed_tokens.weight"] = (emb + offset).astype(getattr(mx, dtype))
+    head = weights["lm_head.weight"].astype(mx.float32)
+    row = mx.zeros((head.shape[1],))
+    row[0] = ENDING_WEIGHT
+    head[eot_id] = row
+    weights["lm_head.weight"] = head.astype(getattr(mx, dtype))
+    mx.eval(weights)
+
+
 def write_test_model(
-    out_dir: Path, name: str = "tiny-llama", seed: int = 0, *, fim: bool = True, size: str = "tiny"
+    out_dir: Path, name: str = "tiny-llama", seed: int = 0, *, fim: bool = True, size: str = "tiny",
+    context: int = CONTEXT, ending: bool = False,
 ) -> Path:
     """Write ``out_dir/name/`` and return that folder.
 
     ``fim=False`` leaves out the fill-in-the-middle tokens, giving a model
     without the "insert" capability.  ``size`` is a key of ``SIZES``.
+    ``context``: the context length it declares (the weights do not depend on
+    it; RoPE has no parameters), for clients whose prompts are long, such as
+    Claude Code's.  ``ending``: a variant that ends its turns by itself (the
+    default model almost never picks the end-of-turn token), for clients that
+    wait for the model to finish (Claude Code takes an answer cut by
+    max_tokens for an error): its embeddings share a constant component that
+    the end-of-turn row of ``lm_head`` reads (``_make_ending``).
     """
+    if context < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {context}")
     import mlx.core as mx
 
     dims = SIZES[size]
@@ -253,7 +289,7 @@ def write_test_model(
         "num_key_value_heads": dims.kv_heads,
         "intermediate_size": dims.intermediate,
         "vocab_size": vocab_size,
-        "max_position_embeddings": CONTEXT,
+        "max_position_embeddings": context,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
@@ -263,6 +299,8 @@ def write_test_model(
     }
     special_ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS + (FIM_TOKENS if fim else []) + TEXT_TOKENS]
     weights = _random_weights(config, seed, special_ids, dims.dtype, late_rows=len(THINK_TOKENS))
+    if ending:
+        _make_ending(weights, ids["<|eot_id|>"], dims.dtype)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
 
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -283,7 +321,7 @@ def write_test_model(
         "bos_token": "<|begin_of_text|>",
         "eos_token": "<|eot_id|>",
         "pad_token": "<|pad|>",
-        "model_max_length": CONTEXT,
+        "model_max_length": context,
         "clean_up_tokenization_spaces": False,
         "added_tokens_decoder": added,
         "chat_template": CHAT_TEMPLATE,

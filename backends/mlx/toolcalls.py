@@ -5,6 +5,14 @@ the tokenizer (mlx-lm infers them from the chat template or
 ``tool_parser_type``), so every model family mlx-lm knows works the same way.
 Text that could be the start of a marker is held back until it is known not
 to be one, so a client never sees half a marker.
+
+Markup never becomes content because of where a generation stops: a call the
+generation ends inside of (``max_tokens`` or the context reached, EOS before
+the end marker) is parsed if its body is already a whole call, and otherwise
+dropped and counted in ``unfinished`` -- the answer then has no call and no
+markup, and the finish reason ("length") says why.  A *closed* call the parser
+cannot read is still passed on as text, as Ollama and vLLM do: the model
+finished it, and dropping a whole answer would hide what it said.
 """
 
 from __future__ import annotations
@@ -61,23 +69,44 @@ class ToolCallSplitter:
         end: Optional[str],
         parser: Callable[[str, Any], Any],
         tools: Optional[list[dict]] = None,
+        forced: bool = False,
     ) -> None:
+        """``forced``: a grammar makes the answer exactly one call (tool_choice
+        "required" or a named function), so the only text outside it is the
+        whitespace the grammar allows around the markers; that is not content
+        and is dropped."""
         self._start = start
         self._end = end or ""
         self._parser = parser
         self._tools = tools
+        self._forced = forced
         self._in_call = False
         self._buf = ""
         self.calls = 0
+        #: Calls the generation ended inside of, too short to parse: dropped.
+        self.unfinished = 0
 
-    def _parse(self, body: str) -> list[Piece]:
+    def _calls(self, body: str) -> Optional[list[ToolCall]]:
+        """The calls in one call body, or None when the parser cannot read it."""
         try:
             calls = to_tool_calls(self._parser(body, self._tools), self.calls)
         except Exception as e:  # noqa: BLE001 - any parser failure means "not a tool call"
-            log.warning("could not parse a tool call (%s: %s); passing it on as text", type(e).__name__, e)
-            return [self._start + body + self._end]
+            log.debug("tool-call body not parsed (%s: %s)", type(e).__name__, e)
+            return None
         self.calls += len(calls)
+        return calls
+
+    def _parse(self, body: str) -> list[Piece]:
+        """A closed call: its calls, or (unreadable) the markup as the model wrote it."""
+        calls = self._calls(body)
+        if calls is None:
+            log.warning("could not parse a tool call; passing it on as text")
+            return [self._start + body + self._end]
         return list(calls)
+
+    def _text(self, out: list[Piece], text: str) -> None:
+        if text and not (self._forced and not text.strip()):
+            out.append(text)
 
     def feed(self, text: str) -> list[Piece]:
         self._buf += text
@@ -87,13 +116,10 @@ class ToolCallSplitter:
                 i = self._buf.find(self._start)
                 if i < 0:
                     keep = partial_suffix_len(self._buf, self._start)
-                    emit = self._buf[: len(self._buf) - keep]
+                    self._text(out, self._buf[: len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep :]
-                    if emit:
-                        out.append(emit)
                     return out
-                if i:
-                    out.append(self._buf[:i])
+                self._text(out, self._buf[:i])
                 self._buf = self._buf[i + len(self._start) :]
                 self._in_call = True
             else:
@@ -108,14 +134,22 @@ class ToolCallSplitter:
                 out.extend(self._parse(body))
 
     def finish(self) -> list[Piece]:
-        """Flush at the end of the generation; an unterminated call is parsed if it can be."""
+        """Flush at the end of the generation.
+
+        A call still open is parsed if its body is whole (formats without an
+        end marker end this way; so does a call cut just before its end
+        marker); otherwise it was cut short and is dropped, never passed on as
+        markup.
+        """
         buf, self._buf = self._buf, ""
-        if self._in_call:
-            self._in_call = False
-            if not buf.strip():
-                return []
-            pieces = self._parse(buf)
-            if pieces and isinstance(pieces[0], str):
-                return [self._start + buf]  # no end marker was generated; don't invent one
-            return pieces
-        return [buf] if buf else []
+        out: list[Piece] = []
+        if not self._in_call:
+            self._text(out, buf)
+            return out
+        self._in_call = False
+        calls = self._calls(buf) if buf.strip() else None
+        if calls is None:
+            self.unfinished += 1
+            log.info("the generation ended inside a tool call (%d characters of it); the call is dropped", len(buf))
+            return out
+        return list(calls)

@@ -18,7 +18,9 @@ import json
 import logging
 from typing import Any, AsyncIterator, Optional
 
-from backends.errors import BackendError, ModelNotFound, Unavailable
+import orjson
+
+from backends.errors import BackendError, ModelNotFound, Unavailable, Unimplemented
 from backends.http_upstream import (
     UpstreamSession,
     UpstreamStream,
@@ -27,6 +29,7 @@ from backends.http_upstream import (
 )
 from backends.ollama import wire
 from backends.types import (
+    Chunk,
     EmbedRequest,
     EmbedResult,
     Event,
@@ -35,8 +38,10 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 from mlxgate.config import OllamaConfig, resolved_timeouts
+from mlxgate.names import same_model
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ class OllamaBackend(UpstreamSession):
     """Backend named "ollama" that forwards to ``config.upstream``."""
 
     name = "ollama"
+    #: /api/embed takes text only (see ``wire.embed_body``).
+    takes_token_ids = False
 
     def __init__(self, config: OllamaConfig) -> None:
         if not config.upstream:
@@ -73,31 +80,41 @@ class OllamaBackend(UpstreamSession):
                 self._get_session(), self.base_url + path, json=body, headers={"X-Request-Id": req.request_id}
             )
             saw_tool_calls = False
+            # Chunks of lines that arrived together go out as one (LineReader.ready).
+            pending: list[Chunk] = []
             async for line in stream:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    raise Unavailable(f"{self.name}: upstream sent a line that is not JSON") from None
-                if not isinstance(obj, dict):
-                    raise Unavailable(f"{self.name}: upstream sent an unexpected line")
-                if "error" in obj:
-                    raise _stream_error(self.name, obj["error"])
-                chunk = wire.chunk_from_line(obj)
-                if chunk is not None:
-                    stream.token()
-                    saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
-                    yield chunk
-                if obj.get("done"):
-                    stream.finish()
-                    yield wire.done_from_line(obj, self.name, req.model, saw_tool_calls)
-                    return
+                if line.strip():
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        raise Unavailable(f"{self.name}: upstream sent a line that is not JSON") from None
+                    if not isinstance(obj, dict):
+                        raise Unavailable(f"{self.name}: upstream sent an unexpected line")
+                    if "error" in obj:
+                        raise _stream_error(self.name, obj["error"])
+                    chunk = wire.chunk_from_line(obj)
+                    if chunk is not None:
+                        stream.token()
+                        saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
+                        pending.append(chunk)
+                    if obj.get("done"):
+                        if pending:
+                            yield Chunk.merged(pending)
+                        stream.finish()
+                        yield wire.done_from_line(obj, self.name, req.model, saw_tool_calls)
+                        return
+                if pending and not stream.more_ready():
+                    yield Chunk.merged(pending)
+                    pending = []
             raise Unavailable(f"{self.name}: upstream ended the stream before its final line")
         finally:
             stream.close()
 
     # ------------------------------------------------------------ unary
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        # Ollama's API has no way to count a prompt without generating.
+        raise Unimplemented(f"{self.name}: counting tokens is not supported by Ollama's API")
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         data = await self._call("POST", "/api/embed", wire.embed_body(req))
@@ -135,17 +152,10 @@ class OllamaBackend(UpstreamSession):
 
     async def unload_model(self, name: str) -> bool:
         running = await self.list_running()
-        was_loaded = any(_same_model(r.name, name) for r in running)
+        was_loaded = any(same_model(r.name, name) for r in running)
         await self._call("POST", "/api/generate", {"model": name, "keep_alive": 0, "stream": False})
         return was_loaded
 
-
-
-def _same_model(a: str, b: str) -> bool:
-    def norm(x: str) -> str:
-        return x[: -len(":latest")] if x.endswith(":latest") else x
-
-    return norm(a) == norm(b)
 
 
 def _stream_error(who: str, error: Any) -> BackendError:

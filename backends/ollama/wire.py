@@ -1,17 +1,23 @@
-"""Domain types <-> Ollama REST JSON (docs/api.md of the Ollama project).
+"""Domain types <-> Ollama REST JSON, through the one declaration of the
+dialect (``mlxgate/dialects/ollama.py``) that the HTTP front uses too.
 
+Requests are built as the dialect's request models and dumped (so an option
+name, a field or a base64 image travels exactly as the front parses it);
+answers are read against its response shapes (``TypedDict``s: read, not
+validated, line by line), with its done-reason map and the rule for tool-call
+arguments an upstream produced (``mlxgate.dialects.base.produced_arguments``).
 Pure functions, no I/O, so the translation is testable on its own.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from backends.errors import Unimplemented
+from pydantic import ValidationError
+
+from backends.errors import InvalidArgument, Unimplemented
 from backends.types import (
     Chunk,
     Done,
@@ -26,53 +32,48 @@ from backends.types import (
     ToolCall,
     TopLogprob,
 )
-
-# Sampling field -> Ollama option name (the ones whose names differ are mapped).
-_OPTION_NAMES = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "seed": "seed",
-    "repeat_penalty": "repeat_penalty",
-    "repeat_last_n": "repeat_last_n",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "max_tokens": "num_predict",
-    "num_ctx": "num_ctx",
-}
+from mlxgate.dialects import ollama as dialect
+from mlxgate.dialects.base import Tool, ToolFunction, WireModel, produced_arguments, wire_error
 
 
-def _b64(images: list[bytes]) -> list[str]:
-    return [base64.b64encode(i).decode("ascii") for i in images]
+def _body(cls: type[WireModel], /, **fields: Any) -> dict[str, Any]:
+    """A request body built (and so checked) by the dialect's model; what the
+    dialect cannot carry is the caller's error, named."""
+    try:
+        return cls(**{k: v for k, v in fields.items() if v is not None}).dump()
+    except ValidationError as e:
+        raise InvalidArgument(f"ollama: {wire_error(e, fields).message}") from None
 
 
 def options_json(req: GenerateRequest) -> dict[str, Any]:
+    """The request's sampling as Ollama options (names from the dialect's one table)."""
     s = req.sampling
-    opts: dict[str, Any] = {}
-    for field, name in _OPTION_NAMES.items():
-        v = getattr(s, field)
-        if v is not None:
-            opts[name] = v
+    opts: dict[str, Any] = {
+        option: getattr(s, field) for field, option in dialect.OPTION_OF_SAMPLING.items()
+        if getattr(s, field) is not None
+    }
     if s.stop:
         opts["stop"] = list(s.stop)
     return opts
 
 
-def message_json(m: Message) -> dict[str, Any]:
-    d: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.images:
-        d["images"] = _b64(m.images)
-    if m.tool_calls:
+def message(m: Message) -> dialect.Message:
+    return dialect.Message(
+        role=m.role,
+        content=m.content,
+        images=m.images or None,
         # Ollama wants the arguments as a JSON object, not a string.
-        d["tool_calls"] = [
-            {"function": {"index": t.index, "name": t.name, "arguments": t.arguments}} for t in m.tool_calls
-        ]
-    if m.tool_name:
-        d["tool_name"] = m.tool_name
-    if m.thinking:
-        d["thinking"] = m.thinking
-    return d
+        tool_calls=[
+            dialect.ToolCall(function=dialect.ToolCallFunction(index=t.index, name=t.name, arguments=t.arguments))
+            for t in m.tool_calls
+        ] or None,
+        tool_name=m.tool_name or None,
+        thinking=m.thinking or None,
+    )
+
+
+def tool(t: Any) -> Tool:
+    return Tool(type="function", function=ToolFunction(name=t.name, description=t.description, parameters=t.parameters))
 
 
 def generate_body(req: GenerateRequest) -> tuple[str, dict[str, Any]]:
@@ -81,74 +82,64 @@ def generate_body(req: GenerateRequest) -> tuple[str, dict[str, Any]]:
         # Ollama's API cannot force a tool call.  Unimplemented is retryable:
         # the router moves on to a backend that can, rather than answer unforced.
         raise Unimplemented(f"ollama: tool_choice {req.tool_choice.describe()} cannot be forced through Ollama's API")
-    body: dict[str, Any] = {"model": req.model, "stream": True}
+    common: dict[str, Any] = {
+        "model": req.model,
+        "stream": True,
+        "options": options_json(req) or None,
+        "format": "json" if req.format.kind == "json" else req.format.schema if req.format.kind == "json_schema"
+        else None,
+        "logprobs": True if req.logprobs else None,
+        "top_logprobs": req.top_logprobs if req.logprobs and req.top_logprobs else None,
+        "keep_alive": req.keep_alive,  # a number is read as seconds
+        "think": req.think,
+    }
     if req.messages is not None:
-        path = "/api/chat"
-        body["messages"] = [message_json(m) for m in req.messages]
-        if req.tools:
-            body["tools"] = [t.to_template_dict() for t in req.tools]
-    else:
-        path = "/api/generate"
-        p = req.prompt
-        assert p is not None
-        body["prompt"] = p.prompt
-        if p.suffix:
-            body["suffix"] = p.suffix
-        if p.system:
-            body["system"] = p.system
-        if p.raw:
-            body["raw"] = True
-        if p.images:
-            body["images"] = _b64(p.images)
-    opts = options_json(req)
-    if opts:
-        body["options"] = opts
-    if req.format.kind == "json":
-        body["format"] = "json"
-    elif req.format.kind == "json_schema":
-        body["format"] = req.format.schema
-    if req.logprobs:
-        body["logprobs"] = True
-        if req.top_logprobs:
-            body["top_logprobs"] = req.top_logprobs
-    if req.keep_alive is not None:
-        body["keep_alive"] = req.keep_alive  # a number is read as seconds
-    if req.think is not None:
-        body["think"] = req.think
-    return path, body
+        return "/api/chat", _body(
+            dialect.ChatRequest,
+            messages=[message(m) for m in req.messages],
+            tools=[tool(t) for t in req.tools] or None,
+            **common,
+        )
+    p = req.prompt
+    assert p is not None
+    return "/api/generate", _body(
+        dialect.GenerateRequest,
+        prompt=p.prompt,
+        suffix=p.suffix or None,
+        system=p.system or None,
+        raw=True if p.raw else None,
+        images=list(p.images) or None,
+        **common,
+    )
 
 
 def embed_body(req: EmbedRequest) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": req.model, "input": list(req.inputs), "truncate": req.truncate}
-    if req.dimensions:
-        body["dimensions"] = req.dimensions
-    if req.keep_alive is not None:
-        body["keep_alive"] = req.keep_alive
-    return body
-
-
-def _arguments(raw: Any) -> dict:
-    if isinstance(raw, dict):
-        return raw
-    if isinstance(raw, str) and raw:
-        try:
-            v = json.loads(raw)
-            return v if isinstance(v, dict) else {"value": v}
-        except ValueError:
-            return {}
-    return {}
+    if req.input_tokens:
+        # /api/embed takes text only, and ids made for a local model mean nothing to Ollama's.
+        raise InvalidArgument("ollama: embeddings from token ids are not supported by an upstream Ollama; send text")
+    return _body(
+        dialect.EmbedRequest,
+        model=req.model,
+        input=list(req.inputs),
+        truncate=req.truncate,
+        dimensions=req.dimensions or None,
+        keep_alive=req.keep_alive,
+    )
 
 
 def tool_calls_from(msg: dict) -> list[ToolCall]:
     out = []
     for i, tc in enumerate(msg.get("tool_calls") or []):
+        if not isinstance(tc, dict):
+            continue
         fn = tc.get("function") or {}
+        index = fn.get("index", i)
         out.append(
             ToolCall(
-                name=fn.get("name", ""),
-                arguments=_arguments(fn.get("arguments")),
-                id=tc.get("id", "") or "",
-                index=int(fn.get("index", i) or i),
+                name=str(fn.get("name") or ""),
+                arguments=produced_arguments(fn.get("arguments")),
+                id=str(tc.get("id") or ""),
+                index=index if isinstance(index, int) and not isinstance(index, bool) else i,
             )
         )
     return out
@@ -190,11 +181,8 @@ def chunk_from_line(obj: dict) -> Optional[Chunk]:
     return Chunk(text=text, thinking=thinking, tool_calls=calls, logprobs=lps)
 
 
-_FINISH = {"stop": "stop", "length": "length", "load": "stop", "unload": "stop"}
-
-
 def done_from_line(obj: dict, backend: str, model: str, saw_tool_calls: bool) -> Done:
-    reason = _FINISH.get(obj.get("done_reason") or "stop", "stop")
+    reason = dialect.FINISH_OF_DONE_REASON.get(obj.get("done_reason") or "stop", "stop")
     if saw_tool_calls and reason == "stop":
         reason = "tool_calls"
     return Done(

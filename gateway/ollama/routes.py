@@ -8,16 +8,21 @@ that Ollama has.  No file path is ever built from request data.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable
 
 from aiohttp import web
 
-from backends.types import Chunk, Done, Event, TokenLogprob, ToolCall, keep_alive_to_pb
+from gateway.common import check_done, duration, is_done
 from gateway.errors import ApiError, adapt, ollama_body
 from gateway.fields import read_json
 from gateway.ollama import translate as tr
+from gateway.render import json_response
+from gateway.routing import Route
+from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, backend_header, client, request_id
 from gateway.streaming import NDJSON, ndjson_frame, open_stream, pump, with_first
+from mlxgate.dialects import ollama as wire
 from mlxgate.v1 import inference_pb2 as pb
 
 MODEL_MANAGEMENT_HELP = (
@@ -33,24 +38,28 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return web.json_response({"version": tr.OLLAMA_COMPAT_VERSION})
+    return json_response({"version": tr.OLLAMA_COMPAT_VERSION})
 
 
 def _error_frame(err: ApiError) -> bytes:
     return ndjson_frame(ollama_body(adapt(err, "ollama")))
 
 
+def _load_request(model: str, keep_alive: Any) -> pb.LoadModelRequest:
+    req = pb.LoadModelRequest(model=model)
+    ka = duration(keep_alive)
+    if ka is not None:
+        req.keep_alive.CopyFrom(ka)
+    return req
+
+
 async def _load_or_unload(request: web.Request, p: tr.Parsed, chat: bool) -> web.Response:
     c, rid = client(request), request_id(request)
     if p.keep_alive == 0:
         await c.unload_model(p.model, rid)
-        return web.json_response(tr.load_answer(p.model, chat, unloaded=True))
-    req = pb.LoadModelRequest(model=p.model)
-    ka = keep_alive_to_pb(p.keep_alive)
-    if ka is not None:
-        req.keep_alive.CopyFrom(ka)
-    res = await c.load_model(req, rid)
-    return web.json_response(tr.load_answer(p.model, chat, unloaded=False), headers={BACKEND_HEADER: res.backend})
+        return json_response(tr.load_answer(p.model, chat, unloaded=True))
+    res = await c.load_model(_load_request(p.model, p.keep_alive), rid)
+    return json_response(tr.load_answer(p.model, chat, unloaded=False), headers={BACKEND_HEADER: res.backend})
 
 
 async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResponse:
@@ -60,40 +69,44 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
     stream = client(request).generate(p.req, rid)
     try:
         first = await stream.start()
-        if isinstance(first, Done):
-            tr.check_done(first)  # a failure before any token is a plain HTTP error
+        if is_done(first):
+            check_done(first.done)  # a failure before any token is a plain HTTP error
         if p.stream:
             # Fallback happens only before the first event, so its backend is final.
             resp = await open_stream(request, NDJSON, backend_header(first))
 
-            def render(ev: Event) -> Iterable[dict[str, Any]]:
-                if isinstance(ev, Done):
-                    yield tr.chat_final(p.model, ev) if chat else tr.generate_final(p.model, ev)
-                elif ev.text or ev.thinking or ev.tool_calls or ev.logprobs:
-                    yield tr.chat_chunk(p.model, ev) if chat else tr.generate_chunk(p.model, ev)
+            def render(ev: pb.GenerateResponse) -> Iterable[dict[str, Any]]:
+                if is_done(ev):
+                    yield tr.chat_final(p.model, ev.done) if chat else tr.generate_final(p.model, ev.done)
+                else:
+                    ch = ev.chunk
+                    if ch.text or ch.thinking or ch.tool_calls or ch.logprobs:
+                        yield tr.chat_chunk(p.model, ch) if chat else tr.generate_chunk(p.model, ch)
 
             if await pump(resp, with_first(first, stream), render, ndjson_frame, _error_frame, rid):
-                await resp.write_eof()
+                with contextlib.suppress(ConnectionResetError):  # the client left after the last line
+                    await resp.write_eof()
             return resp
 
         text: list[str] = []
         thinking: list[str] = []
-        calls: list[ToolCall] = []
-        lps: list[TokenLogprob] = []
-        done = Done()
+        calls: list[pb.ToolCall] = []
+        lps: list[pb.TokenLogprob] = []
+        done = pb.Done()
         async for ev in with_first(first, stream):
-            if isinstance(ev, Chunk):
-                text.append(ev.text)
-                thinking.append(ev.thinking)
-                calls.extend(ev.tool_calls)
-                lps.extend(ev.logprobs)
+            if is_done(ev):
+                done = ev.done
             else:
-                done = ev
+                ch = ev.chunk
+                text.append(ch.text)
+                thinking.append(ch.thinking)
+                calls.extend(ch.tool_calls)
+                lps.extend(ch.logprobs)
         if chat:
-            body = tr.chat_final(p.model, done, "".join(text), calls, lps, "".join(thinking))
+            body: Any = tr.chat_final(p.model, done, "".join(text), calls, lps, "".join(thinking))
         else:
             body = tr.generate_final(p.model, done, "".join(text), lps, "".join(thinking))
-        return web.json_response(body, headers={BACKEND_HEADER: done.backend})
+        return json_response(body, headers={BACKEND_HEADER: done.backend})
     finally:
         stream.cancel()
 
@@ -108,15 +121,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def _embed(request: web.Request, p: tr.ParsedEmbed) -> tuple[pb.EmbedResponse | None, str]:
     c, rid = client(request), request_id(request)
-    if not p.req.inputs:
+    if not p.req.input:
         # Ollama: no input only loads the model.
-        req = pb.LoadModelRequest(model=p.model)
-        ka = keep_alive_to_pb(p.keep_alive)
-        if ka is not None:
-            req.keep_alive.CopyFrom(ka)
-        res = await c.load_model(req, rid)
+        res = await c.load_model(_load_request(p.model, p.keep_alive), rid)
         return None, res.backend
-    res = await c.embed(p.req.to_pb(), rid)
+    res = await c.embed(p.req, rid)
     return res, res.backend
 
 
@@ -124,7 +133,7 @@ async def embed(request: web.Request) -> web.Response:
     p = tr.embed_request(await read_json(request))
     res, backend = await _embed(request, p)
     body = tr.embed_response(p.model, res) if res is not None else {"model": p.model, "embeddings": []}
-    return web.json_response(body, headers={BACKEND_HEADER: backend})
+    return json_response(body, headers={BACKEND_HEADER: backend})
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -132,53 +141,63 @@ async def embeddings(request: web.Request) -> web.Response:
     p = tr.legacy_embeddings_request(await read_json(request))
     res, backend = await _embed(request, p)
     vec = list(res.embeddings[0].values) if res is not None and res.embeddings else []
-    return web.json_response({"embedding": vec}, headers={BACKEND_HEADER: backend})
+    return json_response({"embedding": vec}, headers={BACKEND_HEADER: backend})
 
 
 async def tags(request: web.Request) -> web.Response:
     res = await client(request).list_models(request_id(request))
-    return web.json_response(tr.tags_response(res))
+    return json_response(tr.tags_response(res))
 
 
 async def show(request: web.Request) -> web.Response:
     model = tr.show_request(await read_json(request))
     res = await client(request).show_model(model, request_id(request))
-    return web.json_response(tr.show_response(res), headers={BACKEND_HEADER: res.model.backend})
+    return json_response(tr.show_response(res), headers={BACKEND_HEADER: res.model.backend})
 
 
 async def ps(request: web.Request) -> web.Response:
     res = await client(request).list_running(request_id(request))
-    return web.json_response(tr.ps_response(res))
+    return json_response(tr.ps_response(res))
 
 
 async def unsupported(request: web.Request) -> web.Response:
     raise ApiError(501, f"{request.path}: {MODEL_MANAGEMENT_HELP}")
 
 
-#: (method, path, handler) for every Ollama route; openapi.py documents the same set.
-ROUTES: list[tuple[str, str, Any]] = [
-    ("GET", "/", root),
-    ("HEAD", "/", root),
-    ("GET", "/api/version", version),
-    ("HEAD", "/api/version", version),
-    ("POST", "/api/generate", generate),
-    ("POST", "/api/chat", chat),
-    ("POST", "/api/embed", embed),
-    ("POST", "/api/embeddings", embeddings),
-    ("GET", "/api/tags", tags),
-    ("HEAD", "/api/tags", tags),
-    ("POST", "/api/show", show),
-    ("GET", "/api/ps", ps),
-    ("POST", "/api/pull", unsupported),
-    ("POST", "/api/push", unsupported),
-    ("POST", "/api/create", unsupported),
-    ("POST", "/api/copy", unsupported),
-    ("DELETE", "/api/delete", unsupported),
-    ("HEAD", "/api/blobs/{digest}", unsupported),
-    ("POST", "/api/blobs/{digest}", unsupported),
+_ANSWERED = "NDJSON lines (stream, the default) or one JSON object (stream=false)"
+
+#: Every Ollama route: the app registers them, /openapi.json documents them.
+ROUTES: list[Route] = [
+    Route("GET", "/", root, "Health check", text="Ollama is running", calls_service=False),
+    Route("HEAD", "/", root, "Health check", calls_service=False),
+    Route("GET", "/api/version", version, "Server version", answer=wire.VersionResponse, calls_service=False,
+          description=f"The Ollama version whose API these routes follow ({wire.VERSION})."),
+    Route("HEAD", "/api/version", version, "Server version", calls_service=False),
+    Route("POST", "/api/generate", generate, "Generate a completion", body=wire.GenerateRequest,
+          answer=wire.GenerateResponse, stream="ndjson", stream_item=wire.GenerateResponse, description=_ANSWERED),
+    Route("POST", "/api/chat", chat, "Generate a chat completion", body=wire.ChatRequest,
+          answer=wire.ChatResponse, stream="ndjson", stream_item=wire.ChatResponse, description=_ANSWERED),
+    Route("POST", "/api/embed", embed, "Generate embeddings", body=wire.EmbedRequest, answer=wire.EmbedResponse),
+    Route("POST", "/api/embeddings", embeddings, "Generate an embedding (legacy)", body=wire.EmbeddingsRequest,
+          answer=wire.EmbeddingsResponse),
+    Route("GET", "/api/tags", tags, "List models", answer=wire.TagsResponse),
+    Route("HEAD", "/api/tags", tags, "List models"),
+    Route("POST", "/api/show", show, "Show model information", body=wire.ShowRequest, answer=wire.ShowResponse),
+    Route("GET", "/api/ps", ps, "List running models", answer=wire.PsResponse),
+    *(
+        Route(method, path, unsupported, summary, unsupported=True, description=MODEL_MANAGEMENT_HELP)
+        for method, path, summary in (
+            ("POST", "/api/pull", "Pull a model (unsupported)"),
+            ("POST", "/api/push", "Push a model (unsupported)"),
+            ("POST", "/api/create", "Create a model (unsupported)"),
+            ("POST", "/api/copy", "Copy a model (unsupported)"),
+            ("DELETE", "/api/delete", "Delete a model (unsupported)"),
+            ("HEAD", "/api/blobs/{digest}", "Check a blob (unsupported)"),
+            ("POST", "/api/blobs/{digest}", "Push a blob (unsupported)"),
+        )
+    ),
 ]
 
 
 def add_routes(app: web.Application) -> None:
-    for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+    _add(app, ROUTES)

@@ -1,171 +1,98 @@
 """Ollama REST <-> proto.  Requests in, responses out; no I/O here.
 
-Field names and shapes follow Ollama's docs/api.md.  Deliberate choices:
+The wire format is declared once, in ``mlxgate/dialects/ollama.py`` (request
+models, response shapes, option names, done reasons); this module only maps
+it onto the contract: a parsed request becomes a ``pb.GenerateRequest`` /
+``pb.EmbedRequest``, and ``pb.Chunk`` / ``pb.Done`` events become the
+dialect's response dicts.  The contract's limits are checked by the inference
+service, once, for every caller; what is checked here is Ollama's own rules.
 
-- ``template`` (a Go template) cannot be honoured: models here carry Jinja
-  chat templates.  A non-empty ``template`` without ``raw`` is a 400 saying
-  so; send ``raw: true`` with a fully formatted prompt instead.
-- ``context`` (deprecated) and the options without meaning for MLX
-  (``num_gpu``, ``mirostat``, ``use_mmap``, ...) are accepted, type checked
-  and ignored (logged at debug).  Unknown options are ignored too, as Ollama
-  does.
-- ``think``: true, or a level ("low", "medium", "high"; all mean true here),
-  asks for thinking; false asks for none; absent leaves it to the model.
-  Reasoning comes back in ``thinking`` (/api/generate) or
-  ``message.thinking`` (/api/chat), present only when non-empty.
-- ``num_predict`` < 0 (Ollama's "no limit" / "fill the context") means the
-  backend's default limit.
-- The final object of a generation carries an extra ``backend`` field (the
-  backend that answered); non-streaming answers also carry it in the
-  ``x-mlxgate-backend`` header.
+Deliberate choices (gateway/README.md lists them all): ``num_predict`` < 0
+(Ollama's -1 "no limit" and -2 "fill the context") is sent as max_tokens -1,
+until a stop or the context is full, whatever the server's default; model
+names in ``/api/tags``, ``/api/ps`` and ``/api/show``'s modelfile carry a tag
+(``name:latest`` unless the name has one, ``mlxgate.names.tagged``), as
+Ollama's do, while gRPC and the OpenAI dialect keep plain names.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Union
 
-from backends.types import (
-    Chunk,
-    Done,
-    EmbedRequest,
-    Message,
-    ModelInfo,
-    ModelShow,
-    OutputFormat,
-    Prompt,
-    RunningModel,
-    Sampling,
-    TokenLogprob,
-    ToolCall,
-    keep_alive_to_pb,
-    normalize_keep_alive,
-)
-from gateway.common import parse_arguments, parse_tools, require_model, rfc3339
-from gateway.errors import ApiError, bad_request
-from gateway.fields import INT64_MAX, INT64_MIN, Body, b64_images, item
-from mlxgate.config import parse_duration
+from pydantic import TypeAdapter, ValidationError
+
+from gateway.common import check_done, duration, finish_of, parse, rfc3339, time_of, tools_pb
+from gateway.errors import bad_request
+from mlxgate import jsonutil
+from mlxgate.dialects import ollama as wire
+from mlxgate.dialects.base import produced_arguments, wire_error
+from mlxgate.names import tagged
 from mlxgate.v1 import inference_pb2 as pb
 
-#: Version reported by GET /api/version: a recent Ollama whose API we follow,
-#: so clients that gate features on the server version enable them.
-OLLAMA_COMPAT_VERSION = "0.12.0"
+#: Version reported by GET /api/version.
+OLLAMA_COMPAT_VERSION = wire.VERSION
 
-# ---------------------------------------------------------------- keep_alive
+_ROLE = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
+
+_KEEP_ALIVE: TypeAdapter[Optional[float]] = TypeAdapter(Optional[wire.KeepAlive])  # type: ignore[arg-type]
+
 
 def parse_keep_alive(v: Any, name: str = "keep_alive") -> Optional[float]:
     """Seconds; None = default; 0 = unload after; negative (any) = -1, keep loaded."""
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        raise bad_request(f"{name} must be a duration string or a number of seconds", param=name)
-    if isinstance(v, (int, float)):
-        secs = float(v)
-    elif isinstance(v, str):
-        try:
-            secs = parse_duration(v)
-        except ValueError:
-            raise bad_request(
-                f'{name}: invalid duration {v!r} (use e.g. "5m", "1h30m", "-1" or seconds)', param=name
-            ) from None
-    else:
-        raise bad_request(f"{name} must be a duration string or a number of seconds", param=name)
-    if math.isnan(secs):
-        raise bad_request(f"{name} must be a duration string or a number of seconds", param=name)
-    return normalize_keep_alive(secs)
+    try:
+        return _KEEP_ALIVE.validate_python(v, strict=True)
+    except ValidationError as e:
+        msg = wire_error(e, {name: v}).message
+        raise bad_request(msg if msg.startswith(name) else f"{name}: {msg}", param=name) from None
 
 
-# ---------------------------------------------------------------- options
-
-_FLOAT_OPTS = {"temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"}
-_INT_OPTS = {"top_k", "repeat_last_n", "num_ctx"}
-_IGNORED_FLOAT = {"typical_p", "tfs_z", "mirostat_tau", "mirostat_eta"}
-_IGNORED_INT = {"num_keep", "mirostat", "num_batch", "num_gpu", "main_gpu", "num_thread"}
-_IGNORED_BOOL = {
-    "penalize_newline",
-    "numa",
-    "low_vram",
-    "f16_kv",
-    "logits_all",
-    "vocab_only",
-    "use_mmap",
-    "use_mlock",
-    "embedding_only",
-}
-#: Every option name Ollama documents (Modelfile parameters + runner options),
-#: and the integer and boolean ones among them (the rest are numbers, and stop).
-KNOWN_OPTIONS = (
-    _FLOAT_OPTS | _INT_OPTS | _IGNORED_FLOAT | _IGNORED_INT | _IGNORED_BOOL | {"seed", "num_predict", "stop"}
-)
-INT_OPTIONS = _INT_OPTS | _IGNORED_INT | {"seed", "num_predict"}
-BOOL_OPTIONS = _IGNORED_BOOL
+def parse_think(v: Union[bool, str, None]) -> Optional[bool]:
+    """Ollama's think: a boolean, or a level (newer Ollama) that means true here."""
+    return v if v is None or isinstance(v, bool) else True
 
 
-def parse_options(opts: Optional[Body]) -> Sampling:
-    s = Sampling()
+def sampling(opts: Optional[wire.Options]) -> pb.SamplingParams:
+    """Options onto the contract's sampling (a negative seed is random, a negative num_predict no limit)."""
+    s = pb.SamplingParams()
     if opts is None:
         return s
-    for k in _FLOAT_OPTS:
-        setattr(s, k, opts.float(k))
-    for k in _INT_OPTS:
-        setattr(s, k, opts.int(k))
-    seed = opts.int("seed", lo=INT64_MIN, hi=INT64_MAX)
-    s.seed = seed if seed is not None and seed >= 0 else None
-    n = opts.int("num_predict")
-    s.max_tokens = n if n is not None and n >= 0 else None
-    s.stop = opts.str_or_list("stop") or []
-    for k in _IGNORED_FLOAT:
-        opts.float(k)
-    for k in _IGNORED_INT:
-        opts.int(k)
-    for k in _IGNORED_BOOL:
-        opts.bool(k)
-    opts.log_unknown("options")
+    for field, option in wire.OPTION_OF_SAMPLING.items():
+        v = getattr(opts, option)
+        if v is None or (field == "seed" and v < 0):
+            continue  # a negative seed is random
+        # A negative num_predict (Ollama's -1 and -2) is "no limit": until a
+        # stop or the context is full, whatever the server's default.
+        setattr(s, field, max(v, -1) if field == "max_tokens" else v)
+    s.stop.extend(opts.stops())
     return s
 
 
-def parse_format(v: Any) -> OutputFormat:
-    if v is None or v == "":
-        return OutputFormat()
+def output_format(v: Union[str, dict, None]) -> pb.OutputFormat:
+    if not v:
+        return pb.OutputFormat()
     if v == "json":
-        return OutputFormat("json")
-    if isinstance(v, dict):
-        return OutputFormat("json_schema", v)
-    raise bad_request('format must be "json" or a JSON schema object', param="format")
+        return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON)
+    return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA, json_schema=jsonutil.dumps(v))
 
 
-def _common(b: Body, req: pb.GenerateRequest) -> tuple[bool, Optional[float]]:
+def _common(r: Union[wire.GenerateRequest, wire.ChatRequest], req: pb.GenerateRequest) -> tuple[bool, Optional[float]]:
     """Fields /api/generate and /api/chat share; fills req, returns (stream, keep_alive)."""
-    req.sampling.CopyFrom(parse_options(b.obj("options")).to_pb())
-    req.format.CopyFrom(parse_format(b.raw("format")).to_pb())
-    stream = b.bool("stream", True)
-    keep_alive = parse_keep_alive(b.raw("keep_alive"))
-    ka = keep_alive_to_pb(keep_alive)
+    req.sampling.CopyFrom(sampling(r.options))
+    req.format.CopyFrom(output_format(r.format))
+    ka = duration(r.keep_alive)
     if ka is not None:
         req.keep_alive.CopyFrom(ka)
-    req.logprobs = bool(b.bool("logprobs", False))
-    req.top_logprobs = b.int("top_logprobs", 0, lo=0, hi=20) or 0
-    think = parse_think(b.raw("think"))
+    req.logprobs = bool(r.logprobs)
+    req.top_logprobs = r.top_logprobs or 0
+    think = parse_think(r.think)
     if think is not None:
         req.think = think
     # Ollama's default: a prompt too long for the context loses its oldest
     # messages (or its start); "truncate": false asks for a 400 instead.
-    req.truncate = bool(b.bool("truncate", True))
-    return bool(stream), keep_alive
-
-
-THINK_LEVELS = ("low", "medium", "high")
-
-
-def parse_think(v: Any) -> Optional[bool]:
-    """Ollama's think: a boolean, or a level (newer Ollama) that means true here."""
-    if v is None or isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v in THINK_LEVELS:
-        return True
-    raise bad_request('think must be a boolean or one of "low", "medium", "high"', param="think")
+    req.truncate = r.truncate is not False
+    return r.stream is not False, r.keep_alive
 
 
 @dataclass
@@ -181,95 +108,58 @@ class Parsed:
 
 
 def generate_request(data: dict[str, Any]) -> Parsed:
-    b = Body(data)
-    model = require_model(b)
-    prompt = b.str("prompt", "") or ""
-    template = b.str("template", "") or ""
-    raw = bool(b.bool("raw", False))
-    if template and not raw:
+    r = parse(wire.GenerateRequest, data, "/api/generate")
+    raw = bool(r.raw)
+    if r.template and not raw:
         raise bad_request(
             "template: custom prompt templates are not supported (models use their own chat template); "
             "send raw=true with a fully formatted prompt instead",
             param="template",
         )
-    p = Prompt(
-        prompt=prompt,
-        suffix=b.str("suffix", "") or "",
-        system=b.str("system", "") or "",
-        raw=raw,
-        images=b64_images(b.list("images"), "images"),
-    )
-    req = pb.GenerateRequest(model=model)
-    req.prompt.CopyFrom(p.to_pb())
-    stream, keep_alive = _common(b, req)
-    b.ignore("context")
-    b.log_unknown("/api/generate")
-    return Parsed(model, req, stream, keep_alive, load_only=not prompt)
+    req = pb.GenerateRequest(model=r.model)
+    req.prompt.SetInParent()
+    p = req.prompt
+    p.prompt, p.suffix, p.system, p.raw = r.prompt or "", r.suffix or "", r.system or "", raw
+    p.images.extend(r.images or ())
+    stream, keep_alive = _common(r, req)
+    return Parsed(r.model, req, stream, keep_alive, load_only=not r.prompt)
 
 
-_ROLES = ("system", "user", "assistant", "tool")
-
-
-def parse_message(v: Any, name: str) -> Message:
-    m = item(v, name)
-    role = m.str("role", required=True)
-    if role not in _ROLES:
-        raise bad_request(f"{m.name('role')} must be one of {', '.join(_ROLES)}, got {role!r}", param=m.name("role"))
-    calls: list[ToolCall] = []
-    for j, c in enumerate(m.list("tool_calls") or []):
-        tc = item(c, f"{name}.tool_calls[{j}]")
-        fn = tc.obj("function")
-        if fn is None:
-            raise bad_request(f"{tc.name('function')} is required", param=tc.name("function"))
-        calls.append(
-            ToolCall(
-                name=fn.str("name", required=True) or "",
-                arguments=parse_arguments(fn.raw("arguments"), fn.name("arguments")),
-                id=tc.str("id", "") or "",
-                index=fn.int("index", j) or 0,
+def message_pb(m: wire.Message) -> pb.ChatMessage:
+    return pb.ChatMessage(
+        role=_ROLE[m.role],
+        content=m.content or "",
+        images=m.images or (),
+        tool_calls=[
+            pb.ToolCall(
+                id=c.id or "",
+                name=c.function.name,
+                arguments_json=jsonutil.dumps(c.function.arguments or {}),
+                index=j if c.function.index is None else c.function.index,
             )
-        )
-    msg = Message(
-        role=role,  # type: ignore[arg-type]
-        content=m.str("content", "") or "",
-        images=b64_images(m.list("images"), m.name("images")),
-        tool_calls=calls,
-        tool_name=m.str("tool_name", "") or "",
-        thinking=m.str("thinking", "") or "",
+            for j, c in enumerate(m.tool_calls or ())
+        ],
+        tool_name=m.tool_name or "",
+        thinking=m.thinking or "",
     )
-    m.log_unknown("/api/chat")
-    return msg
 
 
 def chat_request(data: dict[str, Any]) -> Parsed:
-    b = Body(data)
-    model = require_model(b)
-    raw_msgs = b.list("messages") or []
-    messages = [parse_message(v, f"messages[{i}]") for i, v in enumerate(raw_msgs)]
-    tools = parse_tools(b.list("tools"))
-    req = pb.GenerateRequest(model=model, tools=[t.to_pb() for t in tools])
-    req.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in messages]))
-    stream, keep_alive = _common(b, req)
-    b.ignore("template")
-    b.log_unknown("/api/chat")
-    return Parsed(model, req, stream, keep_alive, load_only=not messages)
+    r = parse(wire.ChatRequest, data, "/api/chat")
+    req = pb.GenerateRequest(model=r.model, tools=tools_pb(r.tools))
+    req.chat.SetInParent()
+    req.chat.messages.extend(message_pb(m) for m in r.messages or ())
+    stream, keep_alive = _common(r, req)
+    return Parsed(r.model, req, stream, keep_alive, load_only=not r.messages)
 
 
 # ---------------------------------------------------------------- responses
 
-_DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop", "cancelled": "stop"}
 
-
-def check_done(done: Done) -> None:
-    """A Done that reports a failure becomes an error answer."""
-    if done.finish_reason == "error":
-        raise ApiError(500, done.error_message or "generation failed")
-
-
-def done_fields(done: Done) -> dict[str, Any]:
+def done_fields(done: pb.Done) -> dict[str, Any]:
     return {
         "done": True,
-        "done_reason": _DONE_REASON.get(done.finish_reason, "stop"),
+        "done_reason": wire.DONE_REASON.get(finish_of(done), "stop"),
         "total_duration": done.total_duration_ns,
         "load_duration": done.load_duration_ns,
         "prompt_eval_count": done.prompt_tokens,
@@ -280,58 +170,62 @@ def done_fields(done: Done) -> dict[str, Any]:
     }
 
 
-def logprobs_json(lps: list[TokenLogprob]) -> list[dict[str, Any]]:
+def logprobs_json(lps: Iterable[pb.TokenLogprob]) -> list[wire.Logprob]:
     return [
         {
             "token": lp.token,
             "logprob": lp.logprob,
             "bytes": list(lp.token.encode()),
-            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())} for t in lp.top],
+            "top_logprobs": [
+                {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())} for t in lp.top_logprobs
+            ],
         }
         for lp in lps
     ]
 
 
-def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    out = []
+def tool_calls_json(calls: Iterable[pb.ToolCall]) -> list[wire.ResponseToolCall]:
+    out: list[wire.ResponseToolCall] = []
     for c in calls:
-        d: dict[str, Any] = {"function": {"index": c.index, "name": c.name, "arguments": c.arguments}}
+        d: wire.ResponseToolCall = {
+            "function": {"index": c.index, "name": c.name, "arguments": produced_arguments(c.arguments_json)}
+        }
         if c.id:
             d["id"] = c.id
         out.append(d)
     return out
 
 
-def generate_chunk(model: str, ch: Chunk) -> dict[str, Any]:
-    d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "response": ch.text}
+def generate_chunk(model: str, ch: pb.Chunk) -> wire.GenerateResponse:
+    d: wire.GenerateResponse = {"model": model, "created_at": rfc3339(), "response": ch.text, "done": False}
     if ch.thinking:
         d["thinking"] = ch.thinking
-    d["done"] = False
     if ch.logprobs:
         d["logprobs"] = logprobs_json(ch.logprobs)
     return d
 
 
 def generate_final(
-    model: str, done: Done, text: str = "", logprobs: Optional[list] = None, thinking: str = ""
-) -> dict[str, Any]:
+    model: str, done: pb.Done, text: str = "", logprobs: Iterable[pb.TokenLogprob] = (), thinking: str = ""
+) -> wire.GenerateResponse:
     check_done(done)
     d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "response": text}
     if thinking:
         d["thinking"] = thinking
     d.update(done_fields(done))
-    if logprobs:
-        d["logprobs"] = logprobs_json(logprobs)
-    return d
+    lps = logprobs_json(logprobs)
+    if lps:
+        d["logprobs"] = lps
+    return d  # type: ignore[return-value]
 
 
-def chat_chunk(model: str, ch: Chunk) -> dict[str, Any]:
-    msg: dict[str, Any] = {"role": "assistant", "content": ch.text}
+def chat_chunk(model: str, ch: pb.Chunk) -> wire.ChatResponse:
+    msg: wire.ResponseMessage = {"role": "assistant", "content": ch.text}
     if ch.thinking:
         msg["thinking"] = ch.thinking
     if ch.tool_calls:
         msg["tool_calls"] = tool_calls_json(ch.tool_calls)
-    d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "message": msg, "done": False}
+    d: wire.ChatResponse = {"model": model, "created_at": rfc3339(), "message": msg, "done": False}
     if ch.logprobs:
         d["logprobs"] = logprobs_json(ch.logprobs)
     return d
@@ -339,23 +233,25 @@ def chat_chunk(model: str, ch: Chunk) -> dict[str, Any]:
 
 def chat_final(
     model: str,
-    done: Done,
+    done: pb.Done,
     text: str = "",
-    tool_calls: Optional[list[ToolCall]] = None,
-    logprobs: Optional[list] = None,
+    tool_calls: Iterable[pb.ToolCall] = (),
+    logprobs: Iterable[pb.TokenLogprob] = (),
     thinking: str = "",
-) -> dict[str, Any]:
+) -> wire.ChatResponse:
     check_done(done)
-    msg: dict[str, Any] = {"role": "assistant", "content": text}
+    msg: wire.ResponseMessage = {"role": "assistant", "content": text}
     if thinking:
         msg["thinking"] = thinking
-    if tool_calls:
-        msg["tool_calls"] = tool_calls_json(tool_calls)
+    calls = tool_calls_json(tool_calls)
+    if calls:
+        msg["tool_calls"] = calls
     d: dict[str, Any] = {"model": model, "created_at": rfc3339(), "message": msg}
     d.update(done_fields(done))
-    if logprobs:
-        d["logprobs"] = logprobs_json(logprobs)
-    return d
+    lps = logprobs_json(logprobs)
+    if lps:
+        d["logprobs"] = lps
+    return d  # type: ignore[return-value]
 
 
 def load_answer(model: str, chat: bool, unloaded: bool) -> dict[str, Any]:
@@ -375,52 +271,31 @@ def load_answer(model: str, chat: bool, unloaded: bool) -> dict[str, Any]:
 @dataclass
 class ParsedEmbed:
     model: str
-    req: EmbedRequest
+    req: pb.EmbedRequest
     keep_alive: Optional[float]
 
 
+def _embed_pb(model: str, inputs: list[str], keep_alive: Optional[float], **kw: Any) -> pb.EmbedRequest:
+    req = pb.EmbedRequest(model=model, input=inputs, **kw)
+    ka = duration(keep_alive)
+    if ka is not None:
+        req.keep_alive.CopyFrom(ka)
+    return req
+
+
 def embed_request(data: dict[str, Any]) -> ParsedEmbed:
-    b = Body(data)
-    model = require_model(b)
-    v = b.raw("input")
-    if v is None:
-        inputs: list[str] = []
-    elif isinstance(v, str):
-        inputs = [v]
-    elif isinstance(v, list) and all(isinstance(s, str) for s in v):
-        inputs = list(v)
-    else:
-        raise bad_request("input must be a string or an array of strings", param="input")
-    keep_alive = parse_keep_alive(b.raw("keep_alive"))
-    opts = b.obj("options")
-    if opts is not None:
-        parse_options(opts)  # type-checked; embeddings take no sampling options
-    req = EmbedRequest(
-        model=model,
-        inputs=inputs,
-        truncate=bool(b.bool("truncate", True)),
-        dimensions=b.int("dimensions", 0, lo=0) or 0,
-        keep_alive=keep_alive,
-    )
-    b.log_unknown("/api/embed")
-    return ParsedEmbed(model, req, keep_alive)
+    r = parse(wire.EmbedRequest, data, "/api/embed")
+    req = _embed_pb(r.model, r.inputs(), r.keep_alive, truncate=r.truncate is not False, dimensions=r.dimensions or 0)
+    return ParsedEmbed(r.model, req, r.keep_alive)
 
 
 def legacy_embeddings_request(data: dict[str, Any]) -> ParsedEmbed:
-    b = Body(data)
-    model = require_model(b)
-    prompt = b.str("prompt", "") or ""
-    keep_alive = parse_keep_alive(b.raw("keep_alive"))
-    opts = b.obj("options")
-    if opts is not None:
-        parse_options(opts)
-    b.log_unknown("/api/embeddings")
-    return ParsedEmbed(
-        model, EmbedRequest(model=model, inputs=[prompt] if prompt else [], keep_alive=keep_alive), keep_alive
-    )
+    r = parse(wire.EmbeddingsRequest, data, "/api/embeddings")
+    req = _embed_pb(r.model, [r.prompt] if r.prompt else [], r.keep_alive, truncate=True)
+    return ParsedEmbed(r.model, req, r.keep_alive)
 
 
-def embed_response(model: str, res: pb.EmbedResponse) -> dict[str, Any]:
+def embed_response(model: str, res: pb.EmbedResponse) -> wire.EmbedResponse:
     return {
         "model": model,
         "embeddings": [list(e.values) for e in res.embeddings],
@@ -433,7 +308,7 @@ def embed_response(model: str, res: pb.EmbedResponse) -> dict[str, Any]:
 # ---------------------------------------------------------------- models
 
 
-def details_json(d: Any) -> dict[str, Any]:
+def details_json(d: pb.ModelDetails) -> wire.Details:
     return {
         "parent_model": "",
         "format": d.format or "mlx",
@@ -444,62 +319,62 @@ def details_json(d: Any) -> dict[str, Any]:
     }
 
 
-def _time(dt: Optional[datetime]) -> str:
-    return rfc3339(dt or datetime.now(timezone.utc))
-
-
-def tags_response(res: pb.ListModelsResponse) -> dict[str, Any]:
-    models = []
-    for m in res.models:
-        info = ModelInfo.from_pb(m)
-        models.append(
+def tags_response(res: pb.ListModelsResponse) -> wire.TagsResponse:
+    """Names carry a tag (``tiny-llama:latest``), as Ollama lists them (mlxgate.names)."""
+    return {
+        "models": [
             {
-                "name": info.name,
-                "model": info.name,
-                "modified_at": _time(info.modified_at),
-                "size": info.size_bytes,
-                "digest": info.digest,
-                "details": details_json(info.details),
-                "backend": info.backend,
+                "name": tagged(m.name),
+                "model": tagged(m.name),
+                "modified_at": time_of(m, "modified_at"),
+                "size": m.size_bytes,
+                "digest": m.digest,
+                "details": details_json(m.details),
+                "backend": m.backend,
             }
-        )
-    return {"models": models}
+            for m in res.models
+        ]
+    }
 
 
 def show_request(data: dict[str, Any]) -> str:
-    b = Body(data)
-    model = b.str("model", "") or b.str("name", "") or ""
+    r = parse(wire.ShowRequest, data, "/api/show")
+    model = r.model or r.name or ""
     if not model:
         raise bad_request("model is required", param="model")
-    b.ignore("verbose", "system", "template", "options")
-    b.log_unknown("/api/show")
     return model
 
 
-def _modelfile(show: ModelShow) -> str:
+def _config(res: pb.ShowModelResponse) -> dict[str, Any]:
+    try:
+        return jsonutil.loads_object(res.config_json, "config_json")
+    except jsonutil.JSONError:
+        return {}
+
+
+def _modelfile(res: pb.ShowModelResponse) -> str:
     lines = [
         "# Modelfile generated by mlxgate (informational: models are not built from Modelfiles here)",
-        f"FROM {show.info.name}",
+        f"FROM {tagged(res.model.name)}",
     ]
-    if show.chat_template:
-        lines.append(f'TEMPLATE """{show.chat_template}"""')
-    if show.context_length:
-        lines.append(f"PARAMETER num_ctx {show.context_length}")
-    if show.license:
-        lines.append(f'LICENSE """{show.license}"""')
+    if res.chat_template:
+        lines.append(f'TEMPLATE """{res.chat_template}"""')
+    if res.context_length:
+        lines.append(f"PARAMETER num_ctx {res.context_length}")
+    if res.license:
+        lines.append(f'LICENSE """{res.license}"""')
     return "\n".join(lines) + "\n"
 
 
-def _model_info(show: ModelShow) -> dict[str, Any]:
-    cfg = show.config or {}
-    arch = show.info.details.family or str(cfg.get("model_type", "")) or "unknown"
+def _model_info(res: pb.ShowModelResponse, cfg: dict[str, Any]) -> dict[str, Any]:
+    arch = res.model.details.family or str(cfg.get("model_type", "")) or "unknown"
     info: dict[str, Any] = {
         "general.architecture": arch,
-        "general.basename": show.info.name,
-        "general.parameter_count": show.info.details.parameter_count,
+        "general.basename": res.model.name,
+        "general.parameter_count": res.model.details.parameter_count,
     }
     keys = {
-        "context_length": show.context_length or cfg.get("max_position_embeddings"),
+        "context_length": res.context_length or cfg.get("max_position_embeddings"),
         "embedding_length": cfg.get("hidden_size"),
         "block_count": cfg.get("num_hidden_layers"),
         "feed_forward_length": cfg.get("intermediate_size"),
@@ -514,21 +389,21 @@ def _model_info(show: ModelShow) -> dict[str, Any]:
     return info
 
 
-def show_response(res: pb.ShowModelResponse) -> dict[str, Any]:
-    show = ModelShow.from_pb(res)
-    params = []
-    if show.context_length:
-        params.append(f"num_ctx {show.context_length}")
+_CAPABILITIES = {v: k.removeprefix("CAPABILITY_").lower() for k, v in pb.Capability.items() if v}
+
+
+def show_response(res: pb.ShowModelResponse) -> wire.ShowResponse:
+    params = [f"num_ctx {res.context_length}"] if res.context_length else []
     return {
-        "license": show.license,
-        "modelfile": _modelfile(show),
+        "license": res.license,
+        "modelfile": _modelfile(res),
         "parameters": "\n".join(params),
-        "template": show.chat_template,
-        "details": details_json(show.info.details),
-        "model_info": _model_info(show),
-        "capabilities": show.capabilities,
-        "modified_at": _time(show.info.modified_at),
-        "backend": show.info.backend,
+        "template": res.chat_template,
+        "details": details_json(res.model.details),
+        "model_info": _model_info(res, _config(res)),
+        "capabilities": [_CAPABILITIES[c] for c in res.capabilities if c in _CAPABILITIES],
+        "modified_at": time_of(res.model, "modified_at"),
+        "backend": res.model.backend,
     }
 
 
@@ -536,23 +411,25 @@ def show_response(res: pb.ShowModelResponse) -> dict[str, Any]:
 _FOREVER = timedelta(days=365 * 290)
 
 
-def ps_response(res: pb.ListRunningResponse) -> dict[str, Any]:
-    models = []
+def ps_response(res: pb.ListRunningResponse) -> wire.PsResponse:
+    models: list[wire.RunningModel] = []
     for m in res.models:
-        r = RunningModel.from_pb(m)
-        expires = r.expires_at or (datetime.now(timezone.utc) + _FOREVER)
+        if m.HasField("expires_at"):
+            expires = time_of(m, "expires_at")
+        else:
+            expires = rfc3339(datetime.now(timezone.utc) + _FOREVER)
         models.append(
             {
-                "name": r.name,
-                "model": r.name,
-                "size": r.size_bytes,
+                "name": tagged(m.name),
+                "model": tagged(m.name),
+                "size": m.size_bytes,
                 "digest": "",
-                "details": details_json(r.details),
-                "expires_at": rfc3339(expires),
+                "details": details_json(m.details),
+                "expires_at": expires,
                 # Unified memory (Apple Silicon): the whole model counts as accelerator memory.
-                "size_vram": r.size_bytes,
-                "context_length": r.context_length,
-                "backend": r.backend,
+                "size_vram": m.size_bytes,
+                "context_length": m.context_length,
+                "backend": m.backend,
             }
         )
     return {"models": models}

@@ -13,14 +13,18 @@ from typing import Any
 
 from aiohttp import web
 
-from backends.types import Done
 from gateway.client import GenerateStream
-from gateway.common import Collected, collect
+from gateway.common import Collected, check_done, collect, is_done
 from gateway.errors import ApiError, openai_body
 from gateway.fields import read_json
 from gateway.openai import translate as tr
+from gateway.render import json_response
+from gateway.routing import Route
+from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, backend_header, client, request_id
 from gateway.streaming import SSE, SSE_DONE, merge, open_stream, pump, sse_frame
+from mlxgate.dialects import openai as wire
+from mlxgate.names import same_model
 
 
 def _error_frame(err: ApiError) -> bytes:
@@ -46,8 +50,8 @@ async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResp
     try:
         firsts = await _start_all(streams)
         for f in firsts:
-            if isinstance(f, Done):
-                tr.finish_reason(f, False)  # raises for a failure before any token
+            if is_done(f):
+                check_done(f.done)  # a failure before any token is a plain HTTP error
         if p.stream:
             # Fallback happens only before the first event, so its backend is final.
             resp = await open_stream(request, SSE, backend_header(firsts[0]))
@@ -64,7 +68,7 @@ async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResp
 
         results: list[Collected] = [collect(evs) for evs in await asyncio.gather(*(s.collect() for s in streams))]
         body = tr.chat_completion(p, results) if chat else tr.completion(p, results)
-        return web.json_response(body, headers={BACKEND_HEADER: results[0].done.backend})
+        return json_response(body, headers={BACKEND_HEADER: results[0].done.backend})
     finally:
         for s in streams:
             s.cancel()
@@ -81,33 +85,41 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.Response:
     p = tr.embeddings_request(await read_json(request))
     res = await client(request).embed(p.req, request_id(request))
-    return web.json_response(tr.embeddings_response(p, res), headers={BACKEND_HEADER: res.backend})
+    return json_response(tr.embeddings_response(p, res), headers={BACKEND_HEADER: res.backend})
 
 
 async def list_models(request: web.Request) -> web.Response:
     res = await client(request).list_models(request_id(request))
-    return web.json_response(tr.models_response(res))
+    return json_response(tr.models_response(res))
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
+    """The listed model of that id; ``x:latest`` (an Ollama-style name) finds
+    ``x`` and is echoed as asked, as every answer echoes the requested name."""
     name = request.match_info["model"]
     res = await client(request).list_models(request_id(request))
-    for m in res.models:
-        if m.name == name:
-            return web.json_response(tr.model_json(m))
+    match = next((m for m in res.models if m.name == name), None) or next(
+        (m for m in res.models if same_model(m.name, name)), None)
+    if match is not None:
+        return json_response({**tr.model_json(match), "id": name})
     raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
 
 
-#: (method, path, handler) for every OpenAI route; openapi.py documents the same set.
-ROUTES: list[tuple[str, str, Any]] = [
-    ("POST", "/v1/chat/completions", chat_completions),
-    ("POST", "/v1/completions", completions),
-    ("POST", "/v1/embeddings", embeddings),
-    ("GET", "/v1/models", list_models),
-    ("GET", "/v1/models/{model:.+}", retrieve_model),
+_STREAMED = "one JSON object, or with stream=true server-sent events: data: <chunk>, then data: [DONE]"
+
+#: Every OpenAI route: the app registers them, /openapi.json documents them.
+ROUTES: list[Route] = [
+    Route("POST", "/v1/chat/completions", chat_completions, "Create a chat completion",
+          body=wire.ChatCompletionRequest, answer=wire.ChatCompletion, stream="sse",
+          stream_item=wire.ChatCompletionChunk, description=_STREAMED),
+    Route("POST", "/v1/completions", completions, "Create a completion", body=wire.CompletionRequest,
+          answer=wire.Completion, stream="sse", stream_item=wire.Completion, description=_STREAMED),
+    Route("POST", "/v1/embeddings", embeddings, "Create embeddings", body=wire.EmbeddingsRequest,
+          answer=wire.EmbeddingList),
+    Route("GET", "/v1/models", list_models, "List models", answer=wire.ModelList),
+    Route("GET", "/v1/models/{model:.+}", retrieve_model, "Retrieve a model", answer=wire.Model),
 ]
 
 
 def add_routes(app: web.Application) -> None:
-    for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+    _add(app, ROUTES)

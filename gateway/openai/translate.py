@@ -1,86 +1,42 @@
 """OpenAI REST <-> proto.  Requests in, responses out; no I/O here.
 
-Shapes follow the OpenAI API reference; the official ``openai`` package is the
-judge in tests.  Deliberate choices:
+The wire format is declared once, in ``mlxgate/dialects/openai.py`` (request
+models, response shapes, roles, finish reasons); this module maps it onto the
+contract: a parsed request becomes ``pb.GenerateRequest``s (one per prompt
+and choice) or a ``pb.EmbedRequest``, and ``pb.Chunk`` / ``pb.Done`` events
+become the dialect's response dicts.  The contract's limits are checked by
+the inference service; what is checked here is OpenAI's own rules (ranges,
+``n``, ``tool_choice`` against ``tools``, data: URLs...).
 
-- ``tool_choice``: "none" drops the tools; "auto" passes them; "required"
-  passes them and forces a call (ToolChoice REQUIRED); a named function keeps
-  only that tool and forces a call to it (ToolChoice FUNCTION).  Forcing is
-  the backend's: the MLX engine does it with a grammar (one call) for tool-call
-  formats it knows and refuses otherwise (400).  Forcing plus a JSON
-  ``response_format`` is 400.
-- ``n`` > 1 runs n generations concurrently; with a ``seed``, choice i uses
-  seed + i so the choices differ yet stay reproducible.
-- ``/v1/completions`` sends the prompt raw (no chat template), as OpenAI's
-  legacy completions do; ``echo`` and ``best_of`` other than n are 400.
-- Token-array inputs (completions prompt, embeddings input) are 400: send text.
-- Extensions accepted beyond OpenAI's fields: ``top_k``, ``min_p``,
-  ``repeat_penalty``.
-- Reasoning models: the reasoning comes back as ``reasoning_content`` beside
-  ``content`` (message and stream deltas; DeepSeek's and vLLM's convention),
-  present only when there is some.  ``reasoning_effort`` "minimal", "low",
-  "medium" or "high" asks for thinking (the level itself is not honoured),
-  "none" for none; absent leaves it to the model.  Assistant messages may
-  carry ``reasoning_content`` back.  Fields without meaning here (``user``, ``logit_bias``,
-  ``store``, ``metadata``, ``parallel_tool_calls``, ...) are ignored.
-- The last chunk of a stream carries an extra ``backend`` field (the
-  backend that answered); non-streaming answers carry it in the
-  ``x-mlxgate-backend`` header and the ``system_fingerprint``.
+Deliberate choices (gateway/README.md lists them all): embeddings ``input``
+may be token ids — the model's own tokenizer's, taken for models this server
+runs (MLX) and refused (400) for a model only an upstream serves; token-array
+*prompts* on /v1/completions are 400.  A tool call an upstream cut short comes
+with finish reason "length", never "tool_calls", so a client never runs a call
+whose arguments were truncated.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
 
-from backends.types import (
-    Chunk,
-    Done,
-    Message,
-    OutputFormat,
-    Prompt,
-    Sampling,
-    TokenLogprob,
-    Tool,
-    ToolCall,
-    ToolChoice,
-)
-from gateway.common import Collected, parse_arguments, parse_tools
-from gateway.errors import ApiError, bad_request
-from gateway.fields import INT64_MAX, INT64_MIN, Body, item
+from gateway.common import Collected, check_done, finish_of, parse, tools_pb
+from gateway.errors import bad_request
+from mlxgate import jsonutil, limits
+from mlxgate.dialects import openai as wire
+from mlxgate.dialects.base import Tool
 from mlxgate.v1 import inference_pb2 as pb
 
-_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
+#: Generations one request may start (n, times the prompts of /v1/completions).
+MAX_CHOICES = limits.MAX_CHOICES
 
-#: Fields OpenAI defines that have no meaning here; accepted and ignored.
-_IGNORED = (
-    "user",
-    "logit_bias",
-    "store",
-    "metadata",
-    "parallel_tool_calls",
-    "service_tier",
-    "modalities",
-    "audio",
-    "prediction",
-    "verbosity",
-    "web_search_options",
-    "prompt_cache_key",
-    "safety_identifier",
-    "functions",
-    "function_call",
-)
-
-
-#: Generations one request may start (n, times the prompts of /v1/completions):
-#: one caller must not fill the engine's whole queue.
-MAX_CHOICES = 128
+_ROLE = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
 
 
 def new_id(prefix: str) -> str:
@@ -94,18 +50,15 @@ def fingerprint(backend: str) -> str:
 # ---------------------------------------------------------------- shared request parts
 
 
-def _sampling(b: Body) -> Sampling:
-    s = Sampling(
-        temperature=b.float("temperature", lo=0, hi=2),
-        top_p=b.float("top_p", lo=0, hi=1),
-        presence_penalty=b.float("presence_penalty", lo=-2, hi=2),
-        frequency_penalty=b.float("frequency_penalty", lo=-2, hi=2),
-        seed=b.int("seed", lo=INT64_MIN, hi=INT64_MAX),
-        top_k=b.int("top_k", lo=0),
-        min_p=b.float("min_p", lo=0, hi=1),
-        repeat_penalty=b.float("repeat_penalty", lo=0),
-    )
-    s.stop = b.str_or_list("stop") or []
+def sampling(r: wire._Sampling, max_tokens: Optional[int]) -> pb.SamplingParams:
+    s = pb.SamplingParams(stop=r.stops())
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
+                 "repeat_penalty"):
+        v = getattr(r, name)
+        if v is not None:
+            setattr(s, name, v)
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
     return s
 
 
@@ -120,7 +73,6 @@ class Parsed:
     include_usage: bool
     seed: Optional[int]
     logprobs: int = -1  # completions: top logprobs asked for; -1 = none
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def requests(self) -> list[pb.GenerateRequest]:
         """prompt-major: choice index = prompt_index * n + i."""
@@ -135,11 +87,8 @@ class Parsed:
         return out
 
 
-def _stream_flags(b: Body) -> tuple[bool, bool]:
-    stream = bool(b.bool("stream", False))
-    so = b.obj("stream_options")
-    include_usage = bool(so.bool("include_usage", False)) if so is not None else False
-    return stream, include_usage
+def _include_usage(r: wire._Sampling) -> bool:
+    return bool(r.stream_options is not None and r.stream_options.include_usage)
 
 
 # ---------------------------------------------------------------- chat
@@ -160,249 +109,170 @@ def _data_url(url: str, name: str) -> bytes:
         raise bad_request(f"{name}: invalid base64 in data: URL", param=name) from None
 
 
-def _content(v: Any, name: str, allow_images: bool) -> tuple[str, list[bytes]]:
-    if v is None:
+def _content(m: wire.ChatMessage, name: str) -> tuple[str, list[bytes]]:
+    if m.content is None:
         return "", []
-    if isinstance(v, str):
-        return v, []
-    if not isinstance(v, list):
-        raise bad_request(f"{name} must be a string or an array of content parts", param=name)
+    if isinstance(m.content, str):
+        return m.content, []
     texts: list[str] = []
     images: list[bytes] = []
-    for i, part in enumerate(v):
+    for i, part in enumerate(m.content):
         pname = f"{name}[{i}]"
-        p = item(part, pname)
-        kind = p.str("type", required=True)
-        if kind == "text":
-            texts.append(p.str("text", "") or "")
-        elif kind == "image_url" and allow_images:
-            iu = p.raw("image_url")
-            url = iu.get("url") if isinstance(iu, dict) else iu
-            if not isinstance(url, str):
-                raise bad_request(f"{pname}.image_url.url must be a string", param=f"{pname}.image_url")
-            images.append(_data_url(url, f"{pname}.image_url.url"))
-        elif kind == "refusal":
-            texts.append(p.str("refusal", "") or "")
+        if isinstance(part, wire.TextPart):
+            texts.append(part.text)
+        elif isinstance(part, wire.RefusalPart):
+            texts.append(part.refusal)
+        elif m.role == "user":
+            images.append(_data_url(part.url, f"{pname}.image_url.url"))
         else:
-            raise bad_request(f"{pname}.type {kind!r} is not supported here", param=f"{pname}.type")
+            raise bad_request(f"{pname}.type {part.type!r} is not supported here", param=f"{pname}.type")
     return "".join(texts), images
 
 
-_ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-
-
-def parse_messages(values: list[Any]) -> list[Message]:
-    out: list[Message] = []
+def messages_pb(messages: list[wire.ChatMessage]) -> list[pb.ChatMessage]:
+    out: list[pb.ChatMessage] = []
     names_by_id: dict[str, str] = {}
-    for i, v in enumerate(values):
-        name = f"messages[{i}]"
-        m = item(v, name)
-        role_raw = m.str("role", required=True)
-        role = _ROLE_MAP.get(role_raw or "")
-        if role is None:
-            raise bad_request(
-                f"{name}.role must be one of system, developer, user, assistant, tool; got {role_raw!r}",
-                param=f"{name}.role",
-            )
-        text, images = _content(m.raw("content"), f"{name}.content", allow_images=role == "user")
-        calls: list[ToolCall] = []
-        for j, c in enumerate(m.list("tool_calls") or []):
-            tc = item(c, f"{name}.tool_calls[{j}]")
-            fn = tc.obj("function")
-            if fn is None:
-                raise bad_request(f"{tc.name('function')} is required", param=tc.name("function"))
-            call = ToolCall(
-                name=fn.str("name", required=True) or "",
-                arguments=parse_arguments(fn.raw("arguments"), fn.name("arguments")),
-                id=tc.str("id", "") or "",
-                index=j,
+    for i, m in enumerate(messages):
+        text, images = _content(m, f"messages[{i}].content")
+        calls = []
+        for j, c in enumerate(m.tool_calls or ()):
+            call = pb.ToolCall(
+                id=c.id or "", name=c.function.name, arguments_json=jsonutil.dumps(c.function.arguments or {}), index=j
             )
             if call.id:
                 names_by_id[call.id] = call.name
             calls.append(call)
-        tool_call_id = m.str("tool_call_id", "") or ""
-        thinking = m.str("reasoning_content", "") or ""
-        m.ignore("name", "refusal", "audio", "function_call")
+        tool_call_id = m.tool_call_id or ""
         out.append(
-            Message(
-                role=role,  # type: ignore[arg-type]
+            pb.ChatMessage(
+                role=_ROLE[wire.ROLES[m.role]],
                 content=text,
                 images=images,
                 tool_calls=calls,
                 tool_call_id=tool_call_id,
                 tool_name=names_by_id.get(tool_call_id, ""),
-                thinking=thinking,
+                thinking=m.reasoning_content or "",
             )
         )
     return out
 
 
-def _response_format(b: Body) -> OutputFormat:
-    rf = b.obj("response_format")
-    if rf is None:
-        return OutputFormat()
-    kind = rf.str("type", required=True)
-    if kind == "text":
-        return OutputFormat()
-    if kind == "json_object":
-        return OutputFormat("json")
-    if kind == "json_schema":
-        js = rf.obj("json_schema")
-        if js is None:
-            raise bad_request("response_format.json_schema is required", param="response_format.json_schema")
-        schema = js.obj("schema")
-        js.ignore("name", "strict", "description")
-        return OutputFormat("json_schema", schema.data) if schema is not None else OutputFormat("json")
-    raise bad_request(
-        f"response_format.type must be text, json_object or json_schema; got {kind!r}",
-        param="response_format.type",
-    )
+def output_format(rf: Optional[wire.ResponseFormat]) -> pb.OutputFormat:
+    if rf is None or rf.type == "text":
+        return pb.OutputFormat()
+    if rf.type == "json_object":
+        return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON)
+    if rf.json_schema is None:
+        raise bad_request("response_format.json_schema is required", param="response_format.json_schema")
+    if rf.json_schema.schema_ is None:
+        return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON)
+    return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA, json_schema=jsonutil.dumps(rf.json_schema.schema_))
 
 
-def _tool_choice(b: Body, tools: list[Tool]) -> tuple[list[Tool], ToolChoice]:
+def _tool_choice(r: wire.ChatCompletionRequest) -> tuple[list[Tool], Optional[pb.ToolChoice]]:
     """The tools to send and whether a call is forced.
 
     "none" sends no tools; "auto" (or absent) sends them unforced; "required"
     forces a call to one of them; a named function keeps only that tool and
     forces a call to it.
     """
-    tc = b.raw("tool_choice")
+    tools = list(r.tools or ())
+    tc = r.tool_choice
     if tc is None or tc == "auto":
-        return tools, ToolChoice()
+        return tools, None
     if tc == "none":
-        return [], ToolChoice()
+        return [], None
     if tc == "required":
         if not tools:
             raise bad_request('tool_choice "required" needs tools', param="tool_choice")
-        return tools, ToolChoice("required")
-    if isinstance(tc, dict):
-        fn = tc.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or not name:
-            raise bad_request("tool_choice.function.name is required", param="tool_choice")
-        chosen = [t for t in tools if t.name == name]
-        if not chosen:
-            raise bad_request(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
-        return chosen, ToolChoice("function", name)
-    raise bad_request('tool_choice must be "none", "auto", "required" or a function', param="tool_choice")
+        return tools, pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
+    name = tc.function.name
+    chosen = [t for t in tools if t.function.name == name]
+    if not chosen:
+        raise bad_request(f"tool_choice names {limits.clip_name(name)!r}, which is not in tools", param="tool_choice")
+    return chosen, pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=name)
 
 
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high")
+def _describe(choice: pb.ToolChoice) -> str:
+    if choice.mode == pb.TOOL_CHOICE_FUNCTION:
+        return f"function {choice.function_name!r}"
+    return "'required'"
 
 
-def _think(b: Body) -> Optional[bool]:
-    effort = b.raw("reasoning_effort")
-    if effort is None:
-        return None
-    if effort not in REASONING_EFFORTS:
-        raise bad_request(
-            f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; got {effort!r}",
-            param="reasoning_effort",
-        )
-    return effort != "none"
+_FORMAT_NAMES = {pb.FORMAT_TYPE_JSON: "json", pb.FORMAT_TYPE_JSON_SCHEMA: "json_schema"}
 
 
 def chat_request(data: dict[str, Any]) -> Parsed:
-    b = Body(data)
-    model = b.str("model", required=True) or ""
-    raw_msgs = b.list("messages")
-    if not raw_msgs:
-        raise bad_request("messages is required and must be a non-empty array", param="messages")
-    messages = parse_messages(raw_msgs)
-    tools, choice = _tool_choice(b, parse_tools(b.list("tools")))
-    fmt = _response_format(b)
-    if choice.forced and fmt.kind != "text":
+    r = parse(wire.ChatCompletionRequest, data, "/v1/chat/completions")
+    messages = messages_pb(r.messages)
+    tools, choice = _tool_choice(r)
+    fmt = output_format(r.response_format)
+    if choice is not None and fmt.type != pb.FORMAT_TYPE_UNSPECIFIED:
         raise bad_request(
-            f"tool_choice {choice.describe()} cannot be combined with response_format {fmt.kind}",
+            f"tool_choice {_describe(choice)} cannot be combined with response_format {_FORMAT_NAMES[fmt.type]}",
             param="tool_choice",
         )
-    sampling = _sampling(b)
-    max_tokens = b.int("max_tokens", lo=1)
-    mct = b.int("max_completion_tokens", lo=1)
-    sampling.max_tokens = mct if mct is not None else max_tokens
-    n = b.int("n", 1, lo=1, hi=MAX_CHOICES) or 1
-    logprobs = bool(b.bool("logprobs", False))
-    top = b.int("top_logprobs", 0, lo=0, hi=20) or 0
-    if top and not logprobs:
+    top = r.top_logprobs or 0
+    if top and not r.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
-    stream, include_usage = _stream_flags(b)
+    max_tokens = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
     req = pb.GenerateRequest(
-        model=model,
-        tools=[t.to_pb() for t in tools],
-        sampling=sampling.to_pb(),
-        format=fmt.to_pb(),
-        logprobs=logprobs,
+        model=r.model,
+        tools=tools_pb(tools),
+        sampling=sampling(r, max_tokens),
+        format=fmt,
+        logprobs=bool(r.logprobs),
         top_logprobs=top,
     )
-    if choice.forced:
-        req.tool_choice.CopyFrom(choice.to_pb())
-    req.chat.CopyFrom(pb.ChatInput(messages=[m.to_pb() for m in messages]))
-    think = _think(b)
-    if think is not None:
-        req.think = think
-    b.ignore(*_IGNORED)
-    b.log_unknown("/v1/chat/completions")
-    return Parsed(model, [req], n, stream, include_usage, sampling.seed)
+    if choice is not None:
+        req.tool_choice.CopyFrom(choice)
+    req.chat.messages.extend(messages)
+    if r.reasoning_effort is not None:
+        req.think = r.reasoning_effort != "none"
+    return Parsed(r.model, [req], r.n or 1, bool(r.stream), _include_usage(r), r.seed)
 
 
 # ---------------------------------------------------------------- completions
 
 
-def _texts(b: Body, name: str) -> list[str]:
-    """A string or a non-empty list of strings (token arrays are refused)."""
-    v = b.raw(name)
-    if isinstance(v, str):
-        return [v]
-    if isinstance(v, list) and v and all(isinstance(s, str) for s in v):
-        return list(v)
-    if isinstance(v, list) and v and all(isinstance(s, (int, list)) for s in v):
-        raise bad_request(f"{name}: token arrays are not supported; send text", param=name)
-    if v is None:
-        raise bad_request(f"{name} is required", param=name)
-    raise bad_request(f"{name} must be a string or a non-empty array of strings", param=name)
-
-
 def completion_request(data: dict[str, Any]) -> Parsed:
-    b = Body(data)
-    model = b.str("model", required=True) or ""
-    prompts = _texts(b, "prompt")
-    if b.bool("echo", False):
+    r = parse(wire.CompletionRequest, data, "/v1/completions")
+    if r.echo:
         raise bad_request("echo is not supported", param="echo")
-    n = b.int("n", 1, lo=1, hi=MAX_CHOICES) or 1
-    best_of = b.int("best_of", lo=1)
-    if best_of is not None and best_of != n:
+    n = r.n or 1
+    if r.best_of is not None and r.best_of != n:
         raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
-    sampling = _sampling(b)
-    sampling.max_tokens = b.int("max_tokens", lo=1)
-    top = b.int("logprobs", lo=0, hi=5)
-    suffix = b.str("suffix", "") or ""
-    stream, include_usage = _stream_flags(b)
+    prompts = wire.texts(r.prompt)
+    if len(prompts) * n > MAX_CHOICES:
+        raise bad_request(
+            f"prompt × n asks for {len(prompts) * n} completions; at most {MAX_CHOICES} per request", param="n"
+        )
+    top = r.logprobs
     base = []
     for p in prompts:
-        r = pb.GenerateRequest(model=model, sampling=sampling.to_pb(), logprobs=top is not None, top_logprobs=top or 0)
-        r.prompt.CopyFrom(Prompt(prompt=p, suffix=suffix, raw=True).to_pb())
-        base.append(r)
-    if len(base) * n > MAX_CHOICES:
-        raise bad_request(
-            f"prompt × n asks for {len(base) * n} completions; at most {MAX_CHOICES} per request", param="n"
+        req = pb.GenerateRequest(
+            model=r.model, sampling=sampling(r, r.max_tokens), logprobs=top is not None, top_logprobs=top or 0
         )
-    b.ignore(*_IGNORED)
-    b.log_unknown("/v1/completions")
-    return Parsed(model, base, n, stream, include_usage, sampling.seed, logprobs=-1 if top is None else top)
+        req.prompt.CopyFrom(pb.PromptInput(prompt=p, suffix=r.suffix or "", raw=True))
+        base.append(req)
+    return Parsed(r.model, base, n, bool(r.stream), _include_usage(r), r.seed, logprobs=-1 if top is None else top)
 
 
 # ---------------------------------------------------------------- responses
 
 
-def finish_reason(done: Done, had_tool_calls: bool) -> str:
-    if done.finish_reason == "error":
-        raise ApiError(500, done.error_message or "generation failed")
-    if had_tool_calls:
+def finish_reason(done: pb.Done, had_tool_calls: bool) -> wire.FinishReason:
+    """"tool_calls" when the answer has calls, unless it was cut: a call an
+    upstream cut short comes with "length", as OpenAI marks it, so a client
+    never runs a call whose arguments were truncated."""
+    check_done(done)
+    reason = finish_of(done)
+    if had_tool_calls and reason != "length":
         return "tool_calls"
-    return _FINISH.get(done.finish_reason, "stop")
+    return wire.FINISH_REASON.get(reason, "stop")  # type: ignore[return-value]
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> wire.Usage:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -411,14 +281,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, 
     }
 
 
-def usage_of(dones: list[Done], n: int) -> dict[str, Any]:
+def usage_of(dones: list[pb.Done], n: int) -> wire.Usage:
     """Prompt tokens count once per prompt (every n-th Done), completions all."""
     prompt = sum(d.prompt_tokens for d in dones[::n])
     cached = sum(d.cached_prompt_tokens for d in dones[::n])
     return usage(prompt, sum(d.completion_tokens for d in dones), cached)
 
 
-def chat_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(lps: Iterable[pb.TokenLogprob]) -> wire.ChoiceLogprobs:
     return {
         "content": [
             {
@@ -426,7 +296,7 @@ def chat_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
                 "logprob": lp.logprob,
                 "bytes": list(lp.token.encode()),
                 "top_logprobs": [
-                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())} for t in lp.top
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())} for t in lp.top_logprobs
                 ],
             }
             for lp in lps
@@ -435,7 +305,8 @@ def chat_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(lps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(lps: Iterable[pb.TokenLogprob], offset: int = 0) -> wire.CompletionLogprobs:
+    lps = list(lps)
     offsets = []
     for lp in lps:
         offsets.append(offset)
@@ -443,26 +314,27 @@ def completion_logprobs(lps: list[TokenLogprob], offset: int = 0) -> dict[str, A
     return {
         "tokens": [lp.token for lp in lps],
         "token_logprobs": [lp.logprob for lp in lps],
-        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in lps],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in lps],
         "text_offset": offsets,
     }
 
 
-def tool_calls_json(calls: list[ToolCall]) -> list[dict[str, Any]]:
+def tool_calls_json(calls: Iterable[pb.ToolCall]) -> list[wire.ResponseToolCall]:
+    # arguments_json is JSON text of an object already (the service wrote it): sent as is.
     return [
         {
             "id": c.id or f"call_{uuid.uuid4().hex[:24]}",
             "type": "function",
-            "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)},
+            "function": {"name": c.name, "arguments": c.arguments_json or "{}"},
         }
         for c in calls
     ]
 
 
-def chat_completion(p: Parsed, results: list[Collected]) -> dict[str, Any]:
-    choices = []
+def chat_completion(p: Parsed, results: list[Collected]) -> wire.ChatCompletion:
+    choices: list[wire.ChatChoice] = []
     for i, r in enumerate(results):
-        msg: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
+        msg: wire.AssistantMessage = {"role": "assistant", "content": r.text, "refusal": None}
         if r.thinking:
             msg["reasoning_content"] = r.thinking
         if r.tool_calls:
@@ -476,11 +348,11 @@ def chat_completion(p: Parsed, results: list[Collected]) -> dict[str, Any]:
                 "logprobs": chat_logprobs(r.logprobs) if r.logprobs else None,
             }
         )
-    return _whole_answer("chatcmpl", "chat.completion", p, choices, results)
+    return _whole_answer("chatcmpl", "chat.completion", p, choices, results)  # type: ignore[return-value]
 
 
 def _whole_answer(
-    id_prefix: str, obj: str, p: Parsed, choices: list[dict[str, Any]], results: list[Collected]
+    id_prefix: str, obj: str, p: Parsed, choices: list[Any], results: list[Collected]
 ) -> dict[str, Any]:
     """The envelope chat and text completions share around their choices."""
     return {
@@ -494,8 +366,8 @@ def _whole_answer(
     }
 
 
-def completion(p: Parsed, results: list[Collected]) -> dict[str, Any]:
-    choices = []
+def completion(p: Parsed, results: list[Collected]) -> wire.Completion:
+    choices: list[wire.CompletionChoice] = []
     for i, r in enumerate(results):
         choices.append(
             {
@@ -505,7 +377,7 @@ def completion(p: Parsed, results: list[Collected]) -> dict[str, Any]:
                 "logprobs": completion_logprobs(r.logprobs) if p.logprobs >= 0 else None,
             }
         )
-    return _whole_answer("cmpl", "text_completion", p, choices, results)
+    return _whole_answer("cmpl", "text_completion", p, choices, results)  # type: ignore[return-value]
 
 
 class ChatStream:
@@ -519,10 +391,10 @@ class ChatStream:
         self.created = int(time.time())
         self.started: set[int] = set()
         self.tool_index: dict[int, int] = {}
-        self.dones: dict[int, Done] = {}
+        self.dones: dict[int, pb.Done] = {}
         self.offsets: dict[int, int] = {}
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    def _chunk(self, choices: list[Any]) -> dict[str, Any]:
         d: dict[str, Any] = {
             "id": self.id,
             "object": self.object,
@@ -536,36 +408,37 @@ class ChatStream:
             d["usage"] = None
         return d
 
-    def _choice(self, i: int, delta: dict[str, Any], ch: Optional[Chunk], finish: Optional[str]) -> dict[str, Any]:
+    def _choice(self, i: int, delta: wire.Delta, ch: Optional[pb.Chunk], finish: Optional[str]) -> wire.ChunkChoice:
         lps = chat_logprobs(ch.logprobs) if ch is not None and ch.logprobs else None
-        return {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}
+        return {"index": i, "delta": delta, "logprobs": lps, "finish_reason": finish}  # type: ignore[typeddict-item]
 
-    def render(self, item: tuple[int, Any]) -> list[dict[str, Any]]:
+    def render(self, item: tuple[int, pb.GenerateResponse]) -> list[dict[str, Any]]:
         i, ev = item
         out = []
         if i not in self.started:
             self.started.add(i)
             out.append(self._chunk([self._choice(i, {"role": "assistant", "content": ""}, None, None)]))
-        if isinstance(ev, Done):
-            finish = finish_reason(ev, i in self.tool_index)
-            self.dones[i] = ev
+        if ev.WhichOneof("event") == "done":
+            finish = finish_reason(ev.done, i in self.tool_index)
+            self.dones[i] = ev.done
             last = self._chunk([self._choice(i, {}, None, finish)])
-            last["backend"] = ev.backend
+            last["backend"] = ev.done.backend
             out.append(last)
             return out
-        if ev.thinking:
-            out.append(self._chunk([self._choice(i, {"reasoning_content": ev.thinking}, None, None)]))
-        if ev.tool_calls:
-            calls = []
-            for c in ev.tool_calls:
+        ch = ev.chunk
+        if ch.thinking:
+            out.append(self._chunk([self._choice(i, {"reasoning_content": ch.thinking}, None, None)]))
+        if ch.tool_calls:
+            calls: list[wire.DeltaToolCall] = []
+            for c in ch.tool_calls:
                 k = self.tool_index.get(i, 0)
                 self.tool_index[i] = k + 1
-                d = tool_calls_json([c])[0]
+                d: Any = tool_calls_json([c])[0]
                 d["index"] = k
                 calls.append(d)
             out.append(self._chunk([self._choice(i, {"tool_calls": calls}, None, None)]))
-        if ev.text or ev.logprobs:
-            out.append(self._chunk([self._choice(i, {"content": ev.text}, ev, None)]))
+        if ch.text or ch.logprobs:
+            out.append(self._chunk([self._choice(i, {"content": ch.text}, ch, None)]))
         return out
 
     def tail(self) -> list[dict[str, Any]]:
@@ -584,20 +457,21 @@ class CompletionStream(ChatStream):
         super().__init__(p)
         self.id = new_id("cmpl")
 
-    def render(self, item: tuple[int, Any]) -> list[dict[str, Any]]:
+    def render(self, item: tuple[int, pb.GenerateResponse]) -> list[dict[str, Any]]:
         i, ev = item
-        if isinstance(ev, Done):
-            self.dones[i] = ev
-            choice = {"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(ev, False)}
+        if ev.WhichOneof("event") == "done":
+            self.dones[i] = ev.done
+            choice = {"index": i, "text": "", "logprobs": None, "finish_reason": finish_reason(ev.done, False)}
             last = self._chunk([choice])
-            last["backend"] = ev.backend
+            last["backend"] = ev.done.backend
             return [last]
-        if not (ev.text or ev.logprobs):
+        ch = ev.chunk
+        if not (ch.text or ch.logprobs):
             return []
         off = self.offsets.get(i, 0)
-        self.offsets[i] = off + len(ev.text)
-        lps = completion_logprobs(ev.logprobs, off) if self.p.logprobs >= 0 else None
-        return [self._chunk([{"index": i, "text": ev.text, "logprobs": lps, "finish_reason": None}])]
+        self.offsets[i] = off + len(ch.text)
+        lps = completion_logprobs(ch.logprobs, off) if self.p.logprobs >= 0 else None
+        return [self._chunk([{"index": i, "text": ch.text, "logprobs": lps, "finish_reason": None}])]
 
 
 # ---------------------------------------------------------------- embeddings
@@ -611,22 +485,21 @@ class ParsedEmbeddings:
 
 
 def embeddings_request(data: dict[str, Any]) -> ParsedEmbeddings:
-    b = Body(data)
-    model = b.str("model", required=True) or ""
-    inputs = _texts(b, "input")
-    fmt = b.str("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise bad_request(f"encoding_format must be float or base64; got {fmt!r}", param="encoding_format")
-    dims = b.int("dimensions", 0, lo=1) or 0
-    b.ignore("user")
-    b.log_unknown("/v1/embeddings")
+    r = parse(wire.EmbeddingsRequest, data, "/v1/embeddings")
+    texts, token_inputs = wire.embedding_inputs(r.input)
     # OpenAI refuses an input longer than the model's context (400); it never cuts it silently.
-    req = pb.EmbedRequest(model=model, input=inputs, dimensions=dims, truncate=False)
-    return ParsedEmbeddings(model, req, fmt == "base64")
+    req = pb.EmbedRequest(
+        model=r.model,
+        input=texts,
+        input_tokens=[pb.TokenIds(ids=ids) for ids in token_inputs],
+        dimensions=r.dimensions or 0,
+        truncate=False,
+    )
+    return ParsedEmbeddings(r.model, req, r.encoding_format == "base64")
 
 
-def embeddings_response(p: ParsedEmbeddings, res: pb.EmbedResponse) -> dict[str, Any]:
-    data = []
+def embeddings_response(p: ParsedEmbeddings, res: pb.EmbedResponse) -> wire.EmbeddingList:
+    data: list[wire.Embedding] = []
     for i, e in enumerate(res.embeddings):
         values = list(e.values)
         emb: Any = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if p.base64 else values
@@ -642,10 +515,10 @@ def embeddings_response(p: ParsedEmbeddings, res: pb.EmbedResponse) -> dict[str,
 # ---------------------------------------------------------------- models
 
 
-def model_json(m: pb.ModelInfo) -> dict[str, Any]:
+def model_json(m: pb.ModelInfo) -> wire.Model:
     created = m.modified_at.seconds if m.HasField("modified_at") else 0
     return {"id": m.name, "object": "model", "created": created, "owned_by": m.backend}
 
 
-def models_response(res: pb.ListModelsResponse) -> dict[str, Any]:
+def models_response(res: pb.ListModelsResponse) -> wire.ModelList:
     return {"object": "list", "data": [model_json(m) for m in res.models]}

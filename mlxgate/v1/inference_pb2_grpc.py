@@ -40,6 +40,13 @@ class InferenceServiceStub:
     larger than max (N vs. M)" from gRPC itself, with no "retry-after"
     trailer (which tells it from a busy engine).
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - Every request is checked against the limits and ranges written beside
+    its fields below (mlxgate/limits.py, enforced once, by the service,
+    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    naming the field.  The same numbers bound the HTTP dialects
+    (/openapi.json states them).  JSON carried as text (schemas, tool
+    parameters, tool-call arguments) must be an object nested at most 64
+    levels deep.
     - When the server has API keys (MLXGATE_API_KEYS), every method here needs
     metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
     standard grpc.health.v1.Health service and reflection need no key.
@@ -89,6 +96,11 @@ class InferenceServiceStub:
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/CountTokens',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -106,6 +118,13 @@ class InferenceServiceServicer:
     larger than max (N vs. M)" from gRPC itself, with no "retry-after"
     trailer (which tells it from a busy engine).
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - Every request is checked against the limits and ranges written beside
+    its fields below (mlxgate/limits.py, enforced once, by the service,
+    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    naming the field.  The same numbers bound the HTTP dialects
+    (/openapi.json states them).  JSON carried as text (schemas, tool
+    parameters, tool-call arguments) must be an object nested at most 64
+    levels deep.
     - When the server has API keys (MLXGATE_API_KEYS), every method here needs
     metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
     standard grpc.health.v1.Health service and reflection need no key.
@@ -160,6 +179,19 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """Tokens the request's input would take: the prompt as Generate would
+        build it (chat template, tools, system, think), not generated.  Checked
+        as Generate checks it.  A backend that cannot count (an upstream Ollama,
+        an OpenAI-compatible cloud) answers UNIMPLEMENTED and the router tries
+        the next; an input beyond the model's context is INVALID_ARGUMENT
+        ("context length exceeded"), refused at a cost bounded by the context,
+        never by the input's size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +230,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
             ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mlxgate.v1.InferenceService', rpc_method_handlers)
@@ -221,6 +258,13 @@ class InferenceService:
     larger than max (N vs. M)" from gRPC itself, with no "retry-after"
     trailer (which tells it from a busy engine).
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
+    - Every request is checked against the limits and ranges written beside
+    its fields below (mlxgate/limits.py, enforced once, by the service,
+    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    naming the field.  The same numbers bound the HTTP dialects
+    (/openapi.json states them).  JSON carried as text (schemas, tool
+    parameters, tool-call arguments) must be an object nested at most 64
+    levels deep.
     - When the server has API keys (MLXGATE_API_KEYS), every method here needs
     metadata "authorization: Bearer <key>" (UNAUTHENTICATED otherwise).  The
     standard grpc.health.v1.Health service and reflection need no key.
@@ -408,6 +452,33 @@ class InferenceService:
             '/mlxgate.v1.InferenceService/UnloadModel',
             mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
             mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/CountTokens',
+            mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -152,8 +152,9 @@ def start_mlxgate(
     """``mlxgate serve`` on free ports over ``ctx.models_dir`` (BLAS preload
     inherited), from this tree or from the source tree ``src``."""
     data = Path(tempfile.mkdtemp(prefix="mlxgate-bench-"))
+    cli = "mlxgate_cli" if ((src or ROOT) / "mlxgate_cli").is_dir() else "mlxgate.cli"  # older trees
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxgate.cli", "serve", "--port", "0", "--grpc-port", "0",
+        [sys.executable, "-m", cli, "serve", "--port", "0", "--grpc-port", "0",
          "--models-dir", str(ctx.models_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=src or ROOT,
         env=_clean_env({"MLXGATE_DATA_DIR": str(data), **(env or {})}),

@@ -51,6 +51,8 @@ class FakeOpenAI(LoopbackServer):
     fault: Optional[Fault] = None
     #: seconds between events
     chunk_delay: float = 0.0
+    #: send the whole stream in one write (as a fast upstream's kernel buffer delivers it)
+    one_write: bool = False
     #: reasoning pieces streamed (as ``delta.reasoning_content``) before the reply
     reasoning: list[str] = field(default_factory=list)
 
@@ -127,6 +129,11 @@ class FakeOpenAI(LoopbackServer):
         keepalive = (b": keep-alive\n\n",)
         kind = fault.kind if fault is not None else None
         try:
+            if self.one_write and fault is None:
+                body = b"".join(f"data: {json.dumps(ev)}\n\n".encode() for ev in events)
+                await resp.write(b": connected\n\n" + body + b"data: [DONE]\n\n")
+                await resp.write_eof()
+                return resp
             await resp.write(b": connected\n\n")
             if kind == "hang_after_headers":
                 assert fault is not None

@@ -3,6 +3,9 @@ answers, and which BackendError it raises (before or after its first chunk).
 
 Stands in for the MLX engine in router tests, where what matters is the
 router's reaction to "the engine is unavailable" rather than MLX itself.
+With ``is_engine=True`` it is one of the engines the router places (the local
+engine, a remote service); ``serving`` stands for a remote's health; ``hold``
+keeps each stream open after its first chunk until the event is set.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class ScriptedBackend:
         list_error: Optional[BaseException] = None,
         report_model: str = "",
         list_delay: float = 0.0,
+        is_engine: bool = False,
+        serving: bool = True,
+        hold: Optional[asyncio.Event] = None,
     ) -> None:
         self.name = name
         self.models = list(models)
@@ -53,6 +59,10 @@ class ScriptedBackend:
         self.list_calls = 0
         self.streams_closed = 0
         self.loaded: set[str] = set()
+        self.is_engine = is_engine
+        self.serving = serving
+        self.hold = hold
+        self.running_calls = 0
 
     def _check(self, name: str) -> None:
         if name not in self.models:
@@ -68,6 +78,8 @@ class ScriptedBackend:
                 if self.fail is not None and self.fail_after == i:
                     raise self.fail
                 yield Chunk(text=piece)
+                if i == 0 and self.hold is not None:
+                    await self.hold.wait()
                 await asyncio.sleep(0)
             yield Done(prompt_tokens=3, completion_tokens=len(self.text), model=self.report_model)
         finally:
@@ -96,6 +108,7 @@ class ScriptedBackend:
         return ModelShow(info=ModelInfo(name=name, backend=self.name), context_length=128)
 
     async def list_running(self) -> list[RunningModel]:
+        self.running_calls += 1
         if self.list_error is not None:
             raise self.list_error
         return [RunningModel(name=m, backend="") for m in sorted(self.loaded)]

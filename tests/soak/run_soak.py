@@ -166,7 +166,7 @@ async def run(minutes: float, workers: int, warmup_fraction: float, pause: float
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env["MLXGATE_DATA_DIR"] = str(work / "data")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxgate.cli", "serve", "--port", "0", "--grpc-port", "0",
+        [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0",
          "--models-dir", str(work / "models")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )

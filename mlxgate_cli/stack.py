@@ -1,11 +1,11 @@
-"""Process composition: backends → router → gRPC service → HTTP front.
+"""The composition root: backends → router → gRPC service → HTTP front.
 
 ``Stack`` starts the pieces a Config asks for and stops them in reverse
 order; ``serve`` runs it until SIGINT/SIGTERM.  Tests start the same Stack on
 port 0, so what they exercise is what ``mlxgate serve`` runs.
 
 Ports are checked before anything starts: a port that is taken raises
-``mlxgate.ports.PortInUse`` (the CLI prints its one line and exits 2).
+``mlxgate.ports.PortInUse`` (``mlxgate_cli.main`` prints its one line and exits 2).
 
 Shutdown on SIGTERM/SIGINT (``Stack.drain``): gRPC health turns NOT_SERVING,
 new gRPC calls get UNAVAILABLE and new HTTP requests 503 with Retry-After;
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 from prometheus_client import CollectorRegistry
 
-from backends.metrics import MemoryCollector, ServiceMetrics
+from backends.metrics import BackendCollector, MemoryCollector, ServiceMetrics
 from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
 from mlxgate.ports import bind_error, check_free
@@ -42,17 +42,19 @@ log = logging.getLogger(__name__)
 
 
 def ensure_default_model(config: Config) -> None:
-    """On a fresh machine the models directory is empty: write the small test
-    model there so ``make run`` has something to serve."""
+    """On a fresh machine there is no model: serve the generated test model
+    from the data folder (``backends.mlx.bootstrap``; never the models dir)."""
     if not (config.mlx.enabled and config.mlx.bootstrap_test_model):
         return
-    models = config.models_path()
-    if models.is_dir() and any((p / "config.json").is_file() for p in models.iterdir()):
-        return
-    from backends.mlx.testmodel import write_test_model
+    from backends.mlx.bootstrap import ensure_test_model
 
-    log.warning("no models in %s: writing the small test model there (random weights)", models)
-    write_test_model(models)
+    ensure_test_model(config.mlx, config.data_path())
+
+
+def log_notes(config: Config) -> None:
+    """What loading the configuration noticed (an ignored OLLAMA_MODELS, ...)."""
+    for note in config.notes:
+        log.warning("%s", note)
 
 
 #: After the drain (or on a failed start), how long stopping may still wait.
@@ -89,14 +91,17 @@ class Stack:
     async def start_service(self, env: Mapping[str, str], process: str = "mlxgate") -> None:
         """``process`` labels this process's memory: "mlxgate" (front and
         service together) or "service" (``mlxgate service``)."""
-        from backends.factory import build_router
+        from mlxgate_cli.factory import build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)
+        self.service_metrics.init_backends([b.name for b in self.router.backends], self.router.fallback_orders())
+        await self.router.start()  # remote services' health watches
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram
         self.registry.register(MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None))
+        self.registry.register(BackendCollector(self.router))
         self.service = await start_inference_service(
             self.router,
             host=self.config.server.grpc_host,
@@ -193,6 +198,7 @@ def check_ports(config: Config, front: bool = True) -> None:
 
 async def start_stack(config: Config, env: Mapping[str, str], front: bool = True) -> Stack:
     check_ports(config, front)
+    log_notes(config)
     stack = Stack(config)
     try:
         if not config.server.grpc_target:

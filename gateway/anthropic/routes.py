@@ -1,0 +1,142 @@
+"""Anthropic Messages routes: thin handlers over ``translate`` and the client.
+
+Streams are SSE with Anthropic's named events: ``event: <type>`` then
+``data: {...}`` (the data's ``type`` is the event's name): ``message_start``,
+``ping``, then per content block ``content_block_start`` /
+``content_block_delta``... / ``content_block_stop``, then ``message_delta``
+(stop reason, usage) and ``message_stop``.  A ``ping`` also goes out whenever
+the stream has been silent for ``PING_INTERVAL_S`` (a backend stalled, a slow
+upstream), as Anthropic's streams carry pings.  An error after the stream
+began is an ``event: error`` with the error body, and the stream ends there,
+without ``message_stop``.
+
+Headers ``x-api-key`` (the trust middleware), ``anthropic-version`` and
+``anthropic-beta`` are accepted; the version is not checked (one version of
+the API is served) and betas are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from aiohttp import web
+
+from gateway.anthropic import translate as tr
+from gateway.common import check_done, is_done
+from gateway.errors import ApiError, adapt, anthropic_body
+from gateway.fields import read_json
+from gateway.render import json_bytes, json_response
+from gateway.routing import Route
+from gateway.routing import add_routes as _add
+from gateway.state import BACKEND_HEADER, backend_header, client, request_id
+from gateway.streaming import SSE, open_stream, pump, with_first
+from mlxgate.dialects import anthropic as wire
+
+#: Seconds of silence after which a stream gets a ``ping``.
+PING_INTERVAL_S = 10.0
+
+
+def event_frame(obj: dict[str, Any]) -> bytes:
+    """``event: <type>`` and ``data: <json>``: the event name is the data's type."""
+    return b"event: " + obj["type"].encode() + b"\ndata: " + json_bytes(obj) + b"\n\n"
+
+
+_PING = event_frame({"type": "ping"})
+
+
+def _error_frame(err: ApiError) -> bytes:
+    return event_frame(anthropic_body(adapt(err, "anthropic")))
+
+
+class _Pinger:
+    """Writes a ``ping`` whenever ``interval`` seconds pass without a frame.
+
+    ``frame`` renders every other frame and notes the time: no timer per
+    token, one sleeping task per stream.  A ping is one write, as every frame
+    is, so it never lands inside another frame."""
+
+    def __init__(self, resp: web.StreamResponse, interval: float) -> None:
+        self._resp = resp
+        self._interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._task = asyncio.create_task(self._run())
+
+    def frame(self, obj: dict[str, Any]) -> bytes:
+        self._last = self._loop.time()
+        return event_frame(obj)
+
+    async def _run(self) -> None:
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            while True:
+                wait = self._last + self._interval - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                self._last = self._loop.time()
+                await self._resp.write(_PING)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    p = tr.messages_request(await read_json(request))
+    rid = request_id(request)
+    stream = client(request).generate(p.req, rid)
+    try:
+        first = await stream.start()
+        if is_done(first):
+            check_done(first.done)  # a failure before any token is a plain HTTP error
+        renderer = tr.MessageStream(p.model)
+        if not p.stream:
+            for ev in await stream.collect():
+                renderer.render(ev)
+            done = renderer.done
+            return json_response(renderer.message(), headers={BACKEND_HEADER: done.backend} if done else None)
+        # Fallback happens only before the first event, so its backend is final.
+        resp = await open_stream(request, SSE, backend_header(first))
+        pinger = _Pinger(resp, PING_INTERVAL_S)
+        try:
+            try:
+                for obj in renderer.start():
+                    await resp.write(pinger.frame(obj))
+            except ConnectionResetError:
+                return resp
+            ok = await pump(resp, with_first(first, stream), renderer.render, pinger.frame, _error_frame, rid)
+        finally:
+            await pinger.stop()
+        if ok:
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write_eof()
+        return resp
+    finally:
+        stream.cancel()
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    req = tr.count_tokens_request(await read_json(request))
+    res = await client(request).count_tokens(req, request_id(request))
+    return json_response(tr.tokens_count(res), headers={BACKEND_HEADER: res.backend} if res.backend else None)
+
+
+_STREAMED = ("one Message, or with stream=true server-sent events: event: <type> / data: <event>, from "
+             "message_start to message_stop, pings between; a stream that failed ends with an error event")
+
+#: Every Anthropic route: the app registers them, /openapi.json documents them.
+ROUTES: list[Route] = [
+    Route("POST", "/v1/messages", messages, "Create a message (Anthropic Messages API)",
+          body=wire.MessagesRequest, answer=wire.AnthropicMessage, stream="sse", stream_item=wire.StreamEvent,
+          description=_STREAMED),
+    Route("POST", "/v1/messages/count_tokens", count_tokens, "Count the tokens of a message (Anthropic)",
+          body=wire.CountTokensRequest, answer=wire.MessageTokensCount,
+          description="the prompt tokens the message's input takes with the model's chat template; an input "
+                      "beyond the model's context is 400"),
+]
+
+
+def add_routes(app: web.Application) -> None:
+    _add(app, ROUTES)

@@ -1,0 +1,71 @@
+"""Build the configured backends, in priority order, and the router over them.
+
+Part of the composition root: each backend is handed only its own section of
+the configuration (``MLXBackend(config.mlx)``, ``OllamaBackend(config.ollama)``,
+``cloud_backend(provider, env)`` -- a ``CloudBackend`` or an ``AnthropicBackend``
+by the provider's kind --, ``Router(backends, config.router, config.aliases)``).
+
+Order: MLX (when ``config.mlx.enabled``), one remote mlxgate service per
+``config.remotes`` entry (in the order configured), the upstream Ollama (when
+``config.ollama.upstream`` is set), then one cloud backend per
+``config.cloud.providers`` entry (OpenAI-compatible or Anthropic, by its
+``kind``), in the order configured.  MLX and the remotes are the engines the
+router places by warmth and load (``backends/router.py``, "Placement"); the
+others keep this order.  MLX is imported lazily so a process without it
+(front only, or MLX disabled) never loads it.
+
+A remote's key: its ``key_env`` variable, else its ``key``, else the front's
+own first API key (``server.api_keys``), so a fleet sharing one key needs it
+set once.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Optional
+
+from backends.base import Backend
+from backends.cloud import cloud_backend
+from backends.ollama import OllamaBackend
+from backends.remote import RemoteBackend
+from backends.router import Router, RouterObserver
+from mlxgate.config import Config, MLXConfig
+
+log = logging.getLogger(__name__)
+
+
+def _mlx_backend(config: MLXConfig) -> Optional[Backend]:
+    try:
+        from backends.mlx import MLXBackend
+    except ImportError:
+        # The gateway still serves what Ollama and the cloud providers have.
+        log.exception("MLX engine could not be imported; running without it")
+        return None
+    return MLXBackend(config)
+
+
+def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
+    backends: list[Backend] = []
+    if config.mlx.enabled:
+        mlx = _mlx_backend(config.mlx)
+        if mlx is not None:
+            backends.append(mlx)
+    shared_key = config.server.api_keys[0] if config.server.api_keys else None
+    for remote in config.remotes:
+        backends.append(RemoteBackend(remote, env, shared_key=shared_key,
+                                      max_message_bytes=config.server.grpc_max_message_bytes))
+    if config.ollama.upstream:
+        backends.append(OllamaBackend(config.ollama))
+    seen = set()
+    for provider in config.cloud.providers:
+        if provider.name in seen:
+            raise ValueError(f"cloud provider {provider.name!r} is configured twice")
+        seen.add(provider.name)
+        backends.append(cloud_backend(provider, env))
+    return backends
+
+
+def build_router(
+    config: Config, env: Mapping[str, str], observer: Optional[RouterObserver] = None
+) -> Router:
+    return Router(build_backends(config, env), config.router, config.aliases, observer=observer)

@@ -1,0 +1,245 @@
+"""Command line: parse flags into a Config and hand it to the composition root.
+
+Only this module knows about argparse; everything below it gets a Config
+(or the section of it that it needs).
+"""
+
+# ``mlxgate`` (the console script) and ``python -m mlxgate_cli`` run ``main``.
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Optional, Sequence
+
+from mlxgate.config import Config, MLXConfig, ServerConfig, load_config
+from mlxgate.exposure import exposure_problem
+
+
+USAGE = """\
+mlxgate is a local LLM gateway. On one port it answers the Ollama REST API
+(/api/generate, /api/chat, /api/tags, ...) and the OpenAI REST API (/v1/...),
+so Ollama and OpenAI clients work unchanged; gRPC clients get
+mlxgate.v1.InferenceService. It runs MLX models itself (one folder per model
+in the models directory, or the Hugging Face cache) and falls back to an
+upstream Ollama and to OpenAI-compatible cloud APIs."""
+
+EPILOG = """\
+examples:
+  mlxgate serve                          serve on http://127.0.0.1:11434 (gRPC 127.0.0.1:50051)
+  mlxgate serve --models-dir ~/models    serve the MLX models in ~/models
+  mlxgate make-test-model ./models       write a small random-weight model to try things with
+  mlxgate serve --help                   every option of serve, with its default
+
+Settings come from flags, then environment variables (MLXGATE_*, and Ollama's
+own: OLLAMA_HOST, OLLAMA_MODELS, OLLAMA_KEEP_ALIVE, ...), then a TOML file
+(--config), then defaults. README.md in the mlxgate source tree documents
+every setting, the API routes, metrics and dashboards."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows argparse defaults except None/False: flags that fall back to the
+    configuration carry their default in the help text (``_described``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _described(text: str, env: Optional[str] = None, default: object = None) -> str:
+    """Help text with the variable that also sets it and its default (taken
+    from the Config dataclasses by the callers, never retyped)."""
+    notes = [f"env {env}"] if env else []
+    if default not in (None, ""):
+        notes.append(f"default: {default}")
+    text = f"{text} ({'; '.join(notes)})" if notes else text
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _version() -> str:
+    try:
+        return f"mlxgate {metadata.version('mlxgate')}"
+    except metadata.PackageNotFoundError:
+        return "mlxgate (not installed: version unknown)"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    server, mlx = ServerConfig, MLXConfig
+    p.add_argument("--config", metavar="FILE", help=_described("TOML configuration file", "MLXGATE_CONFIG"))
+    p.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        help=_described("folder with one MLX model per subfolder", "MLXGATE_MODELS_DIR", mlx.models_dir),
+    )
+    p.add_argument("--grpc-host", metavar="HOST", help=_described("gRPC bind address", "MLXGATE_GRPC_HOST",
+                                                                  server.grpc_host))
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help=_described("gRPC port, 0 for any free one", "MLXGATE_GRPC_PORT", server.grpc_port))
+    p.add_argument("--ollama-upstream", metavar="URL",
+                   help=_described("upstream Ollama to fall back to, e.g. http://otherbox:11434", "OLLAMA_UPSTREAM"))
+    p.add_argument("--log-level", metavar="LEVEL",
+                   help=_described("DEBUG, INFO, WARNING or ERROR", "MLXGATE_LOG_LEVEL", Config.log_level))
+    p.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help=_described("require this key from callers; repeat for several",
+                        "MLXGATE_API_KEYS, comma-separated"),
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help=_described("allow a non-loopback bind address without API keys", "MLXGATE_ALLOW_UNAUTHENTICATED"),
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=_described("where mlxgate keeps its own data: stored responses (responses.sqlite3) and the "
+                        "generated test model served when there are no models", "MLXGATE_DATA_DIR",
+                        Config().data_path()),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxgate", description=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    server = ServerConfig
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the HTTP APIs (Ollama and OpenAI) and the gRPC service",
+        description="Serve the Ollama and OpenAI REST APIs on one HTTP port and the gRPC inference service.",
+        formatter_class=_HelpFormatter,
+    )
+    serve.add_argument("--host", help=_described("HTTP bind address", "MLXGATE_HOST or OLLAMA_HOST", server.host))
+    serve.add_argument("--port", type=int,
+                       help=_described("HTTP port, 0 for any free one", "MLXGATE_PORT or OLLAMA_HOST", server.port))
+    serve.add_argument(
+        "--grpc-target",
+        metavar="HOST:PORT",
+        help=_described("serve only the HTTP front, calling the inference service there", "MLXGATE_GRPC_TARGET"),
+    )
+    _add_common(serve)
+
+    service = sub.add_parser(
+        "service",
+        help="only the gRPC inference service, with /metrics on its own port",
+        description="Run only the gRPC inference service (for a front started with serve --grpc-target).",
+        formatter_class=_HelpFormatter,
+    )
+    service.add_argument("--metrics-port", type=int, metavar="PORT",
+                         help=_described("port for /metrics", "MLXGATE_METRICS_PORT", server.metrics_port))
+    _add_common(service)
+
+    model = sub.add_parser(
+        "make-test-model",
+        help="write a small random-weight model into DIR (for trying things out)",
+        description="Write a small generated MLX model (random weights: it answers gibberish) into DIR/NAME.",
+        formatter_class=_HelpFormatter,
+    )
+    model.add_argument("dir", help="models directory; the model is written to DIR/<name>")
+    model.add_argument("--name", default="tiny-llama", help="model (folder) name")
+    model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    model.add_argument("--size", default="tiny", help="tiny (tests), bench (~90M params), bench-bf16")
+    model.add_argument("--context", type=int, metavar="TOKENS",
+                       help="context length (default 2048; the same weights with more room, for long prompts such "
+                            "as Claude Code's)")
+    model.add_argument("--ending", action="store_true",
+                       help="a variant that ends its turns by itself after a few tokens (for clients that wait for "
+                            "the end of a turn, such as Claude Code)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "server.grpc_host": args.grpc_host,
+        "server.grpc_port": args.grpc_port,
+        "server.grpc_target": getattr(args, "grpc_target", None),
+        "server.metrics_port": getattr(args, "metrics_port", None),
+        "mlx.models_dir": args.models_dir,
+        "ollama.upstream": args.ollama_upstream,
+        "server.api_keys": args.api_keys,
+        "server.allow_unauthenticated": args.allow_unauthenticated,
+        "server.data_dir": args.data_dir,
+        "log_level": args.log_level or os.environ.get("MLXGATE_LOG_LEVEL"),
+    }
+    return load_config(args.config, overrides=overrides)
+
+
+def run_loop(main_coro) -> None:
+    """Run the server on uvloop where it is installed (a faster event loop for
+    the HTTP front and the upstream clients; grpc.aio runs on it), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coro)
+        return
+    uvloop.run(main_coro)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Before any thread starts: fewer malloc arenas keep large requests' freed
+    # buffers reusable instead of parked per thread (mlxgate/memory.py).
+    from mlxgate.memory import limit_arenas
+
+    limit_arenas()
+    if args.command == "make-test-model":
+        from backends.mlx.testmodel import CONTEXT, write_test_model
+
+        path = write_test_model(Path(args.dir).expanduser(), name=args.name, seed=args.seed, size=args.size,
+                                context=args.context or CONTEXT, ending=args.ending)
+        print(path)
+        return 0
+
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"mlxgate: configuration error: {e}", file=sys.stderr)
+        return 2
+    serve_grpc = args.command == "service" or not config.server.grpc_target
+    problem = exposure_problem(config, http=args.command == "serve", grpc=serve_grpc)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from mlxgate.ports import BindError
+    from mlxgate_cli import stack
+
+    runner = stack.serve if args.command == "serve" else stack.serve_service_only
+    status = 0
+    try:
+        run_loop(runner(config, dict(os.environ)))
+    except KeyboardInterrupt:
+        pass
+    except BindError as e:  # a port in use: one line, no traceback
+        print(f"mlxgate: {e}", file=sys.stderr)
+        status = 2
+    # Shutdown is complete: servers stopped, streams cancelled, models freed.
+    # Skip interpreter finalization, where grpc.aio's background thread can
+    # abort the process ("terminate called without an active exception",
+    # grpc/grpc#38679; seen here about 1 exit in 15 on a loaded machine), so a
+    # supervisor sees exit status 0 for a clean stop (2 when a port was taken).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

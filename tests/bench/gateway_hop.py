@@ -1,0 +1,175 @@
+"""The gateway hop: mlxgate in front of an instant OpenAI-compatible upstream
+vs that upstream called directly (issue 12's first table).
+
+Both are driven by the same closed-loop load generator (OpenAI chat, aiohttp)
+in this process, so each ratio is measured in one run: added latency p50 and
+p99 with one client, requests/s non-streamed with 16 clients, streamed tokens/s
+with 16 clients (tokens from the usage each stream reports) and time to first
+token.  mlxgate runs as a real ``mlxgate serve`` process (no local engine,
+one cloud provider: the instant upstream), as a user would run it.
+
+    python -m tests.bench.gateway_hop [--seconds 5] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.bench.instant_upstream import MODEL, InstantUpstream
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+
+async def _one(session: aiohttp.ClientSession, url: str) -> float:
+    t0 = time.perf_counter()
+    async with session.post(url, json=CHAT) as r:
+        await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status}")
+    return time.perf_counter() - t0
+
+
+async def _one_stream(session: aiohttp.ClientSession, url: str) -> tuple[float, int]:
+    """(time to first content, completion tokens from the usage event)."""
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with session.post(url, json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: {r.status}")
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            if first is None and b'"content":"tok' in line.replace(b" ", b""):
+                first = time.perf_counter() - t0
+            if b'"usage":{' in line.replace(b" ", b""):
+                usage = json.loads(line[6:]).get("usage") or {}
+                tokens = usage.get("completion_tokens", 0) or tokens
+    return (first if first is not None else time.perf_counter() - t0), tokens
+
+
+async def closed_loop(url: str, clients: int, seconds: float, stream: bool) -> dict[str, Any]:
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    tokens = 0
+    stop = time.perf_counter() + seconds
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        for _ in range(3):  # warm the connections and the path
+            await (_one_stream(session, url) if stream else _one(session, url))
+
+        async def client() -> None:
+            nonlocal tokens
+            while time.perf_counter() < stop:
+                if stream:
+                    t, n = await _one_stream(session, url)
+                    ttfts.append(t)
+                    tokens += n
+                else:
+                    latencies.append(await _one(session, url))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+    n = len(ttfts) if stream else len(latencies)
+    out: dict[str, Any] = {"requests": n, "requests_per_s": n / elapsed}
+    if stream:
+        out.update(tokens_per_s=tokens / elapsed, ttft_p50_ms=pct(ttfts, 50) * 1e3)
+    else:
+        out.update(p50_ms=pct(latencies, 50) * 1e3, p99_ms=pct(latencies, 99) * 1e3)
+    return out
+
+
+def start_mlxgate(upstream: InstantUpstream, workers: int, data_dir: str) -> tuple[subprocess.Popen, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
+    env.update(
+        MLXGATE_MLX_ENABLED="false",
+        OPENAI_BASE_URL=upstream.base_url,
+        OPENAI_API_KEY="bench",
+        MLXGATE_CLOUD_MODELS=MODEL,
+        MLXGATE_DATA_DIR=data_dir,
+        MLXGATE_LOG_LEVEL="WARNING",
+    )
+    cmd = [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    m = re.match(r"mlxgate: HTTP (http://\S+)", proc.stdout.readline())
+    if not m:
+        proc.kill()
+        raise RuntimeError("mlxgate serve did not start")
+    return proc, m.group(1)
+
+
+async def run(seconds: float, workers: int) -> dict[str, Any]:
+    upstream = await InstantUpstream().start()
+    direct = f"{upstream.base_url}/chat/completions"
+    proc, base = start_mlxgate(upstream, workers, tempfile.mkdtemp(prefix="mlxgate-bench-"))
+    via = f"{base}/v1/chat/completions"
+    try:
+        result: dict[str, Any] = {}
+        for name, clients, stream in (("one_client", 1, False), ("16_clients", 16, False),
+                                      ("16_streams", 16, True)):
+            d = await closed_loop(direct, clients, seconds, stream)
+            g = await closed_loop(via, clients, seconds, stream)
+            result[name] = {"direct": d, "mlxgate": g}
+        one = result["one_client"]
+        result["added_p50_ms"] = one["mlxgate"]["p50_ms"] - one["direct"]["p50_ms"]
+        result["added_p99_ms"] = one["mlxgate"]["p99_ms"] - one["direct"]["p99_ms"]
+        return result
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        await upstream.stop()
+
+
+def table(r: dict[str, Any]) -> str:
+    one, many, streams = r["one_client"], r["16_clients"], r["16_streams"]
+    rows = [
+        "| gateway hop (instant upstream) | direct | mlxgate | goal |",
+        "|---|---|---|---|",
+        f"| latency p50, 1 client, non-streamed | {one['direct']['p50_ms']:.2f} ms | {one['mlxgate']['p50_ms']:.2f} ms "
+        f"(+{r['added_p50_ms']:.2f}) | added ≤ 1.5 ms |",
+        f"| latency p99, 1 client | {one['direct']['p99_ms']:.2f} ms | {one['mlxgate']['p99_ms']:.2f} ms "
+        f"(+{r['added_p99_ms']:.2f}) | added ≤ 5 ms |",
+        f"| requests/s, 16 clients, non-streamed | {many['direct']['requests_per_s']:,.0f} | "
+        f"{many['mlxgate']['requests_per_s']:,.0f} | ≥ 1,000 |",
+        f"| streamed tokens/s, 16 clients, 64 tokens each | {streams['direct']['tokens_per_s']:,.0f} | "
+        f"{streams['mlxgate']['tokens_per_s']:,.0f} | ≥ 20,000 |",
+        f"| time to first token p50, 16 streams | {streams['direct']['ttft_p50_ms']:.2f} ms | "
+        f"{streams['mlxgate']['ttft_p50_ms']:.2f} ms | ≤ 10 ms |",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args()
+    r = asyncio.run(run(args.seconds, args.workers))
+    print(json.dumps(r, indent=2))
+    print(table(r))
+
+
+if __name__ == "__main__":
+    main()

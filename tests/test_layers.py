@@ -1,0 +1,41 @@
+"""Dependencies point one way (docs/architecture.md, "Layers"), checked by import-linter.
+
+mlxgate_cli -> (gateway | backends, independent of each other) -> mlxgate;
+the dialect models import nothing of the project but the leaf modules.
+The contracts are in pyproject.toml ([tool.importlinter]).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_contracts_hold() -> None:
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def test_the_front_imports_nothing_from_the_service() -> None:
+    """Also without import-linter: no module of gateway/ names backends (nor the reverse)."""
+    for package, other in (("gateway", "backends"), ("backends", "gateway"), ("mlxgate", "backends"),
+                           ("mlxgate", "gateway"), ("mlxgate", "mlxgate_cli")):
+        for path in (ROOT / package).rglob("*.py"):
+            bad = {m for m in _imports(path) if m == other or m.startswith(other + ".")}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
