@@ -199,6 +199,9 @@ def _not_serving_message(backend: Backend) -> str:
     health = getattr(getattr(backend, "health", None), "value", "")
     if health == "unreachable":
         return f"{backend.name}: cannot be reached (health watch)"
+    reason = getattr(backend, "not_serving_reason", None)
+    if reason:
+        return f"{backend.name}: not serving ({reason})"
     return f"{backend.name}: not serving (draining: its health is NOT_SERVING)"
 
 
