@@ -153,6 +153,9 @@ class MLXConfig:
     #: instead of tensor parallelism (every layer split); for the model types
     #: mlx-lm can pipeline.
     pipeline: bool = False
+    #: With ``distributed``: seconds a rank may go without a heartbeat (on a
+    #: side channel, every 0.5 s) before rank 0 takes the engine out of service.
+    distributed_timeout: float = 5.0
 
 
 @dataclass
@@ -320,6 +323,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_DEFAULT_MAX_TOKENS": ("mlx", "default_max_tokens"),
     "MLXGATE_DISTRIBUTED": ("mlx", "distributed"),
     "MLXGATE_PIPELINE": ("mlx", "pipeline"),
+    "MLXGATE_DISTRIBUTED_TIMEOUT": ("mlx", "distributed_timeout"),
     "OLLAMA_UPSTREAM": ("ollama", "upstream"),
     "MLXGATE_CONNECT_TIMEOUT": ("upstream", "connect_timeout"),
     "MLXGATE_FIRST_TOKEN_TIMEOUT": ("upstream", "first_token_timeout"),

@@ -121,25 +121,25 @@ async def _started(procs: list, log: Path) -> Cluster:
     return Cluster(procs, m.group(1), m.group(2) + "/metrics", log)
 
 
-def _service_args(models: Path) -> list[str]:
+def _service_args(models: Path, *extra: str) -> list[str]:
     return ["-m", "mlxgate_cli", "service", "--distributed", "--grpc-port", "0", "--metrics-port", "0",
-            "--models-dir", str(models)]
+            "--models-dir", str(models), *extra]
 
 
-async def launch(tmp: Path, models: Path) -> Cluster:
+async def launch(tmp: Path, models: Path, *extra: str) -> Cluster:
     """``mlx.launch -n 2 --backend ring`` of ``mlxgate service --distributed``."""
     log = tmp / "cluster.log"
     with open(log, "wb") as f:
         proc = await asyncio.create_subprocess_exec(
             LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_ports(2)),
-            "--python", sys.executable, "--", *_service_args(models),
+            "--python", sys.executable, "--", *_service_args(models, *extra),
             stdout=asyncio.subprocess.PIPE, stderr=f, env=clean_env(tmp, MLXGATE_METRICS_PUBLIC="1"),
             start_new_session=True,
         )
     return await _started([proc], log)
 
 
-async def launch_by_hand(tmp: Path, models: Path) -> Cluster:
+async def launch_by_hand(tmp: Path, models: Path, **extra_env: str) -> Cluster:
     """The two ranks with the environment mlx.launch gives them, without the launcher."""
     base = _free_ports(2)
     hostfile = tmp / "hosts.json"
@@ -148,7 +148,8 @@ async def launch_by_hand(tmp: Path, models: Path) -> Cluster:
     procs = []
     with open(log, "wb") as f:
         for rank in (0, 1):
-            env = clean_env(tmp, MLXGATE_METRICS_PUBLIC="1", MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+            env = clean_env(tmp, MLXGATE_METRICS_PUBLIC="1", MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile),
+                            **extra_env)
             procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, *_service_args(models),
                 stdout=asyncio.subprocess.PIPE if rank == 0 else asyncio.subprocess.DEVNULL, stderr=f, env=env,
@@ -232,8 +233,9 @@ async def test_four_streams_share_one_batch_and_a_cancel_leaves_it_on_every_rank
         await asyncio.gather(*firsts)
         # All four decode together, on both ranks.
         await until(lambda: _equals(cluster, "sequences", 1, 4), 10, "rank 1 holds 4 sequences")
-        assert await cluster.rank("max_batch", 0) >= 4
-        assert await cluster.rank("max_batch", 1) >= 4
+        # A decode step of 4 sequences, on each rank.
+        await until(lambda: _at_least(cluster, "max_batch", 0, 4), 10, "rank 0 decodes 4 at once")
+        await until(lambda: _at_least(cluster, "max_batch", 1, 4), 10, "rank 1 decodes 4 at once")
         calls[0].cancel()
         await until(lambda: _equals(cluster, "sequences", 1, 3), 10, "rank 1 dropped the cancelled sequence")
         assert await cluster.rank("sequences", 0) == 3
@@ -245,6 +247,10 @@ async def test_four_streams_share_one_batch_and_a_cancel_leaves_it_on_every_rank
 
 async def _equals(cluster: Cluster, name: str, rank: int, value: float) -> bool:
     return await cluster.rank(name, rank) == value
+
+
+async def _at_least(cluster: Cluster, name: str, rank: int, value: float) -> bool:
+    return await cluster.rank(name, rank) >= value
 
 
 async def test_each_rank_holds_half_of_every_layer(cluster, test_model_dir):
@@ -306,3 +312,58 @@ async def test_a_dead_follower_turns_health_not_serving(tmp_path, test_model_dir
 
 async def _not_serving(c: Cluster) -> bool:
     return await c.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_silent_follower_is_declared_dead_after_the_timeout(tmp_path, test_model_dir):
+    """A rank that stops answering without closing its connections (a machine
+    that vanished; here SIGSTOP) leaves rank 0 waiting in a collective: the
+    watchdog ends the requests in flight and turns health NOT_SERVING after
+    MLXGATE_DISTRIBUTED_TIMEOUT seconds without a heartbeat."""
+    c = await launch_by_hand(tmp_path, test_model_dir, MLXGATE_DISTRIBUTED_TIMEOUT="1.5")
+    try:
+        async with grpc.aio.insecure_channel(c.target) as ch:
+            call = pb_grpc.InferenceServiceStub(ch).Generate(_request(PROMPTS[1], 1500), timeout=60)
+            await call.read()
+            c.procs[1].send_signal(signal.SIGSTOP)
+            t = await until(lambda: _not_serving(c), 10, "health NOT_SERVING")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "sent no heartbeat" in e.value.details()
+        assert 1.0 < t < 4.0, t
+        print(f"NOT_SERVING {t:.2f} s after the follower stopped answering")
+    finally:
+        c.procs[1].send_signal(signal.SIGKILL)
+        await c.stop()
+
+
+async def test_pipeline_parallelism(tmp_path, test_model_dir):
+    """--pipeline: each rank holds half of the layers of a model type mlx-lm
+    can pipeline (qwen2); a llama is refused with a clear UNAVAILABLE before
+    any rank loads it, and the engine stays in service."""
+    from backends.mlx.backend import MLXBackend
+    from backends.mlx.testmodel import write_test_model
+    from mlxgate.config import MLXConfig
+
+    models = tmp_path / "models"
+    write_test_model(models, "tiny-qwen", arch="qwen2")
+    (models / TEST_MODEL).symlink_to(test_model_dir / TEST_MODEL)
+    c = await launch(tmp_path, models, "--pipeline")
+    single = MLXBackend(MLXConfig(models_dir=str(models), hf_cache=str(tmp_path / "no-hf"), bootstrap_test_model=False))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await generate(c.target, _request("hi", 4))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "does not support pipeline parallelism" in e.value.details()
+        req = _request(PROMPTS[0], 24)
+        req.model = "tiny-qwen"
+        ids, _ = await generate(c.target, req)
+        assert len(ids) == 24
+        assert ids == await single_process(single, req)
+        assert await c.health() == health_pb2.HealthCheckResponse.SERVING
+        assert await c.rank("parameter_bytes", 0) == await c.rank("parameter_bytes", 1) > 0
+    finally:
+        await single.close()
+        await c.stop()
+

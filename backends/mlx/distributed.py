@@ -37,7 +37,7 @@ every forward pass is a collective: all ranks must run the same
   channel, outside MLX.  Each follower connects to rank 0 and sends a line
   every ``HEARTBEAT_S`` (its batch size, largest batch, steps, shard bytes);
   rank 0 answers each.  A connection that closes (the process died) or a
-  rank silent for ``HEARTBEAT_TIMEOUT_S`` (the machine vanished: a collective
+  rank silent for ``MLXConfig.distributed_timeout`` seconds (the machine vanished: a collective
   would hang) takes the engine out of service: one ERROR log line, the
   requests in flight end with UNAVAILABLE, new ones are refused, and the
   ``on_broken`` callback (the composition root) turns gRPC health
@@ -76,9 +76,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes of the first collective of every message (most fit in it).
 HEADER_BYTES = 512
-#: A follower's heartbeat period, and the silence after which a rank is dead.
+#: A follower's heartbeat period (the silence after which a rank is dead is
+#: ``MLXConfig.distributed_timeout``, sent to the followers in the hello).
 HEARTBEAT_S = 0.5
-HEARTBEAT_TIMEOUT_S = 5.0
 #: How long rank 0 waits for every follower's first heartbeat at start-up.
 CONNECT_TIMEOUT_S = 60.0
 
@@ -213,7 +213,8 @@ class Cluster:
         self.pipeline = config.pipeline
         self._ops: list = []
         self.broken: Optional[str] = None
-        self.watchdog = Watchdog(self.size, self._broke)
+        self.timeout = config.distributed_timeout
+        self.watchdog = Watchdog(self.size, self._broke, self.timeout)
         #: Called once, from the watchdog's thread, with the reason (the
         #: composition root turns health NOT_SERVING).
         self.on_broken: list[Callable[[str], None]] = []
@@ -241,7 +242,7 @@ class Cluster:
     def hello(self) -> None:
         """The first message: where the watchdog listens."""
         host, port = self.watchdog.start()
-        self.channel.send([["hello", host, port, self.pipeline]])
+        self.channel.send([["hello", host, port, self.pipeline, self.timeout]])
         log.info("distributed MLX engine: rank 0 of %d (%s parallelism); watchdog on %s:%d",
                  self.size, "pipeline" if self.pipeline else "tensor", host, port)
 
@@ -390,6 +391,10 @@ class LeaderEngine(Engine):
         self.cluster.flush(["embed", lm.name, ids, dimensions])
         return super().embed_one(lm, ids, dimensions)
 
+    def stop(self, timeout: float = 30.0) -> None:
+        # Out of service, the MLX thread may be stuck in a collective for good.
+        super().stop(2.0 if self.cluster.broken is not None else timeout)
+
     def _shutdown(self) -> None:
         super()._shutdown()
         if self.cluster.broken is None:
@@ -460,8 +465,9 @@ def _leader_host() -> str:
 class Watchdog:
     """Rank 0's end of the heartbeat channel."""
 
-    def __init__(self, size: int, on_dead: Callable[[str], None]) -> None:
+    def __init__(self, size: int, on_dead: Callable[[str], None], timeout: float) -> None:
         self.size = size
+        self.timeout = timeout
         self._on_dead = on_dead
         self._lock = threading.Lock()
         self._seen: dict[int, float] = {}
@@ -520,7 +526,7 @@ class Watchdog:
                 if rank in closed:
                     self._on_dead(f"rank {rank} closed its heartbeat connection (its process exited)")
                     return
-                if rank in seen and now - seen[rank] > HEARTBEAT_TIMEOUT_S:
+                if rank in seen and now - seen[rank] > self.timeout:
                     self._on_dead(f"rank {rank} sent no heartbeat for {now - seen[rank]:.1f} s")
                     return
                 if rank not in seen and now - self._started > CONNECT_TIMEOUT_S:
@@ -534,7 +540,7 @@ class Watchdog:
             for rank in range(1, self.size):
                 beat = self._stats.get(rank, {})
                 up = (rank in self._seen and rank not in self._closed
-                      and now - self._seen[rank] <= HEARTBEAT_TIMEOUT_S)
+                      and now - self._seen[rank] <= self.timeout)
                 out.append({"up": up, **beat, "rank": rank})
         return out
 
@@ -542,10 +548,11 @@ class Watchdog:
 class HeartbeatClient:
     """A follower's end: a line every HEARTBEAT_S; rank 0 gone → this process exits."""
 
-    def __init__(self, rank: int, host: str, port: int, stats: Callable[[], dict]) -> None:
+    def __init__(self, rank: int, host: str, port: int, stats: Callable[[], dict], timeout: float) -> None:
         self.rank = rank
         self._stats = stats
-        self._sock = socket.create_connection((host, port), timeout=HEARTBEAT_TIMEOUT_S)
+        self.timeout = timeout
+        self._sock = socket.create_connection((host, port), timeout=timeout)
         self._last_ok = time.monotonic()
         threading.Thread(target=self._send, name="mlx-dist-heartbeat", daemon=True).start()
         threading.Thread(target=self._read, name="mlx-dist-heartbeat-read", daemon=True).start()
@@ -557,8 +564,8 @@ class HeartbeatClient:
                 self._sock.sendall(json.dumps(beat).encode() + b"\n")
             except OSError as e:
                 _leader_lost(f"cannot reach rank 0's watchdog: {e}")
-            if time.monotonic() - self._last_ok > HEARTBEAT_TIMEOUT_S:
-                _leader_lost(f"rank 0 did not answer for {HEARTBEAT_TIMEOUT_S:.0f} s")
+            if time.monotonic() - self._last_ok > self.timeout:
+                _leader_lost(f"rank 0 did not answer for {self.timeout:.1f} s")
             time.sleep(HEARTBEAT_S)
 
     def _read(self) -> None:
@@ -590,6 +597,7 @@ def _leader_lost(why: str) -> None:
 class _Model:
     model: Any
     tokenizer: Any
+    parameter_bytes: int = 0
     gen: Any = None
     #: Digest of the tokens of this rank's last step (see ``tokens_digest``).
     digest: int = 0
@@ -621,14 +629,18 @@ class Follower:
         self.heartbeat: Optional[HeartbeatClient] = None
 
     def stats(self) -> dict:
-        models = list(self.models.values())
-        return {
-            "sequences": sum(len(m.uids) for m in models),
-            "max_batch": self.max_batch,
-            "steps": self.steps,
-            "parameter_bytes": sum(parameter_bytes(m.model) for m in models if m.model is not None),
-            "models": sorted(self.models),
-        }
+        """What the heartbeat carries (its thread: plain Python values only, no MLX)."""
+        try:
+            models = list(self.models.items())
+            return {
+                "sequences": sum(len(m.uids) for _, m in models),
+                "max_batch": self.max_batch,
+                "steps": self.steps,
+                "parameter_bytes": sum(m.parameter_bytes for _, m in models),
+                "models": sorted(name for name, _ in models),
+            }
+        except RuntimeError:  # changed while read: the next beat has it
+            return {}
 
     def run(self) -> int:
         while True:
@@ -639,11 +651,11 @@ class Follower:
                     return 0
                 getattr(self, f"_op_{kind}")(*op[1:])
 
-    def _op_hello(self, host: str, port: int, pipeline: bool) -> None:
+    def _op_hello(self, host: str, port: int, pipeline: bool, timeout: float) -> None:
         self.pipeline = pipeline
         self._prepare()
         self.registry = ModelRegistry(self.config)
-        self.heartbeat = HeartbeatClient(self.rank, host, port, self.stats)
+        self.heartbeat = HeartbeatClient(self.rank, host, port, self.stats, timeout)
         log.info("distributed MLX follower: rank %d of %d (%s parallelism), heartbeat to %s:%d",
                  self.rank, self.group.size(), "pipeline" if pipeline else "tensor", host, port)
 
@@ -654,9 +666,9 @@ class Follower:
             model, tokenizer = load_shard(str(entry.path), self.pipeline)
         except Exception as e:  # noqa: BLE001 - rank 0 waits in the load: leaving is the way to tell it
             _leader_lost(f"could not load {name}: {type(e).__name__}: {e}")
-        self.models[name] = _Model(model, tokenizer)
+        self.models[name] = _Model(model, tokenizer, parameter_bytes(model))
         log.info("distributed MLX follower %d: loaded its shard of %s (%.1f MB) in %.2fs", self.rank, name,
-                 parameter_bytes(model) / 1e6, time.perf_counter() - t0)
+                 self.models[name].parameter_bytes / 1e6, time.perf_counter() - t0)
 
     def _op_unload(self, name: str) -> None:
         import gc
