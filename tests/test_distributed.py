@@ -367,3 +367,31 @@ async def test_pipeline_parallelism(tmp_path, test_model_dir):
         await single.close()
         await c.stop()
 
+
+
+def test_watchdog_ignores_strangers_and_sees_a_rank_leave(monkeypatch):
+    """The heartbeat port is plain TCP: a connection without the ranks'
+    secret (sent over the ring) neither counts as a rank nor, by closing,
+    takes the engine out of service; a rank's closing does, at once."""
+    from backends.mlx.distributed import Watchdog
+
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    monkeypatch.delenv("MLX_JACCL_COORDINATOR", raising=False)
+    dead: list[str] = []
+    w = Watchdog(2, dead.append, timeout=5.0)
+    host, port = w.start()
+    try:
+        with socket.create_connection((host, port)) as s:
+            s.sendall(json.dumps({"rank": 1, "secret": "guess"}).encode() + b"\n")
+        time.sleep(0.5)
+        assert dead == [] and w.status()[1]["up"] is False
+        with socket.create_connection((host, port)) as s:
+            s.sendall(json.dumps({"rank": 1, "secret": w.secret, "sequences": 2}).encode() + b"\n")
+            assert s.makefile("rb").readline() == b"ok\n"
+            assert w.status()[1]["up"] is True and w.status()[1]["sequences"] == 2
+        deadline = time.monotonic() + 3
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dead and "rank 1 closed its heartbeat connection" in dead[0]
+    finally:
+        w.stop()

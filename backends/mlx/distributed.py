@@ -58,6 +58,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -242,7 +243,7 @@ class Cluster:
     def hello(self) -> None:
         """The first message: where the watchdog listens."""
         host, port = self.watchdog.start()
-        self.channel.send([["hello", host, port, self.pipeline, self.timeout]])
+        self.channel.send([["hello", host, port, self.pipeline, self.timeout, self.watchdog.secret]])
         log.info("distributed MLX engine: rank 0 of %d (%s parallelism); watchdog on %s:%d",
                  self.size, "pipeline" if self.pipeline else "tensor", host, port)
 
@@ -476,6 +477,9 @@ class Watchdog:
         self._stop = threading.Event()
         self._sock: Optional[socket.socket] = None
         self._started = 0.0
+        #: Sent to the ranks over the ring (never on the heartbeat's TCP port):
+        #: a line without it is not a rank's, and is ignored.
+        self.secret = secrets.token_hex(16)
         #: Rank 0's own figures, set by whoever knows them (the backend).
         self.local: Callable[[], dict] = dict
 
@@ -506,6 +510,10 @@ class Watchdog:
             try:
                 for line in lines:
                     beat = json.loads(line)
+                    if not secrets.compare_digest(str(beat.pop("secret", "")), self.secret):
+                        log.warning("distributed MLX watchdog: a heartbeat without the ranks' secret; "
+                                    "connection closed")
+                        break
                     rank = int(beat["rank"])
                     with self._lock:
                         self._seen[rank] = time.monotonic()
@@ -548,8 +556,10 @@ class Watchdog:
 class HeartbeatClient:
     """A follower's end: a line every HEARTBEAT_S; rank 0 gone → this process exits."""
 
-    def __init__(self, rank: int, host: str, port: int, stats: Callable[[], dict], timeout: float) -> None:
+    def __init__(self, rank: int, host: str, port: int, stats: Callable[[], dict], timeout: float,
+                 secret: str) -> None:
         self.rank = rank
+        self._secret = secret
         self._stats = stats
         self.timeout = timeout
         self._sock = socket.create_connection((host, port), timeout=timeout)
@@ -560,7 +570,7 @@ class HeartbeatClient:
     def _send(self) -> None:
         while True:
             try:
-                beat = {"rank": self.rank, **self._stats()}
+                beat = {**self._stats(), "rank": self.rank, "secret": self._secret}
                 self._sock.sendall(json.dumps(beat).encode() + b"\n")
             except OSError as e:
                 _leader_lost(f"cannot reach rank 0's watchdog: {e}")
@@ -651,11 +661,11 @@ class Follower:
                     return 0
                 getattr(self, f"_op_{kind}")(*op[1:])
 
-    def _op_hello(self, host: str, port: int, pipeline: bool, timeout: float) -> None:
+    def _op_hello(self, host: str, port: int, pipeline: bool, timeout: float, secret: str) -> None:
         self.pipeline = pipeline
         self._prepare()
         self.registry = ModelRegistry(self.config)
-        self.heartbeat = HeartbeatClient(self.rank, host, port, self.stats, timeout)
+        self.heartbeat = HeartbeatClient(self.rank, host, port, self.stats, timeout, secret)
         log.info("distributed MLX follower: rank %d of %d (%s parallelism), heartbeat to %s:%d",
                  self.rank, self.group.size(), "pipeline" if pipeline else "tensor", host, port)
 
