@@ -184,6 +184,12 @@ async def until(predicate, timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
+def single_model(path: Path) -> Any:
+    from mlx_lm.utils import load
+
+    return load(str(path))[0]
+
+
 async def single_process(mlx_backend, req: pb.GenerateRequest) -> list[int]:
     """The same request on the ordinary one-process engine."""
     from backends.types import Chunk, GenerateRequest
@@ -263,6 +269,7 @@ async def test_each_rank_holds_half_of_every_layer(cluster, test_model_dir):
     full = sum(v.nbytes for v in params.values())
     layers = sum(v.nbytes for k, v in params.items() if ".layers." in k and "norm" not in k)
     rest = full - layers
+    await until(lambda: _at_least(cluster, "parameter_bytes", 1, 1), 5, "rank 1 reports its shard")
     shard = [await cluster.rank("parameter_bytes", r) for r in (0, 1)]
     # Tensor parallelism splits every projection of every layer in two; the
     # embeddings, the head and the norms stay whole on each rank.
@@ -362,7 +369,14 @@ async def test_pipeline_parallelism(tmp_path, test_model_dir):
         assert len(ids) == 24
         assert ids == await single_process(single, req)
         assert await c.health() == health_pb2.HealthCheckResponse.SERVING
-        assert await c.rank("parameter_bytes", 0) == await c.rank("parameter_bytes", 1) > 0
+        # Each rank holds one of the two layers (whole), and the embeddings and head.
+        from mlx.utils import tree_flatten
+
+        params = dict(tree_flatten(single_model(models / "tiny-qwen").parameters()))
+        layers = sum(v.nbytes for k, v in params.items() if ".layers." in k)
+        expected = sum(v.nbytes for v in params.values()) - layers // 2
+        await until(lambda: _equals(c, "parameter_bytes", 1, expected), 5, "rank 1 reports its shard")
+        assert await c.rank("parameter_bytes", 0) == expected
     finally:
         await single.close()
         await c.stop()
@@ -395,3 +409,25 @@ def test_watchdog_ignores_strangers_and_sees_a_rank_leave(monkeypatch):
         assert dead and "rank 1 closed its heartbeat connection" in dead[0]
     finally:
         w.stop()
+
+
+def test_distributed_settings_and_a_lone_process(tmp_path):
+    """MLXGATE_DISTRIBUTED / MLXGATE_PIPELINE / MLXGATE_DISTRIBUTED_TIMEOUT and
+    the flags set MLXConfig; --distributed outside mlx.launch (a group of one)
+    says how to launch it and exits 2."""
+    import subprocess
+
+    from mlxgate.config import load_config
+    from mlxgate_cli.main import build_parser, config_from_args
+
+    cfg = load_config(env={"MLXGATE_DISTRIBUTED": "1", "MLXGATE_PIPELINE": "true",
+                           "MLXGATE_DISTRIBUTED_TIMEOUT": "2.5"})
+    assert (cfg.mlx.distributed, cfg.mlx.pipeline, cfg.mlx.distributed_timeout) == (True, True, 2.5)
+    assert (load_config(env={}).mlx.distributed, load_config(env={}).mlx.pipeline) == (False, False)
+    args = build_parser().parse_args(["service", "--distributed", "--pipeline"])
+    cfg = config_from_args(args)
+    assert cfg.mlx.distributed and cfg.mlx.pipeline
+    r = subprocess.run([sys.executable, "-m", "mlxgate_cli", "service", "--distributed", "--grpc-port", "0",
+                        "--metrics-port", "0"], env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--distributed needs the processes started by mlx.launch" in r.stderr

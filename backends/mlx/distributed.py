@@ -756,6 +756,8 @@ def run_follower(config: MLXConfig, prepare: Callable[[], None] = lambda: None) 
              follower.group.size())
     try:
         return follower.run()
+    except KeyboardInterrupt:  # Ctrl-C on mlx.launch reaches every local rank
+        return 130
     except Exception as e:  # noqa: BLE001 - a lost peer, a divergence: rank 0's watchdog sees this exit
         log.error("distributed MLX follower %d: %s: %s; exiting", follower.rank, type(e).__name__, e,
                   exc_info=log.isEnabledFor(logging.DEBUG))
