@@ -165,12 +165,14 @@ def _request(prompt: str, max_tokens: int, temperature: float = 0.0, seed: Optio
     return pb.GenerateRequest(model=TEST_MODEL, prompt=pb.PromptInput(prompt=prompt, raw=True), sampling=s)
 
 
-async def generate(target: str, req: pb.GenerateRequest) -> tuple[list[int], Any]:
+async def generate(target: str, req: pb.GenerateRequest, text: Optional[list] = None) -> tuple[list[int], Any]:
     ids: list[int] = []
     async with grpc.aio.insecure_channel(target) as ch:
         async for ev in pb_grpc.InferenceServiceStub(ch).Generate(req, timeout=60):
             if ev.HasField("chunk"):
                 ids += list(ev.chunk.token_ids)
+                if text is not None:
+                    text.append(ev.chunk.text)
             else:
                 return ids, ev.done
     raise AssertionError("stream ended without Done")
@@ -228,6 +230,20 @@ async def test_seeded_sampling_is_repeatable(cluster):
     assert first == again and len(first) == 20
     other, _ = await generate(cluster.target, _request(PROMPTS[2], 20, temperature=0.9, seed=99))
     assert other != first
+    assert await cluster.rank("up", 1) == 1
+
+
+async def test_a_json_schema_constrains_every_rank(cluster, mlx_backend):
+    """The grammar travels with the sequence: every rank masks its logits
+    alike, so the answer is the single process's (and valid JSON)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    req = _request(PROMPTS[1], 60)
+    req.format.CopyFrom(pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)))
+    text = []
+    ids, _ = await generate(cluster.target, req, text)
+    assert ids == await single_process(mlx_backend, req)
+    assert set(json.loads("".join(text))) == {"name", "age"}, text
     assert await cluster.rank("up", 1) == 1
 
 

@@ -53,6 +53,8 @@ class _Plan:
     num_ctx: int
     output: Optional[SequenceOutput] = None
     matcher: object = None
+    #: The grammar ``matcher`` was compiled from (a distributed engine's other ranks compile it too).
+    grammar: Optional[str] = None
 
 
 class MLXBackend:
@@ -308,7 +310,7 @@ class MLXBackend:
             )
         thinking = new_think_splitter(tok, ids, req.think)
         output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)
-        return _Plan(ids, max_tokens, ctx, output, matcher)
+        return _Plan(ids, max_tokens, ctx, output, matcher, grammar)
 
     # ---------------------------------------------------------------- Backend protocol
 
@@ -377,6 +379,7 @@ class MLXBackend:
                 logprobs=req.logprobs or req.top_logprobs > 0,
                 top_logprobs=req.top_logprobs,
                 matcher=plan.matcher,
+                grammar=plan.grammar,
                 load_duration_ns=load_ns,
                 t_start_ns=t_start,
             )

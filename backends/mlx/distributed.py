@@ -46,9 +46,9 @@ every forward pass is a collective: all ranks must run the same
   with "[ring] connection to a peer was lost"; the engine's usual error path
   then fails that step's sequences.
 
-Not supported (refused with UNAVAILABLE, so a router tries its next
-backend): output constraints (JSON formats, forced tool calls).  Prompt-cache
-reuse is off (each rank would need the same store); one model is resident at
+Output constraints (JSON formats, forced tool calls) travel as their
+grammar: every rank compiles the same matcher and masks its logits alike.
+Prompt-cache reuse is off (each rank would need the same store); one model is resident at
 a time (``max_loaded_models`` 1).  See README, "One model on several Macs".
 """
 
@@ -66,6 +66,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 from backends.errors import Unavailable
+from backends.mlx.constrain import TokenizerCache
 from backends.mlx.engine import Engine, Sequence, _greedy
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.registry import ModelEntry, ModelRegistry
@@ -296,13 +297,13 @@ class MirroredGenerator:
         self._gen.prefill_step_size = value
 
     def insert_one(self, prompt: list[int], max_tokens: int, sampling: Sampling, seed: int, num_ctx: int,
-                   sampler: Callable, procs: list) -> int:
+                   sampler: Callable, procs: list, grammar: Optional[list] = None) -> int:
         (uid,) = self._gen.insert(
             [prompt], max_tokens=[max_tokens], caches=[None], all_tokens=[[]],
             samplers=[sampler], logits_processors=[procs],
         )
         self._cluster.queue(["insert", self._name, uid, prompt, max_tokens, dataclasses.asdict(sampling),
-                             seed, num_ctx])
+                             seed, num_ctx, grammar])
         return uid
 
     def remove(self, uids, return_prompt_caches: bool = False):
@@ -374,11 +375,12 @@ class LeaderEngine(Engine):
         return MirroredGenerator(self.cluster, lm.name, gen, params)
 
     def _insert(self, lm: LoadedModel, seq: Sequence, n: int, cache: Any, sampler: Callable, procs: list) -> int:
+        grammar = None
         if seq.matcher is not None:
-            raise Unavailable("output constraints (JSON formats, forced tool calls) are not supported by the "
-                              "distributed MLX engine")
+            # The other ranks compile the same grammar: their logits must be masked alike.
+            grammar = [seq.grammar, lm.vocab_size, sorted(lm.eos_token_ids)]
         return lm.generator.insert_one(seq.prompt_ids, seq.max_tokens, seq.sampling, seq.seed, seq.num_ctx,
-                                       sampler, procs)
+                                       sampler, procs, grammar)
 
     def _end_of_turn(self) -> None:
         # Batch operations ride on the next step's message; with no next step
@@ -609,6 +611,7 @@ class _Model:
     tokenizer: Any
     parameter_bytes: int = 0
     gen: Any = None
+    lltok: TokenizerCache = dataclasses.field(default_factory=TokenizerCache)
     #: Digest of the tokens of this rank's last step (see ``tokens_digest``).
     digest: int = 0
     #: uids in this rank's batch (queued, prefilling or decoding).
@@ -709,12 +712,20 @@ class Follower:
             m.uids.clear()
 
     def _op_insert(self, name: str, uid: int, prompt: list, max_tokens: int, sampling: dict, seed: int,
-                   num_ctx: int) -> None:
+                   num_ctx: int, grammar: Optional[list]) -> None:
         m = self.models[name]
         s = _sampling_of(sampling)
         guard = SimpleNamespace(error=None)
         sampler = sampler_for(s, seed, guard)
-        procs = [Engine._guard(guard, p, False) for p in sampling_mod.make_processors(s, num_ctx)]
+        procs = sampling_mod.make_processors(s, num_ctx)
+        if grammar is not None:
+            # As Engine.processors_for: the constraint last, so it wins.
+            from backends.mlx.constrain import GrammarProcessor, new_matcher
+
+            text, vocab_size, eos = grammar
+            lltok = m.lltok.get(m.tokenizer._tokenizer, vocab_size, eos)
+            procs.append(GrammarProcessor(new_matcher(lltok, text), len(prompt), vocab_size))
+        procs = [Engine._guard(guard, p, False) for p in procs]
         (mine,) = m.gen.insert([prompt], max_tokens=[max_tokens], caches=[None], all_tokens=[[]],
                                samplers=[sampler], logits_processors=[procs])
         if mine != uid:

@@ -82,6 +82,8 @@ class Sequence:
     logprobs: bool = False
     top_logprobs: int = 0
     matcher: Any = None
+    #: The grammar ``matcher`` was compiled from.
+    grammar: Optional[str] = None
     load_duration_ns: int = 0
     t_start_ns: int = field(default_factory=time.perf_counter_ns)
     t_submit_ns: int = 0
