@@ -16,6 +16,7 @@ whether rank 0's own watchdog noticed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -145,8 +146,8 @@ async def launch_by_hand(tmp: Path, models: Path, **extra_env: str) -> Cluster:
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
     log = tmp / "cluster.log"
-    procs = []
-    with open(log, "wb") as f:
+    procs: list = []
+    with open(log, "wb") as f, _killed_on_error(procs):
         for rank in (0, 1):
             env = clean_env(tmp, MLXGATE_METRICS_PUBLIC="1", MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile),
                             **extra_env)
@@ -156,6 +157,18 @@ async def launch_by_hand(tmp: Path, models: Path, **extra_env: str) -> Cluster:
                 start_new_session=True,
             ))
     return await _started(procs, log)
+
+
+@contextlib.contextmanager
+def _killed_on_error(procs: list):
+    """Ranks already started do not outlive a failed start (rank 0 would wait for the ring forever)."""
+    try:
+        yield
+    except BaseException:
+        for p in procs:
+            if p.returncode is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        raise
 
 
 def _request(prompt: str, max_tokens: int, temperature: float = 0.0, seed: Optional[int] = None) -> pb.GenerateRequest:
@@ -308,9 +321,25 @@ async def test_embeddings_run_on_every_rank(cluster, mlx_backend):
 
 
 async def test_a_dead_follower_turns_health_not_serving(tmp_path, test_model_dir):
+    """SIGKILL of rank 1 mid-stream: the stream ends UNAVAILABLE, health turns
+    NOT_SERVING, new requests are refused naming why, and a front that has
+    the cluster as a remote and an Ollama behind it falls back to the Ollama."""
+    from mlxgate.config import Config, RemoteService, ServerConfig
+    from mlxgate_cli.stack import start_stack
+    from tests.fakes.ollama_fake import FakeOllama
+
     c = await launch_by_hand(tmp_path, test_model_dir)
+    ollama = FakeOllama(models=[f"{TEST_MODEL}:latest"])
+    await ollama.start()
+    cfg = Config(server=ServerConfig(port=0, grpc_port=0, request_timeout=60))
+    cfg.mlx.enabled = False
+    cfg.remotes = [RemoteService(name="dist", target=c.target)]
+    cfg.ollama.upstream = ollama.url
+    front = await start_stack(cfg, env={}, front=False)
     try:
         assert await c.health() == health_pb2.HealthCheckResponse.SERVING
+        _, done = await generate(front.grpc_target, _request(PROMPTS[2], 4))
+        assert done.backend == "remote:dist"
         async with grpc.aio.insecure_channel(c.target) as ch:
             call = pb_grpc.InferenceServiceStub(ch).Generate(_request(PROMPTS[0], 1500), timeout=60)
             await call.read()  # streaming
@@ -329,8 +358,19 @@ async def test_a_dead_follower_turns_health_not_serving(tmp_path, test_model_dir
         text = c.log.read_text()
         assert re.search(r"ERROR backends.mlx.distributed: distributed MLX engine out of service: rank 1 ", text), \
             text[-3000:]
+        # The front's health watch sees NOT_SERVING: the Ollama answers.
+        remote = front.router._by_name["remote:dist"]
+        await until(lambda: _false(remote.serving), 10, "the front sees the remote not serving")
+        _, done = await generate(front.grpc_target, _request(PROMPTS[2], 4))
+        assert done.backend == "ollama"
     finally:
+        await front.stop()
+        await ollama.stop()
         await c.stop()
+
+
+async def _false(value: bool) -> bool:
+    return not value
 
 
 async def _not_serving(c: Cluster) -> bool:

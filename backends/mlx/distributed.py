@@ -215,6 +215,7 @@ class Cluster:
         self.pipeline = config.pipeline
         self._ops: list = []
         self.broken: Optional[str] = None
+        self._broke_lock = threading.Lock()
         self.timeout = config.distributed_timeout
         self.watchdog = Watchdog(self.size, self._broke, self.timeout)
         #: Called once, from the watchdog's thread, with the reason (the
@@ -251,9 +252,10 @@ class Cluster:
     # -- health
 
     def _broke(self, reason: str) -> None:
-        if self.broken is not None:
-            return
-        self.broken = reason
+        with self._broke_lock:  # the watchdog's thread, or the MLX thread (a failed load)
+            if self.broken is not None:
+                return
+            self.broken = reason
         log.error("distributed MLX engine out of service: %s; requests in flight end with UNAVAILABLE, "
                   "health is NOT_SERVING (restart every rank with mlx.launch)", reason)
         if self._engine_broken is not None:
