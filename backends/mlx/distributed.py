@@ -13,7 +13,7 @@ every forward pass is a collective: all ranks must run the same
   loads shards, :class:`LeaderEngine` hands the engine a
   :class:`MirroredGenerator` instead of mlx-lm's ``BatchGenerator``.  The
   mirror records every operation on the batch (insert with the prompt, the
-  sampling parameters, the seed and max tokens; remove, for a finished,
+  sampling parameters, the seed, max tokens and output grammar; remove, for a finished,
   stopped or cancelled sequence; close) and sends the recorded ones, with
   the step's prefill chunk size, just before each ``next()``: one broadcast
   per engine step, then the step itself.  Loads, unloads and embeddings are
@@ -35,10 +35,11 @@ every forward pass is a collective: all ranks must run the same
   than carry on with a different KV cache.
 - **Liveness** (:class:`Watchdog`, :class:`HeartbeatClient`): a TCP side
   channel, outside MLX.  Each follower connects to rank 0 and sends a line
-  every ``HEARTBEAT_S`` (its batch size, largest batch, steps, shard bytes);
-  rank 0 answers each.  A connection that closes (the process died) or a
-  rank silent for ``MLXConfig.distributed_timeout`` seconds (the machine vanished: a collective
-  would hang) takes the engine out of service: one ERROR log line, the
+  every ``HEARTBEAT_S`` (its batch size, largest batch, steps, shard bytes,
+  and a secret rank 0 sent over the ring); rank 0 answers each.  A
+  connection that closes (the process died) or a rank silent for
+  ``MLXConfig.distributed_timeout`` seconds (the machine vanished: a
+  collective would hang) takes the engine out of service: one ERROR log line, the
   requests in flight end with UNAVAILABLE, new ones are refused, and the
   ``on_broken`` callback (the composition root) turns gRPC health
   NOT_SERVING, so a front's router falls back.  A follower that loses rank 0
@@ -48,8 +49,9 @@ every forward pass is a collective: all ranks must run the same
 
 Output constraints (JSON formats, forced tool calls) travel as their
 grammar: every rank compiles the same matcher and masks its logits alike.
-Prompt-cache reuse is off (each rank would need the same store); one model is resident at
-a time (``max_loaded_models`` 1).  See README, "One model on several Macs".
+Prompt-cache reuse is off (each rank would need the same store); one model
+is resident at a time (``max_loaded_models`` 1).  See README, "One model
+across several Macs".
 """
 
 from __future__ import annotations
