@@ -903,8 +903,10 @@ class Router:
         return orders
 
     def health(self) -> dict[str, bool]:
-        """Serving or not, for the backends that watch their health (remotes)."""
-        return {b.name: _serving(b) for b in self.backends if hasattr(b, "serving")}
+        """Serving or not, for the backends that watch their health (remotes, a
+        distributed MLX engine)."""
+        return {b.name: _serving(b) for b in self.backends
+                if hasattr(b, "serving") and getattr(b, "watches_health", True)}
 
     def breaker_states(self) -> dict[str, str]:
         return {name: br.state.value for name, br in self.breakers.items()}

@@ -355,6 +355,7 @@ async def test_a_dead_follower_turns_health_not_serving(tmp_path, test_model_dir
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "out of service" in e.value.details()
         assert await c.rank("up", 1) == 0
+        assert (await c.metrics())['mlxgate_backend_serving{backend="mlx"}'] == 0
         text = c.log.read_text()
         assert re.search(r"ERROR backends.mlx.distributed: distributed MLX engine out of service: rank 1 ", text), \
             text[-3000:]

@@ -99,6 +99,11 @@ class MLXBackend:
         return self.cluster is None or self.cluster.broken is None
 
     @property
+    def watches_health(self) -> bool:
+        """Only a distributed engine has a health of its own (its ranks)."""
+        return self.cluster is not None
+
+    @property
     def not_serving_reason(self) -> str:
         if self.cluster is None or self.cluster.broken is None:
             return ""
