@@ -225,12 +225,35 @@ async def cluster(tmp_path_factory, test_model_dir) -> AsyncIterator[Cluster]:
         await c.stop()
 
 
+#: ~340 tokens: prefilled in paced chunks beside running streams; its insert
+#: message takes the broadcast's second collective.
+LONG_PROMPT = " ".join(f"line {i} of a long prompt about the sea." for i in range(20))
+
+
 async def test_greedy_output_is_the_single_process_output(cluster, mlx_backend):
     for prompt in PROMPTS[:2]:
         req = _request(prompt, 24)
         ids, _ = await generate(cluster.target, req)
         assert len(ids) == 24
         assert ids == await single_process(mlx_backend, req)
+
+
+async def test_a_long_prompt_joins_running_streams_in_paced_chunks(cluster, mlx_backend):
+    """While two streams decode, a long prompt is prefilled in chunks whose
+    size rank 0's pacer picks from its timings each step: the size travels
+    with the step, so rank 1 runs the very same steps (its decode-step count
+    equals rank 0's) and every answer is the single process's."""
+    reqs = [_request(PROMPTS[0], 80), _request(PROMPTS[3], 80)]
+    running = [asyncio.ensure_future(generate(cluster.target, r)) for r in reqs]
+    await asyncio.sleep(0.3)
+    long_req = _request(LONG_PROMPT, 8)
+    long_ids, _ = await generate(cluster.target, long_req)
+    results = await asyncio.gather(*running)
+    assert long_ids == await single_process(mlx_backend, long_req)
+    for (ids, _), r in zip(results, reqs):
+        assert ids == await single_process(mlx_backend, r)
+    steps0 = await cluster.rank("decode_steps", 0)
+    await until(lambda: _equals(cluster, "decode_steps", 1, steps0), 5, "rank 1 ran rank 0's steps")
 
 
 async def test_seeded_sampling_is_repeatable(cluster):
