@@ -124,10 +124,17 @@ class InferenceClient:
     """The stub plus the deadline and request id every call gets."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+        self,
+        channel: Optional[grpc.aio.Channel],
+        timeout: float,
+        metadata: Sequence[tuple[str, str]] = (),
+        stub: Any = None,
     ) -> None:
+        """``stub``: an object with the service's methods, called as
+        ``InferenceServiceStub``'s are (the in-process service's local stub);
+        default: the generated stub over ``channel``."""
         self.channel = channel
-        self.stub = pb_grpc.InferenceServiceStub(channel)
+        self.stub = stub if stub is not None else pb_grpc.InferenceServiceStub(channel)
         self.timeout = timeout
         self._metadata = tuple(metadata)
         self._streams: "weakref.WeakSet[GenerateStream]" = weakref.WeakSet()
@@ -142,19 +149,25 @@ class InferenceClient:
         api_key: Optional[str] = None,
         max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
         front_token: Optional[str] = None,
+        local_stub: Any = None,
     ) -> "InferenceClient":
         """A client on a new channel.  ``api_key``: sent as ``authorization:
-        Bearer``; ``front_token``: the in-process service's drain pass."""
+        Bearer``; ``front_token``: the in-process service's drain pass;
+        ``local_stub``: the in-process service's stub, called instead of a
+        channel to ``target`` (``backends.local``)."""
         metadata = []
         if api_key:
             metadata.append(("authorization", f"Bearer {api_key}"))
         if front_token:
             metadata.append((FRONT_TOKEN_KEY, front_token))
+        if local_stub is not None:
+            return cls(None, timeout, metadata, stub=local_stub)
         channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
         return cls(channel, timeout, metadata)
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
 
     def end_calls(self) -> int:
         """Shutdown: every call still running fails with UNAVAILABLE "server

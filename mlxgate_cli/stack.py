@@ -126,6 +126,7 @@ class Stack:
             self.grpc_target,
             extra_middlewares=[http_metrics.middleware],
             front_token=self.front_token if self.service is not None else None,
+            local_stub=self.service.local_stub() if self.service is not None else None,
         )
         app.router.add_get("/metrics", metrics_handler(self.registry))
         try:
