@@ -39,6 +39,7 @@ import time
 from typing import Any, Awaitable, Iterable, Optional, TypeVar
 
 import aiohttp
+import orjson
 
 from backends.errors import (
     BackendError,
@@ -281,6 +282,18 @@ def iter_lines(resp: aiohttp.ClientResponse, who: str = "upstream") -> LineReade
     return LineReader(resp, who)
 
 
+def json_body(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """aiohttp request arguments with ``json=`` sent as orjson's bytes
+    (aiohttp's own ``json=`` encodes with the standard library, several
+    times slower)."""
+    body = kwargs.pop("json", None)
+    if body is None:
+        return kwargs
+    headers = dict(kwargs.pop("headers", None) or {})
+    headers.setdefault("Content-Type", "application/json")
+    return {**kwargs, "data": orjson.dumps(body), "headers": headers}
+
+
 def connect_timeout(timeouts: UpstreamTimeouts) -> aiohttp.ClientTimeout:
     """aiohttp's own clock on an upstream call: connecting only.
 
@@ -380,7 +393,7 @@ class UpstreamStream:
         self._loop = self.clock._loop
         try:
             self.resp = await self.clock.bound(
-                session.post(url, timeout=connect_timeout(self.timeouts), **kwargs)
+                session.post(url, timeout=connect_timeout(self.timeouts), **json_body(kwargs))
             )
         except BackendError:
             raise
@@ -479,7 +492,7 @@ async def call_json(
     timeout = asyncio.timeout(total)
     try:
         async with timeout:
-            async with session.request(method, url, timeout=connect_timeout(timeouts), **kwargs) as resp:
+            async with session.request(method, url, timeout=connect_timeout(timeouts), **json_body(kwargs)) as resp:
                 await raise_for_response(who, resp, secrets)
                 raw = await resp.read()
     except BackendError:

@@ -113,7 +113,6 @@ class CloudBackend(UpstreamSession):
                 if not lines:
                     break
                 tokens = state.token_events
-                pending: list[Chunk] = []
                 for line in lines:
                     if not line.startswith(b"data:"):
                         continue  # blank separators, ": comment", "event:", "id:"
@@ -128,13 +127,12 @@ class CloudBackend(UpstreamSession):
                     if isinstance(obj, dict):
                         if "error" in obj:
                             raise self._stream_error(obj)
-                        chunk = state.feed(obj)
-                        if chunk is not None:
-                            pending.append(chunk)
+                        state.add(obj)
                 if state.token_events != tokens:
                     stream.token()
-                if pending:
-                    yield Chunk.merged(pending)
+                chunk = state.take()
+                if chunk is not None:
+                    yield chunk
             if not saw_done_marker and state.finish is None:
                 raise Unavailable(f"{self.name}: upstream ended the stream before it finished")
             calls = state.tool_calls()
