@@ -14,6 +14,8 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mlxgate.prom import Children
+
 PREFIX = "mlxgate"
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -49,6 +51,9 @@ class HttpMetrics:
             buckets=HTTP_BUCKETS,
             registry=registry,
         )
+        self.c_requests = Children(self.requests)
+        self.c_in_flight = Children(self.in_flight)
+        self.c_duration = Children(self.duration)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -58,7 +63,8 @@ class HttpMetrics:
         info = request.match_info.route.resource
         route = info.canonical if info is not None else "unmatched"
         status = 500
-        self.in_flight.labels(dialect).inc()
+        in_flight = self.c_in_flight(dialect)
+        in_flight.inc()
         started = time.monotonic()
         try:
             response = await handler(request)
@@ -71,9 +77,9 @@ class HttpMetrics:
             status = 499  # the client went away
             raise
         finally:
-            self.in_flight.labels(dialect).dec()
-            self.requests.labels(dialect, route, str(status)).inc()
-            self.duration.labels(dialect, route).observe(time.monotonic() - started)
+            in_flight.dec()
+            self.c_requests(dialect, route, str(status)).inc()
+            self.c_duration(dialect, route).observe(time.monotonic() - started)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:
