@@ -36,8 +36,10 @@ proto: setup
 model: setup
 	$(BIN)/mlxgate make-test-model $(MODELS)
 
+# Sections, reps and sizes: make bench BENCH_ARGS="--sections engine --reps 5" (see tests/bench/run_bench.py).
+BENCH_ARGS ?=
 bench: setup
-	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench
+	$(FAST_BLAS) $(BIN)/python -m tests.bench.run_bench $(BENCH_ARGS)
 
 # One front over 1 vs 2 local `mlxgate service` processes (tests/bench/scale.py).
 bench-scale: setup

@@ -124,7 +124,13 @@ class MLXConfig:
     #: Requests queued or running before new ones are refused with
     #: RESOURCE_EXHAUSTED (Ollama's OLLAMA_MAX_QUEUE, same default).
     max_pending: int = 512
+    #: Most prompt tokens of one sequence evaluated in one step.
     prefill_step_size: int = 512
+    #: While other sequences are generating, a step evaluates only as much of
+    #: a new prompt as takes about this many decode steps' time, so running
+    #: streams' tokens are never more than ~(1 + this) times their usual gap
+    #: apart; 0 = always prefill_step_size (streams wait for each chunk).
+    prefill_interleave: float = 1.5
     #: Bytes of finished sequences' KV caches kept per process (all models
     #: together) so a prompt sharing a prefix with an earlier one (the next
     #: turn of a chat, a repeated system prompt) skips that part of prefill;
@@ -301,6 +307,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_KEEP_ALIVE": ("mlx", "default_keep_alive"),
     "MLXGATE_MAX_BATCH_SIZE": ("mlx", "max_batch_size"),
     "MLXGATE_MAX_PENDING": ("mlx", "max_pending"),
+    "MLXGATE_PREFILL_INTERLEAVE": ("mlx", "prefill_interleave"),
     "MLXGATE_PROMPT_CACHE_BYTES": ("mlx", "prompt_cache_bytes"),
     "MLXGATE_MLX_ENABLED": ("mlx", "enabled"),
     "MLXGATE_DEFAULT_MAX_TOKENS": ("mlx", "default_max_tokens"),

@@ -2,8 +2,8 @@
 
 This layer runs on the event loop and never touches MLX: it resolves names,
 pins models, tokenizes in worker threads, and hands work to
-the engine thread, whose results come back through per-request asyncio
-queues.
+the engine thread, whose results come back through per-request event queues
+(``delivery.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from backends.types import (
 )
 from backends.mlx import constrain, embed as embed_mod, prompt as prompt_mod
 from backends.mlx.context import Fitted, TokenCounter, fit as fit_context
+from backends.mlx.delivery import EventQueue, coalesce
 from backends.mlx.engine import Engine, EngineStats, Sequence
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
@@ -325,16 +326,7 @@ class MLXBackend:
                     model=lm.name,
                 )
                 return
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue = asyncio.Queue()
-
-            def emit(ev: object) -> None:
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, ev)
-                except RuntimeError:  # the caller's loop is gone
-                    if seq is not None:
-                        seq.cancelled = True
-
+            events = EventQueue(asyncio.get_running_loop())
             seq = Sequence(
                 lm=lm,
                 prompt_ids=plan.prompt_ids,
@@ -343,7 +335,7 @@ class MLXBackend:
                 seed=new_seed(req.sampling.seed),
                 num_ctx=plan.num_ctx,
                 output=plan.output,
-                emit=emit,
+                events=events,
                 keep_alive=req.keep_alive,
                 request_id=req.request_id,
                 logprobs=req.logprobs or req.top_logprobs > 0,
@@ -355,12 +347,14 @@ class MLXBackend:
             pinned = None  # the sequence owns the pin now
             self._engine.submit(seq)
             while True:
-                ev = await events.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                yield ev
-                if isinstance(ev, Done):
-                    return
+                # All that is ready, consecutive chunks merged: a reader that
+                # fell behind catches up in one message.
+                for ev in coalesce(await events.get_all()):
+                    if isinstance(ev, BaseException):
+                        raise ev
+                    yield ev
+                    if isinstance(ev, Done):
+                        return
         finally:
             if seq is not None:
                 self._engine.cancel(seq)

@@ -4,7 +4,9 @@ MLX arrays, streams and compiled functions are not meant to be shared across
 threads, and a model must never be used by two threads at once.  So every MLX
 call (loading, prefill, decode, embeddings, unloading) happens here, and the
 event loop talks to this thread through a command queue; results go back per
-request through ``Sequence.emit`` (which wraps ``loop.call_soon_threadsafe``).
+request through its ``EventQueue`` (``delivery.py``): appended without a
+wake-up, and each event loop woken once per turn of the engine's loop for all
+the requests it serves.
 
 Each loaded model has an mlx-lm ``BatchGenerator``: sequences join it as they
 arrive (up to ``max_batch_size``) and leave it when they finish or are
@@ -19,6 +21,11 @@ leaves its KV cache in its model's store; a new sequence starts from a copy
 of the stored cache sharing the longest prefix with its prompt, so only the
 rest of the prompt is evaluated (``Done.cached_prompt_tokens`` counts the
 tokens served from the store).
+
+Prefill is interleaved with decoding (``pacing.py``): while sequences are
+generating, each step processes only as much of a new prompt as fits in
+about ``MLXConfig.prefill_interleave`` decode steps, so a long prompt does
+not stop the running streams for the length of its prefill.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ from typing import Any, Callable, Optional
 
 from backends.errors import BackendError, Unavailable
 from backends.types import Done, Sampling, TokenLogprob, TopLogprob
+from backends.mlx.delivery import Dispatcher, EventQueue
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
+from backends.mlx.pacing import PrefillPacer
 from backends.mlx.prompt_cache import enforce_budget
 from backends.mlx.registry import BACKEND
 from backends.mlx import sampling as sampling_mod
@@ -48,6 +57,13 @@ _STOP = object()
 _LOGPROB_FLOOR = -9999.0
 
 
+def _greedy(logprobs):
+    """The sampler of every greedy sequence (it cannot fail, so it needs no guard)."""
+    import mlx.core as mx
+
+    return mx.argmax(logprobs, axis=-1)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One generation request as the engine sees it."""
@@ -59,8 +75,8 @@ class Sequence:
     seed: int
     num_ctx: int
     output: SequenceOutput
-    #: Thread-safe delivery of a Chunk, Done or exception to the caller.
-    emit: Callable[[Any], None]
+    #: Where the caller's Chunks, Done or exception go (see ``Engine._emit``).
+    events: EventQueue
     keep_alive: Optional[float] = None
     request_id: str = ""
     logprobs: bool = False
@@ -72,7 +88,11 @@ class Sequence:
     cancelled: bool = False
     # Engine-thread state.
     uid: Optional[int] = None
+    #: Prompt processing has started / ended (the sequence is generating).
     prefilled: bool = False
+    decoding: bool = False
+    #: Prompt tokens (beyond the cached ones) processed so far.
+    prefill_done: int = 0
     #: Prompt tokens served from the model's prompt-cache store.
     cached_tokens: int = 0
     t_admit_ns: int = 0
@@ -90,6 +110,9 @@ class EngineStats:
     max_batch_seen: int = 0
     #: Sequences whose prompt processing started.
     prefills: int = 0
+    #: Steps that processed prompt tokens, and those tokens (cached ones not counted).
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
     generated_tokens: int = 0
     failed_steps: int = 0
     #: Sequences that started from a stored prompt cache, and the prompt tokens it saved.
@@ -108,6 +131,7 @@ class Engine:
         self._inflight: set[Sequence] = set()
         self._stream = None
         self._closed = False
+        self._dispatch = Dispatcher()
         self.stats = EngineStats()
         #: (active, peak, cache, kv-cache, prompt-cache) bytes, refreshed by the
         #: MLX thread so a metrics scrape never calls into MLX from another thread.
@@ -144,7 +168,7 @@ class Engine:
         if fut.done() and fut.exception() is not None:
             with self._lock:
                 self._inflight.discard(seq)
-            seq.emit(fut.exception())
+            seq.events.put(fut.exception())  # the caller reads its queue before waiting
 
     def cancel(self, seq: Sequence) -> None:
         """Called when the caller went away: the sequence leaves the batch at the next step."""
@@ -187,11 +211,18 @@ class Engine:
                     self._admit(lm)
                     if lm.active:
                         self._step(lm)
+                        self._dispatch.flush()
                 self._manager.expire()
                 if time.monotonic() - self._memory_at > 0.25:
                     self._refresh_memory()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("MLX engine loop error")
+            finally:
+                self._dispatch.flush()
+
+    def _emit(self, seq: Sequence, event: Any) -> None:
+        """Queue an event for the caller; its loop is woken by the next ``flush``."""
+        self._dispatch.put(seq, event)
 
     def _refresh_memory(self) -> None:
         import mlx.core as mx
@@ -276,7 +307,12 @@ class Engine:
             try:
                 if lm.generator is None:
                     lm.generator = self._new_generator(lm)
-                sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
+                if seq.sampling.temperature == 0:
+                    # One object for every greedy sequence: a batch of them is
+                    # sampled with one argmax instead of one per row.
+                    sampler = _greedy
+                else:
+                    sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
                 procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
                 cache, n = lm.prompt_cache.fetch(seq.prompt_ids) if lm.prompt_cache is not None else (None, 0)
                 (uid,) = lm.generator.insert(
@@ -302,6 +338,20 @@ class Engine:
 
     def _step(self, lm: LoadedModel) -> None:
         gen = lm.generator
+        decoding = 0
+        # Uncached prompt lengths of the sequences the next call prefills
+        # (BatchGenerator takes them in arrival order, prefill_batch_size at a time).
+        prompts: list[int] = []
+        for s in lm.active.values():
+            if s.decoding:
+                decoding += 1
+            elif len(prompts) < gen.prefill_batch_size:
+                prompts.append(len(s.prompt_ids) - s.cached_tokens)
+        if lm.pacer is None:
+            lm.pacer = PrefillPacer(self._config.prefill_step_size, self._config.prefill_interleave)
+        if prompts:
+            gen.prefill_step_size = lm.pacer.chunk(decoding > 0, prompts)
+        t0 = time.perf_counter()
         try:
             prompt_resps, gen_resps = gen.next()
         except Exception as e:  # noqa: BLE001 - the whole batch of this model is lost
@@ -315,12 +365,24 @@ class Engine:
             except Exception:  # noqa: BLE001
                 pass
             return
+        elapsed = time.perf_counter() - t0
+        prompt_tokens, joined = 0, False
         for r in prompt_resps:
             seq = lm.active.get(r.uid)
-            if seq is not None and not seq.prefilled:
+            if seq is None:
+                continue
+            prompt_tokens += max(0, r.progress[0] - seq.prefill_done)
+            seq.prefill_done = r.progress[0]
+            if not seq.prefilled:
                 seq.prefilled = True
                 self.stats.prefills += 1
                 self._observe_queue_wait(seq)
+            if r.end_of_prompt:
+                seq.decoding = joined = True
+        if prompt_tokens:
+            self.stats.prefill_calls += 1
+            self.stats.prefill_tokens += prompt_tokens
+        lm.pacer.observe(elapsed, decoding > 0, prompt_tokens, joined)
         if gen_resps:
             self.stats.decode_steps += 1
             self.stats.generated_tokens += len(gen_resps)
@@ -341,7 +403,7 @@ class Engine:
                 seq.error = e
                 continue
             for c in chunks:
-                seq.emit(c)
+                self._emit(seq, c)
             if stop or r.finish_reason:
                 if r.finish_reason is None:
                     kept = gen.remove([r.uid], return_prompt_caches=lm.prompt_cache is not None)
@@ -412,7 +474,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         for c in seq.output.finish():
-            seq.emit(c)
+            self._emit(seq, c)
         if reason == "stop" and seq.output.tool_calls_emitted:
             reason = "tool_calls"
         now = time.perf_counter_ns()
@@ -432,14 +494,14 @@ class Engine:
         )
         # Release first, so a keep_alive=0 model is gone when the caller sees Done.
         self._retire(seq)
-        seq.emit(done)
+        self._emit(seq, done)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._retire(seq)
         if isinstance(exc, BackendError):
-            seq.emit(exc)
+            self._emit(seq, exc)
         else:
-            seq.emit(Unavailable(f"MLX generation failed for {seq.lm.name}: {type(exc).__name__}: {exc}"))
+            self._emit(seq, Unavailable(f"MLX generation failed for {seq.lm.name}: {type(exc).__name__}: {exc}"))
 
     def _shutdown(self) -> None:
         with self._lock:
@@ -453,4 +515,5 @@ class Engine:
                 break
             if isinstance(cmd, tuple) and cmd[2].set_running_or_notify_cancel():
                 cmd[2].set_exception(Unavailable("MLX engine is shut down"))
+        self._dispatch.flush()
         self._manager.unload_all()

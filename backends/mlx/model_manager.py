@@ -53,6 +53,8 @@ class LoadedModel:
     counter: Any = None
     # Owned by the engine thread.
     generator: Any = None
+    #: Sizes this model's prefill chunks (``pacing.PrefillPacer``), made on first use.
+    pacer: Any = None
     pending: list = field(default_factory=list)
     active: dict = field(default_factory=dict)
     #: Reusable KV caches of this model's finished sequences
