@@ -30,10 +30,10 @@ import platform
 import sys
 from pathlib import Path
 
-from tests.bench import basics, engine, stall
+from tests.bench import basics, engine, stall, workers
 from tests.bench.common import Context, load_average
 
-SECTIONS = {"basics": basics.run, "engine": engine.run, "stall": stall.run}
+SECTIONS = {"basics": basics.run, "engine": engine.run, "stall": stall.run, "workers": workers.run}
 
 
 def machine() -> dict:
