@@ -64,12 +64,15 @@ def _children(pid: int) -> list[int]:
 async def _measure(url: str, pid: int, stream: bool) -> dict[str, Any]:
     """One closed-loop run; the CPU seconds of the parent and of its workers over it."""
     workers = _children(pid)
-    parent0, workers0 = cpu_seconds(pid), sum(cpu_seconds(w) for w in workers)
+    parent0, workers0 = cpu_seconds(pid), [cpu_seconds(w) for w in workers]
     r = await closed_loop(url, CLIENTS, SECONDS, stream)
     parent = cpu_seconds(pid) - parent0
-    front = sum(cpu_seconds(w) for w in workers) - workers0
+    each = [cpu_seconds(w) - c0 for w, c0 in zip(workers, workers0)]
+    front = sum(each)
     n = max(1, r["requests"])
-    r.update(service_cpu_ms_per_request=parent * 1e3 / n, front_cpu_ms_per_request=front * 1e3 / n)
+    r.update(service_cpu_ms_per_request=parent * 1e3 / n, front_cpu_ms_per_request=front * 1e3 / n,
+             # How the kernel spread the 16 connections: each worker's share of the fronts' CPU.
+             front_cpu_shares=[round(c / front, 2) if front else 0.0 for c in each])
     return r
 
 
@@ -128,7 +131,10 @@ async def run(ctx: Context) -> Section:
             ["CPU ms per request, streamed: service + fronts", cpu(one, "stream"), cpu(hop, "stream"),
              cpu(two, "stream"), ""],
         ],
-        note="--workers 1: front and service in one process, all its CPU counted as service's. The load generator "
+        note="Share of each worker in the fronts' CPU (how the kernel handed out the 16 connections), per run: "
+             f"non-streamed {[r['front_cpu_shares'] for r in runs['2']['unary']]}, "
+             f"streamed {[r['front_cpu_shares'] for r in runs['2']['stream']]}.\n"
+             "--workers 1: front and service in one process, all its CPU counted as service's. The load generator "
              "and the upstream run in the bench process, on the same cores.",
     )
     return Section(results, [table])
