@@ -23,7 +23,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -89,11 +89,16 @@ class Stack:
         return f"http://{self.config.server.host}:{self.http.port}"
 
     async def start_service(
-        self, env: Mapping[str, str], process: str = "mlxgate", unix_path: Optional[str] = None
+        self,
+        env: Mapping[str, str],
+        process: str = "mlxgate",
+        unix_path: Optional[str] = None,
+        other_memory: Optional[Callable[[], Mapping[str, int]]] = None,
     ) -> None:
         """``process`` labels this process's memory: "mlxgate" (front and
         service together) or "service" (``mlxgate service``, or the parent of
-        ``serve --workers``).  ``unix_path``: also listen there (the workers' channel)."""
+        ``serve --workers``).  ``unix_path``: also listen there (the workers'
+        channel); ``other_memory``: the workers' memory, by process label."""
         from mlxgate_cli.factory import build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
@@ -103,7 +108,9 @@ class Stack:
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram
-        self.registry.register(MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None))
+        self.registry.register(
+            MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None, other_memory)
+        )
         self.registry.register(BackendCollector(self.router))
         self.service = await start_inference_service(
             self.router,

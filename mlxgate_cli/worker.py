@@ -40,7 +40,13 @@ import sys
 import time
 from typing import Any, Optional
 
+from aiohttp import ClientSession, UnixConnector, web
+from prometheus_client import CollectorRegistry
+
+from gateway.app import begin_drain, create_app, end_calls, wait_idle
+from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
 from mlxgate.config import ServerConfig
+from mlxgate.memory import resident_memory_bytes
 
 log = logging.getLogger("mlxgate.worker")
 
@@ -94,12 +100,6 @@ class _Signals:
 
 
 async def run(settings: dict[str, Any], control: socket.socket) -> None:
-    from aiohttp import ClientSession, UnixConnector, web
-    from prometheus_client import CollectorRegistry
-
-    from gateway.app import begin_drain, create_app, end_calls, wait_idle
-    from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
-
     index = int(settings["index"])
     cfg = ServerConfig(**settings["server"])
     loop = asyncio.get_running_loop()
@@ -131,19 +131,34 @@ async def run(settings: dict[str, Any], control: socket.socket) -> None:
     listener = socket.socket(fileno=int(settings["listen_fd"]))
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_STOP_TIMEOUT)
     await runner.setup()
+    reporting: Optional[asyncio.Future] = None
     try:
         await web.SockSite(runner, listener).start()
         log.info("worker %d (pid %d) serving HTTP", index, os.getpid())
         control.sendall(b"ready\n")
+        reporting = asyncio.ensure_future(_report_memory(control))
         await signals.stop.wait()
-        await _drain(app, cfg.shutdown_grace, signals.hurry, begin_drain, wait_idle, end_calls)
+        await _drain(app, cfg.shutdown_grace, signals.hurry)
     finally:
+        if reporting is not None:
+            reporting.cancel()
         await runner.cleanup()
         if session is not None:
             await session.close()
 
 
-async def _drain(app, grace: float, hurry: asyncio.Event, begin_drain, wait_idle, end_calls) -> None:
+#: How often a worker tells the parent its resident memory (for /metrics).
+MEMORY_REPORT_INTERVAL = 2.0
+
+
+async def _report_memory(control: socket.socket) -> None:
+    while True:
+        with contextlib.suppress(OSError):  # BlockingIOError: the parent is not reading; next time
+            control.send(f"rss {resident_memory_bytes()}\n".encode())
+        await asyncio.sleep(MEMORY_REPORT_INTERVAL)
+
+
+async def _drain(app: web.Application, grace: float, hurry: asyncio.Event) -> None:
     """As ``Stack.drain`` for a front alone: refuse new requests, wait for
     those in flight up to ``grace`` (or ``hurry``), then end the rest."""
     begin_drain(app)
@@ -172,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = _read_settings(control)
     from mlxgate.memory import limit_arenas
 
-    limit_arenas()
+    limit_arenas()  # as mlxgate_cli.main, before the event loop's threads
     logging.basicConfig(
         level=str(settings["log_level"]).upper(),
         format=f"%(asctime)s %(levelname)s worker-{settings['index']} %(name)s: %(message)s",

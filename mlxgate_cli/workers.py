@@ -116,10 +116,15 @@ class _Worker:
     writer: asyncio.StreamWriter
     #: The exit status, once the process has ended.
     ended: "asyncio.Task[int]"
+    #: Resident memory, as the worker last reported it.
+    rss: Optional[int] = None
 
     async def _wait(self) -> int:
-        while await self.control.read(4096):
-            pass
+        while line := await self.control.readline():
+            name, _, value = line.partition(b" ")
+            if name == b"rss":
+                with contextlib.suppress(ValueError):
+                    self.rss = int(value)
         # End of file: the worker's end closed, that is, the process is ending.
         while self.proc.poll() is None:
             await asyncio.sleep(0.02)
@@ -218,6 +223,11 @@ class Supervisor:
         self.reason = reason
         self.failed.set()
 
+    def memory(self) -> dict[str, int]:
+        """Each live worker's resident memory, by its process label."""
+        return {f"worker-{i}": w.rss for i, w in sorted(self.workers.items())
+                if w.rss is not None and w.proc.poll() is None}
+
     def signal_all(self, sig: int) -> None:
         for w in list(self.workers.values()):
             w.signal(sig)
@@ -280,7 +290,8 @@ async def serve_workers(config: Config, env: Mapping[str, str]) -> None:
     try:
         log_notes(config)
         ensure_default_model(config)
-        await stack.start_service(env, process="service", unix_path=str(private / "service.sock"))
+        await stack.start_service(env, process="service", unix_path=str(private / "service.sock"),
+                                  other_memory=lambda: supervisor.memory() if supervisor is not None else {})
         metrics_http = await _private_metrics(stack.registry, private / "metrics.sock")
         settings = {
             "server": dataclasses.asdict(dataclasses.replace(cfg, port=port)),

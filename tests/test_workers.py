@@ -39,7 +39,8 @@ class Server:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path, **env),
         )
         self.err: list[str] = []
-        threading.Thread(target=self._collect, daemon=True).start()
+        self.collector = threading.Thread(target=self._collect, daemon=True)
+        self.collector.start()
         line = self.proc.stdout.readline()
         m = re.match(r"mlxgate: HTTP (http://\S+)\s+gRPC (\S+)", line)
         if not m:
@@ -147,7 +148,9 @@ def test_two_workers_share_the_port_and_metrics_add_up(server: Server, tmp_path:
         assert sample(text, "mlxgate_http_request_duration_seconds_count", route="/api/generate") == 2
         assert sample(text, "mlxgate_http_requests_in_flight", dialect="ollama") == 0
         assert sample(text, "mlxgate_generate_requests_total", model=TEST_MODEL, finish_reason="length") == 2
-        assert sample(text, "mlxgate_process_resident_memory_bytes", process="service") > 0
+        assert sample(text, "mlxgate_process_resident_memory_bytes", process="service") > 10_000_000
+        for worker in ("worker-1", "worker-2"):
+            assert sample(text, "mlxgate_process_resident_memory_bytes", process=worker) > 10_000_000
         types = re.findall(r"^# TYPE (\S+)", text, re.M)
         assert len(types) == len(set(types)), "a metric family appears twice"
 
@@ -209,3 +212,20 @@ def test_workers_end_with_their_parent(server: Server) -> None:
             return True
 
     assert wait_for(lambda: all(gone(p) for p in workers), 15), "a worker outlived its parent"
+
+
+def test_a_worker_that_keeps_exiting_stops_the_server(server: Server) -> None:
+    from mlxgate_cli.workers import MAX_RESTARTS
+
+    def started() -> list[str]:
+        return re.findall(r"HTTP worker 1 started \(pid (\d+)\)", server.stderr())
+
+    for n in range(1, MAX_RESTARTS + 2):
+        assert wait_for(lambda: len(started()) == n), server.stderr()
+        os.kill(int(started()[-1]), signal.SIGKILL)
+    server.proc.wait(timeout=60)
+    server.collector.join(10)
+    assert server.proc.returncode == 1
+    assert server.err[-1].strip() == (
+        f"mlxgate: HTTP worker 1 was killed by SIGKILL, its {MAX_RESTARTS + 1}th exit within 60 s: stopping"
+    )
