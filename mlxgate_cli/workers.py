@@ -120,11 +120,12 @@ class _Worker:
     rss: Optional[int] = None
 
     async def _wait(self) -> int:
-        while line := await self.control.readline():
-            name, _, value = line.partition(b" ")
-            if name == b"rss":
-                with contextlib.suppress(ValueError):
-                    self.rss = int(value)
+        with contextlib.suppress(OSError):
+            while line := await self.control.readline():
+                name, _, value = line.partition(b" ")
+                if name == b"rss":
+                    with contextlib.suppress(ValueError):
+                        self.rss = int(value)
         # End of file: the worker's end closed, that is, the process is ending.
         while self.proc.poll() is None:
             await asyncio.sleep(0.02)
@@ -169,12 +170,14 @@ class Supervisor:
         reader, writer = await asyncio.open_unix_connection(sock=parent_end)
         worker = _Worker(index, proc, reader, writer, None)  # type: ignore[arg-type]
         self.workers[index] = worker
-        writer.write(json.dumps({**self.settings, "index": index}).encode() + b"\n")
         try:
+            writer.write(json.dumps({**self.settings, "index": index}).encode() + b"\n")
             line = await asyncio.wait_for(reader.readline(), START_TIMEOUT)
         except asyncio.TimeoutError:
             line = b""
             worker.signal(signal.SIGKILL)
+        except OSError:  # it is gone already (a broken pipe)
+            line = b""
         worker.ended = asyncio.ensure_future(worker._wait())
         if line != b"ready\n":
             status = await worker.ended
@@ -257,6 +260,32 @@ class Supervisor:
         await asyncio.gather(*self._keepers, return_exceptions=True)
 
 
+_PRIVATE_PREFIX = "mlxgate-workers-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def private_dir() -> Path:
+    """A new directory only this user can enter (0700), named after this
+    process, for the sockets and the metrics files; those left behind by a
+    server that was killed (its process gone) are removed first."""
+    tmp = Path(tempfile.gettempdir())
+    for stale in tmp.glob(f"{_PRIVATE_PREFIX}*"):
+        pid = stale.name[len(_PRIVATE_PREFIX):].split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and stale.stat().st_uid == os.getuid() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-"))
+
+
 async def _private_metrics(registry, path: Path) -> "RunningHTTP":
     """The service's registry as /metrics on a Unix socket, for the workers."""
     from aiohttp import web
@@ -281,7 +310,7 @@ async def serve_workers(config: Config, env: Mapping[str, str]) -> None:
     check_ports(config)
     listener = bind_http(cfg.host, cfg.port)
     port = listener.getsockname()[1]
-    private = Path(tempfile.mkdtemp(prefix="mlxgate-"))  # 0700
+    private = private_dir()
     multiproc_dir = private / "prometheus"
     multiproc_dir.mkdir()
     stack = Stack(config)

@@ -6,6 +6,7 @@ through SIGTERM's drain, and the workers end with their parent."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -63,8 +64,12 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 @pytest.fixture
@@ -187,11 +192,15 @@ def test_a_stream_in_flight_lives_through_sigterm(server: Server) -> None:
     with urllib.request.urlopen(req, timeout=60) as r:
         first = json.loads(r.readline())
         assert first["done"] is False
+        signalled = time.time()
         server.proc.send_signal(signal.SIGTERM)
         # New requests are refused while the stream goes on (from either worker).
         assert wait_for(lambda: get(f"{server.http}/api/tags")[0] == 503, 10)
         lines = [json.loads(x) for x in r.read().splitlines() if x.strip()]
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 1500, lines[-1]
+    # It was still being generated after the signal, not just read from buffers.
+    ended = datetime.datetime.fromisoformat(lines[-1]["created_at"].replace("Z", "+00:00")).timestamp()
+    assert ended > signalled
     server.proc.wait(timeout=60)
     assert server.proc.returncode == 0, server.stderr()
     assert "Traceback" not in server.stderr()
@@ -199,9 +208,15 @@ def test_a_stream_in_flight_lives_through_sigterm(server: Server) -> None:
     assert "shutting down" in server.stderr()
 
 
-def test_workers_end_with_their_parent(server: Server) -> None:
+def test_workers_end_with_their_parent(server: Server, tmp_path: Path, test_model_dir: Path) -> None:
     workers = server.workers()
     assert len(workers) == 2
+    environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+    (private,) = [Path(v.split(b"=", 1)[1].decode()).parent for v in environ
+                  if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    assert private.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in private.glob("*.sock")} == {
+        "service.sock": 0o600, "metrics.sock": 0o600}
     server.proc.kill()
     server.proc.wait()
 
@@ -212,6 +227,10 @@ def test_workers_end_with_their_parent(server: Server) -> None:
             return True
 
     assert wait_for(lambda: all(gone(p) for p in workers), 15), "a worker outlived its parent"
+    # What the killed server left behind goes when the next one starts.
+    assert private.exists()
+    Server(tmp_path / "next", test_model_dir).stop()
+    assert not private.exists()
 
 
 def test_a_worker_that_keeps_exiting_stops_the_server(server: Server) -> None:
