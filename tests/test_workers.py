@@ -159,6 +159,20 @@ def test_two_workers_share_the_port_and_metrics_add_up(server: Server, tmp_path:
         types = re.findall(r"^# TYPE (\S+)", text, re.M)
         assert len(types) == len(set(types)), "a metric family appears twice"
 
+    # The Responses API's store is one SQLite file: what one worker stored, the other serves.
+    body = json.dumps({"model": TEST_MODEL, "input": "hi", "max_output_tokens": 2}).encode()
+    req = urllib.request.Request(f"{server.http}/v1/responses", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        stored_by, rid = r.headers["x-mlxgate-worker"], json.load(r)["id"]
+    for _ in range(200):
+        status, headers, got = get(f"{server.http}/v1/responses/{rid}")
+        assert status == 200 and json.loads(got)["id"] == rid
+        if headers["x-mlxgate-worker"] != stored_by:
+            break
+    else:
+        pytest.fail("the other worker never answered")
+
     # A second server on the same HTTP port: the one-line refusal, status 2.
     second = subprocess.run(
         [sys.executable, "-m", "mlxgate_cli", "serve", "--port", str(server.port), "--grpc-port", "0",
