@@ -162,6 +162,7 @@ async def _drain(app: web.Application, grace: float, hurry: asyncio.Event) -> No
     """As ``Stack.drain`` for a front alone: refuse new requests, wait for
     those in flight up to ``grace`` (or ``hurry``), then end the rest."""
     begin_drain(app)
+    log.info("draining: refusing new requests, waiting up to %.0f s for those in flight", grace)
     started = time.monotonic()
     waiters = [asyncio.ensure_future(wait_idle(app, grace)), asyncio.ensure_future(hurry.wait())]
     try:
