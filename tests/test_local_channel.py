@@ -159,7 +159,8 @@ async def test_generate_same_over_both_channels(service, model) -> None:
 async def test_unary_methods_same_over_both_channels(service) -> None:
     for method, request in [("Embed", pb.EmbedRequest(model="m", input=["x"])),
                             ("ListModels", pb.ListModelsRequest()), ("ListRunning", pb.ListRunningRequest()),
-                            ("LoadModel", pb.LoadModelRequest(model="m")), ("ShowModel", pb.ShowModelRequest(model="m")),
+                            ("LoadModel", pb.LoadModelRequest(model="m")),
+                            ("ShowModel", pb.ShowModelRequest(model="m")),
                             ("CountTokens", pb.CountTokensRequest(request=gen("m")))]:
         out = await both(service, lambda stub, m=method, r=request: unary(getattr(stub, m), r))
         assert out["local"] == out["grpc"], (method, out)
