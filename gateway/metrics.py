@@ -14,7 +14,11 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gateway import overhead
+from mlxgate.prom import Children
+
 PREFIX = "mlxgate"
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,6 +53,21 @@ class HttpMetrics:
             buckets=HTTP_BUCKETS,
             registry=registry,
         )
+        self.overhead = Histogram(
+            f"{PREFIX}_gateway_overhead_seconds",
+            "mlxgate's own time in a generating request: the time to the response's first byte "
+            "minus the service's wait on the backend (gateway/overhead.py); also the "
+            "x-mlxgate-overhead-ms response header.",
+            ["dialect"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
+        self.c_requests = Children(self.requests)
+        self.c_overhead = Children(self.overhead)
+        for d in ("ollama", "openai", "anthropic"):
+            self.c_overhead(d)  # a series from the start, so rate() has a zero to begin with
+        self.c_in_flight = Children(self.in_flight)
+        self.c_duration = Children(self.duration)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -58,7 +77,8 @@ class HttpMetrics:
         info = request.match_info.route.resource
         route = info.canonical if info is not None else "unmatched"
         status = 500
-        self.in_flight.labels(dialect).inc()
+        in_flight = self.c_in_flight(dialect)
+        in_flight.inc()
         started = time.monotonic()
         try:
             response = await handler(request)
@@ -71,9 +91,13 @@ class HttpMetrics:
             status = 499  # the client went away
             raise
         finally:
-            self.in_flight.labels(dialect).dec()
-            self.requests.labels(dialect, route, str(status)).inc()
-            self.duration.labels(dialect, route).observe(time.monotonic() - started)
+            in_flight.dec()
+            self.c_requests(dialect, route, str(status)).inc()
+            self.c_duration(dialect, route).observe(time.monotonic() - started)
+            spent = overhead.of(request)
+            seconds = spent.settle() if spent is not None else None
+            if seconds is not None:
+                self.c_overhead(dialect).observe(seconds)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

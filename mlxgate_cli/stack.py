@@ -121,18 +121,21 @@ class Stack:
             # Front only: this process's memory still shows on its /metrics.
             self.registry.register(MemoryCollector("front", None))
         cfg = self.config.server
+        in_process = self.service is not None and cfg.front_channel == "in-process"
         app = create_app(
             cfg,
             self.grpc_target,
             extra_middlewares=[http_metrics.middleware],
             front_token=self.front_token if self.service is not None else None,
+            local_stub=self.service.local_stub() if in_process else None,
         )
         app.router.add_get("/metrics", metrics_handler(self.registry))
         try:
             self.http = await start_http(app, cfg.host, cfg.port, shutdown_timeout=_STOP_TIMEOUT)
         except OSError as e:
             raise bind_error("HTTP", cfg.host, cfg.port, e) from None
-        log.info("HTTP front on %s (gRPC service %s)", self.http_url, self.grpc_target)
+        log.info("HTTP front on %s (gRPC service %s%s)", self.http_url, self.grpc_target,
+                 ", called in-process" if in_process else "")
 
     async def drain(self, grace: float, hurry: Optional[asyncio.Event] = None) -> None:
         """Refuse new work, let what is in flight finish for up to ``grace``
