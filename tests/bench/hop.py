@@ -23,8 +23,8 @@ async def run(ctx: Context) -> Section:
         return [label, d, g, grpc_, goal]
 
     rows = [
-        row("latency p50 ms, 1 client", "p50_ms", one, f"added ≤ 1.5 (now +{r['added_p50_ms']:.2f})"),
-        row("latency p99 ms, 1 client", "p99_ms", one, f"added ≤ 5 (now +{r['added_p99_ms']:.2f})"),
+        row("latency p50 ms, 1 client", "p50_ms", one, f"added ≤ 1.5 (now {r['added_p50_ms']:+.2f})"),
+        row("latency p99 ms, 1 client", "p99_ms", one, f"added ≤ 5 (now {r['added_p99_ms']:+.2f})"),
         row("requests/s, 16 clients", "requests_per_s", many, "≥ 1,000"),
         row("streamed tokens/s, 16 clients", "tokens_per_s", streams, "≥ 20,000"),
         row("time to first token p50 ms, 16 streams", "ttft_p50_ms", streams, "≤ 10"),
