@@ -29,7 +29,7 @@ What a gRPC call does and this one does too:
   after the messages written before it;
 - message size: a request or response larger than ``max_message_bytes`` is
   RESOURCE_EXHAUSTED "... message larger than max (N vs. M)", gRPC's own
-  words (the front turns it into 413);
+  words for each direction (the front turns it into 413);
 - flow control: ``context.write`` waits while ``WINDOW`` messages are unread,
   so a slow HTTP client holds the backend back as an HTTP/2 window would.
 
@@ -52,6 +52,12 @@ WINDOW = 16
 
 _OK = grpc.StatusCode.OK
 Metadata = Sequence[tuple[str, str]]
+
+
+def _too_large_answer(size: int, limit: int) -> str:
+    """What gRPC says of an answer over the limit (the server's send check
+    comes first, the front's channel having the same limit)."""
+    return f"SERVER: Sent message larger than max ({size} vs. {limit})"
 
 
 class _Context:
@@ -138,8 +144,7 @@ class _Call:
         try:
             result = await handle(request, context)
             if result is not None and self._code == _OK and result.ByteSize() > self._max:
-                self._end(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"Received message larger than max ({result.ByteSize()} vs. {self._max})")
+                self._end(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_large_answer(result.ByteSize(), self._max))
                 return
             self._result = result
             self._end(self._code, self._details)
@@ -260,7 +265,7 @@ class LocalStreamCall(_Call):
             raise asyncio.CancelledError()
         size = message.ByteSize()
         if size > self._max:
-            self._end(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {self._max})")
+            self._end(grpc.StatusCode.RESOURCE_EXHAUSTED, _too_large_answer(size, self._max))
             raise asyncio.CancelledError()
         self._queue.append(message)
         r = self._reader

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
@@ -118,14 +119,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         cancelled = False
         try:
             async with contextlib.aclosing(self.backend.generate(req)) as events:
-                async for event in events:
+                # The time spent waiting on the backend travels with each event,
+                # so the front can tell its own overhead from the backend's time.
+                waited = 0.0
+                next_event = events.__anext__
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        event = await next_event()
+                    except StopAsyncIteration:
+                        break
+                    waited += time.perf_counter() - t0
                     if isinstance(event, Done):
                         done = event
                     elif tracker is not None:
                         if event.backend:
                             tracker.answering(event.backend, event.model)
                         tracker.chunk(len(event.token_ids) or 1)
-                    yield event.to_pb()
+                    message = event.to_pb()
+                    message.backend_seconds = waited
+                    yield message
         except BackendError as e:
             # Before or after the first chunk alike: the status ends the stream
             # and carries the message; the front turns it into its dialect.

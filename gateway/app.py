@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 import grpc
 from aiohttp import web
 
-from gateway import openapi
+from gateway import openapi, overhead
 from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
@@ -88,12 +88,12 @@ async def answer(request: web.Request, handler: Handler, dialect: Dialect, rid: 
 
 
 def build_middlewares(guard: TrustGuard, extra: Iterable[Middleware] = ()) -> list[Middleware]:
-    """Outermost first: extra (metrics, ...), the trust guard, the drain, the error middleware.
+    """Outermost first: the overhead clock, extra (metrics, ...), the trust guard, the drain, the error middleware.
 
     The guard is first of those that answer (who may call is decided before
     anything else, even during a drain); observers sit outside it so that
     refusals are counted (see ``gateway.security``)."""
-    return [*extra, guard.middleware, drain_middleware, error_middleware]
+    return [overhead.middleware, *extra, guard.middleware, drain_middleware, error_middleware]
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -171,6 +171,7 @@ def create_app(
     app[responses_routes.STORE_KEY] = store
     app.cleanup_ctx.append(_store_ctx(store))
     app.on_response_prepare.append(_echo_request_id)
+    app.on_response_prepare.append(overhead.on_response_prepare)
     app.on_response_prepare.append(guard.on_response_prepare)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)

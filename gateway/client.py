@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol, Sequence
 
 import grpc
 
+from gateway.overhead import Overhead
 from mlxgate.config import ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
@@ -68,14 +69,18 @@ class EventStream(Protocol):
 class GenerateStream:
     """One Generate RPC.  Use ``start()`` once, then iterate the rest."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+    def __init__(self, call: grpc.aio.UnaryStreamCall, overhead: Optional[Overhead] = None) -> None:
         self._call = call
+        self._overhead = overhead
         self._first: Optional[pb.GenerateResponse] = None
         self._ended = False
 
     async def _read(self) -> Any:
         try:
-            return await self._call.read()
+            msg = await self._call.read()
+            if self._overhead is not None and msg is not grpc.aio.EOF:
+                self._overhead.backend(msg.backend_seconds)
+            return msg
         except asyncio.CancelledError:
             if _ended_by_us(self._ended):
                 raise _shutting_down() from None
@@ -194,10 +199,13 @@ class InferenceClient:
         finally:
             self._unary.pop(call, None)
 
-    def generate(self, req: pb.GenerateRequest, request_id: str) -> GenerateStream:
+    def generate(
+        self, req: pb.GenerateRequest, request_id: str, overhead: Optional[Overhead] = None
+    ) -> GenerateStream:
+        """``overhead``: the request's clock (``gateway.overhead``), told the backend's wait."""
         req.request_id = request_id
         call = self.stub.Generate(req, timeout=self.timeout, metadata=self._md(request_id))
-        stream = GenerateStream(call)
+        stream = GenerateStream(call, overhead)
         self._streams.add(stream)
         return stream
 

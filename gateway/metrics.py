@@ -15,11 +15,13 @@ from typing import Awaitable, Callable, Optional
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gateway import overhead
 from mlxgate.prom import Children
 
 log = logging.getLogger(__name__)
 
 PREFIX = "mlxgate"
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,7 +59,19 @@ class HttpMetrics:
             buckets=HTTP_BUCKETS,
             registry=registry,
         )
+        self.overhead = Histogram(
+            f"{PREFIX}_gateway_overhead_seconds",
+            "mlxgate's own time in a generating request: the time to the response's first byte "
+            "minus the service's wait on the backend (gateway/overhead.py); also the "
+            "x-mlxgate-overhead-ms response header.",
+            ["dialect"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=registry,
+        )
         self.c_requests = Children(self.requests)
+        self.c_overhead = Children(self.overhead)
+        for d in ("ollama", "openai", "anthropic"):
+            self.c_overhead(d)  # a series from the start, so rate() has a zero to begin with
         self.c_in_flight = Children(self.in_flight)
         self.c_duration = Children(self.duration)
 
@@ -86,6 +100,10 @@ class HttpMetrics:
             in_flight.dec()
             self.c_requests(dialect, route, str(status)).inc()
             self.c_duration(dialect, route).observe(time.monotonic() - started)
+            spent = overhead.of(request)
+            seconds = spent.settle() if spent is not None else None
+            if seconds is not None:
+                self.c_overhead(dialect).observe(seconds)
 
 
 def metrics_handler(registry: CollectorRegistry) -> Handler:

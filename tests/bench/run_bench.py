@@ -1,12 +1,14 @@
 """`make bench`: speed and memory, as clients see them, written to .bench/results.json.
 
-Usage: python -m tests.bench.run_bench [--sections basics,engine,stall] [--reps 3]
+Usage: python -m tests.bench.run_bench [--sections hop,basics,engine,stall] [--reps 3]
        [--clients 1,8,32] [--tokens 64] [--size bench|bench-bf16|tiny] [--models-dir DIR --model NAME]
        [--baseline-src DIR]
 
 Without arguments it generates the ~90M-parameter "bench" model (random
 weights, so only speed and memory mean anything) and runs every section:
 
+- hop: the gateway hop, mlxgate in front of an instant OpenAI-compatible
+  upstream vs the upstream direct (``gateway_hop.py``);
 - basics: cold load, one stream's decode and prefill, time to first token, memory;
 - engine: streamed tokens/s of the pure decode loop vs mlxgate vs mlx_lm.server
   at 1, 8 and 32 clients, and their ratios;
@@ -30,10 +32,10 @@ import platform
 import sys
 from pathlib import Path
 
-from tests.bench import basics, engine, stall, workers
+from tests.bench import basics, engine, hop, stall, workers
 from tests.bench.common import Context, load_average
 
-SECTIONS = {"basics": basics.run, "engine": engine.run, "stall": stall.run, "workers": workers.run}
+SECTIONS = {"hop": hop.run, "workers": workers.run, "basics": basics.run, "engine": engine.run, "stall": stall.run}
 
 
 def machine() -> dict:
