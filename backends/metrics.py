@@ -16,10 +16,9 @@ exist.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -27,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from backends.router import REASONS, Router
 from backends.types import FINISH_REASONS, Done, GenerateRequest
+from mlxgate.memory import resident_memory_bytes
 from mlxgate.prom import Children
 
 PREFIX = "mlxgate"
@@ -52,29 +52,29 @@ class MemorySnapshot:
     model_expiry: dict[str, Optional[float]] = field(default_factory=dict)
 
 
-def resident_memory_bytes() -> int:
-    """RSS of this process (Linux /proc; macOS via resource's peak as a fallback)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
-
-
 class MemoryCollector(Collector):
     """Reads memory at scrape time, so the numbers are never stale."""
 
-    def __init__(self, process: str, snapshot: Optional[Callable[[], Optional[MemorySnapshot]]]) -> None:
+    def __init__(
+        self,
+        process: str,
+        snapshot: Optional[Callable[[], Optional[MemorySnapshot]]],
+        others: Optional[Callable[[], Mapping[str, int]]] = None,
+    ) -> None:
+        """``others``: the resident memory of other processes of this server
+        by their ``process`` label (``serve --workers``: the HTTP workers, as
+        they last reported it)."""
         self.process = process
         self.snapshot = snapshot
+        self.others = others
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         rss = GaugeMetricFamily(
             f"{PREFIX}_process_resident_memory_bytes", "Resident memory of the process.", labels=["process"]
         )
         rss.add_metric([self.process], resident_memory_bytes())
+        for process, nbytes in (self.others() if self.others else {}).items():
+            rss.add_metric([process], nbytes)
         yield rss
         snap = self.snapshot() if self.snapshot else None
         if snap is None:

@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +42,15 @@ log = logging.getLogger(__name__)
 __all__ = ["RETRY_AFTER_KEY", "SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def _fail(context: grpc.aio.ServicerContext, e: BackendError) -> None:
@@ -377,14 +387,18 @@ async def start_inference_service(
     api_keys: Sequence[str] = (),
     max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
     front_token: Optional[str] = None,
+    unix_path: Optional[str] = None,
 ) -> RunningService:
     """Start the gRPC server; port 0 picks a free port, returned in the result.
 
     ``api_keys``: when any, InferenceService calls need ``authorization:
     Bearer <key>``.  ``max_message_bytes``: the largest message received or
     sent (larger ones end RESOURCE_EXHAUSTED).  ``front_token``: the token the
-    in-process HTTP front sends, admitted while draining.  A port that cannot
-    be bound raises ``mlxgate.ports.BindError`` (``PortInUse`` when taken).
+    in-process HTTP front sends, admitted while draining.  ``unix_path``:
+    also listen on this Unix-domain socket (``mlxgate serve --workers``: the
+    fronts in the worker processes call through it), made readable and
+    writable by this user only.  A port that cannot be bound raises
+    ``mlxgate.ports.BindError`` (``PortInUse`` when taken).
     """
     gate = Gate(api_keys, front_token)
     server = grpc.aio.server(
@@ -420,7 +434,14 @@ async def start_inference_service(
         bound = 0
     if bound == 0:
         raise bind_error("gRPC", host, port, bind_problem(host, port))
+    if unix_path is not None:
+        # Owner only: the socket admits the fronts' drain pass (front_token).
+        with _umask(0o177):
+            if server.add_insecure_port(f"unix:{unix_path}") == 0:
+                raise RuntimeError(f"cannot listen for gRPC on unix:{unix_path}")
     await server.start()
+    if unix_path is not None and os.path.exists(unix_path):
+        os.chmod(unix_path, 0o600)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("inference service listening on %s:%d", host, bound)

@@ -8,14 +8,17 @@ collector on the registry, the service's too when it runs in this process.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import overhead
 from mlxgate.prom import Children
+
+log = logging.getLogger(__name__)
 
 PREFIX = "mlxgate"
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -44,7 +47,10 @@ class HttpMetrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", ["dialect"], registry=registry
+            f"{PREFIX}_http_requests_in_flight", "HTTP requests being served.", ["dialect"], registry=registry,
+            # With several worker processes (prometheus_client's multiprocess
+            # mode): the sum over the live ones.  Ignored in one process.
+            multiprocess_mode="livesum",
         )
         self.duration = Histogram(
             f"{PREFIX}_http_request_duration_seconds",
@@ -103,6 +109,33 @@ class HttpMetrics:
 def metrics_handler(registry: CollectorRegistry) -> Handler:
     async def handle(request: web.Request) -> web.Response:
         body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handle
+
+
+def multiprocess_metrics_handler(
+    multiproc_dir: str, fetch_more: Optional[Callable[[], Awaitable[bytes]]] = None
+) -> Handler:
+    """/metrics of one of several HTTP worker processes (``mlxgate serve
+    --workers``): what ``fetch_more`` returns (the inference service's
+    metrics, from the parent process), then every worker's HTTP metrics
+    summed, from prometheus_client's multiprocess files in ``multiproc_dir``
+    (whatever metrics ``HttpMetrics`` holds: counters and histograms add up,
+    gauges by their ``multiprocess_mode``)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=multiproc_dir)
+
+    async def handle(request: web.Request) -> web.Response:
+        more = b""
+        if fetch_more is not None:
+            try:
+                more = await fetch_more()
+            except Exception as e:  # noqa: BLE001 - the parent is stopping, or gone: serve what is here
+                log.warning("/metrics: the inference service's metrics could not be read: %s", e)
+        body = more + generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return handle

@@ -23,7 +23,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -88,9 +88,17 @@ class Stack:
         assert self.http is not None
         return f"http://{self.config.server.host}:{self.http.port}"
 
-    async def start_service(self, env: Mapping[str, str], process: str = "mlxgate") -> None:
+    async def start_service(
+        self,
+        env: Mapping[str, str],
+        process: str = "mlxgate",
+        unix_path: Optional[str] = None,
+        other_memory: Optional[Callable[[], Mapping[str, int]]] = None,
+    ) -> None:
         """``process`` labels this process's memory: "mlxgate" (front and
-        service together) or "service" (``mlxgate service``)."""
+        service together) or "service" (``mlxgate service``, or the parent of
+        ``serve --workers``).  ``unix_path``: also listen there (the workers'
+        channel); ``other_memory``: the workers' memory, by process label."""
         from mlxgate_cli.factory import build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
@@ -100,7 +108,9 @@ class Stack:
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram
-        self.registry.register(MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None))
+        self.registry.register(
+            MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None, other_memory)
+        )
         self.registry.register(BackendCollector(self.router))
         self.service = await start_inference_service(
             self.router,
@@ -110,6 +120,7 @@ class Stack:
             api_keys=self.config.server.api_keys,
             max_message_bytes=self.config.server.grpc_max_message_bytes,
             front_token=self.front_token,
+            unix_path=unix_path,
         )
 
     async def start_front(self) -> None:
@@ -242,7 +253,14 @@ async def _run_until_signalled(stack: Stack) -> None:
 
 
 async def serve(config: Config, env: Mapping[str, str]) -> None:
-    """``mlxgate serve``: front and (unless --grpc-target) the service."""
+    """``mlxgate serve``: front and (unless --grpc-target) the service; with
+    ``server.workers`` > 1, the front in that many worker processes
+    (``mlxgate_cli.workers``)."""
+    if config.server.workers > 1:
+        from mlxgate_cli.workers import serve_workers
+
+        await serve_workers(config, env)
+        return
     stack = await start_stack(config, env)
     print(f"mlxgate: HTTP {stack.http_url}  gRPC {stack.grpc_target}", flush=True)
     await _run_until_signalled(stack)
