@@ -16,10 +16,9 @@ exist.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -27,6 +26,8 @@ from prometheus_client.registry import Collector
 
 from backends.router import REASONS, Router
 from backends.types import FINISH_REASONS, Done, GenerateRequest
+from mlxgate.memory import resident_memory_bytes
+from mlxgate.prom import Children
 
 PREFIX = "mlxgate"
 
@@ -51,29 +52,29 @@ class MemorySnapshot:
     model_expiry: dict[str, Optional[float]] = field(default_factory=dict)
 
 
-def resident_memory_bytes() -> int:
-    """RSS of this process (Linux /proc; macOS via resource's peak as a fallback)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
-
-
 class MemoryCollector(Collector):
     """Reads memory at scrape time, so the numbers are never stale."""
 
-    def __init__(self, process: str, snapshot: Optional[Callable[[], Optional[MemorySnapshot]]]) -> None:
+    def __init__(
+        self,
+        process: str,
+        snapshot: Optional[Callable[[], Optional[MemorySnapshot]]],
+        others: Optional[Callable[[], Mapping[str, int]]] = None,
+    ) -> None:
+        """``others``: the resident memory of other processes of this server
+        by their ``process`` label (``serve --workers``: the HTTP workers, as
+        they last reported it)."""
         self.process = process
         self.snapshot = snapshot
+        self.others = others
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         rss = GaugeMetricFamily(
             f"{PREFIX}_process_resident_memory_bytes", "Resident memory of the process.", labels=["process"]
         )
         rss.add_metric([self.process], resident_memory_bytes())
+        for process, nbytes in (self.others() if self.others else {}).items():
+            rss.add_metric([process], nbytes)
         yield rss
         snap = self.snapshot() if self.snapshot else None
         if snap is None:
@@ -215,6 +216,21 @@ class ServiceMetrics:
             ["model"],
             registry=registry,
         )
+        # The labelled children, looked up once per label values (mlxgate.prom).
+        self.c_requests = Children(self.requests)
+        self.c_duration = Children(self.duration)
+        self.c_ttft = Children(self.ttft)
+        self.c_inter_token = Children(self.inter_token)
+        self.c_prompt_tokens = Children(self.prompt_tokens)
+        self.c_completion_tokens = Children(self.completion_tokens)
+        self.c_cached_tokens = Children(self.cached_tokens)
+        self.c_cancellations = Children(self.cancellations)
+        self.c_errors = Children(self.errors)
+        self.c_fallbacks = Children(self.fallbacks)
+        self.c_answers = Children(self.answers)
+        self.c_queue_wait = Children(self.queue_wait)
+        #: (backend, model) pairs whose series were zeroed (``init_model``).
+        self._models: set[tuple[str, str]] = set()
 
     # -- series at 0 before the first event
     def init_backends(self, backends: Sequence[str], orders: Iterable[Sequence[str]] = ()) -> None:
@@ -235,17 +251,20 @@ class ServiceMetrics:
             self.answers.labels(backend)
 
     def init_model(self, backend: str, model: str) -> None:
-        """Zero a model's cancellations and requests (by finish reason)."""
-        self.cancellations.labels(model, backend)
+        """Zero a model's cancellations and requests (by finish reason), once."""
+        if (backend, model) in self._models:
+            return
+        self._models.add((backend, model))
+        self.c_cancellations(model, backend)
         for reason in FINISH_REASONS:
-            self.requests.labels(model, backend, reason)
+            self.c_requests(model, backend, reason)
 
     # -- router observer hooks
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
-        self.fallbacks.labels(from_backend, to_backend, reason).inc()
+        self.c_fallbacks(from_backend, to_backend, reason).inc()
 
     def answered(self, backend: str, model: str) -> None:
-        self.answers.labels(backend).inc()
+        self.c_answers(backend).inc()
         self.init_model(backend, model)
 
     # -- engine hooks
@@ -253,7 +272,7 @@ class ServiceMetrics:
         self.init_model(backend, model)
 
     def observe_queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model).observe(seconds)
+        self.c_queue_wait(model).observe(seconds)
 
     def observe_truncation(self, model: str, messages: int, tokens: int) -> None:
         self.truncations.labels(model).inc()
@@ -303,24 +322,25 @@ class GenerateTracker:
             reason = done.finish_reason
         else:
             reason = "cancelled" if cancelled else "error"
-        m.requests.labels(model, backend, reason).inc()
-        m.duration.labels(model, backend).observe(time.monotonic() - self.started)
+        m.c_requests(model, backend, reason).inc()
+        m.c_duration(model, backend).observe(time.monotonic() - self.started)
         if self.first is not None:
-            m.ttft.labels(model, backend).observe(self.first - self.started)
-        hist = m.inter_token.labels(model, backend)
-        for g in self.gaps:
-            hist.observe(g)
+            m.c_ttft(model, backend).observe(self.first - self.started)
+        if self.gaps:
+            hist = m.c_inter_token(model, backend)
+            for g in self.gaps:
+                hist.observe(g)
         if done is not None:
-            m.prompt_tokens.labels(model, backend).inc(done.prompt_tokens)
-            m.completion_tokens.labels(model, backend).inc(done.completion_tokens)
-            m.cached_tokens.labels(model, backend).inc(done.cached_prompt_tokens)
+            m.c_prompt_tokens(model, backend).inc(done.prompt_tokens)
+            m.c_completion_tokens(model, backend).inc(done.completion_tokens)
+            m.c_cached_tokens(model, backend).inc(done.cached_prompt_tokens)
         else:
             # Generated before the stream was cut: work done all the same.
-            m.completion_tokens.labels(model, backend).inc(self.tokens)
+            m.c_completion_tokens(model, backend).inc(self.tokens)
         if cancelled:
-            m.cancellations.labels(model, backend).inc()
+            m.c_cancellations(model, backend).inc()
         if error_code:
-            m.errors.labels(error_code).inc()
+            m.c_errors(error_code).inc()
 
 
 class DistributedCollector(Collector):

@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Protocol, Sequence, TypeVar
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,6 +42,15 @@ log = logging.getLogger(__name__)
 __all__ = ["RETRY_AFTER_KEY", "SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def _fail(context: grpc.aio.ServicerContext, e: BackendError) -> None:
@@ -108,14 +119,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         cancelled = False
         try:
             async with contextlib.aclosing(self.backend.generate(req)) as events:
-                async for event in events:
+                # The time spent waiting on the backend travels with each event,
+                # so the front can tell its own overhead from the backend's time.
+                waited = 0.0
+                next_event = events.__anext__
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        event = await next_event()
+                    except StopAsyncIteration:
+                        break
+                    waited += time.perf_counter() - t0
                     if isinstance(event, Done):
                         done = event
                     elif tracker is not None:
                         if event.backend:
                             tracker.answering(event.backend, event.model)
                         tracker.chunk(len(event.token_ids) or 1)
-                    yield event.to_pb()
+                    message = event.to_pb()
+                    message.backend_seconds = waited
+                    yield message
         except BackendError as e:
             # Before or after the first chunk alike: the status ends the stream
             # and carries the message; the front turns it into its dialect.
@@ -240,9 +263,22 @@ def _enter(context: grpc.aio.ServicerContext) -> None:
                 metadata_value(metadata, calls.FORWARDED_KEY) == "1")
 
 
-def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpcHandler:
-    """The service's handlers, as the generated code would build them, but
-    parsing with ``gate.deserializer`` and running each call in ``gate.run``."""
+@dataclass(frozen=True)
+class MethodHandler:
+    """One InferenceService method as the service runs it: ``handle(request,
+    context)`` (a stream writes with ``context.write``), its message types."""
+
+    handle: Callable[[Any, Any], Awaitable[Any]]
+    streaming: bool
+    request_type: Any
+    response_type: Any
+
+
+def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, MethodHandler]:
+    """The service's handlers by method name, as the generated code would
+    build them, but each call running in ``gate.run``.  The gRPC server
+    registers them (``_generic_handler``); the in-process channel
+    (``backends.local``) calls them directly."""
 
     def unary(behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], empty: Any) -> Any:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -282,18 +318,27 @@ def _method_handlers(servicer: InferenceServicer, gate: Gate) -> grpc.GenericRpc
 
         return handle
 
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, MethodHandler] = {}
     for method in pb.DESCRIPTOR.services_by_name["InferenceService"].methods:
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
         behaviour = getattr(servicer, method.name)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(
-            stream(behaviour) if method.server_streaming else unary(behaviour, response_type),
-            request_deserializer=deserializer(request_type),
-            response_serializer=response_type.SerializeToString,
+        handle = stream(behaviour) if method.server_streaming else unary(behaviour, response_type)
+        handlers[method.name] = MethodHandler(handle, method.server_streaming, request_type, response_type)
+    return handlers
+
+
+def _generic_handler(handlers: dict[str, MethodHandler]) -> grpc.GenericRpcHandler:
+    """The handlers for the gRPC server, parsing with ``gate.deserializer``."""
+    rpc: dict[str, grpc.RpcMethodHandler] = {}
+    for name, h in handlers.items():
+        make = grpc.unary_stream_rpc_method_handler if h.streaming else grpc.unary_unary_rpc_method_handler
+        rpc[name] = make(
+            h.handle,
+            request_deserializer=deserializer(h.request_type),
+            response_serializer=h.response_type.SerializeToString,
         )
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, rpc)
 
 
 @dataclass
@@ -302,10 +347,19 @@ class RunningService:
     port: int
     health: health.aio.HealthServicer
     gate: Gate
+    handlers: dict[str, MethodHandler] = field(default_factory=dict)
+    max_message_bytes: int = ServerConfig.grpc_max_message_bytes
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def local_stub(self) -> Any:
+        """A stub calling this service's handlers in-process (``backends.local``),
+        for the HTTP front of the same process."""
+        from backends.local import LocalStub
+
+        return LocalStub(self.handlers, self.gate, self.max_message_bytes)
 
     async def begin_drain(self) -> None:
         """Health turns NOT_SERVING ("" and the service) and new calls get
@@ -340,14 +394,18 @@ async def start_inference_service(
     api_keys: Sequence[str] = (),
     max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
     front_token: Optional[str] = None,
+    unix_path: Optional[str] = None,
 ) -> RunningService:
     """Start the gRPC server; port 0 picks a free port, returned in the result.
 
     ``api_keys``: when any, InferenceService calls need ``authorization:
     Bearer <key>``.  ``max_message_bytes``: the largest message received or
     sent (larger ones end RESOURCE_EXHAUSTED).  ``front_token``: the token the
-    in-process HTTP front sends, admitted while draining.  A port that cannot
-    be bound raises ``mlxgate.ports.BindError`` (``PortInUse`` when taken).
+    in-process HTTP front sends, admitted while draining.  ``unix_path``:
+    also listen on this Unix-domain socket (``mlxgate serve --workers``: the
+    fronts in the worker processes call through it), made readable and
+    writable by this user only.  A port that cannot be bound raises
+    ``mlxgate.ports.BindError`` (``PortInUse`` when taken).
     """
     gate = Gate(api_keys, front_token)
     server = grpc.aio.server(
@@ -366,7 +424,8 @@ async def start_inference_service(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(backend, observer), gate),))
+    handlers = method_handlers(InferenceServicer(backend, observer), gate)
+    server.add_generic_rpc_handlers((_generic_handler(handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(
@@ -382,8 +441,16 @@ async def start_inference_service(
         bound = 0
     if bound == 0:
         raise bind_error("gRPC", host, port, bind_problem(host, port))
+    if unix_path is not None:
+        # Owner only: the socket admits the fronts' drain pass (front_token).
+        with _umask(0o177):
+            if server.add_insecure_port(f"unix:{unix_path}") == 0:
+                raise RuntimeError(f"cannot listen for gRPC on unix:{unix_path}")
     await server.start()
+    if unix_path is not None and os.path.exists(unix_path):
+        os.chmod(unix_path, 0o600)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     log.info("inference service listening on %s:%d", host, bound)
-    return RunningService(server=server, port=bound, health=health_servicer, gate=gate)
+    return RunningService(server=server, port=bound, health=health_servicer, gate=gate, handlers=handlers,
+                          max_message_bytes=max_message_bytes)

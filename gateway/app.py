@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 
 import grpc
 from aiohttp import web
 
-from gateway import openapi
+from gateway import openapi, overhead
 from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
@@ -88,12 +88,12 @@ async def answer(request: web.Request, handler: Handler, dialect: Dialect, rid: 
 
 
 def build_middlewares(guard: TrustGuard, extra: Iterable[Middleware] = ()) -> list[Middleware]:
-    """Outermost first: extra (metrics, ...), the trust guard, the drain, the error middleware.
+    """Outermost first: the overhead clock, extra (metrics, ...), the trust guard, the drain, the error middleware.
 
     The guard is first of those that answer (who may call is decided before
     anything else, even during a drain); observers sit outside it so that
     refusals are counted (see ``gateway.security``)."""
-    return [*extra, guard.middleware, drain_middleware, error_middleware]
+    return [overhead.middleware, *extra, guard.middleware, drain_middleware, error_middleware]
 
 
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -105,7 +105,7 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
 
 
 def _client_ctx(
-    server_cfg: ServerConfig, grpc_target: str, front_token: Optional[str]
+    server_cfg: ServerConfig, grpc_target: str, front_token: Optional[str], local_stub: Any
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         c = InferenceClient.connect(
@@ -114,6 +114,7 @@ def _client_ctx(
             api_key=server_cfg.api_keys[0] if server_cfg.api_keys else None,
             max_message_bytes=server_cfg.grpc_max_message_bytes,
             front_token=front_token,
+            local_stub=local_stub,
         )
         app[CLIENT_KEY] = c
         try:
@@ -151,9 +152,13 @@ def create_app(
     grpc_target: str,
     extra_middlewares: Optional[Iterable[Middleware]] = None,
     front_token: Optional[str] = None,
+    local_stub: Any = None,
 ) -> web.Application:
     """``front_token``: sent on every gRPC call so an in-process service
-    that is draining still serves the requests this front already accepted."""
+    that is draining still serves the requests this front already accepted.
+    ``local_stub``: the in-process service's stub (``backends.local``, given
+    by the composition root): calls go to it instead of a channel to
+    ``grpc_target``."""
     guard = TrustGuard(server_cfg)
     app = web.Application(
         middlewares=build_middlewares(guard, extra_middlewares or ()),
@@ -161,11 +166,12 @@ def create_app(
     )
     app[SERVER_CONFIG_KEY] = server_cfg
     app[DRAIN_KEY] = Drain()
-    app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token))
+    app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token, local_stub))
     store = responses_store(server_cfg)
     app[responses_routes.STORE_KEY] = store
     app.cleanup_ctx.append(_store_ctx(store))
     app.on_response_prepare.append(_echo_request_id)
+    app.on_response_prepare.append(overhead.on_response_prepare)
     app.on_response_prepare.append(guard.on_response_prepare)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)

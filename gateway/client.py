@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol, Sequence
 
 import grpc
 
+from gateway.overhead import Overhead
 from mlxgate.config import ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
@@ -68,14 +69,18 @@ class EventStream(Protocol):
 class GenerateStream:
     """One Generate RPC.  Use ``start()`` once, then iterate the rest."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+    def __init__(self, call: grpc.aio.UnaryStreamCall, overhead: Optional[Overhead] = None) -> None:
         self._call = call
+        self._overhead = overhead
         self._first: Optional[pb.GenerateResponse] = None
         self._ended = False
 
     async def _read(self) -> Any:
         try:
-            return await self._call.read()
+            msg = await self._call.read()
+            if self._overhead is not None and msg is not grpc.aio.EOF:
+                self._overhead.backend(msg.backend_seconds)
+            return msg
         except asyncio.CancelledError:
             if _ended_by_us(self._ended):
                 raise _shutting_down() from None
@@ -124,10 +129,17 @@ class InferenceClient:
     """The stub plus the deadline and request id every call gets."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+        self,
+        channel: Optional[grpc.aio.Channel],
+        timeout: float,
+        metadata: Sequence[tuple[str, str]] = (),
+        stub: Any = None,
     ) -> None:
+        """``stub``: an object with the service's methods, called as
+        ``InferenceServiceStub``'s are (the in-process service's local stub);
+        default: the generated stub over ``channel``."""
         self.channel = channel
-        self.stub = pb_grpc.InferenceServiceStub(channel)
+        self.stub = stub if stub is not None else pb_grpc.InferenceServiceStub(channel)
         self.timeout = timeout
         self._metadata = tuple(metadata)
         self._streams: "weakref.WeakSet[GenerateStream]" = weakref.WeakSet()
@@ -142,19 +154,25 @@ class InferenceClient:
         api_key: Optional[str] = None,
         max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
         front_token: Optional[str] = None,
+        local_stub: Any = None,
     ) -> "InferenceClient":
         """A client on a new channel.  ``api_key``: sent as ``authorization:
-        Bearer``; ``front_token``: the in-process service's drain pass."""
+        Bearer``; ``front_token``: the in-process service's drain pass;
+        ``local_stub``: the in-process service's stub, called instead of a
+        channel to ``target`` (``backends.local``)."""
         metadata = []
         if api_key:
             metadata.append(("authorization", f"Bearer {api_key}"))
         if front_token:
             metadata.append((FRONT_TOKEN_KEY, front_token))
+        if local_stub is not None:
+            return cls(None, timeout, metadata, stub=local_stub)
         channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
         return cls(channel, timeout, metadata)
 
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
 
     def end_calls(self) -> int:
         """Shutdown: every call still running fails with UNAVAILABLE "server
@@ -181,10 +199,13 @@ class InferenceClient:
         finally:
             self._unary.pop(call, None)
 
-    def generate(self, req: pb.GenerateRequest, request_id: str) -> GenerateStream:
+    def generate(
+        self, req: pb.GenerateRequest, request_id: str, overhead: Optional[Overhead] = None
+    ) -> GenerateStream:
+        """``overhead``: the request's clock (``gateway.overhead``), told the backend's wait."""
         req.request_id = request_id
         call = self.stub.Generate(req, timeout=self.timeout, metadata=self._md(request_id))
-        stream = GenerateStream(call)
+        stream = GenerateStream(call, overhead)
         self._streams.add(stream)
         return stream
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import Optional
 
 from aiohttp import web
@@ -38,7 +38,8 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 def new_request_id(request: web.Request) -> str:
     """The caller's X-Request-Id when it is sane (it goes into gRPC metadata), else a fresh one."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _REQUEST_ID_OK.match(given) else uuid.uuid4().hex
+    # 32 random hex digits, as uuid4().hex (whose object costs four times more).
+    return given if _REQUEST_ID_OK.match(given) else os.urandom(16).hex()
 
 
 def request_id(request: web.Request) -> str:

@@ -86,6 +86,17 @@ class ServerConfig:
     origins: list[str] = field(default_factory=list)
     #: Seconds in-flight requests may run after SIGTERM/SIGINT before they are ended.
     shutdown_grace: float = 30.0
+    #: How the HTTP front of ``mlxgate serve`` reaches the service of its own
+    #: process: "in-process" (the service's handlers called directly with the
+    #: same messages, ``backends/local.py``) or "grpc" (a loopback gRPC
+    #: channel, as a front in another process uses).
+    front_channel: str = "in-process"
+    #: HTTP front processes of ``mlxgate serve``: 1 runs the front in the
+    #: service's process (``front_channel``); N > 1 runs N worker processes
+    #: sharing the one HTTP listening socket, each calling the service of
+    #: the parent process over a private Unix-domain gRPC socket
+    #: (``mlxgate_cli/workers.py``).
+    workers: int = 1
     #: Where mlxgate keeps its own data (stored responses, the generated
     #: test model when no models are found); None = the platform's user data
     #: folder for mlxgate.
@@ -105,6 +116,10 @@ class ServerConfig:
         import platformdirs
 
         return Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
+
+
+#: ``ServerConfig.front_channel``'s values.
+FRONT_CHANNELS = ("in-process", "grpc")
 
 
 @dataclass
@@ -307,6 +322,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_ALLOW_UNAUTHENTICATED": ("server", "allow_unauthenticated"),
     "MLXGATE_ALLOWED_HOSTS": ("server", "allowed_hosts"),
     "MLXGATE_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
+    "MLXGATE_FRONT_CHANNEL": ("server", "front_channel"),
+    "MLXGATE_WORKERS": ("server", "workers"),
     "MLXGATE_DATA_DIR": ("server", "data_dir"),
     "MLXGATE_MAX_BODY_BYTES": ("server", "max_body_bytes"),
     "MLXGATE_RESPONSES_MAX_COUNT": ("server", "responses_max_count"),
@@ -615,4 +632,12 @@ def load_config(
     _upstream_defaults(cfg)
     if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
         raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")
+    if cfg.server.front_channel not in FRONT_CHANNELS:
+        raise ValueError(f"server.front_channel must be one of {', '.join(FRONT_CHANNELS)}, "
+                         f"got {cfg.server.front_channel!r}")
+    if cfg.server.workers < 1:
+        raise ValueError(f"server.workers must be at least 1, got {cfg.server.workers}")
+    if cfg.server.workers > 1 and cfg.server.grpc_target:
+        raise ValueError("server.workers above 1 needs the inference service in this process: "
+                         "it cannot be combined with grpc_target")
     return cfg

@@ -101,3 +101,16 @@ def trim_after_large(nbytes: int) -> None:
     """Hand free memory back to the OS when a request of ``nbytes`` was large (off the event loop)."""
     if nbytes >= LARGE_REQUEST_BYTES:
         _trimmer.request()
+
+
+def resident_memory_bytes() -> int:
+    """RSS of this process (Linux /proc; macOS via resource's peak as a fallback)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS

@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help=_described("serve only the HTTP front, calling the inference service there", "MLXGATE_GRPC_TARGET"),
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help=_described("HTTP front processes sharing the HTTP port, in front of this process's inference service",
+                        "MLXGATE_WORKERS", server.workers),
+    )
     _add_common(serve)
 
     service = sub.add_parser(
@@ -183,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.grpc_port": args.grpc_port,
         "server.grpc_target": getattr(args, "grpc_target", None),
         "server.metrics_port": getattr(args, "metrics_port", None),
+        "server.workers": getattr(args, "workers", None),
         "mlx.models_dir": args.models_dir,
         "ollama.upstream": args.ollama_upstream,
         "server.api_keys": args.api_keys,
@@ -254,6 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     from mlxgate.ports import BindError
     from mlxgate_cli import stack
+    from mlxgate_cli.workers import WorkersFailed
 
     if config.mlx.distributed and config.mlx.enabled:
         follower_status = _distributed_rank(config)
@@ -272,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BindError as e:  # a port in use: one line, no traceback
         print(f"mlxgate: {e}", file=sys.stderr)
         status = 2
+    except WorkersFailed as e:  # a worker could not start, or kept exiting
+        print(f"mlxgate: {e}", file=sys.stderr)
+        status = 1
     # Shutdown is complete: servers stopped, streams cancelled, models freed.
     # Skip interpreter finalization, where grpc.aio's background thread can
     # abort the process ("terminate called without an active exception",

@@ -23,7 +23,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -88,9 +88,17 @@ class Stack:
         assert self.http is not None
         return f"http://{self.config.server.host}:{self.http.port}"
 
-    async def start_service(self, env: Mapping[str, str], process: str = "mlxgate") -> None:
+    async def start_service(
+        self,
+        env: Mapping[str, str],
+        process: str = "mlxgate",
+        unix_path: Optional[str] = None,
+        other_memory: Optional[Callable[[], Mapping[str, int]]] = None,
+    ) -> None:
         """``process`` labels this process's memory: "mlxgate" (front and
-        service together) or "service" (``mlxgate service``)."""
+        service together) or "service" (``mlxgate service``, or the parent of
+        ``serve --workers``).  ``unix_path``: also listen there (the workers'
+        channel); ``other_memory``: the workers' memory, by process label."""
         from mlxgate_cli.factory import build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
@@ -100,7 +108,9 @@ class Stack:
         mlx = self.router.mlx_backend
         if mlx is not None:
             mlx.observer = self.service_metrics  # queue-wait histogram
-        self.registry.register(MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None))
+        self.registry.register(
+            MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None, other_memory)
+        )
         self.registry.register(BackendCollector(self.router))
         self.service = await start_inference_service(
             self.router,
@@ -110,6 +120,7 @@ class Stack:
             api_keys=self.config.server.api_keys,
             max_message_bytes=self.config.server.grpc_max_message_bytes,
             front_token=self.front_token,
+            unix_path=unix_path,
         )
         if mlx is not None and getattr(mlx, "cluster", None) is not None:
             self._watch_cluster(mlx)
@@ -139,18 +150,21 @@ class Stack:
             # Front only: this process's memory still shows on its /metrics.
             self.registry.register(MemoryCollector("front", None))
         cfg = self.config.server
+        in_process = self.service is not None and cfg.front_channel == "in-process"
         app = create_app(
             cfg,
             self.grpc_target,
             extra_middlewares=[http_metrics.middleware],
             front_token=self.front_token if self.service is not None else None,
+            local_stub=self.service.local_stub() if in_process else None,
         )
         app.router.add_get("/metrics", metrics_handler(self.registry))
         try:
             self.http = await start_http(app, cfg.host, cfg.port, shutdown_timeout=_STOP_TIMEOUT)
         except OSError as e:
             raise bind_error("HTTP", cfg.host, cfg.port, e) from None
-        log.info("HTTP front on %s (gRPC service %s)", self.http_url, self.grpc_target)
+        log.info("HTTP front on %s (gRPC service %s%s)", self.http_url, self.grpc_target,
+                 ", called in-process" if in_process else "")
 
     async def drain(self, grace: float, hurry: Optional[asyncio.Event] = None) -> None:
         """Refuse new work, let what is in flight finish for up to ``grace``
@@ -257,7 +271,14 @@ async def _run_until_signalled(stack: Stack) -> None:
 
 
 async def serve(config: Config, env: Mapping[str, str]) -> None:
-    """``mlxgate serve``: front and (unless --grpc-target) the service."""
+    """``mlxgate serve``: front and (unless --grpc-target) the service; with
+    ``server.workers`` > 1, the front in that many worker processes
+    (``mlxgate_cli.workers``)."""
+    if config.server.workers > 1:
+        from mlxgate_cli.workers import serve_workers
+
+        await serve_workers(config, env)
+        return
     stack = await start_stack(config, env)
     print(f"mlxgate: HTTP {stack.http_url}  gRPC {stack.grpc_target}", flush=True)
     await _run_until_signalled(stack)

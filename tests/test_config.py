@@ -192,3 +192,17 @@ def test_remotes_come_after_mlx_and_share_the_fronts_key() -> None:
     backends = build_backends(cfg, {})
     assert [b.name for b in backends] == ["remote:h:1", "remote:named", "ollama"]
     assert backends[0]._metadata == (("authorization", "Bearer front-key"),)
+
+
+def test_workers_from_toml_env_and_flag(tmp_path: Path) -> None:
+    assert load_config(env={}).server.workers == 1
+    toml = tmp_path / "mlxgate.toml"
+    toml.write_text("[server]\nworkers = 3\n")
+    assert load_config(toml, env={}).server.workers == 3
+    assert load_config(toml, env={"MLXGATE_WORKERS": "2"}).server.workers == 2
+    args = build_parser().parse_args(["serve", "--workers", "4"])
+    assert config_from_args(args).server.workers == 4
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        load_config(env={"MLXGATE_WORKERS": "0"})
+    with pytest.raises(ValueError, match="cannot be combined with grpc_target"):
+        load_config(env={"MLXGATE_WORKERS": "2", "MLXGATE_GRPC_TARGET": "h:1"})

@@ -97,6 +97,33 @@ async def test_metric_values_move_after_requests(stack) -> None:
     assert "no-such-model" not in text and "hi" not in text.split()
 
 
+async def test_gateway_overhead_header_and_metric(stack) -> None:
+    """Each generating request says how much of its time was mlxgate's own:
+    more than nothing, less than the whole request (the engine's time is
+    not in it), in the header and in the histogram; routes that do not
+    generate carry no header."""
+    await asyncio.sleep(0.3)  # an earlier test's streamed request is counted when its handler returns
+    before = sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="ollama")
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            body = {"model": TEST_MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                    "options": {"num_predict": 8}}
+            t0 = time.perf_counter()
+            async with session.post(f"{stack.http_url}/api/chat", json=body) as r:
+                await r.read()
+                total_ms = (time.perf_counter() - t0) * 1000
+                overhead_ms = float(r.headers["x-mlxgate-overhead-ms"])
+            assert 0 < overhead_ms < total_ms
+        async with session.get(f"{stack.http_url}/api/tags") as r:
+            assert r.status == 200 and "x-mlxgate-overhead-ms" not in r.headers
+    for _ in range(50):  # the streamed request is counted once its handler returns, after the last byte
+        if sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="ollama") == before + 2:
+            break
+        await asyncio.sleep(0.02)
+    assert sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="ollama") == before + 2
+    assert sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="anthropic") == 0
+
+
 async def test_a_fresh_stack_shows_zeros_not_missing_series(test_model_dir) -> None:
     """Grafana shows "No data" for a series that does not exist yet: the
     fallbacks between configured backends, and a model's cancellations once

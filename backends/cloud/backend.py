@@ -107,10 +107,15 @@ class CloudBackend(UpstreamSession):
             await stream.open(self._get_session(), self.base_url + path, json=body, headers=self._headers())
             state = wire.StreamState()
             saw_done_marker = False
-            # Chunks of events that arrived together go out as one (LineReader.ready).
-            pending: list[Chunk] = []
-            async for line in stream:
-                if line.startswith(b"data:"):
+            # The events one network read brought go on as one chunk (UpstreamStream.batch).
+            while not saw_done_marker:
+                lines = await stream.batch()
+                if not lines:
+                    break
+                tokens = state.token_events
+                for line in lines:
+                    if not line.startswith(b"data:"):
+                        continue  # blank separators, ": comment", "event:", "id:"
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         saw_done_marker = True
@@ -122,18 +127,12 @@ class CloudBackend(UpstreamSession):
                     if isinstance(obj, dict):
                         if "error" in obj:
                             raise self._stream_error(obj)
-                        tokens = state.token_events
-                        chunk = state.feed(obj)
-                        if state.token_events != tokens:
-                            stream.token()
-                        if chunk is not None:
-                            pending.append(chunk)
-                # (other lines: blank separators, ": comment", "event:", "id:")
-                if pending and not stream.more_ready():
-                    yield Chunk.merged(pending)
-                    pending = []
-            if pending:
-                yield Chunk.merged(pending)
+                        state.add(obj)
+                if state.token_events != tokens:
+                    stream.token()
+                chunk = state.take()
+                if chunk is not None:
+                    yield chunk
             if not saw_done_marker and state.finish is None:
                 raise Unavailable(f"{self.name}: upstream ended the stream before it finished")
             calls = state.tool_calls()

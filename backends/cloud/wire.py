@@ -205,45 +205,83 @@ class StreamState:
     #: token clocks (backends.http_upstream) run on this.
     token_events: int = 0
 
+    #: What ``add`` gathered since the last ``take``.
+    _text: list[str] = field(default_factory=list)
+    _thinking: list[str] = field(default_factory=list)
+    _logprobs: list[TokenLogprob] = field(default_factory=list)
+
     def feed(self, obj: dict) -> Optional[Chunk]:
-        """Take one parsed ``data:`` event; return the chunk to emit now, if any.
+        """Take one parsed ``data:`` event; return the chunk to emit now, if any."""
+        self.add(obj)
+        return self.take()
+
+    def add(self, obj: dict) -> None:
+        """Take one parsed ``data:`` event; its text, reasoning and logprobs
+        wait for ``take`` (so the events of one network read make one chunk).
 
         Tool-call deltas are accumulated (ids and names arrive first, the
         arguments string in pieces) and emitted once, by ``tool_calls``."""
-        if obj.get("model"):
-            self.model = obj["model"]
+        model = obj.get("model")
+        if model:
+            self.model = model
         usage = obj.get("usage")
-        if isinstance(usage, dict):
+        if usage is not None and isinstance(usage, dict):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
             details = usage.get("prompt_tokens_details") or {}
             if isinstance(details, dict):
                 self.cached_tokens = int(details.get("cached_tokens") or 0)
-        text = ""
-        thinking = ""
-        lps: list[TokenLogprob] = []
-        call_deltas = 0
-        for choice in obj.get("choices") or []:
+        choices = obj.get("choices")
+        if not choices:
+            return
+        token = False
+        for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
+            finish = choice.get("finish_reason")
+            if finish:
+                self.finish = finish
             delta = choice.get("delta")
+            logprobs = choice.get("logprobs")
             if isinstance(delta, dict):
-                text += delta.get("content") or ""
-                thinking += _reasoning(delta)
-                for tc in delta.get("tool_calls") or []:
-                    call_deltas += isinstance(tc, dict)
-                    self._add_call_delta(tc)
-                lps += _chat_logprobs(choice.get("logprobs"))
+                text = delta.get("content")
+                if text:
+                    self._text.append(text)
+                    token = True
+                thinking = _reasoning(delta)
+                if thinking:
+                    self._thinking.append(thinking)
+                    token = True
+                calls = delta.get("tool_calls")
+                if calls:
+                    for tc in calls:
+                        token = token or isinstance(tc, dict)
+                        self._add_call_delta(tc)
+                if logprobs is not None:
+                    lps = _chat_logprobs(logprobs)
+                    if lps:
+                        self._logprobs += lps
+                        token = True
             else:  # /completions
-                text += choice.get("text") or ""
-                lps += _completion_logprobs(choice.get("logprobs"))
-        if text or thinking or lps or call_deltas:
+                text = choice.get("text")
+                if text:
+                    self._text.append(text)
+                    token = True
+                if logprobs is not None:
+                    lps = _completion_logprobs(logprobs)
+                    if lps:
+                        self._logprobs += lps
+                        token = True
+        if token:
             self.token_events += 1
-        if text or thinking or lps:
-            return Chunk(text=text, thinking=thinking, logprobs=lps)
-        return None
+
+    def take(self) -> Optional[Chunk]:
+        """One chunk of everything ``add`` gathered since the last take (None: nothing)."""
+        if not (self._text or self._thinking or self._logprobs):
+            return None
+        chunk = Chunk(text="".join(self._text), thinking="".join(self._thinking), logprobs=self._logprobs)
+        self._text, self._thinking, self._logprobs = [], [], []
+        return chunk
 
     def _add_call_delta(self, tc: Any) -> None:
         if not isinstance(tc, dict):

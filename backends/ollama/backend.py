@@ -80,10 +80,15 @@ class OllamaBackend(UpstreamSession):
                 self._get_session(), self.base_url + path, json=body, headers={"X-Request-Id": req.request_id}
             )
             saw_tool_calls = False
-            # Chunks of lines that arrived together go out as one (LineReader.ready).
-            pending: list[Chunk] = []
-            async for line in stream:
-                if line.strip():
+            # The lines one network read brought go on as one chunk (UpstreamStream.batch).
+            while True:
+                lines = await stream.batch()
+                if not lines:
+                    break
+                pending: list[Chunk] = []
+                for line in lines:
+                    if not line.strip():
+                        continue
                     try:
                         obj = orjson.loads(line)
                     except orjson.JSONDecodeError:
@@ -94,18 +99,18 @@ class OllamaBackend(UpstreamSession):
                         raise _stream_error(self.name, obj["error"])
                     chunk = wire.chunk_from_line(obj)
                     if chunk is not None:
-                        stream.token()
                         saw_tool_calls = saw_tool_calls or bool(chunk.tool_calls)
                         pending.append(chunk)
                     if obj.get("done"):
                         if pending:
+                            stream.token()
                             yield Chunk.merged(pending)
                         stream.finish()
                         yield wire.done_from_line(obj, self.name, req.model, saw_tool_calls)
                         return
-                if pending and not stream.more_ready():
+                if pending:
+                    stream.token()
                     yield Chunk.merged(pending)
-                    pending = []
             raise Unavailable(f"{self.name}: upstream ended the stream before its final line")
         finally:
             stream.close()

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import overhead
 from gateway.anthropic import translate as tr
 from gateway.common import check_done, is_done
 from gateway.errors import ApiError, adapt, anthropic_body
@@ -86,7 +87,7 @@ class _Pinger:
 async def messages(request: web.Request) -> web.StreamResponse:
     p = tr.messages_request(await read_json(request))
     rid = request_id(request)
-    stream = client(request).generate(p.req, rid)
+    stream = client(request).generate(p.req, rid, overhead.of(request))
     try:
         first = await stream.start()
         if is_done(first):

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from aiohttp import web
 
+from gateway import overhead
 from gateway.common import check_done, duration, is_done
 from gateway.errors import ApiError, adapt, ollama_body
 from gateway.fields import read_json
@@ -66,7 +67,7 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
     if p.load_only:
         return await _load_or_unload(request, p, chat)
     rid = request_id(request)
-    stream = client(request).generate(p.req, rid)
+    stream = client(request).generate(p.req, rid, overhead.of(request))
     try:
         first = await stream.start()
         if is_done(first):

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import overhead
 from gateway.client import GenerateStream
 from gateway.common import Collected, check_done, collect, is_done
 from gateway.errors import ApiError, openai_body
@@ -46,7 +47,7 @@ async def _start_all(streams: list[GenerateStream]) -> list[Any]:
 async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResponse:
     rid = request_id(request)
     c = client(request)
-    streams = [c.generate(r, rid) for r in p.requests()]
+    streams = [c.generate(r, rid, overhead.of(request)) for r in p.requests()]
     try:
         firsts = await _start_all(streams)
         for f in firsts:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import struct
 import time
 import uuid
@@ -40,7 +41,7 @@ _ROLE = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_AS
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    return f"{prefix}-{os.urandom(12).hex()}"
 
 
 def fingerprint(backend: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
+from gateway import overhead
 from gateway.common import check_done, is_done, parse
 from gateway.errors import ApiError, bad_request, internal_error
 from gateway.fields import read_json
@@ -113,7 +114,7 @@ async def create(request: web.Request) -> web.StreamResponse:
         owner = await _owner(request)
     req = tr.generate_request(p, await _history(request, p, owner))
     rid = request_id(request)
-    stream = client(request).generate(req, rid)
+    stream = client(request).generate(req, rid, overhead.of(request))
     a = tr.Assembler(p, stream=p.stream)
     try:
         first = await stream.start()

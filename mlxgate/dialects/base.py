@@ -303,7 +303,8 @@ def unknown_fields(model: BaseModel, prefix: str = "") -> Iterator[str]:
     nested ones as "messages[].foo"."""
     for name in model.model_extra or ():
         yield f"{prefix}{name}"
-    for name in type(model).model_fields:
+    # Only what the caller sent can hold unknown fields (defaults hold none).
+    for name in model.model_fields_set:
         value = getattr(model, name, None)
         if isinstance(value, BaseModel):
             yield from unknown_fields(value, f"{prefix}{name}.")

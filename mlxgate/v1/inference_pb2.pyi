@@ -277,12 +277,14 @@ class Done(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., load_duration_ns: _Optional[int] = ..., prompt_eval_duration_ns: _Optional[int] = ..., eval_duration_ns: _Optional[int] = ..., total_duration_ns: _Optional[int] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., error_message: _Optional[str] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("chunk", "done")
+    __slots__ = ("chunk", "done", "backend_seconds")
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_SECONDS_FIELD_NUMBER: _ClassVar[int]
     chunk: Chunk
     done: Done
-    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+    backend_seconds: float
+    def __init__(self, chunk: _Optional[_Union[Chunk, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., backend_seconds: _Optional[float] = ...) -> None: ...
 
 class CountTokensRequest(_message.Message):
     __slots__ = ("request",)

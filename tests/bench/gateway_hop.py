@@ -8,7 +8,11 @@ with 16 clients (tokens from the usage each stream reports) and time to first
 token.  mlxgate runs as a real ``mlxgate serve`` process (no local engine,
 one cloud provider: the instant upstream), as a user would run it.
 
-    python -m tests.bench.gateway_hop [--seconds 5] [--workers 1]
+It is also the ``hop`` section of ``make bench`` (``tests/bench/hop.py``),
+which measures the front over the loopback gRPC channel too
+(``MLXGATE_FRONT_CHANNEL=grpc``) beside the default in-process one.
+
+    python -m tests.bench.gateway_hop [--seconds 5] [--workers 1] [--channels in-process,grpc]
 """
 
 from __future__ import annotations
@@ -99,7 +103,9 @@ async def closed_loop(url: str, clients: int, seconds: float, stream: bool) -> d
     return out
 
 
-def start_mlxgate(upstream: InstantUpstream, workers: int, data_dir: str) -> tuple[subprocess.Popen, str]:
+def start_mlxgate(
+    upstream: InstantUpstream, workers: int, data_dir: str, channel: str = "in-process"
+) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env.update(
         MLXGATE_MLX_ENABLED="false",
@@ -108,6 +114,7 @@ def start_mlxgate(upstream: InstantUpstream, workers: int, data_dir: str) -> tup
         MLXGATE_CLOUD_MODELS=MODEL,
         MLXGATE_DATA_DIR=data_dir,
         MLXGATE_LOG_LEVEL="WARNING",
+        MLXGATE_FRONT_CHANNEL=channel,
     )
     cmd = [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0"]
     if workers > 1:
@@ -120,25 +127,27 @@ def start_mlxgate(upstream: InstantUpstream, workers: int, data_dir: str) -> tup
     return proc, m.group(1)
 
 
-async def run(seconds: float, workers: int) -> dict[str, Any]:
+async def run(seconds: float, workers: int, channels: tuple[str, ...] = ("in-process",)) -> dict[str, Any]:
+    """Direct, then mlxgate with each front channel, for each load."""
     upstream = await InstantUpstream().start()
     direct = f"{upstream.base_url}/chat/completions"
-    proc, base = start_mlxgate(upstream, workers, tempfile.mkdtemp(prefix="mlxgate-bench-"))
-    via = f"{base}/v1/chat/completions"
+    servers = [(c, *start_mlxgate(upstream, workers, tempfile.mkdtemp(prefix="mlxgate-bench-"), c)) for c in channels]
     try:
-        result: dict[str, Any] = {}
+        result: dict[str, Any] = {"channels": list(channels)}
         for name, clients, stream in (("one_client", 1, False), ("16_clients", 16, False),
                                       ("16_streams", 16, True)):
-            d = await closed_loop(direct, clients, seconds, stream)
-            g = await closed_loop(via, clients, seconds, stream)
-            result[name] = {"direct": d, "mlxgate": g}
+            result[name] = {"direct": await closed_loop(direct, clients, seconds, stream)}
+            for channel, _, base in servers:
+                key = "mlxgate" if channel == channels[0] else f"mlxgate_{channel}"
+                result[name][key] = await closed_loop(f"{base}/v1/chat/completions", clients, seconds, stream)
         one = result["one_client"]
         result["added_p50_ms"] = one["mlxgate"]["p50_ms"] - one["direct"]["p50_ms"]
         result["added_p99_ms"] = one["mlxgate"]["p99_ms"] - one["direct"]["p99_ms"]
         return result
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        for _, proc, _ in servers:
+            proc.terminate()
+            proc.wait(timeout=30)
         await upstream.stop()
 
 
@@ -165,8 +174,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--channels", default="in-process", help="front channels to measure, comma-separated")
     args = p.parse_args()
-    r = asyncio.run(run(args.seconds, args.workers))
+    r = asyncio.run(run(args.seconds, args.workers, tuple(args.channels.split(","))))
     print(json.dumps(r, indent=2))
     print(table(r))
 

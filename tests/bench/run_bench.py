@@ -1,12 +1,15 @@
 """`make bench`: speed and memory, as clients see them, written to .bench/results.json.
 
-Usage: python -m tests.bench.run_bench [--sections basics,engine,stall] [--reps 3]
+Usage: python -m tests.bench.run_bench [--sections hop,workers,basics,engine,stall] [--reps 3]
        [--clients 1,8,32] [--tokens 64] [--size bench|bench-bf16|tiny] [--models-dir DIR --model NAME]
        [--baseline-src DIR]
 
 Without arguments it generates the ~90M-parameter "bench" model (random
 weights, so only speed and memory mean anything) and runs every section:
 
+- hop: the gateway hop, mlxgate in front of an instant OpenAI-compatible
+  upstream vs the upstream direct (``gateway_hop.py``);
+- workers: ``mlxgate serve --workers 1`` vs ``2`` in front of the same upstream;
 - basics: cold load, one stream's decode and prefill, time to first token, memory;
 - engine: streamed tokens/s of the pure decode loop vs mlxgate vs mlx_lm.server
   at 1, 8 and 32 clients, and their ratios;
@@ -32,10 +35,11 @@ import platform
 import sys
 from pathlib import Path
 
-from tests.bench import basics, distributed, engine, stall
+from tests.bench import basics, distributed, engine, hop, stall, workers
 from tests.bench.common import Context, load_average
 
-SECTIONS = {"basics": basics.run, "engine": engine.run, "stall": stall.run, "distributed": distributed.run}
+SECTIONS = {"hop": hop.run, "workers": workers.run, "basics": basics.run, "engine": engine.run, "stall": stall.run,
+            "distributed": distributed.run}
 
 
 def machine() -> dict:

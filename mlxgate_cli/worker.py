@@ -1,0 +1,212 @@
+"""One HTTP worker process of ``mlxgate serve --workers N`` (started by
+``mlxgate_cli.workers``, never by hand).
+
+It runs the aiohttp front on the listening socket the parent bound and
+handed down (``web.SockSite``), calling the parent's inference service over
+the private Unix-domain gRPC socket with the parent's drain pass
+(``front_token``), as a front with ``front_channel = "grpc"`` does.
+
+The parent talks to it over one end of a socket pair (``--control FD``):
+
+- parent → worker: one JSON line, the settings (the server configuration,
+  API keys included, so they never appear in a command line);
+- worker → parent: ``ready`` once the front accepts requests;
+- end of file from the parent: the parent is gone (killed, crashed), so the
+  service is gone too: the worker exits at once.  This works on every
+  platform (no Linux-only ``PR_SET_PDEATHSIG``).
+
+SIGTERM (from the parent) drains like a single process: new requests 503,
+those in flight run on for ``shutdown_grace`` seconds, then are ended; a
+second SIGTERM ends them at once.  SIGINT is ignored: a Ctrl-C in a terminal
+reaches the whole process group, and the parent forwards it as SIGTERM.
+
+HTTP metrics go to prometheus_client's multiprocess files
+(``PROMETHEUS_MULTIPROC_DIR``, set by the parent before this process starts);
+``/metrics`` serves the parent's service metrics followed by every worker's
+HTTP metrics summed (``gateway.metrics.multiprocess_metrics_handler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Optional
+
+from aiohttp import ClientSession, UnixConnector, web
+from prometheus_client import CollectorRegistry
+
+from gateway.app import begin_drain, create_app, end_calls, wait_idle
+from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
+from mlxgate.config import ServerConfig
+from mlxgate.memory import resident_memory_bytes
+
+log = logging.getLogger("mlxgate.worker")
+
+#: The response header naming the worker that answered (1..N).
+WORKER_HEADER = "x-mlxgate-worker"
+
+#: After the drain, how long stopping may still wait (as ``stack._STOP_TIMEOUT``).
+_STOP_TIMEOUT = 2.0
+
+
+def _read_settings(control: socket.socket) -> dict[str, Any]:
+    with control.makefile("rb") as f:
+        line = f.readline()
+    if not line:
+        raise SystemExit("mlxgate worker: the parent closed the control socket before sending the settings")
+    return json.loads(line)
+
+
+def _watch_parent(loop: asyncio.AbstractEventLoop, control: socket.socket, index: int) -> None:
+    """Exit at once when the parent's end of the control socket closes."""
+    control.setblocking(False)
+
+    def readable() -> None:
+        try:
+            data = control.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log.error("worker %d: the parent process is gone; exiting", index)
+            logging.shutdown()
+            os._exit(1)
+
+    loop.add_reader(control.fileno(), readable)
+
+
+class _Signals:
+    """SIGTERM: the first sets ``stop``, a second one ``hurry``."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._received)
+
+    def _received(self) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
+        self.stop.set()
+
+
+async def run(settings: dict[str, Any], control: socket.socket) -> None:
+    index = int(settings["index"])
+    cfg = ServerConfig(**settings["server"])
+    loop = asyncio.get_running_loop()
+    _watch_parent(loop, control, index)
+    signals = _Signals()
+
+    # Values go to the multiprocess files; this registry is never served.
+    http_metrics = HttpMetrics(CollectorRegistry())
+    app = create_app(cfg, settings["grpc_target"], extra_middlewares=[http_metrics.middleware],
+                     front_token=settings["front_token"])
+    session: Optional[ClientSession] = None
+
+    async def service_metrics() -> bytes:
+        nonlocal session
+        if session is None:
+            session = ClientSession(connector=UnixConnector(path=settings["metrics_socket"]))
+        async with session.get("http://mlxgate/metrics") as r:
+            r.raise_for_status()
+            return await r.read()
+
+    app.router.add_get("/metrics", multiprocess_metrics_handler(os.environ["PROMETHEUS_MULTIPROC_DIR"],
+                                                                service_metrics))
+    worker_id = str(index)
+
+    async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = worker_id
+
+    app.on_response_prepare.append(name_worker)
+    listener = socket.socket(fileno=int(settings["listen_fd"]))
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_STOP_TIMEOUT)
+    await runner.setup()
+    reporting: Optional[asyncio.Future] = None
+    try:
+        await web.SockSite(runner, listener).start()
+        log.info("worker %d (pid %d) serving HTTP", index, os.getpid())
+        control.sendall(b"ready\n")
+        reporting = asyncio.ensure_future(_report_memory(control))
+        await signals.stop.wait()
+        await _drain(app, cfg.shutdown_grace, signals.hurry)
+    finally:
+        if reporting is not None:
+            reporting.cancel()
+        await runner.cleanup()
+        if session is not None:
+            await session.close()
+
+
+#: How often a worker tells the parent its resident memory (for /metrics).
+MEMORY_REPORT_INTERVAL = 2.0
+
+
+async def _report_memory(control: socket.socket) -> None:
+    while True:
+        with contextlib.suppress(OSError):  # BlockingIOError: the parent is not reading; next time
+            control.send(f"rss {resident_memory_bytes()}\n".encode())
+        await asyncio.sleep(MEMORY_REPORT_INTERVAL)
+
+
+async def _drain(app: web.Application, grace: float, hurry: asyncio.Event) -> None:
+    """As ``Stack.drain`` for a front alone: refuse new requests, wait for
+    those in flight up to ``grace`` (or ``hurry``), then end the rest."""
+    begin_drain(app)
+    log.info("draining: refusing new requests, waiting up to %.0f s for those in flight", grace)
+    started = time.monotonic()
+    waiters = [asyncio.ensure_future(wait_idle(app, grace)), asyncio.ensure_future(hurry.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    ended = end_calls(app)
+    if ended:
+        log.warning("shutdown: after %.1f s, ended the %d calls still running in this worker",
+                    time.monotonic() - started, ended)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wait_idle(app, None), _STOP_TIMEOUT)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="mlxgate-worker", description="an HTTP worker of mlxgate serve --workers")
+    ap.add_argument("--control", type=int, required=True, help="file descriptor of the control socket")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = socket.socket(fileno=args.control)
+    settings = _read_settings(control)
+    from mlxgate.memory import limit_arenas
+
+    limit_arenas()  # as mlxgate_cli.main, before the event loop's threads
+    logging.basicConfig(
+        level=str(settings["log_level"]).upper(),
+        format=f"%(asctime)s %(levelname)s worker-{settings['index']} %(name)s: %(message)s",
+    )
+    from mlxgate_cli.main import run_loop
+
+    status = 0
+    try:
+        run_loop(run(settings, control))
+    except Exception:
+        log.exception("worker %s failed", settings["index"])
+        status = 1
+    # As mlxgate_cli.main: skip interpreter finalization (grpc/grpc#38679).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
