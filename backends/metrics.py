@@ -341,3 +341,26 @@ class GenerateTracker:
             m.c_cancellations(model, backend).inc()
         if error_code:
             m.c_errors(error_code).inc()
+
+
+class DistributedCollector(Collector):
+    """The ranks of a distributed MLX engine, read at scrape time (rank 0's
+    figures and the others' latest heartbeats: ``backends/mlx/distributed.py``)."""
+
+    def __init__(self, status: Callable[[], list]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        ranks = self.status()
+        for key, name, doc in (
+            ("up", "distributed_rank_up", "1 while the rank answers its heartbeats."),
+            ("sequences", "distributed_rank_sequences", "Sequences in the rank's batch."),
+            ("max_batch", "distributed_rank_max_batch", "Most sequences the rank decoded in one step."),
+            ("steps", "distributed_rank_decode_steps", "Decode steps the rank ran."),
+            ("parameter_bytes", "distributed_rank_parameter_bytes", "Bytes of the rank's shard of the weights."),
+        ):
+            g = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["rank"])
+            for r in ranks:
+                g.add_metric([str(r["rank"])], float(r.get(key) or 0))
+            yield g
+

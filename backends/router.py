@@ -199,6 +199,9 @@ def _not_serving_message(backend: Backend) -> str:
     health = getattr(getattr(backend, "health", None), "value", "")
     if health == "unreachable":
         return f"{backend.name}: cannot be reached (health watch)"
+    reason = getattr(backend, "not_serving_reason", None)
+    if reason:
+        return f"{backend.name}: not serving ({reason})"
     return f"{backend.name}: not serving (draining: its health is NOT_SERVING)"
 
 
@@ -900,8 +903,10 @@ class Router:
         return orders
 
     def health(self) -> dict[str, bool]:
-        """Serving or not, for the backends that watch their health (remotes)."""
-        return {b.name: _serving(b) for b in self.backends if hasattr(b, "serving")}
+        """Serving or not, for the backends that watch their health (remotes, a
+        distributed MLX engine)."""
+        return {b.name: _serving(b) for b in self.backends
+                if hasattr(b, "serving") and getattr(b, "watches_health", True)}
 
     def breaker_states(self) -> dict[str, str]:
         return {name: br.state.value for name, br in self.breakers.items()}

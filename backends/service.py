@@ -367,6 +367,13 @@ class RunningService:
         self.gate.begin_drain()
         await self.health.enter_graceful_shutdown()
 
+    async def set_not_serving(self) -> None:
+        """Health NOT_SERVING ("" and the service), new calls still answered
+        (they fail over to whatever the router has left): the local engine
+        is out of service (a distributed engine lost a rank)."""
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def wait_idle(self, timeout: Optional[float]) -> bool:
         return await self.gate.wait_idle(timeout)
 

@@ -161,6 +161,16 @@ class MLXConfig:
     test_models_dir: Optional[str] = None
     #: Set false to run without the MLX engine (gateway to Ollama/cloud only).
     enabled: bool = True
+    #: One model over several processes started with ``mlx.launch``
+    #: (``backends/mlx/distributed.py``): rank 0 serves, the others follow.
+    distributed: bool = False
+    #: With ``distributed``: pipeline parallelism (layers split across ranks)
+    #: instead of tensor parallelism (every layer split); for the model types
+    #: mlx-lm can pipeline.
+    pipeline: bool = False
+    #: With ``distributed``: seconds a rank may go without a heartbeat (on a
+    #: side channel, every 0.5 s) before rank 0 takes the engine out of service.
+    distributed_timeout: float = 5.0
 
 
 @dataclass
@@ -328,6 +338,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_PROMPT_CACHE_BYTES": ("mlx", "prompt_cache_bytes"),
     "MLXGATE_MLX_ENABLED": ("mlx", "enabled"),
     "MLXGATE_DEFAULT_MAX_TOKENS": ("mlx", "default_max_tokens"),
+    "MLXGATE_DISTRIBUTED": ("mlx", "distributed"),
+    "MLXGATE_PIPELINE": ("mlx", "pipeline"),
+    "MLXGATE_DISTRIBUTED_TIMEOUT": ("mlx", "distributed_timeout"),
     "OLLAMA_UPSTREAM": ("ollama", "upstream"),
     "MLXGATE_CONNECT_TIMEOUT": ("upstream", "connect_timeout"),
     "MLXGATE_FIRST_TOKEN_TIMEOUT": ("upstream", "first_token_timeout"),

@@ -100,6 +100,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help=_described("allow a non-loopback bind address without API keys", "MLXGATE_ALLOW_UNAUTHENTICATED"),
     )
     p.add_argument(
+        "--distributed",
+        action="store_true",
+        default=None,
+        help=_described("one model over the processes started by mlx.launch: rank 0 serves, the others hold "
+                        "their shards and follow", "MLXGATE_DISTRIBUTED"),
+    )
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        default=None,
+        help=_described("with --distributed: pipeline parallelism (layers split across ranks) instead of "
+                        "tensor parallelism, for the model types mlx-lm can pipeline", "MLXGATE_PIPELINE"),
+    )
+    p.add_argument(
         "--data-dir",
         metavar="DIR",
         help=_described("where mlxgate keeps its own data: stored responses (responses.sqlite3) and the "
@@ -182,6 +196,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "server.api_keys": args.api_keys,
         "server.allow_unauthenticated": args.allow_unauthenticated,
         "server.data_dir": args.data_dir,
+        "mlx.distributed": args.distributed,
+        "mlx.pipeline": args.pipeline,
         "log_level": args.log_level or os.environ.get("MLXGATE_LOG_LEVEL"),
     }
     return load_config(args.config, overrides=overrides)
@@ -196,6 +212,24 @@ def run_loop(main_coro) -> None:
         asyncio.run(main_coro)
         return
     uvloop.run(main_coro)
+
+
+def _distributed_rank(config: Config) -> Optional[int]:
+    """``--distributed``: None on rank 0 (it goes on to serve); on the other
+    ranks, run the follower loop and return its exit status."""
+    from backends.mlx import distributed
+
+    grp = distributed.group()
+    if grp.size() < 2:
+        print("mlxgate: --distributed needs the processes started by mlx.launch, e.g. "
+              "mlx.launch -n 2 --backend ring --python .venv/bin/python -- -m mlxgate_cli service --distributed",
+              file=sys.stderr)
+        return 2
+    if grp.rank() == 0:
+        return None
+    from mlxgate_cli.stack import ensure_default_model
+
+    return distributed.run_follower(config.mlx, lambda: ensure_default_model(config))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -229,6 +263,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mlxgate.ports import BindError
     from mlxgate_cli import stack
     from mlxgate_cli.workers import WorkersFailed
+
+    if config.mlx.distributed and config.mlx.enabled:
+        follower_status = _distributed_rank(config)
+        if follower_status is not None:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(follower_status)
 
     runner = stack.serve if args.command == "serve" else stack.serve_service_only
     status = 0

@@ -122,6 +122,24 @@ class Stack:
             front_token=self.front_token,
             unix_path=unix_path,
         )
+        if mlx is not None and getattr(mlx, "cluster", None) is not None:
+            self._watch_cluster(mlx)
+
+    def _watch_cluster(self, mlx) -> None:
+        """A distributed MLX engine: its ranks on /metrics, and health
+        NOT_SERVING once it loses one (``backends/mlx/distributed.py``)."""
+        from backends.metrics import DistributedCollector
+
+        self.registry.register(DistributedCollector(mlx.distributed_status))
+        loop = asyncio.get_running_loop()
+        service = self.service
+
+        def broken(reason: str) -> None:  # the watchdog's thread
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(service.set_not_serving()))
+
+        mlx.cluster.on_broken.append(broken)
+        if mlx.cluster.broken is not None:
+            broken(mlx.cluster.broken)
 
     async def start_front(self) -> None:
         from gateway.app import create_app, start_http

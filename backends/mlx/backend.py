@@ -53,6 +53,8 @@ class _Plan:
     num_ctx: int
     output: Optional[SequenceOutput] = None
     matcher: object = None
+    #: The grammar ``matcher`` was compiled from (a distributed engine's other ranks compile it too).
+    grammar: Optional[str] = None
 
 
 class MLXBackend:
@@ -75,13 +77,52 @@ class MLXBackend:
         (``backends.metrics.ServiceMetrics``); also settable later as ``.observer``."""
         self.config = config
         self._registry = ModelRegistry(config)
-        self._manager = ModelManager(config, self._registry)
-        self._engine = Engine(config, self._manager)
+        #: Rank 0's view of a distributed engine (``distributed.py``); None in one process.
+        self.cluster: Any = None
+        if config.distributed:
+            from backends.mlx.distributed import leader_parts
+
+            self._manager, self._engine, self.cluster = leader_parts(config, self._registry)
+            self.cluster.watchdog.local = self._rank0_status
+        else:
+            self._manager = ModelManager(config, self._registry)
+            self._engine = Engine(config, self._manager)
         self._engine.observer = observer
         #: Requests accepted and not yet finished (see ``_admission``).
         self._accepted = 0
 
     # ---------------------------------------------------------------- introspection
+
+    @property
+    def serving(self) -> bool:
+        """False once a distributed engine lost a rank (the router then skips it)."""
+        return self.cluster is None or self.cluster.broken is None
+
+    @property
+    def watches_health(self) -> bool:
+        """Only a distributed engine has a health of its own (its ranks)."""
+        return self.cluster is not None
+
+    @property
+    def not_serving_reason(self) -> str:
+        if self.cluster is None or self.cluster.broken is None:
+            return ""
+        return f"distributed MLX engine out of service: {self.cluster.broken}"
+
+    def _rank0_status(self) -> dict:
+        loaded = self._manager.loaded()
+        return {
+            "sequences": self.active_count,
+            "max_batch": self._engine.stats.max_batch_seen,
+            "steps": self._engine.stats.decode_steps,
+            "parameter_bytes": sum(lm.size_bytes for lm in loaded),
+            "models": sorted(lm.name for lm in loaded),
+        }
+
+    def distributed_status(self) -> list[dict]:
+        """Per rank of a distributed engine: up, sequences, largest batch, steps,
+        shard bytes (rank 0's own and the others' heartbeats); [] in one process."""
+        return self.cluster.status() if self.cluster is not None else []
 
     @property
     def active_count(self) -> int:
@@ -274,7 +315,7 @@ class MLXBackend:
             )
         thinking = new_think_splitter(tok, ids, req.think)
         output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)
-        return _Plan(ids, max_tokens, ctx, output, matcher)
+        return _Plan(ids, max_tokens, ctx, output, matcher, grammar)
 
     # ---------------------------------------------------------------- Backend protocol
 
@@ -307,6 +348,8 @@ class MLXBackend:
             self._accepted -= 1
 
     async def _generate(self, req: GenerateRequest, t_start: int) -> AsyncIterator[Event]:
+        if self.cluster is not None and self.cluster.broken is not None:
+            raise Unavailable(f"distributed MLX engine out of service: {self.cluster.broken}")
         entry = await self._resolve(req.model)
         lm, load_ns = await self._acquire(entry, req.keep_alive)
         pinned: Optional[LoadedModel] = lm
@@ -341,6 +384,7 @@ class MLXBackend:
                 logprobs=req.logprobs or req.top_logprobs > 0,
                 top_logprobs=req.top_logprobs,
                 matcher=plan.matcher,
+                grammar=plan.grammar,
                 load_duration_ns=load_ns,
                 t_start_ns=t_start,
             )
@@ -419,7 +463,7 @@ class MLXBackend:
                 )
             vectors: list[list[float]] = []
             for ids in batches:
-                fut = self._engine.call(embed_mod.embed_one, lm.model, ids, req.dimensions)
+                fut = self._engine.call(self._engine.embed_one, lm, ids, req.dimensions)
                 try:
                     vectors.append(await asyncio.wrap_future(fut))
                 except asyncio.CancelledError:

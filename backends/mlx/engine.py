@@ -82,6 +82,8 @@ class Sequence:
     logprobs: bool = False
     top_logprobs: int = 0
     matcher: Any = None
+    #: The grammar ``matcher`` was compiled from.
+    grammar: Optional[str] = None
     load_duration_ns: int = 0
     t_start_ns: int = field(default_factory=time.perf_counter_ns)
     t_submit_ns: int = 0
@@ -215,10 +217,14 @@ class Engine:
                 self._manager.expire()
                 if time.monotonic() - self._memory_at > 0.25:
                     self._refresh_memory()
+                self._end_of_turn()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("MLX engine loop error")
             finally:
                 self._dispatch.flush()
+
+    def _end_of_turn(self) -> None:
+        """After each turn of the loop (``distributed.py`` sends what is left to send)."""
 
     def _emit(self, seq: Sequence, event: Any) -> None:
         """Queue an event for the caller; its loop is woken by the next ``flush``."""
@@ -315,15 +321,7 @@ class Engine:
                     sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
                 procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
                 cache, n = lm.prompt_cache.fetch(seq.prompt_ids) if lm.prompt_cache is not None else (None, 0)
-                (uid,) = lm.generator.insert(
-                    [seq.prompt_ids[n:]],
-                    max_tokens=[seq.max_tokens],
-                    # The batch appends to all_tokens: always a fresh list.
-                    caches=[cache],
-                    all_tokens=[seq.prompt_ids[:n]],
-                    samplers=[sampler],
-                    logits_processors=[procs],
-                )
+                uid = self._insert(lm, seq, n, cache, sampler, procs)
                 del cache
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e)
@@ -335,6 +333,26 @@ class Engine:
             seq.uid = uid
             seq.t_admit_ns = time.perf_counter_ns()
             lm.active[uid] = seq
+
+    def _insert(self, lm: LoadedModel, seq: Sequence, n: int, cache: Any, sampler: Callable, procs: list) -> int:
+        """Put ``seq`` into its model's batch, its first ``n`` prompt tokens
+        served from ``cache``; its uid in the batch."""
+        (uid,) = lm.generator.insert(
+            [seq.prompt_ids[n:]],
+            max_tokens=[seq.max_tokens],
+            # The batch appends to all_tokens: always a fresh list.
+            caches=[cache],
+            all_tokens=[seq.prompt_ids[:n]],
+            samplers=[sampler],
+            logits_processors=[procs],
+        )
+        return uid
+
+    def embed_one(self, lm: LoadedModel, ids: list[int], dimensions: int) -> list[float]:
+        """One embedding vector (MLX thread: run it with ``call``)."""
+        from backends.mlx.embed import embed_one
+
+        return embed_one(lm.model, ids, dimensions)
 
     def _step(self, lm: LoadedModel) -> None:
         gen = lm.generator

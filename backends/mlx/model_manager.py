@@ -128,6 +128,10 @@ class ModelManager:
 
     # ---------------------------------------------------------------- MLX thread
 
+    def _load_files(self, entry: ModelEntry):
+        """(model, tokenizer) of ``entry`` (``distributed.py`` loads a shard instead)."""
+        return _load_files(entry)
+
     def load_and_pin(self, entry: ModelEntry) -> LoadedModel:
         lm = self.pin_if_loaded(entry)
         if lm is not None:
@@ -135,7 +139,7 @@ class ModelManager:
         self._evict_for_one_more()
         t0 = time.perf_counter_ns()
         try:
-            model, tokenizer = _load_files(entry)
+            model, tokenizer = self._load_files(entry)
         except MemoryError as e:
             raise Unavailable(f"out of memory loading model {entry.name}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any load failure: let the router try elsewhere

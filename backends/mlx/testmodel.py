@@ -193,7 +193,7 @@ def _rows(shape: tuple, key, late: int):
 def _random_weights(
     config: dict, seed: int, special_ids: list[int], dtype: str = "float32", late_rows: int = 0
 ) -> dict:
-    """Weights for mlx-lm's llama Model, named by the model class itself.
+    """Weights for mlx-lm's llama (or qwen2) Model, named by the model class itself.
 
     The last ``late_rows`` vocabulary rows (tokens added after the first
     release of this model) are drawn apart, so adding them left every other
@@ -201,9 +201,10 @@ def _random_weights(
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
+    from mlx_lm.models import llama, qwen2
 
-    model = llama.Model(llama.ModelArgs.from_dict(config))
+    arch = qwen2 if config["model_type"] == "qwen2" else llama
+    model = arch.Model(arch.ModelArgs.from_dict(config))
     names = sorted(k for k, _ in tree_flatten(model.parameters()))
     shapes = dict(tree_flatten(model.parameters()))
     key = mx.random.key(seed)
@@ -256,7 +257,7 @@ def _make_ending(weights: dict, eot_id: int, dtype: str) -> None:
 
 def write_test_model(
     out_dir: Path, name: str = "tiny-llama", seed: int = 0, *, fim: bool = True, size: str = "tiny",
-    context: int = CONTEXT, ending: bool = False,
+    context: int = CONTEXT, ending: bool = False, arch: str = "llama",
 ) -> Path:
     """Write ``out_dir/name/`` and return that folder.
 
@@ -268,8 +269,13 @@ def write_test_model(
     default model almost never picks the end-of-turn token), for clients that
     wait for the model to finish (Claude Code takes an answer cut by
     max_tokens for an error): its embeddings share a constant component that
-    the end-of-turn row of ``lm_head`` reads (``_make_ending``).
+    the end-of-turn row of ``lm_head`` reads (``_make_ending``).  ``arch``:
+    "llama", or "qwen2" (the same shape with attention biases, a model type
+    mlx-lm can split by layers: pipeline parallelism; written with a
+    ``model.safetensors.index.json``, which pipelined loading reads).
     """
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"arch must be llama or qwen2, got {arch!r}")
     if context < 1:
         raise ValueError(f"context must be a positive number of tokens, got {context}")
     import mlx.core as mx
@@ -281,8 +287,8 @@ def write_test_model(
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + (FIM_TOKENS if fim else []) + TEXT_TOKENS}
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": arch,
         "hidden_size": dims.hidden,
         "num_hidden_layers": dims.layers,
         "num_attention_heads": dims.heads,
@@ -302,6 +308,9 @@ def write_test_model(
     if ending:
         _make_ending(weights, ids["<|eot_id|>"], dims.dtype)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    if arch == "qwen2":
+        index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in sorted(weights)}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     (path / "config.json").write_text(json.dumps(config, indent=2))
     tok.save(str(path / "tokenizer.json"))

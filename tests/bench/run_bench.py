@@ -14,7 +14,9 @@ weights, so only speed and memory mean anything) and runs every section:
 - engine: streamed tokens/s of the pure decode loop vs mlxgate vs mlx_lm.server
   at 1, 8 and 32 clients, and their ratios;
 - stall: how long running streams stop when a ~2,000-token prompt arrives,
-  with prefill interleaving off and on.
+  with prefill interleaving off and on;
+- distributed: the model over 2 ranks (``--distributed``, ring over loopback)
+  vs one process, streamed tokens/s.
 
 Each section is a module here with ``async def run(ctx) -> Section``
 (``common.py``); add one to ``SECTIONS``.  Comparisons are ratios measured in
@@ -33,10 +35,11 @@ import platform
 import sys
 from pathlib import Path
 
-from tests.bench import basics, engine, hop, stall, workers
+from tests.bench import basics, distributed, engine, hop, stall, workers
 from tests.bench.common import Context, load_average
 
-SECTIONS = {"hop": hop.run, "workers": workers.run, "basics": basics.run, "engine": engine.run, "stall": stall.run}
+SECTIONS = {"hop": hop.run, "workers": workers.run, "basics": basics.run, "engine": engine.run, "stall": stall.run,
+            "distributed": distributed.run}
 
 
 def machine() -> dict:
