@@ -345,7 +345,7 @@ class GenerateTracker:
 
 class DistributedCollector(Collector):
     """The ranks of a distributed MLX engine, read at scrape time (rank 0's
-    figures and the others' latest heartbeats: ``backends/mlx/distributed.py``)."""
+    figures and the others' latest heartbeats: ``backends/mlx/distributed/``)."""
 
     def __init__(self, status: Callable[[], list]) -> None:
         self.status = status

@@ -162,7 +162,7 @@ class MLXConfig:
     #: Set false to run without the MLX engine (gateway to Ollama/cloud only).
     enabled: bool = True
     #: One model over several processes started with ``mlx.launch``
-    #: (``backends/mlx/distributed.py``): rank 0 serves, the others follow.
+    #: (``backends/mlx/distributed/``): rank 0 serves, the others follow.
     distributed: bool = False
     #: With ``distributed``: pipeline parallelism (layers split across ranks)
     #: instead of tensor parallelism (every layer split); for the model types

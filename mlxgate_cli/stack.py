@@ -127,7 +127,7 @@ class Stack:
 
     def _watch_cluster(self, mlx) -> None:
         """A distributed MLX engine: its ranks on /metrics, and health
-        NOT_SERVING once it loses one (``backends/mlx/distributed.py``)."""
+        NOT_SERVING once it loses one (``backends/mlx/distributed/``)."""
         from backends.metrics import DistributedCollector
 
         self.registry.register(DistributedCollector(mlx.distributed_status))

@@ -3,7 +3,7 @@ loopback, CPU): ``mlx.launch -n 2 --backend ring -- -m mlxgate_cli service
 --distributed`` on the generated test model, as a user runs it.
 
 Rank 0 is the gRPC service; rank 1 holds the other half of every layer and
-follows rank 0's broadcasts (``backends/mlx/distributed.py``).  What each rank
+follows rank 0's broadcasts (``backends/mlx/distributed/``).  What each rank
 does is read from rank 0's /metrics: ``mlxgate_distributed_rank_*{rank=...}``
 (rank 1's figures come from its heartbeats, every 0.5 s).
 

@@ -77,7 +77,7 @@ class MLXBackend:
         (``backends.metrics.ServiceMetrics``); also settable later as ``.observer``."""
         self.config = config
         self._registry = ModelRegistry(config)
-        #: Rank 0's view of a distributed engine (``distributed.py``); None in one process.
+        #: Rank 0's view of a distributed engine (``distributed/leader.py``); None in one process.
         self.cluster: Any = None
         if config.distributed:
             from backends.mlx.distributed import leader_parts

@@ -224,7 +224,7 @@ class Engine:
                 self._dispatch.flush()
 
     def _end_of_turn(self) -> None:
-        """After each turn of the loop (``distributed.py`` sends what is left to send)."""
+        """After each turn of the loop (``distributed/leader.py`` sends what is left to send)."""
 
     def _emit(self, seq: Sequence, event: Any) -> None:
         """Queue an event for the caller; its loop is woken by the next ``flush``."""

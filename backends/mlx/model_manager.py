@@ -129,7 +129,7 @@ class ModelManager:
     # ---------------------------------------------------------------- MLX thread
 
     def _load_files(self, entry: ModelEntry):
-        """(model, tokenizer) of ``entry`` (``distributed.py`` loads a shard instead)."""
+        """(model, tokenizer) of ``entry`` (``distributed/`` loads a shard instead)."""
         return _load_files(entry)
 
     def load_and_pin(self, entry: ModelEntry) -> LoadedModel:
