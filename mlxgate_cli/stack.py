@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from backends.metrics import BackendCollector, MemoryCollector, ServiceMetrics
 from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
+from mlxgate.memory import freeze_startup_objects
 from mlxgate.ports import bind_error, check_free
 
 if TYPE_CHECKING:
@@ -280,6 +281,7 @@ async def serve(config: Config, env: Mapping[str, str]) -> None:
         await serve_workers(config, env)
         return
     stack = await start_stack(config, env)
+    freeze_startup_objects()
     print(f"mlxgate: HTTP {stack.http_url}  gRPC {stack.grpc_target}", flush=True)
     await _run_until_signalled(stack)
 
@@ -300,5 +302,6 @@ async def serve_service_only(config: Config, env: Mapping[str, str]) -> None:
     except OSError as e:
         await stack.stop()
         raise bind_error("metrics", host, port, e) from None
+    freeze_startup_objects()
     print(f"mlxgate: gRPC {stack.grpc_target}  metrics http://{host}:{stack.metrics_http.port}", flush=True)
     await _run_until_signalled(stack)

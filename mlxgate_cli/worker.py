@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import begin_drain, create_app, end_calls, wait_idle
 from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
 from mlxgate.config import ServerConfig
-from mlxgate.memory import resident_memory_bytes
+from mlxgate.memory import freeze_startup_objects, resident_memory_bytes
 
 log = logging.getLogger("mlxgate.worker")
 
@@ -135,6 +135,7 @@ async def run(settings: dict[str, Any], control: socket.socket) -> None:
     try:
         await web.SockSite(runner, listener).start()
         log.info("worker %d (pid %d) serving HTTP", index, os.getpid())
+        freeze_startup_objects()
         control.sendall(b"ready\n")
         reporting = asyncio.ensure_future(_report_memory(control))
         await signals.stop.wait()

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from mlxgate.config import Config
+from mlxgate.memory import freeze_startup_objects
 from mlxgate.ports import bind_error
 
 if TYPE_CHECKING:
@@ -332,6 +333,7 @@ async def serve_workers(config: Config, env: Mapping[str, str]) -> None:
         }
         supervisor = Supervisor(cfg.workers, listener, settings, env, multiproc_dir)
         await supervisor.start()
+        freeze_startup_objects()
         print(f"mlxgate: HTTP http://{cfg.host}:{port}  gRPC {stack.grpc_target}  ({cfg.workers} HTTP workers)",
               flush=True)
         log.info("HTTP front on http://%s:%d: %d worker processes (gRPC service %s)", cfg.host, port,
