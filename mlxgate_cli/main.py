@@ -284,11 +284,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except WorkersFailed as e:  # a worker could not start, or kept exiting
         print(f"mlxgate: {e}", file=sys.stderr)
         status = 1
-    # Shutdown is complete: servers stopped, streams cancelled, models freed.
-    # Skip interpreter finalization, where grpc.aio's background thread can
-    # abort the process ("terminate called without an active exception",
-    # grpc/grpc#38679; seen here about 1 exit in 15 on a loaded machine), so a
-    # supervisor sees exit status 0 for a clean stop (2 when a port was taken).
+    exit_now(status)
+
+
+def exit_now(status: int) -> None:
+    """End the process once its shutdown is complete (servers stopped, streams
+    cancelled, models freed), skipping interpreter finalization, where
+    grpc.aio's background thread can abort the process ("terminate called
+    without an active exception", grpc/grpc#38679; seen here about 1 exit in
+    15 on a loaded machine), so a supervisor sees the status it was meant to
+    (0 for a clean stop)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -34,6 +34,7 @@ from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
 from mlxgate.memory import freeze_startup_objects
 from mlxgate.ports import bind_error, check_free
+from mlxgate_cli.tasks import first_done
 
 if TYPE_CHECKING:
     from backends.router import Router
@@ -187,15 +188,7 @@ class Stack:
                 await self.service.wait_idle(None)
 
         started = time.monotonic()
-        waiters = [asyncio.ensure_future(asyncio.wait_for(idle(), grace))]
-        if hurry is not None:
-            waiters.append(asyncio.ensure_future(hurry.wait()))
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-            await asyncio.gather(*waiters, return_exceptions=True)
+        await first_done(asyncio.wait_for(idle(), grace), *([hurry.wait()] if hurry is not None else []))
         front_calls = end_calls(app) if app is not None else 0
         service_calls = self.service.end_calls() if self.service is not None else 0
         if front_calls or service_calls:

@@ -47,6 +47,7 @@ from gateway.app import begin_drain, create_app, end_calls, wait_idle
 from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
 from mlxgate.config import ServerConfig
 from mlxgate.memory import freeze_startup_objects, resident_memory_bytes
+from mlxgate_cli.tasks import first_done
 
 log = logging.getLogger("mlxgate.worker")
 
@@ -165,13 +166,7 @@ async def _drain(app: web.Application, grace: float, hurry: asyncio.Event) -> No
     begin_drain(app)
     log.info("draining: refusing new requests, waiting up to %.0f s for those in flight", grace)
     started = time.monotonic()
-    waiters = [asyncio.ensure_future(wait_idle(app, grace)), asyncio.ensure_future(hurry.wait())]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+    await first_done(wait_idle(app, grace), hurry.wait())
     ended = end_calls(app)
     if ended:
         log.warning("shutdown: after %.1f s, ended the %d calls still running in this worker",
@@ -194,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         level=str(settings["log_level"]).upper(),
         format=f"%(asctime)s %(levelname)s worker-{settings['index']} %(name)s: %(message)s",
     )
-    from mlxgate_cli.main import run_loop
+    from mlxgate_cli.main import exit_now, run_loop
 
     status = 0
     try:
@@ -202,11 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception:
         log.exception("worker %s failed", settings["index"])
         status = 1
-    # As mlxgate_cli.main: skip interpreter finalization (grpc/grpc#38679).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_now(status)
 
 
 if __name__ == "__main__":  # pragma: no cover
