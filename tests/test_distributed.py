@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
+from tests.scrape import scrape
 from tests.mlx_fixtures import TEST_MODEL
 from tests.test_shutdown import clean_env
 
@@ -77,14 +76,7 @@ class Cluster:
     log: Path
 
     async def metrics(self) -> dict[str, float]:
-        async with aiohttp.ClientSession() as s, s.get(self.metrics_url) as r:
-            text = await r.text()
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return out
+        return await scrape(self.metrics_url)
 
     async def rank(self, name: str, rank: int) -> float:
         return (await self.metrics()).get(f'mlxgate_distributed_rank_{name}{{rank="{rank}"}}', float("nan"))

@@ -27,12 +27,12 @@ from typing import Any, AsyncIterator, Optional
 import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mlxgate.config import Config, RemoteService, ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from mlxgate_cli.stack import Stack, start_stack
+from tests.scrape import scrape
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.mlx_fixtures import TEST_MODEL
 from tests.test_shutdown import Proc, clean_env, spawn
@@ -55,15 +55,7 @@ class Service:
     metrics_url: str
 
     async def metrics(self) -> dict[str, float]:
-        """Its /metrics as {'name{label="v",...}': value} (labels sorted)."""
-        async with aiohttp.ClientSession() as s, s.get(self.metrics_url) as r:
-            text = await r.text()
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return out
+        return await scrape(self.metrics_url)
 
     async def call(self, method: str, request: Any) -> Any:
         async with grpc.aio.insecure_channel(self.target) as ch:
