@@ -8,6 +8,8 @@ messages from the dialect models and render answers from the ``pb.Chunk`` /
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional, TypeVar
@@ -123,3 +125,26 @@ def collect(events: Iterable[pb.GenerateResponse]) -> Collected:
     out.text = "".join(parts)
     out.thinking = "".join(thoughts)
     return out
+
+
+def image_bytes(url: str, name: str, bare_base64: bool = False) -> bytes:
+    """An image's bytes from a base64 ``data:`` URL (or, with ``bare_base64``,
+    from bare base64: the Responses API sends either); other URLs are not
+    fetched.  A 400 naming ``name`` otherwise."""
+    if not url.startswith("data:"):
+        if bare_base64 and "://" not in url and url:
+            try:
+                return base64.b64decode(url, validate=True)
+            except (binascii.Error, ValueError):
+                pass
+        accepted = "data: URLs (base64) or base64" if bare_base64 else "data: URLs (base64)"
+        raise bad_request(
+            f"{name}: only {accepted} are supported for images; this server does not fetch URLs", param=name
+        )
+    head, _, payload = url.partition(",")
+    if ";base64" not in head:
+        raise bad_request(f"{name}: the data: URL must be base64-encoded", param=name)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{name}: invalid base64 in data: URL", param=name) from None

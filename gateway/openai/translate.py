@@ -19,7 +19,6 @@ whose arguments were truncated.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import struct
 import time
@@ -27,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from gateway.common import Collected, check_done, finish_of, parse, tools_pb
+from gateway.common import Collected, check_done, finish_of, image_bytes, parse, tools_pb
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import openai as wire
@@ -95,21 +94,6 @@ def _include_usage(r: wire._Sampling) -> bool:
 # ---------------------------------------------------------------- chat
 
 
-def _data_url(url: str, name: str) -> bytes:
-    if not url.startswith("data:"):
-        raise bad_request(
-            f"{name}: only data: URLs (base64) are supported for images; this server does not fetch URLs",
-            param=name,
-        )
-    head, _, payload = url.partition(",")
-    if ";base64" not in head:
-        raise bad_request(f"{name}: the data: URL must be base64-encoded", param=name)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{name}: invalid base64 in data: URL", param=name) from None
-
-
 def _content(m: wire.ChatMessage, name: str) -> tuple[str, list[bytes]]:
     if m.content is None:
         return "", []
@@ -124,7 +108,7 @@ def _content(m: wire.ChatMessage, name: str) -> tuple[str, list[bytes]]:
         elif isinstance(part, wire.RefusalPart):
             texts.append(part.refusal)
         elif m.role == "user":
-            images.append(_data_url(part.url, f"{pname}.image_url.url"))
+            images.append(image_bytes(part.url, f"{pname}.image_url.url"))
         else:
             raise bad_request(f"{pname}.type {part.type!r} is not supported here", param=f"{pname}.type")
     return "".join(texts), images

@@ -27,8 +27,6 @@ module maps it onto the contract:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from gateway.common import check_done, finish_of, parse
+from gateway.common import check_done, finish_of, image_bytes, parse
 from gateway.errors import ApiError, bad_request, openai_type
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import responses as wire
@@ -86,27 +84,6 @@ def _refuse_unsupported(r: wire.CreateRequest) -> None:
         raise bad_request("prompt templates are not supported; send instructions and input", param="prompt")
 
 
-def _data_url(url: str, name: str) -> bytes:
-    """An image's bytes: a base64 data: URL, or bare base64; other URLs are not fetched."""
-    if not url.startswith("data:"):
-        if "://" not in url and url:
-            try:
-                return base64.b64decode(url, validate=True)
-            except (binascii.Error, ValueError):
-                pass
-        raise bad_request(
-            f"{name}: only data: URLs (base64) or base64 are supported for images; this server does not fetch URLs",
-            param=name,
-        )
-    head, _, payload = url.partition(",")
-    if ";base64" not in head:
-        raise bad_request(f"{name}: the data: URL must be base64-encoded", param=name)
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise bad_request(f"{name}: invalid base64 in data: URL", param=name) from None
-
-
 def _part(part: BaseModel, name: str, role: str) -> dict[str, Any]:
     """One content part, normalised; images only from the user, as data: URLs."""
     if isinstance(part, wire.InputText):
@@ -123,7 +100,7 @@ def _part(part: BaseModel, name: str, role: str) -> dict[str, Any]:
             raise bad_request(f"{name}.image_url is required", param=f"{name}.image_url")
         if role != "user":
             raise bad_request(f"{name}: images are supported in user messages only", param=f"{name}.type")
-        _data_url(part.image_url, f"{name}.image_url")
+        image_bytes(part.image_url, f"{name}.image_url", bare_base64=True)
         detail = part.detail if isinstance(part.detail, str) else "auto"
         return {"type": "input_image", "image_url": part.image_url, "detail": detail}
     raise bad_request(f"{name}.type 'input_file': file inputs are not supported", param=f"{name}.type")
@@ -311,7 +288,7 @@ def messages_pb(items: list[dict[str, Any]]) -> list[pb.ChatMessage]:
                 msg.content = _texts(content)
                 continue
             images = [
-                _data_url(p["image_url"], "image_url") for p in content or () if isinstance(p, dict)
+                image_bytes(p["image_url"], "image_url", bare_base64=True) for p in content or () if isinstance(p, dict)
                 and p.get("type") == "input_image"
             ] if not isinstance(content, str) else []
             out.append(pb.ChatMessage(role=_ROLE[role], content=_texts(content), images=images))
