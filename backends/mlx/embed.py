@@ -33,16 +33,20 @@ def tokenize_inputs(
                     "and truncate is false"
                 )
             text = counter.head(text, context_length)
-        ids = list(tokenizer.encode(text))
-        if len(ids) > context_length:
-            if not truncate:
-                raise InvalidArgument(
-                    f"input[{i}]: {len(ids)} tokens exceed {model}'s context length {context_length} "
-                    "and truncate is false"
-                )
-            ids = ids[:context_length]
-        out.append(ids)
+        out.append(_fit(list(tokenizer.encode(text)), i, context_length, truncate, model))
     return out
+
+
+def _fit(ids: list[int], i: int, context_length: int, truncate: bool, model: str) -> list[int]:
+    """``ids`` within the context: cut to it with ``truncate``, else refused."""
+    if len(ids) > context_length:
+        if not truncate:
+            raise InvalidArgument(
+                f"input[{i}]: {len(ids)} tokens exceed {model}'s context length {context_length} "
+                "and truncate is false"
+            )
+        return ids[:context_length]
+    return ids
 
 
 def token_inputs(
@@ -63,14 +67,7 @@ def token_inputs(
                 f"input[{i}]: token id {bad} is not in {model}'s vocabulary (0 to {vocab_size - 1}); "
                 "token ids must come from this model's own tokenizer"
             )
-        if len(ids) > context_length:
-            if not truncate:
-                raise InvalidArgument(
-                    f"input[{i}]: {len(ids)} tokens exceed {model}'s context length {context_length} "
-                    "and truncate is false"
-                )
-            ids = ids[:context_length]
-        out.append(list(ids))
+        out.append(_fit(list(ids), i, context_length, truncate, model))
     return out
 
 
