@@ -151,25 +151,6 @@ async def run(seconds: float, workers: int, channels: tuple[str, ...] = ("in-pro
         await upstream.stop()
 
 
-def table(r: dict[str, Any]) -> str:
-    one, many, streams = r["one_client"], r["16_clients"], r["16_streams"]
-    rows = [
-        "| gateway hop (instant upstream) | direct | mlxgate | goal |",
-        "|---|---|---|---|",
-        f"| latency p50, 1 client, non-streamed | {one['direct']['p50_ms']:.2f} ms | {one['mlxgate']['p50_ms']:.2f} ms "
-        f"(+{r['added_p50_ms']:.2f}) | added ≤ 1.5 ms |",
-        f"| latency p99, 1 client | {one['direct']['p99_ms']:.2f} ms | {one['mlxgate']['p99_ms']:.2f} ms "
-        f"(+{r['added_p99_ms']:.2f}) | added ≤ 5 ms |",
-        f"| requests/s, 16 clients, non-streamed | {many['direct']['requests_per_s']:,.0f} | "
-        f"{many['mlxgate']['requests_per_s']:,.0f} | ≥ 1,000 |",
-        f"| streamed tokens/s, 16 clients, 64 tokens each | {streams['direct']['tokens_per_s']:,.0f} | "
-        f"{streams['mlxgate']['tokens_per_s']:,.0f} | ≥ 20,000 |",
-        f"| time to first token p50, 16 streams | {streams['direct']['ttft_p50_ms']:.2f} ms | "
-        f"{streams['mlxgate']['ttft_p50_ms']:.2f} ms | ≤ 10 ms |",
-    ]
-    return "\n".join(rows)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=5.0)
@@ -177,8 +158,10 @@ def main() -> None:
     p.add_argument("--channels", default="in-process", help="front channels to measure, comma-separated")
     args = p.parse_args()
     r = asyncio.run(run(args.seconds, args.workers, tuple(args.channels.split(","))))
+    from tests.bench.hop import table  # the section's table (hop.py imports this module)
+
     print(json.dumps(r, indent=2))
-    print(table(r))
+    print(table(r, args.seconds).render())
 
 
 if __name__ == "__main__":
