@@ -21,7 +21,6 @@ from aiohttp import web
 
 #: Response header: the overhead in milliseconds.
 HEADER = "x-mlxgate-overhead-ms"
-KEY: "web.RequestKey[Overhead]" = web.RequestKey("mlxgate.overhead", object)
 
 
 class Overhead:
@@ -45,6 +44,9 @@ class Overhead:
         return self.seconds
 
 
+KEY = web.RequestKey("mlxgate.overhead", Overhead)
+
+
 def of(request: web.Request) -> Optional[Overhead]:
     return request.get(KEY)
 
@@ -58,7 +60,7 @@ async def middleware(
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    o = request.get(KEY)
+    o = of(request)
     seconds = o.settle() if o is not None else None
     if seconds is not None:
         response.headers[HEADER] = f"{seconds * 1000:.3f}"
