@@ -56,6 +56,9 @@ WORKER_HEADER = "x-mlxgate-worker"
 
 #: After the drain, how long stopping may still wait (as ``stack._STOP_TIMEOUT``).
 _STOP_TIMEOUT = 2.0
+#: Once a worker stops accepting, how long the connections it accepted just
+#: before may take to send their request (answered 503) before they are closed.
+ACCEPTED_LINGER = 1.0
 
 
 def _read_settings(control: socket.socket) -> dict[str, Any]:
@@ -125,8 +128,13 @@ async def run(settings: dict[str, Any], control: socket.socket) -> None:
                                                                 service_metrics))
     worker_id = str(index)
 
+    #: The connections that had a response started since the drain began.
+    answered: set[object] = set()
+
     async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
         response.headers[WORKER_HEADER] = worker_id
+        if signals.stop.is_set():
+            answered.add(request.protocol)
 
     app.on_response_prepare.append(name_worker)
     listener = socket.socket(fileno=int(settings["listen_fd"]))
@@ -141,6 +149,7 @@ async def run(settings: dict[str, Any], control: socket.socket) -> None:
         reporting = asyncio.ensure_future(_report_memory(control))
         await signals.stop.wait()
         await _drain(app, cfg.shutdown_grace, signals.hurry)
+        await _stop_accepting(runner, answered)
     finally:
         if reporting is not None:
             reporting.cancel()
@@ -173,6 +182,23 @@ async def _drain(app: web.Application, grace: float, hurry: asyncio.Event) -> No
                     time.monotonic() - started, ended)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wait_idle(app, None), _STOP_TIMEOUT)
+
+
+async def _stop_accepting(runner: web.AppRunner, answered: set[object]) -> None:
+    """Stop taking connections off the shared socket, then give each open
+    connection not answered since the drain began up to ``ACCEPTED_LINGER``
+    seconds to send its request (answered 503: draining).  Closing them at
+    once would drop a client that connected just before, or one about to use
+    its kept-alive connection, without an answer although another worker
+    still serves the port."""
+    for site in runner.sites:
+        await site.stop()
+    server = runner.server
+    deadline = time.monotonic() + ACCEPTED_LINGER
+    while server is not None and time.monotonic() < deadline and any(
+        conn not in answered for conn in server.connections
+    ):
+        await asyncio.sleep(0.02)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

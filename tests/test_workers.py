@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -118,6 +119,16 @@ def workers_seen(base: str, want: set[str], tries: int = 200) -> tuple[set[str],
     return seen, n
 
 
+def _ask(conn: socket.socket, request: bytes) -> bytes:
+    """Send ``request`` on an open connection; the status line's first 12 bytes (b"" if closed)."""
+    with conn:
+        conn.sendall(request)
+        got = b""
+        while len(got) < 12 and (chunk := conn.recv(12 - len(got))):
+            got += chunk
+        return got
+
+
 def wait_for(check, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -206,10 +217,18 @@ def test_a_stream_in_flight_lives_through_sigterm(server: Server) -> None:
     with urllib.request.urlopen(req, timeout=60) as r:
         first = json.loads(r.readline())
         assert first["done"] is False
+        # Connections opened before the signal whose request comes just after
+        # it: each gets an answer (503, draining), none is closed unanswered,
+        # although the idle worker among those holding them exits at once.
+        early = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(8)]
         signalled = time.time()
         server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        answers = [_ask(c, b"GET /api/tags HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                   for c in early]
+        assert answers == [b"HTTP/1.1 503"] * len(early), answers
         # New requests are refused while the stream goes on (from either worker).
-        assert wait_for(lambda: get(f"{server.http}/api/tags")[0] == 503, 10)
+        assert get(f"{server.http}/api/tags")[0] == 503
         lines = [json.loads(x) for x in r.read().splitlines() if x.strip()]
     assert lines[-1]["done"] is True and lines[-1]["eval_count"] == 1500, lines[-1]
     # It was still being generated after the signal, not just read from buffers.
