@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 __all__ = ["RETRY_AFTER_KEY", "SERVICE_NAME", "InferenceServicer", "RunningService", "start_inference_service"]
 
 T = TypeVar("T")
+M = TypeVar("M")
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -94,6 +96,32 @@ def _checked(context: grpc.aio.ServicerContext, check: Callable[[], None]) -> bo
     return True
 
 
+def _accepted(context: grpc.aio.ServicerContext, size: int, message: M,
+              check: Callable[[M], None], convert: Callable[[M], T]) -> Optional[T]:
+    """The domain request of a unary call's ``message`` (``size`` bytes),
+    once ``check`` found it inside the contract; None, with the status set
+    and a large message's memory handed back, when it is not."""
+    try:
+        check(message)
+        return convert(message)
+    except BackendError as e:
+        _fail(context, e)
+        trim_after_large(size)
+        return None
+
+
+async def _answered(context: grpc.aio.ServicerContext, size: int, what: str,
+                    call: Callable[[], Awaitable[Any]], empty: R) -> R:
+    """The reply of a unary call that was accepted: ``call``'s result as its
+    message, or ``empty`` with the status set; then a large request's memory
+    is handed back."""
+    try:
+        result = await _guard(context, what, call)
+    finally:
+        trim_after_large(size)
+    return result.to_pb() if result is not None else empty
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """Maps the proto service onto one ``Backend``."""
 
@@ -105,14 +133,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         size = request.ByteSize()
-        try:
-            validation.check_generate(request)
-            req = GenerateRequest.from_pb(request)
-        except BackendError as e:
-            _fail(context, e)
-            trim_after_large(size)
-            return
+        req = _accepted(context, size, request, validation.check_generate, GenerateRequest.from_pb)
         del request  # the domain request holds what is needed
+        if req is None:
+            return
         tracker = self.observer.start(req) if self.observer else None
         done: Optional[Done] = None
         error_code: Optional[str] = None
@@ -162,39 +186,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         size = request.ByteSize()
-        try:
-            validation.check_embed(request)
-            req = EmbedRequest.from_pb(request)
-        except BackendError as e:
-            _fail(context, e)
+        req = _accepted(context, size, request, validation.check_embed, EmbedRequest.from_pb)
+        del request  # the domain request holds what is needed
+        if req is None:
             return pb.EmbedResponse()
-        finally:
-            trim_after_large(size)
-        del request
-        try:
-            result = await _guard(context, "Embed", lambda: self.backend.embed(req))
-        finally:
-            trim_after_large(size)
-        return result.to_pb() if result is not None else pb.EmbedResponse()
+        return await _answered(context, size, "Embed", lambda: self.backend.embed(req), pb.EmbedResponse())
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb.CountTokensResponse:
         size = request.ByteSize()
-        try:
-            validation.check_count_tokens(request)
-            req = GenerateRequest.from_pb(request.request)
-        except BackendError as e:
-            _fail(context, e)
-            return pb.CountTokensResponse()
-        finally:
-            trim_after_large(size)
+        req = _accepted(context, size, request, validation.check_count_tokens,
+                        lambda m: GenerateRequest.from_pb(m.request))
         del request
-        try:
-            result = await _guard(context, "CountTokens", lambda: self.backend.count_tokens(req))
-        finally:
-            trim_after_large(size)
-        return result.to_pb() if result is not None else pb.CountTokensResponse()
+        if req is None:
+            return pb.CountTokensResponse()
+        return await _answered(context, size, "CountTokens", lambda: self.backend.count_tokens(req),
+                               pb.CountTokensResponse())
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
