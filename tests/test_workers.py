@@ -223,7 +223,7 @@ def test_a_stream_in_flight_lives_through_sigterm(server: Server) -> None:
         early = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(8)]
         signalled = time.time()
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        assert wait_for(lambda: server.stderr().count("draining: refusing new requests") == 2, 10)
         answers = [_ask(c, b"GET /api/tags HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                    for c in early]
         assert answers == [b"HTTP/1.1 503"] * len(early), answers
