@@ -31,7 +31,7 @@ from gateway import openapi, overhead
 from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
-from gateway.errors import ApiError, Dialect, dialect_of, error_response, from_grpc, from_http, internal_error
+from gateway.errors import ApiError, Dialect, error_response, from_grpc, from_http, internal_error, request_dialect
 from gateway.ollama import routes as ollama_routes
 from gateway.openai import routes as openai_routes
 from gateway.responses import routes as responses_routes
@@ -55,7 +55,7 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes a status and a body in the caller's dialect."""
-    dialect = dialect_of(request.path)
+    dialect = request_dialect(request)
     rid = request_id(request)
     try:
         return await answer(request, handler, dialect, rid)
@@ -99,7 +99,7 @@ def build_middlewares(guard: TrustGuard, extra: Iterable[Middleware] = ()) -> li
 async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     rid = request_id(request)
     response.headers[REQUEST_ID_HEADER] = rid
-    if dialect_of(request.path) == "anthropic":
+    if request_dialect(request) == "anthropic":
         # Anthropic's SDKs read the id from "request-id" (APIStatusError.request_id).
         response.headers[ANTHROPIC_REQUEST_ID_HEADER] = rid
 

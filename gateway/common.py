@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional, TypeVar
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from gateway.errors import ApiError, bad_request
 from mlxgate import jsonutil
 from mlxgate.dialects.base import Tool, log_unknown, wire_error
+from mlxgate.names import same_model
 from mlxgate.v1 import inference_pb2 as pb
 
 M = TypeVar("M", bound=BaseModel)
@@ -36,6 +38,29 @@ def parse(model: type[M], data: dict[str, Any], route: str) -> M:
         raise bad_request(err.message, param=err.path or None) from None
     log_unknown(parsed, route)
     return parsed
+
+
+_INTEGER = re.compile(r"^-?[0-9]{1,20}$")
+
+
+def read_query(request: Any, model: type[M], route: str, integers: tuple[str, ...] = ("limit",)) -> M:
+    """A query string as its dialect model: only the model's own parameters
+    are read (others are ignored, as the APIs ignore them), ``integers`` as
+    integers when they are one; a 400 naming the bad parameter otherwise."""
+    data: dict[str, Any] = {}
+    for name in model.model_fields:
+        value = request.query.get(name)
+        if value is not None:
+            data[name] = int(value) if name in integers and _INTEGER.match(value) else value
+    return parse(model, data, route)
+
+
+def find_model(models: Iterable[pb.ModelInfo], name: str) -> Optional[pb.ModelInfo]:
+    """The listed model called ``name``: that exact name first, else one it
+    names Ollama-style (``x:latest`` finds ``x``)."""
+    models = list(models)
+    return next((m for m in models if m.name == name), None) or next(
+        (m for m in models if same_model(m.name, name)), None)
 
 
 def rfc3339(dt: Optional[datetime] = None) -> str:

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from gateway.errors import ApiError, dialect_of, error_response
+from gateway.errors import ApiError, error_response, request_dialect
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -75,7 +75,7 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.path in _OPEN_WHILE_DRAINING:
         return await handler(request)
     if drain.draining:
-        response = error_response(shutting_down_error(), dialect_of(request.path))
+        response = error_response(shutting_down_error(), request_dialect(request))
         response.force_close()  # no keep-alive into a server that is going away
         return response
     drain.enter()

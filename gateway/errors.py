@@ -173,6 +173,23 @@ def dialect_of(path: str) -> Dialect:
     return "openai" if path == "/v1" or path.startswith("/v1/") else "ollama"
 
 
+#: Paths both OpenAI's API and Anthropic's serve: ``GET /v1/models`` and ``/v1/models/{id}``.
+SHARED_MODELS_PATH = "/v1/models"
+#: The header every Anthropic client sends (the API requires it); no OpenAI client does.
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
+
+
+def request_dialect(request: web.BaseRequest) -> Dialect:
+    """The dialect a request speaks: by its path, except on the paths both
+    APIs share, where ``anthropic-version`` marks an Anthropic client."""
+    dialect = dialect_of(request.path)
+    if dialect == "openai" and ANTHROPIC_VERSION_HEADER in request.headers and (
+        request.path == SHARED_MODELS_PATH or request.path.startswith(SHARED_MODELS_PATH + "/")
+    ):
+        return "anthropic"
+    return dialect
+
+
 #: Anthropic dialect: our status -> the one Anthropic documents (see the module docstring).
 _ANTHROPIC_STATUS = {429: 529, 503: 529, 501: 400}
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import overhead
+from gateway.errors import request_dialect
 from mlxgate.prom import Children
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,11 @@ HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def dialect_of(path: str) -> str:
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return "anthropic"
-    if path.startswith("/v1/"):
-        return "openai"
-    if path == "/" or path.startswith("/api/"):
-        return "ollama"
+def dialect_of(request: web.BaseRequest) -> str:
+    """The ``dialect`` label: the caller's dialect, "other" off the APIs' paths (/openapi.json)."""
+    path = request.path
+    if path.startswith("/v1/") or path == "/" or path.startswith("/api/"):
+        return request_dialect(request)
     return "other"
 
 
@@ -79,7 +78,7 @@ class HttpMetrics:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/metrics":
             return await handler(request)
-        dialect = dialect_of(request.path)
+        dialect = dialect_of(request)
         info = request.match_info.route.resource
         route = info.canonical if info is not None else "unmatched"
         status = 500

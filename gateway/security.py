@@ -62,7 +62,7 @@ from typing import Awaitable, Callable, Iterable, Mapping, Optional
 
 from aiohttp import hdrs, web
 
-from gateway.errors import ApiError, dialect_of, error_response, from_http
+from gateway.errors import ApiError, error_response, from_http, request_dialect
 from gateway.state import BACKEND_HEADER, CALLER_KEY, REQUEST_ID_HEADER
 from mlxgate.config import ServerConfig
 from mlxgate.exposure import effective_keys, is_loopback
@@ -315,7 +315,7 @@ class TrustGuard:
 
     def _refuse(self, request: web.Request, err: ApiError, why: str) -> web.Response:
         log.debug("%s %s refused with %d: %s", request.method, request.path, err.status, why)
-        return error_response(err, dialect_of(request.path))
+        return error_response(err, request_dialect(request))
 
     def _options(self, request: web.Request, origin: Optional[str]) -> web.StreamResponse:
         match_info = request.match_info
@@ -323,7 +323,7 @@ class TrustGuard:
         if isinstance(exc, web.HTTPMethodNotAllowed):
             methods = set(exc.allowed_methods)
         elif exc is not None:  # unknown route
-            return error_response(from_http(exc, request.path), dialect_of(request.path))
+            return error_response(from_http(exc, request.path), request_dialect(request))
         else:  # a route that takes OPTIONS (or any method) itself
             resource = match_info.route.resource
             methods = {r.method for r in resource} if resource is not None else set()

@@ -11,6 +11,7 @@ import json
 from typing import AsyncIterator
 
 import aiohttp
+from aiohttp.test_utils import make_mocked_request
 import grpc
 import pytest
 
@@ -168,8 +169,15 @@ async def test_count_tokens_over_grpc(stack):
 
 
 def test_metrics_label_the_anthropic_dialect():
-    assert metrics.dialect_of("/v1/messages") == metrics.dialect_of("/v1/messages/count_tokens") == "anthropic"
-    assert metrics.dialect_of("/v1/models") == "openai"
+    def label(path: str, **headers: str) -> str:
+        return metrics.dialect_of(make_mocked_request("GET", path, headers=headers))
+
+    assert label("/v1/messages") == label("/v1/messages/count_tokens") == "anthropic"
+    assert label("/v1/models") == "openai" and label("/api/tags") == "ollama" and label("/openapi.json") == "other"
+    # The paths both APIs serve: an Anthropic client sends anthropic-version.
+    assert label("/v1/models", **{"anthropic-version": "2023-06-01"}) == "anthropic"
+    assert label("/v1/models/m1", **{"anthropic-version": "2023-06-01"}) == "anthropic"
+    assert label("/v1/chat/completions", **{"anthropic-version": "2023-06-01"}) == "openai"
 
 
 def test_stop_strings_tell_which_one_matched():

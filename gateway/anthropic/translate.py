@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
-from gateway.common import check_done, finish_of, parse
+from gateway.common import check_done, finish_of, parse, rfc3339
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import anthropic as wire
@@ -243,6 +244,42 @@ def count_tokens_request(data: dict[str, Any]) -> pb.GenerateRequest:
 
 def tokens_count(res: pb.CountTokensResponse) -> wire.MessageTokensCount:
     return {"input_tokens": res.input_tokens}
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_info(m: pb.ModelInfo, name: Optional[str] = None) -> wire.ModelInfo:
+    """A model as Anthropic lists it; ``name``: the id it was asked by."""
+    when = m.modified_at.ToDatetime(tzinfo=timezone.utc) if m.HasField("modified_at") else _EPOCH
+    return {"type": "model", "id": name or m.name, "display_name": name or m.name, "created_at": rfc3339(when)}
+
+
+_EPOCH = datetime.fromtimestamp(0, timezone.utc)
+
+
+def _position(models: list[pb.ModelInfo], model_id: str, param: str) -> int:
+    for i, m in enumerate(models):
+        if m.name == model_id:
+            return i
+    raise bad_request(f"{param}: no model '{limits.clip_name(model_id)}' in the list", param=param)
+
+
+def models_page(models: list[pb.ModelInfo], q: wire.ListModelsQuery) -> wire.ModelList:
+    """One page of the list, as Anthropic pages it: ``after_id`` pages
+    forward from a model, ``before_id`` backward; ``has_more`` says whether
+    there is more in the direction of paging."""
+    limit = q.limit or wire.MODELS_LIMIT_DEFAULT
+    if q.before_id is not None:
+        end = _position(models, q.before_id, "before_id")
+        start = max(0, end - limit)
+        page, has_more = models[start:end], start > 0
+    else:
+        start = _position(models, q.after_id, "after_id") + 1 if q.after_id is not None else 0
+        page, has_more = models[start:start + limit], start + limit < len(models)
+    data = [model_info(m) for m in page]
+    return {"data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 # ---------------------------------------------------------------- answers

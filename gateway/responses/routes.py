@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import re
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
 from gateway import overhead
-from gateway.common import check_done, is_done, parse
+from gateway.common import check_done, is_done, read_query
 from gateway.errors import ApiError, bad_request, internal_error
 from gateway.fields import read_json
 from gateway.render import json_bytes, json_response
@@ -192,23 +191,10 @@ async def delete(request: web.Request) -> web.Response:
     return json_response({"id": rid, "object": "response.deleted", "deleted": True})
 
 
-_INTEGER = re.compile(r"^-?[0-9]{1,20}$")
-
-
-def _query(request: web.Request) -> wire.ListItemsQuery:
-    """The query string as its model (``limit`` read as an integer when it is one)."""
-    data: dict[str, Any] = {}
-    for name in wire.ListItemsQuery.model_fields:
-        value = request.query.get(name)
-        if value is not None:
-            data[name] = int(value) if name == "limit" and _INTEGER.match(value) else value
-    return parse(wire.ListItemsQuery, data, "/v1/responses/{response_id}/input_items")
-
-
 @store_errors
 async def input_items(request: web.Request) -> web.Response:
     rid = _response_id(request)
-    q = _query(request)
+    q = read_query(request, wire.ListItemsQuery, "/v1/responses/{response_id}/input_items")
     try:
         page = await store_of(request).items(
             rid, await _owner(request), q.limit or wire.LIST_LIMIT_DEFAULT, q.order or "desc", q.after, q.before)

@@ -509,8 +509,28 @@ StreamEvent = Union[
 ]
 
 
+#: GET /v1/models (Anthropic): models per page.
+MODELS_LIMIT_DEFAULT = 20
+MODELS_LIMIT_MAX = 1000
+
+
+class ListModelsQuery(WireModel):
+    """GET /v1/models from an Anthropic client (``anthropic-version`` sent): the query string."""
+
+    limit: Optional[integer(1, MODELS_LIMIT_MAX)] = Field(
+        None, description=f"models per page (Anthropic clients), default {MODELS_LIMIT_DEFAULT}")
+    after_id: Optional[str] = Field(None, description="a model id: the page starts after it (Anthropic clients)")
+    before_id: Optional[str] = Field(None, description="a model id: the page ends before it (Anthropic clients)")
+
+    @model_validator(mode="after")
+    def _one_cursor(self) -> "ListModelsQuery":
+        if self.after_id is not None and self.before_id is not None:
+            raise ValueError("give after_id or before_id, not both")
+        return self
+
+
 class ModelInfo(TypedDict):
-    """One model of GET /v1/models (read from an Anthropic upstream)."""
+    """One model of GET /v1/models: served to Anthropic clients, read from an Anthropic upstream."""
 
     type: Literal["model"]
     id: str
