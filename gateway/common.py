@@ -63,6 +63,16 @@ def find_model(models: Iterable[pb.ModelInfo], name: str) -> Optional[pb.ModelIn
         (m for m in models if same_model(m.name, name)), None)
 
 
+def text_format(fmt: pb.OutputFormat, forced: Optional[pb.ToolChoice]) -> pb.OutputFormat:
+    """The format a request's text follows: none when a call is ``forced``.
+    A forced answer is a call, never text, so a text format (response_format,
+    Responses' text.format, Anthropic's output_config.format) does not apply
+    to it, and the contract forces a call only with free text (the call has
+    its own grammar).  Clients send both: the Agents SDK's structured output
+    with tool_choice "required"; OpenAI's and Anthropic's APIs accept that."""
+    return pb.OutputFormat() if forced is not None else fmt
+
+
 def rfc3339(dt: Optional[datetime] = None) -> str:
     """UTC, fractional seconds, 'Z' (the shape Ollama's created_at has)."""
     dt = (dt or datetime.now(timezone.utc)).astimezone(timezone.utc)

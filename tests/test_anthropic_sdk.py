@@ -201,6 +201,16 @@ async def test_streamed_named_tool_call_accumulates_its_input(stack):
     assert deltas and json.loads("".join(d.partial_json for d in deltas)) == final.content[0].input
 
 
+async def test_a_forced_call_with_an_output_format_is_a_call(stack):
+    """output_config.format shapes the text; a forced answer is a tool_use, so it does not apply."""
+    fmt = {"type": "json_schema", "schema": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                              "required": ["x"], "additionalProperties": False}}
+    m = await client(stack).messages.create(model=stack.model, max_tokens=200, messages=HI, tools=TOOLS,
+                                            tool_choice={"type": "any"}, extra_body={"output_config": {"format": fmt}})
+    assert m.stop_reason == "tool_use" and [b.type for b in m.content] == ["tool_use"]
+    assert valid({t["name"]: t["input_schema"] for t in TOOLS}[m.content[0].name], m.content[0].input)
+
+
 async def test_tool_choice_errors(stack):
     c = client(stack)
     with pytest.raises(anthropic.BadRequestError, match="not in tools"):

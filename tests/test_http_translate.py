@@ -230,9 +230,11 @@ def test_openai_tool_choice():
     assert len(required.tools) == 2 and required.tool_choice.mode == pb.TOOL_CHOICE_REQUIRED
     with pytest.raises(ApiError, match="tool_choice"):
         atr.chat_request({**base, "tool_choice": {"type": "function", "function": {"name": "zzz"}}})
-    with pytest.raises(ApiError, match="tool_choice") as e:
-        atr.chat_request({**base, "tool_choice": "required", "response_format": {"type": "json_object"}})
-    assert e.value.param == "tool_choice"
+    # A forced answer is a call: the text format does not apply to it (and is not sent).
+    both = atr.chat_request({**base, "tool_choice": "required", "response_format": {"type": "json_object"}}).base[0]
+    assert both.tool_choice.mode == pb.TOOL_CHOICE_REQUIRED and both.format.type == pb.FORMAT_TYPE_UNSPECIFIED
+    assert atr.chat_request({**base, "response_format": {"type": "json_object"}}).base[0].format.type == (
+        pb.FORMAT_TYPE_JSON)
     with pytest.raises(ApiError, match="needs tools"):
         atr.chat_request({**base, "tools": [], "tool_choice": "required"})
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
-from gateway.common import check_done, finish_of, parse, rfc3339
+from gateway.common import check_done, finish_of, parse, rfc3339, text_format
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import anthropic as wire
@@ -215,10 +215,8 @@ def _generate_request(r: wire._Input) -> pb.GenerateRequest:
         req.tool_choice.CopyFrom(choice)
     fmt = r.output_config.format if r.output_config is not None else None
     if fmt is not None:
-        if choice is not None:
-            raise bad_request("a forced tool_choice cannot be combined with output_config.format",
-                              param="tool_choice")
-        req.format.CopyFrom(pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA, json_schema=jsonutil.dumps(fmt.schema_)))
+        req.format.CopyFrom(text_format(
+            pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA, json_schema=jsonutil.dumps(fmt.schema_)), choice))
     think = _think(r.thinking)
     if think is not None:
         req.think = think

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from gateway.common import Collected, check_done, finish_of, image_bytes, parse, tools_pb
+from gateway.common import Collected, check_done, finish_of, image_bytes, parse, text_format, tools_pb
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import openai as wire
@@ -178,25 +178,11 @@ def _tool_choice(r: wire.ChatCompletionRequest) -> tuple[list[Tool], Optional[pb
     return chosen, pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=name)
 
 
-def _describe(choice: pb.ToolChoice) -> str:
-    if choice.mode == pb.TOOL_CHOICE_FUNCTION:
-        return f"function {choice.function_name!r}"
-    return "'required'"
-
-
-_FORMAT_NAMES = {pb.FORMAT_TYPE_JSON: "json", pb.FORMAT_TYPE_JSON_SCHEMA: "json_schema"}
-
-
 def chat_request(data: dict[str, Any]) -> Parsed:
     r = parse(wire.ChatCompletionRequest, data, "/v1/chat/completions")
     messages = messages_pb(r.messages)
     tools, choice = _tool_choice(r)
-    fmt = output_format(r.response_format)
-    if choice is not None and fmt.type != pb.FORMAT_TYPE_UNSPECIFIED:
-        raise bad_request(
-            f"tool_choice {_describe(choice)} cannot be combined with response_format {_FORMAT_NAMES[fmt.type]}",
-            param="tool_choice",
-        )
+    fmt = text_format(output_format(r.response_format), choice)
     top = r.top_logprobs or 0
     if top and not r.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from gateway.common import check_done, finish_of, image_bytes, parse
+from gateway.common import check_done, finish_of, image_bytes, parse, text_format
 from gateway.errors import ApiError, bad_request, openai_type
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import responses as wire
@@ -214,11 +214,7 @@ def create_request(data: dict[str, Any]) -> Parsed:
     items = input_items(r.input)
     tools, choice = _tools(r)
     fmt, fmt_echo = _format(r.text)
-    if choice is not None:
-        # A forced answer is a call, never text: text.format (which shapes output_text) does not
-        # apply to it, and the contract forces a call only with free text (the call's own grammar).
-        # Agents send both: the Agents SDK's structured output_type with tool_choice "required".
-        fmt = pb.OutputFormat()
+    fmt = text_format(fmt, choice)
     sampling = pb.SamplingParams()
     if r.temperature is not None:
         sampling.temperature = r.temperature
