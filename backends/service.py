@@ -403,6 +403,7 @@ async def start_inference_service(
     max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
     front_token: Optional[str] = None,
     unix_path: Optional[str] = None,
+    tls: Optional[grpc.ServerCredentials] = None,
 ) -> RunningService:
     """Start the gRPC server; port 0 picks a free port, returned in the result.
 
@@ -412,7 +413,8 @@ async def start_inference_service(
     in-process HTTP front sends, admitted while draining.  ``unix_path``:
     also listen on this Unix-domain socket (``mlxgate serve --workers``: the
     fronts in the worker processes call through it), made readable and
-    writable by this user only.  A port that cannot be bound raises
+    writable by this user only.  ``tls``: the TCP port speaks TLS with these
+    credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).  A port that cannot be bound raises
     ``mlxgate.ports.BindError`` (``PortInUse`` when taken).
     """
     gate = Gate(api_keys, front_token)
@@ -444,7 +446,8 @@ async def start_inference_service(
     if problem is not None:
         raise bind_error("gRPC", host, port, problem)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -459,6 +462,6 @@ async def start_inference_service(
         os.chmod(unix_path, 0o600)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("inference service listening on %s:%d", host, bound)
+    log.info("inference service listening on %s:%d%s", host, bound, " (TLS)" if tls is not None else "")
     return RunningService(server=server, port=bound, health=health_servicer, gate=gate, handlers=handlers,
                           max_message_bytes=max_message_bytes)

@@ -115,6 +115,8 @@ def _client_ctx(
             max_message_bytes=server_cfg.grpc_max_message_bytes,
             front_token=front_token,
             local_stub=local_stub,
+            # TLS for a service elsewhere (grpc_target), never for this process's own one.
+            tls_ca=server_cfg.grpc_tls_ca if server_cfg.grpc_target else "",
         )
         app[CLIENT_KEY] = c
         try:

@@ -28,6 +28,7 @@ import grpc
 
 from gateway.overhead import Overhead
 from mlxgate.config import ServerConfig
+from mlxgate.grpc_tls import channel_credentials
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 
@@ -155,9 +156,11 @@ class InferenceClient:
         max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
         front_token: Optional[str] = None,
         local_stub: Any = None,
+        tls_ca: str = "",
     ) -> "InferenceClient":
         """A client on a new channel.  ``api_key``: sent as ``authorization:
         Bearer``; ``front_token``: the in-process service's drain pass;
+        ``tls_ca``: a PEM file of roots: the channel uses TLS, checked against them;
         ``local_stub``: the in-process service's stub, called instead of a
         channel to ``target`` (``backends.local``)."""
         metadata = []
@@ -167,7 +170,11 @@ class InferenceClient:
             metadata.append((FRONT_TOKEN_KEY, front_token))
         if local_stub is not None:
             return cls(None, timeout, metadata, stub=local_stub)
-        channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        options = channel_options(max_message_bytes)
+        if tls_ca:
+            channel = grpc.aio.secure_channel(target, channel_credentials(tls_ca, "server.grpc_tls_ca"), options)
+        else:
+            channel = grpc.aio.insecure_channel(target, options=options)
         return cls(channel, timeout, metadata)
 
     async def close(self) -> None:

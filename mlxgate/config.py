@@ -69,6 +69,14 @@ class ServerConfig:
     #: channel), in bytes: a little above max_body_bytes, so whatever the HTTP
     #: front accepts still fits in one message.
     grpc_max_message_bytes: int = 36 * 1024 * 1024
+    #: TLS on the service's gRPC TCP port: a PEM certificate (chain) and its
+    #: private key, both or neither (``mlxgate.grpc_tls``).
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    #: PEM roots (a CA, or a self-signed service's own certificate) that the
+    #: front's channel to ``grpc_target`` and remote services without their
+    #: own ``tls_ca`` check the service against; set: those channels use TLS.
+    grpc_tls_ca: str = ""
     #: Port for /metrics when only the inference service runs (``mlxgate service``).
     metrics_port: int = 9464
     #: API keys.  When any is set, every HTTP route but ``GET /`` and ``HEAD /``
@@ -251,6 +259,9 @@ class RemoteService:
     target: str = ""
     key: str = field(default="", repr=False)
     key_env: str = ""
+    #: PEM roots its certificate is checked against: the channel uses TLS.
+    #: Empty: ``server.grpc_tls_ca`` (TLS when that is set, else plaintext).
+    tls_ca: str = ""
     #: None: the ``[upstream]`` default (filled in by load_config).
     connect_timeout: Optional[float] = None
     first_token_timeout: Optional[float] = None
@@ -323,6 +334,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_ALLOWED_HOSTS": ("server", "allowed_hosts"),
     "MLXGATE_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
     "MLXGATE_FRONT_CHANNEL": ("server", "front_channel"),
+    "MLXGATE_GRPC_TLS_CERT": ("server", "grpc_tls_cert"),
+    "MLXGATE_GRPC_TLS_KEY": ("server", "grpc_tls_key"),
+    "MLXGATE_GRPC_TLS_CA": ("server", "grpc_tls_ca"),
     "MLXGATE_WORKERS": ("server", "workers"),
     "MLXGATE_DATA_DIR": ("server", "data_dir"),
     "MLXGATE_MAX_BODY_BYTES": ("server", "max_body_bytes"),
@@ -640,4 +654,24 @@ def load_config(
     if cfg.server.workers > 1 and cfg.server.grpc_target:
         raise ValueError("server.workers above 1 needs the inference service in this process: "
                          "it cannot be combined with grpc_target")
+    _check_tls(cfg)
     return cfg
+
+
+def _check_tls(cfg: Config) -> None:
+    """TLS settings that go together, and PEM files that can be read (a
+    one-line error at start rather than a failed handshake later)."""
+    from mlxgate.grpc_tls import read_pem
+
+    s = cfg.server
+    if bool(s.grpc_tls_cert) != bool(s.grpc_tls_key):
+        raise ValueError("server.grpc_tls_cert and server.grpc_tls_key go together (MLXGATE_GRPC_TLS_CERT, "
+                         "MLXGATE_GRPC_TLS_KEY): set both or neither")
+    if s.grpc_tls_cert and s.front_channel == "grpc" and not s.grpc_target and s.workers == 1:
+        raise ValueError("server.front_channel = grpc does not go with grpc_tls_cert (the front would call its "
+                         "own TLS port by a loopback address): use front_channel = in-process, the default")
+    for path, what in ((s.grpc_tls_cert, "server.grpc_tls_cert"), (s.grpc_tls_key, "server.grpc_tls_key"),
+                       (s.grpc_tls_ca, "server.grpc_tls_ca"),
+                       *((r.tls_ca, f"remote {r.name!r}: tls_ca") for r in cfg.remotes)):
+        if path:
+            read_pem(path, what)

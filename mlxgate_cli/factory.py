@@ -53,7 +53,8 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
     shared_key = config.server.api_keys[0] if config.server.api_keys else None
     for remote in config.remotes:
         backends.append(RemoteBackend(remote, env, shared_key=shared_key,
-                                      max_message_bytes=config.server.grpc_max_message_bytes))
+                                      max_message_bytes=config.server.grpc_max_message_bytes,
+                                      tls_ca=config.server.grpc_tls_ca))
     if config.ollama.upstream:
         backends.append(OllamaBackend(config.ollama))
     seen = set()

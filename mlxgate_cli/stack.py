@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from backends.metrics import BackendCollector, MemoryCollector, ServiceMetrics
 from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
+from mlxgate.grpc_tls import server_credentials
 from mlxgate.memory import freeze_startup_objects
 from mlxgate.ports import bind_error, check_free
 from mlxgate_cli.tasks import first_done
@@ -114,15 +115,17 @@ class Stack:
             MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None, other_memory)
         )
         self.registry.register(BackendCollector(self.router))
+        cfg = self.config.server
         self.service = await start_inference_service(
             self.router,
-            host=self.config.server.grpc_host,
-            port=self.config.server.grpc_port,
+            host=cfg.grpc_host,
+            port=cfg.grpc_port,
             observer=self.service_metrics,
-            api_keys=self.config.server.api_keys,
-            max_message_bytes=self.config.server.grpc_max_message_bytes,
+            api_keys=cfg.api_keys,
+            max_message_bytes=cfg.grpc_max_message_bytes,
             front_token=self.front_token,
             unix_path=unix_path,
+            tls=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key) if cfg.grpc_tls_cert else None,
         )
         if mlx is not None and getattr(mlx, "cluster", None) is not None:
             self._watch_cluster(mlx)

@@ -84,6 +84,7 @@ from backends.types import (
     keep_alive_to_pb,
 )
 from mlxgate.config import RemoteService, ServerConfig, resolved_timeouts
+from mlxgate.grpc_tls import channel_credentials
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 
@@ -125,9 +126,11 @@ class RemoteBackend:
         *,
         shared_key: Optional[str] = None,
         max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
+        tls_ca: str = "",
     ) -> None:
         """``env``: where ``config.key_env`` is read; ``shared_key``: the front's
-        own key, sent when the entry names none."""
+        own key, sent when the entry names none; ``tls_ca``: the roots
+        (``server.grpc_tls_ca``) for an entry without its own ``tls_ca``."""
         if not config.target:
             raise ValueError("a remote service needs a target (host:port)")
         self.config = config
@@ -144,6 +147,8 @@ class RemoteBackend:
         else:
             key = config.key or shared_key or None
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),) if key else ()
+        ca = config.tls_ca or tls_ca
+        self._credentials = channel_credentials(ca, f"{self.name}: tls_ca") if ca else None
         self.health = HealthState.UNKNOWN
         #: Each transition into SERVING counts one (tests and logs).
         self.times_serving = 0
@@ -182,7 +187,10 @@ class RemoteBackend:
         if self._closed:
             raise Unavailable(f"{self.name}: closed")
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=self._options())
+            if self._credentials is not None:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, self._options())
+            else:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options())
             self._stub = pb_grpc.InferenceServiceStub(self._channel)
             self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name=f"{self.name} health")
         return self._stub
