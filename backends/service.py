@@ -414,8 +414,9 @@ async def start_inference_service(
     also listen on this Unix-domain socket (``mlxgate serve --workers``: the
     fronts in the worker processes call through it), made readable and
     writable by this user only.  ``tls``: the TCP port speaks TLS with these
-    credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).  A port that cannot be bound raises
-    ``mlxgate.ports.BindError`` (``PortInUse`` when taken).
+    credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).  A
+    port that cannot be bound raises ``mlxgate.ports.BindError``
+    (``PortInUse`` when taken).
     """
     gate = Gate(api_keys, front_token)
     server = grpc.aio.server(
