@@ -36,7 +36,7 @@ from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.scrape import scrape
 from tests.mlx_fixtures import TEST_MODEL
-from tests.test_shutdown import clean_env
+from tests.test_cli_serve import clean_env
 
 pytestmark = pytest.mark.timeout(120)
 

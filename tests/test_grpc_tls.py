@@ -31,7 +31,8 @@ from tests.fakes.streams import collect
 from tests.mlx_fixtures import TEST_MODEL
 from tests.test_remote_backend import chat, until
 from tests.test_remote_services import KEY, generate, start_service, stop_service
-from tests.test_shutdown import clean_env, spawn
+from tests.test_cli_serve import clean_env
+from tests.test_shutdown import spawn
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -35,7 +35,8 @@ from mlxgate_cli.stack import Stack, start_stack
 from tests.scrape import scrape
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.mlx_fixtures import TEST_MODEL
-from tests.test_shutdown import Proc, clean_env, spawn
+from tests.test_cli_serve import clean_env
+from tests.test_shutdown import Proc, spawn
 
 pytestmark = pytest.mark.timeout(180)
 

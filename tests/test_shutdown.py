@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import socket
@@ -32,6 +31,7 @@ from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.ollama_fake import FakeOllama
 from tests.mlx_fixtures import TEST_MODEL
+from tests.test_cli_serve import clean_env
 
 #: The fake upstream's model: its streams wait on ``fake.gate`` after the first line.
 GATED = "gated"
@@ -54,14 +54,6 @@ class Proc:
     def kill(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
-
-
-def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
-    env["MLXGATE_HF_CACHE"] = str(tmp_path / "no-hf-cache")
-    env["MLXGATE_DATA_DIR"] = str(tmp_path / "data")  # never the real home
-    env.update(extra)
-    return env
 
 
 async def spawn(args: list[str], env: dict[str, str]) -> Proc:
