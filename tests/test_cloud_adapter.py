@@ -11,9 +11,6 @@ import logging
 import os
 import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,6 +41,7 @@ from mlxgate.config import CloudProvider
 from tests.fakes.ollama_fake import Fault
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.streams import collect
+from tests.mlx_lm_server import ServerDidNotStart, launch_mlx_lm_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,28 +71,12 @@ def mlx_lm_server(tmp_path_factory):
     hf_cache = root / "hf-cache"  # empty: nothing from the hub, no network
     hf_cache.mkdir()
     port = free_port()
-    env = dict(os.environ, HF_HUB_CACHE=str(hf_cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(port), "--max-tokens", "16"],
-            stdout=log_file, stderr=subprocess.STDOUT, env=env,
-        )
+    env = dict(os.environ, HF_HUB_CACHE=str(hf_cache))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlx_lm.server exited: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlx_lm.server did not come up: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+        proc = launch_mlx_lm_server(model_dir, port, root / "server.log", env, "--max-tokens", "16", timeout=60)
+    except ServerDidNotStart as e:
+        pytest.fail(str(e))
+    try:
         yield f"http://127.0.0.1:{port}/v1", str(Path(model_dir).resolve())
     finally:
         proc.terminate()

@@ -18,12 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import aiohttp
+
+from tests.mlx_lm_server import ServerDidNotStart, launch_mlx_lm_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -173,27 +174,11 @@ def start_mlx_lm_server(ctx: Context, decode_concurrency: int = 32) -> Server:
     work = Path(tempfile.mkdtemp(prefix="mlx-lm-bench-"))
     (work / "hf").mkdir()
     log = work / "server.log"
-    env = _clean_env({"HF_HUB_CACHE": str(work / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm.server", "--model", str(ctx.model_path.resolve()), "--host", "127.0.0.1",
-             "--port", str(port), "--decode-concurrency", str(decode_concurrency)],
-            stdout=f, stderr=subprocess.STDOUT, env=env,
-        )
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"mlx_lm.server exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"mlx_lm.server did not come up: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
+    env = _clean_env({"HF_HUB_CACHE": str(work / "hf")})
+    try:
+        proc = launch_mlx_lm_server(ctx.model_path, port, log, env, "--decode-concurrency", str(decode_concurrency))
+    except ServerDidNotStart as e:
+        raise SystemExit(str(e)) from None
     return Server("mlx_lm.server", proc, f"http://127.0.0.1:{port}", "default_model", log)
 
 
