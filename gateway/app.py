@@ -217,16 +217,28 @@ class RunningHTTP:
         await self.runner.cleanup()
 
 
+def idle_timeout(app: web.Application) -> float:
+    """aiohttp's ``keepalive_timeout`` for ``app``: it runs from the moment a
+    connection opens and after each answer, and closes a connection whose
+    next request has not fully arrived by then (a client that stalls while
+    sending headers included)."""
+    cfg = app.get(SERVER_CONFIG_KEY)
+    return (cfg or ServerConfig()).http_idle_timeout
+
+
 async def start_http(
     app: web.Application, host: str = "127.0.0.1", port: int = 0, shutdown_timeout: float = 60.0
 ) -> RunningHTTP:
     """Serve ``app``; port 0 picks a free port, returned in the result.
 
     ``shutdown_timeout``: how long ``stop()`` lets handlers still running
-    finish before cancelling them.  A failed bind (``OSError``) is raised
-    after the runner is cleaned up.
+    finish before cancelling them.  A connection without a whole request
+    (stalled headers, or idle between requests) is closed after the app's
+    ``http_idle_timeout``.  A failed bind (``OSError``) is raised after the
+    runner is cleaned up.
     """
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout,
+                           keepalive_timeout=idle_timeout(app))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -35,6 +35,7 @@ _STATUS_TEXT = {
     401: "missing or wrong API key (when keys are configured)",
     403: "refused Host or Origin",
     404: "unknown model",
+    408: "the request body did not arrive within http_body_timeout",
     413: "request body too large",
     429: "busy (the engine's queue is full) or rate limited upstream; see Retry-After",
     499: "the call was cancelled",
@@ -50,7 +51,7 @@ _STATUS_TEXT = {
 def _statuses(r: Route, dialect: str) -> list[int]:
     out = {401, 403, 500, 503}
     if r.body is not None:
-        out |= {400, 413}
+        out |= {400, 408, 413}
     if r.calls_service and not r.unsupported:
         out |= {400, 404, 413, 499, 501, 504}
         if dialect == "openai":

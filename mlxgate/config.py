@@ -65,6 +65,13 @@ class ServerConfig:
     request_timeout: float = 600.0
     #: Largest request body the front accepts, in bytes.
     max_body_bytes: int = 32 * 1024 * 1024
+    #: Seconds an HTTP connection may stay without a whole request (its
+    #: headers not all there yet, or idle between requests) before it is
+    #: closed: bounds what a client that connects and stalls holds.
+    http_idle_timeout: float = 75.0
+    #: Seconds a request's body may take to arrive, once its headers did
+    #: (408 beyond).
+    http_body_timeout: float = 60.0
     #: Largest gRPC message the service receives or sends (and the front's
     #: channel), in bytes: a little above max_body_bytes, so whatever the HTTP
     #: front accepts still fits in one message.
@@ -340,6 +347,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_WORKERS": ("server", "workers"),
     "MLXGATE_DATA_DIR": ("server", "data_dir"),
     "MLXGATE_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "MLXGATE_HTTP_IDLE_TIMEOUT": ("server", "http_idle_timeout"),
+    "MLXGATE_HTTP_BODY_TIMEOUT": ("server", "http_body_timeout"),
     "MLXGATE_RESPONSES_MAX_COUNT": ("server", "responses_max_count"),
     "MLXGATE_RESPONSES_MAX_BYTES": ("server", "responses_max_bytes"),
     "MLXGATE_MODELS_DIR": ("mlx", "models_dir"),
@@ -654,6 +663,8 @@ def load_config(
     if cfg.server.workers > 1 and cfg.server.grpc_target:
         raise ValueError("server.workers above 1 needs the inference service in this process: "
                          "it cannot be combined with grpc_target")
+    if cfg.server.http_idle_timeout <= 0 or cfg.server.http_body_timeout <= 0:
+        raise ValueError("server.http_idle_timeout and server.http_body_timeout must be above 0 seconds")
     _check_tls(cfg)
     return cfg
 

@@ -43,7 +43,7 @@ from typing import Any, Optional
 from aiohttp import ClientSession, UnixConnector, web
 from prometheus_client import CollectorRegistry
 
-from gateway.app import begin_drain, create_app, end_calls, wait_idle
+from gateway.app import begin_drain, create_app, end_calls, idle_timeout, wait_idle
 from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
 from mlxgate.config import ServerConfig
 from mlxgate.memory import freeze_startup_objects, resident_memory_bytes
@@ -138,7 +138,8 @@ async def run(settings: dict[str, Any], control: socket.socket) -> None:
 
     app.on_response_prepare.append(name_worker)
     listener = socket.socket(fileno=int(settings["listen_fd"]))
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_STOP_TIMEOUT)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_STOP_TIMEOUT,
+                           keepalive_timeout=idle_timeout(app))
     await runner.setup()
     reporting: Optional[asyncio.Future] = None
     try:

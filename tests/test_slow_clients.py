@@ -1,0 +1,103 @@
+"""Clients that connect and stall: what they hold is bounded in time.
+
+A connection without a whole request (nothing sent, headers cut short, idle
+after an answer) is closed after ``http_idle_timeout``; a body that stops
+arriving is a 408 in the caller's dialect after ``http_body_timeout``.  A
+real front on port 0 over a real gRPC service (a scripted backend), with
+short timeouts; the clients are raw sockets, as a stalling one would be."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from backends.service import start_inference_service
+from gateway.app import create_app, start_http
+from mlxgate.config import ServerConfig
+from tests.fakes.scripted_backend import ScriptedBackend
+
+pytestmark = pytest.mark.timeout(60)
+
+IDLE, BODY = 1.0, 1.0
+
+
+@pytest.fixture
+async def front():
+    service = await start_inference_service(ScriptedBackend("mlx", ["m"]), port=0)
+    cfg = ServerConfig(host="127.0.0.1", port=0, http_idle_timeout=IDLE, http_body_timeout=BODY)
+    http = await start_http(create_app(cfg, service.target), cfg.host, 0)
+    try:
+        yield http
+    finally:
+        await http.stop()
+        await service.stop(grace=0.5)
+
+
+async def _open(http, first: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+    if first:
+        writer.write(first)
+        await writer.drain()
+    return reader, writer
+
+
+async def _closed_after(reader: asyncio.StreamReader) -> tuple[float, bytes]:
+    """Seconds until the server closes the connection, and what it sent before."""
+    started = time.monotonic()
+    got = await asyncio.wait_for(reader.read(), 20)
+    return time.monotonic() - started, got
+
+
+async def test_stalled_and_idle_connections_are_closed(front):
+    stalls = [b"", b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty"]
+    opened = [await _open(front, first) for first in stalls for _ in range(50)]
+    await asyncio.sleep(0.2)
+    assert len(front.runner.server.connections) == 100
+    for reader, writer in opened:
+        took, got = await _closed_after(reader)
+        assert got == b"" and took < IDLE + 5
+        writer.close()
+    assert front.runner.server.connections == []
+
+    # A kept-alive connection serves requests while they come, and is closed once idle.
+    reader, writer = await _open(front)
+    for _ in range(3):
+        writer.write(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), 10)
+        assert status.startswith(b"HTTP/1.1 200")
+        length = 0
+        while (line := await reader.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        await asyncio.sleep(IDLE / 2)
+    took, got = await _closed_after(reader)
+    assert got == b"" and took < IDLE + 5
+    writer.close()
+
+
+@pytest.mark.parametrize("path, error", [
+    ("/api/chat", lambda b: b["error"]),
+    ("/v1/chat/completions", lambda b: b["error"]["message"]),
+    ("/v1/messages", lambda b: b["type"] == "error" and b["error"]["message"]),
+    ("/v1/responses", lambda b: b["error"]["message"]),
+])
+async def test_a_body_that_stops_arriving_is_a_408_in_the_dialect(front, path, error):
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n").encode()
+    reader, writer = await _open(front, head + b'{"model": "m", ')
+    started = time.monotonic()
+    status = await asyncio.wait_for(reader.readline(), 20)
+    took = time.monotonic() - started
+    assert status.startswith(b"HTTP/1.1 408"), status
+    assert BODY - 0.1 < took < BODY + 5
+    headers = {}
+    while (line := await reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    body = json.loads(await reader.readexactly(int(headers["content-length"])))
+    assert error(body) and "request body not received within 1 s" in json.dumps(body)
+    writer.close()
