@@ -25,8 +25,16 @@ IDLE, BODY = 1.0, 1.0
 
 
 @pytest.fixture
-async def front():
-    service = await start_inference_service(ScriptedBackend("mlx", ["m"]), port=0)
+def hold() -> asyncio.Event:
+    """Streams wait on it after their first chunk."""
+    gate = asyncio.Event()
+    gate.set()
+    return gate
+
+
+@pytest.fixture
+async def front(hold):
+    service = await start_inference_service(ScriptedBackend("mlx", ["m"], hold=hold), port=0)
     cfg = ServerConfig(host="127.0.0.1", port=0, http_idle_timeout=IDLE, http_body_timeout=BODY)
     http = await start_http(create_app(cfg, service.target), cfg.host, 0)
     try:
@@ -100,4 +108,18 @@ async def test_a_body_that_stops_arriving_is_a_408_in_the_dialect(front, path, e
         headers[name.lower()] = value.strip()
     body = json.loads(await reader.readexactly(int(headers["content-length"])))
     assert error(body) and "request body not received within 1 s" in json.dumps(body)
+    writer.close()
+
+
+async def test_a_stream_longer_than_the_idle_timeout_runs_to_its_end(front, hold):
+    hold.clear()
+    body = json.dumps({"model": "m", "prompt": "hi"}).encode()
+    reader, writer = await _open(front, b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+    await asyncio.sleep(IDLE * 2.5)  # the answer has begun; the stream is held past the idle timeout
+    hold.set()
+    rest = await asyncio.wait_for(reader.read(), 10)
+    lines = [json.loads(x) for x in rest.split(b"\r\n") if x.startswith(b"{")]
+    assert lines[-1]["done"] is True and "".join(x["response"] for x in lines) == "from mlx"
     writer.close()
