@@ -87,7 +87,7 @@ def remote(target: str, **kw) -> RemoteBackend:
 
 async def test_a_remote_backend_calls_a_tls_service_and_checks_its_certificate(tls_service, certs):
     cert, _, other = certs
-    target = f"localhost:{tls_service.port}"
+    target = f"localhost:{tls_service.port}"  # the certificate's DNS name (the others use its IP address)
     ok = remote(target, tls_ca=cert)
     try:
         events = await collect(ok.generate(chat("m")))
@@ -115,7 +115,7 @@ async def test_a_remote_backend_calls_a_tls_service_and_checks_its_certificate(t
 async def test_a_front_with_grpc_target_calls_over_tls(tls_service, certs):
     cert, _, other = certs
     for ca, status in ((cert, 200), (other, 503), ("", 503)):
-        cfg = ServerConfig(host="127.0.0.1", port=0, grpc_target=f"localhost:{tls_service.port}",
+        cfg = ServerConfig(host="127.0.0.1", port=0, grpc_target=f"127.0.0.1:{tls_service.port}",
                            grpc_tls_ca=ca, request_timeout=5)
         http = await start_http(create_app(cfg, cfg.grpc_target), cfg.host, 0)
         try:
@@ -153,13 +153,13 @@ async def test_mlxgate_service_with_tls_behind_mlxgate_serve(tmp_path, test_mode
         port = svc.target.rsplit(":", 1)[1]
         # Health over TLS answers; a plaintext channel gets nothing.
         roots = grpc.ssl_channel_credentials(Path(cert).read_bytes())
-        async with grpc.aio.secure_channel(f"localhost:{port}", roots) as ch:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", roots) as ch:
             got = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert got.status == health_pb2.HealthCheckResponse.SERVING
         async with grpc.aio.insecure_channel(svc.target) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
                 await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)
-        env = clean_env(tmp_path / "front", MLXGATE_MLX_ENABLED="false", MLXGATE_REMOTES=f"localhost:{port}",
+        env = clean_env(tmp_path / "front", MLXGATE_MLX_ENABLED="false", MLXGATE_REMOTES=f"127.0.0.1:{port}",
                         MLXGATE_API_KEYS=KEY, MLXGATE_GRPC_TLS_CA=cert)
         front = await spawn(["serve", "--port", "0", "--grpc-port", "0"], env)
         try:
@@ -169,7 +169,7 @@ async def test_mlxgate_service_with_tls_behind_mlxgate_serve(tmp_path, test_mode
             assert m, f"{line!r}: {await front.stderr_text() if not line else ''}"
             async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
                 backend, answer = await generate(http, m.group(1))
-            assert backend == f"remote:localhost:{port}" and answer["eval_count"] == 2
+            assert backend == f"remote:127.0.0.1:{port}" and answer["eval_count"] == 2
             assert answer["model"] == TEST_MODEL
         finally:
             front.kill()
