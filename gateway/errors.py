@@ -17,7 +17,8 @@ retried by Anthropic's SDKs and Claude Code, and not a rate limit on the
 caller's key (Anthropic's 429 means that, and this server has no per-key
 limits); DEADLINE_EXCEEDED is 504 ``timeout_error``; UNIMPLEMENTED (a model
 whose backend cannot count tokens) is 400 ``invalid_request_error``, since
-retrying cannot help and Anthropic has no 501.
+retrying cannot help and Anthropic has no 501; so is a body that did not
+arrive in time (408 elsewhere; Anthropic documents no 408).
 
 RESOURCE_EXHAUSTED means two things: the engine is busy (the service adds a
 ``retry-after`` trailer; 429, or Ollama's 503 "server busy"), or grpc itself
@@ -191,7 +192,7 @@ def request_dialect(request: web.BaseRequest) -> Dialect:
 
 
 #: Anthropic dialect: our status -> the one Anthropic documents (see the module docstring).
-_ANTHROPIC_STATUS = {429: 529, 503: 529, 501: 400}
+_ANTHROPIC_STATUS = {429: 529, 503: 529, 501: 400, 408: 400}
 
 
 def adapt(err: ApiError, dialect: Dialect) -> ApiError:

@@ -60,7 +60,7 @@ def _statuses(r: Route, dialect: str) -> list[int]:
         out.add(501)
     if dialect == "anthropic":
         # Only the statuses Anthropic documents (gateway/errors.py: adapt).
-        out = (out - {429, 501, 503}) | {529}
+        out = (out - {408, 429, 501, 503}) | {529}
     if r.query is not None:
         out.add(400)
     out.update(r.statuses)
