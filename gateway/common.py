@@ -13,18 +13,19 @@ import binascii
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 from google.protobuf import duration_pb2
 from pydantic import BaseModel, ValidationError
 
 from gateway.errors import ApiError, bad_request
-from mlxgate import jsonutil
+from mlxgate import jsonutil, limits
 from mlxgate.dialects.base import Tool, log_unknown, wire_error
 from mlxgate.names import same_model
 from mlxgate.v1 import inference_pb2 as pb
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def parse(model: type[M], data: dict[str, Any], route: str) -> M:
@@ -61,6 +62,30 @@ def find_model(models: Iterable[pb.ModelInfo], name: str) -> Optional[pb.ModelIn
     models = list(models)
     return next((m for m in models if m.name == name), None) or next(
         (m for m in models if same_model(m.name, name)), None)
+
+
+def choose_tools(
+    tools: list[T], name_of: Callable[[T], str], mode: str, name: str = "", *,
+    required: str = "required", name_param: str = "tool_choice",
+) -> tuple[list[T], Optional[pb.ToolChoice]]:
+    """The tools a request offers and the call it forces, one rule for every
+    dialect: "auto" offers them all unforced, "none" offers none, "required"
+    (the dialect calls it ``required``) forces a call to one of them, and
+    "function" keeps only the tool called ``name`` and forces a call to it;
+    a 400 when there is nothing to force (``name_param``: the field that
+    names the tool)."""
+    if mode == "none":
+        return [], None
+    if mode == "auto":
+        return tools, None
+    if mode == "required":
+        if not tools:
+            raise bad_request(f'tool_choice "{required}" needs tools', param="tool_choice")
+        return tools, pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
+    chosen = [t for t in tools if name_of(t) == name]
+    if not chosen:
+        raise bad_request(f"tool_choice names {limits.clip_name(name)!r}, which is not in tools", param=name_param)
+    return chosen, pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=name)
 
 
 def text_format(fmt: pb.OutputFormat, forced: Optional[pb.ToolChoice]) -> pb.OutputFormat:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
-from gateway.common import check_done, finish_of, parse, rfc3339, text_format
+from gateway.common import check_done, choose_tools, finish_of, parse, rfc3339, text_format
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import anthropic as wire
@@ -176,22 +176,17 @@ def messages_pb(r: wire._Input) -> list[pb.ChatMessage]:
 
 
 def _tools(r: wire._Input) -> tuple[list[pb.Tool], Optional[pb.ToolChoice]]:
-    tools = list(r.tools or ())
     tc = r.tool_choice
     if tc is None or isinstance(tc, wire.ToolChoiceAuto):
-        choice = None
+        mode, name = "auto", ""
     elif isinstance(tc, wire.ToolChoiceNone):
-        tools, choice = [], None
+        mode, name = "none", ""
     elif isinstance(tc, wire.ToolChoiceAny):
-        if not tools:
-            raise bad_request('tool_choice "any" needs tools', param="tool_choice")
-        choice = pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
+        mode, name = "required", ""
     else:
-        tools = [t for t in tools if t.name == tc.name]
-        if not tools:
-            raise bad_request(f"tool_choice names {limits.clip_name(tc.name)!r}, which is not in tools",
-                              param="tool_choice.name")
-        choice = pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=tc.name)
+        mode, name = "function", tc.name
+    tools, choice = choose_tools(list(r.tools or ()), lambda t: t.name, mode, name,
+                                 required="any", name_param="tool_choice.name")
     out = [pb.Tool(name=t.name, description=t.description or "", parameters_json=jsonutil.dumps(t.input_schema))
            for t in tools]
     return out, choice

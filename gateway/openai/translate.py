@@ -26,7 +26,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from gateway.common import Collected, check_done, finish_of, image_bytes, parse, text_format, tools_pb
+from gateway.common import (
+    Collected,
+    check_done,
+    choose_tools,
+    finish_of,
+    image_bytes,
+    parse,
+    text_format,
+    tools_pb,
+)
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import openai as wire
@@ -155,27 +164,10 @@ def output_format(rf: Optional[wire.ResponseFormat]) -> pb.OutputFormat:
 
 
 def _tool_choice(r: wire.ChatCompletionRequest) -> tuple[list[Tool], Optional[pb.ToolChoice]]:
-    """The tools to send and whether a call is forced.
-
-    "none" sends no tools; "auto" (or absent) sends them unforced; "required"
-    forces a call to one of them; a named function keeps only that tool and
-    forces a call to it.
-    """
-    tools = list(r.tools or ())
+    """The tools to send and whether a call is forced (``gateway.common.choose_tools``)."""
     tc = r.tool_choice
-    if tc is None or tc == "auto":
-        return tools, None
-    if tc == "none":
-        return [], None
-    if tc == "required":
-        if not tools:
-            raise bad_request('tool_choice "required" needs tools', param="tool_choice")
-        return tools, pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
-    name = tc.function.name
-    chosen = [t for t in tools if t.function.name == name]
-    if not chosen:
-        raise bad_request(f"tool_choice names {limits.clip_name(name)!r}, which is not in tools", param="tool_choice")
-    return chosen, pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=name)
+    mode, name = (tc or "auto", "") if tc is None or isinstance(tc, str) else ("function", tc.function.name)
+    return choose_tools(list(r.tools or ()), lambda t: t.function.name, mode, name)
 
 
 def chat_request(data: dict[str, Any]) -> Parsed:

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from gateway.common import check_done, finish_of, image_bytes, parse, text_format
+from gateway.common import check_done, choose_tools, finish_of, image_bytes, parse, text_format
 from gateway.errors import ApiError, bad_request, openai_type
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import responses as wire
@@ -162,20 +162,10 @@ def _tools(r: wire.CreateRequest) -> tuple[list[wire.FunctionTool], Optional[pb.
     """The tools to send and whether a call is forced (as the chat dialect does)."""
     tools = list(r.tools or ())
     tc = r.tool_choice
-    if tc is None or tc == "auto":
-        return tools, None
-    if tc == "none":
-        return [], None
-    if tc == "required":
-        if not tools:
-            raise bad_request('tool_choice "required" needs tools', param="tool_choice")
-        return tools, pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
+    if tc is None or isinstance(tc, str):
+        return choose_tools(tools, lambda t: t.name, tc or "auto")
     if isinstance(tc, wire.NamedFunction):
-        chosen = [t for t in tools if t.name == tc.name]
-        if not chosen:
-            raise bad_request(f"tool_choice names {limits.clip_name(tc.name)!r}, which is not in tools",
-                              param="tool_choice")
-        return chosen, pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=tc.name)
+        return choose_tools(tools, lambda t: t.name, "function", tc.name)
     names = {t.name for t in tc.tools}
     known = {t.name for t in tools}
     unknown = sorted(names - known)
