@@ -158,6 +158,15 @@ def is_done(ev: pb.GenerateResponse) -> bool:
     return ev.WhichOneof("event") == "done"
 
 
+async def first_event(stream: Any) -> pb.GenerateResponse:
+    """A generation's first event (``GenerateStream.start``); a failure
+    before any token, reported as a Done, is a plain HTTP error."""
+    first = await stream.start()
+    if is_done(first):
+        check_done(first.done)
+    return first
+
+
 @dataclass
 class Collected:
     """A whole generation, gathered for a non-streaming answer."""

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from gateway import overhead
 from gateway.anthropic import translate as tr
-from gateway.common import check_done, find_model, is_done, read_query
+from gateway.common import find_model, first_event, read_query
 from gateway.errors import ApiError, adapt, anthropic_body
 from gateway.fields import read_json
 from gateway.render import json_bytes, json_response
@@ -89,9 +89,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     rid = request_id(request)
     stream = client(request).generate(p.req, rid, overhead.of(request))
     try:
-        first = await stream.start()
-        if is_done(first):
-            check_done(first.done)  # a failure before any token is a plain HTTP error
+        first = await first_event(stream)  # a failure before any token is a plain HTTP error
         renderer = tr.MessageStream(p.model)
         if not p.stream:
             for ev in await stream.collect():

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from aiohttp import web
 
 from gateway import overhead
-from gateway.common import check_done, duration, is_done
+from gateway.common import duration, first_event, is_done
 from gateway.errors import ApiError, adapt, ollama_body
 from gateway.fields import read_json
 from gateway.ollama import translate as tr
@@ -69,9 +69,7 @@ async def _generate(request: web.Request, p: tr.Parsed, chat: bool) -> web.Strea
     rid = request_id(request)
     stream = client(request).generate(p.req, rid, overhead.of(request))
     try:
-        first = await stream.start()
-        if is_done(first):
-            check_done(first.done)  # a failure before any token is a plain HTTP error
+        first = await first_event(stream)  # a failure before any token is a plain HTTP error
         if p.stream:
             # Fallback happens only before the first event, so its backend is final.
             resp = await open_stream(request, NDJSON, backend_header(first))

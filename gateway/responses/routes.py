@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 
 from gateway import overhead
-from gateway.common import check_done, is_done, read_query
+from gateway.common import first_event, is_done, read_query
 from gateway.errors import ApiError, bad_request, internal_error
 from gateway.fields import read_json
 from gateway.render import json_bytes, json_response
@@ -116,9 +116,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     stream = client(request).generate(req, rid, overhead.of(request))
     a = tr.Assembler(p, stream=p.stream)
     try:
-        first = await stream.start()
-        if is_done(first):
-            check_done(first.done)  # a failure before any token is a plain HTTP error
+        first = await first_event(stream)  # a failure before any token is a plain HTTP error
         if not p.stream:
             final: Optional[dict[str, Any]] = None
             for ev in await stream.collect():
