@@ -223,7 +223,7 @@ def idle_timeout(app: web.Application) -> float:
     next request has not fully arrived by then (a client that stalls while
     sending headers included)."""
     cfg = app.get(SERVER_CONFIG_KEY)
-    return (cfg or ServerConfig()).http_idle_timeout
+    return cfg.http_idle_timeout if cfg is not None else ServerConfig.http_idle_timeout
 
 
 async def start_http(
