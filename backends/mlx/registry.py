@@ -1,8 +1,10 @@
 """Finding models on disk and describing them without loading them.
 
-Two places hold models: ``MLXConfig.models_dir`` (one model per sub-folder
-with a config.json; the folder name is the model name) and the Hugging Face
-hub cache (``models--org--name/snapshots/<rev>/``; the name is "org/name").
+Three places hold models: ``MLXConfig.models_dir`` (one model per sub-folder
+with a config.json; the folder name is the model name), the models mlxgate
+manages itself (pulled, created, copied: ``backends.models.store``, under
+``models_dir/.mlxgate-store``; the name is the manifest's) and the Hugging
+Face hub cache (``models--org--name/snapshots/<rev>/``; the name is "org/name").
 A third, ``MLXConfig.test_models_dir``, is scanned like models_dir when set
 (only when nothing else was found: ``backends.mlx.bootstrap``).
 Everything here reads small files only (config, tokenizer config, safetensors
@@ -17,12 +19,13 @@ import logging
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 from backends.errors import ModelNotFound
+from backends.models.store import STORE_DIRNAME, ModelStore, StoredModel
 from backends.types import ModelDetails, ModelInfo, ModelShow
 from mlxgate.config import MLXConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
@@ -45,7 +48,9 @@ _RESCAN_AFTER_S = 2.0
 class ModelEntry:
     name: str
     path: Path
-    source: str  # "dir" or "hf"
+    source: str  # "dir", "store" or "hf"
+    #: The manifest of a managed model (its settings, adapters); None otherwise.
+    stored: Optional[StoredModel] = field(default=None, compare=False, hash=False)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -135,6 +140,7 @@ class ModelRegistry:
         self._test_models_dir = Path(config.test_models_dir).expanduser() if config.test_models_dir else None
         hf = Path(config.hf_cache).expanduser() if config.hf_cache else Path.home() / ".cache/huggingface/hub"
         self._hf_cache = hf
+        self.store = ModelStore(self._models_dir / STORE_DIRNAME)
         self._lock = threading.Lock()
         self._entries: dict[str, ModelEntry] = {}
         self._scanned_at = 0.0
@@ -156,6 +162,10 @@ class ModelRegistry:
                 entries[entry.name.lower()] = entry
         for entry in self._scan_dir(self._models_dir):
             entries[entry.name.lower()] = entry
+        # Managed models win over hand-placed folders: their names were given
+        # on purpose (pull, create, copy), after the folders were there.
+        for entry in self._scan_store():
+            entries[entry.name.lower()] = entry
         with self._lock:
             self._entries = entries
             self._scanned_at = time.monotonic()
@@ -166,6 +176,21 @@ class ModelRegistry:
         if not root.is_dir():
             return []
         return [ModelEntry(sub.name, sub, "dir") for sub in sorted(root.iterdir()) if has_weights(sub)]
+
+    def _scan_store(self) -> list[ModelEntry]:
+        out = []
+        for m in self.store.all():
+            path = self.store.snapshot_path(m.snapshot)
+            if has_weights(path):
+                out.append(ModelEntry(m.name, path, "store", m))
+            else:
+                log.warning("managed model %s: snapshot %s missing or incomplete; not listed", m.name, m.snapshot)
+        return out
+
+    def forget(self) -> None:
+        """Rescan on the next look-up (after a pull, copy, create or delete)."""
+        with self._lock:
+            self._scanned_at = 0.0
 
     def _scan_hf(self) -> list[ModelEntry]:
         root = self._hf_cache
