@@ -143,7 +143,6 @@ def create(api: OllamaAPI, name: str, filename: Optional[str], quantize: Optiona
     text, base = read_modelfile(filename)
     progress = Progress.on(err)
     try:
-        progress.update({"status": "gathering model components"})
         body, files, adapters = build_request(name, text, base, quantize, warn=err)
         upload(api, files + adapters, progress)
         for obj in api.stream("/api/create", body):

@@ -30,8 +30,8 @@ class Progress:
     def __init__(self, out: TextIO, bars: bool) -> None:
         self.out = out
         self.bars = bars
-        self._bars: dict[str, tqdm] = {}
-        self._seen: set[str] = set()
+        self._bars: dict[str, tqdm] = {}  # the files still going
+        self._seen: set[str] = set()  # every file met (a finished one's bar stays drawn, closed)
         self._last = ""
 
     @classmethod
@@ -61,15 +61,18 @@ class Progress:
             return
         bar = self._bars.get(digest)
         if bar is None:
-            if completed == 0:  # the announcement before a download starts (Ollama skips it too)
-                return
+            if completed == 0 or digest in self._seen:  # the announcement before a download (Ollama skips
+                return  # it too), or a file already drawn to its end
+            self._seen.add(digest)
             bar = tqdm(total=total, initial=completed, desc=_label(obj), unit="B", unit_scale=True,
                        unit_divisor=1000, file=self.out, position=len(self._bars), leave=True, bar_format=_BAR)
             self._bars[digest] = bar
-            return
-        if total and total != bar.total:
-            bar.total = total
-        bar.update(completed - bar.n)
+        else:
+            if total and total != bar.total:
+                bar.total = total
+            bar.update(completed - bar.n)
+        if total and completed >= total:
+            self._bars.pop(digest).close()
 
     @contextlib.contextmanager
     def copying(self, name: str, digest: str, data: BinaryIO, size: int) -> Iterator[BinaryIO]:
