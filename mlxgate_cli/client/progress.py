@@ -8,6 +8,7 @@ answer on stdout stays clean."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, BinaryIO, Iterator, TextIO
 
 from tqdm import tqdm
@@ -36,7 +37,12 @@ class Progress:
 
     @classmethod
     def on(cls, out: TextIO) -> "Progress":
-        return cls(out, bars=out.isatty())
+        """Bars on a terminal that has a width, lines elsewhere."""
+        try:
+            bars = out.isatty() and os.get_terminal_size(out.fileno()).columns > 0
+        except (OSError, ValueError):
+            bars = False
+        return cls(out, bars=bars)
 
     def _line(self, text: str) -> None:
         if self.bars:
