@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from mlxgate.config import Config, MLXConfig, ServerConfig, load_config
 from mlxgate.exposure import exposure_problem
+from mlxgate_cli.client import cli as client_cli
 
 
 USAGE = """\
@@ -35,6 +36,9 @@ examples:
   mlxgate serve --models-dir ~/models    serve the MLX models in ~/models
   mlxgate make-test-model ./models       write a small random-weight model to try things with
   mlxgate serve --help                   every option of serve, with its default
+  mlxgate list                           the models of the running server (also: pull, ps, show,
+                                         cp, rm, create, run, stop, as Ollama's CLI; OLLAMA_HOST /
+                                         MLXGATE_HOST say where the server is, MLXGATE_API_KEY its key)
 
 Settings come from flags, then environment variables (MLXGATE_*, and Ollama's
 own: OLLAMA_HOST, OLLAMA_MODELS, OLLAMA_KEEP_ALIVE, ...), then a TOML file
@@ -179,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ending", action="store_true",
                        help="a variant that ends its turns by itself after a few tokens (for clients that wait for "
                             "the end of a turn, such as Claude Code)")
+    client_cli.add_verbs(sub)
     return parser
 
 
@@ -234,6 +239,8 @@ def _distributed_rank(config: Config) -> Optional[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verb", None):  # a client verb: an HTTP client of a running server
+        return client_cli.run_verb(args)
     # Before any thread starts: fewer malloc arenas keep large requests' freed
     # buffers reusable instead of parked per thread (mlxgate/memory.py).
     from mlxgate.memory import limit_arenas

@@ -1,0 +1,89 @@
+"""Where the server is and which key to send: OLLAMA_HOST / MLXGATE_HOST
+(MLXGATE_ wins) and MLXGATE_API_KEY, read once into ``ClientSettings``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from mlxgate.config import ServerConfig, parse_ollama_host
+
+#: The server's own default port (``mlxgate serve``, and Ollama's).
+DEFAULT_PORT = ServerConfig.port
+#: Bind-all addresses a server listens on, and the loopback a client dials instead.
+_UNSPECIFIED = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+class HostError(ValueError):
+    """OLLAMA_HOST, MLXGATE_HOST or MLXGATE_PORT cannot be read."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The server the verbs talk to: ``scheme://host:port/path``, and the key."""
+
+    scheme: str = "http"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    #: A path prefix (a server behind a reverse proxy), "" or "/prefix".
+    path: str = ""
+    api_key: Optional[str] = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.path}"
+
+
+def parse_host(value: str, default_port: int = DEFAULT_PORT) -> tuple[str, str, int, str]:
+    """``host``, ``host:port``, ``:port``, ``[v6]:port``, each optionally with
+    ``http://`` or ``https://`` and a path -> (scheme, host, port, path).
+
+    Without a port: ``default_port``, or 443 for https (a proxy in front).
+    As the server reads the same variable, a bare ``http://host`` means its
+    port 11434, not 80.  A bind-all address (0.0.0.0, ::) means this machine.
+    """
+    v = value.strip()
+    scheme, sep, rest = v.partition("://")
+    if not sep:
+        scheme, rest = "http", v
+    scheme = scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"{value!r}: the scheme must be http or https")
+    hostport, slash, path = rest.partition("/")
+    host, port = parse_ollama_host(hostport)  # ValueError names a bad port
+    if port is None:
+        port = 443 if scheme == "https" and sep else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r}: port {port} is out of range")
+    host = _UNSPECIFIED.get(host, host)
+    return scheme, host, port, ("/" + path.rstrip("/")) if slash and path.strip("/") else ""
+
+
+def _parsed(env: Mapping[str, str], var: str, default_port: int) -> Optional[tuple[str, str, int, str]]:
+    if not env.get(var, "").strip():
+        return None
+    try:
+        return parse_host(env[var], default_port)
+    except ValueError as e:
+        raise HostError(f"{var}: {e}") from None
+
+
+def settings_from_env(env: Mapping[str, str]) -> ClientSettings:
+    """The server ``mlxgate serve`` would listen on with the same variables:
+    MLXGATE_HOST wins over OLLAMA_HOST, MLXGATE_PORT over a port in
+    OLLAMA_HOST (a port written in MLXGATE_HOST wins over both);
+    MLXGATE_API_KEY is sent as a Bearer key."""
+    port_var = env.get("MLXGATE_PORT", "").strip()
+    if port_var and not port_var.isdigit():
+        raise HostError(f"MLXGATE_PORT: {port_var!r} is not a port number")
+    key = env.get("MLXGATE_API_KEY", "").strip() or None
+    ollama = _parsed(env, "OLLAMA_HOST", DEFAULT_PORT)
+    port = int(port_var) if port_var else ollama[2] if ollama else DEFAULT_PORT
+    mlxgate = _parsed(env, "MLXGATE_HOST", port)
+    if mlxgate:
+        return ClientSettings(*mlxgate, api_key=key)
+    if ollama:
+        scheme, host, _, path = ollama
+        return ClientSettings(scheme, host, port, path, key)
+    return ClientSettings(port=port, api_key=key)
