@@ -105,6 +105,8 @@ class FakeHub:
         self.page_size = 1000
         self.requests: list[Request] = []
         self.sent_bytes = 0
+        #: File bodies being sent now (a download the client stopped ends its stream).
+        self.streaming = 0
         self.base = ""
         self.cdn_base = ""
         self._runner: Optional[web.AppRunner] = None
@@ -297,6 +299,14 @@ class FakeHub:
                 self.drop[f.path] = (after, times - 1)
                 cut_after = after
         delay = self.slow.get(f.path, 0.0)
+        self.streaming += 1
+        try:
+            return await self._send(request, resp, body, cut_after, delay)
+        finally:
+            self.streaming -= 1
+
+    async def _send(self, request: web.Request, resp: web.StreamResponse, body: bytes, cut_after: Optional[int],
+                    delay: float) -> web.StreamResponse:
         sent = 0
         for i in range(0, len(body), CHUNK):
             piece = body[i:i + CHUNK]
