@@ -250,7 +250,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         was = await _guard(context, "UnloadModel", lambda: self.backend.unload_model(request.model))
         return pb.UnloadModelResponse(model=request.model, was_loaded=bool(was))
 
-
     async def PullModel(
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
