@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _METHOD_PREFIX = f"/{SERVICE_NAME}/"
 
+#: Methods that change which models exist (issue 17).  With API keys set they
+#: are to need an admin key (MLXGATE_ADMIN_KEYS), which the admission check
+#: below does not yet know: this set is where it looks once it does.
+MODEL_MANAGEMENT_METHODS = frozenset({"PullModel"})
+
 #: Metadata key carrying the per-process token of the in-process HTTP front.
 FRONT_TOKEN_KEY = "x-mlxgate-front"
 

@@ -1,5 +1,5 @@
 """Prometheus metrics of the inference service: generation latency, tokens,
-fallbacks, and memory.
+fallbacks, memory, and model pulls.
 
 Everything is registered on the ``CollectorRegistry`` passed in (a fresh one
 per test), never on the global default.  Labels are bounded: the model label is
@@ -283,6 +283,34 @@ class ServiceMetrics:
     def start(self, req: GenerateRequest) -> "GenerateTracker":
         self.in_flight.inc()
         return GenerateTracker(self)
+
+
+#: How a pull ended (``backends.models.pull.PullObserver``).
+PULL_OUTCOMES = ("success", "error", "cancelled")
+# A pull takes seconds (already present) to hours (tens of GB).
+PULL_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400)
+
+
+class PullMetrics:
+    """Model pulls (``backends.models.pull.Puller``'s observer): by outcome,
+    their duration, and the bytes received from the hub."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pulls = Counter(f"{PREFIX}_model_pulls", "Model pulls finished, by outcome.", ["outcome"],
+                             registry=registry)
+        self.duration = Histogram(f"{PREFIX}_model_pull_duration_seconds", "Model pull duration, by outcome.",
+                                  ["outcome"], buckets=PULL_BUCKETS, registry=registry)
+        self.received = Counter(f"{PREFIX}_model_pull_received_bytes",
+                                "Bytes of model files downloaded from the hub.", registry=registry)
+        for outcome in PULL_OUTCOMES:
+            self.pulls.labels(outcome)
+
+    def pull_finished(self, outcome: str, seconds: float) -> None:
+        self.pulls.labels(outcome).inc()
+        self.duration.labels(outcome).observe(seconds)
+
+    def pull_received(self, n_bytes: int) -> None:
+        self.received.inc(n_bytes)
 
 
 class GenerateTracker:

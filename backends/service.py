@@ -26,7 +26,7 @@ from google.protobuf import message_factory
 
 from backends import calls, validation
 from backends.base import Backend
-from backends.errors import RETRY_AFTER_KEY, BackendError, Internal
+from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, Unimplemented
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
 from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
@@ -125,9 +125,12 @@ async def _answered(context: grpc.aio.ServicerContext, size: int, what: str,
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """Maps the proto service onto one ``Backend``."""
 
-    def __init__(self, backend: Backend, observer: Optional["GenerateObserver"] = None) -> None:
+    def __init__(self, backend: Backend, observer: Optional["GenerateObserver"] = None,
+                 puller: Optional["ModelPuller"] = None) -> None:
         self.backend = backend
         self.observer = observer
+        #: ``backends.models.pull.Puller`` (PullModel); None: no MLX engine here.
+        self.puller = puller
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -246,6 +249,28 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             return pb.UnloadModelResponse()
         was = await _guard(context, "UnloadModel", lambda: self.backend.unload_model(request.model))
         return pb.UnloadModelResponse(model=request.model, was_loaded=bool(was))
+
+    async def PullModel(
+        self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PullModelResponse]:
+        if self.puller is None:
+            _fail(context, Unimplemented("pulling models needs the MLX engine, which this service does not run"))
+            return
+        try:
+            async with contextlib.aclosing(self.puller.pull(request.model)) as lines:
+                async for line in lines:
+                    yield line.to_pb()
+        except BackendError as e:
+            _fail(context, e)
+        except Exception:
+            log.exception("PullModel failed")
+            _fail(context, Internal("internal error in PullModel"))
+
+
+class ModelPuller(Protocol):
+    """What PullModel calls (``backends.models.pull.Puller``)."""
+
+    def pull(self, name: str) -> AsyncIterator[Any]: ...
 
 
 class GenerateTracker(Protocol):
@@ -404,6 +429,7 @@ async def start_inference_service(
     front_token: Optional[str] = None,
     unix_path: Optional[str] = None,
     tls: Optional[grpc.ServerCredentials] = None,
+    puller: Optional[ModelPuller] = None,
 ) -> RunningService:
     """Start the gRPC server; port 0 picks a free port, returned in the result.
 
@@ -414,7 +440,8 @@ async def start_inference_service(
     also listen on this Unix-domain socket (``mlxgate serve --workers``: the
     fronts in the worker processes call through it), made readable and
     writable by this user only.  ``tls``: the TCP port speaks TLS with these
-    credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).  A
+    credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).
+    ``puller``: serves PullModel (``backends.models.pull.Puller``).  A
     port that cannot be bound raises ``mlxgate.ports.BindError``
     (``PortInUse`` when taken).
     """
@@ -435,7 +462,7 @@ async def start_inference_service(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    handlers = method_handlers(InferenceServicer(backend, observer), gate)
+    handlers = method_handlers(InferenceServicer(backend, observer, puller), gate)
     server.add_generic_rpc_handlers((_generic_handler(handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

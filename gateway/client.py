@@ -216,6 +216,15 @@ class InferenceClient:
         self._streams.add(stream)
         return stream
 
+    def pull_model(self, req: pb.PullModelRequest, request_id: str) -> GenerateStream:
+        """A PullModel stream (read as a Generate one: ``start()``, then the
+        rest).  No deadline: a download takes as long as it takes; the
+        service's idle timeout on the hub and the client's presence bound it."""
+        call = self.stub.PullModel(req, timeout=None, metadata=self._md(request_id))
+        stream = GenerateStream(call)
+        self._streams.add(stream)
+        return stream
+
     def _unary_call(self, method: Any, req: Any, request_id: str) -> Awaitable[Any]:
         return self._call(method(req, timeout=self.timeout, metadata=self._md(request_id)))
 

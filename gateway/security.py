@@ -127,6 +127,12 @@ EXPOSE_HEADERS = ", ".join((REQUEST_ID_HEADER, BACKEND_HEADER, "Retry-After"))
 PREFLIGHT_MAX_AGE = "7200"
 PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
 
+#: Routes that change which models exist (issue 17).  With API keys set they
+#: are to need an admin key (MLXGATE_ADMIN_KEYS), which the guard does not yet
+#: know: this set is where it looks once it does.  (gRPC: backends/gate.py,
+#: MODEL_MANAGEMENT_METHODS.)
+MODEL_MANAGEMENT_ROUTES = frozenset({("POST", "/api/pull")})
+
 #: Longest piece of a refused Host/Origin value quoted back in a 403.
 _QUOTE_MAX = 100
 

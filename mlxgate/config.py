@@ -17,6 +17,12 @@ dataclass fields, e.g.::
     [ollama]
     upstream = "http://otherbox:11434"
 
+    [hub]                                   # where `pull` downloads from (HF_ENDPOINT, HF_TOKEN)
+    endpoint = "https://huggingface.co"
+
+    [catalog]                               # Ollama-style names `pull` knows, besides the shipped catalog
+    "phi4:mini" = "mlx-community/Phi-4-mini-instruct-4bit"
+
     [[cloud.providers]]
     name = "openrouter"
     base_url = "https://openrouter.ai/api/v1"
@@ -300,6 +306,31 @@ class RouterConfig:
 
 
 @dataclass
+class HubConfig:
+    """Where ``pull`` downloads models from: a Hugging Face Hub
+    (``backends/models/hub.py``).  HF_ENDPOINT and HF_TOKEN, the hub
+    clients' own variables, are read here once."""
+
+    #: The hub's base URL (HF_ENDPOINT).
+    endpoint: str = "https://huggingface.co"
+    #: A token for gated and private repos (HF_TOKEN); sent as a Bearer
+    #: header to ``endpoint`` only, never logged.
+    token: str = field(default="", repr=False)
+    #: Seconds to open a connection to the hub, and seconds a listing or a
+    #: download may go without receiving a byte.
+    connect_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    #: Most entries a repo's file listing may have, and most bytes its model
+    #: files may add up to: a larger repo is refused before any download.
+    max_files: int = 2000
+    max_repo_bytes: int = 512 * 1024**3
+    #: Bytes that must stay free on the models' disk after a pull.
+    reserve_bytes: int = 1024**3
+    #: Downloads (of different models) running at once; more pulls wait for one to end.
+    max_concurrent_pulls: int = 2
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     mlx: MLXConfig = field(default_factory=MLXConfig)
@@ -312,6 +343,11 @@ class Config:
     #: Public name -> ordered targets "mlx:<name>", "ollama:<tag>",
     #: "cloud:<provider>:<model>".
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    #: ``pull``'s hub (HF_ENDPOINT, HF_TOKEN).
+    hub: HubConfig = field(default_factory=HubConfig)
+    #: Ollama-style name -> "owner/repo[:revision]" on the hub, added to (and
+    #: overriding) the catalog shipped with mlxgate (``backends/models/catalog.toml``).
+    catalog: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     #: What loading noticed and the user should read (logged at start-up):
     #: an ignored OLLAMA_MODELS, a deprecated key, ...
@@ -365,6 +401,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_PIPELINE": ("mlx", "pipeline"),
     "MLXGATE_DISTRIBUTED_TIMEOUT": ("mlx", "distributed_timeout"),
     "OLLAMA_UPSTREAM": ("ollama", "upstream"),
+    "HF_ENDPOINT": ("hub", "endpoint"),
+    "HF_TOKEN": ("hub", "token"),
     "MLXGATE_CONNECT_TIMEOUT": ("upstream", "connect_timeout"),
     "MLXGATE_FIRST_TOKEN_TIMEOUT": ("upstream", "first_token_timeout"),
     "MLXGATE_IDLE_TIMEOUT": ("upstream", "idle_timeout"),
@@ -422,6 +460,10 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
     for key, value in data.items():
         if key == "aliases":
             cfg.aliases.update({k: [v] if isinstance(v, str) else list(v) for k, v in value.items()})
+        elif key == "catalog":
+            if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+                raise ValueError('catalog: expected "name" = "owner/repo[:revision]" entries')
+            cfg.catalog.update(value)
         elif key == "cloud":
             for p in value.get("providers", []):
                 try:

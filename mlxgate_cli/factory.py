@@ -17,6 +17,9 @@ others keep this order.  MLX is imported lazily so a process without it
 A remote's key: its ``key_env`` variable, else its ``key``, else the front's
 own first API key (``server.api_keys``), so a fleet sharing one key needs it
 set once.
+
+``build_puller``: what pulls models (``backends/models/pull.py``) into the
+MLX engine's store, with the catalog and the ``[hub]`` section.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from typing import Mapping, Optional
 
 from backends.base import Backend
 from backends.cloud import cloud_backend
+from backends.models.catalog import Catalog
+from backends.models.hub import HubClient
+from backends.models.pull import PullObserver, Puller
 from backends.ollama import OllamaBackend
 from backends.remote import RemoteBackend
 from backends.router import Router, RouterObserver
@@ -64,6 +70,22 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
         seen.add(provider.name)
         backends.append(cloud_backend(provider, env))
     return backends
+
+
+def build_puller(config: Config, router: Router, observer: Optional[PullObserver] = None) -> Optional[Puller]:
+    """``pull``'s worker (PullModel, /api/pull) over the MLX engine's store;
+    None without the MLX engine (a pulled model would have nothing to run it)."""
+    mlx = router.mlx_backend
+    registry = getattr(mlx, "registry", None)
+    if registry is None:
+        return None
+
+    def changed() -> None:
+        registry.forget()
+        router.invalidate_model_lists()
+
+    return Puller(registry.store, HubClient(config.hub), Catalog(config.catalog), config.hub,
+                  on_change=changed, observer=observer)
 
 
 def build_router(

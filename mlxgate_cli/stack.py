@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Optional
 
 from prometheus_client import CollectorRegistry
 
-from backends.metrics import BackendCollector, MemoryCollector, ServiceMetrics
+from backends.metrics import BackendCollector, MemoryCollector, PullMetrics, ServiceMetrics
 from backends.service import RunningService, start_inference_service
 from mlxgate.config import Config
 from mlxgate.grpc_tls import server_credentials
@@ -38,6 +38,7 @@ from mlxgate.ports import bind_error, check_free
 from mlxgate_cli.tasks import first_done
 
 if TYPE_CHECKING:
+    from backends.models.pull import Puller
     from backends.router import Router
     from gateway.app import RunningHTTP
 
@@ -76,6 +77,8 @@ class Stack:
     #: ``mlxgate service``'s own /metrics server.
     metrics_http: Optional[RunningHTTP] = None
     service_metrics: Optional[ServiceMetrics] = None
+    #: Pulls models into the MLX engine's store (PullModel); None without MLX.
+    puller: Optional[Puller] = None
     #: Lets the in-process front's gRPC calls through while the service drains.
     front_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
@@ -102,10 +105,11 @@ class Stack:
         service together) or "service" (``mlxgate service``, or the parent of
         ``serve --workers``).  ``unix_path``: also listen there (the workers'
         channel); ``other_memory``: the workers' memory, by process label."""
-        from mlxgate_cli.factory import build_router
+        from mlxgate_cli.factory import build_puller, build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)
+        self.puller = build_puller(self.config, self.router, observer=PullMetrics(self.registry))
         self.service_metrics.init_backends([b.name for b in self.router.backends], self.router.fallback_orders())
         await self.router.start()  # remote services' health watches
         mlx = self.router.mlx_backend
@@ -126,6 +130,7 @@ class Stack:
             front_token=self.front_token,
             unix_path=unix_path,
             tls=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key) if cfg.grpc_tls_cert else None,
+            puller=self.puller,
         )
         if mlx is not None and getattr(mlx, "cluster", None) is not None:
             self._watch_cluster(mlx)
@@ -212,6 +217,8 @@ class Stack:
             await self.metrics_http.stop()
         if self.service is not None:
             await self.service.stop(grace=_STOP_TIMEOUT)
+        if self.puller is not None:
+            await self.puller.close()
         if self.router is not None:
             await self.router.close()
 

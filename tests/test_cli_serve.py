@@ -81,6 +81,7 @@ def test_serve_bootstraps_a_model_in_the_data_dir_and_shuts_down_cleanly(tmp_pat
     (line,) = [x for x in err.splitlines() if "test model" in x]
     assert "random weights" in line and str(generated) in line
     assert f"rm -r {generated.parent}" in line
+    assert "mlxgate pull llama3.2:1b" in line, "and how to pull a real one"
 
 
 def free_port() -> int:

@@ -162,7 +162,7 @@ async def test_unknown_model_is_404(stack):
 async def test_model_management_is_501_with_help(stack):
     async with aiohttp.ClientSession() as s:
         for method, path in (
-            ("POST", "/api/pull"), ("POST", "/api/push"), ("POST", "/api/create"), ("POST", "/api/copy"),
+            ("POST", "/api/push"), ("POST", "/api/create"), ("POST", "/api/copy"),
             ("DELETE", "/api/delete"), ("POST", "/api/blobs/sha256:abc"),
         ):
             async with s.request(method, stack.base + path, json={"model": "x"}) as r:

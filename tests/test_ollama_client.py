@@ -114,7 +114,10 @@ async def test_unknown_model_raises_404(client, stack):
     assert e.value.status_code == 404
 
 
-async def test_pull_explains_how_models_are_added(client, stack):
+async def test_pulling_a_model_the_hub_lacks_is_404(client, stack):
+    # The session's hub is an empty fake (tests/stack.py); pulls that succeed:
+    # tests/test_pull_serve.py.
     with pytest.raises(ResponseError) as e:
         await client.pull("llama3.2")
-    assert e.value.status_code == 501 and "models directory" in e.value.error
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    assert "mlx-community/Llama-3.2-3B-Instruct-4bit" in e.value.error

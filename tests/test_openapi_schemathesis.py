@@ -58,7 +58,7 @@ CHECKS = [
 #: The last event of a Responses stream (named events, no [DONE]).
 RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 #: Model management: 501 by design (README, "Deviations from Ollama").
-UNSUPPORTED = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/")
+UNSUPPORTED = ("/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs/")
 
 
 def _number(v: Any) -> bool:

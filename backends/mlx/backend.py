@@ -94,6 +94,11 @@ class MLXBackend:
     # ---------------------------------------------------------------- introspection
 
     @property
+    def registry(self) -> ModelRegistry:
+        """The models on disk; ``registry.store`` holds the managed (pulled) ones."""
+        return self._registry
+
+    @property
     def serving(self) -> bool:
         """False once a distributed engine lost a rank (the router then skips it)."""
         return self.cluster is None or self.cluster.broken is None

@@ -117,6 +117,10 @@ class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self._lock = threading.Lock()
+        #: Held while a snapshot becomes a name's (``publish``) and while unused
+        #: snapshots are collected, so a collection never takes a snapshot
+        #: between its promotion and its first manifest.
+        self._publish_lock = threading.RLock()
         self._db: Optional[sqlite3.Connection] = None
 
     # ---------------------------------------------------------------- paths
@@ -165,6 +169,14 @@ class ModelStore:
             return dst
         os.replace(src, dst)
         return dst
+
+    def publish(self, model: StoredModel) -> None:
+        """Promote ``partial/<model.snapshot>`` unless that snapshot is already
+        complete, then write ``model``'s manifest, as one step against collection."""
+        with self._publish_lock:
+            if not self.snapshot_path(model.snapshot).is_dir():
+                self.promote(model.snapshot)
+            self.put(model)
 
     # ---------------------------------------------------------------- manifests
 
@@ -242,12 +254,13 @@ class ModelStore:
         root = self.root / "snapshots"
         if not root.is_dir():
             return []
-        used = self.referenced() | set(keep)
         removed = []
-        for sub in root.iterdir():
-            if sub.name not in used and _ID.fullmatch(sub.name):
-                shutil.rmtree(sub, ignore_errors=True)
-                removed.append(sub.name)
+        with self._publish_lock:
+            used = self.referenced() | set(keep)
+            for sub in root.iterdir():
+                if sub.name not in used and _ID.fullmatch(sub.name):
+                    shutil.rmtree(sub, ignore_errors=True)
+                    removed.append(sub.name)
         if removed:
             log.info("removed %d unused model snapshot(s) from %s", len(removed), root)
         return removed

@@ -1,9 +1,9 @@
 """Ollama REST routes: thin handlers over ``translate`` and the inference client.
 
-Model management (pull, push, create, copy, delete, blobs) is answered with
-501 and a message saying how models get here: mlxgate serves MLX model
-folders from its models directory and, through an upstream Ollama, whatever
-that Ollama has.  No file path is ever built from request data.
+``/api/pull`` downloads a model through the service's PullModel.  The rest
+of model management (push, create, copy, delete, blobs) is answered with 501
+and a message saying how models get here.  No file path is ever built from
+request data.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from mlxgate.dialects import ollama as wire
 from mlxgate.v1 import inference_pb2 as pb
 
 MODEL_MANAGEMENT_HELP = (
-    "mlxgate does not pull, push, create, copy or delete models. To add a model, put an MLX model "
-    "folder (config.json, *.safetensors, tokenizer files) in the models directory (mlx.models_dir, "
+    "mlxgate does not push, create, copy or delete models. To add a model, pull it (POST /api/pull), put an "
+    "MLX model folder (config.json, *.safetensors, tokenizer files) in the models directory (mlx.models_dir, "
     "env MLXGATE_MODELS_DIR), or configure an upstream Ollama (ollama.upstream, env OLLAMA_UPSTREAM) "
     "and manage models there."
 )
@@ -159,6 +159,28 @@ async def ps(request: web.Request) -> web.Response:
     return json_response(tr.ps_response(res))
 
 
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Ollama's pull over PullModel: progress lines, or one ``{"status": "success"}``;
+    a failure before the first line is a plain HTTP status."""
+    req, streamed = tr.pull_request(await read_json(request))
+    rid = request_id(request)
+    stream = client(request).pull_model(req, rid)
+    try:
+        first = await stream.start()
+        if not streamed:
+            async for _ in stream:
+                pass
+            return json_response({"status": "success"})
+        resp = await open_stream(request, NDJSON)
+        if await pump(resp, with_first(first, stream), lambda p: (tr.progress_line(p),), ndjson_frame,
+                      _error_frame, rid):
+            with contextlib.suppress(ConnectionResetError):
+                await resp.write_eof()
+        return resp
+    finally:
+        stream.cancel()
+
+
 async def unsupported(request: web.Request) -> web.Response:
     raise ApiError(501, f"{request.path}: {MODEL_MANAGEMENT_HELP}")
 
@@ -183,10 +205,13 @@ ROUTES: list[Route] = [
     Route("HEAD", "/api/tags", tags, "List models"),
     Route("POST", "/api/show", show, "Show model information", body=wire.ShowRequest, answer=wire.ShowResponse),
     Route("GET", "/api/ps", ps, "List running models", answer=wire.PsResponse),
+    Route("POST", "/api/pull", pull, "Pull a model", body=wire.PullRequest, answer=wire.ProgressResponse,
+          stream="ndjson", stream_item=wire.ProgressResponse,
+          description="From the Hugging Face Hub (HF_ENDPOINT): a catalog name, hf.co/<owner>/<repo>[:<revision>] "
+                      "or <owner>/<repo>[:<revision>]. " + _ANSWERED),
     *(
         Route(method, path, unsupported, summary, unsupported=True, description=MODEL_MANAGEMENT_HELP)
         for method, path, summary in (
-            ("POST", "/api/pull", "Pull a model (unsupported)"),
             ("POST", "/api/push", "Push a model (unsupported)"),
             ("POST", "/api/create", "Create a model (unsupported)"),
             ("POST", "/api/copy", "Copy a model (unsupported)"),

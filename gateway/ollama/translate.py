@@ -411,6 +411,24 @@ def show_response(res: pb.ShowModelResponse) -> wire.ShowResponse:
 _FOREVER = timedelta(days=365 * 290)
 
 
+def pull_request(data: dict[str, Any]) -> tuple[pb.PullModelRequest, bool]:
+    """The PullModel request and whether to stream (Ollama's default: yes)."""
+    r = parse(wire.PullRequest, data, "/api/pull")
+    model = r.model or r.name or ""
+    if not model:
+        raise bad_request("model is required", param="model")
+    return pb.PullModelRequest(model=model), r.stream is not False
+
+
+def progress_line(p: pb.PullModelResponse) -> wire.ProgressResponse:
+    line: wire.ProgressResponse = {"status": p.status}
+    if p.digest:
+        line["digest"] = p.digest
+        line["total"] = p.total
+        line["completed"] = p.completed
+    return line
+
+
 def ps_response(res: pb.ListRunningResponse) -> wire.PsResponse:
     models: list[wire.RunningModel] = []
     for m in res.models:

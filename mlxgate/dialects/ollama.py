@@ -296,6 +296,18 @@ class ShowRequest(WireModel):
     options: Optional[Any] = Field(None, description="accepted and ignored")
 
 
+class PullRequest(WireModel):
+    """POST /api/pull."""
+
+    model: Optional[ModelName] = Field(
+        None, description="a catalog name (llama3.2:1b), hf.co/<owner>/<repo>[:<revision>] or "
+                          "<owner>/<repo>[:<revision>]; listed under this name")
+    name: Optional[ModelName] = Field(
+        None, description="deprecated: use model", json_schema_extra={"deprecated": True})
+    insecure: Optional[ignored({"type": "boolean"})] = None
+    stream: Optional[bool] = Field(None, description="default true: NDJSON progress lines")
+
+
 # ---------------------------------------------------------------- responses
 
 #: The contract's finish reason -> Ollama ``done_reason`` (front) ...
@@ -438,6 +450,15 @@ class RunningModel(TypedDict):
 
 class PsResponse(TypedDict):
     models: list[RunningModel]
+
+
+class ProgressResponse(TypedDict):
+    """/api/pull: one NDJSON progress line, or the one answer of stream=false ({"status": "success"})."""
+
+    status: str
+    digest: NotRequired[str]
+    total: NotRequired[int]
+    completed: NotRequired[int]
 
 
 class VersionResponse(TypedDict):

@@ -471,3 +471,21 @@ class UnloadModelResponse(_message.Message):
     model: str
     was_loaded: bool
     def __init__(self, model: _Optional[str] = ..., was_loaded: _Optional[bool] = ...) -> None: ...
+
+class PullModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class PullModelResponse(_message.Message):
+    __slots__ = ("status", "digest", "total", "completed")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    digest: str
+    total: int
+    completed: int
+    def __init__(self, status: _Optional[str] = ..., digest: _Optional[str] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ...) -> None: ...

@@ -101,6 +101,11 @@ class InferenceServiceStub:
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/mlxgate.v1.InferenceService/PullModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -192,6 +197,27 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullModel(self, request, context):
+        """---- Pulling models (issue 17) ----
+        Download a model from the Hugging Face Hub into the models directory's
+        store, as Ollama's /api/pull does (that route calls this).  The stream
+        carries Ollama's progress lines: "pulling manifest", then per weights
+        file "pulling <first 12 hex of its sha256>" with digest, total and
+        completed (at most every ~100 ms, and once complete), "verifying sha256
+        digest", "writing manifest", possibly "removing unused layers", and
+        "success" last.  Errors before the first message: INVALID_ARGUMENT (a
+        bad name, not an MLX repo), NOT_FOUND (not in the catalog, no such repo
+        or revision), UNAUTHENTICATED / PERMISSION_DENIED (gated or private),
+        FAILED_PRECONDITION (too large, not enough disk), UNAVAILABLE (hub
+        unreachable).  Later errors end the stream with their status (a file
+        whose sha256 does not match: UNAVAILABLE naming the file and both
+        digests).  Cancelling keeps the downloaded bytes: the next pull resumes.
+        Needs no deadline (downloads take long); the hub's idle timeout bounds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +260,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +510,33 @@ class InferenceService:
             '/mlxgate.v1.InferenceService/CountTokens',
             mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
             mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/PullModel',
+            mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
