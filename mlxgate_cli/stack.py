@@ -115,6 +115,12 @@ class Stack:
             MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None, other_memory)
         )
         self.registry.register(BackendCollector(self.router))
+        models = None
+        if mlx is not None and hasattr(mlx, "registry"):
+            from backends.models.manage import ModelManagement
+
+            models = ModelManagement(mlx.registry, changed=self.router.invalidate_model_lists)
+            await models.start()
         cfg = self.config.server
         self.service = await start_inference_service(
             self.router,
@@ -122,10 +128,12 @@ class Stack:
             port=cfg.grpc_port,
             observer=self.service_metrics,
             api_keys=cfg.api_keys,
+            admin_keys=cfg.admin_keys,
             max_message_bytes=cfg.grpc_max_message_bytes,
             front_token=self.front_token,
             unix_path=unix_path,
             tls=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key) if cfg.grpc_tls_cert else None,
+            models=models,
         )
         if mlx is not None and getattr(mlx, "cluster", None) is not None:
             self._watch_cluster(mlx)

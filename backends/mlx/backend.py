@@ -154,6 +154,11 @@ class MLXBackend:
         return self._engine
 
     @property
+    def registry(self) -> ModelRegistry:
+        """The model folders and the managed-model store (``backends.models``)."""
+        return self._registry
+
+    @property
     def observer(self) -> Any:
         return self._engine.observer
 
