@@ -196,15 +196,14 @@ def test_created_and_copied_models_survive_a_restart(root, server):
     c.copy("mario", "mario-copy")
     server.stop()
     again = Server(root)
-    try:
-        c2 = again.client()
-        listed = names(c2)
-        assert {"mario:latest", "mario-copy:latest", "child:latest", "from-files:latest"} <= listed
-        assert c2.show("mario-copy").license == "MIT"
-        assert c2.chat("mario-copy", messages=[{"role": "user", "content": "hi"}]).eval_count <= 3
-    finally:
-        again.stop()
-        server.proc = again.proc  # the module fixture stops the running one (already stopped: no-op)
+    # The module's later tests (and its fixture's stop) use the new process.
+    server.proc, server.url, server.target = again.proc, again.url, again.target
+    c2 = again.client()
+    listed = names(c2)
+    assert {"mario:latest", "mario-copy:latest", "child:latest", "from-files:latest"} <= listed
+    assert c2.show("mario-copy").license == "MIT"
+    assert 'SYSTEM """You are Mario from Super Mario Bros."""' in c2.show("mario").modelfile
+    assert c2.chat("mario-copy", messages=[{"role": "user", "content": "hi"}]).eval_count <= 3
 
 
 # ---------------------------------------------------------------- admin keys
@@ -254,3 +253,54 @@ async def test_grpc_management_needs_an_admin_key(keyed):
                                    metadata=(("authorization", "Bearer admin-key-1"),))
         assert e.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
     assert os.path.isdir(keyed.models / BASE)
+
+
+# ---------------------------------------------------------------- quantize, adapters
+
+
+def test_quantize_with_mlx_lm(server):
+    c = server.client()
+    progress = list(c.create("tiny-q8", from_=BASE, quantize="q8_0", stream=True))
+    quantizing = [p for p in progress if p.status == "quantizing model to Q8_0"]
+    assert quantizing and quantizing[-1].completed == quantizing[-1].total > 0
+    assert [p.status for p in progress][-3:] == ["verifying conversion", "writing manifest", "success"]
+    assert c.show("tiny-q8").details.quantization_level == "Q8_0"
+    config = json.loads(next((server.models / STORE_DIRNAME / "snapshots").glob("quant-*/config.json")).read_text())
+    assert config["quantization"]["bits"] == 8
+    assert c.generate("tiny-q8", "hi", options={"num_predict": 2}).done
+    with pytest.raises(ResponseError) as e:
+        c.create("tiny-q2", from_=BASE, quantize="q2_K")
+    assert e.value.status_code == 400 and "q4_K_M" in e.value.error
+
+
+def _lora_adapter(model_dir: Path, out: Path) -> None:
+    """A LoRA adapter as mlx-lm's fine-tuning saves one (random B, so it changes the answers)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    model, _ = load(str(model_dir))
+    model.freeze()
+    cfg = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}
+    linear_to_lora_layers(model, cfg["num_layers"], cfg["lora_parameters"])
+    mx.random.seed(0)
+    weights = {k: (mx.random.normal(v.shape) if k.endswith("lora_b") else v)
+               for k, v in tree_flatten(model.trainable_parameters())}
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_lora_adapters_are_applied_at_load(server, tmp_path):
+    c = server.client()
+    _lora_adapter(server.models / BASE, tmp_path / "adapter")
+    adapters = {f.name: c.create_blob(f) for f in sorted((tmp_path / "adapter").iterdir())}
+    assert c.create("tiny-lora", from_=BASE, adapters=adapters).status == "success"
+    opts = {"num_predict": 8, "temperature": 0, "seed": 1}
+    base = c.generate(BASE, "hello there", options=opts).response
+    adapted = c.generate("tiny-lora", "hello there", options=opts).response
+    assert adapted != base, "the adapter changes the greedy answer"
+    with pytest.raises(ResponseError) as e:
+        c.create("bad-lora", from_=BASE, adapters={"adapters.safetensors": adapters["adapters.safetensors"]})
+    assert e.value.status_code == 400 and "adapter_config.json" in e.value.error
