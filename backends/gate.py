@@ -6,7 +6,10 @@ Every ``mlxgate.v1.InferenceService`` call passes ``GateInterceptor`` first:
   ``authorization: Bearer <key>``; otherwise it ends UNAUTHENTICATED before its
   request is even parsed.  The presented key is compared with every configured
   key in constant time (``hmac.compare_digest``, no early exit) and is never
-  logged.  The standard health service and reflection stay open.
+  logged.  The standard health service and reflection stay open.  The
+  model-management methods (``mlxgate.admin.ADMIN_METHODS``: create, copy,
+  delete, pull, blobs) need one of the admin keys then, else
+  PERMISSION_DENIED; admin keys are valid for every other method too.
 - **Draining.** After ``begin_drain()`` (SIGTERM/SIGINT) new calls end
   UNAVAILABLE "server shutting down".  Calls from this process's own HTTP
   front (they carry the per-process ``front_token``) are still admitted: the
@@ -34,17 +37,13 @@ from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
 import grpc
 
+from mlxgate.admin import NEEDS_ADMIN, is_admin_method
 from mlxgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _METHOD_PREFIX = f"/{SERVICE_NAME}/"
-
-#: Methods that change which models exist (issue 17).  With API keys set they
-#: are to need an admin key (MLXGATE_ADMIN_KEYS), which the admission check
-#: below does not yet know: this set is where it looks once it does.
-MODEL_MANAGEMENT_METHODS = frozenset({"PullModel"})
 
 #: Metadata key carrying the per-process token of the in-process HTTP front.
 FRONT_TOKEN_KEY = "x-mlxgate-front"
@@ -116,8 +115,11 @@ class RateLimitedWarning:
 class Gate:
     """Keys, the drain flag and the calls in flight of one gRPC server."""
 
-    def __init__(self, api_keys: Sequence[str] = (), front_token: Optional[str] = None) -> None:
-        self._keys = [k.encode() for k in api_keys if k]
+    def __init__(
+        self, api_keys: Sequence[str] = (), front_token: Optional[str] = None, admin_keys: Sequence[str] = ()
+    ) -> None:
+        self._admin_keys = [k.encode() for k in admin_keys if k]
+        self._keys = list(dict.fromkeys([*(k.encode() for k in api_keys if k), *self._admin_keys]))
         self._front_token = front_token.encode() if front_token else None
         self.draining = False
         self._calls: dict[asyncio.Task, bool] = {}  # running call -> ended by end_all()
@@ -134,8 +136,11 @@ class Gate:
             ok |= hmac.compare_digest(presented, c)
         return ok
 
-    def refusal(self, metadata: Optional[Iterable[Any]]) -> Optional[tuple[grpc.StatusCode, str]]:
-        """Why a new InferenceService call must be refused, or None to admit it."""
+    def refusal(
+        self, metadata: Optional[Iterable[Any]], method: str = ""
+    ) -> Optional[tuple[grpc.StatusCode, str]]:
+        """Why a new InferenceService call of ``method`` (its name or full
+        path) must be refused, or None to admit it."""
         if self._keys:
             auth = metadata_value(metadata, "authorization")
             if auth is None:
@@ -143,8 +148,11 @@ class Gate:
                     "missing API key: send metadata 'authorization: Bearer <key>'"
                 )
             scheme, _, key = auth.strip().partition(" ")
-            if scheme.lower() != "bearer" or not self._matches(key.strip().encode(), self._keys):
+            presented = key.strip().encode()
+            if scheme.lower() != "bearer" or not self._matches(presented, self._keys):
                 return grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
+            if is_admin_method(method) and not self._matches(presented, self._admin_keys):
+                return grpc.StatusCode.PERMISSION_DENIED, NEEDS_ADMIN
         if self.draining and not self._from_front(metadata):
             return grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN
         return None
@@ -222,6 +230,8 @@ def _refusing(handler: Optional[grpc.RpcMethodHandler], code: grpc.StatusCode, d
         context.set_details(details)
         return b""  # no serializer: raw bytes; never sent with a non-OK status
 
+    if handler is not None and handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
     if handler is not None and handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(refuse)
     return grpc.unary_unary_rpc_method_handler(refuse)
@@ -241,7 +251,7 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if not details.method.startswith(_METHOD_PREFIX):
             return handler
-        refusal = self.gate.refusal(details.invocation_metadata)
+        refusal = self.gate.refusal(details.invocation_metadata, details.method)
         if refusal is None:
             return handler
         return _refusing(handler, *refusal)

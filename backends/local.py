@@ -16,8 +16,9 @@ client (polyglot clients, fronts in other processes).
 
 What a gRPC call does and this one does too:
 
-- the gate's admission (``Gate.refusal``: API keys, the drain with the
-  front's pass) before the handler runs;
+- the gate's admission (``Gate.refusal``: API keys, admin keys for the
+  model-management methods, the drain with the front's pass) before the
+  handler runs;
 - the deadline: ``time_remaining()`` for the service, DEADLINE_EXCEEDED
   "Deadline Exceeded" for the caller when it passes (the handler is
   cancelled, as grpc cancels it);
@@ -113,6 +114,7 @@ class _Call:
         metadata: Metadata,
         gate: Gate,
         max_message_bytes: int,
+        method: str = "",
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._code = _OK
@@ -126,7 +128,7 @@ class _Call:
         self._deadline = None if timeout is None else self._loop.time() + timeout
         self._timer: Optional[asyncio.TimerHandle] = None
         self._task: Optional[asyncio.Task] = None
-        refusal = gate.refusal(metadata)
+        refusal = gate.refusal(metadata, method)
         size = request.ByteSize()
         if refusal is not None:
             self._end(*refusal)
@@ -302,6 +304,31 @@ class LocalStreamCall(_Call):
                 self._reader = None
 
 
+class _RequestStream:
+    """A client stream's messages (``CreateBlob``) as the handler reads them:
+    each checked against the message size limit as it is read, as gRPC's
+    receiving side checks it."""
+
+    def __init__(self, messages: Any, max_message_bytes: int) -> None:
+        self._messages = messages.__aiter__()
+        self._max = max_message_bytes
+
+    def ByteSize(self) -> int:  # noqa: N802 - the protobuf name the call checks
+        return 0  # each message is checked when read
+
+    def __aiter__(self) -> "_RequestStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        from backends.errors import ResourceExhausted
+
+        message = await self._messages.__anext__()
+        size = message.ByteSize()
+        if size > self._max:
+            raise ResourceExhausted(f"Received message larger than max ({size} vs. {self._max})")
+        return message
+
+
 class LocalStub:
     """``mlxgate.v1.InferenceService``'s methods over ``handlers`` (the
     service's ``method_handlers``), called the way ``InferenceServiceStub``'s
@@ -310,11 +337,22 @@ class LocalStub:
     def __init__(self, handlers: dict[str, Any], gate: Gate, max_message_bytes: int) -> None:
         for name, h in handlers.items():
             cls = LocalStreamCall if h.streaming else LocalUnaryCall
-            setattr(self, name, self._method(cls, h.handle, gate, max_message_bytes))
+            method = self._method(cls, h.handle, gate, max_message_bytes, name)
+            if h.client_streaming:
+                method = self._upload(method, max_message_bytes)
+            setattr(self, name, method)
 
     @staticmethod
-    def _method(cls: type[_Call], handle: Callable[[Any, Any], Any], gate: Gate, max_bytes: int) -> Callable[..., Any]:
+    def _upload(method: Callable[..., Any], max_bytes: int) -> Callable[..., Any]:
+        def call(messages: Any, timeout: Optional[float] = None, metadata: Metadata = ()) -> Any:
+            return method(_RequestStream(messages, max_bytes), timeout=timeout, metadata=metadata)
+
+        return call
+
+    @staticmethod
+    def _method(cls: type[_Call], handle: Callable[[Any, Any], Any], gate: Gate, max_bytes: int,
+                name: str) -> Callable[..., Any]:
         def call(request: Any, timeout: Optional[float] = None, metadata: Metadata = ()) -> Any:
-            return cls(handle, request, timeout, metadata, gate, max_bytes)
+            return cls(handle, request, timeout, metadata, gate, max_bytes, name)
 
         return call

@@ -17,7 +17,9 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import (
+    TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Protocol, Sequence, TypeVar,
+)
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,7 +28,7 @@ from google.protobuf import message_factory
 
 from backends import calls, validation
 from backends.base import Backend
-from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, Unimplemented
+from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, InvalidArgument, Unimplemented
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
 from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
@@ -36,6 +38,9 @@ from mlxgate.memory import trim_after_large
 from mlxgate.ports import bind_error, bind_problem
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from backends.models.manage import ModelManagement
 
 log = logging.getLogger(__name__)
 
@@ -123,20 +128,35 @@ async def _answered(context: grpc.aio.ServicerContext, size: int, what: str,
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    """Maps the proto service onto one ``Backend``."""
+    """Maps the proto service onto one ``Backend`` (and the model-management
+    RPCs onto ``models``, when this process manages models: ``backends.models``)."""
 
     def __init__(self, backend: Backend, observer: Optional["GenerateObserver"] = None,
-                 puller: Optional["ModelPuller"] = None) -> None:
+                 puller: Optional["ModelPuller"] = None, models: Optional["ModelManagement"] = None) -> None:
         self.backend = backend
         self.observer = observer
         #: ``backends.models.pull.Puller`` (PullModel); None: no MLX engine here.
         self.puller = puller
+        #: Copy, delete, create and blobs (``backends.models.manage``); None: no MLX engine here.
+        self.models = models
+
+    def _generate_request(self, message: pb.GenerateRequest) -> GenerateRequest:
+        """The accept step's conversion: the domain request, with a managed
+        model's own settings (system, parameters, messages) where the request
+        gives none (``backends.models.settings``), for every caller alike."""
+        req = GenerateRequest.from_pb(message)
+        stored = self.models.settings(req.model) if self.models is not None else None
+        if stored is None:
+            return req
+        from backends.models.settings import apply
+
+        return apply(req, stored)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         size = request.ByteSize()
-        req = _accepted(context, size, request, validation.check_generate, GenerateRequest.from_pb)
+        req = _accepted(context, size, request, validation.check_generate, self._generate_request)
         del request  # the domain request holds what is needed
         if req is None:
             return
@@ -200,7 +220,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.CountTokensResponse:
         size = request.ByteSize()
         req = _accepted(context, size, request, validation.check_count_tokens,
-                        lambda m: GenerateRequest.from_pb(m.request))
+                        lambda m: self._generate_request(m.request))
         del request
         if req is None:
             return pb.CountTokensResponse()
@@ -250,6 +270,104 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         was = await _guard(context, "UnloadModel", lambda: self.backend.unload_model(request.model))
         return pb.UnloadModelResponse(model=request.model, was_loaded=bool(was))
 
+    # ---------------------------------------------------------------- model management
+
+    def _managing(self) -> "ModelManagement":
+        if self.models is None:
+            raise Unimplemented("this service manages no models (its MLX engine is off)")
+        return self.models
+
+    async def _forget_loaded(self, name: str) -> None:
+        """A name that changed meaning is unloaded, so its next use loads the new one."""
+        with contextlib.suppress(Exception):
+            await self.backend.unload_model(name)
+
+    async def CopyModel(self, request: pb.CopyModelRequest, context: grpc.aio.ServicerContext) -> pb.CopyModelResponse:
+        async def copy() -> str:
+            name = await self._managing().copy(request.source, request.destination)
+            await self._forget_loaded(name)
+            return name
+
+        name = await _guard(context, "CopyModel", copy)
+        return pb.CopyModelResponse(model=name or "")
+
+    async def DeleteModel(
+        self, request: pb.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteModelResponse:
+        async def delete() -> str:
+            name = await self._managing().delete(request.model)
+            await self._forget_loaded(name)
+            return name
+
+        name = await _guard(context, "DeleteModel", delete)
+        return pb.DeleteModelResponse(model=name or "")
+
+    async def CreateModel(
+        self, request: pb.CreateModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CreateModelProgress]:
+        from backends.models.convert import create_spec
+
+        try:
+            spec = create_spec(request)
+            async with contextlib.aclosing(self._managing().create(spec)) as steps:
+                async for p in steps:
+                    if p.status == "success":
+                        await self._forget_loaded(spec.model)
+                    yield pb.CreateModelProgress(status=p.status, digest=p.digest, total=p.total,
+                                                 completed=p.completed)
+        except BackendError as e:
+            _fail(context, e)
+        except Exception:
+            log.exception("CreateModel failed")
+            _fail(context, Internal("internal error in CreateModel"))
+
+    async def HasBlob(self, request: pb.HasBlobRequest, context: grpc.aio.ServicerContext) -> pb.HasBlobResponse:
+        async def has() -> Optional[int]:
+            return await asyncio.to_thread(self._managing().has_blob, request.digest)
+
+        try:
+            size = await has()
+        except BackendError as e:
+            _fail(context, e)
+            return pb.HasBlobResponse()
+        return pb.HasBlobResponse(exists=size is not None, size=size or 0)
+
+    async def CreateBlob(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> pb.CreateBlobResponse:
+        from backends.models.blobs import receive_blob
+
+        first: dict[str, str] = {}
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for m in requests:
+                if isinstance(m, Malformed):
+                    raise InvalidArgument(f"malformed {m.type_name}: {m.reason}")
+                if not first:
+                    first["digest"] = m.digest
+                elif m.digest and m.digest != first["digest"]:
+                    raise InvalidArgument("digest changed within one upload")
+                yield m.data
+
+        async def upload() -> int:
+            models = self._managing()
+            stream = chunks()
+            head = await anext(stream, None)
+            if not first.get("digest"):
+                raise InvalidArgument("digest is required in the first message")
+
+            async def rest() -> AsyncIterator[bytes]:
+                if head:
+                    yield head
+                async for data in stream:
+                    yield data
+
+            return await receive_blob(models.store, first["digest"], rest())
+
+        size = await _guard(context, "CreateBlob", upload)
+        if size is None:
+            return pb.CreateBlobResponse()
+        return pb.CreateBlobResponse(digest=first.get("digest", ""), size=size)
     async def PullModel(
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
@@ -305,6 +423,8 @@ class MethodHandler:
     streaming: bool
     request_type: Any
     response_type: Any
+    #: The request is a stream of messages (an upload).
+    client_streaming: bool = False
 
 
 def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, MethodHandler]:
@@ -351,13 +471,29 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, Method
 
         return handle
 
+    def upload(behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], empty: Any) -> Any:
+        # A client stream (CreateBlob): the request is an async iterator of
+        # messages, each possibly Malformed (the servicer checks).
+        async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            _enter(context)
+            result = await gate.run(behaviour(requests, context), context)
+            return empty() if result is None else result
+
+        return handle
+
     handlers: dict[str, MethodHandler] = {}
     for method in pb.DESCRIPTOR.services_by_name["InferenceService"].methods:
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
         behaviour = getattr(servicer, method.name)
-        handle = stream(behaviour) if method.server_streaming else unary(behaviour, response_type)
-        handlers[method.name] = MethodHandler(handle, method.server_streaming, request_type, response_type)
+        if method.client_streaming:
+            handle = upload(behaviour, response_type)
+        elif method.server_streaming:
+            handle = stream(behaviour)
+        else:
+            handle = unary(behaviour, response_type)
+        handlers[method.name] = MethodHandler(handle, method.server_streaming, request_type, response_type,
+                                              method.client_streaming)
     return handlers
 
 
@@ -365,7 +501,10 @@ def _generic_handler(handlers: dict[str, MethodHandler]) -> grpc.GenericRpcHandl
     """The handlers for the gRPC server, parsing with ``gate.deserializer``."""
     rpc: dict[str, grpc.RpcMethodHandler] = {}
     for name, h in handlers.items():
-        make = grpc.unary_stream_rpc_method_handler if h.streaming else grpc.unary_unary_rpc_method_handler
+        if h.client_streaming:
+            make = grpc.stream_unary_rpc_method_handler
+        else:
+            make = grpc.unary_stream_rpc_method_handler if h.streaming else grpc.unary_unary_rpc_method_handler
         rpc[name] = make(
             h.handle,
             request_deserializer=deserializer(h.request_type),
@@ -425,16 +564,19 @@ async def start_inference_service(
     observer: Optional[GenerateObserver] = None,
     *,
     api_keys: Sequence[str] = (),
+    admin_keys: Sequence[str] = (),
     max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
     front_token: Optional[str] = None,
     unix_path: Optional[str] = None,
     tls: Optional[grpc.ServerCredentials] = None,
     puller: Optional[ModelPuller] = None,
+    models: Optional["ModelManagement"] = None,
 ) -> RunningService:
     """Start the gRPC server; port 0 picks a free port, returned in the result.
 
     ``api_keys``: when any, InferenceService calls need ``authorization:
-    Bearer <key>``.  ``max_message_bytes``: the largest message received or
+    Bearer <key>``; ``admin_keys`` are valid too, and the only keys the
+    model-management methods take (``mlxgate.admin``).  ``max_message_bytes``: the largest message received or
     sent (larger ones end RESOURCE_EXHAUSTED).  ``front_token``: the token the
     in-process HTTP front sends, admitted while draining.  ``unix_path``:
     also listen on this Unix-domain socket (``mlxgate serve --workers``: the
@@ -443,9 +585,11 @@ async def start_inference_service(
     credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).
     ``puller``: serves PullModel (``backends.models.pull.Puller``).  A
     port that cannot be bound raises ``mlxgate.ports.BindError``
-    (``PortInUse`` when taken).
+    (``PortInUse`` when taken).  ``models``: the model management the
+    copy/delete/create/blob methods use (``backends.models.manage``); None:
+    they answer UNIMPLEMENTED.
     """
-    gate = Gate(api_keys, front_token)
+    gate = Gate(api_keys, front_token, admin_keys)
     server = grpc.aio.server(
         interceptors=[GateInterceptor(gate)],
         options=[
@@ -462,7 +606,7 @@ async def start_inference_service(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    handlers = method_handlers(InferenceServicer(backend, observer, puller), gate)
+    handlers = method_handlers(InferenceServicer(backend, observer, puller, models), gate)
     server.add_generic_rpc_handlers((_generic_handler(handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

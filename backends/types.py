@@ -748,6 +748,11 @@ class ModelShow:
     capabilities: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     license: str = ""
+    #: A managed model's own settings (``backends.models``).
+    system: str = ""
+    parameters: Sampling = field(default_factory=Sampling)
+    messages: list[Message] = field(default_factory=list)
+    parent_model: str = ""
 
     def to_pb(self) -> pb.ShowModelResponse:
         return pb.ShowModelResponse(
@@ -757,6 +762,10 @@ class ModelShow:
             capabilities=[_CAP_TO_PB[c] for c in self.capabilities if c in _CAP_TO_PB],
             config_json=json.dumps(self.config),
             license=self.license,
+            system=self.system,
+            parameters=self.parameters.to_pb(),
+            messages=[m.to_pb() for m in self.messages],
+            parent_model=self.parent_model,
         )
 
     @classmethod
@@ -772,6 +781,10 @@ class ModelShow:
             capabilities=[_PB_TO_CAP[c] for c in m.capabilities if c in _PB_TO_CAP],
             config=config,
             license=m.license,
+            system=m.system,
+            parameters=Sampling.from_pb(m.parameters),
+            messages=[Message.from_pb(x) for x in m.messages],
+            parent_model=m.parent_model,
         )
 
 

@@ -39,7 +39,9 @@ from gateway.responses.store import FILENAME as RESPONSES_FILENAME
 from gateway.responses.store import ResponseStore
 from gateway.security import TrustGuard
 from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
+from mlxgate.admin import admin_keys
 from mlxgate.config import ServerConfig
+from mlxgate.exposure import effective_keys
 from mlxgate.limits import MAX_MESSAGES
 from mlxgate.memory import trim_after_large
 
@@ -111,7 +113,8 @@ def _client_ctx(
         c = InferenceClient.connect(
             grpc_target,
             server_cfg.request_timeout,
-            api_key=server_cfg.api_keys[0] if server_cfg.api_keys else None,
+            api_key=next(iter(effective_keys(server_cfg)), None),
+            admin_key=next(iter(admin_keys(server_cfg)), None),
             max_message_bytes=server_cfg.grpc_max_message_bytes,
             front_token=front_token,
             local_stub=local_stub,

@@ -135,14 +135,18 @@ class InferenceClient:
         timeout: float,
         metadata: Sequence[tuple[str, str]] = (),
         stub: Any = None,
+        admin_metadata: Optional[Sequence[tuple[str, str]]] = None,
     ) -> None:
         """``stub``: an object with the service's methods, called as
         ``InferenceServiceStub``'s are (the in-process service's local stub);
-        default: the generated stub over ``channel``."""
+        default: the generated stub over ``channel``.  ``admin_metadata``:
+        what the model-management calls carry instead of ``metadata`` (the
+        front's admin key); default ``metadata``."""
         self.channel = channel
         self.stub = stub if stub is not None else pb_grpc.InferenceServiceStub(channel)
         self.timeout = timeout
         self._metadata = tuple(metadata)
+        self._admin_metadata = tuple(metadata if admin_metadata is None else admin_metadata)
         self._streams: "weakref.WeakSet[GenerateStream]" = weakref.WeakSet()
         self._unary: dict[grpc.aio.UnaryUnaryCall, bool] = {}  # running call -> ended by end_calls()
 
@@ -153,13 +157,16 @@ class InferenceClient:
         timeout: float,
         *,
         api_key: Optional[str] = None,
+        admin_key: Optional[str] = None,
         max_message_bytes: int = ServerConfig.grpc_max_message_bytes,
         front_token: Optional[str] = None,
         local_stub: Any = None,
         tls_ca: str = "",
     ) -> "InferenceClient":
         """A client on a new channel.  ``api_key``: sent as ``authorization:
-        Bearer``; ``front_token``: the in-process service's drain pass;
+        Bearer``; ``admin_key``: sent instead on the model-management calls
+        (the trust guard lets only admin callers reach them);
+        ``front_token``: the in-process service's drain pass;
         ``tls_ca``: a PEM file of roots: the channel uses TLS, checked against them;
         ``local_stub``: the in-process service's stub, called instead of a
         channel to ``target`` (``backends.local``)."""
@@ -168,14 +175,17 @@ class InferenceClient:
             metadata.append(("authorization", f"Bearer {api_key}"))
         if front_token:
             metadata.append((FRONT_TOKEN_KEY, front_token))
+        admin = metadata
+        if admin_key:
+            admin = [("authorization", f"Bearer {admin_key}"), *(kv for kv in metadata if kv[0] != "authorization")]
         if local_stub is not None:
-            return cls(None, timeout, metadata, stub=local_stub)
+            return cls(None, timeout, metadata, stub=local_stub, admin_metadata=admin)
         options = channel_options(max_message_bytes)
         if tls_ca:
             channel = grpc.aio.secure_channel(target, channel_credentials(tls_ca, "server.grpc_tls_ca"), options)
         else:
             channel = grpc.aio.insecure_channel(target, options=options)
-        return cls(channel, timeout, metadata)
+        return cls(channel, timeout, metadata, admin_metadata=admin)
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -250,3 +260,36 @@ class InferenceClient:
 
     async def unload_model(self, model: str, request_id: str) -> pb.UnloadModelResponse:
         return await self._unary_call(self.stub.UnloadModel, pb.UnloadModelRequest(model=model), request_id)
+
+    # ---------------------------------------------------------------- model management (the admin key)
+
+    def _admin_md(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        return (("x-request-id", request_id), *self._admin_metadata)
+
+    def _admin_call(self, method: Any, req: Any, request_id: str) -> Awaitable[Any]:
+        return self._call(method(req, timeout=self.timeout, metadata=self._admin_md(request_id)))
+
+    async def copy_model(self, source: str, destination: str, request_id: str) -> pb.CopyModelResponse:
+        req = pb.CopyModelRequest(source=source, destination=destination)
+        return await self._admin_call(self.stub.CopyModel, req, request_id)
+
+    async def delete_model(self, model: str, request_id: str) -> pb.DeleteModelResponse:
+        return await self._admin_call(self.stub.DeleteModel, pb.DeleteModelRequest(model=model), request_id)
+
+    def create_model(self, req: pb.CreateModelRequest, request_id: str) -> Any:
+        """The progress stream (``read()`` each ``pb.CreateModelProgress``, then
+        ``grpc.aio.EOF``); the caller cancels it when done."""
+        return self.stub.CreateModel(req, timeout=self.timeout, metadata=self._admin_md(request_id))
+
+    async def has_blob(self, digest: str, request_id: str) -> pb.HasBlobResponse:
+        return await self._admin_call(self.stub.HasBlob, pb.HasBlobRequest(digest=digest), request_id)
+
+    async def create_blob(self, digest: str, chunks: AsyncIterator[bytes], request_id: str) -> pb.CreateBlobResponse:
+        """Upload a blob: one message per chunk, the digest in each."""
+
+        async def messages() -> AsyncIterator[pb.CreateBlobRequest]:
+            async for data in chunks:
+                yield pb.CreateBlobRequest(digest=digest, data=data)
+
+        return await self._call(self.stub.CreateBlob(messages(), timeout=self.timeout,
+                                                     metadata=self._admin_md(request_id)))

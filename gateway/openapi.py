@@ -30,10 +30,11 @@ _ERRORS = {"ollama": ollama.Error, "openai": openai.Error, "anthropic": anthropi
 
 #: Why each status may be answered (the error table: docs/architecture.md, "Errors").
 _STATUS_TEXT = {
+    201: "created (a blob stored that was not there)",
     400: "invalid request: malformed JSON, a wrong type, a value outside the dialect's or the contract's bounds "
          "(the message names the field), or a prompt beyond the model's context",
     401: "missing or wrong API key (when keys are configured)",
-    403: "refused Host or Origin",
+    403: "refused Host or Origin, or (model management) a key that is not an admin key",
     404: "unknown model",
     408: "the request body did not arrive within http_body_timeout",
     413: "request body too large",
@@ -243,7 +244,7 @@ def _operation(r: Route, s: _Schemas) -> S:
     for status in _statuses(r, dialect):
         extra = ["Retry-After"] if status in (429, 503, 529) else []
         resp: S = {"description": _STATUS_TEXT[status], "headers": _headers(extra)}
-        if not head:
+        if not head and status >= 400:
             resp["content"] = error
         responses[str(status)] = resp
     op: S = {

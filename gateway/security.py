@@ -31,6 +31,10 @@ without ever reading the request body:
    key, configured or presented, is ever logged or echoed.  The accepted
    key's digest is left on the request (``state.CALLER_KEY``) for handlers
    that keep what a key stores private to it (the Responses API's store).
+5. **Admin keys**.  With keys set, the model-management routes
+   (``mlxgate.admin``: pull, push, create, copy, delete, blobs) need one of
+   ``admin_keys``; any other valid key gets 403.  Admin keys are valid on
+   every route.
 
 Refusals are ``ApiError`` rendered by ``error_response``: the caller's dialect
 (``{"error": "..."}`` on ``/api/*`` and ``/``; ``{"error": {"message", "type",
@@ -64,6 +68,7 @@ from aiohttp import hdrs, web
 
 from gateway.errors import ApiError, error_response, from_http, request_dialect
 from gateway.state import BACKEND_HEADER, CALLER_KEY, REQUEST_ID_HEADER
+from mlxgate.admin import NEEDS_ADMIN, admin_keys, is_admin_path
 from mlxgate.config import ServerConfig
 from mlxgate.exposure import effective_keys, is_loopback
 
@@ -126,12 +131,6 @@ EXPOSE_HEADERS = ", ".join((REQUEST_ID_HEADER, BACKEND_HEADER, "Retry-After"))
 #: How long a browser may reuse a preflight answer (Chromium caps it at 2 h).
 PREFLIGHT_MAX_AGE = "7200"
 PREFLIGHT_VARY = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
-
-#: Routes that change which models exist (issue 17).  With API keys set they
-#: are to need an admin key (MLXGATE_ADMIN_KEYS), which the guard does not yet
-#: know: this set is where it looks once it does.  (gRPC: backends/gate.py,
-#: MODEL_MANAGEMENT_METHODS.)
-MODEL_MANAGEMENT_ROUTES = frozenset({("POST", "/api/pull")})
 
 #: Longest piece of a refused Host/Origin value quoted back in a 403.
 _QUOTE_MAX = 100
@@ -209,6 +208,7 @@ class TrustGuard:
         self.host_suffixes = tuple(n[1:] for n in names if n.startswith("*.")) + (".localhost",)
         self.origins = OriginMatcher((*DEFAULT_ORIGINS, *cfg.origins))
         self._key_digests = tuple(_digest(k) for k in effective_keys(cfg))
+        self._admin_digests = tuple(_digest(k) for k in admin_keys(cfg))
         self.metrics_public = cfg.metrics_public
 
     @property
@@ -257,6 +257,13 @@ class TrustGuard:
             if ok and matched is None:
                 matched = digest
         return matched is not None, matched
+
+    def is_admin(self, digest: bytes) -> bool:
+        """Whether an accepted key's digest is an admin key's (every one compared)."""
+        ok = False
+        for known in self._admin_digests:
+            ok |= hmac.compare_digest(digest, known)
+        return ok
 
     def _needs_key(self, request: web.Request) -> bool:
         path = request.path
@@ -316,6 +323,9 @@ class TrustGuard:
                     "missing API key" if valid is None else "wrong API key",
                 )
             assert digest is not None
+            if is_admin_path(request.path) and not self.is_admin(digest):
+                return self._refuse(request, ApiError(403, NEEDS_ADMIN, code="admin_key_required"),
+                                    "not an admin key")
             request[CALLER_KEY] = digest
         return await handler(request)
 

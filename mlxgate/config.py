@@ -96,6 +96,11 @@ class ServerConfig:
     #: needs one (``Authorization: Bearer <key>`` or ``x-api-key``), and every
     #: InferenceService gRPC method needs ``authorization: Bearer <key>``.
     api_keys: list[str] = field(default_factory=list, repr=False)
+    #: Admin keys: valid wherever an API key is, and the only keys that may
+    #: manage models (pull, create, copy, delete, blobs, push) once any key is
+    #: set (``mlxgate/admin.py``).  Setting only admin keys also makes every
+    #: route but ``GET /`` need a key.
+    admin_keys: list[str] = field(default_factory=list, repr=False)
     #: Serve /metrics without a key even when keys are set.
     metrics_public: bool = False
     #: Start on a non-loopback address with no keys (refused otherwise).
@@ -372,6 +377,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_REQUEST_TIMEOUT": ("server", "request_timeout"),
     "MLXGATE_METRICS_PORT": ("server", "metrics_port"),
     "MLXGATE_API_KEYS": ("server", "api_keys"),
+    "MLXGATE_ADMIN_KEYS": ("server", "admin_keys"),
     "MLXGATE_METRICS_PUBLIC": ("server", "metrics_public"),
     "MLXGATE_ALLOW_UNAUTHENTICATED": ("server", "allow_unauthenticated"),
     "MLXGATE_ALLOWED_HOSTS": ("server", "allowed_hosts"),

@@ -19,7 +19,8 @@ own first API key (``server.api_keys``), so a fleet sharing one key needs it
 set once.
 
 ``build_puller``: what pulls models (``backends/models/pull.py``) into the
-MLX engine's store, with the catalog and the ``[hub]`` section.
+MLX engine's store, with the catalog and the ``[hub]`` section; ``build_model_management``:
+copy, delete, create and blobs (``backends/models/manage.py``) over the same store.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from backends.base import Backend
 from backends.cloud import cloud_backend
 from backends.models.catalog import Catalog
 from backends.models.hub import HubClient
+from backends.models.manage import ModelManagement
 from backends.models.pull import PullObserver, Puller
 from backends.ollama import OllamaBackend
 from backends.remote import RemoteBackend
@@ -72,11 +74,13 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
     return backends
 
 
-def build_puller(config: Config, router: Router, observer: Optional[PullObserver] = None) -> Optional[Puller]:
+def build_puller(config: Config, router: Router, observer: Optional[PullObserver] = None,
+                 models: Optional[ModelManagement] = None) -> Optional[Puller]:
     """``pull``'s worker (PullModel, /api/pull) over the MLX engine's store;
-    None without the MLX engine (a pulled model would have nothing to run it)."""
-    mlx = router.mlx_backend
-    registry = getattr(mlx, "registry", None)
+    None without the MLX engine (a pulled model would have nothing to run it).
+    A finished pull refreshes ``models`` (its settings cache, the registry,
+    the router's lists)."""
+    registry = getattr(router.mlx_backend, "registry", None)
     if registry is None:
         return None
 
@@ -85,7 +89,16 @@ def build_puller(config: Config, router: Router, observer: Optional[PullObserver
         router.invalidate_model_lists()
 
     return Puller(registry.store, HubClient(config.hub), Catalog(config.catalog), config.hub,
-                  on_change=changed, observer=observer)
+                  on_change=models.refresh if models is not None else changed, observer=observer)
+
+
+def build_model_management(router: Router) -> Optional[ModelManagement]:
+    """Copy, delete, create and blobs over the MLX engine's store; None without
+    the MLX engine."""
+    registry = getattr(router.mlx_backend, "registry", None)
+    if registry is None:
+        return None
+    return ModelManagement(registry, changed=router.invalidate_model_lists)
 
 
 def build_router(

@@ -98,6 +98,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "MLXGATE_API_KEYS, comma-separated"),
     )
     p.add_argument(
+        "--admin-key",
+        action="append",
+        dest="admin_keys",
+        metavar="KEY",
+        help=_described("a key that may also manage models (pull, create, copy, delete); repeat for several",
+                        "MLXGATE_ADMIN_KEYS, comma-separated"),
+    )
+    p.add_argument(
         "--allow-unauthenticated",
         action="store_true",
         default=None,
@@ -199,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "mlx.models_dir": args.models_dir,
         "ollama.upstream": args.ollama_upstream,
         "server.api_keys": args.api_keys,
+        "server.admin_keys": getattr(args, "admin_keys", None),
         "server.allow_unauthenticated": args.allow_unauthenticated,
         "server.data_dir": args.data_dir,
         "mlx.distributed": args.distributed,

@@ -105,11 +105,10 @@ class Stack:
         service together) or "service" (``mlxgate service``, or the parent of
         ``serve --workers``).  ``unix_path``: also listen there (the workers'
         channel); ``other_memory``: the workers' memory, by process label."""
-        from mlxgate_cli.factory import build_puller, build_router
+        from mlxgate_cli.factory import build_model_management, build_puller, build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
         self.router = build_router(self.config, env, observer=self.service_metrics)
-        self.puller = build_puller(self.config, self.router, observer=PullMetrics(self.registry))
         self.service_metrics.init_backends([b.name for b in self.router.backends], self.router.fallback_orders())
         await self.router.start()  # remote services' health watches
         mlx = self.router.mlx_backend
@@ -119,6 +118,10 @@ class Stack:
             MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None, other_memory)
         )
         self.registry.register(BackendCollector(self.router))
+        models = build_model_management(self.router)
+        if models is not None:
+            await models.start()
+        self.puller = build_puller(self.config, self.router, observer=PullMetrics(self.registry), models=models)
         cfg = self.config.server
         self.service = await start_inference_service(
             self.router,
@@ -126,11 +129,13 @@ class Stack:
             port=cfg.grpc_port,
             observer=self.service_metrics,
             api_keys=cfg.api_keys,
+            admin_keys=cfg.admin_keys,
             max_message_bytes=cfg.grpc_max_message_bytes,
             front_token=self.front_token,
             unix_path=unix_path,
             tls=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key) if cfg.grpc_tls_cert else None,
             puller=self.puller,
+            models=models,
         )
         if mlx is not None and getattr(mlx, "cluster", None) is not None:
             self._watch_cluster(mlx)

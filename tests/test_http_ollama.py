@@ -159,14 +159,20 @@ async def test_unknown_model_is_404(stack):
                 assert set(d) == {"error"} and "no-such-model" in d["error"]
 
 
-async def test_model_management_is_501_with_help(stack):
+async def test_push_is_501_with_help_and_a_service_without_models_says_so(stack):
+    """The session's service is built without model management (no MLX store
+    given): create, copy, delete and blobs answer 501 naming why; push is 501
+    by design (pull there goes to an empty fake hub: tests/test_model_pull.py).
+    The managing service: tests/test_model_manage.py."""
     async with aiohttp.ClientSession() as s:
-        for method, path in (
-            ("POST", "/api/push"), ("POST", "/api/create"), ("POST", "/api/copy"),
-            ("DELETE", "/api/delete"), ("POST", "/api/blobs/sha256:abc"),
+        for method, path, body, needle in (
+            ("POST", "/api/push", {"model": "x"}, "does not push"),
+            ("POST", "/api/create", {"model": "x", "from": "y"}, "manages no models"),
+            ("POST", "/api/copy", {"source": "x", "destination": "y"}, "manages no models"),
+            ("DELETE", "/api/delete", {"model": "x"}, "manages no models"),
         ):
-            async with s.request(method, stack.base + path, json={"model": "x"}) as r:
+            async with s.request(method, stack.base + path, json=body) as r:
                 assert r.status == 501, path
-                assert "models directory" in (await r.json())["error"]
-        async with s.head(stack.base + "/api/blobs/sha256:abc") as r:
+                assert needle in (await r.json())["error"]
+        async with s.head(stack.base + "/api/blobs/sha256:" + "a" * 64) as r:
             assert r.status == 501

@@ -95,7 +95,7 @@ class MLXBackend:
 
     @property
     def registry(self) -> ModelRegistry:
-        """The models on disk; ``registry.store`` holds the managed (pulled) ones."""
+        """The models on disk; ``registry.store`` holds the managed ones (pulled, created, copied)."""
         return self._registry
 
     @property

@@ -72,9 +72,17 @@ class LoadedModel:
 
 
 def _load_files(entry: ModelEntry):
+    """mlx-lm's load of the folder; a managed model's LoRA adapter applied
+    (``adapter_path``) and its own chat template set on the tokenizer."""
     from mlx_lm.utils import load
 
-    return load(str(entry.path))
+    model, tokenizer = load(str(entry.path), adapter_path=str(entry.adapter) if entry.adapter else None)
+    stored = entry.stored
+    if stored is not None and stored.template:
+        tokenizer._tokenizer.chat_template = stored.template
+        tokenizer._chat_template = None  # a model's own renderer would win over the template
+        tokenizer.has_chat_template = True
+    return model, tokenizer
 
 
 class ModelManager:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from backends.errors import ModelNotFound
+from backends.models.settings import with_settings
 from backends.models.store import STORE_DIRNAME, ModelStore, StoredModel
 from backends.types import ModelDetails, ModelInfo, ModelShow
 from mlxgate.config import MLXConfig
@@ -51,6 +52,8 @@ class ModelEntry:
     source: str  # "dir", "store" or "hf"
     #: The manifest of a managed model (its settings, adapters); None otherwise.
     stored: Optional[StoredModel] = field(default=None, compare=False, hash=False)
+    #: A managed model's LoRA adapter folder (mlx-lm's ``adapter_path``), applied at load.
+    adapter: Optional[Path] = field(default=None, compare=False, hash=False)
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -181,8 +184,9 @@ class ModelRegistry:
         out = []
         for m in self.store.all():
             path = self.store.snapshot_path(m.snapshot)
-            if has_weights(path):
-                out.append(ModelEntry(m.name, path, "store", m))
+            adapter = self.store.snapshot_path(m.adapters[0]) if m.adapters else None
+            if has_weights(path) and (adapter is None or adapter.is_dir()):
+                out.append(ModelEntry(m.name, path, "store", m, adapter))
             else:
                 log.warning("managed model %s: snapshot %s missing or incomplete; not listed", m.name, m.snapshot)
         return out
@@ -315,6 +319,8 @@ class ModelRegistry:
     def show(self, entry: ModelEntry) -> ModelShow:
         config = _read_json(entry.path / "config.json")
         template = chat_template_of(entry.path)
+        if entry.stored is not None and entry.stored.template:
+            template = entry.stored.template
         markers = _vocab_markers(entry.path)
         tok_cfg = _read_json(entry.path / "tokenizer_config.json")
         caps = ["completion"]
@@ -334,7 +340,7 @@ class ModelRegistry:
                 except OSError:
                     pass
                 break
-        return ModelShow(
+        show = ModelShow(
             info=self.info(entry),
             chat_template=template,
             context_length=context_length_of(config),
@@ -342,3 +348,4 @@ class ModelRegistry:
             config=config,
             license=license_text,
         )
+        return with_settings(show, entry.stored) if entry.stored is not None else show

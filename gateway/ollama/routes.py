@@ -1,8 +1,8 @@
 """Ollama REST routes: thin handlers over ``translate`` and the inference client.
 
-``/api/pull`` downloads a model through the service's PullModel.  The rest
-of model management (push, create, copy, delete, blobs) is answered with 501
-and a message saying how models get here.  No file path is ever built from
+``/api/pull`` downloads a model through the service's PullModel; the rest of
+model management (create, copy, delete, blobs; push refused with 501) has its
+handlers in ``gateway/ollama/manage.py``.  No file path is ever built from
 request data.
 """
 
@@ -17,6 +17,7 @@ from gateway import overhead
 from gateway.common import duration, first_event, is_done
 from gateway.errors import ApiError, adapt, ollama_body
 from gateway.fields import read_json
+from gateway.ollama import manage
 from gateway.ollama import translate as tr
 from gateway.render import json_response
 from gateway.routing import Route
@@ -24,14 +25,9 @@ from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, backend_header, client, request_id
 from gateway.streaming import NDJSON, ndjson_frame, open_stream, pump, with_first
 from mlxgate.dialects import ollama as wire
+from mlxgate.dialects import ollama_manage as mwire
 from mlxgate.v1 import inference_pb2 as pb
 
-MODEL_MANAGEMENT_HELP = (
-    "mlxgate does not push, create, copy or delete models. To add a model, pull it (POST /api/pull), put an "
-    "MLX model folder (config.json, *.safetensors, tokenizer files) in the models directory (mlx.models_dir, "
-    "env MLXGATE_MODELS_DIR), or configure an upstream Ollama (ollama.upstream, env OLLAMA_UPSTREAM) "
-    "and manage models there."
-)
 
 
 async def root(request: web.Request) -> web.Response:
@@ -181,8 +177,24 @@ async def pull(request: web.Request) -> web.StreamResponse:
         stream.cancel()
 
 
-async def unsupported(request: web.Request) -> web.Response:
-    raise ApiError(501, f"{request.path}: {MODEL_MANAGEMENT_HELP}")
+
+def manage_routes() -> list[Route]:
+    """Model management: pull (here), the rest in ``gateway/ollama/manage.py``."""
+    progress = "NDJSON progress lines (stream, the default) or the last one (stream=false)"
+    return [
+        Route("POST", "/api/pull", pull, "Pull a model", body=wire.PullRequest, answer=wire.ProgressResponse,
+              stream="ndjson", stream_item=wire.ProgressResponse,
+              description="From the Hugging Face Hub (HF_ENDPOINT): a catalog name, hf.co/<owner>/<repo>[:<revision>] "
+                          "or <owner>/<repo>[:<revision>]. " + _ANSWERED),
+        Route("POST", "/api/push", manage.push, "Push a model (unsupported)", unsupported=True,
+              description=manage.PUSH_HELP),
+        Route("POST", "/api/create", manage.create, "Create a model", body=mwire.CreateRequest,
+              answer=mwire.Progress, stream="ndjson", stream_item=mwire.Progress, description=progress),
+        Route("POST", "/api/copy", manage.copy, "Copy a model", body=mwire.CopyRequest),
+        Route("DELETE", "/api/delete", manage.delete, "Delete a model", body=mwire.DeleteRequest),
+        Route("HEAD", "/api/blobs/{digest}", manage.head_blob, "Check a blob", statuses=(404,)),
+        Route("POST", "/api/blobs/{digest}", manage.post_blob, "Push a blob", statuses=(201,)),
+    ]
 
 
 _ANSWERED = "NDJSON lines (stream, the default) or one JSON object (stream=false)"
@@ -205,21 +217,7 @@ ROUTES: list[Route] = [
     Route("HEAD", "/api/tags", tags, "List models"),
     Route("POST", "/api/show", show, "Show model information", body=wire.ShowRequest, answer=wire.ShowResponse),
     Route("GET", "/api/ps", ps, "List running models", answer=wire.PsResponse),
-    Route("POST", "/api/pull", pull, "Pull a model", body=wire.PullRequest, answer=wire.ProgressResponse,
-          stream="ndjson", stream_item=wire.ProgressResponse,
-          description="From the Hugging Face Hub (HF_ENDPOINT): a catalog name, hf.co/<owner>/<repo>[:<revision>] "
-                      "or <owner>/<repo>[:<revision>]. " + _ANSWERED),
-    *(
-        Route(method, path, unsupported, summary, unsupported=True, description=MODEL_MANAGEMENT_HELP)
-        for method, path, summary in (
-            ("POST", "/api/push", "Push a model (unsupported)"),
-            ("POST", "/api/create", "Create a model (unsupported)"),
-            ("POST", "/api/copy", "Copy a model (unsupported)"),
-            ("DELETE", "/api/delete", "Delete a model (unsupported)"),
-            ("HEAD", "/api/blobs/{digest}", "Check a blob (unsupported)"),
-            ("POST", "/api/blobs/{digest}", "Push a blob (unsupported)"),
-        )
-    ),
+    *manage_routes(),
 ]
 
 

@@ -429,6 +429,9 @@ class ShowResponse(TypedDict):
     modelfile: str
     parameters: str
     template: str
+    #: A created model's system message and leading messages.
+    system: NotRequired[str]
+    messages: NotRequired[list[dict[str, str]]]
     details: Details
     model_info: dict[str, Any]
     capabilities: list[str]

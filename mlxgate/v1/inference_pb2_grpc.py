@@ -96,6 +96,31 @@ class InferenceServiceStub:
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.CopyModel = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/CopyModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/DeleteModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.CreateModel = channel.unary_stream(
+                '/mlxgate.v1.InferenceService/CreateModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelProgress.FromString,
+                _registered_method=True)
+        self.HasBlob = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/HasBlob',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobResponse.FromString,
+                _registered_method=True)
+        self.CreateBlob = channel.stream_unary(
+                '/mlxgate.v1.InferenceService/CreateBlob',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobResponse.FromString,
+                _registered_method=True)
         self.CountTokens = channel.unary_unary(
                 '/mlxgate.v1.InferenceService/CountTokens',
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
@@ -184,8 +209,55 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyModel(self, request, context):
+        """---- Model management (model-manage).  When keys are set these need an
+        admin key (PERMISSION_DENIED otherwise; mlxgate/admin.py).  Names are
+        data: up to three '/'-separated parts of letters, digits, '.', '-', '_'
+        and an optional ':tag', at most 256 characters (INVALID_ARGUMENT else).
+        A second name for a model (a managed one, a folder in the models
+        directory or a Hugging Face cache entry); no weights are copied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Remove a managed name; its files go when no other name uses them.  A
+        model created from it keeps working.  NOT_FOUND if absent;
+        FAILED_PRECONDITION for a folder the user placed (never deleted here).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModel(self, request, context):
+        """A new managed model from an existing one or from uploaded blobs, with
+        its settings (system, template, parameters, messages, license,
+        adapters, quantization); progress in Ollama's statuses, "success" last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HasBlob(self, request, context):
+        """Whether a blob (a file uploaded for CreateModel's files or adapters) is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBlob(self, request_iterator, context):
+        """Upload one blob: the first message names its digest, every message
+        carries the next bytes.  Bytes that do not match the digest are
+        INVALID_ARGUMENT and nothing is kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CountTokens(self, request, context):
-        """Tokens the request's input would take: the prompt as Generate would
+        """---- end of model management (model-manage).
+        Tokens the request's input would take: the prompt as Generate would
         build it (chat template, tools, system, think), not generated.  Checked
         as Generate checks it.  A backend that cannot count (an upstream Ollama,
         an OpenAI-compatible cloud) answers UNIMPLEMENTED and the router tries
@@ -255,6 +327,31 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'CopyModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'CreateModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelProgress.SerializeToString,
+            ),
+            'HasBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.HasBlob,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobResponse.SerializeToString,
+            ),
+            'CreateBlob': grpc.stream_unary_rpc_method_handler(
+                    servicer.CreateBlob,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobResponse.SerializeToString,
             ),
             'CountTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.CountTokens,
@@ -483,6 +580,141 @@ class InferenceService:
             '/mlxgate.v1.InferenceService/UnloadModel',
             mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
             mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/CopyModel',
+            mlxgate_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/DeleteModel',
+            mlxgate_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/CreateModel',
+            mlxgate_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CreateModelProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HasBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/HasBlob',
+            mlxgate_dot_v1_dot_inference__pb2.HasBlobRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.HasBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBlob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mlxgate.v1.InferenceService/CreateBlob',
+            mlxgate_dot_v1_dot_inference__pb2.CreateBlobRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CreateBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,43 @@
+"""Who may manage models: the one list of model-management gRPC methods and HTTP routes.
+
+Without any key configured, everything is open (Ollama on loopback).  With
+keys set, listing, showing and inference need any configured key, and the
+operations below need an **admin key** (``server.admin_keys``,
+``MLXGATE_ADMIN_KEYS``, ``--admin-key``).  The gRPC gate
+(``backends/gate.py``) checks the methods, the HTTP trust guard
+(``gateway/security.py``) the routes; both read them from here, so a new
+management operation is added once.  Admin keys are keys too: they are valid
+for everything a plain key may do.
+"""
+
+from __future__ import annotations
+
+from mlxgate.config import ServerConfig
+
+#: InferenceService methods that change what models exist.
+ADMIN_METHODS = frozenset({"PullModel", "CreateModel", "CopyModel", "DeleteModel", "CreateBlob", "HasBlob"})
+
+#: HTTP paths (any method) of the same operations; push is refused (501) but
+#: still needs an admin key, as Ollama's management routes do.
+ADMIN_PATHS = frozenset({"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete"})
+ADMIN_PREFIXES = ("/api/blobs/",)
+
+#: What a non-admin key is told (403 / PERMISSION_DENIED).
+NEEDS_ADMIN = (
+    "forbidden: managing models (pull, create, copy, delete, blobs, push) needs an admin key "
+    "(MLXGATE_ADMIN_KEYS or --admin-key)"
+)
+
+
+def is_admin_method(method: str) -> bool:
+    """``method``: the bare name ("CopyModel") or the full gRPC path."""
+    return method.rpartition("/")[2] in ADMIN_METHODS
+
+
+def is_admin_path(path: str) -> bool:
+    return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
+
+
+def admin_keys(server: ServerConfig) -> list[str]:
+    """The configured admin keys, blanks removed, empty ones dropped."""
+    return [k.strip() for k in server.admin_keys if k.strip()]
