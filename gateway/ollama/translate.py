@@ -17,6 +17,8 @@ Ollama's do, while gRPC and the OpenAI dialect keep plain names.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Optional, Union
@@ -33,6 +35,8 @@ from mlxgate.v1 import inference_pb2 as pb
 
 #: Version reported by GET /api/version.
 OLLAMA_COMPAT_VERSION = wire.VERSION
+
+log = logging.getLogger(__name__)
 
 _ROLE = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
 
@@ -62,6 +66,10 @@ def sampling(opts: Optional[wire.Options]) -> pb.SamplingParams:
         v = getattr(opts, option)
         if v is None or (field == "seed" and v < 0):
             continue  # a negative seed is random
+        if field == "num_ctx" and v < wire.MIN_NUM_CTX:
+            # Ollama's scheduler raises a smaller context to its minimum.
+            log.warning("options.num_ctx %d is below the minimum context: using num_ctx %d", v, wire.MIN_NUM_CTX)
+            v = wire.MIN_NUM_CTX
         # A negative num_predict (Ollama's -1 and -2) is "no limit": until a
         # stop or the context is full, whatever the server's default.
         setattr(s, field, max(v, -1) if field == "max_tokens" else v)
@@ -125,20 +133,37 @@ def generate_request(data: dict[str, Any]) -> Parsed:
     return Parsed(r.model, req, stream, keep_alive, load_only=not r.prompt)
 
 
+@functools.lru_cache(maxsize=1)
+def _note_dropped_call() -> None:
+    """Logged once per process: a client replays the same history every turn."""
+    log.warning("/api/chat: dropping assistant tool calls without a function or a function name from the "
+                "history (logged once)")
+
+
+def _history_calls(m: wire.Message) -> list[pb.ToolCall]:
+    """The calls of an assistant's history that can be kept: one without a function or
+    a name was the model's doing earlier, so it is dropped, not refused (as Ollama)."""
+    out = []
+    for j, c in enumerate(m.tool_calls or ()):
+        f = c.function
+        if f is None or not f.name:
+            _note_dropped_call()
+            continue
+        out.append(pb.ToolCall(
+            id=c.id or "",
+            name=f.name,
+            arguments_json=jsonutil.dumps(f.arguments or {}),
+            index=j if f.index is None else f.index,
+        ))
+    return out
+
+
 def message_pb(m: wire.Message) -> pb.ChatMessage:
     return pb.ChatMessage(
         role=_ROLE[m.role],
         content=m.content or "",
         images=m.images or (),
-        tool_calls=[
-            pb.ToolCall(
-                id=c.id or "",
-                name=c.function.name,
-                arguments_json=jsonutil.dumps(c.function.arguments or {}),
-                index=j if c.function.index is None else c.function.index,
-            )
-            for j, c in enumerate(m.tool_calls or ())
-        ],
+        tool_calls=_history_calls(m),
         tool_name=m.tool_name or "",
         thinking=m.thinking or "",
     )
