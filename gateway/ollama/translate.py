@@ -27,7 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from gateway.common import check_done, duration, finish_of, parse, rfc3339, time_of, tools_pb
 from gateway.errors import bad_request
-from mlxgate import jsonutil
+from mlxgate import jsonutil, limits
 from mlxgate.dialects import ollama as wire
 from mlxgate.dialects.base import produced_arguments, wire_error
 from mlxgate.names import tagged
@@ -140,11 +140,17 @@ def _note_dropped_call() -> None:
                 "history (logged once)")
 
 
-def _history_calls(m: wire.Message) -> list[pb.ToolCall]:
+def _history_calls(m: wire.Message, i: int) -> list[pb.ToolCall]:
     """The calls of an assistant's history that can be kept: one without a function or
-    a name was the model's doing earlier, so it is dropped, not refused (as Ollama)."""
+    a name was the model's doing earlier, so it is dropped, not refused (as Ollama).
+    The contract's count applies to what the caller sent, so it is checked here, before
+    dropping, in the service's words (the service sees only the calls kept)."""
+    calls = m.tool_calls or ()
+    if len(calls) > limits.MAX_TOOL_CALLS:
+        raise bad_request(f"messages[{i}].tool_calls: at most {limits.MAX_TOOL_CALLS} allowed, got {len(calls)}",
+                          param=f"messages[{i}].tool_calls")
     out = []
-    for j, c in enumerate(m.tool_calls or ()):
+    for j, c in enumerate(calls):
         f = c.function
         if f is None or not f.name:
             _note_dropped_call()
@@ -158,12 +164,12 @@ def _history_calls(m: wire.Message) -> list[pb.ToolCall]:
     return out
 
 
-def message_pb(m: wire.Message) -> pb.ChatMessage:
+def message_pb(m: wire.Message, i: int) -> pb.ChatMessage:
     return pb.ChatMessage(
         role=_ROLE[m.role],
         content=m.content or "",
         images=m.images or (),
-        tool_calls=_history_calls(m),
+        tool_calls=_history_calls(m, i),
         tool_name=m.tool_name or "",
         thinking=m.thinking or "",
     )
@@ -173,7 +179,7 @@ def chat_request(data: dict[str, Any]) -> Parsed:
     r = parse(wire.ChatRequest, data, "/api/chat")
     req = pb.GenerateRequest(model=r.model, tools=tools_pb(r.tools))
     req.chat.SetInParent()
-    req.chat.messages.extend(message_pb(m) for m in r.messages or ())
+    req.chat.messages.extend(message_pb(m, i) for i, m in enumerate(r.messages or ()))
     stream, keep_alive = _common(r, req)
     return Parsed(r.model, req, stream, keep_alive, load_only=not r.messages)
 
