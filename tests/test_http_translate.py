@@ -239,6 +239,26 @@ def test_openai_tool_choice():
         atr.chat_request({**base, "tools": [], "tool_choice": "required"})
 
 
+def test_openai_deprecated_function_messages_are_a_tool_call_and_its_result():
+    """Older clients replay ``function_call`` / ``role: "function"`` history (OpenAI's
+    ChatCompletionRequestFunctionMessage): the call and the tool result they are."""
+    history = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"role": "function", "name": "get_weather", "content": "12 C"},
+        {"role": "assistant", "content": "ok", "function_call": {"name": "f", "arguments": "not json"}},
+        {"role": "assistant", "content": "x", "function_call": "garbage"},
+    ]
+    msgs = atr.chat_request({"model": "m", "messages": history}).base[0].chat.messages
+    call, result, odd, ignored = msgs[1], msgs[2], msgs[3], msgs[4]
+    assert [(c.name, c.arguments_json) for c in call.tool_calls] == [("get_weather", '{"city":"Oslo"}')]
+    assert (result.role, result.tool_name, result.content) == (pb.ROLE_TOOL, "get_weather", "12 C")
+    # What the model produced earlier is kept whatever it is (produced_arguments).
+    assert [(c.name, c.arguments_json) for c in odd.tool_calls] == [("f", '{"_raw":"not json"}')]
+    assert list(ignored.tool_calls) == []
+
+
 @pytest.mark.parametrize(
     "extra, param",
     [
@@ -249,7 +269,7 @@ def test_openai_tool_choice():
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"messages": "hi"}, "messages"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
          "messages[0].content[0].image_url.url"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),

@@ -293,7 +293,7 @@ def test_bounds_are_found_in_nested_and_union_fields() -> None:
     for expected in (
         "/v1/chat/completions messages[].tool_calls maxItems=256",
         "/v1/chat/completions tools[].function.name maxLength=256",
-        "/api/chat options.num_ctx minimum=1",
+        "/api/chat options.top_k minimum=0",
         "/api/chat options.repeat_penalty exclusiveMinimum=0",
         "/v1/completions prompt maxItems=128",
         "/api/embed input maxItems=2048",

@@ -161,7 +161,8 @@ def test_reasoning_text_and_a_call_as_items_and_events():
     assert message["content"][0]["text"] == "Calling now." and message["status"] == "completed"
     assert (call["call_id"], call["name"], call["arguments"]) == ("call_1", "f", '{"x": 1}')
     assert final["status"] == "completed" and final["usage"] == {
-        "input_tokens": 10, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 6,
+        "input_tokens": 10, "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0},
+        "output_tokens": 6,
         "output_tokens_details": {"reasoning_tokens": 3}, "total_tokens": 16}
     # The SDK's accumulator rebuilds the same response from the events.
     rebuilt = sdk_final(events)

@@ -442,9 +442,6 @@ class MLXBackend:
         lm, load_ns = await self._acquire(entry, req.keep_alive)
         released = False
         try:
-            size = embed_mod.hidden_size(lm.config)
-            if req.dimensions and size and req.dimensions > size:
-                raise InvalidArgument(f"dimensions ({req.dimensions}) exceed {lm.name}'s embedding size {size}")
             if req.input_tokens:
                 batches = await asyncio.to_thread(
                     embed_mod.token_inputs,

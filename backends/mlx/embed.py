@@ -105,7 +105,3 @@ def embed_one(model, ids: list[int], dimensions: int) -> list[float]:
         v = v[:dimensions]
     v = v / mx.maximum(mx.linalg.norm(v), 1e-12)
     return v.tolist()
-
-
-def hidden_size(model_config: dict) -> int:
-    return int(model_config.get("hidden_size") or (model_config.get("text_config") or {}).get("hidden_size") or 0)

@@ -17,6 +17,8 @@ Ollama's do, while gRPC and the OpenAI dialect keep plain names.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Optional, Union
@@ -25,7 +27,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from gateway.common import check_done, duration, finish_of, parse, rfc3339, time_of, tools_pb
 from gateway.errors import bad_request
-from mlxgate import jsonutil
+from mlxgate import jsonutil, limits
 from mlxgate.dialects import ollama as wire
 from mlxgate.dialects.base import produced_arguments, wire_error
 from mlxgate.names import tagged
@@ -33,6 +35,8 @@ from mlxgate.v1 import inference_pb2 as pb
 
 #: Version reported by GET /api/version.
 OLLAMA_COMPAT_VERSION = wire.VERSION
+
+log = logging.getLogger(__name__)
 
 _ROLE = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT, "tool": pb.ROLE_TOOL}
 
@@ -62,6 +66,10 @@ def sampling(opts: Optional[wire.Options]) -> pb.SamplingParams:
         v = getattr(opts, option)
         if v is None or (field == "seed" and v < 0):
             continue  # a negative seed is random
+        if field == "num_ctx" and v < wire.MIN_NUM_CTX:
+            # Ollama's scheduler raises a smaller context to its minimum.
+            log.warning("options.num_ctx %d is below the minimum context: using num_ctx %d", v, wire.MIN_NUM_CTX)
+            v = wire.MIN_NUM_CTX
         # A negative num_predict (Ollama's -1 and -2) is "no limit": until a
         # stop or the context is full, whatever the server's default.
         setattr(s, field, max(v, -1) if field == "max_tokens" else v)
@@ -125,20 +133,43 @@ def generate_request(data: dict[str, Any]) -> Parsed:
     return Parsed(r.model, req, stream, keep_alive, load_only=not r.prompt)
 
 
-def message_pb(m: wire.Message) -> pb.ChatMessage:
+@functools.lru_cache(maxsize=1)
+def _note_dropped_call() -> None:
+    """Logged once per process: a client replays the same history every turn."""
+    log.warning("/api/chat: dropping assistant tool calls without a function or a function name from the "
+                "history (logged once)")
+
+
+def _history_calls(m: wire.Message, i: int) -> list[pb.ToolCall]:
+    """The calls of an assistant's history that can be kept: one without a function or
+    a name was the model's doing earlier, so it is dropped, not refused (as Ollama).
+    The contract's count applies to what the caller sent, so it is checked here, before
+    dropping, in the service's words (the service sees only the calls kept)."""
+    calls = m.tool_calls or ()
+    if len(calls) > limits.MAX_TOOL_CALLS:
+        raise bad_request(f"messages[{i}].tool_calls: at most {limits.MAX_TOOL_CALLS} allowed, got {len(calls)}",
+                          param=f"messages[{i}].tool_calls")
+    out = []
+    for j, c in enumerate(calls):
+        f = c.function
+        if f is None or not f.name:
+            _note_dropped_call()
+            continue
+        out.append(pb.ToolCall(
+            id=c.id or "",
+            name=f.name,
+            arguments_json=jsonutil.dumps(f.arguments or {}),
+            index=j if f.index is None else f.index,
+        ))
+    return out
+
+
+def message_pb(m: wire.Message, i: int) -> pb.ChatMessage:
     return pb.ChatMessage(
         role=_ROLE[m.role],
         content=m.content or "",
         images=m.images or (),
-        tool_calls=[
-            pb.ToolCall(
-                id=c.id or "",
-                name=c.function.name,
-                arguments_json=jsonutil.dumps(c.function.arguments or {}),
-                index=j if c.function.index is None else c.function.index,
-            )
-            for j, c in enumerate(m.tool_calls or ())
-        ],
+        tool_calls=_history_calls(m, i),
         tool_name=m.tool_name or "",
         thinking=m.thinking or "",
     )
@@ -148,7 +179,7 @@ def chat_request(data: dict[str, Any]) -> Parsed:
     r = parse(wire.ChatRequest, data, "/api/chat")
     req = pb.GenerateRequest(model=r.model, tools=tools_pb(r.tools))
     req.chat.SetInParent()
-    req.chat.messages.extend(message_pb(m) for m in r.messages or ())
+    req.chat.messages.extend(message_pb(m, i) for i, m in enumerate(r.messages or ()))
     stream, keep_alive = _common(r, req)
     return Parsed(r.model, req, stream, keep_alive, load_only=not r.messages)
 

@@ -39,7 +39,7 @@ from gateway.common import (
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import openai as wire
-from mlxgate.dialects.base import Tool
+from mlxgate.dialects.base import Tool, produced_arguments
 from mlxgate.v1 import inference_pb2 as pb
 
 #: Generations one request may start (n, times the prompts of /v1/completions).
@@ -136,6 +136,11 @@ def messages_pb(messages: list[wire.ChatMessage]) -> list[pb.ChatMessage]:
             if call.id:
                 names_by_id[call.id] = call.name
             calls.append(call)
+        legacy = m.legacy_call()
+        if legacy is not None and not calls:
+            # The deprecated function_call: the same call, answered by a later role "function".
+            calls.append(pb.ToolCall(name=legacy.name, arguments_json=jsonutil.dumps(
+                produced_arguments(legacy.arguments))))
         tool_call_id = m.tool_call_id or ""
         out.append(
             pb.ChatMessage(
@@ -144,7 +149,7 @@ def messages_pb(messages: list[wire.ChatMessage]) -> list[pb.ChatMessage]:
                 images=images,
                 tool_calls=calls,
                 tool_call_id=tool_call_id,
-                tool_name=names_by_id.get(tool_call_id, ""),
+                tool_name=names_by_id.get(tool_call_id, "") or m.function_result_name(),
                 thinking=m.reasoning_content or "",
             )
         )
@@ -205,7 +210,7 @@ def completion_request(data: dict[str, Any]) -> Parsed:
     n = r.n or 1
     if r.best_of is not None and r.best_of != n:
         raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
-    prompts = wire.texts(r.prompt)
+    prompts = wire.texts("" if r.prompt is None else r.prompt)
     if len(prompts) * n > MAX_CHOICES:
         raise bad_request(
             f"prompt × n asks for {len(prompts) * n} completions; at most {MAX_CHOICES} per request", param="n"
@@ -462,9 +467,16 @@ def embeddings_request(data: dict[str, Any]) -> ParsedEmbeddings:
 
 
 def embeddings_response(p: ParsedEmbeddings, res: pb.EmbedResponse) -> wire.EmbeddingList:
+    """The answer; ``dimensions`` beyond the model's size is OpenAI's 400.  The contract
+    keeps the whole vector then (Ollama's reading), so the size is known only from it."""
     data: list[wire.Embedding] = []
     for i, e in enumerate(res.embeddings):
         values = list(e.values)
+        if p.req.dimensions > len(values):
+            raise bad_request(
+                f"dimensions ({p.req.dimensions}) exceed {res.model or p.model}'s embedding size {len(values)}",
+                param="dimensions",
+            )
         emb: Any = base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if p.base64 else values
         data.append({"object": "embedding", "index": i, "embedding": emb})
     return {

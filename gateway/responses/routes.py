@@ -178,7 +178,7 @@ async def retrieve(request: web.Request) -> web.Response:
     body = await store_of(request).get(rid, await _owner(request))
     if body is None:
         raise tr.not_found(rid)
-    return web.Response(body=body, content_type="application/json", charset="utf-8")
+    return web.Response(body=tr.stored(body), content_type="application/json", charset="utf-8")
 
 
 @store_errors

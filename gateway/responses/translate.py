@@ -314,11 +314,27 @@ def generate_request(p: Parsed, history: list[dict[str, Any]]) -> pb.GenerateReq
 def usage(done: pb.Done, reasoning_tokens: int) -> wire.Usage:
     return {
         "input_tokens": done.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": done.cached_prompt_tokens},
+        "input_tokens_details": {"cached_tokens": done.cached_prompt_tokens, "cache_write_tokens": 0},
         "output_tokens": done.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, done.completion_tokens)},
         "total_tokens": done.prompt_tokens + done.completion_tokens,
     }
+
+
+def stored(body: bytes) -> bytes:
+    """A stored Response object as answered now: one stored by an earlier
+    version lacks ``usage.input_tokens_details.cache_write_tokens`` (required
+    by OpenAI's spec since July 2026) and gets it, 0.  Current ones pass as
+    they are, unparsed."""
+    if b'"cache_write_tokens"' in body:
+        return body
+    response = jsonutil.loads(body, "stored response")
+    usage = response.get("usage") if isinstance(response, dict) else None
+    details = usage.get("input_tokens_details") if isinstance(usage, dict) else None
+    if not isinstance(details, dict):
+        return body
+    details["cache_write_tokens"] = 0
+    return jsonutil.dumps(response).encode()
 
 
 #: HTTP status of a failure -> ``response.error.code`` (the codes OpenAI's Response object knows).

@@ -86,6 +86,9 @@ IGNORED_OPTIONS = (
 
 _IGNORED = "accepted and ignored (no meaning for MLX)"
 
+#: The smallest context Ollama runs a model with: a smaller ``num_ctx`` is raised to it.
+MIN_NUM_CTX = 4
+
 
 class OptionTypes(WireModel):
     """Model options (Modelfile parameters and runner options), by type only:
@@ -142,7 +145,8 @@ class Options(OptionTypes):
     repeat_last_n: Optional[Annotated[Int32, contract_range("repeat_last_n")]] = None
     presence_penalty: Optional[Annotated[float, contract_range("presence_penalty")]] = None
     frequency_penalty: Optional[Annotated[float, contract_range("frequency_penalty")]] = None
-    num_ctx: Optional[Annotated[Int32, contract_range("num_ctx")]] = None
+    num_ctx: Optional[Int32] = Field(
+        None, description=f"below {MIN_NUM_CTX}: {MIN_NUM_CTX} (Ollama's minimum; the log says so)")
     stop: Optional[Union[StopText, StopList]] = None
 
 
@@ -229,13 +233,16 @@ class GenerateRequest(_Common):
 
 class ToolCallFunction(WireModel):
     index: Optional[Int32] = None
-    name: Annotated[ToolName, Field(min_length=1)]
+    name: Optional[ToolName] = Field(None, description="history: a call without a name is dropped (logged)")
     arguments: Optional[Arguments] = None
 
 
 class ToolCall(WireModel):
+    """A call in an assistant's history: what the model produced earlier, so one that
+    cannot be kept (no ``function``, no name) is dropped, not refused, as Ollama takes it."""
+
     id: Optional[str] = None
-    function: ToolCallFunction
+    function: Optional[ToolCallFunction] = None
 
 
 class Message(WireModel):
@@ -264,15 +271,20 @@ class EmbedRequest(WireModel):
     """POST /api/embed."""
 
     model: Annotated[ModelName, Field(min_length=1)]
-    input: Optional[EmbedInput] = Field(None, description="absent or empty: load the model")
+    input: Optional[EmbedInput] = Field(
+        None, description='absent, "" or []: load the model (answers no embeddings, as Ollama)')
     truncate: Optional[bool] = Field(None, description="default true: inputs are cut to the context")
-    dimensions: Optional[integer(0, INT32_MAX)] = None
+    dimensions: Optional[integer(0, INT32_MAX)] = Field(
+        None, description="keep the first N dimensions (re-normalised); 0, absent or at least the model's "
+                          "size: the whole vector")
     keep_alive: Optional[KeepAlive] = None
     options: Optional[OptionTypes] = Field(None, description="type checked and ignored: embeddings take no "
                                                                "sampling options")
 
     def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input or ())
+        """The texts to embed.  One empty string is no input (Ollama's handler drops it); an
+        empty string in a list stays, and is refused by the backend naming it."""
+        return ([self.input] if self.input else []) if isinstance(self.input, str) else list(self.input or ())
 
 
 class EmbeddingsRequest(WireModel):

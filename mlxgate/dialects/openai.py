@@ -41,10 +41,12 @@ from mlxgate.dialects.base import (
     json_type,
 )
 
-Role = Literal["system", "developer", "user", "assistant", "tool"]
-#: Chat roles -> the contract's roles ("developer" is OpenAI's newer "system").
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+#: Chat roles -> the contract's roles ("developer" is OpenAI's newer "system"; "function" its
+#: deprecated tool result, which older clients still replay from their history).
 ROLES: dict[str, str] = {
     "system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+    "function": "tool",
 }
 assert set(ROLES) == set(get_args(Role))
 
@@ -200,17 +202,42 @@ class ToolCall(WireModel):
     function: ToolCallFunction
 
 
+class FunctionCall(WireModel):
+    """An assistant's deprecated ``function_call`` (history): what the model produced, so
+    its arguments are kept whatever they are (``produced_arguments``)."""
+
+    name: str
+    arguments: Optional[Any] = None
+
+
 class ChatMessage(WireModel):
     role: Role
     content: Optional[Union[str, list[ContentPart]]] = None
-    name: Optional[ignored({"type": "string"})] = None
+    name: Optional[Any] = Field(
+        None, description='role "function": the function whose result this is; otherwise accepted and ignored',
+        json_schema_extra={"type": "string"})
     tool_calls: Optional[Annotated[list[ToolCall], Limit(maxItems=limits.MAX_TOOL_CALLS)]] = None
     tool_call_id: Optional[str] = None
     reasoning_content: Optional[str] = Field(
         None, description="assistant history: the reasoning before content (DeepSeek's and vLLM's convention)")
     refusal: Optional[Any] = Field(None, description=_IGNORED)
     audio: Optional[Any] = Field(None, description=_IGNORED)
-    function_call: Optional[Any] = Field(None, description=_IGNORED)
+    function_call: Optional[Any] = Field(
+        None, description="deprecated: an assistant's {name, arguments} is its tool call; anything else is ignored")
+
+    def function_result_name(self) -> str:
+        """The function a ``role: "function"`` message answers (its ``name``)."""
+        return self.name if self.role == "function" and isinstance(self.name, str) else ""
+
+    def legacy_call(self) -> Optional[FunctionCall]:
+        """An assistant's deprecated ``function_call``, when it names a function."""
+        if self.role != "assistant" or not isinstance(self.function_call, dict):
+            return None
+        try:
+            call = FunctionCall.model_validate(self.function_call)
+        except ValueError:
+            return None
+        return call if call.name else None
 
 
 class NamedFunction(WireModel):
@@ -307,8 +334,10 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """POST /v1/completions (legacy): prompts are sent raw, with no chat template."""
 
-    prompt: Annotated[Texts, Limit(maxItems=limits.MAX_CHOICES)] = Field(
-        description="text only; token arrays are 400")
+    prompt: Optional[Annotated[Texts, Limit(maxItems=limits.MAX_CHOICES)]] = Field(
+        description='text only; token arrays are 400; null is the empty prompt "" (OpenAI\'s default is its '
+                    "document separator, which other tokenizers do not have): nothing to continue, an empty "
+                    "completion")
     suffix: Optional[str] = None
     logprobs: Optional[integer(0, 5)] = None
     echo: Optional[bool] = Field(None, description="true is 400 (not supported)")

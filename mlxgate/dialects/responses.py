@@ -460,6 +460,9 @@ Item = Union[InputMessage, OutputMessage, FunctionCall, FunctionCallOutput, Reas
 
 class InputTokensDetails(TypedDict):
     cached_tokens: int
+    #: Required by OpenAI's spec (ResponseUsage); always 0 here: the MLX prompt
+    #: cache keeps what it computed without a separate, billable write.
+    cache_write_tokens: int
 
 
 class OutputTokensDetails(TypedDict):
