@@ -50,7 +50,7 @@ def create_request(data: dict[str, Any]) -> tuple[pb.CreateModelRequest, bool]:
         adapters=r.adapters or {},
         license=r.licenses(),
         parameters=tr.sampling(r.parameters),
-        messages=[tr.message_pb(m) for m in r.messages or []],
+        messages=[tr.message_pb(m, i) for i, m in enumerate(r.messages or ())],
         quantize=r.quantize or "",
     )
     if r.template is not None:
