@@ -26,11 +26,13 @@ from google.protobuf import message_factory
 
 from backends import calls, validation
 from backends.base import Backend
-from backends.errors import RETRY_AFTER_KEY, BackendError, Internal
+from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, Unimplemented
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
+from backends.spend.service import DIALECT_KEY, SpendObserver, both
 from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
 from mlxgate.config import ServerConfig
+from mlxgate.keyring import KeyRing
 from mlxgate.limits import clip
 from mlxgate.memory import trim_after_large
 from mlxgate.ports import bind_error, bind_problem
@@ -64,8 +66,11 @@ def _fail(context: grpc.aio.ServicerContext, e: BackendError) -> None:
     on the context and a plain return keep nothing.
     """
     retry_after = getattr(e, "retry_after", None)
+    trailers = tuple(getattr(e, "trailers", ()))  # a spend limit's kind and x-ratelimit-* values
     if retry_after is not None:
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after)))),))
+        trailers = ((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after)))), *trailers)
+    if trailers:
+        context.set_trailing_metadata(trailers)
     context.set_code(e.code)
     # The message travels in gRPC metadata, which is bounded: an overlong one
     # would turn the answer into a transport error.
@@ -125,9 +130,24 @@ async def _answered(context: grpc.aio.ServicerContext, size: int, what: str,
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """Maps the proto service onto one ``Backend``."""
 
-    def __init__(self, backend: Backend, observer: Optional["GenerateObserver"] = None) -> None:
+    def __init__(self, backend: Backend, observer: Optional["GenerateObserver"] = None,
+                 spend: Optional[SpendObserver] = None) -> None:
         self.backend = backend
-        self.observer = observer
+        self.spend = spend
+        self.observer = both(observer, spend)
+
+    async def _admitted(self, context: grpc.aio.ServicerContext, model: str) -> bool:
+        """The caller's key may use ``model`` now (``backends/spend``); else the status is set."""
+        if self.spend is None:
+            return True
+        try:
+            headers = self.spend.admit(model)
+        except BackendError as e:
+            _fail(context, e)
+            return False
+        if headers:
+            await context.send_initial_metadata(tuple(headers.items()))
+        return True
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -135,7 +155,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         size = request.ByteSize()
         req = _accepted(context, size, request, validation.check_generate, GenerateRequest.from_pb)
         del request  # the domain request holds what is needed
-        if req is None:
+        if req is None or not await self._admitted(context, req.model):
             return
         tracker = self.observer.start(req) if self.observer else None
         done: Optional[Done] = None
@@ -188,9 +208,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         size = request.ByteSize()
         req = _accepted(context, size, request, validation.check_embed, EmbedRequest.from_pb)
         del request  # the domain request holds what is needed
-        if req is None:
+        if req is None or not await self._admitted(context, req.model):
             return pb.EmbedResponse()
-        return await _answered(context, size, "Embed", lambda: self.backend.embed(req), pb.EmbedResponse())
+
+        async def embed() -> Any:
+            result = await self.backend.embed(req)
+            if self.spend is not None:
+                self.spend.embedded(result)
+            return result
+
+        return await _answered(context, size, "Embed", embed, pb.EmbedResponse())
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
@@ -248,6 +275,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.UnloadModelResponse(model=request.model, was_loaded=bool(was))
 
 
+    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
+        if isinstance(request, Malformed):  # pragma: no cover - the method handler answers those
+            return pb.GetUsageResponse()
+        spend = self.spend
+        if spend is None:
+            _fail(context, Unimplemented("usage is not recorded by this service"))
+            return pb.GetUsageResponse()
+        res = await _guard(context, "GetUsage", lambda: spend.usage(request))
+        return res if res is not None else pb.GetUsageResponse()
+
+
 class GenerateTracker(Protocol):
     def answering(self, backend: str, model: str) -> None: ...
 
@@ -262,13 +300,16 @@ class GenerateObserver(Protocol):
     def start(self, req: GenerateRequest) -> GenerateTracker: ...
 
 
-def _enter(context: grpc.aio.ServicerContext) -> None:
-    """The call's deadline, request id and whether another mlxgate forwarded
-    it, for the router and backends that call further (``backends.calls``);
-    set before ``gate.run`` copies this task's context."""
+def _enter(context: grpc.aio.ServicerContext, gate: Gate) -> None:
+    """The call's deadline, request id, whether another mlxgate forwarded
+    it, and its caller's key name and dialect, for the router and backends
+    that call further (``backends.calls``); set before ``gate.run`` copies
+    this task's context."""
     metadata = context.invocation_metadata()
+    key = gate.identify(metadata) if gate.keyring.required else None
     calls.enter(context.time_remaining(), metadata_value(metadata, "x-request-id"),
-                metadata_value(metadata, calls.FORWARDED_KEY) == "1")
+                metadata_value(metadata, calls.FORWARDED_KEY) == "1",
+                key.name if key is not None else "", (metadata_value(metadata, DIALECT_KEY) or "")[:16])
 
 
 @dataclass(frozen=True)
@@ -293,7 +334,7 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, Method
             if isinstance(request, Malformed):
                 gate.reject_malformed(request, context)
                 return empty()
-            _enter(context)
+            _enter(context, gate)
             result = await gate.run(behaviour(request, context), context)
             # A call ended with a status (refused, shut down) still returns a message.
             return empty() if result is None else result
@@ -307,7 +348,7 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, Method
             if isinstance(request, Malformed):
                 gate.reject_malformed(request, context)
                 return
-            _enter(context)
+            _enter(context, gate)
 
             async def pump() -> None:
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
@@ -404,6 +445,8 @@ async def start_inference_service(
     front_token: Optional[str] = None,
     unix_path: Optional[str] = None,
     tls: Optional[grpc.ServerCredentials] = None,
+    keyring: Optional[KeyRing] = None,
+    spend: Optional[SpendObserver] = None,
 ) -> RunningService:
     """Start the gRPC server; port 0 picks a free port, returned in the result.
 
@@ -414,11 +457,13 @@ async def start_inference_service(
     also listen on this Unix-domain socket (``mlxgate serve --workers``: the
     fronts in the worker processes call through it), made readable and
     writable by this user only.  ``tls``: the TCP port speaks TLS with these
-    credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).  A
+    credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).
+    ``keyring``: the key table (default: ``api_keys`` as plain keys);
+    ``spend``: usage, budgets and per-key limits (``backends/spend``).  A
     port that cannot be bound raises ``mlxgate.ports.BindError``
     (``PortInUse`` when taken).
     """
-    gate = Gate(api_keys, front_token)
+    gate = Gate(api_keys, front_token, keyring)
     server = grpc.aio.server(
         interceptors=[GateInterceptor(gate)],
         options=[
@@ -435,7 +480,7 @@ async def start_inference_service(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    handlers = method_handlers(InferenceServicer(backend, observer), gate)
+    handlers = method_handlers(InferenceServicer(backend, observer, spend), gate)
     server.add_generic_rpc_handlers((_generic_handler(handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

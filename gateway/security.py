@@ -30,7 +30,9 @@ without ever reading the request body:
    exit, so neither a key's content nor its length shows in the timing.  No
    key, configured or presented, is ever logged or echoed.  The accepted
    key's digest is left on the request (``state.CALLER_KEY``) for handlers
-   that keep what a key stores private to it (the Responses API's store).
+   that keep what a key stores private to it (the Responses API's store),
+   and its name and limits (``state.CALLER``, a ``mlxgate.keyring.NamedKey``
+   from the one key table) for the calls to the service, which speak for it.
 
 Refusals are ``ApiError`` rendered by ``error_response``: the caller's dialect
 (``{"error": "..."}`` on ``/api/*`` and ``/``; ``{"error": {"message", "type",
@@ -53,8 +55,6 @@ on the dashboard instead of vanishing.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 import re
@@ -63,9 +63,11 @@ from typing import Awaitable, Callable, Iterable, Mapping, Optional
 from aiohttp import hdrs, web
 
 from gateway.errors import ApiError, error_response, from_http, request_dialect
-from gateway.state import BACKEND_HEADER, CALLER_KEY, REQUEST_ID_HEADER
+from gateway.caller import speak_for
+from gateway.state import BACKEND_HEADER, CALLER, CALLER_KEY, REQUEST_ID_HEADER
 from mlxgate.config import ServerConfig
-from mlxgate.exposure import effective_keys, is_loopback
+from mlxgate.exposure import is_loopback
+from mlxgate.keyring import KeyRing, digest
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +190,7 @@ def _quote(value: str) -> str:
 
 
 def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return digest(key)
 
 
 class TrustGuard:
@@ -202,12 +204,12 @@ class TrustGuard:
         #: "*.example.lan" in allowed_hosts: any sub-domain of example.lan.
         self.host_suffixes = tuple(n[1:] for n in names if n.startswith("*.")) + (".localhost",)
         self.origins = OriginMatcher((*DEFAULT_ORIGINS, *cfg.origins))
-        self._key_digests = tuple(_digest(k) for k in effective_keys(cfg))
+        self.keyring = KeyRing.from_server(cfg)
         self.metrics_public = cfg.metrics_public
 
     @property
     def keys_required(self) -> bool:
-        return bool(self._key_digests)
+        return self.keyring.required
 
     # ---------------------------------------------------------------- checks
 
@@ -245,10 +247,7 @@ class TrustGuard:
         matched: Optional[bytes] = None
         for credential in presented:
             digest = _digest(credential)
-            ok = False
-            for known in self._key_digests:  # every key, no early exit
-                ok |= hmac.compare_digest(digest, known)
-            if ok and matched is None:
+            if self.keyring.lookup_digest(digest) is not None and matched is None:  # every key compared
                 matched = digest
         return matched is not None, matched
 
@@ -296,7 +295,7 @@ class TrustGuard:
             request[CORS_ORIGIN_KEY] = origin
         if request.method == hdrs.METH_OPTIONS:
             return self._options(request, origin)
-        if self._key_digests and self._needs_key(request):
+        if self.keyring.required and self._needs_key(request):
             valid, digest = self.check_key(headers)
             if not valid:
                 message = (
@@ -311,6 +310,12 @@ class TrustGuard:
                 )
             assert digest is not None
             request[CALLER_KEY] = digest
+            caller = self.keyring.lookup_digest(digest)
+            if caller is not None:
+                request[CALLER] = caller
+                speak_for(request, caller.name, request_dialect(request), caller.rate_limited)
+                return await handler(request)
+        speak_for(request, "", request_dialect(request))
         return await handler(request)
 
     def _refuse(self, request: web.Request, err: ApiError, why: str) -> web.Response:

@@ -28,7 +28,7 @@ from backends.base import Backend
 from backends.cloud import cloud_backend
 from backends.ollama import OllamaBackend
 from backends.remote import RemoteBackend
-from backends.router import Router, RouterObserver
+from backends.router import BudgetGuard, Router, RouterObserver
 from mlxgate.config import Config, MLXConfig
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
 
 
 def build_router(
-    config: Config, env: Mapping[str, str], observer: Optional[RouterObserver] = None
+    config: Config, env: Mapping[str, str], observer: Optional[RouterObserver] = None,
+    budgets: Optional[BudgetGuard] = None,
 ) -> Router:
-    return Router(build_backends(config, env), config.router, config.aliases, observer=observer)
+    return Router(build_backends(config, env), config.router, config.aliases, observer=observer, budgets=budgets)
