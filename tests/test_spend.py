@@ -10,6 +10,7 @@ $1 per token, cached input free ((11 - 3) + 2 = 10).  Judged by the official
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import sqlite3
@@ -206,6 +207,21 @@ async def test_per_key_rate_limit_budget_models_and_usage_for_admins_only(
         assert by_key["bob"]["requests"] == 2 and by_key["bob"]["cost_usd"] == 2 * COST
         assert by_key["key-1"]["requests"] == 1
         assert u["budget"]["key:bob"]["spent_usd"] == 2 * COST and u["budget"]["key:bob"]["limit_usd"] == 15
+        # The command line, against the running server.
+        for args, key in ((["--json", "--group-by", "key"], "sk-root"), (["--since", "1h"], "sk-root"), ([], "sk-bob")):
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mlxgate_cli", "usage", *args, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=clean_env(tmp_path, MLXGATE_HOST=srv.http, MLXGATE_API_KEY=key))
+            out, cli_err = await asyncio.wait_for(cli.communicate(), 60)
+            if key == "sk-bob":
+                assert cli.returncode == 1 and b"403" in cli_err and b"admin" in cli_err
+            elif "--json" in args:
+                assert cli.returncode == 0 and json.loads(out)["by"] == u["by"]
+            else:
+                text = out.decode()
+                assert cli.returncode == 0 and "cost_usd" in text.splitlines()[0]
+                assert re.search(r"^bob\s+cloud:fake\s+gpt-test\s+2\s+22\s+4\s+6\s+20\.0000", text, re.M), text
+                assert re.search(r"^key:bob\s+20\.0000\s+15\.00", text, re.M), text
         err = await srv.stop()
     finally:
         srv.kill()
