@@ -95,16 +95,12 @@ class Ledger:
     # ------------------------------------------------------------ life
 
     def open(self) -> bool:
-        """Create the file and table and start the writer; False (logged) when it cannot."""
+        """Check the file (when there is one: a fresh ledger is created with
+        its first row, so a server nobody called writes nothing) and start
+        the writer; False (logged) when it cannot be opened."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = self._connect()
-            try:
-                db.executescript(_SCHEMA)
-                db.execute("PRAGMA journal_mode=WAL")
-                self._sweep(db)
-            finally:
-                db.close()
+            if self.path.exists():
+                self._create()
         except (sqlite3.Error, OSError) as e:
             self._warn_once("open", "usage ledger %s cannot be opened (%s): usage is not recorded; budgets count "
                             "from the start of this process", self.path, e)
@@ -113,6 +109,16 @@ class Ledger:
         self._thread = threading.Thread(target=self._writer, name="mlxgate usage ledger", daemon=True)
         self._thread.start()
         return True
+
+    def _create(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = self._connect()
+        try:
+            db.executescript(_SCHEMA)
+            db.execute("PRAGMA journal_mode=WAL")
+            self._sweep(db)
+        finally:
+            db.close()
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the writer."""
@@ -173,6 +179,7 @@ class Ledger:
                 continue
             try:
                 if db is None:
+                    self._create()
                     db = self._connect()
                 with db:
                     db.execute("BEGIN")
@@ -183,7 +190,7 @@ class Ledger:
                 if "write" in self._warned:
                     log.info("usage ledger: writing again (%d rows)", len(batch))
                     self._warned.discard("write")
-            except sqlite3.Error as e:
+            except (sqlite3.Error, OSError) as e:
                 self._warn_once("write", "usage ledger %s cannot be written (%s): keeping %d rows for the next try",
                                 self.path, e, len(batch))
                 kept = batch
@@ -240,7 +247,7 @@ class Ledger:
         return out
 
     def _read(self, sql: str, args: tuple) -> list[tuple]:
-        if not self.enabled:
+        if not self.enabled or not self.path.exists():
             return []
         try:
             db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
