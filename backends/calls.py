@@ -45,15 +45,20 @@ class Call:
     request_id: str = ""
     #: Made by another mlxgate's remote backend: served without remotes.
     forwarded: bool = False
+    #: The caller's key name (``mlxgate.keyring``; "" without keys) and the
+    #: dialect it spoke at the front ("" for a gRPC client): budgets and the ledger.
+    key: str = ""
+    dialect: str = ""
 
 
 _current: ContextVar[Call] = ContextVar("mlxgate_call", default=Call())
 
 
-def enter(time_remaining: Optional[float], request_id: Optional[str], forwarded: bool = False) -> None:
+def enter(time_remaining: Optional[float], request_id: Optional[str], forwarded: bool = False,
+          key: str = "", dialect: str = "") -> None:
     """Called by the service at the start of a call (in the call's own task)."""
     deadline = None if time_remaining is None else time.monotonic() + max(0.0, time_remaining)
-    _current.set(Call(deadline, (request_id or "")[:MAX_REQUEST_ID_CHARS], forwarded))
+    _current.set(Call(deadline, (request_id or "")[:MAX_REQUEST_ID_CHARS], forwarded, key, dialect))
 
 
 def remaining() -> Optional[float]:
@@ -70,11 +75,19 @@ def forwarded() -> bool:
     return _current.get().forwarded
 
 
+def key() -> str:
+    return _current.get().key
+
+
+def dialect() -> str:
+    return _current.get().dialect
+
+
 @contextlib.contextmanager
 def detached() -> Iterator[None]:
     """Run the block outside the current call (no deadline, no request id;
     still forwarded if the call was, which decides what may be asked)."""
-    token = _current.set(Call(forwarded=forwarded()))
+    token = _current.set(Call(forwarded=forwarded(), key=key()))
     try:
         yield
     finally:

@@ -8,8 +8,14 @@ Every ``mlxgate.v1.InferenceService`` call passes ``GateInterceptor`` first:
   key in constant time (``hmac.compare_digest``, no early exit) and is never
   logged.  The standard health service and reflection stay open.  The
   model-management methods (``mlxgate.admin.ADMIN_METHODS``: create, copy,
-  delete, pull, blobs) need one of the admin keys then, else
-  PERMISSION_DENIED; admin keys are valid for every other method too.
+  delete, pull, blobs) need an admin key then, else PERMISSION_DENIED; admin
+  keys are valid for every other method too.
+- **Who.**  The key is looked up in the one key table (``mlxgate.keyring``):
+  ``identify`` names the caller (``NamedKey``) for the service's limits and
+  ledger.  A call from this process's HTTP front (its ``front_token``) or
+  made with an admin key may name the caller it speaks for in
+  ``x-mlxgate-caller`` (a key name, never a secret): the front checked that
+  caller's key itself.
 - **Draining.** After ``begin_drain()`` (SIGTERM/SIGINT) new calls end
   UNAVAILABLE "server shutting down".  Calls from this process's own HTTP
   front (they carry the per-process ``front_token``) are still admitted: the
@@ -38,6 +44,7 @@ from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 import grpc
 
 from mlxgate.admin import NEEDS_ADMIN, is_admin_method
+from mlxgate.keyring import KeyRing, NamedKey
 from mlxgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,8 @@ _METHOD_PREFIX = f"/{SERVICE_NAME}/"
 
 #: Metadata key carrying the per-process token of the in-process HTTP front.
 FRONT_TOKEN_KEY = "x-mlxgate-front"
+#: Metadata naming the key of the caller a front speaks for (a name, not a secret).
+CALLER_KEY = "x-mlxgate-caller"
 
 SHUTTING_DOWN = "server shutting down"
 
@@ -116,10 +125,10 @@ class Gate:
     """Keys, the drain flag and the calls in flight of one gRPC server."""
 
     def __init__(
-        self, api_keys: Sequence[str] = (), front_token: Optional[str] = None, admin_keys: Sequence[str] = ()
+        self, api_keys: Sequence[str] = (), front_token: Optional[str] = None, keyring: Optional[KeyRing] = None
     ) -> None:
-        self._admin_keys = [k.encode() for k in admin_keys if k]
-        self._keys = list(dict.fromkeys([*(k.encode() for k in api_keys if k), *self._admin_keys]))
+        """``keyring``: the key table; default: ``api_keys`` as plain keys."""
+        self.keyring = keyring if keyring is not None else KeyRing.of(api_keys)
         self._front_token = front_token.encode() if front_token else None
         self.draining = False
         self._calls: dict[asyncio.Task, bool] = {}  # running call -> ended by end_all()
@@ -136,22 +145,40 @@ class Gate:
             ok |= hmac.compare_digest(presented, c)
         return ok
 
+    def _presented(self, metadata: Optional[Iterable[Any]]) -> tuple[bool, Optional[NamedKey]]:
+        """(a key was presented, the configured key it is)."""
+        auth = metadata_value(metadata, "authorization")
+        if auth is None:
+            return False, None
+        scheme, _, key = auth.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return True, None
+        return True, self.keyring.lookup(key)
+
+    def identify(self, metadata: Optional[Iterable[Any]]) -> Optional[NamedKey]:
+        """The caller's key (None: no keys configured, or none presented):
+        the one named in ``x-mlxgate-caller`` when the front or an admin
+        key vouches for it, else the presented one."""
+        _, key = self._presented(metadata)
+        named = metadata_value(metadata, CALLER_KEY)
+        if named is not None and ((key is not None and key.admin) or self._from_front(metadata)):
+            return self.keyring.by_name(named) or key
+        return key
+
     def refusal(
         self, metadata: Optional[Iterable[Any]], method: str = ""
     ) -> Optional[tuple[grpc.StatusCode, str]]:
         """Why a new InferenceService call of ``method`` (its name or full
         path) must be refused, or None to admit it."""
-        if self._keys:
-            auth = metadata_value(metadata, "authorization")
-            if auth is None:
+        if self.keyring.required:
+            presented, key = self._presented(metadata)
+            if not presented:
                 return grpc.StatusCode.UNAUTHENTICATED, (
                     "missing API key: send metadata 'authorization: Bearer <key>'"
                 )
-            scheme, _, key = auth.strip().partition(" ")
-            presented = key.strip().encode()
-            if scheme.lower() != "bearer" or not self._matches(presented, self._keys):
+            if key is None:
                 return grpc.StatusCode.UNAUTHENTICATED, "invalid API key"
-            if is_admin_method(method) and not self._matches(presented, self._admin_keys):
+            if is_admin_method(method) and not key.admin:
                 return grpc.StatusCode.PERMISSION_DENIED, NEEDS_ADMIN
         if self.draining and not self._from_front(metadata):
             return grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN

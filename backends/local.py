@@ -90,6 +90,9 @@ class _Context:
     def set_trailing_metadata(self, metadata: Metadata) -> None:
         self._call._trailing = tuple(metadata)
 
+    async def send_initial_metadata(self, metadata: Metadata) -> None:
+        self._call._initial = tuple(metadata)
+
     def code(self) -> grpc.StatusCode:
         return self._call._code
 
@@ -120,6 +123,7 @@ class _Call:
         self._code = _OK
         self._details = ""
         self._trailing: tuple[tuple[str, str], ...] = ()
+        self._initial: tuple[tuple[str, str], ...] = ()
         #: The status can no longer change (the call ended, or its deadline passed).
         self._final = False
         self._cancelled = False
@@ -180,11 +184,15 @@ class _Call:
 
     def _error(self) -> grpc.aio.AioRpcError:
         return grpc.aio.AioRpcError(
-            self._code, grpc.aio.Metadata(), grpc.aio.Metadata(*self._trailing), details=self._details
+            self._code, grpc.aio.Metadata(*self._initial), grpc.aio.Metadata(*self._trailing), details=self._details
         )
 
     def done(self) -> bool:
         return self._final
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        """What the handler sent with ``send_initial_metadata`` (read after the first message)."""
+        return grpc.aio.Metadata(*self._initial)
 
     def cancelled(self) -> bool:
         return self._cancelled

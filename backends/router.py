@@ -64,6 +64,12 @@ absent; remote services have it) gets no new request: it is skipped like an
 open circuit (reason NOT_SERVING), its model list is neither fetched nor
 dropped, and it is left out of ``list_running``.
 
+Budgets.  With a ``budgets`` object (``backends.spend.Spend``), a target
+whose backend it blocks (a cloud backend while a cloud budget of the call's
+key, or the global one, is spent) is skipped without a call, reason BUDGET;
+its error (RESOURCE_EXHAUSTED naming the budget and its reset) is the answer
+when no other target answers.
+
 Circuit breakers.  Each backend has a ``CircuitBreaker``; an open one is
 skipped without a call.  Health failures are Unavailable and
 DeadlineExceeded (connection errors arrive as Unavailable); any answer from
@@ -133,9 +139,11 @@ REASONS = (
     "INTERNAL",
     "CIRCUIT_OPEN",
     "NOT_SERVING",
+    "BUDGET",
 )
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
 NOT_SERVING = "NOT_SERVING"
+BUDGET = "BUDGET"
 
 
 #: A model listing that takes longer than this counts as failed (DEADLINE_EXCEEDED):
@@ -157,6 +165,12 @@ def available(names: Sequence[str]) -> str:
     if len(names) > MAX_NAMES_IN_ERROR:
         shown += f", ... ({len(names) - MAX_NAMES_IN_ERROR} more: see /api/tags)"
     return f"available models: {shown}"
+
+
+class BudgetGuard(Protocol):
+    def blocked(self, backend: str) -> Optional[BackendError]:
+        """Why ``backend`` may not be called for the current call (a spent budget), or None."""
+        ...
 
 
 class RouterObserver(Protocol):
@@ -257,6 +271,12 @@ class _Attempts:
                 log.debug("%s skipped: not serving", name)
                 self.failed(name, _NotServing(_not_serving_message(target.backend)), NOT_SERVING)
                 continue
+            budgets = self._router.budgets
+            spent = budgets.blocked(name) if budgets is not None else None
+            if spent is not None:
+                log.debug("%s skipped: %s", name, spent.message)
+                self.failed(name, spent, BUDGET)
+                continue
             breaker = self._router.breakers[name]
             if not breaker.allow():
                 log.debug("%s skipped: circuit open", name)
@@ -284,6 +304,7 @@ class Router:
         *,
         observer: Optional[RouterObserver] = None,
         clock: Clock = time.monotonic,
+        budgets: Optional[BudgetGuard] = None,
     ) -> None:
         """``config``: the ``[router]`` section; ``aliases``: public name ->
         ordered targets ("mlx:<name>", "remote:<name>:<model>", "ollama:<tag>",
@@ -296,6 +317,7 @@ class Router:
         self.aliases: dict[str, list[str]] = {k: list(v) for k, v in (aliases or {}).items()}
         self.observer = observer
         self.clock = clock
+        self.budgets = budgets
         self._by_name = {b.name: b for b in self.backends}
         self.breakers = {
             b.name: CircuitBreaker(self.rc.breaker_failures, self.rc.breaker_cooldown, clock) for b in self.backends

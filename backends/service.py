@@ -30,9 +30,11 @@ from backends import calls, validation
 from backends.base import Backend
 from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, InvalidArgument, Unimplemented
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
+from backends.spend.service import DIALECT_KEY, SpendObserver, both
 from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
 from mlxgate.config import ServerConfig
+from mlxgate.keyring import KeyRing
 from mlxgate.limits import clip
 from mlxgate.memory import trim_after_large
 from mlxgate.ports import bind_error, bind_problem
@@ -69,8 +71,11 @@ def _fail(context: grpc.aio.ServicerContext, e: BackendError) -> None:
     on the context and a plain return keep nothing.
     """
     retry_after = getattr(e, "retry_after", None)
+    trailers = tuple(getattr(e, "trailers", ()))  # a spend limit's kind and x-ratelimit-* values
     if retry_after is not None:
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after)))),))
+        trailers = ((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after)))), *trailers)
+    if trailers:
+        context.set_trailing_metadata(trailers)
     context.set_code(e.code)
     # The message travels in gRPC metadata, which is bounded: an overlong one
     # would turn the answer into a transport error.
@@ -132,13 +137,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     RPCs onto ``models``, when this process manages models: ``backends.models``)."""
 
     def __init__(self, backend: Backend, observer: Optional["GenerateObserver"] = None,
-                 puller: Optional["ModelPuller"] = None, models: Optional["ModelManagement"] = None) -> None:
+                 puller: Optional["ModelPuller"] = None, models: Optional["ModelManagement"] = None,
+                 spend: Optional[SpendObserver] = None) -> None:
         self.backend = backend
-        self.observer = observer
         #: ``backends.models.pull.Puller`` (PullModel); None: no MLX engine here.
         self.puller = puller
         #: Copy, delete, create and blobs (``backends.models.manage``); None: no MLX engine here.
         self.models = models
+        #: Usage, budgets and per-key limits (``backends/spend``); None: not kept.
+        self.spend = spend
+        self.observer = both(observer, spend)
 
     def _generate_request(self, message: pb.GenerateRequest) -> GenerateRequest:
         """The accept step's conversion: the domain request, with a managed
@@ -152,13 +160,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
         return apply(req, stored)
 
+    async def _admitted(self, context: grpc.aio.ServicerContext, model: str) -> bool:
+        """The caller's key may use ``model`` now (``backends/spend``); else the status is set."""
+        if self.spend is None:
+            return True
+        try:
+            headers = self.spend.admit(model)
+        except BackendError as e:
+            _fail(context, e)
+            return False
+        if headers:
+            await context.send_initial_metadata(tuple(headers.items()))
+        return True
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         size = request.ByteSize()
         req = _accepted(context, size, request, validation.check_generate, self._generate_request)
         del request  # the domain request holds what is needed
-        if req is None:
+        if req is None or not await self._admitted(context, req.model):
             return
         tracker = self.observer.start(req) if self.observer else None
         done: Optional[Done] = None
@@ -211,9 +232,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         size = request.ByteSize()
         req = _accepted(context, size, request, validation.check_embed, EmbedRequest.from_pb)
         del request  # the domain request holds what is needed
-        if req is None:
+        if req is None or not await self._admitted(context, req.model):
             return pb.EmbedResponse()
-        return await _answered(context, size, "Embed", lambda: self.backend.embed(req), pb.EmbedResponse())
+
+        async def embed() -> Any:
+            result = await self.backend.embed(req)
+            if self.spend is not None:
+                self.spend.embedded(result)
+            return result
+
+        return await _answered(context, size, "Embed", embed, pb.EmbedResponse())
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
@@ -391,6 +419,16 @@ class ModelPuller(Protocol):
     def pull(self, name: str) -> AsyncIterator[Any]: ...
 
 
+    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
+        if isinstance(request, Malformed):  # pragma: no cover - the method handler answers those
+            return pb.GetUsageResponse()
+        spend = self.spend
+        if spend is None:  # a service built without spend (tests, embedders): nothing recorded
+            return pb.GetUsageResponse()
+        res = await _guard(context, "GetUsage", lambda: spend.usage(request))
+        return res if res is not None else pb.GetUsageResponse()
+
+
 class GenerateTracker(Protocol):
     def answering(self, backend: str, model: str) -> None: ...
 
@@ -405,13 +443,16 @@ class GenerateObserver(Protocol):
     def start(self, req: GenerateRequest) -> GenerateTracker: ...
 
 
-def _enter(context: grpc.aio.ServicerContext) -> None:
-    """The call's deadline, request id and whether another mlxgate forwarded
-    it, for the router and backends that call further (``backends.calls``);
-    set before ``gate.run`` copies this task's context."""
+def _enter(context: grpc.aio.ServicerContext, gate: Gate) -> None:
+    """The call's deadline, request id, whether another mlxgate forwarded
+    it, and its caller's key name and dialect, for the router and backends
+    that call further (``backends.calls``); set before ``gate.run`` copies
+    this task's context."""
     metadata = context.invocation_metadata()
+    key = gate.identify(metadata) if gate.keyring.required else None
     calls.enter(context.time_remaining(), metadata_value(metadata, "x-request-id"),
-                metadata_value(metadata, calls.FORWARDED_KEY) == "1")
+                metadata_value(metadata, calls.FORWARDED_KEY) == "1",
+                key.name if key is not None else "", (metadata_value(metadata, DIALECT_KEY) or "")[:16])
 
 
 @dataclass(frozen=True)
@@ -438,7 +479,7 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, Method
             if isinstance(request, Malformed):
                 gate.reject_malformed(request, context)
                 return empty()
-            _enter(context)
+            _enter(context, gate)
             result = await gate.run(behaviour(request, context), context)
             # A call ended with a status (refused, shut down) still returns a message.
             return empty() if result is None else result
@@ -452,7 +493,7 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, Method
             if isinstance(request, Malformed):
                 gate.reject_malformed(request, context)
                 return
-            _enter(context)
+            _enter(context, gate)
 
             async def pump() -> None:
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
@@ -571,25 +612,29 @@ async def start_inference_service(
     tls: Optional[grpc.ServerCredentials] = None,
     puller: Optional[ModelPuller] = None,
     models: Optional["ModelManagement"] = None,
+    keyring: Optional[KeyRing] = None,
+    spend: Optional[SpendObserver] = None,
 ) -> RunningService:
     """Start the gRPC server; port 0 picks a free port, returned in the result.
 
     ``api_keys``: when any, InferenceService calls need ``authorization:
     Bearer <key>``; ``admin_keys`` are valid too, and the only keys the
-    model-management methods take (``mlxgate.admin``).  ``max_message_bytes``: the largest message received or
-    sent (larger ones end RESOURCE_EXHAUSTED).  ``front_token``: the token the
+    model-management methods take (``mlxgate.admin``).  ``max_message_bytes``:
+    the largest message received or sent (larger ones end RESOURCE_EXHAUSTED).  ``front_token``: the token the
     in-process HTTP front sends, admitted while draining.  ``unix_path``:
     also listen on this Unix-domain socket (``mlxgate serve --workers``: the
     fronts in the worker processes call through it), made readable and
     writable by this user only.  ``tls``: the TCP port speaks TLS with these
     credentials (``mlxgate.grpc_tls``; the Unix socket stays plaintext).
-    ``puller``: serves PullModel (``backends.models.pull.Puller``).  A
+    ``puller``: serves PullModel (``backends.models.pull.Puller``);
+    ``models``: the model management the copy/delete/create/blob methods use
+    (``backends.models.manage``); None: they answer UNIMPLEMENTED.
+    ``keyring``: the key table (default: ``api_keys`` and ``admin_keys``);
+    ``spend``: usage, budgets and per-key limits (``backends/spend``).  A
     port that cannot be bound raises ``mlxgate.ports.BindError``
-    (``PortInUse`` when taken).  ``models``: the model management the
-    copy/delete/create/blob methods use (``backends.models.manage``); None:
-    they answer UNIMPLEMENTED.
+    (``PortInUse`` when taken).
     """
-    gate = Gate(api_keys, front_token, admin_keys)
+    gate = Gate(api_keys, front_token, keyring if keyring is not None else KeyRing.of(api_keys, admin_keys))
     server = grpc.aio.server(
         interceptors=[GateInterceptor(gate)],
         options=[
@@ -606,7 +651,7 @@ async def start_inference_service(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    handlers = method_handlers(InferenceServicer(backend, observer, puller, models), gate)
+    handlers = method_handlers(InferenceServicer(backend, observer, puller, models, spend), gate)
     server.add_generic_rpc_handlers((_generic_handler(handlers),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 import grpc
 from aiohttp import web
 
-from gateway import openapi, overhead
+from gateway import caller, openapi, overhead, usage
 from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
@@ -178,10 +178,12 @@ def create_app(
     app.on_response_prepare.append(_echo_request_id)
     app.on_response_prepare.append(overhead.on_response_prepare)
     app.on_response_prepare.append(guard.on_response_prepare)
+    app.on_response_prepare.append(caller.on_response_prepare)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)
     responses_routes.add_routes(app)
     anthropic_routes.add_routes(app)
+    usage.add_routes(app)
     openapi.add_routes(app)
     return app
 

@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, Protocol, Sequence
 
 import grpc
 
+from gateway.caller import on_behalf
 from gateway.overhead import Overhead
 from mlxgate.config import ServerConfig
 from mlxgate.grpc_tls import channel_credentials
@@ -102,6 +103,9 @@ class GenerateStream:
                 grpc.StatusCode.INTERNAL, details="inference service ended the stream without a result"
             )
         self._first = msg
+        ob = on_behalf()
+        if ob is not None and ob.limited:
+            ob.take_rate_headers(await self._call.initial_metadata())
         return self._first
 
     async def _rest(self) -> AsyncIterator[pb.GenerateResponse]:
@@ -203,12 +207,19 @@ class InferenceClient:
         return len(streams) + len(self._unary)
 
     def _md(self, request_id: str) -> tuple[tuple[str, str], ...]:
-        return (("x-request-id", request_id), *self._metadata)
+        ob = on_behalf()
+        if ob is None:
+            return (("x-request-id", request_id), *self._metadata)
+        return (("x-request-id", request_id), *self._metadata, *ob.metadata())
 
     async def _call(self, call: grpc.aio.UnaryUnaryCall) -> Any:
         self._unary[call] = False
         try:
-            return await call
+            result = await call
+            ob = on_behalf()
+            if ob is not None and ob.limited:
+                ob.take_rate_headers(await call.initial_metadata())
+            return result
         except asyncio.CancelledError:
             if _ended_by_us(self._unary.get(call, False)):
                 raise _shutting_down() from None
@@ -257,6 +268,9 @@ class InferenceClient:
 
     async def load_model(self, req: pb.LoadModelRequest, request_id: str) -> pb.LoadModelResponse:
         return await self._unary_call(self.stub.LoadModel, req, request_id)
+
+    async def get_usage(self, req: pb.GetUsageRequest, request_id: str) -> pb.GetUsageResponse:
+        return await self._unary_call(self.stub.GetUsage, req, request_id)
 
     async def unload_model(self, model: str, request_id: str) -> pb.UnloadModelResponse:
         return await self._unary_call(self.stub.UnloadModel, pb.UnloadModelRequest(model=model), request_id)

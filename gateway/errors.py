@@ -45,6 +45,11 @@ from mlxgate.limits import clip
 
 #: Must match backends.errors.RETRY_AFTER_KEY (the front does not import backends).
 RETRY_AFTER_KEY = "retry-after"
+#: Must match backends.spend.spend.LIMIT_KEY: a RESOURCE_EXHAUSTED that is the
+#: caller's own limit ("budget" or "rate"), not a busy server.
+LIMIT_KEY = "x-mlxgate-limit"
+#: The codes such a 429 carries in the OpenAI dialect (OpenAI's own).
+LIMIT_CODES = {"budget": "insufficient_quota", "rate": "rate_limit_exceeded"}
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ class ApiError(Exception):
         grpc_code: Optional[grpc.StatusCode] = None,
         retry_after: Optional[str] = None,
         headers: Optional[Mapping[str, str]] = None,
+        limit: Optional[str] = None,
     ) -> None:
         message = clip(message)
         super().__init__(message)
@@ -111,6 +117,8 @@ class ApiError(Exception):
         self.retry_after = retry_after
         #: More response headers (``Allow`` on 405, ``WWW-Authenticate`` on 401).
         self.headers = dict(headers) if headers else {}
+        #: "budget" or "rate": the caller's limit (a 429 in every dialect).
+        self.limit = limit
 
 
 def bad_request(message: str, param: Optional[str] = None) -> ApiError:
@@ -130,7 +138,13 @@ def from_grpc(err: grpc.aio.AioRpcError, request_id: str = "") -> ApiError:
         log.error("gRPC call failed (request %s): %s %s", request_id, code, err.details())
         return internal_error(request_id)
     message = err.details() or code.name.lower().replace("_", " ")
-    retry_after = dict(err.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+    trailers = dict(err.trailing_metadata() or ())
+    retry_after = trailers.get(RETRY_AFTER_KEY)
+    limit = trailers.get(LIMIT_KEY)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and limit in LIMIT_CODES:
+        headers = {k: v for k, v in trailers.items() if isinstance(v, str) and k.startswith("x-ratelimit-")}
+        return ApiError(429, message, code=LIMIT_CODES[limit], grpc_code=code, retry_after=retry_after,
+                        headers=headers, limit=limit)
     api_code = None
     if code == grpc.StatusCode.NOT_FOUND and "model" in message.lower():
         api_code = "model_not_found"
@@ -198,6 +212,8 @@ _ANTHROPIC_STATUS = {429: 529, 503: 529, 501: 400, 408: 400}
 def adapt(err: ApiError, dialect: Dialect) -> ApiError:
     """Dialect-specific adjustments of status and text (Ollama's busy answer,
     Anthropic's statuses)."""
+    if err.limit is not None:  # the caller's budget or rate limit: 429 everywhere
+        return err
     if dialect == "ollama" and err.status == 429 and err.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ApiError(
             503, OLLAMA_BUSY, grpc_code=err.grpc_code, retry_after=err.retry_after, headers=err.headers

@@ -268,8 +268,9 @@ def all_routes() -> list[Route]:
     from gateway.ollama.routes import ROUTES as OLLAMA
     from gateway.openai.routes import ROUTES as OPENAI
     from gateway.responses.routes import ROUTES as RESPONSES
+    from gateway.usage import ROUTES as USAGE
 
-    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *ROUTES]
+    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *USAGE, *ROUTES]
 
 
 @functools.lru_cache(maxsize=1)

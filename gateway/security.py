@@ -35,6 +35,9 @@ without ever reading the request body:
    (``mlxgate.admin``: pull, push, create, copy, delete, blobs) need one of
    ``admin_keys``; any other valid key gets 403.  Admin keys are valid on
    every route.
+   that keep what a key stores private to it (the Responses API's store),
+   and its name and limits (``state.CALLER``, a ``mlxgate.keyring.NamedKey``
+   from the one key table) for the calls to the service, which speak for it.
 
 Refusals are ``ApiError`` rendered by ``error_response``: the caller's dialect
 (``{"error": "..."}`` on ``/api/*`` and ``/``; ``{"error": {"message", "type",
@@ -57,8 +60,6 @@ on the dashboard instead of vanishing.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 import re
@@ -66,11 +67,13 @@ from typing import Awaitable, Callable, Iterable, Mapping, Optional
 
 from aiohttp import hdrs, web
 
+from gateway.caller import speak_for
 from gateway.errors import ApiError, error_response, from_http, request_dialect
-from gateway.state import BACKEND_HEADER, CALLER_KEY, REQUEST_ID_HEADER
-from mlxgate.admin import NEEDS_ADMIN, admin_keys, is_admin_path
+from gateway.state import BACKEND_HEADER, CALLER, CALLER_KEY, REQUEST_ID_HEADER
+from mlxgate.admin import NEEDS_ADMIN, is_admin_path
 from mlxgate.config import ServerConfig
-from mlxgate.exposure import effective_keys, is_loopback
+from mlxgate.exposure import is_loopback
+from mlxgate.keyring import KeyRing, NamedKey, digest
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +195,6 @@ def _quote(value: str) -> str:
     return value if len(value) <= _QUOTE_MAX else value[:_QUOTE_MAX] + "..."
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-
-
 class TrustGuard:
     """The trust middleware and its CORS hook, prepared from one ServerConfig."""
 
@@ -207,13 +206,12 @@ class TrustGuard:
         #: "*.example.lan" in allowed_hosts: any sub-domain of example.lan.
         self.host_suffixes = tuple(n[1:] for n in names if n.startswith("*.")) + (".localhost",)
         self.origins = OriginMatcher((*DEFAULT_ORIGINS, *cfg.origins))
-        self._key_digests = tuple(_digest(k) for k in effective_keys(cfg))
-        self._admin_digests = tuple(_digest(k) for k in admin_keys(cfg))
+        self.keyring = KeyRing.from_server(cfg)
         self.metrics_public = cfg.metrics_public
 
     @property
     def keys_required(self) -> bool:
-        return bool(self._key_digests)
+        return self.keyring.required
 
     # ---------------------------------------------------------------- checks
 
@@ -231,12 +229,13 @@ class TrustGuard:
     def key_valid(self, headers: Mapping[str, str]) -> Optional[bool]:
         """None when no key was presented, else whether one presented key is
         configured (``headers``: case-insensitive, as ``request.headers``)."""
-        valid, _ = self.check_key(headers)
+        valid, _, _ = self.check_key(headers)
         return valid
 
-    def check_key(self, headers: Mapping[str, str]) -> tuple[Optional[bool], Optional[bytes]]:
-        """``key_valid``, and the digest of the first presented key that is
-        configured (the caller's identity for what it stores: ``CALLER_KEY``)."""
+    def check_key(self, headers: Mapping[str, str]) -> tuple[Optional[bool], Optional[bytes], Optional[NamedKey]]:
+        """``key_valid``, the digest of the first presented key that is
+        configured (the caller's identity for what it stores: ``CALLER_KEY``)
+        and that key's entry in the key table (its name, admin flag, limits)."""
         presented = []
         auth = headers.get(hdrs.AUTHORIZATION)
         if auth:
@@ -247,23 +246,15 @@ class TrustGuard:
         if x_api_key:
             presented.append(x_api_key)
         if not presented:
-            return None, None
+            return None, None, None
         matched: Optional[bytes] = None
+        caller: Optional[NamedKey] = None
         for credential in presented:
-            digest = _digest(credential)
-            ok = False
-            for known in self._key_digests:  # every key, no early exit
-                ok |= hmac.compare_digest(digest, known)
-            if ok and matched is None:
-                matched = digest
-        return matched is not None, matched
-
-    def is_admin(self, digest: bytes) -> bool:
-        """Whether an accepted key's digest is an admin key's (every one compared)."""
-        ok = False
-        for known in self._admin_digests:
-            ok |= hmac.compare_digest(digest, known)
-        return ok
+            d = digest(credential)
+            key = self.keyring.lookup_digest(d)  # every key compared
+            if key is not None and matched is None:
+                matched, caller = d, key
+        return matched is not None, matched, caller
 
     def _needs_key(self, request: web.Request) -> bool:
         path = request.path
@@ -309,8 +300,8 @@ class TrustGuard:
             request[CORS_ORIGIN_KEY] = origin
         if request.method == hdrs.METH_OPTIONS:
             return self._options(request, origin)
-        if self._key_digests and self._needs_key(request):
-            valid, digest = self.check_key(headers)
+        if self.keyring.required and self._needs_key(request):
+            valid, key_digest, caller = self.check_key(headers)
             if not valid:
                 message = (
                     "invalid API key"
@@ -322,11 +313,15 @@ class TrustGuard:
                     ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}),
                     "missing API key" if valid is None else "wrong API key",
                 )
-            assert digest is not None
-            if is_admin_path(request.path) and not self.is_admin(digest):
+            assert key_digest is not None and caller is not None
+            if is_admin_path(request.path) and not caller.admin:
                 return self._refuse(request, ApiError(403, NEEDS_ADMIN, code="admin_key_required"),
                                     "not an admin key")
-            request[CALLER_KEY] = digest
+            request[CALLER_KEY] = key_digest
+            request[CALLER] = caller
+            speak_for(request, caller.name, request_dialect(request), caller.rate_limited)
+            return await handler(request)
+        speak_for(request, "", request_dialect(request))
         return await handler(request)
 
     def _refuse(self, request: web.Request, err: ApiError, why: str) -> web.Response:

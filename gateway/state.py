@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.client import InferenceClient
 from mlxgate.config import ServerConfig
+from mlxgate.keyring import NamedKey
 from mlxgate.v1 import inference_pb2 as pb
 
 CLIENT_KEY = web.AppKey("inference_client", InferenceClient)
@@ -19,6 +20,9 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 #: middleware has accepted it (absent when no keys are configured).  Handlers
 #: read it to keep what a key stores private to it; it is never logged.
 CALLER_KEY = web.RequestKey("caller_key_digest", bytes)
+#: The caller's key from the key table (its name, admin flag and limits; no
+#: secret), once the trust middleware has accepted it.
+CALLER = web.RequestKey("caller", NamedKey)
 
 #: Header a caller may send to correlate logs; echoed on every response.
 REQUEST_ID_HEADER = "X-Request-Id"

@@ -97,10 +97,13 @@ class ServerConfig:
     #: InferenceService gRPC method needs ``authorization: Bearer <key>``.
     api_keys: list[str] = field(default_factory=list, repr=False)
     #: Admin keys: valid wherever an API key is, and the only keys that may
-    #: manage models (pull, create, copy, delete, blobs, push) once any key is
-    #: set (``mlxgate/admin.py``).  Setting only admin keys also makes every
-    #: route but ``GET /`` need a key.
+    #: read ``/api/usage`` and manage models (pull, create, copy, delete,
+    #: blobs, push: ``mlxgate/admin.py``) once any key is set.  Setting only
+    #: admin keys also makes every route but ``GET /`` need a key.
     admin_keys: list[str] = field(default_factory=list, repr=False)
+    #: Named keys (TOML ``[[keys]]``), each with its own limits
+    #: (``mlxgate.keyring``); their secrets resolved from ``key_env`` at load.
+    keys: list["KeyEntry"] = field(default_factory=list, repr=False)
     #: Serve /metrics without a key even when keys are set.
     metrics_public: bool = False
     #: Start on a non-loopback address with no keys (refused otherwise).
@@ -133,6 +136,10 @@ class ServerConfig:
     responses_max_count: int = 10_000
     responses_max_bytes: int = 256 * 1024 * 1024
 
+    def __post_init__(self) -> None:
+        # Sent to ``serve --workers``' processes as plain dicts (dataclasses.asdict).
+        self.keys = [KeyEntry(**k) if isinstance(k, Mapping) else k for k in self.keys]
+
     def data_path(self) -> Path:
         """``data_dir``, or the platform's user data folder for mlxgate
         (platformdirs: ``~/.local/share/mlxgate`` on Linux,
@@ -142,6 +149,25 @@ class ServerConfig:
         import platformdirs
 
         return Path(platformdirs.user_data_dir("mlxgate", appauthor=False))
+
+
+@dataclass
+class KeyEntry:
+    """One ``[[keys]]`` entry: a named API key and its limits (None: none).
+
+    The secret comes from ``key_env`` (the name of an environment variable,
+    preferred: the key never sits in a file) or ``key``; the name is what
+    the ledger, logs, metrics and ``/api/usage`` show, never the secret."""
+
+    name: str = ""
+    key_env: str = ""
+    key: str = field(default="", repr=False)
+    admin: bool = False
+    requests_per_minute: Optional[int] = None
+    tokens_per_minute: Optional[int] = None
+    cloud_usd_per_day: Optional[float] = None
+    #: Models this key may use (public names); empty: any.
+    models: list[str] = field(default_factory=list)
 
 
 #: ``ServerConfig.front_channel``'s values.
@@ -246,12 +272,20 @@ class CloudProvider:
     connect_timeout: Optional[float] = None
     first_token_timeout: Optional[float] = None
     idle_timeout: Optional[float] = None
+    #: USD per million tokens by model ("*": any other): [input, output] or
+    #: [input, output, cached input] (``backends/spend/prices.py``).
+    prices: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in CLOUD_KINDS:
             raise ValueError(
                 f"cloud provider {self.name!r}: kind must be one of {', '.join(CLOUD_KINDS)}, got {self.kind!r}"
             )
+        for model, price in self.prices.items():
+            if (not isinstance(price, list) or len(price) not in (2, 3)
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in price)):
+                raise ValueError(f"cloud provider {self.name!r}: prices[{model!r}] must be [input, output] or "
+                                 "[input, output, cached input], USD per million tokens, none negative")
 
 
 @dataclass
@@ -336,6 +370,28 @@ class HubConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """``[budget]``: the most cloud spend per UTC (or ``timezone``) day and
+    month, USD; None: no limit.  Reached: cloud backends are skipped until
+    the period resets (``backends/spend/budgets.py``)."""
+
+    cloud_usd_per_day: Optional[float] = None
+    cloud_usd_per_month: Optional[float] = None
+    #: An IANA zone name ("Europe/Berlin"): where days and months begin.
+    timezone: str = "UTC"
+
+
+@dataclass
+class UsageConfig:
+    """``[usage]``: the ledger (``<data_dir>/usage.sqlite3``)."""
+
+    #: Record a row per request; off, budgets count from the start of the process.
+    ledger: bool = True
+    #: Rows older than this many days are removed.
+    retention_days: float = 90.0
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     mlx: MLXConfig = field(default_factory=MLXConfig)
@@ -345,6 +401,8 @@ class Config:
     remotes: list[RemoteService] = field(default_factory=list)
     router: RouterConfig = field(default_factory=RouterConfig)
     upstream: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
     #: Public name -> ordered targets "mlx:<name>", "ollama:<tag>",
     #: "cloud:<provider>:<model>".
     aliases: dict[str, list[str]] = field(default_factory=dict)
@@ -412,6 +470,10 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_CONNECT_TIMEOUT": ("upstream", "connect_timeout"),
     "MLXGATE_FIRST_TOKEN_TIMEOUT": ("upstream", "first_token_timeout"),
     "MLXGATE_IDLE_TIMEOUT": ("upstream", "idle_timeout"),
+    "MLXGATE_CLOUD_BUDGET_DAY_USD": ("budget", "cloud_usd_per_day"),
+    "MLXGATE_CLOUD_BUDGET_MONTH_USD": ("budget", "cloud_usd_per_month"),
+    "MLXGATE_USAGE_RETENTION_DAYS": ("usage", "retention_days"),
+    "MLXGATE_USAGE_LEDGER": ("usage", "ledger"),
 }
 
 #: Ollama's own variables, honoured for users replacing Ollama.  mlxgate's
@@ -484,6 +546,14 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
                     cfg.remotes.append(RemoteService(**r))
                 except TypeError as e:
                     raise ValueError(f"remote: {e}") from None
+        elif key == "keys":
+            if not isinstance(value, list):
+                raise ValueError("keys: expected [[keys]] entries (name, key_env or key, admin, limits, models)")
+            for k in value:
+                try:
+                    cfg.server.keys.append(KeyEntry(**k))
+                except TypeError as e:
+                    raise ValueError(f"keys: {e}") from None
         elif key == "log_level":
             cfg.log_level = value
         elif isinstance(value, Mapping) and hasattr(cfg, key):
@@ -583,6 +653,55 @@ def _check_remotes(cfg: Config) -> None:
         names.add(r.name)
         if r.key and r.key_env:
             raise ValueError(f"remote {r.name!r}: set key_env or key, not both")
+
+
+#: Key names become ledger columns and metric labels.
+_KEY_NAME = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+def _check_keys(cfg: Config, env: Mapping[str, str]) -> None:
+    """``[[keys]]``: names valid and unique (``key-N`` is the plain keys'),
+    each secret resolved from ``key_env`` (or ``key``), limits not negative."""
+    names: set[str] = set()
+    for k in cfg.server.keys:
+        if not _KEY_NAME.match(k.name or ""):
+            raise ValueError(f"keys: name {k.name!r} must be 1-64 characters of [A-Za-z0-9._-]")
+        if re.fullmatch(r"key-\d+", k.name):
+            raise ValueError(f"keys: name {k.name!r} is reserved for the keys of MLXGATE_API_KEYS")
+        if k.name in names:
+            raise ValueError(f"keys: {k.name!r} is configured twice")
+        names.add(k.name)
+        if k.key and k.key_env:
+            raise ValueError(f"keys: {k.name!r}: set key_env or key, not both")
+        if k.key_env:
+            k.key = env.get(k.key_env, "").strip()
+            if not k.key:
+                raise ValueError(f"keys: {k.name!r}: environment variable {k.key_env} is not set")
+        if not k.key.strip():
+            raise ValueError(f"keys: {k.name!r} needs key_env (an environment variable holding the key) or key")
+        for what in ("requests_per_minute", "tokens_per_minute", "cloud_usd_per_day"):
+            v = getattr(k, what)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                raise ValueError(f"keys: {k.name!r}: {what} must be a number, 0 or more")
+        if not isinstance(k.models, list) or not all(isinstance(m, str) for m in k.models):
+            raise ValueError(f"keys: {k.name!r}: models must be a list of model names")
+
+
+def _check_spend(cfg: Config) -> None:
+    b = cfg.budget
+    for what in ("cloud_usd_per_day", "cloud_usd_per_month"):
+        v = getattr(b, what)
+        if v is not None and v < 0:
+            raise ValueError(f"budget.{what} must be 0 or more, got {v}")
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(b.timezone)
+    except (ValueError, KeyError, OSError):
+        raise ValueError(f"budget.timezone: unknown time zone {b.timezone!r} (an IANA name such as "
+                         "'Europe/Berlin', or 'UTC')") from None
+    if cfg.usage.retention_days <= 0:
+        raise ValueError(f"usage.retention_days must be above 0, got {cfg.usage.retention_days}")
 
 
 def parse_ollama_host(value: str) -> tuple[str, Optional[int]]:
@@ -699,6 +818,8 @@ def load_config(
         else:
             setattr(cfg, dotted, value)
     _check_remotes(cfg)
+    _check_keys(cfg, env)
+    _check_spend(cfg)
     _drop_loops(cfg)
     _upstream_defaults(cfg)
     if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:

@@ -16,10 +16,11 @@ from mlxgate.config import Config, ServerConfig
 
 
 def effective_keys(server: ServerConfig) -> list[str]:
-    """The configured API keys and admin keys, surrounding blanks removed,
-    empty ones dropped (an empty ``--api-key ""`` must not count as "keys are
-    set"), each once."""
-    return list(dict.fromkeys(k.strip() for k in (*server.api_keys, *server.admin_keys) if k.strip()))
+    """The configured API keys (plain, admin and ``[[keys]]``), surrounding
+    blanks removed, empty ones dropped (an empty ``--api-key ""`` must not
+    count as "keys are set"), each once."""
+    every = [*server.api_keys, *server.admin_keys, *(k.key for k in server.keys)]
+    return list(dict.fromkeys(k.strip() for k in every if k.strip()))
 
 
 def is_loopback(host: str) -> bool:

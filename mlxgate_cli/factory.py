@@ -36,7 +36,7 @@ from backends.models.manage import ModelManagement
 from backends.models.pull import PullObserver, Puller
 from backends.ollama import OllamaBackend
 from backends.remote import RemoteBackend
-from backends.router import Router, RouterObserver
+from backends.router import BudgetGuard, Router, RouterObserver
 from mlxgate.config import Config, MLXConfig
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def build_model_management(router: Router) -> Optional[ModelManagement]:
 
 
 def build_router(
-    config: Config, env: Mapping[str, str], observer: Optional[RouterObserver] = None
+    config: Config, env: Mapping[str, str], observer: Optional[RouterObserver] = None,
+    budgets: Optional[BudgetGuard] = None,
 ) -> Router:
-    return Router(build_backends(config, env), config.router, config.aliases, observer=observer)
+    return Router(build_backends(config, env), config.router, config.aliases, observer=observer, budgets=budgets)

@@ -35,6 +35,7 @@ examples:
   mlxgate serve                          serve on http://127.0.0.1:11434 (gRPC 127.0.0.1:50051)
   mlxgate serve --models-dir ~/models    serve the MLX models in ~/models
   mlxgate make-test-model ./models       write a small random-weight model to try things with
+  mlxgate usage --since 7d               what went where: requests, tokens and cloud spend per key and model
   mlxgate serve --help                   every option of serve, with its default
   mlxgate list                           the models of the running server (also: pull, ps, show,
                                          cp, rm, create, run, stop, as Ollama's CLI; OLLAMA_HOST /
@@ -175,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help=_described("port for /metrics", "MLXGATE_METRICS_PORT", server.metrics_port))
     _add_common(service)
 
+    usage = sub.add_parser(
+        "usage",
+        help="usage and spend of a running server, by key, backend and model",
+        description="Print a running server's usage ledger and budgets (GET /api/usage).",
+        formatter_class=_HelpFormatter,
+    )
+    usage.add_argument("--host", help=_described("the server", "MLXGATE_HOST or OLLAMA_HOST",
+                                                  "http://127.0.0.1:11434"))
+    usage.add_argument("--since", help="ISO 8601 date/time or an age (24h, 7d); default: every row kept")
+    usage.add_argument("--until", help="as --since; default: now")
+    usage.add_argument("--group-by", help="comma-separated key, backend, model (default all three)")
+    usage.add_argument("--json", action="store_true", help="print the answer as JSON")
+
     model = sub.add_parser(
         "make-test-model",
         help="write a small random-weight model into DIR (for trying things out)",
@@ -262,6 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 context=args.context or CONTEXT, ending=args.ending)
         print(path)
         return 0
+    if args.command == "usage":
+        from mlxgate_cli.usage import run
+
+        return run(args.host, args.since, args.until, args.group_by, args.json, os.environ)
 
     try:
         config = config_from_args(args)

@@ -31,8 +31,11 @@ from prometheus_client import CollectorRegistry
 
 from backends.metrics import BackendCollector, MemoryCollector, PullMetrics, ServiceMetrics
 from backends.service import RunningService, start_inference_service
+from backends.spend import Spend
+from backends.spend.service import SpendObserver
 from mlxgate.config import Config
 from mlxgate.grpc_tls import server_credentials
+from mlxgate.keyring import KeyRing
 from mlxgate.memory import freeze_startup_objects
 from mlxgate.ports import bind_error, check_free
 from mlxgate_cli.tasks import first_done
@@ -79,6 +82,9 @@ class Stack:
     service_metrics: Optional[ServiceMetrics] = None
     #: Pulls models into the MLX engine's store (PullModel); None without MLX.
     puller: Optional[Puller] = None
+    #: Usage, budgets and per-key limits (``backends/spend``); its ledger is
+    #: flushed by ``stop()`` after the service has stopped.
+    spend: Optional[Spend] = None
     #: Lets the in-process front's gRPC calls through while the service drains.
     front_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
@@ -108,7 +114,10 @@ class Stack:
         from mlxgate_cli.factory import build_model_management, build_puller, build_router
 
         self.service_metrics = ServiceMetrics(self.registry)
-        self.router = build_router(self.config, env, observer=self.service_metrics)
+        keyring = KeyRing.from_server(self.config.server)
+        self.spend = Spend(self.config, keyring, self.registry)
+        await self.spend.start()
+        self.router = build_router(self.config, env, observer=self.service_metrics, budgets=self.spend)
         self.service_metrics.init_backends([b.name for b in self.router.backends], self.router.fallback_orders())
         await self.router.start()  # remote services' health watches
         mlx = self.router.mlx_backend
@@ -136,6 +145,8 @@ class Stack:
             tls=server_credentials(cfg.grpc_tls_cert, cfg.grpc_tls_key) if cfg.grpc_tls_cert else None,
             puller=self.puller,
             models=models,
+            keyring=keyring,
+            spend=SpendObserver(self.spend),
         )
         if mlx is not None and getattr(mlx, "cluster", None) is not None:
             self._watch_cluster(mlx)
@@ -226,6 +237,8 @@ class Stack:
             await self.puller.close()
         if self.router is not None:
             await self.router.close()
+        if self.spend is not None:
+            await self.spend.close()
 
 
 def check_ports(config: Config, front: bool = True) -> None:

@@ -33,7 +33,7 @@ def free_port() -> int:
 
 def stack_config(models_dir: Path) -> Config:
     cfg = Config(
-        server=ServerConfig(port=0, grpc_port=0),
+        server=ServerConfig(port=0, grpc_port=0, data_dir=str(models_dir.parent / "observability-data")),
         mlx=MLXConfig(models_dir=str(models_dir), hf_cache=str(models_dir / "no-hf"), default_max_tokens=16,
                       bootstrap_test_model=False),
     )
@@ -42,6 +42,7 @@ def stack_config(models_dir: Path) -> Config:
     cfg.ollama.upstream = f"http://127.0.0.1:{free_port()}"
     cfg.ollama.connect_timeout = 0.5
     cfg.aliases["fallback-demo"] = [f"ollama:{TEST_MODEL}", f"mlx:{TEST_MODEL}"]
+    cfg.budget.cloud_usd_per_month = 100.0  # the Spend row's budget panel has a series
     return cfg
 
 

@@ -131,6 +131,11 @@ class InferenceServiceStub:
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/GetUsage',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -290,6 +295,19 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """---- Usage and spend (the ledger, budgets and per-key limits) ----
+        Totals from the usage ledger between since and until, grouped, and each
+        cloud budget's spend, limit and reset.  With keys set: admin keys only
+        (PERMISSION_DENIED otherwise).  A Generate or Embed refused by a spent
+        budget or a key's rate limit is RESOURCE_EXHAUSTED with trailers
+        "retry-after", "x-mlxgate-limit" ("budget" or "rate") and, for a rate
+        limit, "x-ratelimit-*"; a model outside a key's list is PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -362,6 +380,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.PullModel,
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -769,6 +792,33 @@ class InferenceService:
             '/mlxgate.v1.InferenceService/PullModel',
             mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
             mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/GetUsage',
+            mlxgate_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

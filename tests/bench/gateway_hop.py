@@ -10,9 +10,12 @@ one cloud provider: the instant upstream), as a user would run it.
 
 It is also the ``hop`` section of ``make bench`` (``tests/bench/hop.py``),
 which measures the front over the loopback gRPC channel too
-(``MLXGATE_FRONT_CHANNEL=grpc``) beside the default in-process one.
+(``MLXGATE_FRONT_CHANNEL=grpc``) beside the default in-process one, and the
+in-process front with the usage ledger off (``no-ledger``,
+``MLXGATE_USAGE_LEDGER=false``): the ledger's bookkeeping must stay off the
+request path, so the two should not differ beyond noise.
 
-    python -m tests.bench.gateway_hop [--seconds 5] [--workers 1] [--channels in-process,grpc]
+    python -m tests.bench.gateway_hop [--seconds 5] [--workers 1] [--channels in-process,grpc,no-ledger]
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import aiohttp
 from tests.bench.instant_upstream import MODEL, InstantUpstream
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+#: A "channel" that is the in-process front with the usage ledger off.
+NO_LEDGER = "no-ledger"
 
 
 def pct(values: list[float], p: float) -> float:
@@ -114,8 +119,10 @@ def start_mlxgate(
         MLXGATE_CLOUD_MODELS=MODEL,
         MLXGATE_DATA_DIR=data_dir,
         MLXGATE_LOG_LEVEL="WARNING",
-        MLXGATE_FRONT_CHANNEL=channel,
+        MLXGATE_FRONT_CHANNEL="in-process" if channel == NO_LEDGER else channel,
     )
+    if channel == NO_LEDGER:
+        env["MLXGATE_USAGE_LEDGER"] = "false"
     cmd = [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0"]
     if workers > 1:
         cmd += ["--workers", str(workers)]

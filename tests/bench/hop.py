@@ -2,7 +2,8 @@
 
 mlxgate in front of an instant OpenAI-compatible upstream vs the upstream
 direct, measured by ``tests/bench/gateway_hop.py``; the front reaches its
-service in-process (the default) and, for comparison, over loopback gRPC.
+service in-process (the default) and, for comparison, over loopback gRPC
+and with the usage ledger off (its bookkeeping must not show here).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from tests.bench.common import Context, Section, Table
 from tests.bench.gateway_hop import run as run_hop
 
 SECONDS = 4.0
-CHANNELS = ("in-process", "grpc")
+CHANNELS = ("in-process", "grpc", "no-ledger")
 
 
 async def run(ctx: Context) -> Section:
@@ -23,7 +24,9 @@ def table(r: dict, seconds: float) -> Table:
     """``gateway_hop.run``'s result: direct, then mlxgate with each front channel measured."""
     one, many, streams = r["one_client"], r["16_clients"], r["16_streams"]
     keys = ["mlxgate"] + [f"mlxgate_{c}" for c in r["channels"][1:]]
-    heads = ["mlxgate"] + [f"mlxgate, front over {'gRPC' if c == 'grpc' else c}" for c in r["channels"][1:]]
+    heads = ["mlxgate"] + [
+        "mlxgate, usage ledger off" if c == "no-ledger" else f"mlxgate, front over {'gRPC' if c == 'grpc' else c}"
+        for c in r["channels"][1:]]
 
     def row(label: str, metric: str, scenario: dict, goal: str) -> list:
         return [label, scenario["direct"][metric], *(scenario[k][metric] for k in keys), goal]
