@@ -396,6 +396,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if size is None:
             return pb.CreateBlobResponse()
         return pb.CreateBlobResponse(digest=first.get("digest", ""), size=size)
+
     async def PullModel(
         self, request: pb.PullModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PullModelResponse]:
@@ -412,13 +413,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             log.exception("PullModel failed")
             _fail(context, Internal("internal error in PullModel"))
 
-
-class ModelPuller(Protocol):
-    """What PullModel calls (``backends.models.pull.Puller``)."""
-
-    def pull(self, name: str) -> AsyncIterator[Any]: ...
-
-
     async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
         if isinstance(request, Malformed):  # pragma: no cover - the method handler answers those
             return pb.GetUsageResponse()
@@ -427,6 +421,12 @@ class ModelPuller(Protocol):
             return pb.GetUsageResponse()
         res = await _guard(context, "GetUsage", lambda: spend.usage(request))
         return res if res is not None else pb.GetUsageResponse()
+
+
+class ModelPuller(Protocol):
+    """What PullModel calls (``backends.models.pull.Puller``)."""
+
+    def pull(self, name: str) -> AsyncIterator[Any]: ...
 
 
 class GenerateTracker(Protocol):
