@@ -516,7 +516,7 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, Method
         # A client stream (CreateBlob): the request is an async iterator of
         # messages, each possibly Malformed (the servicer checks).
         async def handle(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            _enter(context)
+            _enter(context, gate)
             result = await gate.run(behaviour(requests, context), context)
             return empty() if result is None else result
 
