@@ -30,6 +30,7 @@ from backends.errors import RETRY_AFTER_KEY, BackendError, Internal
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
 from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
+from backends.types import DetokenizeRequest, RerankRequest, TokenizeRequest
 from mlxgate.config import ServerConfig
 from mlxgate.limits import clip
 from mlxgate.memory import trim_after_large
@@ -246,6 +247,33 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             return pb.UnloadModelResponse()
         was = await _guard(context, "UnloadModel", lambda: self.backend.unload_model(request.model))
         return pb.UnloadModelResponse(model=request.model, was_loaded=bool(was))
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        size = request.ByteSize()
+        req = _accepted(context, size, request, validation.check_rerank, RerankRequest.from_pb)
+        del request
+        if req is None:
+            return pb.RerankResponse()
+        return await _answered(context, size, "Rerank", lambda: self.backend.rerank(req), pb.RerankResponse())
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        size = request.ByteSize()
+        req = _accepted(context, size, request, validation.check_tokenize, TokenizeRequest.from_pb)
+        del request
+        if req is None:
+            return pb.TokenizeResponse()
+        return await _answered(context, size, "Tokenize", lambda: self.backend.tokenize(req), pb.TokenizeResponse())
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        size = request.ByteSize()
+        req = _accepted(context, size, request, validation.check_detokenize, DetokenizeRequest.from_pb)
+        del request
+        if req is None:
+            return pb.DetokenizeResponse()
+        return await _answered(context, size, "Detokenize", lambda: self.backend.detokenize(req),
+                               pb.DetokenizeResponse())
 
 
 class GenerateTracker(Protocol):

@@ -101,6 +101,21 @@ class InferenceServiceStub:
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/Rerank',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.RerankRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.RerankResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/Tokenize',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/Detokenize',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -192,6 +207,39 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """------------------------------------------------ rerank, tokenize, detokenize
+        Documents ordered by relevance to a query, scored in batches: a causal
+        language model by the probability of "yes" after a judging prompt (the
+        Qwen3-Reranker format), an embedding model by cosine similarity.  Each
+        document is cut to fit the context; the number of documents and the
+        tokens of all of them together are bounded (INVALID_ARGUMENT naming
+        "documents" beyond).  A backend that cannot rerank answers UNIMPLEMENTED
+        and the router asks the next (a cloud provider serving /rerank).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Token ids of a text, or of a chat rendered as Generate would render it.
+        Only a backend running the model itself can tokenize (MLX, a remote
+        mlxgate service); a model only others serve is INVALID_ARGUMENT.  An
+        input beyond the model's context is INVALID_ARGUMENT, refused at a cost
+        bounded by the context.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Text of token ids (special tokens kept); an id outside the model's
+        vocabulary is INVALID_ARGUMENT.  Served by the same backends as Tokenize.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +282,21 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.CountTokens,
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.RerankRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.RerankResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +542,87 @@ class InferenceService:
             '/mlxgate.v1.InferenceService/CountTokens',
             mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
             mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/Rerank',
+            mlxgate_dot_v1_dot_inference__pb2.RerankRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/Tokenize',
+            mlxgate_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/Detokenize',
+            mlxgate_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
