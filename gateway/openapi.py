@@ -266,9 +266,11 @@ def all_routes() -> list[Route]:
     from gateway.anthropic.routes import ROUTES as ANTHROPIC
     from gateway.ollama.routes import ROUTES as OLLAMA
     from gateway.openai.routes import ROUTES as OPENAI
+    from gateway.rerank.routes import ROUTES as RERANK
     from gateway.responses.routes import ROUTES as RESPONSES
+    from gateway.tokenize.routes import ROUTES as TOKENIZE
 
-    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *ROUTES]
+    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *RERANK, *TOKENIZE, *ROUTES]
 
 
 @functools.lru_cache(maxsize=1)
