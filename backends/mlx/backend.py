@@ -518,7 +518,11 @@ class MLXBackend:
                     scores = await self._on_engine(lm, rerank_mod.cosine_scores, vectors[0], vectors[1:])
                 else:
                     judge = self._judges[lm]
-                    scores = await self._batched(lm, prepared, rerank_mod.yes_scores, judge.yes, judge.no, step)
+                    prefix = await self._on_engine(lm, rerank_mod.prefill, lm.model, prepared.prefix, step)
+                    if prefix is None and prepared.prefix:  # no sharing with this model's cache
+                        prepared.sequences = [prepared.prefix + seq for seq in prepared.sequences]
+                    scores = await self._batched(lm, prepared, rerank_mod.yes_scores, judge.yes, judge.no, step,
+                                                 prefix)
             finally:
                 self._release(lm, req.keep_alive)
         return RerankResult(ranked=rank(scores, req.top_n), total_tokens=prepared.total_tokens, model=lm.name,

@@ -30,7 +30,7 @@ needed are kept (each row's last one, or its mean).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -121,11 +121,27 @@ class Judge:
 class Prepared:
     """A request's sequences, ready for the engine."""
 
-    #: Causal: one sequence per document.  Cosine: the query's first, then the documents'.
+    #: Causal: one sequence per document, less ``prefix``.  Cosine: the query's first, then the documents'.
     sequences: list[list[int]]
     #: Batches of indices into ``sequences``.
     batches: list[list[int]]
+    #: Tokens processed (``prefix`` counted with every sequence, as a model without sharing would).
     total_tokens: int
+    #: Causal: the tokens every sequence starts with (the judging prompt, the
+    #: instruction and the query), evaluated once and shared by every row.
+    prefix: list[int] = field(default_factory=list)
+
+
+def _shared_prefix(seqs: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one of its own."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(0, n)
 
 
 def _check_total(total: int) -> None:
@@ -162,7 +178,9 @@ def judge_sequences(judge: Judge, counter, tokenizer, query: str, documents: lis
         total += len(seq)
         _check_total(total)
         out.append(seq)
-    return Prepared(out, batches(out), total)
+    shared = _shared_prefix(out)
+    rest = [seq[shared:] for seq in out]
+    return Prepared(rest, batches(rest), total, out[0][:shared])
 
 
 def embedding_sequences(counter, tokenizer, query: str, documents: list[str], context_length: int) -> Prepared:
@@ -202,11 +220,7 @@ def _padded(seqs: list[list[int]]):
     return mx.array([s + [0] * (width - len(s)) for s in seqs])
 
 
-def _hidden_chunks(model, x, step: int):
-    """(start, hidden states) of ``x`` (B, L) in chunks of ``step`` positions,
-    with a KV cache across chunks; one piece when it is short."""
-    import mlx.core as mx
-
+def _body(model):
     body = hidden_states_module(model)
     if body is None:
         raise InvalidArgument("this model has no hidden-state module; it cannot rerank")
@@ -215,13 +229,56 @@ def _hidden_chunks(model, x, step: int):
         h = body(tokens, **kw)
         return h[0] if isinstance(h, tuple) else h
 
+    return run
+
+
+def prefill(model, prefix: list[int], step: int) -> Optional[list[tuple[Any, Any]]]:
+    """The KV cache of ``prefix`` (one row), as (keys, values) per layer; None
+    when the model's cache is not a plain KV cache (sliding windows, state
+    space layers), whose rows then each run the whole sequence."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    if not prefix or any(type(c) is not KVCache for c in cache):
+        return None
+    run = _body(model)
+    x = mx.array([prefix])
+    for start in range(0, len(prefix), step):
+        mx.eval(run(x[:, start:start + step], cache=cache))
+    states = [c.keys_and_values() for c in cache]
+    mx.eval(states)
+    return states
+
+
+def _shared_cache(states: list[tuple[Any, Any]], rows: int) -> list[Any]:
+    """A fresh cache holding the prefix ``states`` once per row."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for keys, values in states:
+        c = KVCache()
+        c.state = (mx.repeat(keys, rows, axis=0), mx.repeat(values, rows, axis=0), keys.shape[2])
+        out.append(c)
+    return out
+
+
+def _hidden_chunks(model, x, step: int, cache: Optional[list[Any]] = None):
+    """(start, hidden states) of ``x`` (B, L) in chunks of ``step`` positions,
+    with a KV cache across chunks (``cache``: one that already holds a
+    prefix); one piece when it is short and there is no cache."""
+    import mlx.core as mx
+
+    run = _body(model)
     width = x.shape[1]
-    if width <= step:
+    if width <= step and cache is None:
         yield 0, run(x)
         return
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    if cache is None:
+        cache = make_prompt_cache(model)
     for start in range(0, width, step):
         h = run(x[:, start:start + step], cache=cache)
         mx.eval(h)
@@ -240,14 +297,17 @@ def _head(model, h):
     raise InvalidArgument("this model has no language-model head to judge with; it cannot rerank")
 
 
-def yes_scores(model, seqs: list[list[int]], yes: int, no: int, step: int) -> list[float]:
-    """P(yes) against P(no) at each sequence's last position (one batch)."""
+def yes_scores(model, seqs: list[list[int]], yes: int, no: int, step: int,
+               prefix: Optional[list[tuple[Any, Any]]] = None) -> list[float]:
+    """P(yes) against P(no) at each sequence's last position (one batch);
+    ``prefix``: the shared prefix's KV states (``prefill``) the sequences continue."""
     import mlx.core as mx
 
     x = _padded(seqs)
     last = [len(s) - 1 for s in seqs]
     rows: list[Any] = [None] * len(seqs)
-    for start, h in _hidden_chunks(model, x, step):
+    cache = _shared_cache(prefix, len(seqs)) if prefix is not None else None
+    for start, h in _hidden_chunks(model, x, step, cache):
         end = start + h.shape[1]
         for r, pos in enumerate(last):
             if start <= pos < end:
