@@ -164,8 +164,8 @@ def judge_sequences(judge: Judge, counter, tokenizer, query: str, documents: lis
     need = counter.count(head, context_length).lower
     if fixed + need + 1 > context_length:
         raise InvalidArgument(
-            f"query: the query and the judging prompt take at least {fixed + need} tokens, more than "
-            f"{model}'s context length {context_length} leaves for a document"
+            f"query: context length exceeded: the query, the instruction and the judging prompt take at least "
+            f"{fixed + need} tokens, leaving no room for a document in {model}'s context length {context_length}"
         )
     room = context_length - fixed
     encode = tokenizer.encode
