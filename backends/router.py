@@ -120,6 +120,14 @@ from backends.types import (
     RunningModel,
     TokenCount,
 )
+from backends.types import (
+    DetokenizeRequest,
+    DetokenizeResult,
+    RerankRequest,
+    RerankResult,
+    TokenizeRequest,
+    TokenizeResult,
+)
 from mlxgate.config import RouterConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
 from mlxgate.names import untagged
@@ -738,6 +746,53 @@ class Router:
         result.backend = target.backend.name
         result.model = result.model or target.model
         return result
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        """Reranked by the first target that can (the MLX engine, a remote
+        service, a cloud provider serving ``/rerank``); the others answer
+        Unimplemented and the next is asked."""
+
+        async def call(b: Backend, name: str) -> RerankResult:
+            method = getattr(b, "rerank", None)
+            if method is None:
+                raise Unimplemented(f"{b.name}: reranking is not supported")
+            return await method(dataclasses.replace(req, model=name))
+
+        target, result = await self._first(req.model, "rerank", call)
+        result.backend = target.backend.name
+        result.model = result.model or target.model
+        self._answered(target.backend.name, target.model)
+        return result
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        targets = self._tokenizing(req.model, await self.targets(req.model))
+        target, result = await self._first(
+            req.model, "tokenize", lambda b, name: b.tokenize(dataclasses.replace(req, model=name)), targets)
+        result.backend = target.backend.name
+        return result
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResult:
+        targets = self._tokenizing(req.model, await self.targets(req.model))
+        target, result = await self._first(
+            req.model, "detokenize", lambda b, name: b.detokenize(dataclasses.replace(req, model=name)), targets)
+        result.backend = target.backend.name
+        return result
+
+    @staticmethod
+    def _tokenizing(public: str, targets: list[Target]) -> list[Target]:
+        """The targets that hold the model's tokenizer: those that take token
+        ids (``Backend.takes_token_ids``: the MLX engine, remote services).
+        An upstream Ollama or a cloud API has no tokenize endpoint, and its
+        model's tokenizer is not ours to guess, so a model only they serve is
+        the caller's error."""
+        able = [t for t in targets if getattr(t.backend, "takes_token_ids", False)]
+        if targets and not able:
+            names = ", ".join(dict.fromkeys(t.backend.name for t in targets))
+            raise InvalidArgument(
+                f"model '{clip_name(public)}' is served by {names}, which cannot tokenize: tokenize and "
+                "detokenize work only for models this server runs itself (MLX) or another mlxgate service runs"
+            )
+        return able
 
     @staticmethod
     def _taking_token_ids(public: str, targets: list[Target]) -> list[Target]:

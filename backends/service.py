@@ -33,6 +33,7 @@ from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deseri
 from backends.spend.service import DIALECT_KEY, SpendObserver, both
 from backends.reflection import enable_reflection
 from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
+from backends.types import DetokenizeRequest, RerankRequest, TokenizeRequest
 from mlxgate.config import ServerConfig
 from mlxgate.keyring import KeyRing
 from mlxgate.limits import clip
@@ -421,6 +422,33 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             return pb.GetUsageResponse()
         res = await _guard(context, "GetUsage", lambda: spend.usage(request))
         return res if res is not None else pb.GetUsageResponse()
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        size = request.ByteSize()
+        req = _accepted(context, size, request, validation.check_rerank, RerankRequest.from_pb)
+        del request
+        if req is None:
+            return pb.RerankResponse()
+        return await _answered(context, size, "Rerank", lambda: self.backend.rerank(req), pb.RerankResponse())
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        size = request.ByteSize()
+        req = _accepted(context, size, request, validation.check_tokenize, TokenizeRequest.from_pb)
+        del request
+        if req is None:
+            return pb.TokenizeResponse()
+        return await _answered(context, size, "Tokenize", lambda: self.backend.tokenize(req), pb.TokenizeResponse())
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        size = request.ByteSize()
+        req = _accepted(context, size, request, validation.check_detokenize, DetokenizeRequest.from_pb)
+        del request
+        if req is None:
+            return pb.DetokenizeResponse()
+        return await _answered(context, size, "Detokenize", lambda: self.backend.detokenize(req),
+                               pb.DetokenizeResponse())
 
 
 class ModelPuller(Protocol):

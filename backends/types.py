@@ -831,3 +831,168 @@ class LoadResult:
     @classmethod
     def from_pb(cls, m: pb.LoadModelResponse) -> "LoadResult":
         return cls(model=m.model, backend=m.backend, load_duration_ns=m.load_duration_ns)
+
+
+# ---------------------------------------------------------------- rerank, tokenize, detokenize
+
+
+@dataclass
+class RerankRequest:
+    """Documents to order by relevance to ``query`` (``Backend.rerank``)."""
+
+    model: str
+    query: str
+    documents: list[str]
+    #: Results to return, best first; 0 = all.
+    top_n: int = 0
+    #: The judging prompt's task line (causal models); "" = the default.
+    instruction: str = ""
+    keep_alive: Optional[float] = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_pb(self) -> pb.RerankRequest:
+        return pb.RerankRequest(
+            request_id=self.request_id, model=self.model, query=self.query, documents=self.documents,
+            top_n=self.top_n, instruction=self.instruction, keep_alive=keep_alive_to_pb(self.keep_alive),
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.RerankRequest) -> "RerankRequest":
+        return cls(
+            model=m.model, query=m.query, documents=list(m.documents), top_n=m.top_n,
+            instruction=m.instruction, keep_alive=keep_alive_from_pb(m),
+            request_id=m.request_id or uuid.uuid4().hex,
+        )
+
+
+@dataclass
+class RerankResult:
+    """Scores by document, best first: ``ranked`` holds (index, score) pairs."""
+
+    ranked: list[tuple[int, float]]
+    total_tokens: int = 0
+    model: str = ""
+    backend: str = ""
+    method: str = ""
+
+    def to_pb(self) -> pb.RerankResponse:
+        return pb.RerankResponse(
+            results=[pb.RerankResult(index=i, relevance_score=s) for i, s in self.ranked],
+            total_tokens=self.total_tokens, model=self.model, backend=self.backend, method=self.method,
+        )
+
+    @classmethod
+    def from_pb(cls, m: pb.RerankResponse) -> "RerankResult":
+        return cls(
+            ranked=[(r.index, r.relevance_score) for r in m.results], total_tokens=m.total_tokens,
+            model=m.model, backend=m.backend, method=m.method,
+        )
+
+
+def rank(scores: list[float], top_n: int) -> list[tuple[int, float]]:
+    """(index, score) pairs, highest score first, equal scores in the
+    documents' order; the first ``top_n`` (0: all)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # sorted() is stable
+    if top_n > 0:
+        order = order[:top_n]
+    return [(i, scores[i]) for i in order]
+
+
+@dataclass
+class TokenizeRequest:
+    """A text, or a chat (``messages``, with ``tools`` and ``think``) to render as Generate would."""
+
+    model: str
+    text: Optional[str] = None
+    messages: Optional[list[Message]] = None
+    tools: list[Tool] = field(default_factory=list)
+    think: Optional[bool] = None
+    add_special_tokens: bool = False
+    add_generation_prompt: bool = True
+    return_pieces: bool = False
+    keep_alive: Optional[float] = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def as_generate(self) -> GenerateRequest:
+        """The chat as the GenerateRequest whose prompt it is."""
+        return GenerateRequest(model=self.model, messages=list(self.messages or []), tools=self.tools,
+                               think=self.think, keep_alive=self.keep_alive, request_id=self.request_id)
+
+    def to_pb(self) -> pb.TokenizeRequest:
+        m = pb.TokenizeRequest(
+            request_id=self.request_id, model=self.model, tools=[t.to_pb() for t in self.tools],
+            add_special_tokens=self.add_special_tokens, add_generation_prompt=self.add_generation_prompt,
+            return_pieces=self.return_pieces, keep_alive=keep_alive_to_pb(self.keep_alive),
+        )
+        if self.text is not None:
+            m.text = self.text
+        else:
+            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages or []]))
+        if self.think is not None:
+            m.think = self.think
+        return m
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenizeRequest) -> "TokenizeRequest":
+        which = m.WhichOneof("input")
+        return cls(
+            model=m.model,
+            text=m.text if which == "text" else None,
+            messages=[Message.from_pb(x) for x in m.chat.messages] if which == "chat" else None,
+            tools=[Tool.from_pb(t) for t in m.tools],
+            think=m.think if m.HasField("think") else None,
+            add_special_tokens=m.add_special_tokens,
+            add_generation_prompt=m.add_generation_prompt if m.HasField("add_generation_prompt") else True,
+            return_pieces=m.return_pieces,
+            keep_alive=keep_alive_from_pb(m),
+            request_id=m.request_id or uuid.uuid4().hex,
+        )
+
+
+@dataclass
+class TokenizeResult:
+    tokens: list[int]
+    pieces: list[str] = field(default_factory=list)
+    context_length: int = 0
+    model: str = ""
+    backend: str = ""
+
+    def to_pb(self) -> pb.TokenizeResponse:
+        return pb.TokenizeResponse(tokens=self.tokens, pieces=self.pieces, context_length=self.context_length,
+                                   model=self.model, backend=self.backend)
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenizeResponse) -> "TokenizeResult":
+        return cls(tokens=list(m.tokens), pieces=list(m.pieces), context_length=m.context_length,
+                   model=m.model, backend=m.backend)
+
+
+@dataclass
+class DetokenizeRequest:
+    model: str
+    tokens: list[int]
+    keep_alive: Optional[float] = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_pb(self) -> pb.DetokenizeRequest:
+        return pb.DetokenizeRequest(request_id=self.request_id, model=self.model, tokens=self.tokens,
+                                    keep_alive=keep_alive_to_pb(self.keep_alive))
+
+    @classmethod
+    def from_pb(cls, m: pb.DetokenizeRequest) -> "DetokenizeRequest":
+        return cls(model=m.model, tokens=list(m.tokens), keep_alive=keep_alive_from_pb(m),
+                   request_id=m.request_id or uuid.uuid4().hex)
+
+
+@dataclass
+class DetokenizeResult:
+    text: str
+    model: str = ""
+    backend: str = ""
+
+    def to_pb(self) -> pb.DetokenizeResponse:
+        return pb.DetokenizeResponse(text=self.text, model=self.model, backend=self.backend)
+
+    @classmethod
+    def from_pb(cls, m: pb.DetokenizeResponse) -> "DetokenizeResult":
+        return cls(text=m.text, model=m.model, backend=m.backend)

@@ -163,3 +163,47 @@ def check_embed(req: pb.EmbedRequest) -> None:
             raise InvalidArgument(f"input_tokens[{i}]: empty token list")
     if req.dimensions < 0:
         raise InvalidArgument(f"dimensions must be >= 0, got {req.dimensions}")
+
+
+def check_rerank(req: pb.RerankRequest) -> None:
+    """A query, 1 to ``MAX_RERANK_DOCUMENTS`` non-empty documents, top_n >= 0.
+
+    The tokens of the documents together (``MAX_RERANK_TOKENS``) are the
+    backend's to count: it holds the tokenizer."""
+    check_model(req.model)
+    check_request_id(req.request_id)
+    if not req.query:
+        raise InvalidArgument("query is required")
+    if not req.documents:
+        raise InvalidArgument("documents: at least one document is required")
+    _count("documents", len(req.documents), limits.MAX_RERANK_DOCUMENTS)
+    for i, doc in enumerate(req.documents):
+        if not doc:
+            raise InvalidArgument(f"documents[{i}]: empty document")
+    if req.top_n < 0:
+        raise InvalidArgument(f"top_n must be >= 0, got {req.top_n}")
+    if len(req.instruction) > limits.MAX_RERANK_INSTRUCTION_CHARS:
+        raise InvalidArgument(
+            f"instruction: at most {limits.MAX_RERANK_INSTRUCTION_CHARS} characters, got {len(req.instruction)}"
+        )
+
+
+def check_tokenize(req: pb.TokenizeRequest) -> None:
+    """Text or a chat (checked as a Generate's chat, with its tools)."""
+    check_model(req.model)
+    check_request_id(req.request_id)
+    which = req.WhichOneof("input")
+    if which is None:
+        raise InvalidArgument("one of text or chat is required")
+    if which == "chat":
+        check_generate(pb.GenerateRequest(model=req.model, chat=req.chat, tools=req.tools))
+    elif req.tools:
+        raise InvalidArgument("tools: only a chat is tokenized with tools")
+
+
+def check_detokenize(req: pb.DetokenizeRequest) -> None:
+    """At most ``MAX_DETOKENIZE_TOKENS`` ids; whether each is in the
+    vocabulary is the backend's to check."""
+    check_model(req.model)
+    check_request_id(req.request_id)
+    _count("tokens", len(req.tokens), limits.MAX_DETOKENIZE_TOKENS)

@@ -37,9 +37,11 @@ from gateway.openai import routes as openai_routes
 from gateway.responses import routes as responses_routes
 from gateway.responses.store import FILENAME as RESPONSES_FILENAME
 from gateway.responses.store import ResponseStore
+from gateway.rerank import routes as rerank_routes
 from gateway.security import TrustGuard
 from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
 from mlxgate.admin import admin_keys
+from gateway.tokenize import routes as tokenize_routes
 from mlxgate.config import ServerConfig
 from mlxgate.exposure import effective_keys
 from mlxgate.limits import MAX_MESSAGES
@@ -184,6 +186,8 @@ def create_app(
     responses_routes.add_routes(app)
     anthropic_routes.add_routes(app)
     usage.add_routes(app)
+    rerank_routes.add_routes(app)
+    tokenize_routes.add_routes(app)
     openapi.add_routes(app)
     return app
 

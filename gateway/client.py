@@ -307,3 +307,15 @@ class InferenceClient:
 
         return await self._call(self.stub.CreateBlob(messages(), timeout=self.timeout,
                                                      metadata=self._admin_md(request_id)))
+
+    async def rerank(self, req: pb.RerankRequest, request_id: str) -> pb.RerankResponse:
+        req.request_id = request_id
+        return await self._unary_call(self.stub.Rerank, req, request_id)
+
+    async def tokenize(self, req: pb.TokenizeRequest, request_id: str) -> pb.TokenizeResponse:
+        req.request_id = request_id
+        return await self._unary_call(self.stub.Tokenize, req, request_id)
+
+    async def detokenize(self, req: pb.DetokenizeRequest, request_id: str) -> pb.DetokenizeResponse:
+        req.request_id = request_id
+        return await self._unary_call(self.stub.Detokenize, req, request_id)

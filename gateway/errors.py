@@ -182,10 +182,14 @@ def from_http(exc: web.HTTPException, path: str) -> ApiError:
 ANTHROPIC_PREFIX = "/v1/messages"
 
 
+#: vLLM's paths outside /v1 (rerank, tokenize): vLLM answers errors in OpenAI's shape there.
+VLLM_PATHS = frozenset({"/rerank", "/v2/rerank", "/tokenize", "/detokenize"})
+
+
 def dialect_of(path: str) -> Dialect:
     if path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
         return "anthropic"
-    return "openai" if path == "/v1" or path.startswith("/v1/") else "ollama"
+    return "openai" if path == "/v1" or path.startswith("/v1/") or path in VLLM_PATHS else "ollama"
 
 
 #: Paths both OpenAI's API and Anthropic's serve: ``GET /v1/models`` and ``/v1/models/{id}``.

@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import overhead
-from gateway.errors import request_dialect
+from gateway.errors import VLLM_PATHS, request_dialect
 from mlxgate.prom import Children
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def dialect_of(request: web.BaseRequest) -> str:
     """The ``dialect`` label: the caller's dialect, "other" off the APIs' paths (/openapi.json)."""
     path = request.path
-    if path.startswith("/v1/") or path == "/" or path.startswith("/api/"):
+    if path.startswith("/v1/") or path == "/" or path.startswith("/api/") or path in VLLM_PATHS:
         return request_dialect(request)
     return "other"
 

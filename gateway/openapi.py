@@ -267,10 +267,12 @@ def all_routes() -> list[Route]:
     from gateway.anthropic.routes import ROUTES as ANTHROPIC
     from gateway.ollama.routes import ROUTES as OLLAMA
     from gateway.openai.routes import ROUTES as OPENAI
+    from gateway.rerank.routes import ROUTES as RERANK
     from gateway.responses.routes import ROUTES as RESPONSES
+    from gateway.tokenize.routes import ROUTES as TOKENIZE
     from gateway.usage import ROUTES as USAGE
 
-    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *USAGE, *ROUTES]
+    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *RERANK, *TOKENIZE, *USAGE, *ROUTES]
 
 
 @functools.lru_cache(maxsize=1)

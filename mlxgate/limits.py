@@ -55,6 +55,15 @@ SAMPLING_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     # max_tokens: any value; negative is "no limit" (until a stop or the context is full).
     "num_ctx": (1, None, False),
 }
+#: Rerank: documents in one request (Cohere's and Voyage's limit), the tokens
+#: of all of them together once each is cut to the context (a causal model's
+#: judging prompt and the query count with every document), and the longest
+#: task instruction.
+MAX_RERANK_DOCUMENTS = 1000
+MAX_RERANK_TOKENS = 262_144
+MAX_RERANK_INSTRUCTION_CHARS = 4096
+#: Token ids in one detokenize request.
+MAX_DETOKENIZE_TOKENS = 262_144
 #: A keep_alive longer than this means "keep loaded" (Ollama's forever is Go's
 #: largest duration, ~292 years); also keeps expiry dates inside datetime's range.
 KEEP_ALIVE_FOREVER_S = 290 * 365 * 24 * 3600.0

@@ -47,6 +47,11 @@ BASE: dict[str, dict[str, Any]] = {
     "/v1/messages": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
                      "stream": True},
     "/v1/messages/count_tokens": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/rerank": {"model": MODEL, "query": "hi", "documents": ["hi"]},
+    "/api/tokenize": {"model": MODEL, "content": "hi"},
+    "/api/detokenize": {"model": MODEL, "tokens": [1]},
+    "/tokenize": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+    "/detokenize": {"model": MODEL, "tokens": [1]},
 }
 
 #: Refusals at a bound that are the test model's (or the dialect's other rules), not the bound's.

@@ -36,6 +36,7 @@ from backends.cloud.backend import CloudBackend
 from backends.errors import BackendError, Unavailable, Unimplemented
 from backends.http_upstream import UpstreamStream, error_for_status, redact
 from backends.types import Chunk, Done, EmbedRequest, EmbedResult, Event, GenerateRequest, ModelInfo, TokenCount
+from backends.types import RerankRequest, RerankResult
 from mlxgate.dialects import anthropic as dialect
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,9 @@ class AnthropicBackend(CloudBackend):
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
         raise Unimplemented(f"{self.name}: Anthropic's API has no embeddings")
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        raise Unimplemented(f"{self.name}: Anthropic's API has no rerank")
 
     async def list_models(self) -> list[ModelInfo]:
         if self.provider.models:

@@ -50,6 +50,7 @@ from backends.types import (
     RunningModel,
     TokenCount,
 )
+from backends.types import RerankRequest, RerankResult
 from mlxgate.config import CloudProvider, resolved_timeouts
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,20 @@ class CloudBackend(UpstreamSession):
             backend=self.name,
             total_duration_ns=time.monotonic_ns() - started,
         )
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        """The provider's ``/rerank`` (vLLM, Jina, Cohere's v1 shape); a 404 (no
+        such endpoint, or no such model there) is Unimplemented, so the router
+        moves on."""
+        try:
+            data = await self._call("POST", "/rerank", wire.rerank_body(req, self.name))
+        except ModelNotFound as e:
+            raise Unimplemented(f"{self.name}: no /rerank for model '{req.model}' ({e.message})") from None
+        usage = data.get("usage") if isinstance(data, dict) else None
+        total = usage.get("total_tokens") if isinstance(usage, dict) else None
+        ranked = wire.rerank_result(data, len(req.documents), self.name)
+        return RerankResult(ranked=ranked[: req.top_n] if req.top_n else ranked,
+                            total_tokens=total if isinstance(total, int) else 0, model=req.model, backend=self.name)
 
     async def list_models(self) -> list[ModelInfo]:
         if self.provider.models:

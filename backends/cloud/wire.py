@@ -20,10 +20,11 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from backends.errors import InvalidArgument
-from backends.types import Chunk, GenerateRequest, Message, TokenLogprob, ToolCall, TopLogprob
+from backends.errors import InvalidArgument, Unavailable
+from backends.types import Chunk, GenerateRequest, Message, RerankRequest, TokenLogprob, ToolCall, TopLogprob
 from mlxgate import jsonutil
 from mlxgate.dialects import openai as dialect
+from mlxgate.dialects import rerank as rerank_dialect
 from mlxgate.dialects.base import Tool, ToolFunction, WireModel, produced_arguments, wire_error
 
 
@@ -324,4 +325,32 @@ def _completion_logprobs(lp: Any) -> list[TokenLogprob]:
                 top=[TopLogprob(0, str(k), float(v)) for k, v in top.items()],
             )
         )
+    return out
+
+
+# ---------------------------------------------------------------- rerank
+
+
+def rerank_body(req: RerankRequest, who: str) -> dict[str, Any]:
+    """A ``/rerank`` request in the Jina / Cohere shape (vLLM, Jina, Cohere's v1);
+    the judging instruction is the MLX engine's and is not sent."""
+    return _body(rerank_dialect.RerankRequest, who, model=req.model, query=req.query, documents=req.documents,
+                 top_n=req.top_n or None, return_documents=False)
+
+
+def rerank_result(data: Any, n_documents: int, who: str) -> list[tuple[int, float]]:
+    """(index, score) pairs of a ``/rerank`` answer, best first; a result that
+    names no document of the request is the upstream's fault (Unavailable)."""
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, list):
+        raise Unavailable(f"{who}: the /rerank answer has no results list")
+    out = []
+    for r in results:
+        index = r.get("index") if isinstance(r, dict) else None
+        score = r.get("relevance_score") if isinstance(r, dict) else None
+        if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n_documents
+                or not isinstance(score, (int, float)) or isinstance(score, bool)):
+            raise Unavailable(f"{who}: the /rerank answer has a malformed result: {str(r)[:200]}")
+        out.append((index, float(score)))
+    out.sort(key=lambda p: -p[1])
     return out

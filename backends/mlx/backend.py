@@ -14,10 +14,11 @@ import contextlib
 import dataclasses
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Optional
 
-from backends.errors import BackendError, InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable
+from backends.errors import BackendError, InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable, Unimplemented
 from backends.types import (
     Done,
     EmbedRequest,
@@ -30,7 +31,17 @@ from backends.types import (
     RunningModel,
     TokenCount,
 )
+from backends.types import (
+    DetokenizeRequest,
+    DetokenizeResult,
+    RerankRequest,
+    RerankResult,
+    TokenizeRequest,
+    TokenizeResult,
+    rank,
+)
 from backends.mlx import constrain, embed as embed_mod, prompt as prompt_mod
+from backends.mlx import rerank as rerank_mod, tokenizing
 from backends.mlx.context import Fitted, TokenCounter, fit as fit_context
 from backends.mlx.delivery import EventQueue, coalesce
 from backends.mlx.engine import Engine, EngineStats, Sequence
@@ -90,6 +101,8 @@ class MLXBackend:
         self._engine.observer = observer
         #: Requests accepted and not yet finished (see ``_admission``).
         self._accepted = 0
+        #: Each loaded causal model's judging prompt for reranking, made on first use.
+        self._judges: "weakref.WeakKeyDictionary[LoadedModel, rerank_mod.Judge]" = weakref.WeakKeyDictionary()
 
     # ---------------------------------------------------------------- introspection
 
@@ -488,6 +501,95 @@ class MLXBackend:
         finally:
             if not released:
                 self._release(lm, req.keep_alive)
+
+    # ---------------------------------------------------------------- rerank, tokenize, detokenize
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        """Scores in batches through the engine (``rerank.py``), best first."""
+        if self.cluster is not None:
+            raise Unimplemented("MLX: reranking is not supported on a distributed engine")
+        with self._admission():
+            entry = await self._resolve(req.model)
+            lm, _ = await self._acquire(entry, req.keep_alive)
+            try:
+                method = rerank_mod.method_of(lm.name, entry.path)
+                prepared = await asyncio.to_thread(self._rerank_plan, req, lm, method)
+                step = self.config.prefill_step_size
+                if method == "cosine":
+                    vectors = await self._batched(lm, prepared, rerank_mod.mean_embeddings, step)
+                    scores = await self._on_engine(lm, rerank_mod.cosine_scores, vectors[0], vectors[1:])
+                else:
+                    judge = self._judges[lm]
+                    prefix = await self._on_engine(lm, rerank_mod.prefill, lm.model, prepared.prefix, step)
+                    if prefix is None and prepared.prefix:  # no sharing with this model's cache
+                        prepared.sequences = [prepared.prefix + seq for seq in prepared.sequences]
+                    scores = await self._batched(lm, prepared, rerank_mod.yes_scores, judge.yes, judge.no, step,
+                                                 prefix)
+            finally:
+                self._release(lm, req.keep_alive)
+        return RerankResult(ranked=rank(scores, req.top_n), total_tokens=prepared.total_tokens, model=lm.name,
+                            backend=BACKEND, method=method)
+
+    def _rerank_plan(self, req: RerankRequest, lm: LoadedModel, method: str) -> rerank_mod.Prepared:
+        """The request's sequences within the context and the token bound (worker thread)."""
+        if lm.counter is None:
+            lm.counter = TokenCounter(lm.tokenizer)
+        if method == "cosine":
+            return rerank_mod.embedding_sequences(lm.counter, lm.tokenizer, req.query, req.documents,
+                                                  lm.context_length)
+        judge = self._judges.get(lm)
+        if judge is None:
+            judge = self._judges[lm] = rerank_mod.Judge.of(lm.tokenizer, lm.name)
+        return rerank_mod.judge_sequences(judge, lm.counter, lm.tokenizer, req.query, req.documents,
+                                          req.instruction, lm.context_length, lm.name)
+
+    async def _on_engine(self, lm: LoadedModel, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the MLX thread; a failure that is not the caller's is Unavailable."""
+        fut = self._engine.call(fn, *args)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except BackendError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise Unavailable(f"MLX reranking failed for {lm.name}: {type(e).__name__}: {e}") from None
+
+    async def _batched(self, lm: LoadedModel, prepared: Any, fn: Any, *args: Any) -> list:
+        """``fn(model, sequences, *args)`` per batch, one engine call each, results in sequence order."""
+        out: list = [None] * len(prepared.sequences)
+        for batch in prepared.batches:
+            values = await self._on_engine(lm, fn, lm.model, [prepared.sequences[i] for i in batch], *args)
+            for i, v in zip(batch, values):
+                out[i] = v
+        return out
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        entry = await self._resolve(req.model)
+        lm, _ = await self._acquire(entry, req.keep_alive)
+        try:
+            if lm.counter is None:
+                lm.counter = TokenCounter(lm.tokenizer)
+
+            def work() -> TokenizeResult:
+                ids = tokenizing.tokenize(req, lm.tokenizer, lm.counter, lm.context_length, lm.name)
+                pieces = tokenizing.pieces(lm.tokenizer, ids) if req.return_pieces else []
+                return TokenizeResult(ids, pieces, lm.context_length, lm.name, BACKEND)
+
+            return await asyncio.to_thread(work)
+        finally:
+            self._release(lm, req.keep_alive)
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResult:
+        entry = await self._resolve(req.model)
+        lm, _ = await self._acquire(entry, req.keep_alive)
+        try:
+            text = await asyncio.to_thread(tokenizing.detokenize, lm.tokenizer, req.tokens, _vocabulary_size(lm),
+                                           lm.name)
+        finally:
+            self._release(lm, req.keep_alive)
+        return DetokenizeResult(text, lm.name, BACKEND)
 
     async def list_models(self) -> list[ModelInfo]:
         def _list() -> list[ModelInfo]:

@@ -32,9 +32,10 @@ def _encode_text(tokenizer, text: str) -> list[int]:
 
 
 def _render(
-    tokenizer, messages: list[dict], tools: Optional[list[dict]], model: str, think: Optional[bool] = None
+    tokenizer, messages: list[dict], tools: Optional[list[dict]], model: str, think: Optional[bool] = None,
+    generation_prompt: bool = True,
 ) -> list[int]:
-    continue_final = bool(messages) and messages[-1]["role"] == "assistant"
+    continue_final = generation_prompt and bool(messages) and messages[-1]["role"] == "assistant"
     # enable_thinking (Qwen3's name; mlx-lm renames it for templates that use
     # another) only when the request says; templates ignore unknown variables.
     extra = {} if think is None else {"enable_thinking": think}
@@ -42,7 +43,7 @@ def _render(
         ids = tokenizer.apply_chat_template(
             messages,
             tools=tools or None,
-            add_generation_prompt=not continue_final,
+            add_generation_prompt=generation_prompt and not continue_final,
             continue_final_message=continue_final,
             tokenize=True,
             **extra,
@@ -54,8 +55,11 @@ def _render(
     return list(ids)
 
 
-def build_prompt(req: GenerateRequest, tokenizer, model: str) -> list[int]:
-    """Token ids for the request: chat template, raw prompt, or fill-in-the-middle."""
+def build_prompt(req: GenerateRequest, tokenizer, model: str, generation_prompt: bool = True) -> list[int]:
+    """Token ids for the request: chat template, raw prompt, or fill-in-the-middle.
+
+    ``generation_prompt`` False (tokenizing a chat as it stands): a chat ends
+    with its last message, without the assistant's header."""
     if req.prompt is not None:
         p = req.prompt
         if p.images:
@@ -78,7 +82,8 @@ def build_prompt(req: GenerateRequest, tokenizer, model: str) -> list[int]:
         raise InvalidArgument(f"images: {model} does not support images")
     tools = [t.to_template_dict() for t in req.tools]
     if tokenizer.has_chat_template:
-        return _render(tokenizer, [m.to_template_dict() for m in messages], tools, model, req.think)
+        return _render(tokenizer, [m.to_template_dict() for m in messages], tools, model, req.think,
+                       generation_prompt)
     # No template: a plain transcript the model can at least continue.
     text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
     return _encode_text(tokenizer, text)

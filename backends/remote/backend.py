@@ -83,6 +83,14 @@ from backends.types import (
     event_from_pb,
     keep_alive_to_pb,
 )
+from backends.types import (
+    DetokenizeRequest,
+    DetokenizeResult,
+    RerankRequest,
+    RerankResult,
+    TokenizeRequest,
+    TokenizeResult,
+)
 from mlxgate.config import RemoteService, ServerConfig, resolved_timeouts
 from mlxgate.grpc_tls import channel_credentials
 from mlxgate.v1 import inference_pb2 as pb
@@ -295,6 +303,21 @@ class RemoteBackend:
 
     async def unload_model(self, name: str) -> bool:
         return (await self._unary("UnloadModel", pb.UnloadModelRequest(model=name))).was_loaded
+
+    async def rerank(self, req: RerankRequest) -> RerankResult:
+        res = RerankResult.from_pb(await self._unary("Rerank", req.to_pb(), req.request_id))
+        res.backend = self.name
+        return res
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResult:
+        res = TokenizeResult.from_pb(await self._unary("Tokenize", req.to_pb(), req.request_id))
+        res.backend = self.name
+        return res
+
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResult:
+        res = DetokenizeResult.from_pb(await self._unary("Detokenize", req.to_pb(), req.request_id))
+        res.backend = self.name
+        return res
 
     # ------------------------------------------------------------ health
 

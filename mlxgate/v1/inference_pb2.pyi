@@ -399,28 +399,20 @@ class ShowModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ShowModelResponse(_message.Message):
-    __slots__ = ("model", "chat_template", "context_length", "capabilities", "config_json", "license", "system", "parameters", "messages", "parent_model")
+    __slots__ = ("model", "chat_template", "context_length", "capabilities", "config_json", "license")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     LICENSE_FIELD_NUMBER: _ClassVar[int]
-    SYSTEM_FIELD_NUMBER: _ClassVar[int]
-    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
-    MESSAGES_FIELD_NUMBER: _ClassVar[int]
-    PARENT_MODEL_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     chat_template: str
     context_length: int
     capabilities: _containers.RepeatedScalarFieldContainer[Capability]
     config_json: str
     license: str
-    system: str
-    parameters: SamplingParams
-    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    parent_model: str
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., chat_template: _Optional[str] = ..., context_length: _Optional[int] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., config_json: _Optional[str] = ..., license: _Optional[str] = ..., system: _Optional[str] = ..., parameters: _Optional[_Union[SamplingParams, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., parent_model: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., chat_template: _Optional[str] = ..., context_length: _Optional[int] = ..., capabilities: _Optional[_Iterable[_Union[Capability, str]]] = ..., config_json: _Optional[str] = ..., license: _Optional[str] = ...) -> None: ...
 
 class ListRunningRequest(_message.Message):
     __slots__ = ()
@@ -480,176 +472,102 @@ class UnloadModelResponse(_message.Message):
     was_loaded: bool
     def __init__(self, model: _Optional[str] = ..., was_loaded: _Optional[bool] = ...) -> None: ...
 
-class PullModelRequest(_message.Message):
-    __slots__ = ("model",)
+class RerankRequest(_message.Message):
+    __slots__ = ("request_id", "model", "query", "documents", "top_n", "instruction", "keep_alive")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    top_n: int
+    instruction: str
+    keep_alive: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., instruction: _Optional[str] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
-class PullModelResponse(_message.Message):
-    __slots__ = ("status", "digest", "total", "completed")
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_FIELD_NUMBER: _ClassVar[int]
-    COMPLETED_FIELD_NUMBER: _ClassVar[int]
-    status: str
-    digest: str
-    total: int
-    completed: int
-    def __init__(self, status: _Optional[str] = ..., digest: _Optional[str] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ...) -> None: ...
+class RerankResult(_message.Message):
+    __slots__ = ("index", "relevance_score")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    relevance_score: float
+    def __init__(self, index: _Optional[int] = ..., relevance_score: _Optional[float] = ...) -> None: ...
 
-class CopyModelRequest(_message.Message):
-    __slots__ = ("source", "destination")
-    SOURCE_FIELD_NUMBER: _ClassVar[int]
-    DESTINATION_FIELD_NUMBER: _ClassVar[int]
-    source: str
-    destination: str
-    def __init__(self, source: _Optional[str] = ..., destination: _Optional[str] = ...) -> None: ...
-
-class CopyModelResponse(_message.Message):
-    __slots__ = ("model",)
+class RerankResponse(_message.Message):
+    __slots__ = ("results", "total_tokens", "model", "backend", "method")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
-
-class DeleteModelRequest(_message.Message):
-    __slots__ = ("model",)
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
-
-class DeleteModelResponse(_message.Message):
-    __slots__ = ("model",)
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
-
-class CreateModelRequest(_message.Message):
-    __slots__ = ("model", "from_model", "files", "adapters", "template", "license", "system", "parameters", "messages", "quantize")
-    class FilesEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    class AdaptersEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: str
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    FROM_MODEL_FIELD_NUMBER: _ClassVar[int]
-    FILES_FIELD_NUMBER: _ClassVar[int]
-    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
-    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
-    LICENSE_FIELD_NUMBER: _ClassVar[int]
-    SYSTEM_FIELD_NUMBER: _ClassVar[int]
-    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
-    MESSAGES_FIELD_NUMBER: _ClassVar[int]
-    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    from_model: str
-    files: _containers.ScalarMap[str, str]
-    adapters: _containers.ScalarMap[str, str]
-    template: str
-    license: _containers.RepeatedScalarFieldContainer[str]
-    system: str
-    parameters: SamplingParams
-    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    quantize: str
-    def __init__(self, model: _Optional[str] = ..., from_model: _Optional[str] = ..., files: _Optional[_Mapping[str, str]] = ..., adapters: _Optional[_Mapping[str, str]] = ..., template: _Optional[str] = ..., license: _Optional[_Iterable[str]] = ..., system: _Optional[str] = ..., parameters: _Optional[_Union[SamplingParams, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., quantize: _Optional[str] = ...) -> None: ...
-
-class CreateModelProgress(_message.Message):
-    __slots__ = ("status", "digest", "total", "completed")
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_FIELD_NUMBER: _ClassVar[int]
-    COMPLETED_FIELD_NUMBER: _ClassVar[int]
-    status: str
-    digest: str
-    total: int
-    completed: int
-    def __init__(self, status: _Optional[str] = ..., digest: _Optional[str] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ...) -> None: ...
-
-class HasBlobRequest(_message.Message):
-    __slots__ = ("digest",)
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    digest: str
-    def __init__(self, digest: _Optional[str] = ...) -> None: ...
-
-class HasBlobResponse(_message.Message):
-    __slots__ = ("exists", "size")
-    EXISTS_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    exists: bool
-    size: int
-    def __init__(self, exists: _Optional[bool] = ..., size: _Optional[int] = ...) -> None: ...
-
-class CreateBlobRequest(_message.Message):
-    __slots__ = ("digest", "data")
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    digest: str
-    data: bytes
-    def __init__(self, digest: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class CreateBlobResponse(_message.Message):
-    __slots__ = ("digest", "size")
-    DIGEST_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    digest: str
-    size: int
-    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
-
-class GetUsageRequest(_message.Message):
-    __slots__ = ("since", "until", "group_by")
-    SINCE_FIELD_NUMBER: _ClassVar[int]
-    UNTIL_FIELD_NUMBER: _ClassVar[int]
-    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
-    since: _timestamp_pb2.Timestamp
-    until: _timestamp_pb2.Timestamp
-    group_by: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class UsageGroup(_message.Message):
-    __slots__ = ("key", "backend", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
-    KEY_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    REQUESTS_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    COST_USD_FIELD_NUMBER: _ClassVar[int]
-    key: str
-    backend: str
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RerankResult]
+    total_tokens: int
     model: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    cost_usd: float
-    def __init__(self, key: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ...) -> None: ...
+    backend: str
+    method: str
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., total_tokens: _Optional[int] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
-class BudgetScope(_message.Message):
-    __slots__ = ("scope", "spent_usd", "limit_usd", "resets_at")
-    SCOPE_FIELD_NUMBER: _ClassVar[int]
-    SPENT_USD_FIELD_NUMBER: _ClassVar[int]
-    LIMIT_USD_FIELD_NUMBER: _ClassVar[int]
-    RESETS_AT_FIELD_NUMBER: _ClassVar[int]
-    scope: str
-    spent_usd: float
-    limit_usd: float
-    resets_at: _timestamp_pb2.Timestamp
-    def __init__(self, scope: _Optional[str] = ..., spent_usd: _Optional[float] = ..., limit_usd: _Optional[float] = ..., resets_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+class TokenizeRequest(_message.Message):
+    __slots__ = ("request_id", "model", "text", "chat", "tools", "think", "add_special_tokens", "add_generation_prompt", "return_pieces", "keep_alive")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    THINK_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PIECES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    text: str
+    chat: ChatInput
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    think: bool
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    return_pieces: bool
+    keep_alive: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., text: _Optional[str] = ..., chat: _Optional[_Union[ChatInput, _Mapping]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., think: _Optional[bool] = ..., add_special_tokens: _Optional[bool] = ..., add_generation_prompt: _Optional[bool] = ..., return_pieces: _Optional[bool] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
-class GetUsageResponse(_message.Message):
-    __slots__ = ("by", "budget")
-    BY_FIELD_NUMBER: _ClassVar[int]
-    BUDGET_FIELD_NUMBER: _ClassVar[int]
-    by: _containers.RepeatedCompositeFieldContainer[UsageGroup]
-    budget: _containers.RepeatedCompositeFieldContainer[BudgetScope]
-    def __init__(self, by: _Optional[_Iterable[_Union[UsageGroup, _Mapping]]] = ..., budget: _Optional[_Iterable[_Union[BudgetScope, _Mapping]]] = ...) -> None: ...
+class TokenizeResponse(_message.Message):
+    __slots__ = ("tokens", "pieces", "context_length", "model", "backend")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    pieces: _containers.RepeatedScalarFieldContainer[str]
+    context_length: int
+    model: str
+    backend: str
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., pieces: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class DetokenizeRequest(_message.Message):
+    __slots__ = ("request_id", "model", "tokens", "keep_alive")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    keep_alive: _duration_pb2.Duration
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class DetokenizeResponse(_message.Message):
+    __slots__ = ("text", "model", "backend")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    model: str
+    backend: str
+    def __init__(self, text: _Optional[str] = ..., model: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...

@@ -16,7 +16,9 @@ weights, so only speed and memory mean anything) and runs every section:
 - stall: how long running streams stop when a ~2,000-token prompt arrives,
   with prefill interleaving off and on;
 - distributed: the model over 2 ranks (``--distributed``, ring over loopback)
-  vs one process, streamed tokens/s.
+  vs one process, streamed tokens/s;
+- rerank: documents reranked per second through ``/v1/rerank`` at 1, 32 and
+  256 documents per request (``rerank.py``).
 
 Each section is a module here with ``async def run(ctx) -> Section``
 (``common.py``); add one to ``SECTIONS``.  Comparisons are ratios measured in
@@ -35,11 +37,11 @@ import platform
 import sys
 from pathlib import Path
 
-from tests.bench import basics, distributed, engine, hop, stall, workers
+from tests.bench import basics, distributed, engine, hop, rerank, stall, workers
 from tests.bench.common import Context, load_average
 
 SECTIONS = {"hop": hop.run, "workers": workers.run, "basics": basics.run, "engine": engine.run, "stall": stall.run,
-            "distributed": distributed.run}
+            "distributed": distributed.run, "rerank": rerank.run}
 
 
 def machine() -> dict:

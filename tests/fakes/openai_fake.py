@@ -6,7 +6,10 @@ Replays the OpenAI REST wire format: ``POST /v1/chat/completions`` with
 event with empty ``choices`` and ``usage``, then ``data: [DONE]``; tool calls
 stream as ``delta.tool_calls`` pieces (id and name first, the arguments string
 in fragments).  ``/v1/completions`` streams ``choices[0].text``;
-``/v1/embeddings`` and ``/v1/models`` answer lists.  Errors are
+``/v1/embeddings`` and ``/v1/models`` answer lists; ``/v1/rerank`` answers the
+Jina / vLLM shape (``id``, ``model``, ``usage.total_tokens``, ``results`` of
+``index``, ``relevance_score``, ``document``), scoring a document by the share
+of the query's words it holds.  Errors are
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Used where the real thing cannot run: faults, tool-call deltas, and keys that
@@ -66,6 +69,7 @@ class FakeOpenAI(LoopbackServer):
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/rerank", self.rerank)
         return app
 
     async def start(self) -> str:
@@ -228,3 +232,15 @@ class FakeOpenAI(LoopbackServer):
             return denied
         return web.json_response({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]})
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        err, body = await self._begin(request)
+        if err is not None:
+            return err
+        words = set(str(body.get("query", "")).split())
+        docs = [d if isinstance(d, str) else d.get("text", "") for d in body.get("documents") or []]
+        scores = [len(words & set(d.split())) / max(1, len(words)) for d in docs]
+        order = sorted(range(len(docs)), key=lambda i: -scores[i])[: body.get("top_n") or len(docs)]
+        results = [{"index": i, "relevance_score": scores[i], "document": {"text": docs[i]}} for i in order]
+        return web.json_response({"id": "rerank-fake", "model": body["model"],
+                                  "usage": {"total_tokens": sum(len(d.split()) for d in docs)}, "results": results})
