@@ -96,10 +96,45 @@ class InferenceServiceStub:
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.CopyModel = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/CopyModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/DeleteModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.CreateModel = channel.unary_stream(
+                '/mlxgate.v1.InferenceService/CreateModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelProgress.FromString,
+                _registered_method=True)
+        self.HasBlob = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/HasBlob',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobResponse.FromString,
+                _registered_method=True)
+        self.CreateBlob = channel.stream_unary(
+                '/mlxgate.v1.InferenceService/CreateBlob',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobResponse.FromString,
+                _registered_method=True)
         self.CountTokens = channel.unary_unary(
                 '/mlxgate.v1.InferenceService/CountTokens',
                 request_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
                 response_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
+        self.PullModel = channel.unary_stream(
+                '/mlxgate.v1.InferenceService/PullModel',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/mlxgate.v1.InferenceService/GetUsage',
+                request_serializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
         self.Rerank = channel.unary_unary(
                 '/mlxgate.v1.InferenceService/Rerank',
@@ -194,14 +229,95 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyModel(self, request, context):
+        """---- Model management (model-manage).  When keys are set these need an
+        admin key (PERMISSION_DENIED otherwise; mlxgate/admin.py).  Names are
+        data: up to three '/'-separated parts of letters, digits, '.', '-', '_'
+        and an optional ':tag', at most 256 characters (INVALID_ARGUMENT else).
+        A second name for a model (a managed one, a folder in the models
+        directory or a Hugging Face cache entry); no weights are copied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Remove a managed name; its files go when no other name uses them.  A
+        model created from it keeps working.  NOT_FOUND if absent;
+        FAILED_PRECONDITION for a folder the user placed (never deleted here).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateModel(self, request, context):
+        """A new managed model from an existing one or from uploaded blobs, with
+        its settings (system, template, parameters, messages, license,
+        adapters, quantization); progress in Ollama's statuses, "success" last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HasBlob(self, request, context):
+        """Whether a blob (a file uploaded for CreateModel's files or adapters) is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBlob(self, request_iterator, context):
+        """Upload one blob: the first message names its digest, every message
+        carries the next bytes.  Bytes that do not match the digest are
+        INVALID_ARGUMENT and nothing is kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CountTokens(self, request, context):
-        """Tokens the request's input would take: the prompt as Generate would
+        """---- end of model management (model-manage).
+        Tokens the request's input would take: the prompt as Generate would
         build it (chat template, tools, system, think), not generated.  Checked
         as Generate checks it.  A backend that cannot count (an upstream Ollama,
         an OpenAI-compatible cloud) answers UNIMPLEMENTED and the router tries
         the next; an input beyond the model's context is INVALID_ARGUMENT
         ("context length exceeded"), refused at a cost bounded by the context,
         never by the input's size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullModel(self, request, context):
+        """---- Pulling models (issue 17) ----
+        Download a model from the Hugging Face Hub into the models directory's
+        store, as Ollama's /api/pull does (that route calls this).  The stream
+        carries Ollama's progress lines: "pulling manifest", then per weights
+        file "pulling <first 12 hex of its sha256>" with digest, total and
+        completed (at most every ~100 ms, and once complete), "verifying sha256
+        digest", "writing manifest", possibly "removing unused layers", and
+        "success" last.  Errors before the first message: INVALID_ARGUMENT (a
+        bad name, not an MLX repo), NOT_FOUND (not in the catalog, no such repo
+        or revision), UNAUTHENTICATED / PERMISSION_DENIED (gated or private),
+        FAILED_PRECONDITION (too large, not enough disk), UNAVAILABLE (hub
+        unreachable).  Later errors end the stream with their status (a file
+        whose sha256 does not match: UNAVAILABLE naming the file and both
+        digests).  Cancelling keeps the downloaded bytes: the next pull resumes.
+        Needs no deadline (downloads take long); the hub's idle timeout bounds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """---- Usage and spend (the ledger, budgets and per-key limits) ----
+        Totals from the usage ledger between since and until, grouped, and each
+        cloud budget's spend, limit and reset.  With keys set: admin keys only
+        (PERMISSION_DENIED otherwise).  A Generate or Embed refused by a spent
+        budget or a key's rate limit is RESOURCE_EXHAUSTED with trailers
+        "retry-after", "x-mlxgate-limit" ("budget" or "rate") and, for a rate
+        limit, "x-ratelimit-*"; a model outside a key's list is PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,10 +394,45 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
             ),
+            'CopyModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CopyModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'CreateModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateModelProgress.SerializeToString,
+            ),
+            'HasBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.HasBlob,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.HasBlobResponse.SerializeToString,
+            ),
+            'CreateBlob': grpc.stream_unary_rpc_method_handler(
+                    servicer.CreateBlob,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.CreateBlobResponse.SerializeToString,
+            ),
             'CountTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.CountTokens,
                     request_deserializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.FromString,
                     response_serializer=mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.SerializeToString,
+            ),
+            'PullModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullModel,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageRequest.FromString,
+                    response_serializer=mlxgate_dot_v1_dot_inference__pb2.GetUsageResponse.SerializeToString,
             ),
             'Rerank': grpc.unary_unary_rpc_method_handler(
                     servicer.Rerank,
@@ -526,6 +677,141 @@ class InferenceService:
             _registered_method=True)
 
     @staticmethod
+    def CopyModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/CopyModel',
+            mlxgate_dot_v1_dot_inference__pb2.CopyModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CopyModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/DeleteModel',
+            mlxgate_dot_v1_dot_inference__pb2.DeleteModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/CreateModel',
+            mlxgate_dot_v1_dot_inference__pb2.CreateModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CreateModelProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HasBlob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/HasBlob',
+            mlxgate_dot_v1_dot_inference__pb2.HasBlobRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.HasBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBlob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mlxgate.v1.InferenceService/CreateBlob',
+            mlxgate_dot_v1_dot_inference__pb2.CreateBlobRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.CreateBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CountTokens(request,
             target,
             options=(),
@@ -542,6 +828,60 @@ class InferenceService:
             '/mlxgate.v1.InferenceService/CountTokens',
             mlxgate_dot_v1_dot_inference__pb2.CountTokensRequest.SerializeToString,
             mlxgate_dot_v1_dot_inference__pb2.CountTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/PullModel',
+            mlxgate_dot_v1_dot_inference__pb2.PullModelRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.PullModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxgate.v1.InferenceService/GetUsage',
+            mlxgate_dot_v1_dot_inference__pb2.GetUsageRequest.SerializeToString,
+            mlxgate_dot_v1_dot_inference__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
