@@ -50,7 +50,7 @@ BASE: dict[str, dict[str, Any]] = {
 }
 
 #: Refusals at a bound that are the test model's (or the dialect's other rules), not the bound's.
-NOT_THE_BOUND = ("context length exceeded", "does not support images", "exceed", "best_of", "vocabulary")
+NOT_THE_BOUND = ("context length exceeded", "does not take images", "exceed", "best_of", "vocabulary")
 
 KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "minItems", "maxItems")
 #: The types a keyword constrains (beside an anyOf it belongs to the matching branch: ``_carry``).
