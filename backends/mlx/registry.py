@@ -26,6 +26,7 @@ from typing import Optional
 
 from backends.errors import ModelNotFound
 from backends.models.store import STORE_DIRNAME, ModelStore, StoredModel
+from backends.mlx.vision.arch import vision_type
 from backends.types import ModelDetails, ModelInfo, ModelShow
 from mlxgate.config import MLXConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
@@ -248,6 +249,10 @@ class ModelRegistry:
     def config(self, entry: ModelEntry) -> dict:
         return _read_json(entry.path / "config.json")
 
+    def takes_images(self, entry: ModelEntry) -> bool:
+        """A vision-language model mlx-vlm can run (``backends/mlx/vision/arch.py``)."""
+        return vision_type(self.config(entry)) is not None
+
     def info(self, entry: ModelEntry) -> ModelInfo:
         config = _read_json(entry.path / "config.json")
         weights = _weight_files(entry.path)
@@ -303,9 +308,13 @@ class ModelRegistry:
         else:
             level = _DTYPE_NAMES.get(str(config.get("torch_dtype") or config.get("dtype") or ""), "")
         family = str(config.get("model_type", ""))
+        families = [family] if family else []
+        text_family = str((config.get("text_config") or {}).get("model_type") or "")
+        if text_family and text_family != family:
+            families.append(text_family)  # a VLM's language model
         return ModelDetails(
             family=family,
-            families=[family] if family else [],
+            families=families,
             parameter_count=count,
             parameter_size=_format_count(count) if count else "",
             quantization_level=level,
@@ -326,6 +335,8 @@ class ModelRegistry:
             caps.append("insert")
         if "<think>" in markers:
             caps.append("thinking")
+        if vision_type(config) is not None:
+            caps.append("vision")
         license_text = ""
         for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
             if (entry.path / name).exists():
