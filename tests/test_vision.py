@@ -18,7 +18,9 @@ import grpc
 import ollama
 import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
+from backends.metrics import ServiceMetrics
 from backends.mlx.backend import MLXBackend
 from backends.mlx.testmodel import write_test_model
 from backends.mlx.vision.testmodel import write_test_vlm
@@ -53,7 +55,7 @@ async def vstack(tmp_path_factory):
     upstream = FakeOllama(models=[f"{TEXT}:latest"], reply=["a", " red", " square"])
     await upstream.start()
     mlx = MLXBackend(MLXConfig(models_dir=str(root), hf_cache=str(root / "no-hf"), default_max_tokens=8,
-                               bootstrap_test_model=False))
+                               bootstrap_test_model=False), observer=ServiceMetrics(CollectorRegistry()))
     router = Router([mlx, OllamaBackend(OllamaConfig(upstream=upstream.url, connect_timeout=5.0,
                                                      first_token_timeout=30.0, idle_timeout=30.0))])
     service = await start_inference_service(router, port=0)
@@ -132,6 +134,11 @@ async def test_grpc_image_bytes(vstack):
         events = [ev async for ev in pb_grpc.InferenceServiceStub(ch).Generate(req, timeout=120)]
     done = events[-1].done
     assert done.backend == "mlx" and done.completion_tokens == 4 and done.prompt_tokens > 2 * MIN_IMAGE_TOKENS
+    registry = vstack.backend.observer.registry
+    two = registry.get_sample_value("mlxgate_request_images_bucket", {"model": VLM, "le": "2.0"})
+    one = registry.get_sample_value("mlxgate_request_images_bucket", {"model": VLM, "le": "1.0"})
+    assert two - one >= 1  # this request's two images
+    assert registry.get_sample_value("mlxgate_image_preprocess_seconds_sum", {"model": VLM}) > 0
 
 
 async def test_a_corrupt_image_body_is_400(vstack):
