@@ -228,3 +228,33 @@ async def test_a_text_model_given_an_image_with_no_other_backend_is_400(vstack):
         await c.chat.completions.create(model=ONLY_MLX, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url(IMG)}}]}])
     assert e.value.body["message"] == f"model {ONLY_MLX} does not take images"
+
+
+# ---------------------------------------------------------------- the command line and a real server
+
+
+def test_make_test_model_vision_and_a_real_server(tmp_path):
+    """``mlxgate make-test-model DIR --vision`` then ``mlxgate serve`` on DIR: an image chat."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mlxgate_cli", "make-test-model", str(tmp_path), "--vision"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / VLM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0", "--models-dir",
+         str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        m = re.match(r"mlxgate: HTTP (http://\S+)\s+gRPC (\S+)", proc.stdout.readline())
+        assert m, "mlxgate serve did not start"
+        c = ollama.Client(host=m.group(1), timeout=120)
+        r = c.chat(model=VLM, messages=[{"role": "user", "content": "what is it?", "images": [IMG]}],
+                   options={"num_predict": 3})
+        assert r.done and r.eval_count == 3 and r.prompt_eval_count > MIN_IMAGE_TOKENS
+        assert "vision" in c.show(VLM).capabilities
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
