@@ -208,6 +208,7 @@ async def test_capabilities_and_family(vstack):
     c = ollama.AsyncClient(host=vstack.base, timeout=60)
     show = await c.show(VLM)
     assert "vision" in show.capabilities and "completion" in show.capabilities
+    assert "embedding" not in show.capabilities  # mlx-vlm's models have no embedding path here
     assert "vision" not in (await c.show(ONLY_MLX)).capabilities
     tags = {m.model.removesuffix(":latest"): m for m in (await c.list()).models}
     assert tags[VLM].details.family == "idefics3" and "llama" in tags[VLM].details.families

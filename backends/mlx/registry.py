@@ -329,13 +329,14 @@ class ModelRegistry:
         caps = ["completion"]
         if "tools" in template or tok_cfg.get("tool_parser_type"):
             caps.append("tools")
-        if config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size"):
-            caps.append("embedding")
+        vision = vision_type(config) is not None
+        if not vision and (config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")):
+            caps.append("embedding")  # (a VLM's text view has no hidden-state module to embed with)
         if fim_tokens_in(markers):
             caps.append("insert")
         if "<think>" in markers:
             caps.append("thinking")
-        if vision_type(config) is not None:
+        if vision:
             caps.append("vision")
         license_text = ""
         for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
