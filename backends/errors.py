@@ -27,6 +27,17 @@ class InvalidArgument(BackendError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class TakesNoImages(InvalidArgument):
+    """Images sent to a text-only model: a 400 for the caller, yet the router
+    first tries the next backend that has the model (an upstream Ollama or a
+    cloud may take images)."""
+
+    retryable = True
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model} does not take images")
+
+
 class ModelNotFound(BackendError):
     code = grpc.StatusCode.NOT_FOUND
     retryable = True

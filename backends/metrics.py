@@ -216,6 +216,20 @@ class ServiceMetrics:
             ["model"],
             registry=registry,
         )
+        self.images = Histogram(
+            f"{PREFIX}_request_images",
+            "Images per MLX request that carried images, by model.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=registry,
+        )
+        self.image_seconds = Histogram(
+            f"{PREFIX}_image_preprocess_seconds",
+            "Time to decode and preprocess one request's images (the processor, before the vision tower), by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         # The labelled children, looked up once per label values (mlxgate.prom).
         self.c_requests = Children(self.requests)
         self.c_duration = Children(self.duration)
@@ -273,6 +287,10 @@ class ServiceMetrics:
 
     def observe_queue_wait(self, model: str, seconds: float) -> None:
         self.c_queue_wait(model).observe(seconds)
+
+    def observe_images(self, model: str, images: int, seconds: float) -> None:
+        self.images.labels(model).observe(images)
+        self.image_seconds.labels(model).observe(seconds)
 
     def observe_truncation(self, model: str, messages: int, tokens: int) -> None:
         self.truncations.labels(model).inc()

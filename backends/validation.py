@@ -19,6 +19,7 @@ import math
 import re
 from typing import Optional
 
+from backends import images as images_mod
 from backends.errors import InvalidArgument
 from mlxgate import limits
 from mlxgate.jsonutil import JSONError, loads_object
@@ -93,9 +94,9 @@ def check_generate(req: pb.GenerateRequest) -> None:
     which = req.WhichOneof("input")
     if which is None:
         raise InvalidArgument("one of prompt or chat is required")
-    images = 0
+    images: list[tuple[str, bytes]] = []
     if which == "prompt":
-        images = len(req.prompt.images)
+        images = [(f"prompt.images[{j}]", b) for j, b in enumerate(req.prompt.images)]
     else:
         msgs = req.chat.messages
         _count("messages", len(msgs), limits.MAX_MESSAGES)
@@ -104,10 +105,12 @@ def check_generate(req: pb.GenerateRequest) -> None:
                 raise InvalidArgument(
                     f"messages[{i}].role: every message needs a role (system, user, assistant or tool)"
                 )
-            images += len(m.images)
+            images += [(f"messages[{i}].images[{j}]", b) for j, b in enumerate(m.images)]
             if m.tool_calls:
                 _check_tool_calls(m.tool_calls, f"messages[{i}]")
-    _count("images", images, limits.MAX_IMAGES)
+    _count("images", len(images), limits.MAX_IMAGES)
+    # Header only (dimensions, format, bytes): microseconds, nothing decoded.
+    images_mod.check_all(images)
     _count("tools", len(req.tools), limits.MAX_TOOLS)
     names = set()
     for i, t in enumerate(req.tools):

@@ -29,6 +29,17 @@ MAX_TOOL_NAME_CHARS = 256
 MAX_TOOL_CALLS = 256
 #: Images in one request (all messages together).
 MAX_IMAGES = 32
+#: Bytes of one image as sent (decoded from base64); OpenAI's cap.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+#: Pixels of one image (width x height), read from its header before anything
+#: is decoded: a 30,000 x 30,000 PNG is ~100 kB on the wire and 2.7 GB as RGB.
+#: A 48-megapixel phone photo (8064 x 6048) fits.
+MAX_IMAGE_PIXELS = 50_000_000
+#: Pixels of all the images of one request together (each is decoded, then
+#: shrunk to the model's size, one after the other: this bounds the time).
+MAX_REQUEST_IMAGE_PIXELS = 200_000_000
+#: Image formats accepted (Pillow's names), as OpenAI and Anthropic accept them.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
 #: Inputs of one embeddings request (OpenAI's limit).
 MAX_EMBED_INPUTS = 2048
 #: Generations one HTTP request may start (n, times the prompts of /v1/completions).

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     model.add_argument("dir", help="models directory; the model is written to DIR/<name>")
-    model.add_argument("--name", default="tiny-llama", help="model (folder) name")
+    model.add_argument("--name", help="model (folder) name (default tiny-llama, or tiny-vlm with --vision)")
     model.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     model.add_argument("--size", default="tiny", help="tiny (tests), bench (~90M params), bench-bf16")
     model.add_argument("--context", type=int, metavar="TOKENS",
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ending", action="store_true",
                        help="a variant that ends its turns by itself after a few tokens (for clients that wait for "
                             "the end of a turn, such as Claude Code)")
+    model.add_argument("--vision", action="store_true",
+                       help="a vision-language model instead (Idefics3 architecture, run by mlx-vlm): takes images")
     client_cli.add_verbs(sub)
     return parser
 
@@ -269,11 +271,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mlxgate.memory import limit_arenas
 
     limit_arenas()
+    if args.command == "make-test-model" and args.vision:
+        from backends.mlx.vision.testmodel import write_test_vlm
+
+        print(write_test_vlm(Path(args.dir).expanduser(), name=args.name or "tiny-vlm", seed=args.seed))
+        return 0
     if args.command == "make-test-model":
         from backends.mlx.testmodel import CONTEXT, write_test_model
 
-        path = write_test_model(Path(args.dir).expanduser(), name=args.name, seed=args.seed, size=args.size,
-                                context=args.context or CONTEXT, ending=args.ending)
+        path = write_test_model(Path(args.dir).expanduser(), name=args.name or "tiny-llama", seed=args.seed,
+                                size=args.size, context=args.context or CONTEXT, ending=args.ending)
         print(path)
         return 0
     if args.command == "usage":

@@ -9,7 +9,6 @@ random model's gibberish is fine and only the shapes are judged.
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
 
@@ -19,6 +18,7 @@ from anthropic import AsyncAnthropic
 
 from gateway.app import create_app, start_http
 from mlxgate.config import ServerConfig
+from tests.images import b64, png
 from tests.test_mlx_engine import _tokenizer, forced_tokens  # noqa: F401 - fixture
 from tests.test_thinking_engine import ANSWER, SAMPLE, THOUGHT
 from tests.test_tool_choice import SCHEMAS, TIME_PARAMS, WEATHER_PARAMS, valid
@@ -293,13 +293,12 @@ async def test_error_classes(stack, monkeypatch):
 
 async def test_images_are_refused_as_the_chat_dialect_refuses_them(stack):
     c = client(stack)
-    png = base64.b64encode(b"\x89PNG\r\n\x1a\n fake").decode()
-    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
-    with pytest.raises(anthropic.BadRequestError, match="does not support images"):
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(png())}}
+    with pytest.raises(anthropic.BadRequestError, match="does not take images"):
         await c.messages.create(model=stack.model, max_tokens=4,
                                 messages=[{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}])
     url = {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}
-    with pytest.raises(anthropic.BadRequestError, match="does not fetch URLs"):
+    with pytest.raises(anthropic.BadRequestError, match="MLXGATE_FETCH_IMAGE_URLS=1"):
         await c.messages.create(model=stack.model, max_tokens=4, messages=[{"role": "user", "content": [url]}])
     doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
     with pytest.raises(anthropic.BadRequestError, match="type 'document' are not supported"):

@@ -728,7 +728,7 @@ async def test_a_model_that_fails_to_load_is_unavailable_and_others_still_work(t
 
 async def test_images_are_refused(mlx_backend):
     req = GenerateRequest(model=MODEL, messages=[Message("user", "what is this?", images=[b"\x89PNG"])])
-    with pytest.raises(errors.InvalidArgument, match="images"):
+    with pytest.raises(errors.InvalidArgument, match="does not take images"):
         async for _ in mlx_backend.generate(req):
             pass
 

@@ -7,6 +7,8 @@ import base64
 import pytest
 from ollama import AsyncClient, ResponseError
 
+from tests.images import png
+
 
 @pytest.fixture
 def client(stack) -> AsyncClient:
@@ -72,10 +74,10 @@ async def test_chat_with_tools_and_tool_history(client, stack):
 
 async def test_images_reach_the_backend(client, stack):
     # The test model has no vision: the backend's 400 proves the image arrived decoded.
-    img = base64.b64encode(b"\x89PNG not really").decode()
+    img = base64.b64encode(png()).decode()
     with pytest.raises(ResponseError) as e:
         await client.chat(model=stack.model, messages=[{"role": "user", "content": "what?", "images": [img]}])
-    assert e.value.status_code == 400 and "image" in e.value.error
+    assert e.value.status_code == 400 and e.value.error == f"model {stack.model} does not take images"
 
 
 async def test_embed(client, stack):

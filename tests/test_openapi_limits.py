@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
+from tests.images import b64, png
 from tests.stack import MODEL
 
 pytestmark = pytest.mark.timeout(240)
@@ -54,8 +55,11 @@ BASE: dict[str, dict[str, Any]] = {
     "/detokenize": {"model": MODEL, "tokens": [1]},
 }
 
+#: What a base64 field holds (images: a real one, so the image checks pass).
+PNG_B64 = b64(png())
+
 #: Refusals at a bound that are the test model's (or the dialect's other rules), not the bound's.
-NOT_THE_BOUND = ("context length exceeded", "does not support images", "exceed", "best_of", "vocabulary")
+NOT_THE_BOUND = ("context length exceeded", "does not take images", "exceed", "best_of", "vocabulary")
 
 KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "minItems", "maxItems")
 #: The types a keyword constrains (beside an anyOf it belongs to the matching branch: ``_carry``).
@@ -121,7 +125,7 @@ class Doc:
         if kind == "array":
             return [self.example(node["items"])] * node.get("minItems", 0)
         if kind == "string":
-            return "aGk=" if node.get("contentEncoding") == "base64" else "x" * max(1, node.get("minLength", 0))
+            return PNG_B64 if node.get("contentEncoding") == "base64" else "x" * max(1, node.get("minLength", 0))
         if kind in ("integer", "number"):
             return node.get("minimum", 0)
         if kind == "boolean":

@@ -18,7 +18,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Optional
 
-from backends.errors import BackendError, InvalidArgument, ModelNotFound, ResourceExhausted, Unavailable, Unimplemented
+from backends.errors import (
+    BackendError, InvalidArgument, ModelNotFound, ResourceExhausted, TakesNoImages, Unavailable, Unimplemented,
+)
 from backends.types import (
     Done,
     EmbedRequest,
@@ -51,6 +53,8 @@ from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry
 from backends.mlx.sampling import new_seed
 from backends.mlx.thinking import new_splitter as new_think_splitter
 from backends.mlx.toolcalls import ToolCallSplitter
+from backends.mlx.vision import prompt as vision_prompt
+from backends.mlx.vision.prompt import VisionIds
 from mlxgate.config import MLXConfig
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class _Plan:
     matcher: object = None
     #: The grammar ``matcher`` was compiled from (a distributed engine's other ranks compile it too).
     grammar: Optional[str] = None
+    #: A prompt with images (``vision.prompt.VisionIds``), None otherwise.
+    vision: Optional[VisionIds] = None
 
 
 class MLXBackend:
@@ -303,9 +309,7 @@ class MLXBackend:
         asked_max = req.sampling.max_tokens
         # Room kept for the answer when history must be dropped anyway.
         reserve = min(asked_max, ctx // 2) if asked_max and asked_max > 0 else ctx // 8
-        ids, fitted = fit_context(
-            req, lm.counter, ctx, lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name), reserve
-        )
+        ids, fitted = fit_context(req, lm.counter, ctx, self._renderer(lm), reserve)
         if fitted.request is not req:
             self._report_truncation(req, lm.name, ctx, fitted)
             req = fitted.request
@@ -333,7 +337,35 @@ class MLXBackend:
             )
         thinking = new_think_splitter(tok, ids, req.think)
         output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)
-        return _Plan(ids, max_tokens, ctx, output, matcher, grammar)
+        vision = ids if isinstance(ids, VisionIds) else None
+        if vision is not None:
+            self._report_images(lm.name, vision)
+        return _Plan(list(ids), max_tokens, ctx, output, matcher, grammar, vision)
+
+    @staticmethod
+    def _renderer(lm: LoadedModel):
+        """Request -> prompt ids for ``lm``: a VLM builds a request with images
+        with its processor (``vision/prompt.py``), everything else is text."""
+
+        def render(r: GenerateRequest) -> list[int]:
+            if lm.vision is not None and vision_prompt.has_images(r):
+                if not lm.vision.takes_images:
+                    raise InvalidArgument(
+                        f"model {lm.name}: images on the {lm.vision.model_type} architecture (multimodal rotary "
+                        "positions) are not served yet; text requests are"
+                    )
+                return vision_prompt.build(r, lm.vision, lm.name)
+            return prompt_mod.build_prompt(r, lm.tokenizer, lm.name)
+
+        return render
+
+    def _report_images(self, model: str, ids: VisionIds) -> None:
+        observer = self._engine.observer
+        if observer is not None and hasattr(observer, "observe_images"):
+            try:
+                observer.observe_images(model, ids.images, ids.seconds)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.exception("images observer failed")
 
     # ---------------------------------------------------------------- Backend protocol
 
@@ -369,6 +401,9 @@ class MLXBackend:
         if self.cluster is not None and self.cluster.broken is not None:
             raise Unavailable(f"distributed MLX engine out of service: {self.cluster.broken}")
         entry = await self._resolve(req.model)
+        if vision_prompt.has_images(req) and not self._registry.takes_images(entry):
+            # Before loading anything: the router may try a backend that takes images.
+            raise TakesNoImages(req.model)
         lm, load_ns = await self._acquire(entry, req.keep_alive)
         pinned: Optional[LoadedModel] = lm
         seq: Optional[Sequence] = None
@@ -403,6 +438,7 @@ class MLXBackend:
                 top_logprobs=req.top_logprobs,
                 matcher=plan.matcher,
                 grammar=plan.grammar,
+                vision=plan.vision,
                 load_duration_ns=load_ns,
                 t_start_ns=t_start,
             )
@@ -434,10 +470,7 @@ class MLXBackend:
             ctx = min(ctx, req.sampling.num_ctx)
         if lm.counter is None:
             lm.counter = TokenCounter(lm.tokenizer)
-        ids, _ = fit_context(
-            dataclasses.replace(req, truncate=False), lm.counter, ctx,
-            lambda r: prompt_mod.build_prompt(r, lm.tokenizer, lm.name),
-        )
+        ids, _ = fit_context(dataclasses.replace(req, truncate=False), lm.counter, ctx, self._renderer(lm))
         return len(ids)
 
     async def count_tokens(self, req: GenerateRequest) -> TokenCount:

@@ -47,6 +47,7 @@ from backends.mlx.pacing import PrefillPacer
 from backends.mlx.prompt_cache import enforce_budget
 from backends.mlx.registry import BACKEND
 from backends.mlx import sampling as sampling_mod
+from backends.mlx.vision import prefill as vision_prefill
 from mlxgate.config import MLXConfig
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Sequence:
     #: The grammar ``matcher`` was compiled from.
     grammar: Optional[str] = None
     load_duration_ns: int = 0
+    #: A prompt with images (``vision.prompt.VisionIds``: pixels, cache key); None otherwise.
+    vision: Any = None
     t_start_ns: int = field(default_factory=time.perf_counter_ns)
     t_submit_ns: int = 0
     cancelled: bool = False
@@ -97,6 +100,8 @@ class Sequence:
     prefill_done: int = 0
     #: Prompt tokens served from the model's prompt-cache store.
     cached_tokens: int = 0
+    #: Prompt tokens evaluated with the images, before the sequence joined the batch.
+    vision_tokens: int = 0
     t_admit_ns: int = 0
     t_first_ns: int = 0
     error: Optional[BaseException] = None
@@ -320,8 +325,16 @@ class Engine:
                 else:
                     sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
                 procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
-                cache, n = lm.prompt_cache.fetch(seq.prompt_ids) if lm.prompt_cache is not None else (None, 0)
-                uid = self._insert(lm, seq, n, cache, sampler, procs)
+                t_admit = time.perf_counter_ns()
+                key = seq.prompt_ids if seq.vision is None else seq.vision.key
+                cache, n = lm.prompt_cache.fetch(key) if lm.prompt_cache is not None else (None, 0)
+                start = n
+                if seq.vision is not None and vision_prefill.needed(seq.vision, n):
+                    cache, start = vision_prefill.prefill(
+                        lm.model, lm.vision, seq.vision, cache, n, self._config.prefill_step_size
+                    )
+                    seq.vision_tokens = start - n
+                uid = self._insert(lm, seq, start, cache, sampler, procs)
                 del cache
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e)
@@ -331,7 +344,7 @@ class Engine:
                 self.stats.prompt_cache_hits += 1
                 self.stats.cached_prompt_tokens += n
             seq.uid = uid
-            seq.t_admit_ns = time.perf_counter_ns()
+            seq.t_admit_ns = t_admit
             lm.active[uid] = seq
 
     def _insert(self, lm: LoadedModel, seq: Sequence, n: int, cache: Any, sampler: Callable, procs: list) -> int:
@@ -364,7 +377,7 @@ class Engine:
             if s.decoding:
                 decoding += 1
             elif len(prompts) < gen.prefill_batch_size:
-                prompts.append(len(s.prompt_ids) - s.cached_tokens)
+                prompts.append(len(s.prompt_ids) - s.cached_tokens - s.vision_tokens)
         if lm.pacer is None:
             lm.pacer = PrefillPacer(self._config.prefill_step_size, self._config.prefill_interleave)
         if prompts:
@@ -429,11 +442,19 @@ class Engine:
                 else:
                     cache, tokens = r.prompt_cache, r.all_tokens
                 # Stored before Done goes out: the caller's next turn finds it.
-                self._keep_cache(lm, tokens, cache)
+                self._keep_cache(lm, self._cache_key(seq, tokens), cache)
                 self._finish(seq, "stop" if stop else r.finish_reason)
         for seq in [s for s in lm.active.values() if s.error is not None]:
             gen.remove([seq.uid])
             self._fail(seq, seq.error)
+
+    @staticmethod
+    def _cache_key(seq: Sequence, tokens: Optional[list[int]]) -> Optional[list[int]]:
+        """What the store files a finished sequence's cache under: its tokens,
+        image tokens keyed by the images' content (``vision/prompt.py``)."""
+        if seq.vision is None or not tokens:
+            return tokens
+        return list(seq.vision.key) + list(tokens[len(seq.prompt_ids):])
 
     def _keep_cache(self, lm: LoadedModel, tokens: Optional[list[int]], cache: Optional[list]) -> None:
         """Put a finished sequence's KV cache (holding ``tokens``) into its model's store."""

@@ -27,6 +27,7 @@ from backends.types import RunningModel
 from backends.mlx.constrain import TokenizerCache
 from backends.mlx.prompt_cache import new_store
 from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry, context_length_of
+from backends.mlx.vision.arch import vision_type
 from mlxgate.config import MLXConfig
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class LoadedModel:
     #: (``prompt_cache.PromptCacheStore``); None when reuse is off.
     prompt_cache: Any = None
     loaded: bool = True
+    #: A vision-language model's vision parts (``vision.loader.Vision``); None for a text model.
+    vision: Any = None
 
     @property
     def name(self) -> str:
@@ -83,6 +86,13 @@ def _load_files(entry: ModelEntry):
         tokenizer._chat_template = None  # a model's own renderer would win over the template
         tokenizer.has_chat_template = True
     return model, tokenizer
+
+
+def _load_vision(entry: ModelEntry, config: dict):
+    """(text view, tokenizer, Vision) of a VLM (``backends/mlx/vision/``)."""
+    from backends.mlx.vision.loader import load
+
+    return load(entry.path, config)
 
 
 class ModelManager:
@@ -140,14 +150,23 @@ class ModelManager:
         """(model, tokenizer) of ``entry`` (``distributed/`` loads a shard instead)."""
         return _load_files(entry)
 
+    def _load_vision(self, entry: ModelEntry, config: dict):
+        """(text view, tokenizer, Vision) of a vision-language model."""
+        return _load_vision(entry, config)
+
     def load_and_pin(self, entry: ModelEntry) -> LoadedModel:
         lm = self.pin_if_loaded(entry)
         if lm is not None:
             return lm
         self._evict_for_one_more()
         t0 = time.perf_counter_ns()
+        file_config = self._registry.config(entry)
+        vision = None
         try:
-            model, tokenizer = self._load_files(entry)
+            if vision_type(file_config) is not None:
+                model, tokenizer, vision = self._load_vision(entry, file_config)
+            else:
+                model, tokenizer = self._load_files(entry)
         except MemoryError as e:
             raise Unavailable(f"out of memory loading model {entry.name}: {e}") from None
         except Exception as e:  # noqa: BLE001 - any load failure: let the router try elsewhere
@@ -157,8 +176,7 @@ class ModelManager:
             raise Unavailable(f"failed to load model {entry.name}: {type(e).__name__}: {msg}") from None
         from mlx.utils import tree_flatten
 
-        size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-        file_config = self._registry.config(entry)
+        size = sum(v.nbytes for _, v in tree_flatten((vision.model if vision else model).parameters()))
         vocab = int(file_config.get("vocab_size") or (file_config.get("text_config") or {}).get("vocab_size") or 0)
         lm = LoadedModel(
             entry=entry,
@@ -173,6 +191,7 @@ class ModelManager:
             refs=1,
             keep_alive=self._config.default_keep_alive,
             prompt_cache=new_store(self._config.prompt_cache_bytes),
+            vision=vision,
         )
         with self._lock:
             self._loaded[entry.name.lower()] = lm
@@ -213,7 +232,7 @@ class ModelManager:
         lm.loaded = False
         if lm.generator is not None:
             lm.generator.close()
-        lm.generator = lm.model = lm.prompt_cache = None
+        lm.generator = lm.model = lm.prompt_cache = lm.vision = None
         gc.collect()
         import mlx.core as mx
 

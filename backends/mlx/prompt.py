@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from backends.errors import InvalidArgument
+from backends.errors import InvalidArgument, TakesNoImages
 from backends.types import GenerateRequest, Message
 from backends.mlx.registry import fim_tokens_in
 
@@ -63,7 +63,7 @@ def build_prompt(req: GenerateRequest, tokenizer, model: str, generation_prompt:
     if req.prompt is not None:
         p = req.prompt
         if p.images:
-            raise InvalidArgument(f"images: {model} does not support images")
+            raise TakesNoImages(model)
         if p.suffix:
             fim = fim_tokens(tokenizer)
             if fim is None:
@@ -79,7 +79,7 @@ def build_prompt(req: GenerateRequest, tokenizer, model: str, generation_prompt:
 
     messages = req.messages or []
     if any(m.images for m in messages):
-        raise InvalidArgument(f"images: {model} does not support images")
+        raise TakesNoImages(model)
     tools = [t.to_template_dict() for t in req.tools]
     if tokenizer.has_chat_template:
         return _render(tokenizer, [m.to_template_dict() for m in messages], tools, model, req.think,

@@ -27,6 +27,7 @@ from typing import Optional
 from backends.errors import ModelNotFound
 from backends.models.settings import with_settings
 from backends.models.store import STORE_DIRNAME, ModelStore, StoredModel
+from backends.mlx.vision.arch import vision_type
 from backends.types import ModelDetails, ModelInfo, ModelShow
 from mlxgate.config import MLXConfig
 from mlxgate.limits import MAX_NAMES_IN_ERROR, clip_name
@@ -252,6 +253,10 @@ class ModelRegistry:
     def config(self, entry: ModelEntry) -> dict:
         return _read_json(entry.path / "config.json")
 
+    def takes_images(self, entry: ModelEntry) -> bool:
+        """A vision-language model mlx-vlm can run (``backends/mlx/vision/arch.py``)."""
+        return vision_type(self.config(entry)) is not None
+
     def info(self, entry: ModelEntry) -> ModelInfo:
         config = _read_json(entry.path / "config.json")
         weights = _weight_files(entry.path)
@@ -307,9 +312,13 @@ class ModelRegistry:
         else:
             level = _DTYPE_NAMES.get(str(config.get("torch_dtype") or config.get("dtype") or ""), "")
         family = str(config.get("model_type", ""))
+        families = [family] if family else []
+        text_family = str((config.get("text_config") or {}).get("model_type") or "")
+        if text_family and text_family != family:
+            families.append(text_family)  # a VLM's language model
         return ModelDetails(
             family=family,
-            families=[family] if family else [],
+            families=families,
             parameter_count=count,
             parameter_size=_format_count(count) if count else "",
             quantization_level=level,
@@ -326,12 +335,15 @@ class ModelRegistry:
         caps = ["completion"]
         if "tools" in template or tok_cfg.get("tool_parser_type"):
             caps.append("tools")
-        if config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size"):
-            caps.append("embedding")
+        vision = vision_type(config) is not None
+        if not vision and (config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")):
+            caps.append("embedding")  # (a VLM's text view has no hidden-state module to embed with)
         if fim_tokens_in(markers):
             caps.append("insert")
         if "<think>" in markers:
             caps.append("thinking")
+        if vision:
+            caps.append("vision")
         license_text = ""
         for name in ("LICENSE", "LICENSE.txt", "LICENSE.md"):
             if (entry.path / name).exists():

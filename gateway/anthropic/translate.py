@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
-from gateway.common import check_done, choose_tools, finish_of, parse, rfc3339, text_format
+from gateway.common import NOT_FETCHED, check_done, choose_tools, finish_of, parse, rfc3339, text_format
 from gateway.errors import bad_request
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import anthropic as wire
@@ -67,8 +67,7 @@ class Parsed:
 def _image(block: wire.ImageBlock, where: str) -> bytes:
     src = block.source
     if isinstance(src, wire.URLImageSource):
-        raise bad_request(f"{where}.source: only base64 image sources are supported; this server does not fetch "
-                          "URLs", param=f"{where}.source")
+        raise bad_request(f"{where}.source: {NOT_FETCHED}", param=f"{where}.source")
     if isinstance(src, wire.FileImageSource):
         raise bad_request(f"{where}.source: file sources need the Files API, which this server does not serve; "
                           "send the image as a base64 source", param=f"{where}.source")

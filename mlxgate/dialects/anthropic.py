@@ -38,6 +38,8 @@ from typing_extensions import Annotated, NotRequired, TypedDict
 
 from mlxgate import limits
 from mlxgate.dialects.base import (
+    IMAGE_RULES,
+    IMAGE_URL_RULE,
     INT32_MAX,
     Base64Bytes,
     Int32,
@@ -129,12 +131,12 @@ class TextBlock(WireModel):
 class Base64ImageSource(WireModel):
     type: Literal["base64"]
     media_type: ImageMediaType
-    data: Base64Bytes
+    data: Annotated[Base64Bytes, Field(description=IMAGE_RULES)]
 
 
 class URLImageSource(WireModel):
     type: Literal["url"]
-    url: str = Field(description="refused (400): this server does not fetch URLs")
+    url: str = Field(description=IMAGE_URL_RULE)
 
 
 class FileImageSource(WireModel):

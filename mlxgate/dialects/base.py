@@ -132,6 +132,16 @@ def ignored(json_schema: dict[str, Any]) -> Any:
     return Annotated[Any, WithJsonSchema({**json_schema, "description": "accepted and ignored"})]
 
 
+#: What every image must be (checked at the service from its header,
+#: ``backends/images.py``), for the descriptions of image fields.
+IMAGE_RULES = (
+    f"a {', '.join(limits.IMAGE_FORMATS)} image of at most {limits.MAX_IMAGE_BYTES} bytes and "
+    f"{limits.MAX_IMAGE_PIXELS} pixels (width x height, read from its header before decoding; "
+    f"{limits.MAX_REQUEST_IMAGE_PIXELS} pixels for all the images of a request); otherwise 400"
+)
+#: What an image URL gets.
+IMAGE_URL_RULE = "http(s) URLs are 400 unless the server runs with MLXGATE_FETCH_IMAGE_URLS=1"
+
 #: Bytes that travel as base64 text (Ollama's ``images``).
 Base64Bytes = Annotated[
     bytes,

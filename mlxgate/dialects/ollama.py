@@ -27,6 +27,7 @@ from typing_extensions import Annotated, NotRequired, TypedDict
 
 from mlxgate import limits
 from mlxgate.dialects.base import (
+    IMAGE_RULES,
     Base64Bytes,
     Int,
     INT32_MAX,
@@ -188,7 +189,9 @@ Think = Annotated[
                       "absent: the model's default"),
 ]
 
-Images = Annotated[list[Base64Bytes], Limit(maxItems=limits.MAX_IMAGES)]
+Images = Annotated[
+    list[Base64Bytes], Limit(maxItems=limits.MAX_IMAGES), Field(description=f"base64 images, each {IMAGE_RULES}")
+]
 TopLogprobs = Annotated[Int32, Limit(minimum=0, maximum=limits.MAX_TOP_LOGPROBS)]
 
 

@@ -24,6 +24,8 @@ from typing_extensions import Annotated, NotRequired, TypedDict
 
 from mlxgate import jsonutil, limits
 from mlxgate.dialects.base import (
+    IMAGE_RULES,
+    IMAGE_URL_RULE,
     INT32_MAX,
     Int32,
     Int64,
@@ -149,7 +151,7 @@ def embedding_inputs(v: Union[str, list[str], list[int], list[list[int]]]) -> tu
 
 
 class ImageURL(WireModel):
-    url: str = Field(description="a data: URL (base64); other URLs are not fetched (400)")
+    url: str = Field(description=f"a data: URL (base64) of {IMAGE_RULES}; {IMAGE_URL_RULE}")
     detail: Optional[ignored({"type": "string"})] = None
 
 

@@ -29,6 +29,8 @@ from mlxgate import limits
 #: Error bodies are OpenAI's (``{"error": {"message", "type", "param", "code"}}``).
 from mlxgate.dialects.openai import Error, ErrorDetail  # noqa: F401 - re-exported
 from mlxgate.dialects.base import (
+    IMAGE_RULES,
+    IMAGE_URL_RULE,
     INT32_MAX,
     Limit,
     ModelName,
@@ -96,7 +98,9 @@ class InputText(WireModel):
 
 class InputImage(WireModel):
     type: Literal["input_image"]
-    image_url: Optional[str] = Field(None, description="a data: URL (base64); other URLs are not fetched (400)")
+    image_url: Optional[str] = Field(
+        None, description=f"a data: URL or bare base64 of {IMAGE_RULES}; {IMAGE_URL_RULE}"
+    )
     file_id: Optional[str] = Field(None, description="file inputs are not supported (400)")
     detail: Optional[ignored({"type": "string"})] = None
 

@@ -155,6 +155,9 @@ class LeaderManager(ModelManager):
             self._cluster._broke(f"loading {entry.name} failed on rank 0: {type(e).__name__}: {e}")
             raise
 
+    def _load_vision(self, entry: ModelEntry, config: dict):
+        raise Unavailable(f"{entry.name} is a vision-language model: a distributed engine serves text models only")
+
     def unload(self, lm: LoadedModel) -> None:
         was = lm.loaded
         super().unload(lm)

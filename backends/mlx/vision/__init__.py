@@ -1,0 +1,21 @@
+"""Vision-language models on the MLX engine, with mlx-vlm.
+
+mlx-vlm knows the architectures (vision towers, projectors, how image
+features replace image tokens) and the processors (resizing, crops, how many
+tokens an image becomes); mlxgate keeps its own engine around them:
+
+- ``arch``: is a model folder a VLM mlx-vlm can run (cheap: config.json only);
+- ``loader``: the model, its processor, and a text view of its language model
+  that mlx-lm's ``BatchGenerator`` drives like any text model;
+- ``images``: decoding, after ``backends/images.py`` passed the headers;
+- ``prompt``: a request's prompt with the model's chat template and
+  processor (image tokens expanded, pixel inputs, the key the prompt cache
+  files it under: image tokens keyed by the images' content);
+- ``prefill``: on the MLX thread, a sequence's images through the vision
+  tower and its prompt through the language model into a KV cache, which
+  then joins the model's batch exactly as a prompt-cache hit does.
+
+So decoding is one batch for image and text requests alike; text-only
+requests to a VLM never touch the vision code; the prompt part holding
+images is prefilled one sequence at a time, between decode steps.
+"""
