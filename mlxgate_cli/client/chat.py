@@ -16,7 +16,8 @@ BYE = "/bye"
 
 def ensure_model(api: OllamaAPI, name: str, err: TextIO) -> None:
     """``/api/show``; on 404 a plain ``/api/pull``.  A server that cannot
-    pull (501) leaves the "not found" as the answer."""
+    pull (501), does not know the name either (404) or lets only admin keys
+    pull (403) leaves the "not found" as the answer."""
     try:
         api.post("/api/show", {"model": name})
         return
@@ -27,7 +28,7 @@ def ensure_model(api: OllamaAPI, name: str, err: TextIO) -> None:
     try:
         commands.pull(api, name, err)
     except ApiError as e:
-        if e.status in (404, 405, 501):
+        if e.status in (403, 404, 405, 501):
             raise missing from None
         raise
 
