@@ -9,7 +9,6 @@ Only this module knows about argparse; everything below it gets a Config
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -233,17 +232,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides=overrides)
 
 
-def run_loop(main_coro) -> None:
-    """Run the server on uvloop where it is installed (a faster event loop for
-    the HTTP front and the upstream clients; grpc.aio runs on it), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main_coro)
-        return
-    uvloop.run(main_coro)
-
-
 def _distributed_rank(config: Config) -> Optional[int]:
     """``--distributed``: None on rank 0 (it goes on to serve); on the other
     ranks, run the follower loop and return its exit status."""
@@ -302,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from mlxgate.ports import BindError
-    from mlxgate_cli import stack
+    from mlxgate_cli import serve
+    from mlxgate_cli.shutdown import exit_now, run_loop
     from mlxgate_cli.workers import WorkersFailed
 
     if config.mlx.distributed and config.mlx.enabled:
@@ -313,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stderr.flush()
             os._exit(follower_status)
 
-    runner = stack.serve if args.command == "serve" else stack.serve_service_only
+    runner = serve.serve if args.command == "serve" else serve.serve_service_only
     status = 0
     try:
         run_loop(runner(config, dict(os.environ)))
@@ -326,19 +315,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mlxgate: {e}", file=sys.stderr)
         status = 1
     exit_now(status)
-
-
-def exit_now(status: int) -> None:
-    """End the process once its shutdown is complete (servers stopped, streams
-    cancelled, models freed), skipping interpreter finalization, where
-    grpc.aio's background thread can abort the process ("terminate called
-    without an active exception", grpc/grpc#38679; seen here about 1 exit in
-    15 on a loaded machine), so a supervisor sees the status it was meant to
-    (0 for a clean stop)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover
