@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional
 
-from mlxgate.config import Config, ServerConfig
+from mlxgate.config import Config, ServerConfig, env_var
 
 
 def effective_keys(server: ServerConfig) -> list[str]:
@@ -65,6 +65,6 @@ def exposure_problem(config: Config, http: bool, grpc: bool) -> Optional[str]:
         return None
     return (
         f"mlxgate: refusing to listen beyond this machine without API keys ({', '.join(exposed)}): "
-        "set MLXGATE_API_KEYS (or --api-key KEY), or MLXGATE_ALLOW_UNAUTHENTICATED=1 "
+        f"set {env_var('server.api_keys')} (or --api-key KEY), or {env_var('server.allow_unauthenticated')}=1 "
         "(or --allow-unauthenticated) to run without keys"
     )

@@ -6,9 +6,9 @@ the HTTP trust middleware (``gateway/security.py``) and the gRPC gate
 (ledger rows, logs, metric labels, ``/api/usage``), never the secret:
 
 - ``[[keys]]`` entries keep their own names, limits and ``admin`` flag;
-- plain keys (``MLXGATE_API_KEYS``, ``--api-key``) are ``key-1``, ``key-2``, ...
-  in the order given, without limits;
-- admin keys (``MLXGATE_ADMIN_KEYS``) are ``admin-1``, ... and are admins.
+- plain keys (``server.api_keys``) are ``key-1``, ``key-2``, ... in the
+  order given, without limits;
+- admin keys (``server.admin_keys``) are ``admin-1``, ... and are admins.
 
 A secret given twice keeps its first entry.  ``lookup`` compares the
 presented key's SHA-256 digest with every configured digest
