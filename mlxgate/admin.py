@@ -12,7 +12,7 @@ for everything a plain key may do.
 
 from __future__ import annotations
 
-from mlxgate.config import ServerConfig, env_var
+from mlxgate.config import env_var
 
 #: InferenceService methods that change what models exist.
 ADMIN_METHODS = frozenset({"PullModel", "CreateModel", "CopyModel", "DeleteModel", "CreateBlob", "HasBlob"})
@@ -39,8 +39,3 @@ def is_admin_method(method: str) -> bool:
 
 def is_admin_path(path: str) -> bool:
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
-
-
-def admin_keys(server: ServerConfig) -> list[str]:
-    """The configured admin keys, blanks removed, empty ones dropped."""
-    return [k.strip() for k in server.admin_keys if k.strip()]

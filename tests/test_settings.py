@@ -166,3 +166,16 @@ def test_a_bad_value_names_the_setting_and_the_variable_value() -> None:
     with pytest.raises(ValueError, match="default_keep_alive"):
         load_config(env={"MLXGATE_KEEP_ALIVE": "10", "OLLAMA_KEEP_ALIVE": "ten minutes"})
 
+
+def test_keys_are_cleaned_in_one_place() -> None:
+    from mlxgate.keyring import KeyRing, clean, every_secret, first
+    from mlxgate_cli.factory import build_backends
+
+    cfg = load_config(env={"MLXGATE_MLX_ENABLED": "0", "MLXGATE_REMOTES": "h:1"},
+                      overrides={"server.api_keys": ["", " k1 ", "k1", "k2"], "server.admin_keys": ["  "]})
+    assert clean(cfg.server.api_keys) == ["k1", "k2"]
+    assert every_secret(cfg.server) == ["k1", "k2"] and first(cfg.server.admin_keys) is None
+    assert KeyRing.from_server(cfg.server).names() == ["key-1", "key-2"]
+    # A remote service gets the first key as the gate compares it, not the raw "" or " k1 ".
+    (remote,) = build_backends(cfg, {})
+    assert remote._metadata == (("authorization", "Bearer k1"),)
