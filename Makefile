@@ -14,7 +14,7 @@ DATA   ?= .mlxgate-data
 OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
 FAST_BLAS := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup run test proto model bench bench-scale soak lint clean
+.PHONY: setup run test proto model bench bench-scale soak lint readme clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ soak: setup
 lint: setup
 	$(BIN)/python -m ruff check mlxgate mlxgate_cli gateway backends tests
 	$(BIN)/lint-imports
+
+# README.md's configuration table, from the settings declared in mlxgate/config.py
+# (tests/test_settings.py fails while they differ).
+readme: setup
+	$(BIN)/python -m mlxgate_cli.readme_table README.md
 
 # Only the project's own folders: MODELS or DATA may name a user's folder.
 clean:

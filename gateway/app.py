@@ -40,10 +40,9 @@ from gateway.responses.store import ResponseStore
 from gateway.rerank import routes as rerank_routes
 from gateway.security import TrustGuard
 from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
-from mlxgate.admin import admin_keys
 from gateway.tokenize import routes as tokenize_routes
 from mlxgate.config import ServerConfig
-from mlxgate.exposure import effective_keys
+from mlxgate.keyring import every_secret, first
 from mlxgate.limits import MAX_MESSAGES
 from mlxgate.memory import trim_after_large
 
@@ -115,8 +114,8 @@ def _client_ctx(
         c = InferenceClient.connect(
             grpc_target,
             server_cfg.request_timeout,
-            api_key=next(iter(effective_keys(server_cfg)), None),
-            admin_key=next(iter(admin_keys(server_cfg)), None),
+            api_key=first(every_secret(server_cfg)),
+            admin_key=first(server_cfg.admin_keys),
             max_message_bytes=server_cfg.grpc_max_message_bytes,
             front_token=front_token,
             local_stub=local_stub,

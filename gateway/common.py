@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.errors import ApiError, bad_request
 from mlxgate import jsonutil, limits
-from mlxgate.dialects.base import Tool, log_unknown, wire_error
+from mlxgate.dialects.base import FETCH_IMAGE_URLS_ENV, Tool, log_unknown, wire_error
 from mlxgate.names import same_model
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -198,7 +198,7 @@ def collect(events: Iterable[pb.GenerateResponse]) -> Collected:
 
 #: Why an http(s) image URL is refused, and what turns fetching on.
 NOT_FETCHED = (
-    "image URLs are not fetched (turn fetching on with MLXGATE_FETCH_IMAGE_URLS=1); "
+    f"image URLs are not fetched (turn fetching on with {FETCH_IMAGE_URLS_ENV}=1); "
     "send the image as a data: URL (base64)"
 )
 

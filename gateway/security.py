@@ -71,7 +71,7 @@ from gateway.caller import speak_for
 from gateway.errors import ApiError, error_response, from_http, request_dialect
 from gateway.state import BACKEND_HEADER, CALLER, CALLER_KEY, REQUEST_ID_HEADER
 from mlxgate.admin import NEEDS_ADMIN, is_admin_path
-from mlxgate.config import ServerConfig
+from mlxgate.config import ORIGINS_ENV, ServerConfig, env_var
 from mlxgate.exposure import is_loopback
 from mlxgate.keyring import KeyRing, NamedKey, digest
 
@@ -278,7 +278,7 @@ class TrustGuard:
                     ApiError(
                         403,
                         f"forbidden: Host '{name}' is not allowed on a server bound to a loopback address "
-                        f"(DNS-rebinding guard); to allow it, set MLXGATE_ALLOWED_HOSTS={name}",
+                        f"(DNS-rebinding guard); to allow it, set {env_var('server.allowed_hosts')}={name}",
                         code="host_not_allowed",
                     ),
                     "Host not allowed",
@@ -291,7 +291,7 @@ class TrustGuard:
                     request,
                     ApiError(
                         403,
-                        f"forbidden: Origin '{quoted}' is not allowed; to allow it, add it to MLXGATE_ORIGINS "
+                        f"forbidden: Origin '{quoted}' is not allowed; to allow it, add it to {ORIGINS_ENV} "
                         "(or OLLAMA_ORIGINS), comma-separated, '*' wildcards allowed",
                         code="origin_not_allowed",
                     ),

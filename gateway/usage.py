@@ -17,6 +17,7 @@ from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import CALLER, client, request_id
+from mlxgate.admin import USAGE_NEEDS_ADMIN
 from mlxgate.dialects import usage as wire
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -49,8 +50,7 @@ def usage_json(res: pb.GetUsageResponse) -> wire.UsageResponse:
 async def usage(request: web.Request) -> web.Response:
     caller = request.get(CALLER)
     if caller is not None and not caller.admin:
-        raise ApiError(403, "usage is shown to admin keys only ([[keys]] admin = true, or MLXGATE_ADMIN_KEYS)",
-                       code="admin_key_required")
+        raise ApiError(403, USAGE_NEEDS_ADMIN, code="admin_key_required")
     q = read_query(request, wire.UsageQuery, PATH)
     req = pb.GetUsageRequest()
     if q.since:

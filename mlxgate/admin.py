@@ -2,8 +2,8 @@
 
 Without any key configured, everything is open (Ollama on loopback).  With
 keys set, listing, showing and inference need any configured key, and the
-operations below need an **admin key** (``server.admin_keys``,
-``MLXGATE_ADMIN_KEYS``, ``--admin-key``).  The gRPC gate
+operations below need an **admin key** (``server.admin_keys``, its
+variable or ``--admin-key``).  The gRPC gate
 (``backends/gate.py``) checks the methods, the HTTP trust guard
 (``gateway/security.py``) the routes; both read them from here, so a new
 management operation is added once.  Admin keys are keys too: they are valid
@@ -12,7 +12,7 @@ for everything a plain key may do.
 
 from __future__ import annotations
 
-from mlxgate.config import ServerConfig
+from mlxgate.config import env_var
 
 #: InferenceService methods that change what models exist.
 ADMIN_METHODS = frozenset({"PullModel", "CreateModel", "CopyModel", "DeleteModel", "CreateBlob", "HasBlob"})
@@ -25,8 +25,11 @@ ADMIN_PREFIXES = ("/api/blobs/",)
 #: What a non-admin key is told (403 / PERMISSION_DENIED).
 NEEDS_ADMIN = (
     "forbidden: managing models (pull, create, copy, delete, blobs, push) needs an admin key "
-    "(MLXGATE_ADMIN_KEYS or --admin-key)"
+    f"({env_var('server.admin_keys')} or --admin-key)"
 )
+
+#: What a non-admin key asking for ``/api/usage`` (``GetUsage``) is told.
+USAGE_NEEDS_ADMIN = f"usage is shown to admin keys only ([[keys]] admin = true, or {env_var('server.admin_keys')})"
 
 
 def is_admin_method(method: str) -> bool:
@@ -36,8 +39,3 @@ def is_admin_method(method: str) -> bool:
 
 def is_admin_path(path: str) -> bool:
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
-
-
-def admin_keys(server: ServerConfig) -> list[str]:
-    """The configured admin keys, blanks removed, empty ones dropped."""
-    return [k.strip() for k in server.admin_keys if k.strip()]

@@ -1,4 +1,12 @@
-"""The one configuration object, built from defaults < TOML file < env < flags.
+"""The one configuration object and the table of every setting.
+
+Each setting is declared once, here: its field, with its environment
+variables, its flag, its default and its help (``mlxgate.settings.setting``).
+``mlxgate/config_load.py`` builds a ``Config`` from defaults < TOML file <
+environment < flags; ``mlxgate_cli/flags.py`` builds the flags from the same
+declarations, and README.md's configuration table is generated from them.
+Every ``MLXGATE_*`` variable is spelled in this module only: other modules
+name one with ``env_var("section.field")`` or the constants below.
 
 Everything downstream receives a ``Config`` (or the section it needs); nothing
 reads the environment or argv on its own.  Keys in the TOML file mirror the
@@ -44,97 +52,131 @@ dataclass fields, e.g.::
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
-from urllib.parse import urlsplit
 
-from mlxgate.durations import parse_duration  # noqa: F401 - re-exported
+from mlxgate.durations import parse_duration
+from mlxgate.settings import Row, Setting, rows, setting
 
-log = logging.getLogger(__name__)
+#: Variables the loader (``mlxgate/config_load.py``) reads with code of its
+#: own; listed in the table by the fields they fill.
+CONFIG_ENV = "MLXGATE_CONFIG"
+ORIGINS_ENV = "MLXGATE_ORIGINS"
+REMOTES_ENV = "MLXGATE_REMOTES"
+CLOUD_MODELS_ENV = "MLXGATE_CLOUD_MODELS"
+ANTHROPIC_MODELS_ENV = "MLXGATE_ANTHROPIC_MODELS"
+#: The key the client verbs and ``mlxgate usage`` send (``mlxgate_cli/client/host.py``);
+#: the server they call is where ``server.host`` / ``server.port``'s variables say.
+CLIENT_KEY_ENV = "MLXGATE_API_KEY"
+
+_SECURITY = "[Security](#security-who-may-call)"
+_UPSTREAM_DEFAULT = "the `[upstream]` value"
 
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 11434
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 50051
-    #: When set, the HTTP front calls this inference service instead of
-    #: starting one in-process.
-    grpc_target: Optional[str] = None
-    #: Deadline the front puts on each gRPC call, in seconds.
-    request_timeout: float = 600.0
-    #: Largest request body the front accepts, in bytes.
-    max_body_bytes: int = 32 * 1024 * 1024
-    #: Seconds an HTTP connection may stay without a whole request (its
-    #: headers not all there yet, or idle between requests) before it is
-    #: closed: bounds what a client that connects and stalls holds.
-    http_idle_timeout: float = 75.0
-    #: Seconds a request's body may take to arrive, once its headers did
-    #: (408 beyond).
-    http_body_timeout: float = 60.0
-    #: Largest gRPC message the service receives or sends (and the front's
-    #: channel), in bytes: a little above max_body_bytes, so whatever the HTTP
-    #: front accepts still fits in one message.
-    grpc_max_message_bytes: int = 36 * 1024 * 1024
-    #: TLS on the service's gRPC TCP port: a PEM certificate (chain) and its
-    #: private key, both or neither (``mlxgate.grpc_tls``).
-    grpc_tls_cert: str = ""
-    grpc_tls_key: str = ""
-    #: PEM roots (a CA, or a self-signed service's own certificate) that the
-    #: front's channel to ``grpc_target`` and remote services without their
-    #: own ``tls_ca`` check the service against; set: those channels use TLS.
-    grpc_tls_ca: str = ""
-    #: Port for /metrics when only the inference service runs (``mlxgate service``).
-    metrics_port: int = 9464
-    #: API keys.  When any is set, every HTTP route but ``GET /`` and ``HEAD /``
-    #: needs one (``Authorization: Bearer <key>`` or ``x-api-key``), and every
-    #: InferenceService gRPC method needs ``authorization: Bearer <key>``.
-    api_keys: list[str] = field(default_factory=list, repr=False)
-    #: Admin keys: valid wherever an API key is, and the only keys that may
-    #: read ``/api/usage`` and manage models (pull, create, copy, delete,
-    #: blobs, push: ``mlxgate/admin.py``) once any key is set.  Setting only
-    #: admin keys also makes every route but ``GET /`` need a key.
-    admin_keys: list[str] = field(default_factory=list, repr=False)
-    #: Named keys (TOML ``[[keys]]``), each with its own limits
-    #: (``mlxgate.keyring``); their secrets resolved from ``key_env`` at load.
-    keys: list["KeyEntry"] = field(default_factory=list, repr=False)
-    #: Serve /metrics without a key even when keys are set.
-    metrics_public: bool = False
-    #: Start on a non-loopback address with no keys (refused otherwise).
-    allow_unauthenticated: bool = False
-    #: Host header values accepted besides the loopback names (DNS-rebinding guard).
-    allowed_hosts: list[str] = field(default_factory=list)
-    #: Browser origins allowed besides the defaults (OLLAMA_ORIGINS and
-    #: MLXGATE_ORIGINS add up), Ollama's pattern syntax ("*" wildcards).
-    origins: list[str] = field(default_factory=list)
-    #: Seconds in-flight requests may run after SIGTERM/SIGINT before they are ended.
-    shutdown_grace: float = 30.0
-    #: How the HTTP front of ``mlxgate serve`` reaches the service of its own
-    #: process: "in-process" (the service's handlers called directly with the
-    #: same messages, ``backends/local.py``) or "grpc" (a loopback gRPC
-    #: channel, as a front in another process uses).
-    front_channel: str = "in-process"
-    #: HTTP front processes of ``mlxgate serve``: 1 runs the front in the
-    #: service's process (``front_channel``); N > 1 runs N worker processes
-    #: sharing the one HTTP listening socket, each calling the service of
-    #: the parent process over a private Unix-domain gRPC socket
-    #: (``mlxgate_cli/workers.py``).
-    workers: int = 1
-    #: Where mlxgate keeps its own data (stored responses, the generated
-    #: test model when no models are found); None = the platform's user data
-    #: folder for mlxgate.
-    data_dir: Optional[str] = None
-    #: The Responses API's store (``<data_dir>/responses.sqlite3``): most
-    #: responses kept, and most bytes (responses and their input items
-    #: together); beyond either, the oldest are removed first.
-    responses_max_count: int = 10_000
-    responses_max_bytes: int = 256 * 1024 * 1024
+    host: str = setting("127.0.0.1", env=("MLXGATE_HOST",), also=("OLLAMA_HOST",), flag="--host",
+                        commands=("serve",), help="HTTP bind address")
+    port: int = setting(11434, env=("MLXGATE_PORT",), also=("OLLAMA_HOST",), flag="--port", commands=("serve",),
+                        help="HTTP port, 0 for any free one")
+    grpc_host: str = setting("127.0.0.1", env=("MLXGATE_GRPC_HOST",), flag="--grpc-host", metavar="HOST",
+                             help="gRPC bind address")
+    grpc_port: int = setting(50051, env=("MLXGATE_GRPC_PORT",), flag="--grpc-port", metavar="PORT",
+                             help="gRPC port, 0 for any free one")
+    grpc_target: Optional[str] = setting(
+        None, env=("MLXGATE_GRPC_TARGET",), flag="--grpc-target", commands=("serve",), metavar="HOST:PORT",
+        help="run only the HTTP front, calling the inference service at host:port instead of starting one")
+    request_timeout: float = setting(600.0, env=("MLXGATE_REQUEST_TIMEOUT",),
+                                     help="deadline, in seconds, the front puts on each call to the inference service")
+    max_body_bytes: int = setting(32 * 1024 * 1024, env=("MLXGATE_MAX_BODY_BYTES",),
+                                  help="largest HTTP request body (413 beyond)")
+    #: Bounds what a client that connects and stalls holds.
+    http_idle_timeout: float = setting(
+        75.0, env=("MLXGATE_HTTP_IDLE_TIMEOUT",),
+        help="seconds an HTTP connection may go without a whole request (nothing sent, headers cut short, idle "
+             "after an answer) before it is closed")
+    http_body_timeout: float = setting(
+        60.0, env=("MLXGATE_HTTP_BODY_TIMEOUT",),
+        help="seconds a request's body may take to arrive once its headers did (408 beyond)")
+    #: A little above max_body_bytes, so whatever the HTTP front accepts still fits in one message.
+    grpc_max_message_bytes: int = setting(
+        36 * 1024 * 1024,
+        help="largest gRPC message, either way, on the service and the front's channel (see [gRPC](#grpc))")
+    #: ``mlxgate.grpc_tls``
+    grpc_tls_cert: str = setting(
+        "", env=("MLXGATE_GRPC_TLS_CERT",),
+        help="PEM certificate (chain): the service's gRPC TCP port speaks TLS (with `server.grpc_tls_key`: both "
+             "or neither; see [gRPC](#grpc))")
+    grpc_tls_key: str = setting("", env=("MLXGATE_GRPC_TLS_KEY",),
+                                help="the PEM private key of `server.grpc_tls_cert`")
+    grpc_tls_ca: str = setting(
+        "", env=("MLXGATE_GRPC_TLS_CA",),
+        help="PEM roots (a CA, or a self-signed service's certificate): the front's channel to `--grpc-target` "
+             "and to remote services uses TLS, checked against them (a `[[remote]]` entry's `tls_ca` overrides it)")
+    metrics_port: int = setting(
+        9464, env=("MLXGATE_METRICS_PORT",), flag="--metrics-port", commands=("service",), metavar="PORT",
+        help="`/metrics` of a stand-alone `mlxgate service` (bound on the gRPC host, keyed like the front)")
+    #: Every HTTP route but ``GET /`` and ``HEAD /`` then needs one (``Authorization:
+    #: Bearer <key>`` or ``x-api-key``), and every InferenceService gRPC method
+    #: ``authorization: Bearer <key>``; named ``key-1``, ... (``mlxgate/keyring.py``).
+    api_keys: list[str] = setting(
+        default_factory=list, repr=False, env=("MLXGATE_API_KEYS",), flag="--api-key", metavar="KEY",
+        help=f"API keys; when any is set, callers must send one (see {_SECURITY})")
+    #: ``mlxgate/admin.py`` lists what only they may do.
+    admin_keys: list[str] = setting(
+        default_factory=list, repr=False, env=("MLXGATE_ADMIN_KEYS",), flag="--admin-key", metavar="KEY",
+        help="keys that may also manage models (pull, create, copy, delete, blobs, push) and read "
+             "`/api/usage`; valid wherever an API key is; setting only admin keys also makes every route but "
+             "`GET /` need a key")
+    #: Their secrets are resolved from ``key_env`` at load.
+    keys: list["KeyEntry"] = setting(
+        default_factory=list, repr=False, toml="[[keys]]",
+        help="named keys, each with its own limits, models and `admin` flag (see [What cloud fallback costs]"
+             "(#what-cloud-fallback-costs-usage-budgets-per-key-limits))")
+    metrics_public: bool = setting(False, env=("MLXGATE_METRICS_PUBLIC",),
+                                   help="serve `/metrics` without a key even when keys are set")
+    allow_unauthenticated: bool = setting(
+        False, env=("MLXGATE_ALLOW_UNAUTHENTICATED",), flag="--allow-unauthenticated",
+        help="allow a non-loopback bind address without keys")
+    #: The DNS-rebinding guard (``gateway/security.py``).
+    allowed_hosts: list[str] = setting(
+        default_factory=list, env=("MLXGATE_ALLOWED_HOSTS",),
+        help="`Host` names accepted besides the loopback ones (`*.example.lan` for sub-domains)")
+    origins: list[str] = setting(
+        default_factory=list, also=(ORIGINS_ENV, "OLLAMA_ORIGINS"),
+        help="browser origins allowed besides the defaults, Ollama's pattern syntax (`*` "
+             "wildcards); the TOML list and both variables add up")
+    shutdown_grace: float = setting(
+        30.0, env=("MLXGATE_SHUTDOWN_GRACE",),
+        help="seconds requests in flight may run on after SIGTERM/SIGINT (see [Shutdown](#shutdown))")
+    front_channel: str = setting(
+        "in-process", env=("MLXGATE_FRONT_CHANNEL",),
+        help="how `mlxgate serve`'s HTTP front reaches its own service: `in-process` calls the service's gRPC "
+             "handlers directly with the same messages, keys, deadlines, cancellation, statuses and size limits "
+             "(saves ~40 % of the CPU per request); `grpc` goes over the loopback gRPC port, "
+             "as a front in another process does")
+    #: N > 1: ``mlxgate_cli/workers.py``, each worker calling the parent's
+    #: service over a private Unix-domain gRPC socket.
+    workers: int = setting(
+        1, env=("MLXGATE_WORKERS",), flag="--workers", commands=("serve",), metavar="N",
+        help="HTTP front processes of `mlxgate serve` sharing the HTTP port, in front of the one inference service "
+             "(see [HTTP workers](#http-workers)); `1`: front and service in one process, as "
+             "`server.front_channel` says")
+    data_dir: Optional[str] = setting(
+        None, env=("MLXGATE_DATA_DIR",), flag="--data-dir", metavar="DIR",
+        shown_default="the user data folder (`~/.local/share/mlxgate`, `~/Library/Application Support/mlxgate`)",
+        help="mlxgate's own data: stored responses (`responses.sqlite3`, see [Stored responses](#stored-responses)), "
+             "the usage ledger, and the generated test model served when there are no models (`make run`: "
+             "`.mlxgate-data`)")
+    #: ``<data_dir>/responses.sqlite3``
+    responses_max_count: int = setting(
+        10_000, env=("MLXGATE_RESPONSES_MAX_COUNT",),
+        help="most responses the Responses API keeps; the oldest are removed first")
+    responses_max_bytes: int = setting(
+        256 * 1024 * 1024, env=("MLXGATE_RESPONSES_MAX_BYTES",),
+        help="most bytes they take (responses and their input items); the oldest are removed first")
 
     def __post_init__(self) -> None:
         # Sent to ``serve --workers``' processes as plain dicts (dataclasses.asdict).
@@ -176,80 +218,101 @@ FRONT_CHANNELS = ("in-process", "grpc")
 
 @dataclass
 class MLXConfig:
-    models_dir: str = "~/.mlx_models"
-    #: Hugging Face hub cache; scanned for mlx models when it exists.
-    hf_cache: Optional[str] = None
-    #: Most models resident at once; the least recently used is evicted.
-    max_loaded_models: int = 2
-    #: Ollama's default keep_alive, seconds.
-    default_keep_alive: float = 300.0
-    #: Tokens to generate when a request sets no limit; -1 (Ollama's
-    #: num_predict default) = until a stop or the context is full.
-    default_max_tokens: int = -1
-    #: Sequences decoded together in one step (continuous batching).
-    max_batch_size: int = 16
-    #: Requests queued or running before new ones are refused with
-    #: RESOURCE_EXHAUSTED (Ollama's OLLAMA_MAX_QUEUE, same default).
-    max_pending: int = 512
-    #: Most prompt tokens of one sequence evaluated in one step.
-    prefill_step_size: int = 512
-    #: While other sequences are generating, a step evaluates only as much of
-    #: a new prompt as takes about this many decode steps' time, so running
-    #: streams' tokens are never more than ~(1 + this) times their usual gap
-    #: apart; 0 = always prefill_step_size (streams wait for each chunk).
-    prefill_interleave: float = 1.5
-    #: Bytes of finished sequences' KV caches kept per process (all models
-    #: together) so a prompt sharing a prefix with an earlier one (the next
-    #: turn of a chat, a repeated system prompt) skips that part of prefill;
-    #: 0 turns prompt-cache reuse off.
-    prompt_cache_bytes: int = 512 * 1024 * 1024
-    #: When no MLX model is found (models_dir, the Hugging Face cache), serve
-    #: the small generated test model from ``<data_dir>/test-models``, writing
-    #: it there the first time, so a fresh box has something to serve; never
-    #: written into models_dir (``backends.mlx.bootstrap``).
-    bootstrap_test_model: bool = True
+    models_dir: str = setting("~/.mlx_models", env=("MLXGATE_MODELS_DIR",), also=("OLLAMA_MODELS",),
+                              flag="--models-dir", metavar="DIR",
+                              help="one MLX model per subfolder (`make run`: `.models`)")
+    hf_cache: Optional[str] = setting(None, env=("MLXGATE_HF_CACHE",),
+                                      shown_default="`~/.cache/huggingface/hub` if present",
+                                      help="Hugging Face cache scanned for MLX models")
+    #: The least recently used is evicted.
+    max_loaded_models: int = setting(2, env=("MLXGATE_MAX_LOADED_MODELS", "OLLAMA_MAX_LOADED_MODELS"),
+                                     help="resident MLX models; the least recently used is evicted")
+    default_keep_alive: float = setting(
+        300.0, env=("MLXGATE_KEEP_ALIVE", "OLLAMA_KEEP_ALIVE"), parse=parse_duration,
+        help="default keep_alive in seconds or Go durations (`10m`, `1h`; Ollama semantics: negative keeps "
+             "models loaded)")
+    default_max_tokens: int = setting(
+        -1, env=("MLXGATE_DEFAULT_MAX_TOKENS",),
+        help="most tokens an MLX answer may have when the request sets no limit (Ollama's `num_predict`, "
+             "OpenAI's `max_tokens`, gRPC `max_tokens` unset); `-1`: until a stop or the context is full, "
+             "Ollama's default")
+    #: Continuous batching.
+    max_batch_size: int = setting(16, env=("MLXGATE_MAX_BATCH_SIZE", "OLLAMA_NUM_PARALLEL"),
+                                  help="sequences decoded together (continuous batching)")
+    #: RESOURCE_EXHAUSTED beyond (Ollama's OLLAMA_MAX_QUEUE, same default).
+    max_pending: int = setting(
+        512, env=("MLXGATE_MAX_PENDING", "OLLAMA_MAX_QUEUE"),
+        help="requests queued or running in the MLX engine before new ones get \"server busy\"; the router then "
+             "tries the next backend")
+    prefill_step_size: int = setting(512, help="most prompt tokens of one sequence evaluated in one step")
+    #: Running streams' tokens are never more than ~(1 + this) times their usual gap apart.
+    prefill_interleave: float = setting(
+        1.5, env=("MLXGATE_PREFILL_INTERLEAVE",),
+        help="while streams decode, a new prompt is prefilled in chunks of about this many decode steps' time "
+             "each, so their tokens keep coming (a gap at most ~2.5× the usual); `0`: chunks of "
+             "`mlx.prefill_step_size` tokens, streams wait for each")
+    #: Per process, all models together.
+    prompt_cache_bytes: int = setting(
+        512 * 1024 * 1024, env=("MLXGATE_PROMPT_CACHE_BYTES",),
+        help="KV caches of finished sequences kept for prompt reuse (multi-turn chats, shared system prompts); "
+             "0 turns reuse off")
+    #: Never written into models_dir (``backends.mlx.bootstrap``).
+    bootstrap_test_model: bool = setting(
+        True, help="when no MLX model is found, serve the small generated test model from "
+                   "`<data_dir>/test-models`, writing it there the first time")
     #: A folder of generated test models scanned after models_dir; set at
     #: start-up when the bootstrap above applies (None: not scanned).
     test_models_dir: Optional[str] = None
-    #: Set false to run without the MLX engine (gateway to Ollama/cloud only).
-    enabled: bool = True
-    #: One model over several processes started with ``mlx.launch``
-    #: (``backends/mlx/distributed/``): rank 0 serves, the others follow.
-    distributed: bool = False
-    #: With ``distributed``: pipeline parallelism (layers split across ranks)
-    #: instead of tensor parallelism (every layer split); for the model types
-    #: mlx-lm can pipeline.
-    pipeline: bool = False
-    #: With ``distributed``: seconds a rank may go without a heartbeat (on a
-    #: side channel, every 0.5 s) before rank 0 takes the engine out of service.
-    distributed_timeout: float = 5.0
+    enabled: bool = setting(
+        True, env=("MLXGATE_MLX_ENABLED",),
+        help="the local MLX engine; off: none (MLX is not even imported), a gateway to remote services, Ollama and "
+             "cloud upstreams only")
+    #: ``backends/mlx/distributed/``
+    distributed: bool = setting(
+        False, env=("MLXGATE_DISTRIBUTED",), flag="--distributed",
+        help="one model over the processes `mlx.launch` starts: rank 0 serves, the others hold their shards and "
+             "follow (see [One model across several Macs](#one-model-across-several-macs---distributed))")
+    pipeline: bool = setting(
+        False, env=("MLXGATE_PIPELINE",), flag="--pipeline",
+        help="with `--distributed`: split the layers across the ranks (pipeline parallelism) instead of every "
+             "layer (tensor parallelism), for the model types mlx-lm can pipeline")
+    #: Heartbeats go on a side channel every 0.5 s.
+    distributed_timeout: float = setting(
+        5.0, env=("MLXGATE_DISTRIBUTED_TIMEOUT",),
+        help="with `--distributed`: seconds a rank may miss its heartbeats before the engine goes out of service")
 
 
 @dataclass
 class UpstreamTimeouts:
-    """Clocks on a call to an upstream (Ollama, a cloud API), in seconds.
-
-    ``connect``: to open the connection.  ``first_token``: from sending the
-    request to the first token (or the whole answer of a unary call).
-    ``idle``: between two tokens.  Keep-alive lines and SSE comments do not
-    reset the token clocks.  The ``[upstream]`` section (env
-    MLXGATE_CONNECT_TIMEOUT, MLXGATE_FIRST_TOKEN_TIMEOUT, MLXGATE_IDLE_TIMEOUT)
-    gives the defaults; each upstream may set its own.
+    """Clocks on a call to an upstream (Ollama, a cloud API, a remote
+    service), in seconds.  Keep-alive lines and SSE comments do not reset the
+    token clocks.  The ``[upstream]`` section gives the defaults; each
+    upstream may set its own.
     """
 
-    connect_timeout: float = 10.0
-    first_token_timeout: float = 120.0
-    idle_timeout: float = 60.0
+    connect_timeout: float = setting(
+        10.0, env=("MLXGATE_CONNECT_TIMEOUT",),
+        help="seconds to connect to an upstream (Ollama, a cloud API, a remote service); the default of each")
+    first_token_timeout: float = setting(
+        120.0, env=("MLXGATE_FIRST_TOKEN_TIMEOUT",),
+        help="seconds from sending a request upstream to its first token (headers and keep-alives do not count); "
+             "also bounds a whole unary call, with the connect time")
+    idle_timeout: float = setting(60.0, env=("MLXGATE_IDLE_TIMEOUT",),
+                                  help="seconds an upstream may go between two tokens")
 
 
 @dataclass
 class OllamaConfig:
-    #: Base URL of an upstream Ollama, e.g. http://otherbox:11434; None = off.
-    upstream: Optional[str] = None
+    upstream: Optional[str] = setting(
+        None, env=("OLLAMA_UPSTREAM",), flag="--ollama-upstream", metavar="URL",
+        help="upstream Ollama to fall back to, e.g. `http://otherbox:11434`")
     #: None: the ``[upstream]`` default (filled in by load_config).
-    connect_timeout: Optional[float] = None
-    first_token_timeout: Optional[float] = None
-    idle_timeout: Optional[float] = None
+    connect_timeout: Optional[float] = setting(None, shown_default=_UPSTREAM_DEFAULT,
+                                               help="`upstream.connect_timeout` for the upstream Ollama")
+    first_token_timeout: Optional[float] = setting(None, shown_default=_UPSTREAM_DEFAULT,
+                                                   help="`upstream.first_token_timeout` for it")
+    idle_timeout: Optional[float] = setting(None, shown_default=_UPSTREAM_DEFAULT,
+                                            help="`upstream.idle_timeout` for it")
 
 
 #: The APIs a cloud provider may speak: "openai" (OpenAI-compatible chat
@@ -290,7 +353,16 @@ class CloudProvider:
 
 @dataclass
 class CloudConfig:
-    providers: list[CloudProvider] = field(default_factory=list)
+    providers: list[CloudProvider] = setting(
+        default_factory=list, toml="[[cloud.providers]]",
+        also=("OPENAI_BASE_URL", "OPENAI_API_KEY", CLOUD_MODELS_ENV, "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY",
+              ANTHROPIC_MODELS_ENV),
+        help="cloud providers, each a backend `cloud:<name>` (see [Cloud providers](#cloud-providers)); "
+             "`OPENAI_BASE_URL` / `OPENAI_API_KEY` add one named `openai`, its models from "
+             f"`{CLOUD_MODELS_ENV}` (comma-separated; default: ask its `/models`); `ANTHROPIC_BASE_URL` / "
+             "`ANTHROPIC_API_KEY` one named `anthropic` (`kind = \"anthropic\"`; the base URL is the API root, "
+             f"default `https://api.anthropic.com`), its models from `{ANTHROPIC_MODELS_ENV}` (default: ask its "
+             "`/v1/models`); each unless the file names one so")
 
 
 @dataclass
@@ -322,26 +394,20 @@ class RemoteService:
 
 @dataclass
 class RouterConfig:
-    #: Backends tried for one request, fallbacks included.
-    retry_budget: int = 3
-    #: Consecutive failures that open a backend's circuit ...
-    breaker_failures: int = 3
-    #: ... and how long it then stays out before a probe, seconds.
-    breaker_cooldown: float = 30.0
-    #: How long a backend's model list is reused, seconds.
-    model_list_ttl: float = 10.0
-    #: Placement (several engines with the model: the local one and remote
-    #: services): how long what each has loaded is reused before it is asked
-    #: again, seconds.  It is also refreshed in the background after each
-    #: request it served.
-    running_ttl: float = 5.0
-    #: Placement: when every serving engine that has the model loaded already
-    #: has this many of this router's requests in flight, the warm/cold
-    #: preference is dropped and the least loaded engine that has the model
-    #: takes the next one (loading it there), so sustained concurrent traffic
-    #: grows onto more machines.  0: never (a cold engine only when no warm
-    #: one serves).
-    spill_at: int = 8
+    retry_budget: int = setting(3, help="backends tried for one request, fallbacks included")
+    breaker_failures: int = setting(3, help="consecutive failures that take a backend out ...")
+    breaker_cooldown: float = setting(30.0, help="... for this many seconds, then one probe")
+    model_list_ttl: float = setting(10.0, help="seconds a backend's model list is reused")
+    #: Also refreshed in the background after each request it served.
+    running_ttl: float = setting(
+        5.0, help="placement (several engines with the model: the local one and remote services): seconds what "
+                  "each has loaded is reused before it is asked again")
+    #: The warm/cold preference is then dropped and the least loaded engine
+    #: that has the model takes the next one (loading it there), so sustained
+    #: concurrent traffic grows onto more machines.
+    spill_at: int = setting(
+        8, help="placement: requests of this front in flight on every warm engine before a cold one loads the "
+                "model; `0`: a cold engine only when no warm one serves")
 
 
 @dataclass
@@ -350,45 +416,42 @@ class HubConfig:
     (``backends/models/hub.py``).  HF_ENDPOINT and HF_TOKEN, the hub
     clients' own variables, are read here once."""
 
-    #: The hub's base URL (HF_ENDPOINT).
-    endpoint: str = "https://huggingface.co"
-    #: A token for gated and private repos (HF_TOKEN); sent as a Bearer
-    #: header to ``endpoint`` only, never logged.
-    token: str = field(default="", repr=False)
-    #: Seconds to open a connection to the hub, and seconds a listing or a
-    #: download may go without receiving a byte.
-    connect_timeout: float = 10.0
-    idle_timeout: float = 60.0
-    #: Most entries a repo's file listing may have, and most bytes its model
-    #: files may add up to: a larger repo is refused before any download.
-    max_files: int = 2000
-    max_repo_bytes: int = 512 * 1024**3
-    #: Bytes that must stay free on the models' disk after a pull.
-    reserve_bytes: int = 1024**3
-    #: Downloads (of different models) running at once; more pulls wait for one to end.
-    max_concurrent_pulls: int = 2
+    endpoint: str = setting("https://huggingface.co", env=("HF_ENDPOINT",),
+                            help="the hub `pull` downloads from (a mirror works)")
+    #: Sent as a Bearer header to ``endpoint`` only, never logged.
+    token: str = setting("", repr=False, env=("HF_TOKEN",), help="a hub token, for gated and private repos")
+    connect_timeout: float = setting(10.0, help="seconds to open a connection to the hub")
+    idle_timeout: float = setting(60.0, help="seconds a listing or a download may go without receiving a byte")
+    #: A larger repo is refused before any download.
+    max_files: int = setting(2000, help="most entries a repo's file listing may have")
+    max_repo_bytes: int = setting(512 * 1024**3, help="most bytes a repo's model files may add up to")
+    reserve_bytes: int = setting(1024**3, help="bytes that must stay free on the models' disk after a pull")
+    max_concurrent_pulls: int = setting(
+        2, help="downloads (of different models) running at once; more pulls wait for one to end")
 
 
 @dataclass
 class BudgetConfig:
-    """``[budget]``: the most cloud spend per UTC (or ``timezone``) day and
-    month, USD; None: no limit.  Reached: cloud backends are skipped until
-    the period resets (``backends/spend/budgets.py``)."""
+    """``[budget]``: reached, cloud backends are skipped until the period
+    resets (``backends/spend/budgets.py``)."""
 
-    cloud_usd_per_day: Optional[float] = None
-    cloud_usd_per_month: Optional[float] = None
-    #: An IANA zone name ("Europe/Berlin"): where days and months begin.
-    timezone: str = "UTC"
+    cloud_usd_per_day: Optional[float] = setting(
+        None, env=("MLXGATE_CLOUD_BUDGET_DAY_USD",), shown_default="no limit",
+        help="most cloud spend per day, USD")
+    cloud_usd_per_month: Optional[float] = setting(
+        None, env=("MLXGATE_CLOUD_BUDGET_MONTH_USD",), shown_default="no limit",
+        help="most cloud spend per month, USD")
+    timezone: str = setting("UTC", help="where days and months begin (an IANA name such as `Europe/Berlin`)")
 
 
 @dataclass
 class UsageConfig:
     """``[usage]``: the ledger (``<data_dir>/usage.sqlite3``)."""
 
-    #: Record a row per request; off, budgets count from the start of the process.
-    ledger: bool = True
-    #: Rows older than this many days are removed.
-    retention_days: float = 90.0
+    ledger: bool = setting(True, env=("MLXGATE_USAGE_LEDGER",),
+                           help="record a row per request; off, budgets count from the start of the process")
+    retention_days: float = setting(90.0, env=("MLXGATE_USAGE_RETENTION_DAYS",),
+                                    help="ledger rows older than this many days are removed")
 
 
 @dataclass
@@ -397,21 +460,26 @@ class Config:
     mlx: MLXConfig = field(default_factory=MLXConfig)
     ollama: OllamaConfig = field(default_factory=OllamaConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
-    #: Other mlxgate inference services (TOML ``[[remote]]``, MLXGATE_REMOTES).
-    remotes: list[RemoteService] = field(default_factory=list)
+    remotes: list[RemoteService] = setting(
+        default_factory=list, toml="[[remote]]", also=(REMOTES_ENV,),
+        help="other `mlxgate service`s, each a backend `remote:<name>`; the variable: comma-separated `host:port` "
+             "(backend `remote:host:port`) or `name=host:port` (backend `remote:name`), added to the TOML entries; "
+             "they get the front's first API key (see [Several Macs](#several-macs-behind-one-gateway))")
     router: RouterConfig = field(default_factory=RouterConfig)
     upstream: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     usage: UsageConfig = field(default_factory=UsageConfig)
-    #: Public name -> ordered targets "mlx:<name>", "ollama:<tag>",
-    #: "cloud:<provider>:<model>".
-    aliases: dict[str, list[str]] = field(default_factory=dict)
-    #: ``pull``'s hub (HF_ENDPOINT, HF_TOKEN).
+    aliases: dict[str, list[str]] = setting(
+        default_factory=dict, toml="[aliases]",
+        help="public name = ordered targets `mlx:<name>`, `ollama:<tag>`, `remote:<name>:<model>`, "
+             "`cloud:<provider>:<model>` (see [Routing and fallback](#routing-and-fallback))")
     hub: HubConfig = field(default_factory=HubConfig)
-    #: Ollama-style name -> "owner/repo[:revision]" on the hub, added to (and
-    #: overriding) the catalog shipped with mlxgate (``backends/models/catalog.toml``).
-    catalog: dict[str, str] = field(default_factory=dict)
-    log_level: str = "INFO"
+    catalog: dict[str, str] = setting(
+        default_factory=dict, toml="[catalog]",
+        help="Ollama-style name = `\"owner/repo[:revision]\"` on the hub, added to (and overriding) the catalog "
+             "shipped with mlxgate (see [Getting models](#getting-models))")
+    log_level: str = setting("INFO", env=("MLXGATE_LOG_LEVEL",), flag="--log-level", metavar="LEVEL",
+                             help="DEBUG, INFO, WARNING or ERROR")
     #: What loading noticed and the user should read (logged at start-up):
     #: an ignored OLLAMA_MODELS, a deprecated key, ...
     notes: list[str] = field(default_factory=list)
@@ -424,284 +492,21 @@ class Config:
         return self.server.data_path()
 
 
-# Environment variables, each mapped onto one (section, field).  List-valued
-# fields take comma-separated values.
-ENV_VARS: dict[str, tuple[str, str]] = {
-    "MLXGATE_HOST": ("server", "host"),
-    "MLXGATE_PORT": ("server", "port"),
-    "MLXGATE_GRPC_HOST": ("server", "grpc_host"),
-    "MLXGATE_GRPC_PORT": ("server", "grpc_port"),
-    "MLXGATE_GRPC_TARGET": ("server", "grpc_target"),
-    "MLXGATE_REQUEST_TIMEOUT": ("server", "request_timeout"),
-    "MLXGATE_METRICS_PORT": ("server", "metrics_port"),
-    "MLXGATE_API_KEYS": ("server", "api_keys"),
-    "MLXGATE_ADMIN_KEYS": ("server", "admin_keys"),
-    "MLXGATE_METRICS_PUBLIC": ("server", "metrics_public"),
-    "MLXGATE_ALLOW_UNAUTHENTICATED": ("server", "allow_unauthenticated"),
-    "MLXGATE_ALLOWED_HOSTS": ("server", "allowed_hosts"),
-    "MLXGATE_SHUTDOWN_GRACE": ("server", "shutdown_grace"),
-    "MLXGATE_FRONT_CHANNEL": ("server", "front_channel"),
-    "MLXGATE_GRPC_TLS_CERT": ("server", "grpc_tls_cert"),
-    "MLXGATE_GRPC_TLS_KEY": ("server", "grpc_tls_key"),
-    "MLXGATE_GRPC_TLS_CA": ("server", "grpc_tls_ca"),
-    "MLXGATE_WORKERS": ("server", "workers"),
-    "MLXGATE_DATA_DIR": ("server", "data_dir"),
-    "MLXGATE_MAX_BODY_BYTES": ("server", "max_body_bytes"),
-    "MLXGATE_HTTP_IDLE_TIMEOUT": ("server", "http_idle_timeout"),
-    "MLXGATE_HTTP_BODY_TIMEOUT": ("server", "http_body_timeout"),
-    "MLXGATE_RESPONSES_MAX_COUNT": ("server", "responses_max_count"),
-    "MLXGATE_RESPONSES_MAX_BYTES": ("server", "responses_max_bytes"),
-    "MLXGATE_MODELS_DIR": ("mlx", "models_dir"),
-    "MLXGATE_HF_CACHE": ("mlx", "hf_cache"),
-    "MLXGATE_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
-    "MLXGATE_KEEP_ALIVE": ("mlx", "default_keep_alive"),
-    "MLXGATE_MAX_BATCH_SIZE": ("mlx", "max_batch_size"),
-    "MLXGATE_MAX_PENDING": ("mlx", "max_pending"),
-    "MLXGATE_PREFILL_INTERLEAVE": ("mlx", "prefill_interleave"),
-    "MLXGATE_PROMPT_CACHE_BYTES": ("mlx", "prompt_cache_bytes"),
-    "MLXGATE_MLX_ENABLED": ("mlx", "enabled"),
-    "MLXGATE_DEFAULT_MAX_TOKENS": ("mlx", "default_max_tokens"),
-    "MLXGATE_DISTRIBUTED": ("mlx", "distributed"),
-    "MLXGATE_PIPELINE": ("mlx", "pipeline"),
-    "MLXGATE_DISTRIBUTED_TIMEOUT": ("mlx", "distributed_timeout"),
-    "OLLAMA_UPSTREAM": ("ollama", "upstream"),
-    "HF_ENDPOINT": ("hub", "endpoint"),
-    "HF_TOKEN": ("hub", "token"),
-    "MLXGATE_CONNECT_TIMEOUT": ("upstream", "connect_timeout"),
-    "MLXGATE_FIRST_TOKEN_TIMEOUT": ("upstream", "first_token_timeout"),
-    "MLXGATE_IDLE_TIMEOUT": ("upstream", "idle_timeout"),
-    "MLXGATE_CLOUD_BUDGET_DAY_USD": ("budget", "cloud_usd_per_day"),
-    "MLXGATE_CLOUD_BUDGET_MONTH_USD": ("budget", "cloud_usd_per_month"),
-    "MLXGATE_USAGE_RETENTION_DAYS": ("usage", "retention_days"),
-    "MLXGATE_USAGE_LEDGER": ("usage", "ledger"),
-}
+#: ``--config`` / MLXGATE_CONFIG: the one setting that is not a field.
+CONFIG_FILE = Row("", Setting(help="TOML file with any of the settings below", env=(CONFIG_ENV,), flag="--config",
+                              metavar="FILE"))
 
-#: Ollama's own variables, honoured for users replacing Ollama.  mlxgate's
-#: variable for the same setting wins (it is applied after these), except the
-#: origin lists, which add up (MLXGATE_ORIGINS and OLLAMA_ORIGINS).
-OLLAMA_ENV_VARS: dict[str, tuple[str, str]] = {
-    "OLLAMA_KEEP_ALIVE": ("mlx", "default_keep_alive"),
-    "OLLAMA_MAX_QUEUE": ("mlx", "max_pending"),
-    "OLLAMA_NUM_PARALLEL": ("mlx", "max_batch_size"),
-    "OLLAMA_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
-}
+#: Every setting: README.md's table, the flags, ``env_var``.
+TABLE: list[Row] = [CONFIG_FILE, *rows(Config)]
 
 
-def split_list(value: str) -> list[str]:
-    """A comma-separated env value as a list (blanks dropped)."""
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def _coerce(value: Any, target_type: Any, name: str = "") -> Any:
-    """Turn an env/flag string into the field's type."""
-    t = str(target_type)
-    if "list" in t:
-        if isinstance(value, str):
-            return split_list(value)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{name} must be a list of strings")
-        return list(value)
-    if not isinstance(value, str):
-        return value
-    if "bool" in t:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if "int" in t:
-        return int(value)
-    if "float" in t:
-        if name.endswith("keep_alive"):
-            return parse_duration(value)
-        return float(value)
-    return value
-
-
-def _set(section: Any, name: str, value: Any) -> None:
-    types = {f.name: f.type for f in dataclasses.fields(section)}
-    if name not in types:
-        raise ValueError(f"unknown configuration key {type(section).__name__}.{name}")
-    try:
-        setattr(section, name, _coerce(value, types[name], name))
-    except ValueError as e:
-        raise ValueError(f"{type(section).__name__}.{name}: invalid value {value!r} ({e})") from None
-
-
-def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
-    for key, value in data.items():
-        if key == "aliases":
-            cfg.aliases.update({k: [v] if isinstance(v, str) else list(v) for k, v in value.items()})
-        elif key == "catalog":
-            if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
-                raise ValueError('catalog: expected "name" = "owner/repo[:revision]" entries')
-            cfg.catalog.update(value)
-        elif key == "cloud":
-            for p in value.get("providers", []):
-                try:
-                    cfg.cloud.providers.append(CloudProvider(**p))
-                except (TypeError, ValueError) as e:
-                    raise ValueError(f"cloud.providers: {e}") from None
-        elif key == "remote":
-            if not isinstance(value, list):
-                raise ValueError("remote: expected [[remote]] entries (name, target, key_env or key)")
-            for r in value:
-                try:
-                    cfg.remotes.append(RemoteService(**r))
-                except TypeError as e:
-                    raise ValueError(f"remote: {e}") from None
-        elif key == "keys":
-            if not isinstance(value, list):
-                raise ValueError("keys: expected [[keys]] entries (name, key_env or key, admin, limits, models)")
-            for k in value:
-                try:
-                    cfg.server.keys.append(KeyEntry(**k))
-                except TypeError as e:
-                    raise ValueError(f"keys: {e}") from None
-        elif key == "log_level":
-            cfg.log_level = value
-        elif isinstance(value, Mapping) and hasattr(cfg, key):
-            section = getattr(cfg, key)
-            for name, v in value.items():
-                _set(section, name, v)
-        else:
-            raise ValueError(f"unknown configuration key {key!r}")
-
-
-def _cloud_from_env(cfg: Config, env: Mapping[str, str]) -> None:
-    """OPENAI_BASE_URL / OPENAI_API_KEY give the common single provider
-    ("openai"), ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY an Anthropic one
-    ("anthropic"), each unless the file already names one so."""
-    names = {p.name for p in cfg.cloud.providers}
-    base = env.get("OPENAI_BASE_URL")
-    if "openai" not in names and (base or env.get("OPENAI_API_KEY")):
-        models = [m for m in env.get("MLXGATE_CLOUD_MODELS", "").split(",") if m]
-        cfg.cloud.providers.append(
-            CloudProvider(
-                name="openai",
-                base_url=base or "https://api.openai.com/v1",
-                api_key_env="OPENAI_API_KEY",
-                models=models,
-            )
-        )
-    base = env.get("ANTHROPIC_BASE_URL")
-    if "anthropic" not in names and (base or env.get("ANTHROPIC_API_KEY")):
-        cfg.cloud.providers.append(
-            CloudProvider(
-                name="anthropic",
-                kind="anthropic",
-                base_url=base or "https://api.anthropic.com",
-                api_key_env="ANTHROPIC_API_KEY",
-                models=split_list(env.get("MLXGATE_ANTHROPIC_MODELS", "")),
-            )
-        )
-
-
-def _points_here(base_url: str, server: ServerConfig) -> bool:
-    """Whether an upstream's URL is this server's own HTTP address (a loop)."""
-    try:
-        u = urlsplit(base_url if "://" in base_url else f"http://{base_url}")
-        port = u.port or (443 if u.scheme == "https" else 80)
-    except ValueError:
-        return False
-    host = (u.hostname or "").lower()
-    local = host in ("localhost", "::1", "0.0.0.0", "::") or host.startswith("127.") or host == server.host.lower()
-    return local and port == server.port
-
-
-def _drop_loops(cfg: Config) -> None:
-    """A cloud provider pointing at this very server (ANTHROPIC_BASE_URL or
-    OPENAI_BASE_URL exported for a client such as Claude Code, in the shell
-    that runs mlxgate) would forward every request it cannot serve to itself,
-    forever: it is left out, with a note saying why."""
-    kept = []
-    for p in cfg.cloud.providers:
-        if _points_here(p.base_url, cfg.server):
-            cfg.notes.append(
-                f"cloud provider {p.name!r} is ignored: its base_url {p.base_url} is this server's own address "
-                f"(port {cfg.server.port}), so it would send requests back to itself"
-            )
-        else:
-            kept.append(p)
-    cfg.cloud.providers = kept
-
-
-#: Names become metric labels, header values and alias prefixes.
-_REMOTE_NAME = re.compile(r"^[A-Za-z0-9._:\-\[\]]{1,128}$")
-
-
-def _remotes_from_env(cfg: Config, env: Mapping[str, str]) -> None:
-    """MLXGATE_REMOTES=host:port,name=host:port,...: more remote services (after
-    the TOML ones; a target already configured is not added twice).  A bare
-    target names itself (backend ``remote:host:port``)."""
-    for entry in split_list(env.get("MLXGATE_REMOTES", "")):
-        name, sep, target = entry.partition("=")
-        if not sep:
-            name, target = "", entry
-        target = target.strip()
-        if any(r.target == target for r in cfg.remotes):
-            continue
-        cfg.remotes.append(RemoteService(name=name.strip(), target=target))
-
-
-def _check_remotes(cfg: Config) -> None:
-    names: set[str] = set()
-    for r in cfg.remotes:
-        if not r.target or ":" not in r.target or not r.target.rsplit(":", 1)[1].isdigit():
-            raise ValueError(f"remote {r.name or r.target!r}: target must be host:port, got {r.target!r}")
-        r.name = r.name or r.target
-        if not _REMOTE_NAME.match(r.name):
-            raise ValueError(f"remote {r.name!r}: a name is 1-128 characters of [A-Za-z0-9._:-]")
-        if r.name in names:
-            raise ValueError(f"remote {r.name!r} is configured twice")
-        names.add(r.name)
-        if r.key and r.key_env:
-            raise ValueError(f"remote {r.name!r}: set key_env or key, not both")
-
-
-#: Key names become ledger columns and metric labels.
-_KEY_NAME = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
-
-
-def _check_keys(cfg: Config, env: Mapping[str, str]) -> None:
-    """``[[keys]]``: names valid and unique (``key-N`` is the plain keys'),
-    each secret resolved from ``key_env`` (or ``key``), limits not negative."""
-    names: set[str] = set()
-    for k in cfg.server.keys:
-        if not _KEY_NAME.match(k.name or ""):
-            raise ValueError(f"keys: name {k.name!r} must be 1-64 characters of [A-Za-z0-9._-]")
-        if re.fullmatch(r"key-\d+", k.name):
-            raise ValueError(f"keys: name {k.name!r} is reserved for the keys of MLXGATE_API_KEYS")
-        if k.name in names:
-            raise ValueError(f"keys: {k.name!r} is configured twice")
-        names.add(k.name)
-        if k.key and k.key_env:
-            raise ValueError(f"keys: {k.name!r}: set key_env or key, not both")
-        if k.key_env:
-            k.key = env.get(k.key_env, "").strip()
-            if not k.key:
-                raise ValueError(f"keys: {k.name!r}: environment variable {k.key_env} is not set")
-        if not k.key.strip():
-            raise ValueError(f"keys: {k.name!r} needs key_env (an environment variable holding the key) or key")
-        for what in ("requests_per_minute", "tokens_per_minute", "cloud_usd_per_day"):
-            v = getattr(k, what)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-                raise ValueError(f"keys: {k.name!r}: {what} must be a number, 0 or more")
-        if not isinstance(k.models, list) or not all(isinstance(m, str) for m in k.models):
-            raise ValueError(f"keys: {k.name!r}: models must be a list of model names")
-
-
-def _check_spend(cfg: Config) -> None:
-    b = cfg.budget
-    for what in ("cloud_usd_per_day", "cloud_usd_per_month"):
-        v = getattr(b, what)
-        if v is not None and v < 0:
-            raise ValueError(f"budget.{what} must be 0 or more, got {v}")
-    try:
-        from zoneinfo import ZoneInfo
-
-        ZoneInfo(b.timezone)
-    except (ValueError, KeyError, OSError):
-        raise ValueError(f"budget.timezone: unknown time zone {b.timezone!r} (an IANA name such as "
-                         "'Europe/Berlin', or 'UTC')") from None
-    if cfg.usage.retention_days <= 0:
-        raise ValueError(f"usage.retention_days must be above 0, got {cfg.usage.retention_days}")
+def env_var(key: str) -> str:
+    """The (first) environment variable of the setting ``key`` ("server.api_keys"),
+    for messages that tell a person what to set."""
+    for row in TABLE:
+        if row.key == key and row.variables:
+            return row.variables[0]
+    raise KeyError(f"no environment variable sets {key!r}")
 
 
 def parse_ollama_host(value: str) -> tuple[str, Optional[int]]:
@@ -720,43 +525,6 @@ def parse_ollama_host(value: str) -> tuple[str, Optional[int]]:
     return host or "127.0.0.1", int(port) if port else None
 
 
-def holds_mlx_models(path: Path) -> bool:
-    """A folder with at least one MLX model sub-folder (config.json and safetensors)."""
-    try:
-        return any(
-            sub.is_dir() and (sub / "config.json").is_file() and any(sub.glob("*.safetensors"))
-            for sub in path.iterdir()
-        )
-    except OSError:
-        return False
-
-
-def _ollama_env(cfg: Config, env: Mapping[str, str]) -> None:
-    """Ollama's variables, applied before mlxgate's (which win)."""
-    host = env.get("OLLAMA_HOST")
-    if host:
-        h, port = parse_ollama_host(host)
-        cfg.server.host = h
-        if port is not None:
-            cfg.server.port = port
-    models = env.get("OLLAMA_MODELS")
-    if models:
-        path = Path(models).expanduser()
-        if holds_mlx_models(path):
-            cfg.mlx.models_dir = str(path)
-        elif (path / "manifests").is_dir() or (path / "blobs").is_dir():
-            cfg.notes.append(
-                f"OLLAMA_MODELS={models} is ignored: it is an Ollama model store (GGUF blobs and manifests), "
-                "which MLX cannot load; set MLXGATE_MODELS_DIR to a folder of MLX models, and OLLAMA_UPSTREAM "
-                "to a running Ollama to serve those"
-            )
-        else:
-            cfg.notes.append(f"OLLAMA_MODELS={models} is ignored: it holds no MLX model folders")
-    for var, (section, name) in OLLAMA_ENV_VARS.items():
-        if env.get(var):
-            _set(getattr(cfg, section), name, env[var])
-
-
 def resolved_timeouts(upstream: Any) -> UpstreamTimeouts:
     """An upstream's timeouts with the unset ones at the built-in defaults
     (load_config has already filled them from ``[upstream]``)."""
@@ -767,91 +535,3 @@ def resolved_timeouts(upstream: Any) -> UpstreamTimeouts:
             for f in dataclasses.fields(UpstreamTimeouts)
         }
     )
-
-
-def _upstream_defaults(cfg: Config) -> None:
-    """Per-upstream timeouts left unset take the ``[upstream]`` defaults."""
-    targets: list[Any] = [cfg.ollama, *cfg.cloud.providers, *cfg.remotes]
-    for t in targets:
-        for f in dataclasses.fields(UpstreamTimeouts):
-            if getattr(t, f.name) is None:
-                setattr(t, f.name, getattr(cfg.upstream, f.name))
-
-
-def load_config(
-    path: Optional[str | os.PathLike] = None,
-    env: Optional[Mapping[str, str]] = None,
-    overrides: Optional[Mapping[str, Any]] = None,
-) -> Config:
-    """Defaults, then the TOML file, then env vars, then ``overrides``.
-
-    ``overrides`` maps "section.field" (or a top-level field) to a value, as
-    the CLI builds it from flags; None values are ignored.
-    """
-    env = os.environ if env is None else env
-    cfg = Config()
-    path = path or env.get("MLXGATE_CONFIG")
-    if path:
-        with open(Path(path).expanduser(), "rb") as f:
-            try:
-                table = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path}: {e}") from None
-        _apply_table(cfg, table)
-    _ollama_env(cfg, env)
-    for var, (section, name) in ENV_VARS.items():
-        if env.get(var):
-            _set(getattr(cfg, section), name, env[var])
-    # Origin lists add up: TOML, OLLAMA_ORIGINS, MLXGATE_ORIGINS.
-    for var in ("OLLAMA_ORIGINS", "MLXGATE_ORIGINS"):
-        for origin in split_list(env.get(var, "")):
-            if origin not in cfg.server.origins:
-                cfg.server.origins.append(origin)
-    _cloud_from_env(cfg, env)
-    _remotes_from_env(cfg, env)
-    for dotted, value in (overrides or {}).items():
-        if value is None or value == []:
-            continue
-        if "." in dotted:
-            section, name = dotted.split(".", 1)
-            _set(getattr(cfg, section), name, value)
-        else:
-            setattr(cfg, dotted, value)
-    _check_remotes(cfg)
-    _check_keys(cfg, env)
-    _check_spend(cfg)
-    _drop_loops(cfg)
-    _upstream_defaults(cfg)
-    if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
-        raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")
-    if cfg.server.front_channel not in FRONT_CHANNELS:
-        raise ValueError(f"server.front_channel must be one of {', '.join(FRONT_CHANNELS)}, "
-                         f"got {cfg.server.front_channel!r}")
-    if cfg.server.workers < 1:
-        raise ValueError(f"server.workers must be at least 1, got {cfg.server.workers}")
-    if cfg.server.workers > 1 and cfg.server.grpc_target:
-        raise ValueError("server.workers above 1 needs the inference service in this process: "
-                         "it cannot be combined with grpc_target")
-    if cfg.server.http_idle_timeout <= 0 or cfg.server.http_body_timeout <= 0:
-        raise ValueError("server.http_idle_timeout and server.http_body_timeout must be above 0 seconds")
-    _check_tls(cfg)
-    return cfg
-
-
-def _check_tls(cfg: Config) -> None:
-    """TLS settings that go together, and PEM files that can be read (a
-    one-line error at start rather than a failed handshake later)."""
-    from mlxgate.grpc_tls import read_pem
-
-    s = cfg.server
-    if bool(s.grpc_tls_cert) != bool(s.grpc_tls_key):
-        raise ValueError("server.grpc_tls_cert and server.grpc_tls_key go together (MLXGATE_GRPC_TLS_CERT, "
-                         "MLXGATE_GRPC_TLS_KEY): set both or neither")
-    if s.grpc_tls_cert and s.front_channel == "grpc" and not s.grpc_target and s.workers == 1:
-        raise ValueError("server.front_channel = grpc does not go with grpc_tls_cert (the front would call its "
-                         "own TLS port by a loopback address): use front_channel = in-process, the default")
-    for path, what in ((s.grpc_tls_cert, "server.grpc_tls_cert"), (s.grpc_tls_key, "server.grpc_tls_key"),
-                       (s.grpc_tls_ca, "server.grpc_tls_ca"),
-                       *((r.tls_ca, f"remote {r.name!r}: tls_ca") for r in cfg.remotes)):
-        if path:
-            read_pem(path, what)

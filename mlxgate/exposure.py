@@ -12,15 +12,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Optional
 
-from mlxgate.config import Config, ServerConfig
-
-
-def effective_keys(server: ServerConfig) -> list[str]:
-    """The configured API keys (plain, admin and ``[[keys]]``), surrounding
-    blanks removed, empty ones dropped (an empty ``--api-key ""`` must not
-    count as "keys are set"), each once."""
-    every = [*server.api_keys, *server.admin_keys, *(k.key for k in server.keys)]
-    return list(dict.fromkeys(k.strip() for k in every if k.strip()))
+from mlxgate.config import Config, env_var
+from mlxgate.keyring import every_secret
 
 
 def is_loopback(host: str) -> bool:
@@ -54,7 +47,7 @@ def exposure_problem(config: Config, http: bool, grpc: bool) -> Optional[str]:
     its /metrics port, which binds the gRPC host too).
     """
     server = config.server
-    if effective_keys(server) or server.allow_unauthenticated:
+    if every_secret(server) or server.allow_unauthenticated:
         return None
     exposed = []
     if http and not is_loopback(server.host):
@@ -65,6 +58,6 @@ def exposure_problem(config: Config, http: bool, grpc: bool) -> Optional[str]:
         return None
     return (
         f"mlxgate: refusing to listen beyond this machine without API keys ({', '.join(exposed)}): "
-        "set MLXGATE_API_KEYS (or --api-key KEY), or MLXGATE_ALLOW_UNAUTHENTICATED=1 "
+        f"set {env_var('server.api_keys')} (or --api-key KEY), or {env_var('server.allow_unauthenticated')}=1 "
         "(or --allow-unauthenticated) to run without keys"
     )

@@ -1,14 +1,18 @@
 """The one table of API keys: which key a caller presented, by name, and what it may do.
 
+Also the one place configured keys are normalised (``clean``): surrounding
+blanks removed, empty ones dropped, each once, whether they came from flags,
+the environment or the TOML file.
+
 Built once from the ``ServerConfig`` (``KeyRing.from_server``) by both doors:
 the HTTP trust middleware (``gateway/security.py``) and the gRPC gate
 (``backends/gate.py``).  Every key has a name, and only the name travels on
 (ledger rows, logs, metric labels, ``/api/usage``), never the secret:
 
 - ``[[keys]]`` entries keep their own names, limits and ``admin`` flag;
-- plain keys (``MLXGATE_API_KEYS``, ``--api-key``) are ``key-1``, ``key-2``, ...
-  in the order given, without limits;
-- admin keys (``MLXGATE_ADMIN_KEYS``) are ``admin-1``, ... and are admins.
+- plain keys (``server.api_keys``) are ``key-1``, ``key-2``, ... in the
+  order given, without limits;
+- admin keys (``server.admin_keys``) are ``admin-1``, ... and are admins.
 
 A secret given twice keeps its first entry.  ``lookup`` compares the
 presented key's SHA-256 digest with every configured digest
@@ -55,6 +59,22 @@ def _untagged(name: str) -> str:
     return untagged(name)
 
 
+def clean(keys: Iterable[str]) -> list[str]:
+    """Configured keys as compared: stripped, empty ones dropped (an empty
+    ``--api-key ""`` must not count as "keys are set"), each once."""
+    return list(dict.fromkeys(k.strip() for k in keys if k.strip()))
+
+
+def every_secret(cfg: ServerConfig) -> list[str]:
+    """Plain, admin and ``[[keys]]`` keys, cleaned: any of them set means callers need one."""
+    return clean([*cfg.api_keys, *cfg.admin_keys, *(k.key for k in cfg.keys)])
+
+
+def first(keys: Iterable[str]) -> Optional[str]:
+    """The first of ``keys`` once cleaned (the key a front sends on), or None."""
+    return next(iter(clean(keys)), None)
+
+
 def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.strip().encode("utf-8", "surrogateescape")).digest()
 
@@ -99,8 +119,8 @@ class KeyRing:
            entries: Iterable[KeyEntry] = ()) -> "KeyRing":
         """``[[keys]]`` entries, then plain keys (``key-N``; an admin if also
         among ``admin_keys``), then the other admin keys (``admin-N``)."""
-        admins = [k.strip() for k in admin_keys if k.strip()]
-        plain = [k.strip() for k in api_keys if k.strip()]
+        admins = clean(admin_keys)
+        plain = clean(api_keys)
         pairs: list[tuple[str, NamedKey]] = [(e.key, _entry(e)) for e in entries]
         pairs += [(k, NamedKey(name=f"key-{i}", admin=k in admins)) for i, k in enumerate(plain, 1)]
         only_admin = [k for k in admins if k not in plain]

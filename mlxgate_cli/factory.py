@@ -38,6 +38,7 @@ from backends.ollama import OllamaBackend
 from backends.remote import RemoteBackend
 from backends.router import BudgetGuard, Router, RouterObserver
 from mlxgate.config import Config, MLXConfig
+from mlxgate.keyring import first
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def build_backends(config: Config, env: Mapping[str, str]) -> list[Backend]:
         mlx = _mlx_backend(config.mlx)
         if mlx is not None:
             backends.append(mlx)
-    shared_key = config.server.api_keys[0] if config.server.api_keys else None
+    shared_key = first(config.server.api_keys)
     for remote in config.remotes:
         backends.append(RemoteBackend(remote, env, shared_key=shared_key,
                                       max_message_bytes=config.server.grpc_max_message_bytes,

@@ -1,7 +1,8 @@
 """Command line: parse flags into a Config and hand it to the composition root.
 
-Only this module knows about argparse; everything below it gets a Config
-(or the section of it that it needs).
+Only this module and ``flags.py`` (the flags of serve and service, built
+from the settings table) know about argparse; everything below them gets a
+Config (or the section of it that it needs).
 """
 
 # ``mlxgate`` (the console script) and ``python -m mlxgate_cli`` run ``main``.
@@ -9,7 +10,6 @@ Only this module knows about argparse; everything below it gets a Config
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -17,9 +17,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlxgate.config import Config, MLXConfig, ServerConfig, load_config
+from mlxgate.config import CLIENT_KEY_ENV, Config
+from mlxgate.config_load import load_config
 from mlxgate.exposure import exposure_problem
 from mlxgate_cli.client import cli as client_cli
+from mlxgate_cli.client.host import HOST_ENV, SERVER_VARIABLES
+from mlxgate_cli.flags import add_setting_flags, described, overrides
 
 
 USAGE = """\
@@ -30,7 +33,7 @@ mlxgate.v1.InferenceService. It runs MLX models itself (one folder per model
 in the models directory, or the Hugging Face cache) and falls back to an
 upstream Ollama and to OpenAI-compatible cloud APIs."""
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
   mlxgate serve                          serve on http://127.0.0.1:11434 (gRPC 127.0.0.1:50051)
   mlxgate serve --models-dir ~/models    serve the MLX models in ~/models
@@ -38,8 +41,8 @@ examples:
   mlxgate usage --since 7d               what went where: requests, tokens and cloud spend per key and model
   mlxgate serve --help                   every option of serve, with its default
   mlxgate list                           the models of the running server (also: pull, ps, show,
-                                         cp, rm, create, run, stop, as Ollama's CLI; OLLAMA_HOST /
-                                         MLXGATE_HOST say where the server is, MLXGATE_API_KEY its key)
+                                         cp, rm, create, run, stop, as Ollama's CLI; {SERVER_VARIABLES}
+                                         say where the server is, {CLIENT_KEY_ENV} its key)
 
 Settings come from flags, then environment variables (MLXGATE_*, and Ollama's
 own: OLLAMA_HOST, OLLAMA_MODELS, OLLAMA_KEEP_ALIVE, ...), then a TOML file
@@ -49,22 +52,12 @@ every setting, the API routes, metrics and dashboards."""
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows argparse defaults except None/False: flags that fall back to the
-    configuration carry their default in the help text (``_described``)."""
+    configuration carry their default in the help text (``flags.described``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False:
             return action.help or ""
         return super()._get_help_string(action)
-
-
-def _described(text: str, env: Optional[str] = None, default: object = None) -> str:
-    """Help text with the variable that also sets it and its default (taken
-    from the Config dataclasses by the callers, never retyped)."""
-    notes = [f"env {env}"] if env else []
-    if default not in (None, ""):
-        notes.append(f"default: {default}")
-    text = f"{text} ({'; '.join(notes)})" if notes else text
-    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def _version() -> str:
@@ -74,97 +67,19 @@ def _version() -> str:
         return "mlxgate (not installed: version unknown)"
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    server, mlx = ServerConfig, MLXConfig
-    p.add_argument("--config", metavar="FILE", help=_described("TOML configuration file", "MLXGATE_CONFIG"))
-    p.add_argument(
-        "--models-dir",
-        metavar="DIR",
-        help=_described("folder with one MLX model per subfolder", "MLXGATE_MODELS_DIR", mlx.models_dir),
-    )
-    p.add_argument("--grpc-host", metavar="HOST", help=_described("gRPC bind address", "MLXGATE_GRPC_HOST",
-                                                                  server.grpc_host))
-    p.add_argument("--grpc-port", type=int, metavar="PORT",
-                   help=_described("gRPC port, 0 for any free one", "MLXGATE_GRPC_PORT", server.grpc_port))
-    p.add_argument("--ollama-upstream", metavar="URL",
-                   help=_described("upstream Ollama to fall back to, e.g. http://otherbox:11434", "OLLAMA_UPSTREAM"))
-    p.add_argument("--log-level", metavar="LEVEL",
-                   help=_described("DEBUG, INFO, WARNING or ERROR", "MLXGATE_LOG_LEVEL", Config.log_level))
-    p.add_argument(
-        "--api-key",
-        action="append",
-        dest="api_keys",
-        metavar="KEY",
-        help=_described("require this key from callers; repeat for several",
-                        "MLXGATE_API_KEYS, comma-separated"),
-    )
-    p.add_argument(
-        "--admin-key",
-        action="append",
-        dest="admin_keys",
-        metavar="KEY",
-        help=_described("a key that may also manage models (pull, create, copy, delete); repeat for several",
-                        "MLXGATE_ADMIN_KEYS, comma-separated"),
-    )
-    p.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        default=None,
-        help=_described("allow a non-loopback bind address without API keys", "MLXGATE_ALLOW_UNAUTHENTICATED"),
-    )
-    p.add_argument(
-        "--distributed",
-        action="store_true",
-        default=None,
-        help=_described("one model over the processes started by mlx.launch: rank 0 serves, the others hold "
-                        "their shards and follow", "MLXGATE_DISTRIBUTED"),
-    )
-    p.add_argument(
-        "--pipeline",
-        action="store_true",
-        default=None,
-        help=_described("with --distributed: pipeline parallelism (layers split across ranks) instead of "
-                        "tensor parallelism, for the model types mlx-lm can pipeline", "MLXGATE_PIPELINE"),
-    )
-    p.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help=_described("where mlxgate keeps its own data: stored responses (responses.sqlite3) and the "
-                        "generated test model served when there are no models", "MLXGATE_DATA_DIR",
-                        Config().data_path()),
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxgate", description=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    server = ServerConfig
-
     serve = sub.add_parser(
         "serve",
         help="serve the HTTP APIs (Ollama and OpenAI) and the gRPC service",
         description="Serve the Ollama and OpenAI REST APIs on one HTTP port and the gRPC inference service.",
         formatter_class=_HelpFormatter,
     )
-    serve.add_argument("--host", help=_described("HTTP bind address", "MLXGATE_HOST or OLLAMA_HOST", server.host))
-    serve.add_argument("--port", type=int,
-                       help=_described("HTTP port, 0 for any free one", "MLXGATE_PORT or OLLAMA_HOST", server.port))
-    serve.add_argument(
-        "--grpc-target",
-        metavar="HOST:PORT",
-        help=_described("serve only the HTTP front, calling the inference service there", "MLXGATE_GRPC_TARGET"),
-    )
-    serve.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help=_described("HTTP front processes sharing the HTTP port, in front of this process's inference service",
-                        "MLXGATE_WORKERS", server.workers),
-    )
-    _add_common(serve)
+    add_setting_flags(serve, "serve")
 
     service = sub.add_parser(
         "service",
@@ -172,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run only the gRPC inference service (for a front started with serve --grpc-target).",
         formatter_class=_HelpFormatter,
     )
-    service.add_argument("--metrics-port", type=int, metavar="PORT",
-                         help=_described("port for /metrics", "MLXGATE_METRICS_PORT", server.metrics_port))
-    _add_common(service)
+    add_setting_flags(service, "service")
 
     usage = sub.add_parser(
         "usage",
@@ -182,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print a running server's usage ledger and budgets (GET /api/usage).",
         formatter_class=_HelpFormatter,
     )
-    usage.add_argument("--host", help=_described("the server", "MLXGATE_HOST or OLLAMA_HOST",
-                                                  "http://127.0.0.1:11434"))
+    usage.add_argument("--host", help=described("the server", (HOST_ENV, "OLLAMA_HOST"), "http://127.0.0.1:11434"))
     usage.add_argument("--since", help="ISO 8601 date/time or an age (24h, 7d); default: every row kept")
     usage.add_argument("--until", help="as --since; default: now")
     usage.add_argument("--group-by", help="comma-separated key, backend, model (default all three)")
@@ -212,36 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = {
-        "server.host": getattr(args, "host", None),
-        "server.port": getattr(args, "port", None),
-        "server.grpc_host": args.grpc_host,
-        "server.grpc_port": args.grpc_port,
-        "server.grpc_target": getattr(args, "grpc_target", None),
-        "server.metrics_port": getattr(args, "metrics_port", None),
-        "server.workers": getattr(args, "workers", None),
-        "mlx.models_dir": args.models_dir,
-        "ollama.upstream": args.ollama_upstream,
-        "server.api_keys": args.api_keys,
-        "server.admin_keys": getattr(args, "admin_keys", None),
-        "server.allow_unauthenticated": args.allow_unauthenticated,
-        "server.data_dir": args.data_dir,
-        "mlx.distributed": args.distributed,
-        "mlx.pipeline": args.pipeline,
-        "log_level": args.log_level or os.environ.get("MLXGATE_LOG_LEVEL"),
-    }
-    return load_config(args.config, overrides=overrides)
-
-
-def run_loop(main_coro) -> None:
-    """Run the server on uvloop where it is installed (a faster event loop for
-    the HTTP front and the upstream clients; grpc.aio runs on it), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main_coro)
-        return
-    uvloop.run(main_coro)
+    return load_config(args.config, overrides=overrides(args))
 
 
 def _distributed_rank(config: Config) -> Optional[int]:
@@ -302,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from mlxgate.ports import BindError
-    from mlxgate_cli import stack
+    from mlxgate_cli import serve
+    from mlxgate_cli.shutdown import exit_now, run_loop
     from mlxgate_cli.workers import WorkersFailed
 
     if config.mlx.distributed and config.mlx.enabled:
@@ -313,7 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stderr.flush()
             os._exit(follower_status)
 
-    runner = stack.serve if args.command == "serve" else stack.serve_service_only
+    runner = serve.serve if args.command == "serve" else serve.serve_service_only
     status = 0
     try:
         run_loop(runner(config, dict(os.environ)))
@@ -326,19 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"mlxgate: {e}", file=sys.stderr)
         status = 1
     exit_now(status)
-
-
-def exit_now(status: int) -> None:
-    """End the process once its shutdown is complete (servers stopped, streams
-    cancelled, models freed), skipping interpreter finalization, where
-    grpc.aio's background thread can abort the process ("terminate called
-    without an active exception", grpc/grpc#38679; seen here about 1 exit in
-    15 on a loaded machine), so a supervisor sees the status it was meant to
-    (0 for a clean stop)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,9 @@
 """The composition root: backends → router → gRPC service → HTTP front.
 
-``Stack`` starts the pieces a Config asks for and stops them in reverse
-order; ``serve`` runs it until SIGINT/SIGTERM.  Tests start the same Stack on
-port 0, so what they exercise is what ``mlxgate serve`` runs.
+``Stack`` starts the pieces a Config asks for, drains them and stops them in
+reverse order; ``mlxgate_cli/serve.py`` runs it until SIGINT/SIGTERM.  Tests
+start the same Stack on port 0, so what they exercise is what ``mlxgate
+serve`` runs.
 
 Ports are checked before anything starts: a port that is taken raises
 ``mlxgate.ports.PortInUse`` (``mlxgate_cli.main`` prints its one line and exits 2).
@@ -18,10 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import secrets
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,9 +35,8 @@ from backends.spend.service import SpendObserver
 from mlxgate.config import Config
 from mlxgate.grpc_tls import server_credentials
 from mlxgate.keyring import KeyRing
-from mlxgate.memory import freeze_startup_objects
 from mlxgate.ports import bind_error, check_free
-from mlxgate_cli.tasks import first_done
+from mlxgate_cli.shutdown import STOP_TIMEOUT, first_done
 
 if TYPE_CHECKING:
     from backends.models.pull import Puller
@@ -62,10 +60,6 @@ def log_notes(config: Config) -> None:
     """What loading the configuration noticed (an ignored OLLAMA_MODELS, ...)."""
     for note in config.notes:
         log.warning("%s", note)
-
-
-#: After the drain (or on a failed start), how long stopping may still wait.
-_STOP_TIMEOUT = 2.0
 
 
 @dataclass
@@ -186,7 +180,7 @@ class Stack:
         )
         app.router.add_get("/metrics", metrics_handler(self.registry))
         try:
-            self.http = await start_http(app, cfg.host, cfg.port, shutdown_timeout=_STOP_TIMEOUT)
+            self.http = await start_http(app, cfg.host, cfg.port, shutdown_timeout=STOP_TIMEOUT)
         except OSError as e:
             raise bind_error("HTTP", cfg.host, cfg.port, e) from None
         log.info("HTTP front on %s (gRPC service %s%s)", self.http_url, self.grpc_target,
@@ -224,7 +218,7 @@ class Stack:
             )
             # Let their handlers write the error lines.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(idle(), _STOP_TIMEOUT)
+                await asyncio.wait_for(idle(), STOP_TIMEOUT)
 
     async def stop(self) -> None:
         if self.http is not None:
@@ -232,7 +226,7 @@ class Stack:
         if self.metrics_http is not None:
             await self.metrics_http.stop()
         if self.service is not None:
-            await self.service.stop(grace=_STOP_TIMEOUT)
+            await self.service.stop(grace=STOP_TIMEOUT)
         if self.puller is not None:
             await self.puller.close()
         if self.router is not None:
@@ -264,65 +258,3 @@ async def start_stack(config: Config, env: Mapping[str, str], front: bool = True
         await stack.stop()
         raise
     return stack
-
-
-class Signals:
-    """SIGINT/SIGTERM: the first sets ``stop``, a second one ``hurry``."""
-
-    def __init__(self) -> None:
-        self.stop = asyncio.Event()
-        self.hurry = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._received, sig)
-
-    def _received(self, sig: signal.Signals) -> None:
-        if self.stop.is_set():
-            log.warning("%s again: ending the requests in flight now", sig.name)
-            self.hurry.set()
-        self.stop.set()
-
-
-async def _run_until_signalled(stack: Stack) -> None:
-    signals = Signals()
-    try:
-        await signals.stop.wait()
-        await stack.drain(stack.config.server.shutdown_grace, signals.hurry)
-    finally:
-        await stack.stop()
-
-
-async def serve(config: Config, env: Mapping[str, str]) -> None:
-    """``mlxgate serve``: front and (unless --grpc-target) the service; with
-    ``server.workers`` > 1, the front in that many worker processes
-    (``mlxgate_cli.workers``)."""
-    if config.server.workers > 1:
-        from mlxgate_cli.workers import serve_workers
-
-        await serve_workers(config, env)
-        return
-    stack = await start_stack(config, env)
-    freeze_startup_objects()
-    print(f"mlxgate: HTTP {stack.http_url}  gRPC {stack.grpc_target}", flush=True)
-    await _run_until_signalled(stack)
-
-
-async def serve_service_only(config: Config, env: Mapping[str, str]) -> None:
-    """``mlxgate service``: the gRPC service with /metrics on its own port
-    (keyed like the front's: a key unless MLXGATE_METRICS_PUBLIC)."""
-    from gateway.app import start_http
-    from gateway.metrics import metrics_app
-
-    config.server.grpc_target = None
-    host, port = config.server.grpc_host, config.server.metrics_port
-    check_free("metrics", host, port)
-    stack = await start_stack(config, env, front=False)
-    try:
-        metrics_cfg = dataclasses.replace(config.server, host=host)
-        stack.metrics_http = await start_http(metrics_app(metrics_cfg, stack.registry), host, port)
-    except OSError as e:
-        await stack.stop()
-        raise bind_error("metrics", host, port, e) from None
-    freeze_startup_objects()
-    print(f"mlxgate: gRPC {stack.grpc_target}  metrics http://{host}:{stack.metrics_http.port}", flush=True)
-    await _run_until_signalled(stack)

@@ -1,12 +1,13 @@
 """``mlxgate usage``: what a running server's ledger and budgets say, as a table or JSON.
 
-It asks ``GET /api/usage`` of the server at ``MLXGATE_HOST`` / ``OLLAMA_HOST``
-(``--host`` wins; default http://127.0.0.1:11434) with ``MLXGATE_API_KEY``
-(an admin key when the server has keys).
+It asks ``GET /api/usage`` of the server the client verbs call, with their
+key (``mlxgate_cli/client/host.py``; ``--host`` wins; default
+http://127.0.0.1:11434), an admin key when the server has keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import urllib.error
@@ -14,23 +15,18 @@ import urllib.parse
 import urllib.request
 from typing import Mapping, Optional
 
-from mlxgate.config import parse_ollama_host
+from mlxgate_cli.client.host import ClientSettings, parse_host, settings_from_env
 
 COLUMNS = ("key", "backend", "model", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
 
 
-def server_url(host: Optional[str], env: Mapping[str, str]) -> str:
-    value = host or env.get("MLXGATE_HOST") or env.get("OLLAMA_HOST") or ""
-    if value.startswith(("http://", "https://")):
-        scheme = value.split("://", 1)[0]
-    else:
-        scheme = "http"
-    h, port = parse_ollama_host(value) if value else ("127.0.0.1", None)
-    if h in ("0.0.0.0", "::", ""):
-        h = "127.0.0.1"
-    if ":" in h:
-        h = f"[{h}]"
-    return f"{scheme}://{h}:{port or 11434}"
+def server(host: Optional[str], env: Mapping[str, str]) -> ClientSettings:
+    """The server and key from the environment, the server from ``host`` when given."""
+    settings = settings_from_env(env)
+    if host:
+        scheme, h, port, path = parse_host(host)
+        settings = dataclasses.replace(settings, scheme=scheme, host=h, port=port, path=path)
+    return settings
 
 
 def table(answer: dict) -> str:
@@ -51,13 +47,17 @@ def table(answer: dict) -> str:
 def run(host: Optional[str], since: Optional[str], until: Optional[str], group_by: Optional[str], as_json: bool,
         env: Mapping[str, str]) -> int:
     query = {k: v for k, v in (("since", since), ("until", until), ("group_by", group_by)) if v}
-    url = f"{server_url(host, env)}/api/usage"
+    try:
+        target = server(host, env)
+    except ValueError as e:  # HostError too
+        print(f"mlxgate usage: {e}", file=sys.stderr)
+        return 1
+    url = f"{target.url}/api/usage"
     if query:
         url += "?" + urllib.parse.urlencode(query)
     req = urllib.request.Request(url)
-    key = env.get("MLXGATE_API_KEY")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
+    if target.api_key:
+        req.add_header("Authorization", f"Bearer {target.api_key}")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             answer = json.load(r)

@@ -47,15 +47,13 @@ from gateway.app import begin_drain, create_app, end_calls, idle_timeout, wait_i
 from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
 from mlxgate.config import ServerConfig
 from mlxgate.memory import freeze_startup_objects, resident_memory_bytes
-from mlxgate_cli.tasks import first_done
+from mlxgate_cli.shutdown import STOP_TIMEOUT, Signals, exit_now, first_done, run_loop
 
 log = logging.getLogger("mlxgate.worker")
 
 #: The response header naming the worker that answered (1..N).
 WORKER_HEADER = "x-mlxgate-worker"
 
-#: After the drain, how long stopping may still wait (as ``stack._STOP_TIMEOUT``).
-_STOP_TIMEOUT = 2.0
 #: Once a worker stops accepting, how long the connections it accepted just
 #: before may take to send their request (answered 503) before they are closed.
 ACCEPTED_LINGER = 1.0
@@ -88,27 +86,12 @@ def _watch_parent(loop: asyncio.AbstractEventLoop, control: socket.socket, index
     loop.add_reader(control.fileno(), readable)
 
 
-class _Signals:
-    """SIGTERM: the first sets ``stop``, a second one ``hurry``."""
-
-    def __init__(self) -> None:
-        self.stop = asyncio.Event()
-        self.hurry = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._received)
-
-    def _received(self) -> None:
-        if self.stop.is_set():
-            self.hurry.set()
-        self.stop.set()
-
-
 async def run(settings: dict[str, Any], control: socket.socket) -> None:
     index = int(settings["index"])
     cfg = ServerConfig(**settings["server"])
     loop = asyncio.get_running_loop()
     _watch_parent(loop, control, index)
-    signals = _Signals()
+    signals = Signals((signal.SIGTERM,))
 
     # Values go to the multiprocess files; this registry is never served.
     http_metrics = HttpMetrics(CollectorRegistry())
@@ -138,7 +121,7 @@ async def run(settings: dict[str, Any], control: socket.socket) -> None:
 
     app.on_response_prepare.append(name_worker)
     listener = socket.socket(fileno=int(settings["listen_fd"]))
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=_STOP_TIMEOUT,
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=STOP_TIMEOUT,
                            keepalive_timeout=idle_timeout(app))
     await runner.setup()
     reporting: Optional[asyncio.Future] = None
@@ -182,7 +165,7 @@ async def _drain(app: web.Application, grace: float, hurry: asyncio.Event) -> No
         log.warning("shutdown: after %.1f s, ended the %d calls still running in this worker",
                     time.monotonic() - started, ended)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(wait_idle(app, None), _STOP_TIMEOUT)
+            await asyncio.wait_for(wait_idle(app, None), STOP_TIMEOUT)
 
 
 async def _stop_accepting(runner: web.AppRunner, answered: set[object]) -> None:
@@ -216,8 +199,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         level=str(settings["log_level"]).upper(),
         format=f"%(asctime)s %(levelname)s worker-{settings['index']} %(name)s: %(message)s",
     )
-    from mlxgate_cli.main import exit_now, run_loop
-
     status = 0
     try:
         run_loop(run(settings, control))

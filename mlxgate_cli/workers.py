@@ -60,6 +60,8 @@ from typing import TYPE_CHECKING, Optional
 from mlxgate.config import Config
 from mlxgate.memory import freeze_startup_objects
 from mlxgate.ports import bind_error
+from mlxgate_cli.shutdown import STOP_TIMEOUT, Signals
+from mlxgate_cli.stack import Stack, check_ports, ensure_default_model, log_notes
 
 if TYPE_CHECKING:
     from gateway.app import RunningHTTP
@@ -305,8 +307,6 @@ async def _private_metrics(registry, path: Path) -> "RunningHTTP":
 
 async def serve_workers(config: Config, env: Mapping[str, str]) -> None:
     """``mlxgate serve`` with ``server.workers`` > 1."""
-    from mlxgate_cli.stack import Signals, Stack, _STOP_TIMEOUT, check_ports, ensure_default_model, log_notes
-
     cfg = config.server
     check_ports(config)
     listener = bind_http(cfg.host, cfg.port)
@@ -353,7 +353,7 @@ async def serve_workers(config: Config, env: Mapping[str, str]) -> None:
         grace = cfg.shutdown_grace
         try:
             await asyncio.gather(stack.drain(grace, signals.hurry),
-                                 supervisor.stop(grace + _STOP_TIMEOUT + _EXIT_MARGIN))
+                                 supervisor.stop(grace + STOP_TIMEOUT + _EXIT_MARGIN))
         finally:
             hurry.cancel()
         if supervisor.reason:

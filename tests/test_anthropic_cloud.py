@@ -41,7 +41,8 @@ from backends.types import (
     ToolChoice,
 )
 from gateway.app import create_app, start_http
-from mlxgate.config import CloudProvider, ServerConfig, load_config
+from mlxgate.config import CloudProvider, ServerConfig
+from mlxgate.config_load import load_config
 from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.ollama_fake import Fault
 from tests.fakes.streams import collect

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from mlxgate_cli.main import build_parser, config_from_args
-from mlxgate.config import load_config
+from mlxgate.config_load import load_config
 
 
 def test_defaults() -> None:

@@ -491,7 +491,7 @@ def test_distributed_settings_and_a_lone_process(tmp_path):
     says how to launch it and exits 2."""
     import subprocess
 
-    from mlxgate.config import load_config
+    from mlxgate.config_load import load_config
     from mlxgate_cli.main import build_parser, config_from_args
 
     cfg = load_config(env={"MLXGATE_DISTRIBUTED": "1", "MLXGATE_PIPELINE": "true",

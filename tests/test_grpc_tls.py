@@ -25,7 +25,8 @@ from backends.errors import DeadlineExceeded, Unavailable
 from backends.remote import HealthState, RemoteBackend
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
-from mlxgate.config import RemoteService, ServerConfig, load_config
+from mlxgate.config import RemoteService, ServerConfig
+from mlxgate.config_load import load_config
 from mlxgate.grpc_tls import server_credentials
 from tests.fakes.scripted_backend import ScriptedBackend
 from tests.fakes.streams import collect

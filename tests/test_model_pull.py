@@ -18,7 +18,8 @@ from backends.models.catalog import Catalog
 from backends.models.hub import HubClient, StorageFull, is_model_file
 from backends.models.pull import Progress, Puller
 from backends.models.store import STORE_DIRNAME, ModelStore
-from mlxgate.config import HubConfig, load_config
+from mlxgate.config import HubConfig
+from mlxgate.config_load import load_config
 from tests.fakes.hf_hub_fake import FakeHub
 
 WEIGHTS = "model.safetensors"

@@ -14,7 +14,8 @@ from backends.spend.budgets import Budgets, Periods
 from backends.spend.ledger import Ledger, UsageRow
 from backends.spend.limits import RateLimited, RateLimiter
 from backends.spend.prices import PriceBook
-from mlxgate.config import BudgetConfig, CloudProvider, load_config
+from mlxgate.config import BudgetConfig, CloudProvider
+from mlxgate.config_load import load_config
 from mlxgate.keyring import KeyRing, NamedKey
 
 

@@ -33,7 +33,8 @@ from backends.router import Router
 from backends.service import start_inference_service
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
 from gateway.app import create_app, start_http
-from mlxgate.config import CloudProvider, Config, OllamaConfig, ServerConfig, UpstreamTimeouts, load_config
+from mlxgate.config import CloudProvider, Config, OllamaConfig, ServerConfig, UpstreamTimeouts
+from mlxgate.config_load import load_config
 from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from backends.mlx.registry import ModelRegistry, has_weights
-from mlxgate.config import MLXConfig
+from mlxgate.config import MLXConfig, env_var
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def ensure_test_model(mlx: MLXConfig, data_dir: Path) -> Optional[Path]:
         "no MLX models found (models directory %s, Hugging Face cache): serving %r, a small generated test "
         "model with random weights (it answers gibberish), from %s; pull a real model (mlxgate pull llama3.2:1b, "
         "or POST /api/pull {\"model\": \"hf.co/mlx-community/Llama-3.2-1B-Instruct-4bit\"}) or put MLX models in "
-        "the models directory (--models-dir, MLXGATE_MODELS_DIR) and it is no longer served; to remove it: rm -r %s",
+        f"the models directory (--models-dir, {env_var('mlx.models_dir')}) and it is no longer served; to remove "
+        "it: rm -r %s",
         Path(mlx.models_dir).expanduser().absolute(), TEST_MODEL_NAME, model.absolute(), folder.absolute(),
     )
     return model

@@ -19,6 +19,7 @@ from backends.errors import InvalidArgument, PermissionDenied
 from backends.spend.ledger import GROUPS
 from backends.spend.spend import Spend
 from backends.types import Done, EmbedResult, GenerateRequest
+from mlxgate.admin import USAGE_NEEDS_ADMIN
 from mlxgate.keyring import NamedKey
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -127,8 +128,7 @@ class SpendObserver:
         if self.spend.keyring.required:
             key = self.caller()
             if key is None or not key.admin:
-                raise PermissionDenied("usage is shown to admin keys only ([[keys]] admin = true, or "
-                                       "MLXGATE_ADMIN_KEYS)")
+                raise PermissionDenied(USAGE_NEEDS_ADMIN)
         group_by = list(request.group_by) or list(GROUPS)
         unknown = [g for g in group_by if g not in GROUPS]
         if unknown:

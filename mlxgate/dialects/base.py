@@ -140,7 +140,9 @@ IMAGE_RULES = (
     f"{limits.MAX_REQUEST_IMAGE_PIXELS} pixels for all the images of a request); otherwise 400"
 )
 #: What an image URL gets.
-IMAGE_URL_RULE = "http(s) URLs are 400 unless the server runs with MLXGATE_FETCH_IMAGE_URLS=1"
+#: Reserved, not read yet (fetching is not built): what would turn fetching image URLs on.
+FETCH_IMAGE_URLS_ENV = "MLXGATE_FETCH_IMAGE_URLS"
+IMAGE_URL_RULE = f"http(s) URLs are 400 unless the server runs with {FETCH_IMAGE_URLS_ENV}=1"
 
 #: Bytes that travel as base64 text (Ollama's ``images``).
 Base64Bytes = Annotated[

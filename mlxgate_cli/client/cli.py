@@ -10,13 +10,14 @@ import os
 import sys
 from typing import Any, Callable, TextIO
 
+from mlxgate.config import CLIENT_KEY_ENV
 from mlxgate_cli.client import chat, commands, create
 from mlxgate_cli.client.api import ApiError, OllamaAPI
-from mlxgate_cli.client.host import HostError, settings_from_env
+from mlxgate_cli.client.host import SERVER_VARIABLES, HostError, settings_from_env
 from mlxgate_cli.client.modelfile import ModelfileError
 
-SERVER_NOTE = ("talks to the server at OLLAMA_HOST / MLXGATE_HOST (default 127.0.0.1:11434), "
-               "with MLXGATE_API_KEY as its key")
+SERVER_NOTE = (f"talks to the server at {SERVER_VARIABLES} (default 127.0.0.1:11434), "
+               f"with {CLIENT_KEY_ENV} as its key")
 
 
 def _verb(sub: Any, name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
@@ -96,7 +97,7 @@ def run_verb(args: argparse.Namespace) -> int:
         return 130
     except ApiError as e:
         out.flush()
-        hint = " (the key is read from MLXGATE_API_KEY)" if e.status in (401, 403) else ""
+        hint = f" (the key is read from {CLIENT_KEY_ENV})" if e.status in (401, 403) else ""
         print(f"Error: {e}{hint}", file=err)
         return 1
     except (HostError, ModelfileError, create.CreateError) as e:

@@ -1,21 +1,27 @@
-"""Where the server is and which key to send: OLLAMA_HOST / MLXGATE_HOST
-(MLXGATE_ wins) and MLXGATE_API_KEY, read once into ``ClientSettings``."""
+"""Where the server is and which key to send, read once into ``ClientSettings``
+from the variables ``mlxgate serve`` binds by (``server.host`` and
+``server.port``'s, and OLLAMA_HOST; mlxgate's win) and ``CLIENT_KEY_ENV``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from mlxgate.config import ServerConfig, parse_ollama_host
+from mlxgate.config import CLIENT_KEY_ENV, ServerConfig, env_var, parse_ollama_host
 
 #: The server's own default port (``mlxgate serve``, and Ollama's).
 DEFAULT_PORT = ServerConfig.port
+#: The variables that say where the server is, as ``mlxgate serve`` reads them.
+HOST_ENV = env_var("server.host")
+PORT_ENV = env_var("server.port")
+#: How the verbs' help names them.
+SERVER_VARIABLES = f"OLLAMA_HOST / {HOST_ENV}"
 #: Bind-all addresses a server listens on, and the loopback a client dials instead.
 _UNSPECIFIED = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 class HostError(ValueError):
-    """OLLAMA_HOST, MLXGATE_HOST or MLXGATE_PORT cannot be read."""
+    """OLLAMA_HOST, ``HOST_ENV`` or ``PORT_ENV`` cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -71,16 +77,16 @@ def _parsed(env: Mapping[str, str], var: str, default_port: int) -> Optional[tup
 
 def settings_from_env(env: Mapping[str, str]) -> ClientSettings:
     """The server ``mlxgate serve`` would listen on with the same variables:
-    MLXGATE_HOST wins over OLLAMA_HOST, MLXGATE_PORT over a port in
-    OLLAMA_HOST (a port written in MLXGATE_HOST wins over both);
-    MLXGATE_API_KEY is sent as a Bearer key."""
-    port_var = env.get("MLXGATE_PORT", "").strip()
+    ``HOST_ENV`` wins over OLLAMA_HOST, ``PORT_ENV`` over a port in
+    OLLAMA_HOST (a port written in ``HOST_ENV`` wins over both);
+    ``CLIENT_KEY_ENV`` is sent as a Bearer key."""
+    port_var = env.get(PORT_ENV, "").strip()
     if port_var and not port_var.isdigit():
-        raise HostError(f"MLXGATE_PORT: {port_var!r} is not a port number")
-    key = env.get("MLXGATE_API_KEY", "").strip() or None
+        raise HostError(f"{PORT_ENV}: {port_var!r} is not a port number")
+    key = env.get(CLIENT_KEY_ENV, "").strip() or None
     ollama = _parsed(env, "OLLAMA_HOST", DEFAULT_PORT)
     port = int(port_var) if port_var else ollama[2] if ollama else DEFAULT_PORT
-    mlxgate = _parsed(env, "MLXGATE_HOST", port)
+    mlxgate = _parsed(env, HOST_ENV, port)
     if mlxgate:
         return ClientSettings(*mlxgate, api_key=key)
     if ollama:
