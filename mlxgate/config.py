@@ -135,6 +135,17 @@ class ServerConfig:
     #: together); beyond either, the oldest are removed first.
     responses_max_count: int = 10_000
     responses_max_bytes: int = 256 * 1024 * 1024
+    #: Fetch the http(s) image URLs callers send (OpenAI ``image_url``,
+    #: Responses ``input_image``, Anthropic ``url`` sources); off, they are
+    #: 400 naming this setting.  Bounded in size, time and redirects
+    #: (``gateway/imagefetch.py``).
+    fetch_image_urls: bool = False
+    #: Let those fetches reach loopback, private, link-local and other
+    #: non-public addresses (off: refused, against SSRF).
+    fetch_private: bool = False
+    #: Seconds the image URLs of one request may take together (connect,
+    #: redirects, bodies); beyond, 400.
+    fetch_image_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         # Sent to ``serve --workers``' processes as plain dicts (dataclasses.asdict).
@@ -451,6 +462,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_HTTP_BODY_TIMEOUT": ("server", "http_body_timeout"),
     "MLXGATE_RESPONSES_MAX_COUNT": ("server", "responses_max_count"),
     "MLXGATE_RESPONSES_MAX_BYTES": ("server", "responses_max_bytes"),
+    "MLXGATE_FETCH_IMAGE_URLS": ("server", "fetch_image_urls"),
+    "MLXGATE_FETCH_PRIVATE": ("server", "fetch_private"),
+    "MLXGATE_FETCH_IMAGE_TIMEOUT": ("server", "fetch_image_timeout"),
     "MLXGATE_MODELS_DIR": ("mlx", "models_dir"),
     "MLXGATE_HF_CACHE": ("mlx", "hf_cache"),
     "MLXGATE_MAX_LOADED_MODELS": ("mlx", "max_loaded_models"),
@@ -824,6 +838,8 @@ def load_config(
     _upstream_defaults(cfg)
     if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
         raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")
+    if cfg.server.fetch_image_timeout <= 0:
+        raise ValueError(f"server.fetch_image_timeout must be positive, got {cfg.server.fetch_image_timeout}")
     if cfg.server.front_channel not in FRONT_CHANNELS:
         raise ValueError(f"server.front_channel must be one of {', '.join(FRONT_CHANNELS)}, "
                          f"got {cfg.server.front_channel!r}")

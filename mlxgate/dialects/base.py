@@ -140,7 +140,11 @@ IMAGE_RULES = (
     f"{limits.MAX_REQUEST_IMAGE_PIXELS} pixels for all the images of a request); otherwise 400"
 )
 #: What an image URL gets.
-IMAGE_URL_RULE = "http(s) URLs are 400 unless the server runs with MLXGATE_FETCH_IMAGE_URLS=1"
+IMAGE_URL_RULE = (
+    "http(s) URLs are 400 unless the server runs with MLXGATE_FETCH_IMAGE_URLS=1; then fetched within "
+    f"MLXGATE_FETCH_IMAGE_TIMEOUT seconds, at most {limits.MAX_IMAGE_BYTES} bytes, 3 redirects, image/* only, "
+    "public addresses only unless MLXGATE_FETCH_PRIVATE=1"
+)
 
 #: Bytes that travel as base64 text (Ollama's ``images``).
 Base64Bytes = Annotated[
