@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 
 import anthropic
 import grpc
@@ -20,15 +21,18 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
+from backends.errors import InvalidArgument
 from backends.metrics import ServiceMetrics
 from backends.mlx.backend import MLXBackend
 from backends.mlx.testmodel import write_test_model
 from backends.mlx.vision.testmodel import write_test_vlm
 from backends.ollama.backend import OllamaBackend
+from backends.remote import RemoteBackend
 from backends.router import Router
 from backends.service import start_inference_service
+from backends.types import GenerateRequest, Message
 from gateway.app import create_app, start_http
-from mlxgate.config import MLXConfig, OllamaConfig, ServerConfig
+from mlxgate.config import MLXConfig, OllamaConfig, RemoteService, ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.ollama_fake import FakeOllama
@@ -219,8 +223,9 @@ async def test_a_text_model_given_an_image_goes_to_the_next_backend(vstack):
     c = ollama.AsyncClient(host=vstack.base, timeout=60)
     r = await c.chat(model=TEXT, messages=[{"role": "user", "content": "what?", "images": [IMG]}])
     assert r.message.content == "a red square"
-    path, body = vstack.upstream.requests[before]
-    assert path == "/api/chat" and body["messages"][0]["images"] == [b64(IMG)]
+    # (the router may have listed the upstream's models first: /api/tags)
+    body = next(b for p, b in vstack.upstream.requests[before:] if p == "/api/chat")
+    assert body["messages"][0]["images"] == [b64(IMG)]
 
 
 async def test_a_text_model_given_an_image_with_no_other_backend_is_400(vstack):
@@ -229,6 +234,27 @@ async def test_a_text_model_given_an_image_with_no_other_backend_is_400(vstack):
         await c.chat.completions.create(model=ONLY_MLX, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url(IMG)}}]}])
     assert e.value.body["message"] == f"model {ONLY_MLX} does not take images"
+
+
+async def test_a_remote_service_whose_model_takes_no_images_is_passed_over(vstack):
+    """Over gRPC, "does not take images" keeps its retryable kind (the
+    ``x-mlxgate-retryable`` trailer): a front whose first backend is a remote
+    service with the text model tries the next one; with none, 400 still."""
+    remote_service = await start_inference_service(vstack.backend, port=0)  # this MLX engine alone
+    remote = RemoteBackend(RemoteService(name="studio", target=remote_service.target))
+    upstream = OllamaBackend(OllamaConfig(upstream=vstack.upstream.url, connect_timeout=5.0,
+                                          first_token_timeout=30.0, idle_timeout=30.0))
+    front = Router([remote, upstream])
+    try:
+        req = GenerateRequest(model=TEXT, messages=[Message("user", "what?", images=[IMG])])
+        events = [e async for e in front.generate(req)]
+        assert events[-1].backend == "ollama" and "".join(e.text for e in events[:-1]) == "a red square"
+        with pytest.raises(InvalidArgument) as e:
+            [e async for e in front.generate(dataclasses.replace(req, model=ONLY_MLX))]
+        assert e.value.message == f"remote:studio: model {ONLY_MLX} does not take images"
+    finally:
+        await front.close()
+        await remote_service.stop(grace=1.0)
 
 
 # ---------------------------------------------------------------- the command line and a real server
