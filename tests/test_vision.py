@@ -30,7 +30,7 @@ from backends.ollama.backend import OllamaBackend
 from backends.remote import RemoteBackend
 from backends.router import Router
 from backends.service import start_inference_service
-from backends.types import GenerateRequest, Message
+from backends.types import GenerateRequest, Message, Sampling
 from gateway.app import create_app, start_http
 from mlxgate.config import MLXConfig, OllamaConfig, RemoteService, ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
@@ -181,6 +181,61 @@ async def test_image_requests_at_once_share_decode_steps(vstack):
     assert all(a.eval_count == 24 for a in answers)
     assert stats.multi_seq_steps > before_multi
     assert stats.max_batch_seen >= 4 or before_max >= 4, "image requests were never decoded together"
+
+
+async def test_running_streams_keep_decoding_while_images_are_prefilled(vstack):
+    """An image prompt is prefilled in chunks the pacer sizes, between decode
+    steps of the running streams (not at once while they wait), and its
+    greedy answer is the one it gets prefilled at once, alone."""
+    b = vstack.backend
+    images = [png(50 + i, 30 + i, (60 * i, 20, 200)) for i in range(4)]  # ~100 image tokens: paced
+    req = GenerateRequest(model=VLM, messages=[Message("user", "these four?", images=images)],
+                          sampling=Sampling(temperature=0, max_tokens=6))
+
+    async def answer():
+        events = [e async for e in b.generate(req)]
+        return [t for e in events[:-1] for t in e.token_ids], events[-1]
+
+    async def forget_prompts():  # so the image part is prefilled again, not taken from the prompt cache
+        if lm.prompt_cache is not None:
+            await asyncio.wrap_future(b._engine.call(lm.prompt_cache.clear))
+
+    alone, alone_done = await answer()  # (loads the model)
+    lm = next(m for m in b._manager.loaded() if m.name == VLM)
+    await forget_prompts()
+    alone, alone_done = await answer()
+    await forget_prompts()
+    progress = [0, 0]
+
+    async def stream(i: int):
+        r = GenerateRequest(model=VLM, messages=[Message("user", f"keep talking {i}")],
+                            sampling=Sampling(temperature=0, max_tokens=1500))
+        async for e in b.generate(r):
+            progress[i] += len(getattr(e, "token_ids", ()))
+
+    real_chunk = lm.pacer.chunk
+    running = [asyncio.ensure_future(stream(i)) for i in range(2)]
+    try:
+        while min(progress) < 2:
+            await asyncio.sleep(0.01)
+        lm.pacer.chunk = lambda decoding, prompts: min(real_chunk(decoding, prompts), 8)
+        calls_before, at_send, at_first = b.stats.prefill_calls, list(progress), None
+        events = []
+        async for e in b.generate(req):
+            if at_first is None:
+                at_first, calls = list(progress), b.stats.prefill_calls - calls_before
+            events.append(e)
+        ids, done = [t for e in events[:-1] for t in e.token_ids], events[-1]
+        assert ids == alone and done.prompt_tokens == alone_done.prompt_tokens > 4 * MIN_IMAGE_TOKENS
+        image_part = done.prompt_tokens - done.cached_prompt_tokens - 1
+        assert calls >= image_part // 8, (calls, image_part)
+        # Both streams got tokens while the image part went in, not only after it.
+        assert all(now - then >= calls // 2 for then, now in zip(at_send, at_first)), (at_send, at_first, calls)
+    finally:
+        lm.pacer.chunk = real_chunk
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def test_a_follow_up_turn_about_the_same_image_reuses_the_cache(vstack):
