@@ -399,6 +399,8 @@ class Engine:
         return embed_one(lm.model, ids, dimensions)
 
     def _step(self, lm: LoadedModel) -> None:
+        if lm.generator is None:  # a failed step dropped it while images were being prefilled
+            lm.generator = self._new_generator(lm)
         gen = lm.generator
         decoding = 0
         # Uncached prompt lengths of the sequences the next call prefills
