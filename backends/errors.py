@@ -88,6 +88,12 @@ class Internal(BackendError):
 #: the remote backend reads it back.
 RETRY_AFTER_KEY = "retry-after"
 
+#: Trailing metadata key set (to "1") on an error that is retryable though
+#: its code alone reads as final (``TakesNoImages``: INVALID_ARGUMENT, yet the
+#: router tries the next backend): a remote service's router moves on past it
+#: as the local one does.
+RETRYABLE_KEY = "x-mlxgate-retryable"
+
 #: The classes above, each bound to its code: the service's direction
 #: (exception -> status) read backwards.
 _CLASSES: tuple[type[BackendError], ...] = (
@@ -112,13 +118,24 @@ _OF_CODE.update({
 })
 
 
-def error_for_code(code: grpc.StatusCode, message: str, retry_after: float | None = None) -> BackendError:
+def retry_trailers(e: BackendError) -> tuple[tuple[str, str], ...]:
+    """``RETRYABLE_KEY`` for an error that is retryable though its code read
+    back (``error_for_code``) would not be; nothing otherwise."""
+    if e.retryable and not _OF_CODE.get(e.code, Unavailable).retryable:
+        return ((RETRYABLE_KEY, "1"),)
+    return ()
+
+
+def error_for_code(code: grpc.StatusCode, message: str, retry_after: float | None = None,
+                   retryable: bool = False) -> BackendError:
     """The BackendError for a gRPC status another mlxgate service answered:
     the table above, reversed (docs/architecture.md, "Errors").  ``retry_after``
     (from the ``retry-after`` trailer) is kept on ResourceExhausted; without it
     a RESOURCE_EXHAUSTED stays trailer-less (gRPC's own "message larger than
-    max"), which the front answers 413."""
+    max"), which the front answers 413.  ``retryable`` (the ``RETRYABLE_KEY``
+    trailer) makes the error retryable whatever its code."""
     cls = _OF_CODE.get(code, Unavailable)
-    if cls is ResourceExhausted:
-        return ResourceExhausted(message, retry_after=retry_after)
-    return cls(message)
+    err = ResourceExhausted(message, retry_after=retry_after) if cls is ResourceExhausted else cls(message)
+    if retryable:
+        err.retryable = True
+    return err

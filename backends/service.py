@@ -28,7 +28,7 @@ from google.protobuf import message_factory
 
 from backends import calls, validation
 from backends.base import Backend
-from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, InvalidArgument, Unimplemented
+from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, InvalidArgument, Unimplemented, retry_trailers
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
 from backends.spend.service import DIALECT_KEY, SpendObserver, both
 from backends.reflection import enable_reflection
@@ -72,7 +72,7 @@ def _fail(context: grpc.aio.ServicerContext, e: BackendError) -> None:
     on the context and a plain return keep nothing.
     """
     retry_after = getattr(e, "retry_after", None)
-    trailers = tuple(getattr(e, "trailers", ()))  # a spend limit's kind and x-ratelimit-* values
+    trailers = tuple(getattr(e, "trailers", ())) + retry_trailers(e)  # a spend limit's kind, x-ratelimit-*
     if retry_after is not None:
         trailers = ((RETRY_AFTER_KEY, str(max(1, math.ceil(retry_after)))), *trailers)
     if trailers:

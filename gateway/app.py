@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 import grpc
 from aiohttp import web
 
-from gateway import caller, openapi, overhead, usage
+from gateway import caller, imagefetch, openapi, overhead, usage
 from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
@@ -173,6 +173,7 @@ def create_app(
     app[SERVER_CONFIG_KEY] = server_cfg
     app[DRAIN_KEY] = Drain()
     app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token, local_stub))
+    imagefetch.install(app, server_cfg)
     store = responses_store(server_cfg)
     app[responses_routes.STORE_KEY] = store
     app.cleanup_ctx.append(_store_ctx(store))

@@ -59,6 +59,7 @@ from typing import Any, Mapping, Optional
 
 from mlxgate.durations import parse_duration
 from mlxgate.settings import Row, Setting, rows, setting
+from mlxgate.dialects.base import FETCH_IMAGE_TIMEOUT_ENV, FETCH_IMAGE_URLS_ENV, FETCH_PRIVATE_ENV
 
 #: Variables the loader (``mlxgate/config_load.py``) reads with code of its
 #: own; listed in the table by the fields they fill.
@@ -177,6 +178,17 @@ class ServerConfig:
     responses_max_bytes: int = setting(
         256 * 1024 * 1024, env=("MLXGATE_RESPONSES_MAX_BYTES",),
         help="most bytes they take (responses and their input items); the oldest are removed first")
+    fetch_image_urls: bool = setting(
+        False, env=(FETCH_IMAGE_URLS_ENV,),
+        help="fetch the http(s) image URLs callers send (OpenAI `image_url`, Responses `input_image`, Anthropic "
+             "`url` sources), bounded in size, time and redirects; off, they are 400 naming this setting")
+    fetch_private: bool = setting(
+        False, env=(FETCH_PRIVATE_ENV,),
+        help="let those fetches reach loopback, private, link-local and other non-public addresses (off: "
+             "refused, against SSRF)")
+    fetch_image_timeout: float = setting(
+        10.0, env=(FETCH_IMAGE_TIMEOUT_ENV,),
+        help="seconds the image URLs of one request may take together (connect, redirects, bodies); 400 beyond")
 
     def __post_init__(self) -> None:
         # Sent to ``serve --workers``' processes as plain dicts (dataclasses.asdict).

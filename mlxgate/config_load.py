@@ -344,6 +344,8 @@ def _check_spend(cfg: Config) -> None:
 def _check_server(s: ServerConfig) -> None:
     if s.responses_max_count < 1 or s.responses_max_bytes < 1:
         raise ValueError("server.responses_max_count and server.responses_max_bytes must be at least 1")
+    if s.fetch_image_timeout <= 0:
+        raise ValueError(f"server.fetch_image_timeout must be positive, got {s.fetch_image_timeout}")
     if s.front_channel not in FRONT_CHANNELS:
         raise ValueError(f"server.front_channel must be one of {', '.join(FRONT_CHANNELS)}, "
                          f"got {s.front_channel!r}")

@@ -19,16 +19,19 @@ import pytest
 
 from backends import calls
 from backends.errors import (
+    RETRYABLE_KEY,
     DeadlineExceeded,
     Internal,
     InvalidArgument,
     ModelNotFound,
     PermissionDenied,
     ResourceExhausted,
+    TakesNoImages,
     Unauthenticated,
     Unavailable,
     Unimplemented,
     error_for_code,
+    retry_trailers,
 )
 from backends.remote import HealthState, RemoteBackend
 from backends.router import Router
@@ -194,6 +197,17 @@ def test_the_table_reversed_covers_every_code():
     assert isinstance(error_for_code(grpc.StatusCode.CANCELLED, "x"), Unavailable)
     exhausted = error_for_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "message larger than max")
     assert isinstance(exhausted, ResourceExhausted) and exhausted.retry_after is None
+
+
+def test_a_retryable_kind_travels_in_a_trailer():
+    """TakesNoImages is INVALID_ARGUMENT yet retryable: the service adds
+    x-mlxgate-retryable, read back onto the same code."""
+    err = TakesNoImages("m")
+    assert retry_trailers(err) == ((RETRYABLE_KEY, "1"),)
+    assert retry_trailers(InvalidArgument("x")) == () and retry_trailers(Unavailable("x")) == ()
+    back = error_for_code(err.code, err.message, retryable=True)
+    assert isinstance(back, InvalidArgument) and back.retryable
+    assert not error_for_code(err.code, err.message).retryable
 
 
 # ------------------------------------------------------------------ keys

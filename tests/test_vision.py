@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 
 import anthropic
 import grpc
@@ -20,15 +21,18 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
+from backends.errors import InvalidArgument
 from backends.metrics import ServiceMetrics
 from backends.mlx.backend import MLXBackend
 from backends.mlx.testmodel import write_test_model
 from backends.mlx.vision.testmodel import write_test_vlm
 from backends.ollama.backend import OllamaBackend
+from backends.remote import RemoteBackend
 from backends.router import Router
 from backends.service import start_inference_service
+from backends.types import GenerateRequest, Message, Sampling
 from gateway.app import create_app, start_http
-from mlxgate.config import MLXConfig, OllamaConfig, ServerConfig
+from mlxgate.config import MLXConfig, OllamaConfig, RemoteService, ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.ollama_fake import FakeOllama
@@ -179,6 +183,61 @@ async def test_image_requests_at_once_share_decode_steps(vstack):
     assert stats.max_batch_seen >= 4 or before_max >= 4, "image requests were never decoded together"
 
 
+async def test_running_streams_keep_decoding_while_images_are_prefilled(vstack):
+    """An image prompt is prefilled in chunks the pacer sizes, between decode
+    steps of the running streams (not at once while they wait), and its
+    greedy answer is the one it gets prefilled at once, alone."""
+    b = vstack.backend
+    images = [png(50 + i, 30 + i, (60 * i, 20, 200)) for i in range(4)]  # ~100 image tokens: paced
+    req = GenerateRequest(model=VLM, messages=[Message("user", "these four?", images=images)],
+                          sampling=Sampling(temperature=0, max_tokens=6))
+
+    async def answer():
+        events = [e async for e in b.generate(req)]
+        return [t for e in events[:-1] for t in e.token_ids], events[-1]
+
+    async def forget_prompts():  # so the image part is prefilled again, not taken from the prompt cache
+        if lm.prompt_cache is not None:
+            await asyncio.wrap_future(b._engine.call(lm.prompt_cache.clear))
+
+    alone, alone_done = await answer()  # (loads the model)
+    lm = next(m for m in b._manager.loaded() if m.name == VLM)
+    await forget_prompts()
+    alone, alone_done = await answer()
+    await forget_prompts()
+    progress = [0, 0]
+
+    async def stream(i: int):
+        r = GenerateRequest(model=VLM, messages=[Message("user", f"keep talking {i}")],
+                            sampling=Sampling(temperature=0, max_tokens=1500))
+        async for e in b.generate(r):
+            progress[i] += len(getattr(e, "token_ids", ()))
+
+    real_chunk = lm.pacer.chunk
+    running = [asyncio.ensure_future(stream(i)) for i in range(2)]
+    try:
+        while min(progress) < 2:
+            await asyncio.sleep(0.01)
+        lm.pacer.chunk = lambda decoding, prompts: min(real_chunk(decoding, prompts), 8)
+        calls_before, at_send, at_first = b.stats.prefill_calls, list(progress), None
+        events = []
+        async for e in b.generate(req):
+            if at_first is None:
+                at_first, calls = list(progress), b.stats.prefill_calls - calls_before
+            events.append(e)
+        ids, done = [t for e in events[:-1] for t in e.token_ids], events[-1]
+        assert ids == alone and done.prompt_tokens == alone_done.prompt_tokens > 4 * MIN_IMAGE_TOKENS
+        image_part = done.prompt_tokens - done.cached_prompt_tokens - 1
+        assert calls >= image_part // 8, (calls, image_part)
+        # Both streams got tokens while the image part went in, not only after it.
+        assert all(now - then >= calls // 2 for then, now in zip(at_send, at_first)), (at_send, at_first, calls)
+    finally:
+        lm.pacer.chunk = real_chunk
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 async def test_a_follow_up_turn_about_the_same_image_reuses_the_cache(vstack):
     c = ollama.AsyncClient(host=vstack.base, timeout=120)
     img = png(44, 36, (10, 200, 10))
@@ -219,8 +278,9 @@ async def test_a_text_model_given_an_image_goes_to_the_next_backend(vstack):
     c = ollama.AsyncClient(host=vstack.base, timeout=60)
     r = await c.chat(model=TEXT, messages=[{"role": "user", "content": "what?", "images": [IMG]}])
     assert r.message.content == "a red square"
-    path, body = vstack.upstream.requests[before]
-    assert path == "/api/chat" and body["messages"][0]["images"] == [b64(IMG)]
+    # (the router may have listed the upstream's models first: /api/tags)
+    body = next(b for p, b in vstack.upstream.requests[before:] if p == "/api/chat")
+    assert body["messages"][0]["images"] == [b64(IMG)]
 
 
 async def test_a_text_model_given_an_image_with_no_other_backend_is_400(vstack):
@@ -229,6 +289,27 @@ async def test_a_text_model_given_an_image_with_no_other_backend_is_400(vstack):
         await c.chat.completions.create(model=ONLY_MLX, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url(IMG)}}]}])
     assert e.value.body["message"] == f"model {ONLY_MLX} does not take images"
+
+
+async def test_a_remote_service_whose_model_takes_no_images_is_passed_over(vstack):
+    """Over gRPC, "does not take images" keeps its retryable kind (the
+    ``x-mlxgate-retryable`` trailer): a front whose first backend is a remote
+    service with the text model tries the next one; with none, 400 still."""
+    remote_service = await start_inference_service(vstack.backend, port=0)  # this MLX engine alone
+    remote = RemoteBackend(RemoteService(name="studio", target=remote_service.target))
+    upstream = OllamaBackend(OllamaConfig(upstream=vstack.upstream.url, connect_timeout=5.0,
+                                          first_token_timeout=30.0, idle_timeout=30.0))
+    front = Router([remote, upstream])
+    try:
+        req = GenerateRequest(model=TEXT, messages=[Message("user", "what?", images=[IMG])])
+        events = [e async for e in front.generate(req)]
+        assert events[-1].backend == "ollama" and "".join(e.text for e in events[:-1]) == "a red square"
+        with pytest.raises(InvalidArgument) as e:
+            [e async for e in front.generate(dataclasses.replace(req, model=ONLY_MLX))]
+        assert e.value.message == f"remote:studio: model {ONLY_MLX} does not take images"
+    finally:
+        await front.close()
+        await remote_service.stop(grace=1.0)
 
 
 # ---------------------------------------------------------------- the command line and a real server

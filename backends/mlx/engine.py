@@ -25,7 +25,9 @@ tokens served from the store).
 Prefill is interleaved with decoding (``pacing.py``): while sequences are
 generating, each step processes only as much of a new prompt as fits in
 about ``MLXConfig.prefill_interleave`` decode steps, so a long prompt does
-not stop the running streams for the length of its prefill.
+not stop the running streams for the length of its prefill.  A prompt with
+images is prefilled the same way before it joins the batch (``_advance_images``:
+its image part in chunks the same pacer sizes, in the same steps).
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class Sequence:
     cached_tokens: int = 0
     #: Prompt tokens evaluated with the images, before the sequence joined the batch.
     vision_tokens: int = 0
+    #: While its images are prefilled (``vision.prefill.ImagePrefill``); None otherwise.
+    image_prefill: Any = None
     t_admit_ns: int = 0
     t_first_ns: int = 0
     error: Optional[BaseException] = None
@@ -197,7 +201,7 @@ class Engine:
         # Streams belong to the thread that creates them.
         self._stream = mx.new_stream(mx.default_device())
         while True:
-            busy = any(lm.active or lm.pending for lm in self._manager.loaded())
+            busy = any(lm.active or lm.pending or lm.staging for lm in self._manager.loaded())
             try:
                 cmd = self._cmds.get_nowait() if busy else self._cmds.get(timeout=self._idle_timeout())
             except queue.Empty:
@@ -216,7 +220,7 @@ class Engine:
                 self._drop_cancelled()
                 for lm in self._manager.loaded():
                     self._admit(lm)
-                    if lm.active:
+                    if lm.active or lm.staging:
                         self._step(lm)
                         self._dispatch.flush()
                 self._manager.expire()
@@ -310,7 +314,7 @@ class Engine:
 
     def _admit(self, lm: LoadedModel) -> None:
         limit = max(1, self._config.max_batch_size)
-        while lm.pending and len(lm.active) < limit:
+        while lm.pending and len(lm.active) + len(lm.staging) < limit:
             seq = lm.pending.pop(0)
             if seq.cancelled:
                 self._retire(seq)
@@ -318,34 +322,61 @@ class Engine:
             try:
                 if lm.generator is None:
                     lm.generator = self._new_generator(lm)
-                if seq.sampling.temperature == 0:
-                    # One object for every greedy sequence: a batch of them is
-                    # sampled with one argmax instead of one per row.
-                    sampler = _greedy
-                else:
-                    sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
-                procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
-                t_admit = time.perf_counter_ns()
+                seq.t_admit_ns = time.perf_counter_ns()
                 key = seq.prompt_ids if seq.vision is None else seq.vision.key
                 cache, n = lm.prompt_cache.fetch(key) if lm.prompt_cache is not None else (None, 0)
-                start = n
+                if n:
+                    seq.cached_tokens = n
+                    self.stats.prompt_cache_hits += 1
+                    self.stats.cached_prompt_tokens += n
                 if seq.vision is not None and vision_prefill.needed(seq.vision, n):
-                    cache, start = vision_prefill.prefill(
-                        lm.model, lm.vision, seq.vision, cache, n, self._config.prefill_step_size
-                    )
-                    seq.vision_tokens = start - n
-                uid = self._insert(lm, seq, start, cache, sampler, procs)
+                    # The vision tower now; the image part a chunk per step (_advance_images).
+                    seq.image_prefill = vision_prefill.begin(lm.model, lm.vision, seq.vision, cache, n)
+                    lm.staging.append(seq)
+                    continue
+                self._join(lm, seq, n, cache)
                 del cache
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e)
-                continue
-            if n:
-                seq.cached_tokens = n
-                self.stats.prompt_cache_hits += 1
-                self.stats.cached_prompt_tokens += n
-            seq.uid = uid
-            seq.t_admit_ns = t_admit
-            lm.active[uid] = seq
+
+    def _join(self, lm: LoadedModel, seq: Sequence, n: int, cache: Any) -> None:
+        """Put an admitted sequence into its model's batch, its first ``n``
+        prompt tokens in ``cache``."""
+        if seq.sampling.temperature == 0:
+            # One object for every greedy sequence: a batch of them is
+            # sampled with one argmax instead of one per row.
+            sampler = _greedy
+        else:
+            sampler = self._guard(seq, sampling_mod.make_sampler(seq.sampling, seq.seed), True)
+        procs = [self._guard(seq, p, False) for p in self.processors_for(seq)]
+        uid = self._insert(lm, seq, n, cache, sampler, procs)
+        seq.uid = uid
+        lm.active[uid] = seq
+
+    def _advance_images(self, lm: LoadedModel, chunk: int, count: int) -> int:
+        """Evaluate ``chunk`` more image-prompt tokens of each of the first
+        ``count`` staged sequences; those done join the batch.  The tokens evaluated."""
+        tokens = 0
+        for seq in lm.staging[:count]:
+            ip = seq.image_prefill
+            try:
+                if not ip.done and chunk > 0:
+                    if not seq.prefilled:
+                        seq.prefilled = True
+                        self.stats.prefills += 1
+                        self._observe_queue_wait(seq)
+                    tokens += ip.advance(lm.model, chunk)
+                if ip.done:
+                    lm.staging.remove(seq)
+                    seq.image_prefill = None
+                    seq.vision_tokens = ip.pos - ip.start
+                    self._join(lm, seq, ip.pos, ip.cache)
+            except Exception as e:  # noqa: BLE001 - that sequence fails, the others go on
+                if seq in lm.staging:
+                    lm.staging.remove(seq)
+                seq.image_prefill = None
+                self._fail(seq, e)
+        return tokens
 
     def _insert(self, lm: LoadedModel, seq: Sequence, n: int, cache: Any, sampler: Callable, procs: list) -> int:
         """Put ``seq`` into its model's batch, its first ``n`` prompt tokens
@@ -368,6 +399,8 @@ class Engine:
         return embed_one(lm.model, ids, dimensions)
 
     def _step(self, lm: LoadedModel) -> None:
+        if lm.generator is None:  # a failed step dropped it while images were being prefilled
+            lm.generator = self._new_generator(lm)
         gen = lm.generator
         decoding = 0
         # Uncached prompt lengths of the sequences the next call prefills
@@ -378,13 +411,18 @@ class Engine:
                 decoding += 1
             elif len(prompts) < gen.prefill_batch_size:
                 prompts.append(len(s.prompt_ids) - s.cached_tokens - s.vision_tokens)
+        # Images being prefilled are paced with the batch's prompts, in the same call.
+        staged = min(len(lm.staging), gen.prefill_batch_size)
+        prompts += [s.image_prefill.total for s in lm.staging[:staged]]
         if lm.pacer is None:
             lm.pacer = PrefillPacer(self._config.prefill_step_size, self._config.prefill_interleave)
         if prompts:
             gen.prefill_step_size = lm.pacer.chunk(decoding > 0, prompts)
         t0 = time.perf_counter()
         try:
-            prompt_resps, gen_resps = gen.next()
+            # (a chunk of 0: the pacer times a decode step, nothing is prefilled)
+            image_tokens = self._advance_images(lm, gen.prefill_step_size, staged) if staged else 0
+            prompt_resps, gen_resps = gen.next() if lm.active else ([], [])
         except Exception as e:  # noqa: BLE001 - the whole batch of this model is lost
             log.exception("MLX step failed for %s", lm.name)
             self.stats.failed_steps += 1
@@ -397,7 +435,7 @@ class Engine:
                 pass
             return
         elapsed = time.perf_counter() - t0
-        prompt_tokens, joined = 0, False
+        prompt_tokens, joined = image_tokens, False
         for r in prompt_resps:
             seq = lm.active.get(r.uid)
             if seq is None:
@@ -499,6 +537,10 @@ class Engine:
                     self._retire(seq)
             for seq in [s for s in lm.pending if s.cancelled]:
                 lm.pending.remove(seq)
+                self._retire(seq)
+            for seq in [s for s in lm.staging if s.cancelled]:
+                lm.staging.remove(seq)
+                seq.image_prefill = None
                 self._retire(seq)
 
     def _retire(self, seq: Sequence) -> None:

@@ -58,6 +58,9 @@ class LoadedModel:
     pacer: Any = None
     pending: list = field(default_factory=list)
     active: dict = field(default_factory=dict)
+    #: Admitted sequences whose images are being prefilled (``vision/prefill.py``),
+    #: a chunk per step, before they join the batch.
+    staging: list = field(default_factory=list)
     #: Reusable KV caches of this model's finished sequences
     #: (``prompt_cache.PromptCacheStore``); None when reuse is off.
     prompt_cache: Any = None

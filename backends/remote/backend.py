@@ -66,7 +66,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from backends import calls
-from backends.errors import RETRY_AFTER_KEY, BackendError, Unavailable, error_for_code
+from backends.errors import RETRY_AFTER_KEY, RETRYABLE_KEY, BackendError, Unavailable, error_for_code
 from backends.gate import SERVICE_NAME, SHUTTING_DOWN
 from backends.http_upstream import TokenClock, parse_retry_after
 from backends.types import (
@@ -211,15 +211,17 @@ class RemoteBackend:
         return (("x-request-id", request_id), (calls.FORWARDED_KEY, "1"), *self._metadata)
 
     def _error(self, e: grpc.aio.AioRpcError) -> BackendError:
-        retry_after = None
+        retry_after, retryable = None, False
         for key, value in e.trailing_metadata() or ():
             if key == RETRY_AFTER_KEY:
                 retry_after = parse_retry_after(value if isinstance(value, str) else value.decode("latin-1"))
+            elif key == RETRYABLE_KEY:
+                retryable = value in ("1", b"1")
         details = e.details() or e.code().name
         if e.code() == grpc.StatusCode.UNAVAILABLE and details == SHUTTING_DOWN:
             # Draining, and the watch has not said so yet: no more new requests.
             self._set_health(HealthState.NOT_SERVING)
-        return error_for_code(e.code(), f"{self.name}: {details}", retry_after)
+        return error_for_code(e.code(), f"{self.name}: {details}", retry_after, retryable)
 
     def _unary_timeout(self) -> float:
         budget = self.timeouts.connect_timeout + self.timeouts.first_token_timeout

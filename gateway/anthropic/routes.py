@@ -23,11 +23,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import overhead
+from gateway import image_urls, overhead
 from gateway.anthropic import translate as tr
 from gateway.common import find_model, first_event, read_query
 from gateway.errors import ApiError, adapt, anthropic_body
-from gateway.fields import read_json
+from gateway.imagefetch import read_json_fetching
 from gateway.render import json_bytes, json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
@@ -85,7 +85,7 @@ class _Pinger:
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    p = tr.messages_request(await read_json(request))
+    p = tr.messages_request(await read_json_fetching(request, image_urls.anthropic))
     rid = request_id(request)
     stream = client(request).generate(p.req, rid, overhead.of(request))
     try:
@@ -117,7 +117,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def count_tokens(request: web.Request) -> web.Response:
-    req = tr.count_tokens_request(await read_json(request))
+    req = tr.count_tokens_request(await read_json_fetching(request, image_urls.anthropic))
     res = await client(request).count_tokens(req, request_id(request))
     return json_response(tr.tokens_count(res), headers={BACKEND_HEADER: res.backend} if res.backend else None)
 

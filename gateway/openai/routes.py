@@ -13,12 +13,13 @@ from typing import Any, Union
 
 from aiohttp import web
 
-from gateway import overhead
+from gateway import image_urls, overhead
 from gateway.client import GenerateStream
 from gateway.anthropic import routes as anthropic_routes
 from gateway.common import Collected, check_done, collect, find_model, is_done
 from gateway.errors import ApiError, openai_body, request_dialect
 from gateway.fields import read_json
+from gateway.imagefetch import read_json_fetching
 from gateway.openai import translate as tr
 from gateway.render import json_response
 from gateway.routing import Route
@@ -77,7 +78,7 @@ async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResp
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _run(request, tr.chat_request(await read_json(request)), chat=True)
+    return await _run(request, tr.chat_request(await read_json_fetching(request, image_urls.openai_chat)), chat=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

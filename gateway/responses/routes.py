@@ -22,10 +22,10 @@ from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from gateway import overhead
+from gateway import image_urls, overhead
 from gateway.common import first_event, is_done, read_query
 from gateway.errors import ApiError, bad_request, internal_error
-from gateway.fields import read_json
+from gateway.imagefetch import read_json_fetching
 from gateway.render import json_bytes, json_response
 from gateway.responses import translate as tr
 from gateway.responses.store import BadCursor, BrokenChain, NotFound, ResponseStore, TooLong, Unavailable
@@ -105,7 +105,7 @@ async def _save(request: web.Request, owner: str, response: dict[str, Any], p: t
 
 @store_errors
 async def create(request: web.Request) -> web.StreamResponse:
-    p = tr.create_request(await read_json(request))
+    p = tr.create_request(await read_json_fetching(request, image_urls.responses))
     owner = ""
     if p.store or p.r.previous_response_id is not None:
         # Before generating: a store that cannot keep the answer is said at once (503).

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway import image_urls
 from gateway.fields import read_json
+from gateway.imagefetch import read_json_fetching
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
@@ -28,7 +30,7 @@ async def ollama_detokenize(request: web.Request) -> web.Response:
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    req, pieces = tr.tokenize_request(await read_json(request))
+    req, pieces = tr.tokenize_request(await read_json_fetching(request, image_urls.openai_chat))
     res = await client(request).tokenize(req, request_id(request))
     return json_response(tr.tokenize_response(res, pieces), headers={BACKEND_HEADER: res.backend})
 

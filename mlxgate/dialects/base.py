@@ -140,9 +140,16 @@ IMAGE_RULES = (
     f"{limits.MAX_REQUEST_IMAGE_PIXELS} pixels for all the images of a request); otherwise 400"
 )
 #: What an image URL gets.
-#: Reserved, not read yet (fetching is not built): what would turn fetching image URLs on.
+#: The settings that turn fetching image URLs on and bound it (declared in
+#: ``mlxgate.config``; named here because the dialect models may not import it).
 FETCH_IMAGE_URLS_ENV = "MLXGATE_FETCH_IMAGE_URLS"
-IMAGE_URL_RULE = f"http(s) URLs are 400 unless the server runs with {FETCH_IMAGE_URLS_ENV}=1"
+FETCH_PRIVATE_ENV = "MLXGATE_FETCH_PRIVATE"
+FETCH_IMAGE_TIMEOUT_ENV = "MLXGATE_FETCH_IMAGE_TIMEOUT"
+IMAGE_URL_RULE = (
+    f"http(s) URLs are 400 unless the server runs with {FETCH_IMAGE_URLS_ENV}=1; then fetched within "
+    f"{FETCH_IMAGE_TIMEOUT_ENV} seconds, at most {limits.MAX_IMAGE_BYTES} bytes, 3 redirects, image/* only, "
+    f"public addresses only unless {FETCH_PRIVATE_ENV}=1"
+)
 
 #: Bytes that travel as base64 text (Ollama's ``images``).
 Base64Bytes = Annotated[

@@ -216,14 +216,15 @@ def session() -> aiohttp.ClientSession:
 async def stream_chat(
     s: aiohttp.ClientSession,
     server: Server,
-    content: str,
+    content: Any,
     max_tokens: int,
     on_event: Optional[Callable[[Stream], None]] = None,
     stop: Optional[asyncio.Event] = None,
     logprobs: bool = False,
 ) -> Stream:
     """Stream one OpenAI chat completion (greedy); count tokens from the usage
-    chunk (content deltas when a server sends none).  ``stop`` set: hang up
+    chunk (content deltas when a server sends none).  ``content``: text, or a
+    list of content parts (images as ``image_url`` parts).  ``stop`` set: hang up
     after the next event (the server cancels the rest)."""
     body = {
         "model": server.model,

@@ -12,10 +12,15 @@ tokens an image becomes); mlxgate keeps its own engine around them:
   processor (image tokens expanded, pixel inputs, the key the prompt cache
   files it under: image tokens keyed by the images' content);
 - ``prefill``: on the MLX thread, a sequence's images through the vision
-  tower and its prompt through the language model into a KV cache, which
-  then joins the model's batch exactly as a prompt-cache hit does.
+  tower (at admission) and its prompt through the language model into a KV
+  cache, a paced chunk per engine step (the same ``PrefillPacer`` that sizes
+  the batch's own prompt chunks), which then joins the model's batch exactly
+  as a prompt-cache hit does.
 
 So decoding is one batch for image and text requests alike; text-only
 requests to a VLM never touch the vision code; the prompt part holding
-images is prefilled one sequence at a time, between decode steps.
+images is prefilled in chunks between decode steps, so running streams keep
+their pace (several image prompts admitted together each advance a chunk per
+step, each in its own forward pass: mlx-lm's batch takes token ids, not
+embeddings).
 """

@@ -12,6 +12,21 @@ from typing import Optional
 #: batch places every token at its index, so their image requests are refused
 #: (text requests run); the others (Idefics3/SmolVLM, LLaVA, Gemma 3, PaliGemma,
 #: Mistral 3/Pixtral ...) use plain positions.
+#:
+#: What serving them would take (mlx-vlm 0.7's ``qwen2_vl/language.py`` shows
+#: the pieces): (1) the image part's prefill (``prefill.py``) must pass the
+#: language model the 3-D position ids that ``get_rope_index(ids,
+#: image_grid_thw)`` gives for the whole prompt, sliced per chunk (through
+#: ``TextView`` today only ids, cache and embeddings go, so it would compute
+#: plain positions), and keep the sequence's ``rope_delta`` (max position + 1 -
+#: prompt length, negative after an image); (2) every batched call after that
+#: must pass ``rope_deltas`` of shape [batch, 1] in the batch's current row
+#: order (0 for text rows): the language model adds it to the batched cache's
+#: per-row offsets.  mlx-lm's ``BatchGenerator`` calls the model with ids and
+#: cache only and reorders rows as sequences join and leave, so the engine
+#: would have to hand ``TextView`` the deltas of the generator's active uids
+#: before each ``next()``; its model state (``_rope_deltas``, ``_position_ids``)
+#: is per model, not per sequence, and must not be relied on.
 MROPE_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe", "glm4v",
                          "glm4v_moe", "ernie4_5_moe_vl"})
 
