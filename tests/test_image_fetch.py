@@ -319,7 +319,7 @@ def test_the_default_policy():
 
 
 def test_the_settings():
-    from mlxgate.config import load_config
+    from mlxgate.config_load import load_config
 
     cfg = load_config(env={}).server
     assert (cfg.fetch_image_urls, cfg.fetch_private, cfg.fetch_image_timeout) == (False, False, 10.0)
