@@ -25,9 +25,10 @@ from aiohttp import web
 
 from gateway import overhead
 from gateway.anthropic import translate as tr
-from gateway.common import find_model, first_event, read_query
 from gateway.errors import ApiError, adapt, anthropic_body
-from gateway.fields import read_json
+from gateway.events import first_event
+from gateway.model_list import find_model
+from gateway.parsing import read_json, read_query
 from gateway.render import json_bytes, json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add

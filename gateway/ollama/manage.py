@@ -19,10 +19,9 @@ from typing import Any, AsyncIterator
 import grpc
 from aiohttp import web
 
-from gateway.common import parse
 from gateway.errors import ApiError, adapt, bad_request, ollama_body
-from gateway.fields import read_json
 from gateway.ollama import translate as tr
+from gateway.parsing import parse, read_json
 from gateway.render import json_response
 from gateway.state import SERVER_CONFIG_KEY, client, request_id
 from gateway.streaming import NDJSON, ndjson_frame, open_stream, pump, with_first

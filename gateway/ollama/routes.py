@@ -14,16 +14,17 @@ from typing import Any, Iterable
 from aiohttp import web
 
 from gateway import overhead
-from gateway.common import duration, first_event, is_done
 from gateway.errors import ApiError, adapt, ollama_body
-from gateway.fields import read_json
+from gateway.events import first_event, is_done
 from gateway.ollama import manage
 from gateway.ollama import translate as tr
+from gateway.parsing import read_json
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, backend_header, client, request_id
 from gateway.streaming import NDJSON, ndjson_frame, open_stream, pump, with_first
+from gateway.times import duration
 from mlxgate.dialects import ollama as wire
 from mlxgate.dialects import ollama_manage as mwire
 from mlxgate.v1 import inference_pb2 as pb

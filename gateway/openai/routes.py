@@ -14,12 +14,13 @@ from typing import Any, Union
 from aiohttp import web
 
 from gateway import overhead
-from gateway.client import GenerateStream
 from gateway.anthropic import routes as anthropic_routes
-from gateway.common import Collected, check_done, collect, find_model, is_done
+from gateway.client import GenerateStream
 from gateway.errors import ApiError, openai_body, request_dialect
-from gateway.fields import read_json
+from gateway.events import Collected, check_done, collect, is_done
+from gateway.model_list import find_model
 from gateway.openai import translate as tr
+from gateway.parsing import read_json
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add

@@ -23,9 +23,9 @@ from typing import Any, Awaitable, Callable, Optional
 from aiohttp import web
 
 from gateway import overhead
-from gateway.common import first_event, is_done, read_query
 from gateway.errors import ApiError, bad_request, internal_error
-from gateway.fields import read_json
+from gateway.events import first_event, is_done
+from gateway.parsing import read_json, read_query
 from gateway.render import json_bytes, json_response
 from gateway.responses import translate as tr
 from gateway.responses.store import BadCursor, BrokenChain, NotFound, ResponseStore, TooLong, Unavailable

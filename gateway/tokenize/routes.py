@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.fields import read_json
+from gateway.parsing import read_json
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
