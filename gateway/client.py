@@ -59,13 +59,16 @@ def _ended_by_us(ended: bool) -> bool:
 
 
 class EventStream(Protocol):
-    """What the stream writers consume; ``GenerateStream`` and test fakes implement it."""
+    """What the generation driver (``gateway/generation.py``) and the stream
+    writers consume; ``GenerateStream`` implements it."""
 
     async def start(self) -> pb.GenerateResponse: ...
 
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]: ...
 
     def cancel(self) -> None: ...
+
+    async def collect(self) -> list[pb.GenerateResponse]: ...
 
 
 class GenerateStream:

@@ -19,22 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, AsyncIterator, Optional
 
 from aiohttp import web
 
-from gateway import overhead
+from gateway import generation, overhead
 from gateway.anthropic import translate as tr
 from gateway.errors import ApiError, adapt, anthropic_body
-from gateway.events import first_event
+from gateway.generation import Renderer
 from gateway.model_list import find_model
 from gateway.parsing import read_json, read_query
 from gateway.render import json_bytes, json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
-from gateway.state import BACKEND_HEADER, backend_header, client, request_id
-from gateway.streaming import SSE, open_stream, pump, with_first
+from gateway.state import BACKEND_HEADER, client, request_id
 from mlxgate.dialects import anthropic as wire
+from mlxgate.v1 import inference_pb2 as pb
 
 #: Seconds of silence after which a stream gets a ``ping``.
 PING_INTERVAL_S = 10.0
@@ -46,10 +46,6 @@ def event_frame(obj: dict[str, Any]) -> bytes:
 
 
 _PING = event_frame({"type": "ping"})
-
-
-def _error_frame(err: ApiError) -> bytes:
-    return event_frame(anthropic_body(adapt(err, "anthropic")))
 
 
 class _Pinger:
@@ -85,36 +81,45 @@ class _Pinger:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
+class _Message(Renderer):
+    """One Message: ``MessageStream``'s events as named SSE events, pings in
+    the silences; or, not streamed, the Message it builds."""
+
+    def __init__(self, model: str) -> None:
+        self.message = tr.MessageStream(model)
+        self._pinger: Optional[_Pinger] = None
+
+    def frame(self, obj: dict[str, Any]) -> bytes:
+        return self._pinger.frame(obj) if self._pinger is not None else event_frame(obj)
+
+    def error_frame(self, err: ApiError) -> bytes:
+        return event_frame(anthropic_body(adapt(err, "anthropic")))
+
+    @contextlib.asynccontextmanager
+    async def writing(self, resp: web.StreamResponse) -> AsyncIterator[None]:
+        self._pinger = _Pinger(resp, PING_INTERVAL_S)
+        try:
+            yield
+        finally:
+            await self._pinger.stop()
+            self._pinger = None
+
+    def start(self) -> list[dict[str, Any]]:
+        return self.message.start()
+
+    def event(self, index: int, ev: pb.GenerateResponse) -> list[dict[str, Any]]:
+        return self.message.render(ev)
+
+    async def whole(self, results: list[list[pb.GenerateResponse]]) -> Any:
+        for ev in results[0]:
+            self.message.render(ev)
+        return self.message.message()
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     p = tr.messages_request(await read_json(request))
-    rid = request_id(request)
-    stream = client(request).generate(p.req, rid, overhead.of(request))
-    try:
-        first = await first_event(stream)  # a failure before any token is a plain HTTP error
-        renderer = tr.MessageStream(p.model)
-        if not p.stream:
-            for ev in await stream.collect():
-                renderer.render(ev)
-            done = renderer.done
-            return json_response(renderer.message(), headers={BACKEND_HEADER: done.backend} if done else None)
-        # Fallback happens only before the first event, so its backend is final.
-        resp = await open_stream(request, SSE, backend_header(first))
-        pinger = _Pinger(resp, PING_INTERVAL_S)
-        try:
-            try:
-                for obj in renderer.start():
-                    await resp.write(pinger.frame(obj))
-            except ConnectionResetError:
-                return resp
-            ok = await pump(resp, with_first(first, stream), renderer.render, pinger.frame, _error_frame, rid)
-        finally:
-            await pinger.stop()
-        if ok:
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write_eof()
-        return resp
-    finally:
-        stream.cancel()
+    stream = client(request).generate(p.req, request_id(request), overhead.of(request))
+    return await generation.run(request, [stream], _Message(p.model), p.stream)
 
 
 async def count_tokens(request: web.Request) -> web.Response:

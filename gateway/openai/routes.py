@@ -7,74 +7,55 @@ the stream ends without ``[DONE]``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any, Union
 
 from aiohttp import web
 
-from gateway import overhead
+from gateway import generation, overhead
 from gateway.anthropic import routes as anthropic_routes
-from gateway.client import GenerateStream
 from gateway.errors import ApiError, openai_body, request_dialect
-from gateway.events import Collected, check_done, collect, is_done
+from gateway.events import collect
+from gateway.generation import Renderer
 from gateway.model_list import find_model
 from gateway.openai import translate as tr
 from gateway.parsing import read_json
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
-from gateway.state import BACKEND_HEADER, backend_header, client, request_id
-from gateway.streaming import SSE, SSE_DONE, merge, open_stream, pump, sse_frame
+from gateway.state import BACKEND_HEADER, client, request_id
+from gateway.streaming import SSE_DONE, sse_frame
 from mlxgate.dialects import anthropic as anthropic_wire
 from mlxgate.dialects import openai as wire
+from mlxgate.v1 import inference_pb2 as pb
 
 
-def _error_frame(err: ApiError) -> bytes:
-    return sse_frame(openai_body(err))
+class _Choices(Renderer):
+    """Chat or text completion choices: chunks, the usage chunk, ``[DONE]``."""
 
+    closing = SSE_DONE
 
-async def _start_all(streams: list[GenerateStream]) -> list[Any]:
-    """First event of every stream; the first failure is raised (after all settled)."""
-    firsts = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
-    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-    if failed is not None:
-        # Drop the list before raising: it would hold the exception, whose
-        # traceback holds this frame (a cycle keeping the request's buffers).
-        del firsts
-        raise failed
-    return firsts
+    def __init__(self, p: tr.Parsed, chat: bool) -> None:
+        self.p, self.chat = p, chat
+        self.chunks = tr.ChatStream(p) if chat else tr.CompletionStream(p)
+
+    def error_frame(self, err: ApiError) -> bytes:
+        return sse_frame(openai_body(err))
+
+    def event(self, index: int, ev: pb.GenerateResponse) -> list[dict[str, Any]]:
+        return self.chunks.render((index, ev))
+
+    async def tail(self) -> list[dict[str, Any]]:
+        return self.chunks.tail()
+
+    async def whole(self, results: list[list[pb.GenerateResponse]]) -> Any:
+        done = [collect(events) for events in results]
+        return tr.chat_completion(self.p, done) if self.chat else tr.completion(self.p, done)
 
 
 async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResponse:
-    rid = request_id(request)
-    c = client(request)
+    c, rid = client(request), request_id(request)
     streams = [c.generate(r, rid, overhead.of(request)) for r in p.requests()]
-    try:
-        firsts = await _start_all(streams)
-        for f in firsts:
-            if is_done(f):
-                check_done(f.done)  # a failure before any token is a plain HTTP error
-        if p.stream:
-            # Fallback happens only before the first event, so its backend is final.
-            resp = await open_stream(request, SSE, backend_header(firsts[0]))
-            renderer = tr.ChatStream(p) if chat else tr.CompletionStream(p)
-            async with contextlib.aclosing(merge(list(zip(firsts, streams)))) as items:
-                ok = await pump(resp, items, renderer.render, sse_frame, _error_frame, rid)
-            if ok:
-                with contextlib.suppress(ConnectionResetError):
-                    for obj in renderer.tail():
-                        await resp.write(sse_frame(obj))
-                    await resp.write(SSE_DONE)
-                    await resp.write_eof()
-            return resp
-
-        results: list[Collected] = [collect(evs) for evs in await asyncio.gather(*(s.collect() for s in streams))]
-        body = tr.chat_completion(p, results) if chat else tr.completion(p, results)
-        return json_response(body, headers={BACKEND_HEADER: results[0].done.backend})
-    finally:
-        for s in streams:
-            s.cancel()
+    return await generation.run(request, streams, _Choices(p, chat), p.stream)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -15,25 +15,25 @@ every id belongs to the API key that created it (``gateway/responses/store.py``)
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from typing import Any, Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from gateway import overhead
+from gateway import generation, overhead
 from gateway.errors import ApiError, bad_request, internal_error
-from gateway.events import first_event, is_done
+from gateway.events import is_done
+from gateway.generation import Renderer
 from gateway.parsing import read_json, read_query
 from gateway.render import json_bytes, json_response
 from gateway.responses import translate as tr
 from gateway.responses.store import BadCursor, BrokenChain, NotFound, ResponseStore, TooLong, Unavailable
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
-from gateway.state import BACKEND_HEADER, backend_header, caller_key, client, request_id
-from gateway.streaming import SSE, open_stream, pump, with_first
+from gateway.state import caller_key, client, request_id
 from mlxgate.dialects import responses as wire
+from mlxgate.v1 import inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,46 @@ async def _save(request: web.Request, owner: str, response: dict[str, Any], p: t
         log.error("responses store: could not store %s (request %s)", response["id"], request_id(request))
 
 
+class _Response(Renderer):
+    """One Response: the ``Assembler``'s named SSE events, or the Response
+    object; kept in the store (``store``) before it goes out."""
+
+    def __init__(self, request: web.Request, p: tr.Parsed, owner: str) -> None:
+        self.request, self.p, self.owner = request, p, owner
+        self.a = tr.Assembler(p, stream=p.stream)
+        self._ending: Optional[tuple[list[dict[str, Any]], dict[str, Any]]] = None
+
+    def frame(self, obj: dict[str, Any]) -> bytes:
+        return event_frame(obj)
+
+    def error_frame(self, err: ApiError) -> bytes:
+        return b"".join(event_frame(e) for e in self.a.fail(err))
+
+    def start(self) -> list[dict[str, Any]]:
+        return self.a.start()
+
+    def event(self, index: int, ev: pb.GenerateResponse) -> list[dict[str, Any]]:
+        if is_done(ev):
+            out, terminal, final = self.a.finish(ev.done)
+            self._ending = terminal, final
+            return out
+        return self.a.feed(ev.chunk)
+
+    async def tail(self) -> list[dict[str, Any]]:
+        if self._ending is None:  # the service broke the contract (no Done): a failure
+            raise internal_error(request_id(self.request))
+        terminal, final = self._ending
+        await _save(self.request, self.owner, final, self.p)
+        return terminal
+
+    async def whole(self, results: list[list[pb.GenerateResponse]]) -> Any:
+        for ev in results[0]:
+            self.event(0, ev)
+        assert self._ending is not None
+        await _save(self.request, self.owner, self._ending[1], self.p)
+        return self._ending[1]
+
+
 @store_errors
 async def create(request: web.Request) -> web.StreamResponse:
     p = tr.create_request(await read_json(request))
@@ -112,57 +152,12 @@ async def create(request: web.Request) -> web.StreamResponse:
         await store_of(request).ready()
         owner = await _owner(request)
     req = tr.generate_request(p, await _history(request, p, owner))
-    rid = request_id(request)
-    stream = client(request).generate(req, rid, overhead.of(request))
-    a = tr.Assembler(p, stream=p.stream)
-    try:
-        first = await first_event(stream)  # a failure before any token is a plain HTTP error
-        if not p.stream:
-            final: Optional[dict[str, Any]] = None
-            for ev in await stream.collect():
-                if is_done(ev):
-                    _, _, final = a.finish(ev.done)
-                else:
-                    a.feed(ev.chunk)
-            assert final is not None
-            await _save(request, owner, final, p)
-            backend = first.done.backend if is_done(first) else first.chunk.backend
-            return json_response(final, headers={BACKEND_HEADER: backend} if backend else None)
-
-        resp = await open_stream(request, SSE, backend_header(first))
-        ending: dict[str, Any] = {}
-
-        def render(ev: Any) -> list[dict[str, Any]]:
-            if is_done(ev):
-                out, ending["terminal"], ending["response"] = a.finish(ev.done)
-                return out
-            return a.feed(ev.chunk)
-
-        def error_frame(err: ApiError) -> bytes:
-            return b"".join(event_frame(e) for e in a.fail(err))
-
-        try:
-            for e in a.start():
-                await resp.write(event_frame(e))
-        except ConnectionResetError:
-            return resp
-        async with contextlib.aclosing(with_first(first, stream)) as events:
-            ok = await pump(resp, events, render, event_frame, error_frame, rid)
-        if ok and "response" not in ending:  # the service broke the contract (no Done): a failure
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write(error_frame(internal_error(rid)))
-            ok = False
-        if ok:
-            await _save(request, owner, ending["response"], p)
-            with contextlib.suppress(ConnectionResetError):
-                for e in ending["terminal"]:
-                    await resp.write(event_frame(e))
-                await resp.write_eof()
-        elif a.failed is not None:
-            await _save(request, owner, a.failed, p)
-        return resp
-    finally:
-        stream.cancel()
+    stream = client(request).generate(req, request_id(request), overhead.of(request))
+    response = _Response(request, p, owner)
+    answer = await generation.run(request, [stream], response, p.stream)
+    if response.a.failed is not None:  # a stream that failed is kept as failed
+        await _save(request, owner, response.a.failed, p)
+    return answer
 
 
 def _response_id(request: web.Request) -> str:
