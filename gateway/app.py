@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 import grpc
 from aiohttp import web
 
-from gateway import caller, openapi, overhead, usage
+from gateway import caller, model_list, openapi, overhead, usage
 from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
@@ -183,6 +183,7 @@ def create_app(
     app.on_response_prepare.append(caller.on_response_prepare)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)
+    model_list.add_routes(app)
     responses_routes.add_routes(app)
     anthropic_routes.add_routes(app)
     usage.add_routes(app)

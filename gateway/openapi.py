@@ -265,6 +265,7 @@ def _operation(r: Route, s: _Schemas) -> S:
 
 def all_routes() -> list[Route]:
     from gateway.anthropic.routes import ROUTES as ANTHROPIC
+    from gateway.model_list import ROUTES as MODELS
     from gateway.ollama.routes import ROUTES as OLLAMA
     from gateway.openai.routes import ROUTES as OPENAI
     from gateway.rerank.routes import ROUTES as RERANK
@@ -272,7 +273,7 @@ def all_routes() -> list[Route]:
     from gateway.tokenize.routes import ROUTES as TOKENIZE
     from gateway.usage import ROUTES as USAGE
 
-    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *RERANK, *TOKENIZE, *USAGE, *ROUTES]
+    return [*OLLAMA, *OPENAI, *MODELS, *RESPONSES, *ANTHROPIC, *RERANK, *TOKENIZE, *USAGE, *ROUTES]
 
 
 @functools.lru_cache(maxsize=1)

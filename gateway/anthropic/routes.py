@@ -27,8 +27,7 @@ from gateway import generation, overhead
 from gateway.anthropic import translate as tr
 from gateway.errors import ApiError, adapt, anthropic_body
 from gateway.generation import Renderer
-from gateway.model_list import find_model
-from gateway.parsing import read_json, read_query
+from gateway.parsing import read_json
 from gateway.render import json_bytes, json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
@@ -126,25 +125,6 @@ async def count_tokens(request: web.Request) -> web.Response:
     req = tr.count_tokens_request(await read_json(request))
     res = await client(request).count_tokens(req, request_id(request))
     return json_response(tr.tokens_count(res), headers={BACKEND_HEADER: res.backend} if res.backend else None)
-
-
-async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models`` from an Anthropic client (the path is OpenAI's too:
-    ``gateway.openai.routes`` hands the request here when it carries
-    ``anthropic-version``)."""
-    q = read_query(request, wire.ListModelsQuery, "/v1/models")
-    res = await client(request).list_models(request_id(request))
-    return json_response(tr.models_page(list(res.models), q))
-
-
-async def retrieve_model(request: web.Request) -> web.Response:
-    """``GET /v1/models/{model_id}`` from an Anthropic client; the id echoed as asked."""
-    name = request.match_info["model"]
-    res = await client(request).list_models(request_id(request))
-    match = find_model(res.models, name)
-    if match is None:
-        raise ApiError(404, f"model: {name}", param="model")
-    return json_response(tr.model_info(match, name))
 
 
 _STREAMED = ("one Message, or with stream=true server-sent events: event: <type> / data: <event>, from "

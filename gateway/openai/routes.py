@@ -7,16 +7,14 @@ the stream ends without ``[DONE]``.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from aiohttp import web
 
 from gateway import generation, overhead
-from gateway.anthropic import routes as anthropic_routes
-from gateway.errors import ApiError, openai_body, request_dialect
+from gateway.errors import ApiError, openai_body
 from gateway.events import collect
 from gateway.generation import Renderer
-from gateway.model_list import find_model
 from gateway.openai import translate as tr
 from gateway.parsing import read_json
 from gateway.render import json_response
@@ -24,7 +22,6 @@ from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, client, request_id
 from gateway.streaming import SSE_DONE, sse_frame
-from mlxgate.dialects import anthropic as anthropic_wire
 from mlxgate.dialects import openai as wire
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -72,34 +69,6 @@ async def embeddings(request: web.Request) -> web.Response:
     return json_response(tr.embeddings_response(p, res), headers={BACKEND_HEADER: res.backend})
 
 
-async def list_models(request: web.Request) -> web.Response:
-    """OpenAI's list; Anthropic's (paged) for a client that sends
-    ``anthropic-version``: both APIs serve this path."""
-    if request_dialect(request) == "anthropic":
-        return await anthropic_routes.list_models(request)
-    res = await client(request).list_models(request_id(request))
-    return json_response(tr.models_response(res))
-
-
-async def retrieve_model(request: web.Request) -> web.Response:
-    """The listed model of that id; ``x:latest`` (an Ollama-style name) finds
-    ``x`` and is echoed as asked, as every answer echoes the requested name.
-    Anthropic's shape for a client that sends ``anthropic-version``."""
-    if request_dialect(request) == "anthropic":
-        return await anthropic_routes.retrieve_model(request)
-    name = request.match_info["model"]
-    res = await client(request).list_models(request_id(request))
-    match = find_model(res.models, name)
-    if match is not None:
-        return json_response({**tr.model_json(match), "id": name})
-    raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-
-
-_FOR_ANTHROPIC = ("OpenAI's shape; with an anthropic-version header (every Anthropic client sends one), "
-                  "Anthropic's shape, and errors in Anthropic's shape")
-_MODEL_LIST = Union[wire.ModelList, anthropic_wire.ModelList]
-_MODEL = Union[wire.Model, anthropic_wire.ModelInfo]
-
 _STREAMED = "one JSON object, or with stream=true server-sent events: data: <chunk>, then data: [DONE]"
 
 #: Every OpenAI route: the app registers them, /openapi.json documents them.
@@ -111,10 +80,6 @@ ROUTES: list[Route] = [
           answer=wire.Completion, stream="sse", stream_item=wire.Completion, description=_STREAMED),
     Route("POST", "/v1/embeddings", embeddings, "Create embeddings", body=wire.EmbeddingsRequest,
           answer=wire.EmbeddingList),
-    Route("GET", "/v1/models", list_models, "List models", answer=_MODEL_LIST, query=anthropic_wire.ListModelsQuery,
-          statuses=(400,), description=_FOR_ANTHROPIC + " (paged: limit, after_id, before_id)"),
-    Route("GET", "/v1/models/{model:.+}", retrieve_model, "Retrieve a model", answer=_MODEL,
-          description=_FOR_ANTHROPIC),
 ]
 
 
