@@ -72,7 +72,8 @@ class EventStream(Protocol):
 
 
 class GenerateStream:
-    """One Generate RPC.  Use ``start()`` once, then iterate the rest."""
+    """One Generate RPC (or another server stream read the same way: PullModel,
+    CreateModel).  Use ``start()`` once, then iterate the rest."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall, overhead: Optional[Overhead] = None) -> None:
         self._call = call
@@ -293,10 +294,10 @@ class InferenceClient:
     async def delete_model(self, model: str, request_id: str) -> pb.DeleteModelResponse:
         return await self._admin_call(self.stub.DeleteModel, pb.DeleteModelRequest(model=model), request_id)
 
-    def create_model(self, req: pb.CreateModelRequest, request_id: str) -> Any:
-        """The progress stream (``read()`` each ``pb.CreateModelProgress``, then
-        ``grpc.aio.EOF``); the caller cancels it when done."""
-        return self.stub.CreateModel(req, timeout=self.timeout, metadata=self._admin_md(request_id))
+    def create_model(self, req: pb.CreateModelRequest, request_id: str) -> GenerateStream:
+        """The progress stream (read as a Generate one: ``start()``, then the
+        rest); the caller cancels it when done."""
+        return GenerateStream(self.stub.CreateModel(req, timeout=self.timeout, metadata=self._admin_md(request_id)))
 
     async def has_blob(self, digest: str, request_id: str) -> pb.HasBlobResponse:
         return await self._admin_call(self.stub.HasBlob, pb.HasBlobRequest(digest=digest), request_id)

@@ -1,14 +1,14 @@
 """One driver for every route that answers a server stream: a generation
-(Ollama, OpenAI, Anthropic, Responses) or a model pull's progress.
+(Ollama, OpenAI, Anthropic, Responses) or a model's pull or create progress.
 
 ``run`` starts the calls and waits for each one's first event, so a failure
 before any token is an ordinary HTTP status in the caller's dialect.  Then it
-either collects every event into one JSON answer, or opens the stream (the
-headers name the backend: fallback happens only before the first event, so
-it is final) and writes the dialect's start, each event as it arrives, and
-its tail.  A failure after the stream began is the stream's last frame and
-the stream ends there (``streaming.pump``).  However it ends (a client gone,
-an error, a cancelled handler), every call is cancelled.
+either hands every event to the renderer for one JSON answer, or opens the
+stream (the headers name the backend: fallback happens only before the
+first event, so it is final) and writes the dialect's start, each event as
+it arrives, and its tail.  A failure after the stream began is the stream's
+last frame and the stream ends there (``streaming.pump``).  However it ends
+(a client gone, an error, a cancelled handler), every call is cancelled.
 
 A dialect says only how a generation looks on its wire: a ``Renderer``.
 """
@@ -17,28 +17,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncContextManager, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable, Optional
 
 from aiohttp import web
 
 from gateway.client import EventStream
-from gateway.errors import ApiError
+from gateway.errors import ApiError, Dialect, adapt, body_for
 from gateway.events import check_done, is_done
 from gateway.render import json_response
 from gateway.state import backend_header, request_id
-from gateway.streaming import SSE, merge, open_stream, pump, sse_frame, with_first
+from gateway.streaming import SSE, Pinger, merge, open_stream, pump, sse_frame, with_first
 
 
 class Renderer:
     """How one dialect's wire shows a generation: the answer's media type,
     a frame, an error frame, what goes before the first event (``start``),
-    each event, what follows the last one (``tail``, then ``closing``) and
-    the whole answer of a request that does not stream.  Events come as
-    (stream index, event): an OpenAI request with ``n`` > 1 runs n streams."""
+    each event, what follows the last one (``tail``, then ``closing``), and
+    the whole answer of a request that does not stream (``take`` each event,
+    then ``whole``).  Events come with their stream's index: an OpenAI
+    request with ``n`` > 1 runs n streams."""
 
     media_type = SSE
+    dialect: Dialect = "openai"
     #: Written after the tail when the stream ended cleanly (OpenAI's ``data: [DONE]``).
     closing = b""
+    #: Written whenever the stream has been silent ``ping_interval`` seconds (Anthropic's pings).
+    ping = b""
+    ping_interval = 0.0
 
     def check(self, first: Any) -> None:
         """A first event that reports a failure raises (a plain HTTP error)."""
@@ -54,11 +59,8 @@ class Renderer:
         return sse_frame(obj)
 
     def error_frame(self, err: ApiError) -> bytes:
-        raise NotImplementedError
-
-    def writing(self, resp: web.StreamResponse) -> AsyncContextManager[Any]:
-        """Held while the start and the events are written (Anthropic's pings)."""
-        return contextlib.nullcontext()
+        """A failure after the stream began, as its last frame: the dialect's error body."""
+        return self.frame(body_for(adapt(err, self.dialect), self.dialect))
 
     def start(self) -> Iterable[Any]:
         return ()
@@ -71,12 +73,12 @@ class Renderer:
         make a whole answer (that error is then the last frame)."""
         return ()
 
-    async def collect(self, stream: EventStream) -> list[Any]:
-        """A stream's events, for ``whole``."""
-        return await stream.collect()
+    def take(self, index: int, ev: Any) -> None:
+        """Each event of a request that does not stream, for ``whole``."""
+        raise NotImplementedError
 
-    async def whole(self, results: list[list[Any]]) -> Any:
-        """The answer of a request that does not stream: every stream's events."""
+    async def whole(self) -> Any:
+        """The answer of a request that does not stream, once every event was taken."""
         raise NotImplementedError
 
 
@@ -99,6 +101,22 @@ async def _indexed(first: Any, stream: EventStream) -> AsyncIterator[tuple[int, 
         yield 0, ev
 
 
+async def _whole(firsts: list[Any], streams: list[EventStream], renderer: Renderer) -> web.Response:
+    last = list(firsts)
+
+    async def take(i: int) -> None:
+        async for ev in with_first(firsts[i], streams[i]):
+            renderer.take(i, ev)
+            last[i] = ev
+
+    if len(streams) == 1:
+        await take(0)
+    else:
+        await asyncio.gather(*(take(i) for i in range(len(streams))))
+    body = await renderer.whole()
+    return json_response(body, headers=renderer.headers(last[0]) or None)
+
+
 async def run(request: web.Request, streams: list[EventStream], renderer: Renderer, stream: bool) -> web.StreamResponse:
     """Answer the started calls ``streams`` with ``renderer``: one JSON
     answer, or (``stream``) the dialect's stream."""
@@ -108,22 +126,25 @@ async def run(request: web.Request, streams: list[EventStream], renderer: Render
         for f in firsts:
             renderer.check(f)
         if not stream:
-            results = [await renderer.collect(streams[0])] if len(streams) == 1 else \
-                await asyncio.gather(*(renderer.collect(s) for s in streams))
-            body = await renderer.whole(results)
-            return json_response(body, headers=renderer.headers((results[0] or firsts[:1])[-1]) or None)
-
+            return await _whole(firsts, streams, renderer)
         resp = await open_stream(request, renderer.media_type, renderer.headers(firsts[0]))
-        async with renderer.writing(resp):
+        pinger: Optional[Pinger] = None
+        frame = renderer.frame
+        if renderer.ping:
+            pinger = Pinger(resp, renderer.ping_interval, renderer.ping)
+            frame = lambda obj: pinger.note(renderer.frame(obj))  # noqa: E731
+        try:
             try:
                 for obj in renderer.start():
-                    await resp.write(renderer.frame(obj))
+                    await resp.write(frame(obj))
             except ConnectionResetError:
                 return resp
             events = _indexed(firsts[0], streams[0]) if len(streams) == 1 else merge(list(zip(firsts, streams)))
             async with contextlib.aclosing(events) as items:
-                ok = await pump(resp, items, lambda item: renderer.event(*item), renderer.frame,
-                                renderer.error_frame, rid)
+                ok = await pump(resp, items, lambda item: renderer.event(*item), frame, renderer.error_frame, rid)
+        finally:
+            if pinger is not None:
+                await pinger.stop()
         if ok:
             with contextlib.suppress(ConnectionResetError):
                 try:

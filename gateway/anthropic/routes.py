@@ -17,21 +17,19 @@ the API is served) and betas are ignored.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from typing import Any, AsyncIterator, Optional
+from typing import Any
 
 from aiohttp import web
 
 from gateway import generation, overhead
 from gateway.anthropic import translate as tr
-from gateway.errors import ApiError, adapt, anthropic_body
 from gateway.generation import Renderer
 from gateway.parsing import read_json
-from gateway.render import json_bytes, json_response
+from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, client, request_id
+from gateway.streaming import event_frame
 from mlxgate.dialects import anthropic as wire
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -39,69 +37,17 @@ from mlxgate.v1 import inference_pb2 as pb
 PING_INTERVAL_S = 10.0
 
 
-def event_frame(obj: dict[str, Any]) -> bytes:
-    """``event: <type>`` and ``data: <json>``: the event name is the data's type."""
-    return b"event: " + obj["type"].encode() + b"\ndata: " + json_bytes(obj) + b"\n\n"
-
-
-_PING = event_frame({"type": "ping"})
-
-
-class _Pinger:
-    """Writes a ``ping`` whenever ``interval`` seconds pass without a frame.
-
-    ``frame`` renders every other frame and notes the time: no timer per
-    token, one sleeping task per stream.  A ping is one write, as every frame
-    is, so it never lands inside another frame."""
-
-    def __init__(self, resp: web.StreamResponse, interval: float) -> None:
-        self._resp = resp
-        self._interval = interval
-        self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
-        self._task = asyncio.create_task(self._run())
-
-    def frame(self, obj: dict[str, Any]) -> bytes:
-        self._last = self._loop.time()
-        return event_frame(obj)
-
-    async def _run(self) -> None:
-        with contextlib.suppress(ConnectionResetError, RuntimeError):
-            while True:
-                wait = self._last + self._interval - self._loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
-                self._last = self._loop.time()
-                await self._resp.write(_PING)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 class _Message(Renderer):
     """One Message: ``MessageStream``'s events as named SSE events, pings in
     the silences; or, not streamed, the Message it builds."""
 
+    dialect = "anthropic"
+    ping = event_frame({"type": "ping"})
+    frame = staticmethod(event_frame)
+
     def __init__(self, model: str) -> None:
         self.message = tr.MessageStream(model)
-        self._pinger: Optional[_Pinger] = None
-
-    def frame(self, obj: dict[str, Any]) -> bytes:
-        return self._pinger.frame(obj) if self._pinger is not None else event_frame(obj)
-
-    def error_frame(self, err: ApiError) -> bytes:
-        return event_frame(anthropic_body(adapt(err, "anthropic")))
-
-    @contextlib.asynccontextmanager
-    async def writing(self, resp: web.StreamResponse) -> AsyncIterator[None]:
-        self._pinger = _Pinger(resp, PING_INTERVAL_S)
-        try:
-            yield
-        finally:
-            await self._pinger.stop()
-            self._pinger = None
+        self.ping_interval = PING_INTERVAL_S
 
     def start(self) -> list[dict[str, Any]]:
         return self.message.start()
@@ -109,9 +55,10 @@ class _Message(Renderer):
     def event(self, index: int, ev: pb.GenerateResponse) -> list[dict[str, Any]]:
         return self.message.render(ev)
 
-    async def whole(self, results: list[list[pb.GenerateResponse]]) -> Any:
-        for ev in results[0]:
-            self.message.render(ev)
+    def take(self, index: int, ev: pb.GenerateResponse) -> None:
+        self.message.render(ev)
+
+    async def whole(self) -> Any:
         return self.message.message()
 
 

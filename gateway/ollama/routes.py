@@ -1,9 +1,8 @@
 """Ollama REST routes: thin handlers over ``translate`` and the inference client.
 
-``/api/pull`` downloads a model through the service's PullModel; the rest of
-model management (create, copy, delete, blobs; push refused with 501) has its
-handlers in ``gateway/ollama/manage.py``.  No file path is ever built from
-request data.
+Model management (pull, create, copy, delete, blobs; push refused with 501)
+has its handlers and route rows in ``gateway/ollama/manage.py``.  No file
+path is ever built from request data.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from typing import Any, Iterable
 from aiohttp import web
 
 from gateway import generation, overhead
-from gateway.errors import ApiError, adapt, ollama_body
 from gateway.events import collect, is_done
 from gateway.generation import Renderer
 from gateway.ollama import manage
@@ -26,7 +24,6 @@ from gateway.state import BACKEND_HEADER, client, request_id
 from gateway.streaming import NDJSON, ndjson_frame
 from gateway.times import duration
 from mlxgate.dialects import ollama as wire
-from mlxgate.dialects import ollama_manage as mwire
 from mlxgate.v1 import inference_pb2 as pb
 
 
@@ -38,23 +35,16 @@ async def version(request: web.Request) -> web.Response:
     return json_response({"version": tr.OLLAMA_COMPAT_VERSION})
 
 
-class _NDJSON(Renderer):
-    """Ollama's streams: one JSON object a line, an error as the last line."""
+class _Answer(Renderer):
+    """/api/generate and /api/chat: a line per chunk with something in it, the Done's fields last."""
 
     media_type = NDJSON
-
-    def frame(self, obj: Any) -> bytes:
-        return ndjson_frame(obj)
-
-    def error_frame(self, err: ApiError) -> bytes:
-        return ndjson_frame(ollama_body(adapt(err, "ollama")))
-
-
-class _Answer(_NDJSON):
-    """/api/generate and /api/chat: a line per chunk with something in it, the Done's fields last."""
+    dialect = "ollama"
+    frame = staticmethod(ndjson_frame)
 
     def __init__(self, p: tr.Parsed, chat: bool) -> None:
         self.model, self.chat = p.model, chat
+        self.events: list[pb.GenerateResponse] = []
 
     def event(self, index: int, ev: pb.GenerateResponse) -> Iterable[dict[str, Any]]:
         if is_done(ev):
@@ -64,32 +54,14 @@ class _Answer(_NDJSON):
             return ()
         return (tr.chat_chunk(self.model, ch) if self.chat else tr.generate_chunk(self.model, ch),)
 
-    async def whole(self, results: list[list[pb.GenerateResponse]]) -> Any:
-        c = collect(results[0])
+    def take(self, index: int, ev: pb.GenerateResponse) -> None:
+        self.events.append(ev)
+
+    async def whole(self) -> Any:
+        c = collect(self.events)
         if self.chat:
             return tr.chat_final(self.model, c.done, c.text, c.tool_calls, c.logprobs, c.thinking)
         return tr.generate_final(self.model, c.done, c.text, c.logprobs, c.thinking)
-
-
-class _Progress(_NDJSON):
-    """/api/pull: the progress lines, or one ``{"status": "success"}``; no backend to name."""
-
-    def check(self, first: Any) -> None:
-        pass
-
-    def headers(self, ev: Any) -> dict[str, str]:
-        return {}
-
-    def event(self, index: int, ev: pb.PullModelResponse) -> Iterable[dict[str, Any]]:
-        return (tr.progress_line(ev),)
-
-    async def collect(self, stream: Any) -> list[Any]:
-        async for _ in stream:  # read to the end, keeping nothing: a pull has many lines
-            pass
-        return []
-
-    async def whole(self, results: list[list[pb.PullModelResponse]]) -> Any:
-        return {"status": "success"}
 
 
 def _load_request(model: str, keep_alive: Any) -> pb.LoadModelRequest:
@@ -165,33 +137,6 @@ async def ps(request: web.Request) -> web.Response:
     return json_response(tr.ps_response(res))
 
 
-async def pull(request: web.Request) -> web.StreamResponse:
-    """Ollama's pull over PullModel: progress lines, or one ``{"status": "success"}``;
-    a failure before the first line is a plain HTTP status."""
-    req, streamed = tr.pull_request(await read_json(request))
-    stream = client(request).pull_model(req, request_id(request))
-    return await generation.run(request, [stream], _Progress(), streamed)
-
-
-def manage_routes() -> list[Route]:
-    """Model management: pull (here), the rest in ``gateway/ollama/manage.py``."""
-    progress = "NDJSON progress lines (stream, the default) or the last one (stream=false)"
-    return [
-        Route("POST", "/api/pull", pull, "Pull a model", body=wire.PullRequest, answer=wire.ProgressResponse,
-              stream="ndjson", stream_item=wire.ProgressResponse,
-              description="From the Hugging Face Hub (HF_ENDPOINT): a catalog name, hf.co/<owner>/<repo>[:<revision>] "
-                          "or <owner>/<repo>[:<revision>]. " + _ANSWERED),
-        Route("POST", "/api/push", manage.push, "Push a model (unsupported)", unsupported=True,
-              description=manage.PUSH_HELP),
-        Route("POST", "/api/create", manage.create, "Create a model", body=mwire.CreateRequest,
-              answer=mwire.Progress, stream="ndjson", stream_item=mwire.Progress, description=progress),
-        Route("POST", "/api/copy", manage.copy, "Copy a model", body=mwire.CopyRequest),
-        Route("DELETE", "/api/delete", manage.delete, "Delete a model", body=mwire.DeleteRequest),
-        Route("HEAD", "/api/blobs/{digest}", manage.head_blob, "Check a blob", statuses=(404,)),
-        Route("POST", "/api/blobs/{digest}", manage.post_blob, "Push a blob", statuses=(201,)),
-    ]
-
-
 _ANSWERED = "NDJSON lines (stream, the default) or one JSON object (stream=false)"
 
 #: Every Ollama route: the app registers them, /openapi.json documents them.
@@ -212,7 +157,7 @@ ROUTES: list[Route] = [
     Route("HEAD", "/api/tags", tags, "List models"),
     Route("POST", "/api/show", show, "Show model information", body=wire.ShowRequest, answer=wire.ShowResponse),
     Route("GET", "/api/ps", ps, "List running models", answer=wire.PsResponse),
-    *manage_routes(),
+    *manage.ROUTES,
 ]
 
 

@@ -12,7 +12,6 @@ from typing import Any
 from aiohttp import web
 
 from gateway import generation, overhead
-from gateway.errors import ApiError, openai_body
 from gateway.events import collect
 from gateway.generation import Renderer
 from gateway.openai import translate as tr
@@ -21,7 +20,7 @@ from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import BACKEND_HEADER, client, request_id
-from gateway.streaming import SSE_DONE, sse_frame
+from gateway.streaming import SSE_DONE
 from mlxgate.dialects import openai as wire
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -34,9 +33,7 @@ class _Choices(Renderer):
     def __init__(self, p: tr.Parsed, chat: bool) -> None:
         self.p, self.chat = p, chat
         self.chunks = tr.ChatStream(p) if chat else tr.CompletionStream(p)
-
-    def error_frame(self, err: ApiError) -> bytes:
-        return sse_frame(openai_body(err))
+        self.events: dict[int, list[pb.GenerateResponse]] = {}
 
     def event(self, index: int, ev: pb.GenerateResponse) -> list[dict[str, Any]]:
         return self.chunks.render((index, ev))
@@ -44,8 +41,11 @@ class _Choices(Renderer):
     async def tail(self) -> list[dict[str, Any]]:
         return self.chunks.tail()
 
-    async def whole(self, results: list[list[pb.GenerateResponse]]) -> Any:
-        done = [collect(events) for events in results]
+    def take(self, index: int, ev: pb.GenerateResponse) -> None:
+        self.events.setdefault(index, []).append(ev)
+
+    async def whole(self) -> Any:
+        done = [collect(self.events[i]) for i in sorted(self.events)]
         return tr.chat_completion(self.p, done) if self.chat else tr.completion(self.p, done)
 
 

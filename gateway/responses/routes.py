@@ -26,12 +26,13 @@ from gateway.errors import ApiError, bad_request, internal_error
 from gateway.events import is_done
 from gateway.generation import Renderer
 from gateway.parsing import read_json, read_query
-from gateway.render import json_bytes, json_response
+from gateway.render import json_response
 from gateway.responses import translate as tr
 from gateway.responses.store import BadCursor, BrokenChain, NotFound, ResponseStore, TooLong, Unavailable
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
 from gateway.state import caller_key, client, request_id
+from gateway.streaming import event_frame
 from mlxgate.dialects import responses as wire
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -60,11 +61,6 @@ def store_errors(handler: Handler) -> Handler:
                                 "with store: false and no previous_response_id do not need it") from None
 
     return wrapped
-
-
-def event_frame(obj: dict[str, Any]) -> bytes:
-    """One named SSE event: ``event: <type>`` and the object as ``data``."""
-    return b"event: " + obj["type"].encode() + b"\ndata: " + json_bytes(obj) + b"\n\n"
 
 
 async def _owner(request: web.Request) -> str:
@@ -112,8 +108,7 @@ class _Response(Renderer):
         self.a = tr.Assembler(p, stream=p.stream)
         self._ending: Optional[tuple[list[dict[str, Any]], dict[str, Any]]] = None
 
-    def frame(self, obj: dict[str, Any]) -> bytes:
-        return event_frame(obj)
+    frame = staticmethod(event_frame)
 
     def error_frame(self, err: ApiError) -> bytes:
         return b"".join(event_frame(e) for e in self.a.fail(err))
@@ -135,10 +130,11 @@ class _Response(Renderer):
         await _save(self.request, self.owner, final, self.p)
         return terminal
 
-    async def whole(self, results: list[list[pb.GenerateResponse]]) -> Any:
-        for ev in results[0]:
-            self.event(0, ev)
-        assert self._ending is not None
+    def take(self, index: int, ev: pb.GenerateResponse) -> None:
+        self.event(index, ev)
+
+    async def whole(self) -> Any:
+        assert self._ending is not None  # the driver's last event is a Done, or it raised
         await _save(self.request, self.owner, self._ending[1], self.p)
         return self._ending[1]
 
