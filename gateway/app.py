@@ -35,6 +35,7 @@ from gateway.errors import ApiError, Dialect, error_response, from_grpc, from_ht
 from gateway.ollama import routes as ollama_routes
 from gateway.openai import routes as openai_routes
 from gateway.responses import routes as responses_routes
+from gateway.responses import stored as responses_stored
 from gateway.responses.store import FILENAME as RESPONSES_FILENAME
 from gateway.responses.store import ResponseStore
 from gateway.rerank import routes as rerank_routes
@@ -175,7 +176,7 @@ def create_app(
     app[DRAIN_KEY] = Drain()
     app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token, local_stub))
     store = responses_store(server_cfg)
-    app[responses_routes.STORE_KEY] = store
+    app[responses_stored.STORE_KEY] = store
     app.cleanup_ctx.append(_store_ctx(store))
     app.on_response_prepare.append(_echo_request_id)
     app.on_response_prepare.append(overhead.on_response_prepare)
