@@ -1,17 +1,20 @@
-"""The aiohttp application: the dialects (Ollama, OpenAI, Anthropic) over one inference-service client.
+"""The aiohttp application: the dialects (Ollama, OpenAI with its Responses
+API, Anthropic, vLLM's rerank and tokenize) over one inference-service client.
 
 ``create_app(server_cfg, grpc_target)`` builds it; the gRPC channel is opened
 and closed by a ``cleanup_ctx`` and stored under ``CLIENT_KEY``.  Middlewares
-come from ``build_middlewares``: callers (the CLI's metrics layer) pass more
-with ``extra_middlewares``; then the trust middleware (``gateway/security.py``:
-Host, Origin/CORS, API keys), the first one that may answer; then the error
-middleware.  The extra ones run outside both, so they see the final status of
+come from ``build_middlewares``: the overhead clock, then what callers (the
+CLI's metrics layer) pass with ``extra_middlewares``; then the trust
+middleware (``gateway/security.py``: Host, Origin/CORS, API keys), the first
+one that may answer; then the drain and the error middleware.  The extra
+ones run outside the trust middleware, so they see the final status of
 every answer, refusals and errors included; they must only observe (never
 read a body or call the service), since they run before the trust check.
 
 Run it with ``start_http``, or pass ``handler_cancellation=True`` to your own
 ``web.AppRunner``: that is what makes a client disconnect cancel its handler,
-whose ``finally`` cancels the gRPC call and so the generation.
+whose ``finally`` (``generation.run``'s) cancels the gRPC call and so the
+generation.
 
 Shutdown (``gateway.drain``): ``begin_drain(app)`` makes new requests 503
 while those in flight go on; ``wait_idle(app, timeout)`` waits for them;

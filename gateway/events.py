@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 from gateway.errors import ApiError
 from mlxgate.v1 import inference_pb2 as pb
@@ -61,11 +61,3 @@ def collect(events: Iterable[pb.GenerateResponse]) -> Collected:
     out.thinking = "".join(thoughts)
     return out
 
-
-async def first_event(stream: Any) -> pb.GenerateResponse:
-    """A generation's first event (``GenerateStream.start``); a failure
-    before any token, reported as a Done, is a plain HTTP error."""
-    first = await stream.start()
-    if is_done(first):
-        check_done(first.done)
-    return first

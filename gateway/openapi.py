@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the HTTP front (GET /openapi.json), generated.
 
-Paths come from the route tables (``gateway/*/routes.py``: ``Route`` rows);
+Paths come from the route tables (``gateway/*/routes.py``, ``model_list.py``, ``usage.py``: ``Route`` rows);
 request bodies from the dialects' request models, answers from their response
 ``TypedDict``s (``mlxgate/dialects/``), all through pydantic's JSON schema
 generation, so a field, an enum or a limit exists in one place and the

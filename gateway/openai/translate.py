@@ -163,7 +163,7 @@ def output_format(rf: Optional[wire.ResponseFormat]) -> pb.OutputFormat:
 
 
 def _tool_choice(r: wire.ChatCompletionRequest) -> tuple[list[Tool], Optional[pb.ToolChoice]]:
-    """The tools to send and whether a call is forced (``gateway.common.choose_tools``)."""
+    """The tools to send and whether a call is forced (``gateway.tools.choose_tools``)."""
     tc = r.tool_choice
     mode, name = (tc or "auto", "") if tc is None or isinstance(tc, str) else ("function", tc.function.name)
     return choose_tools(list(r.tools or ()), lambda t: t.function.name, mode, name)
