@@ -68,8 +68,6 @@ class EventStream(Protocol):
 
     def cancel(self) -> None: ...
 
-    async def collect(self) -> list[pb.GenerateResponse]: ...
-
 
 class GenerateStream:
     """One Generate RPC (or another server stream read the same way: PullModel,
@@ -78,7 +76,6 @@ class GenerateStream:
     def __init__(self, call: grpc.aio.UnaryStreamCall, overhead: Optional[Overhead] = None) -> None:
         self._call = call
         self._overhead = overhead
-        self._first: Optional[pb.GenerateResponse] = None
         self._ended = False
 
     async def _read(self) -> Any:
@@ -106,11 +103,10 @@ class GenerateStream:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.INTERNAL, details="inference service ended the stream without a result"
             )
-        self._first = msg
         ob = on_behalf()
         if ob is not None and ob.limited:
             ob.take_rate_headers(await self._call.initial_metadata())
-        return self._first
+        return msg
 
     async def _rest(self) -> AsyncIterator[pb.GenerateResponse]:
         while True:
@@ -125,13 +121,6 @@ class GenerateStream:
     def cancel(self) -> None:
         if not self._call.done():
             self._call.cancel()
-
-    async def collect(self) -> list[pb.GenerateResponse]:
-        """All events, the first included (non-streaming answers)."""
-        events = [self._first] if self._first is not None else [await self.start()]
-        async for ev in self:
-            events.append(ev)
-        return events
 
 
 class InferenceClient:
