@@ -1,17 +1,20 @@
-"""The aiohttp application: the dialects (Ollama, OpenAI, Anthropic) over one inference-service client.
+"""The aiohttp application: the dialects (Ollama, OpenAI with its Responses
+API, Anthropic, vLLM's rerank and tokenize) over one inference-service client.
 
 ``create_app(server_cfg, grpc_target)`` builds it; the gRPC channel is opened
 and closed by a ``cleanup_ctx`` and stored under ``CLIENT_KEY``.  Middlewares
-come from ``build_middlewares``: callers (the CLI's metrics layer) pass more
-with ``extra_middlewares``; then the trust middleware (``gateway/security.py``:
-Host, Origin/CORS, API keys), the first one that may answer; then the error
-middleware.  The extra ones run outside both, so they see the final status of
+come from ``build_middlewares``: the overhead clock, then what callers (the
+CLI's metrics layer) pass with ``extra_middlewares``; then the trust
+middleware (``gateway/security.py``: Host, Origin/CORS, API keys), the first
+one that may answer; then the drain and the error middleware.  The extra
+ones run outside the trust middleware, so they see the final status of
 every answer, refusals and errors included; they must only observe (never
 read a body or call the service), since they run before the trust check.
 
 Run it with ``start_http``, or pass ``handler_cancellation=True`` to your own
 ``web.AppRunner``: that is what makes a client disconnect cancel its handler,
-whose ``finally`` cancels the gRPC call and so the generation.
+whose ``finally`` (``generation.run``'s) cancels the gRPC call and so the
+generation.
 
 Shutdown (``gateway.drain``): ``begin_drain(app)`` makes new requests 503
 while those in flight go on; ``wait_idle(app, timeout)`` waits for them;
@@ -27,7 +30,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 import grpc
 from aiohttp import web
 
-from gateway import caller, imagefetch, openapi, overhead, usage
+from gateway import caller, imagefetch, model_list, openapi, overhead, usage
 from gateway.anthropic import routes as anthropic_routes
 from gateway.client import InferenceClient
 from gateway.drain import DRAIN_KEY, Drain, drain_middleware
@@ -35,6 +38,7 @@ from gateway.errors import ApiError, Dialect, error_response, from_grpc, from_ht
 from gateway.ollama import routes as ollama_routes
 from gateway.openai import routes as openai_routes
 from gateway.responses import routes as responses_routes
+from gateway.responses import stored as responses_stored
 from gateway.responses.store import FILENAME as RESPONSES_FILENAME
 from gateway.responses.store import ResponseStore
 from gateway.rerank import routes as rerank_routes
@@ -175,7 +179,7 @@ def create_app(
     app.cleanup_ctx.append(_client_ctx(server_cfg, grpc_target, front_token, local_stub))
     imagefetch.install(app, server_cfg)
     store = responses_store(server_cfg)
-    app[responses_routes.STORE_KEY] = store
+    app[responses_stored.STORE_KEY] = store
     app.cleanup_ctx.append(_store_ctx(store))
     app.on_response_prepare.append(_echo_request_id)
     app.on_response_prepare.append(overhead.on_response_prepare)
@@ -183,6 +187,7 @@ def create_app(
     app.on_response_prepare.append(caller.on_response_prepare)
     ollama_routes.add_routes(app)
     openai_routes.add_routes(app)
+    model_list.add_routes(app)
     responses_routes.add_routes(app)
     anthropic_routes.add_routes(app)
     usage.add_routes(app)

@@ -59,7 +59,8 @@ def _ended_by_us(ended: bool) -> bool:
 
 
 class EventStream(Protocol):
-    """What the stream writers consume; ``GenerateStream`` and test fakes implement it."""
+    """What the generation driver (``gateway/generation.py``) and the stream
+    writers consume; ``GenerateStream`` implements it."""
 
     async def start(self) -> pb.GenerateResponse: ...
 
@@ -69,12 +70,12 @@ class EventStream(Protocol):
 
 
 class GenerateStream:
-    """One Generate RPC.  Use ``start()`` once, then iterate the rest."""
+    """One Generate RPC (or another server stream read the same way: PullModel,
+    CreateModel).  Use ``start()`` once, then iterate the rest."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall, overhead: Optional[Overhead] = None) -> None:
         self._call = call
         self._overhead = overhead
-        self._first: Optional[pb.GenerateResponse] = None
         self._ended = False
 
     async def _read(self) -> Any:
@@ -102,11 +103,10 @@ class GenerateStream:
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.INTERNAL, details="inference service ended the stream without a result"
             )
-        self._first = msg
         ob = on_behalf()
         if ob is not None and ob.limited:
             ob.take_rate_headers(await self._call.initial_metadata())
-        return self._first
+        return msg
 
     async def _rest(self) -> AsyncIterator[pb.GenerateResponse]:
         while True:
@@ -121,13 +121,6 @@ class GenerateStream:
     def cancel(self) -> None:
         if not self._call.done():
             self._call.cancel()
-
-    async def collect(self) -> list[pb.GenerateResponse]:
-        """All events, the first included (non-streaming answers)."""
-        events = [self._first] if self._first is not None else [await self.start()]
-        async for ev in self:
-            events.append(ev)
-        return events
 
 
 class InferenceClient:
@@ -290,10 +283,10 @@ class InferenceClient:
     async def delete_model(self, model: str, request_id: str) -> pb.DeleteModelResponse:
         return await self._admin_call(self.stub.DeleteModel, pb.DeleteModelRequest(model=model), request_id)
 
-    def create_model(self, req: pb.CreateModelRequest, request_id: str) -> Any:
-        """The progress stream (``read()`` each ``pb.CreateModelProgress``, then
-        ``grpc.aio.EOF``); the caller cancels it when done."""
-        return self.stub.CreateModel(req, timeout=self.timeout, metadata=self._admin_md(request_id))
+    def create_model(self, req: pb.CreateModelRequest, request_id: str) -> GenerateStream:
+        """The progress stream (read as a Generate one: ``start()``, then the
+        rest); the caller cancels it when done."""
+        return GenerateStream(self.stub.CreateModel(req, timeout=self.timeout, metadata=self._admin_md(request_id)))
 
     async def has_blob(self, digest: str, request_id: str) -> pb.HasBlobResponse:
         return await self._admin_call(self.stub.HasBlob, pb.HasBlobRequest(digest=digest), request_id)

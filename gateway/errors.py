@@ -1,4 +1,4 @@
-"""The one error table of the HTTP front, and the two dialect bodies.
+"""The one error table of the HTTP front, and each dialect's error body.
 
 Every failure the front reports goes through ``ApiError``: validation errors
 are raised as ``ApiError`` directly, gRPC failures are converted with
@@ -7,15 +7,16 @@ are raised as ``ApiError`` directly, gRPC failures are converted with
 trust middleware (``gateway/security.py``: 401, 403) are ``ApiError`` too.
 ``ollama_body`` / ``openai_body`` / ``anthropic_body`` render it in the
 caller's dialect; which dialect a request speaks is decided by its path
-(``/v1/messages`` and below is Anthropic, the rest of ``/v1/...`` OpenAI,
-everything else Ollama).
+(``/v1/messages`` and below is Anthropic, the rest of ``/v1/...`` and vLLM's
+rerank and tokenize paths OpenAI, everything else Ollama), except that
+``anthropic-version`` makes ``/v1/models`` Anthropic's (``request_dialect``).
 
 The Anthropic dialect answers only the statuses Anthropic documents
 (``adapt``): a busy engine (RESOURCE_EXHAUSTED) and an unavailable service
 (UNAVAILABLE, the drain's 503) are 529 ``overloaded_error`` -- temporary,
 retried by Anthropic's SDKs and Claude Code, and not a rate limit on the
-caller's key (Anthropic's 429 means that, and this server has no per-key
-limits); DEADLINE_EXCEEDED is 504 ``timeout_error``; UNIMPLEMENTED (a model
+caller's key (Anthropic's 429 means that; a key's own rate or budget limit
+is a 429 in every dialect); DEADLINE_EXCEEDED is 504 ``timeout_error``; UNIMPLEMENTED (a model
 whose backend cannot count tokens) is 400 ``invalid_request_error``, since
 retrying cannot help and Anthropic has no 501; so is a body that did not
 arrive in time (408 elsewhere; Anthropic documents no 408).
@@ -23,7 +24,7 @@ arrive in time (408 elsewhere; Anthropic documents no 408).
 RESOURCE_EXHAUSTED means two things: the engine is busy (the service adds a
 ``retry-after`` trailer; 429, or Ollama's 503 "server busy"), or grpc itself
 refused a message over the size limit ("Received/Sent message larger than
-max", no trailer), which is 413 in both dialects.
+max", no trailer), which is 413 in every dialect.
 
 Messages of mapped statuses (INVALID_ARGUMENT, NOT_FOUND, ...) are the
 backend's own clear messages and are passed through.  Anything not in the
@@ -92,7 +93,7 @@ _OPENAI_TYPES: dict[int, str] = {
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status plus what both dialects need to render it."""
+    """An error answer: HTTP status plus what every dialect needs to render it."""
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """Image URLs fetched for the caller, only where the owner turned it on.
 
 Off by default: an http(s) image URL is a 400 naming ``server.fetch_image_urls``
-(``gateway.common.image_bytes``).  On (``ServerConfig.fetch_image_urls``),
+(``gateway.images.image_bytes``).  On (``ServerConfig.fetch_image_urls``),
 a route reads its body with ``read_json_fetching``: every http(s) image URL
 in it (``gateway/image_urls.py`` knows where each dialect puts them) is
 fetched and replaced by the image, base64, in the dialect's own inline form.
@@ -54,7 +54,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from gateway.errors import bad_request
-from gateway.fields import read_json
+from gateway.parsing import read_json
 from gateway.state import SERVER_CONFIG_KEY
 from mlxgate import limits
 from mlxgate.config import ServerConfig

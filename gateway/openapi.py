@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the HTTP front (GET /openapi.json), generated.
 
-Paths come from the route tables (``gateway/*/routes.py``: ``Route`` rows);
+Paths come from the route tables (``gateway/*/routes.py``, ``model_list.py``, ``usage.py``: ``Route`` rows);
 request bodies from the dialects' request models, answers from their response
 ``TypedDict``s (``mlxgate/dialects/``), all through pydantic's JSON schema
 generation, so a field, an enum or a limit exists in one place and the
@@ -265,6 +265,7 @@ def _operation(r: Route, s: _Schemas) -> S:
 
 def all_routes() -> list[Route]:
     from gateway.anthropic.routes import ROUTES as ANTHROPIC
+    from gateway.model_list import ROUTES as MODELS
     from gateway.ollama.routes import ROUTES as OLLAMA
     from gateway.openai.routes import ROUTES as OPENAI
     from gateway.rerank.routes import ROUTES as RERANK
@@ -272,7 +273,7 @@ def all_routes() -> list[Route]:
     from gateway.tokenize.routes import ROUTES as TOKENIZE
     from gateway.usage import ROUTES as USAGE
 
-    return [*OLLAMA, *OPENAI, *RESPONSES, *ANTHROPIC, *RERANK, *TOKENIZE, *USAGE, *ROUTES]
+    return [*OLLAMA, *OPENAI, *MODELS, *RESPONSES, *ANTHROPIC, *RERANK, *TOKENIZE, *USAGE, *ROUTES]
 
 
 @functools.lru_cache(maxsize=1)

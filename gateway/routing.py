@@ -1,6 +1,8 @@
 """The route table's row: one HTTP operation, what it reads and what it answers.
 
-Each dialect's ``routes.py`` lists its operations as ``Route``s; the app
+Each dialect's ``routes.py`` lists its operations as ``Route``s (with the
+rows of a module beside it: ``ollama/manage.py``, ``responses/stored.py``;
+``model_list.py`` has the ``/v1/models`` pair two dialects share); the app
 registers them and ``gateway/openapi.py`` documents them from the same rows
 (request body = the dialect's request model, answer = its response
 ``TypedDict``, streams by their item schema), so the document cannot list a

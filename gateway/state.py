@@ -30,10 +30,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 BACKEND_HEADER = "x-mlxgate-backend"
 
 
-def backend_header(first: pb.GenerateResponse) -> dict[str, str]:
-    """The header for a stream, from its first event (the router names the
-    backend on it); empty when the service runs without a router."""
-    backend = first.done.backend if first.WhichOneof("event") == "done" else first.chunk.backend
+def backend_header(ev: pb.GenerateResponse) -> dict[str, str]:
+    """The header naming the backend an event names: a stream's first event
+    (the router names the backend on it) or a whole answer's Done; empty when
+    it names none (a first chunk from a service without a router)."""
+    backend = ev.done.backend if ev.WhichOneof("event") == "done" else ev.chunk.backend
     return {BACKEND_HEADER: backend} if backend else {}
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")

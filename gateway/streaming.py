@@ -1,8 +1,10 @@
-"""Stream writers both dialects share: NDJSON (Ollama) and SSE (OpenAI).
+"""Stream writers every dialect shares: NDJSON (Ollama), SSE (OpenAI), SSE
+with named events (Anthropic, OpenAI's Responses), pings in the silences.
 
-A handler first awaits the stream's first event (``EventStream.start``) so a
-failure before any token is still an ordinary HTTP error; only then does it
-open the response with ``open_stream`` and hand the events to ``pump``.
+The generation driver (``gateway/generation.py``) first awaits the stream's
+first event (``EventStream.start``) so a failure before any token is still an
+ordinary HTTP error; only then does it open the response with
+``open_stream`` and hand the events to ``pump``.
 
 ``pump`` renders each event into zero or more JSON objects, frames and writes
 them.  When the gRPC stream fails after the response began, the error becomes
@@ -17,6 +19,7 @@ and the handler's ``finally`` cancels the gRPC call (with the runner's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, AsyncIterator, Callable, Iterable, Optional, TypeVar
 
@@ -45,6 +48,11 @@ def sse_frame(obj: Any) -> bytes:
     return b"data: " + json_bytes(obj) + b"\n\n"
 
 
+def event_frame(obj: dict[str, Any]) -> bytes:
+    """A named SSE event: ``event: <type>`` and ``data: <json>`` (the event's name is the data's type)."""
+    return b"event: " + obj["type"].encode() + b"\ndata: " + json_bytes(obj) + b"\n\n"
+
+
 async def open_stream(
     request: web.Request, content_type: str, headers: Optional[dict[str, str]] = None
 ) -> web.StreamResponse:
@@ -55,6 +63,40 @@ async def open_stream(
     resp = web.StreamResponse(status=200, headers=h)
     await resp.prepare(request)
     return resp
+
+
+class Pinger:
+    """Writes ``ping`` whenever ``interval`` seconds pass without a frame.
+
+    ``note`` is told every other frame: no timer per token, one sleeping task
+    per stream.  A ping is one write, as every frame is, so it never lands
+    inside another frame."""
+
+    def __init__(self, resp: web.StreamResponse, interval: float, ping: bytes) -> None:
+        self._resp = resp
+        self._interval = interval
+        self._ping = ping
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._task = asyncio.create_task(self._run())
+
+    def note(self, frame: bytes) -> bytes:
+        self._last = self._loop.time()
+        return frame
+
+    async def _run(self) -> None:
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            while True:
+                wait = self._last + self._interval - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                self._last = self._loop.time()
+                await self._resp.write(self._ping)
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 async def with_first(first: T, rest: AsyncIterator[T] | Any) -> AsyncIterator[T]:

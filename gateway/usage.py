@@ -11,8 +11,8 @@ from datetime import timezone
 
 from aiohttp import web
 
-from gateway.common import read_query
 from gateway.errors import ApiError, bad_request
+from gateway.parsing import read_query
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add

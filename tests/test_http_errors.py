@@ -278,6 +278,26 @@ async def test_sse_error_is_last_event_without_done(scripted):
     assert json.loads(events[1])["choices"][0]["delta"]["content"] == "hello "
 
 
+async def test_every_whole_answer_names_the_backend_of_its_done(scripted):
+    """Without a router only the Done names the backend (not the first chunk):
+    every dialect's whole answer takes the header from it (gateway.generation)."""
+    user = [{"role": "user", "content": "x"}]
+    bodies = {
+        "/api/generate": {"model": "fine", "prompt": "x", "stream": False},
+        "/api/chat": {"model": "fine", "messages": user, "stream": False},
+        CHAT: {"model": "fine", "messages": user},
+        "/v1/completions": {"model": "fine", "prompt": "x", "n": 2},
+        "/v1/messages": {"model": "fine", "max_tokens": 8, "messages": user},
+        "/v1/responses": {"model": "fine", "input": "x", "store": False},
+    }
+    async with aiohttp.ClientSession() as s:
+        for path, body in bodies.items():
+            async with s.post(scripted + path, json=body) as r:
+                assert r.status == 200, (path, await r.text())
+                assert r.headers.get("x-mlxgate-backend") == "scripted", path
+                assert "hello world" in await r.text(), path
+
+
 async def test_done_with_error_becomes_error(scripted):
     async with aiohttp.ClientSession() as s:
         async with s.post(scripted + "/api/generate", json={"model": "done-error", "prompt": "x"}) as r:

@@ -8,8 +8,8 @@ import json
 import grpc
 import pytest
 
-from gateway.common import Collected
 from gateway.errors import OLLAMA_BUSY, ApiError, adapt, from_grpc, openai_body
+from gateway.events import Collected
 from gateway.ollama import translate as otr
 from gateway.openai import translate as atr
 from mlxgate.v1 import inference_pb2 as pb

@@ -17,128 +17,61 @@ the API is served) and betas are ignored.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 from aiohttp import web
 
-from gateway import image_urls, overhead
+from gateway import generation, image_urls, overhead
 from gateway.anthropic import translate as tr
-from gateway.common import find_model, first_event, read_query
-from gateway.errors import ApiError, adapt, anthropic_body
+from gateway.generation import Renderer
 from gateway.imagefetch import read_json_fetching
-from gateway.render import json_bytes, json_response
+from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
-from gateway.state import BACKEND_HEADER, backend_header, client, request_id
-from gateway.streaming import SSE, open_stream, pump, with_first
+from gateway.state import BACKEND_HEADER, client, request_id
+from gateway.streaming import event_frame
 from mlxgate.dialects import anthropic as wire
+from mlxgate.v1 import inference_pb2 as pb
 
 #: Seconds of silence after which a stream gets a ``ping``.
 PING_INTERVAL_S = 10.0
 
 
-def event_frame(obj: dict[str, Any]) -> bytes:
-    """``event: <type>`` and ``data: <json>``: the event name is the data's type."""
-    return b"event: " + obj["type"].encode() + b"\ndata: " + json_bytes(obj) + b"\n\n"
+class _Message(Renderer):
+    """One Message: ``MessageStream``'s events as named SSE events, pings in
+    the silences; or, not streamed, the Message it builds."""
 
+    dialect = "anthropic"
+    ping = event_frame({"type": "ping"})
+    frame = staticmethod(event_frame)
 
-_PING = event_frame({"type": "ping"})
+    def __init__(self, model: str) -> None:
+        self.message = tr.MessageStream(model)
+        self.ping_interval = PING_INTERVAL_S
 
+    def start(self) -> list[dict[str, Any]]:
+        return self.message.start()
 
-def _error_frame(err: ApiError) -> bytes:
-    return event_frame(anthropic_body(adapt(err, "anthropic")))
+    def event(self, index: int, ev: pb.GenerateResponse) -> list[dict[str, Any]]:
+        return self.message.render(ev)
 
+    def take(self, index: int, ev: pb.GenerateResponse) -> None:
+        self.message.render(ev)
 
-class _Pinger:
-    """Writes a ``ping`` whenever ``interval`` seconds pass without a frame.
-
-    ``frame`` renders every other frame and notes the time: no timer per
-    token, one sleeping task per stream.  A ping is one write, as every frame
-    is, so it never lands inside another frame."""
-
-    def __init__(self, resp: web.StreamResponse, interval: float) -> None:
-        self._resp = resp
-        self._interval = interval
-        self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
-        self._task = asyncio.create_task(self._run())
-
-    def frame(self, obj: dict[str, Any]) -> bytes:
-        self._last = self._loop.time()
-        return event_frame(obj)
-
-    async def _run(self) -> None:
-        with contextlib.suppress(ConnectionResetError, RuntimeError):
-            while True:
-                wait = self._last + self._interval - self._loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
-                self._last = self._loop.time()
-                await self._resp.write(_PING)
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+    async def whole(self) -> Any:
+        return self.message.message()
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     p = tr.messages_request(await read_json_fetching(request, image_urls.anthropic))
-    rid = request_id(request)
-    stream = client(request).generate(p.req, rid, overhead.of(request))
-    try:
-        first = await first_event(stream)  # a failure before any token is a plain HTTP error
-        renderer = tr.MessageStream(p.model)
-        if not p.stream:
-            for ev in await stream.collect():
-                renderer.render(ev)
-            done = renderer.done
-            return json_response(renderer.message(), headers={BACKEND_HEADER: done.backend} if done else None)
-        # Fallback happens only before the first event, so its backend is final.
-        resp = await open_stream(request, SSE, backend_header(first))
-        pinger = _Pinger(resp, PING_INTERVAL_S)
-        try:
-            try:
-                for obj in renderer.start():
-                    await resp.write(pinger.frame(obj))
-            except ConnectionResetError:
-                return resp
-            ok = await pump(resp, with_first(first, stream), renderer.render, pinger.frame, _error_frame, rid)
-        finally:
-            await pinger.stop()
-        if ok:
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write_eof()
-        return resp
-    finally:
-        stream.cancel()
+    stream = client(request).generate(p.req, request_id(request), overhead.of(request))
+    return await generation.run(request, [stream], _Message(p.model), p.stream)
 
 
 async def count_tokens(request: web.Request) -> web.Response:
     req = tr.count_tokens_request(await read_json_fetching(request, image_urls.anthropic))
     res = await client(request).count_tokens(req, request_id(request))
     return json_response(tr.tokens_count(res), headers={BACKEND_HEADER: res.backend} if res.backend else None)
-
-
-async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models`` from an Anthropic client (the path is OpenAI's too:
-    ``gateway.openai.routes`` hands the request here when it carries
-    ``anthropic-version``)."""
-    q = read_query(request, wire.ListModelsQuery, "/v1/models")
-    res = await client(request).list_models(request_id(request))
-    return json_response(tr.models_page(list(res.models), q))
-
-
-async def retrieve_model(request: web.Request) -> web.Response:
-    """``GET /v1/models/{model_id}`` from an Anthropic client; the id echoed as asked."""
-    name = request.match_info["model"]
-    res = await client(request).list_models(request_id(request))
-    match = find_model(res.models, name)
-    if match is None:
-        raise ApiError(404, f"model: {name}", param="model")
-    return json_response(tr.model_info(match, name))
 
 
 _STREAMED = ("one Message, or with stream=true server-sent events: event: <type> / data: <event>, from "

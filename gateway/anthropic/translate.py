@@ -39,8 +39,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional, Union
 
-from gateway.common import NOT_FETCHED, check_done, choose_tools, finish_of, parse, rfc3339, text_format
 from gateway.errors import bad_request
+from gateway.events import check_done, finish_of
+from gateway.images import NOT_FETCHED
+from gateway.parsing import parse
+from gateway.times import rfc3339
+from gateway.tools import choose_tools, text_format
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import anthropic as wire
 from mlxgate.dialects.base import produced_arguments

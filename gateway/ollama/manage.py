@@ -1,11 +1,11 @@
-"""Ollama's model-management routes: create, copy, delete, blobs (and push, refused).
+"""Ollama's model-management routes: pull, create, copy, delete, blobs (and push, refused).
 
-Thin handlers over the service's management RPCs (``CreateModel``,
-``CopyModel``, ``DeleteModel``, ``HasBlob``, ``CreateBlob``); the trust guard
-has already required an admin key when keys are set (``mlxgate.admin``).
-Answers as Ollama gives them: copy and delete 200 with no body, a stored
-blob 200 / a new one 201, create NDJSON progress (or, with
-``"stream": false``, its last object).  Errors before the first progress
+Thin handlers over the service's management RPCs (``PullModel``,
+``CreateModel``, ``CopyModel``, ``DeleteModel``, ``HasBlob``, ``CreateBlob``);
+the trust guard has already required an admin key when keys are set
+(``mlxgate.admin``).  Answers as Ollama gives them: copy and delete 200 with
+no body, a stored blob 200 / a new one 201, pull and create NDJSON progress
+(or, with ``"stream": false``, pull's ``success`` and create's last object).  Errors before the first progress
 line are HTTP statuses; after it, a last ``{"error": ...}`` line.  No path is
 built here: names and digests travel to the service as data.
 """
@@ -13,19 +13,19 @@ built here: names and digests travel to the service as data.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, Iterable, Optional
 
-import grpc
 from aiohttp import web
 
-from gateway.common import parse
-from gateway.errors import ApiError, adapt, bad_request, ollama_body
-from gateway.fields import read_json
+from gateway import generation
+from gateway.errors import ApiError, bad_request
+from gateway.generation import Renderer
 from gateway.ollama import translate as tr
-from gateway.render import json_response
+from gateway.parsing import parse, read_json
+from gateway.routing import Route
 from gateway.state import SERVER_CONFIG_KEY, client, request_id
-from gateway.streaming import NDJSON, ndjson_frame, open_stream, pump, with_first
+from gateway.streaming import NDJSON, ndjson_frame
+from mlxgate.dialects import ollama as owire
 from mlxgate.dialects import ollama_manage as wire
 from mlxgate.v1 import inference_pb2 as pb
 
@@ -70,39 +70,44 @@ def _progress(p: pb.CreateModelProgress) -> wire.Progress:
     return out
 
 
-async def _read(call: Any) -> AsyncIterator[pb.CreateModelProgress]:
-    while True:
-        m = await call.read()
-        if m is grpc.aio.EOF:
-            return
-        yield m
+class _Progress(Renderer):
+    """Progress lines as Ollama streams them; not streamed, the last one
+    (or ``answer``).  They name no backend, and a failure is a status."""
+
+    media_type = NDJSON
+    dialect = "ollama"
+    frame = staticmethod(ndjson_frame)
+
+    def __init__(self, line: Callable[[Any], Any], answer: Optional[dict[str, Any]] = None) -> None:
+        self.line, self.answer, self.last = line, answer, None
+
+    def check(self, first: Any) -> None:
+        pass
+
+    def headers(self, ev: Any) -> dict[str, str]:
+        return {}
+
+    def event(self, index: int, ev: Any) -> Iterable[Any]:
+        return (self.line(ev),)
+
+    def take(self, index: int, ev: Any) -> None:
+        self.last = ev
+
+    async def whole(self) -> Any:
+        return self.answer or self.line(self.last)
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Ollama's pull over PullModel: progress lines, or one ``{"status": "success"}``."""
+    req, streamed = tr.pull_request(await read_json(request))
+    stream = client(request).pull_model(req, request_id(request))
+    return await generation.run(request, [stream], _Progress(tr.progress_line, {"status": "success"}), streamed)
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    req, stream = create_request(await read_json(request))
-    rid = request_id(request)
-    call = client(request).create_model(req, rid)
-    try:
-        steps = _read(call)
-        first = await anext(steps, None)  # a failure before any progress is a plain HTTP error
-        if first is None:
-            raise ApiError(500, "model creation ended without progress")
-        if not stream:
-            last = first
-            async for last in steps:
-                pass
-            return json_response(_progress(last))
-        resp = await open_stream(request, NDJSON)
-
-        def error_frame(err: ApiError) -> bytes:
-            return ndjson_frame(ollama_body(adapt(err, "ollama")))
-
-        if await pump(resp, with_first(first, steps), lambda p: (_progress(p),), ndjson_frame, error_frame, rid):
-            with contextlib.suppress(ConnectionResetError):
-                await resp.write_eof()
-        return resp
-    finally:
-        call.cancel()
+    req, streamed = create_request(await read_json(request))
+    stream = client(request).create_model(req, request_id(request))
+    return await generation.run(request, [stream], _Progress(_progress), streamed)
 
 
 async def copy(request: web.Request) -> web.Response:
@@ -150,3 +155,22 @@ async def post_blob(request: web.Request) -> web.Response:
 
 async def push(request: web.Request) -> web.Response:
     raise ApiError(501, PUSH_HELP)
+
+
+_PROGRESS = "NDJSON progress lines (stream, the default) or the last one (stream=false)"
+
+#: Model management's routes (in the Ollama table).
+ROUTES: list[Route] = [
+    Route("POST", "/api/pull", pull, "Pull a model", body=owire.PullRequest, answer=owire.ProgressResponse,
+          stream="ndjson", stream_item=owire.ProgressResponse,
+          description="From the Hugging Face Hub (HF_ENDPOINT): a catalog name, hf.co/<owner>/<repo>[:<revision>] "
+                      "or <owner>/<repo>[:<revision>]. "
+                      "NDJSON lines (stream, the default) or one JSON object (stream=false)"),
+    Route("POST", "/api/push", push, "Push a model (unsupported)", unsupported=True, description=PUSH_HELP),
+    Route("POST", "/api/create", create, "Create a model", body=wire.CreateRequest, answer=wire.Progress,
+          stream="ndjson", stream_item=wire.Progress, description=_PROGRESS),
+    Route("POST", "/api/copy", copy, "Copy a model", body=wire.CopyRequest),
+    Route("DELETE", "/api/delete", delete, "Delete a model", body=wire.DeleteRequest),
+    Route("HEAD", "/api/blobs/{digest}", head_blob, "Check a blob", statuses=(404,)),
+    Route("POST", "/api/blobs/{digest}", post_blob, "Push a blob", statuses=(201,)),
+]

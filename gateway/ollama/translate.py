@@ -25,8 +25,11 @@ from typing import Any, Iterable, Optional, Union
 
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.common import check_done, duration, finish_of, parse, rfc3339, time_of, tools_pb
 from gateway.errors import bad_request
+from gateway.events import check_done, finish_of
+from gateway.parsing import parse
+from gateway.times import duration, rfc3339, time_of
+from gateway.tools import tools_pb
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import ollama as wire
 from mlxgate.dialects.base import produced_arguments, wire_error

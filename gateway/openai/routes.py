@@ -7,74 +7,53 @@ the stream ends without ``[DONE]``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from typing import Any, Union
+from typing import Any
 
 from aiohttp import web
 
-from gateway import image_urls, overhead
-from gateway.client import GenerateStream
-from gateway.anthropic import routes as anthropic_routes
-from gateway.common import Collected, check_done, collect, find_model, is_done
-from gateway.errors import ApiError, openai_body, request_dialect
-from gateway.fields import read_json
+from gateway import generation, image_urls, overhead
+from gateway.events import collect
+from gateway.generation import Renderer
 from gateway.imagefetch import read_json_fetching
 from gateway.openai import translate as tr
+from gateway.parsing import read_json
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add
-from gateway.state import BACKEND_HEADER, backend_header, client, request_id
-from gateway.streaming import SSE, SSE_DONE, merge, open_stream, pump, sse_frame
-from mlxgate.dialects import anthropic as anthropic_wire
+from gateway.state import BACKEND_HEADER, client, request_id
+from gateway.streaming import SSE_DONE
 from mlxgate.dialects import openai as wire
+from mlxgate.v1 import inference_pb2 as pb
 
 
-def _error_frame(err: ApiError) -> bytes:
-    return sse_frame(openai_body(err))
+class _Choices(Renderer):
+    """Chat or text completion choices: chunks, the usage chunk, ``[DONE]``."""
 
+    closing = SSE_DONE
 
-async def _start_all(streams: list[GenerateStream]) -> list[Any]:
-    """First event of every stream; the first failure is raised (after all settled)."""
-    firsts = await asyncio.gather(*(s.start() for s in streams), return_exceptions=True)
-    failed = next((f for f in firsts if isinstance(f, BaseException)), None)
-    if failed is not None:
-        # Drop the list before raising: it would hold the exception, whose
-        # traceback holds this frame (a cycle keeping the request's buffers).
-        del firsts
-        raise failed
-    return firsts
+    def __init__(self, p: tr.Parsed, chat: bool) -> None:
+        self.p, self.chat = p, chat
+        self.chunks = tr.ChatStream(p) if chat else tr.CompletionStream(p)
+        self.events: dict[int, list[pb.GenerateResponse]] = {}
+
+    def event(self, index: int, ev: pb.GenerateResponse) -> list[dict[str, Any]]:
+        return self.chunks.render((index, ev))
+
+    async def tail(self) -> list[dict[str, Any]]:
+        return self.chunks.tail()
+
+    def take(self, index: int, ev: pb.GenerateResponse) -> None:
+        self.events.setdefault(index, []).append(ev)
+
+    async def whole(self) -> Any:
+        done = [collect(self.events[i]) for i in sorted(self.events)]
+        return tr.chat_completion(self.p, done) if self.chat else tr.completion(self.p, done)
 
 
 async def _run(request: web.Request, p: tr.Parsed, chat: bool) -> web.StreamResponse:
-    rid = request_id(request)
-    c = client(request)
+    c, rid = client(request), request_id(request)
     streams = [c.generate(r, rid, overhead.of(request)) for r in p.requests()]
-    try:
-        firsts = await _start_all(streams)
-        for f in firsts:
-            if is_done(f):
-                check_done(f.done)  # a failure before any token is a plain HTTP error
-        if p.stream:
-            # Fallback happens only before the first event, so its backend is final.
-            resp = await open_stream(request, SSE, backend_header(firsts[0]))
-            renderer = tr.ChatStream(p) if chat else tr.CompletionStream(p)
-            async with contextlib.aclosing(merge(list(zip(firsts, streams)))) as items:
-                ok = await pump(resp, items, renderer.render, sse_frame, _error_frame, rid)
-            if ok:
-                with contextlib.suppress(ConnectionResetError):
-                    for obj in renderer.tail():
-                        await resp.write(sse_frame(obj))
-                    await resp.write(SSE_DONE)
-                    await resp.write_eof()
-            return resp
-
-        results: list[Collected] = [collect(evs) for evs in await asyncio.gather(*(s.collect() for s in streams))]
-        body = tr.chat_completion(p, results) if chat else tr.completion(p, results)
-        return json_response(body, headers={BACKEND_HEADER: results[0].done.backend})
-    finally:
-        for s in streams:
-            s.cancel()
+    return await generation.run(request, streams, _Choices(p, chat), p.stream)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -91,34 +70,6 @@ async def embeddings(request: web.Request) -> web.Response:
     return json_response(tr.embeddings_response(p, res), headers={BACKEND_HEADER: res.backend})
 
 
-async def list_models(request: web.Request) -> web.Response:
-    """OpenAI's list; Anthropic's (paged) for a client that sends
-    ``anthropic-version``: both APIs serve this path."""
-    if request_dialect(request) == "anthropic":
-        return await anthropic_routes.list_models(request)
-    res = await client(request).list_models(request_id(request))
-    return json_response(tr.models_response(res))
-
-
-async def retrieve_model(request: web.Request) -> web.Response:
-    """The listed model of that id; ``x:latest`` (an Ollama-style name) finds
-    ``x`` and is echoed as asked, as every answer echoes the requested name.
-    Anthropic's shape for a client that sends ``anthropic-version``."""
-    if request_dialect(request) == "anthropic":
-        return await anthropic_routes.retrieve_model(request)
-    name = request.match_info["model"]
-    res = await client(request).list_models(request_id(request))
-    match = find_model(res.models, name)
-    if match is not None:
-        return json_response({**tr.model_json(match), "id": name})
-    raise ApiError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
-
-
-_FOR_ANTHROPIC = ("OpenAI's shape; with an anthropic-version header (every Anthropic client sends one), "
-                  "Anthropic's shape, and errors in Anthropic's shape")
-_MODEL_LIST = Union[wire.ModelList, anthropic_wire.ModelList]
-_MODEL = Union[wire.Model, anthropic_wire.ModelInfo]
-
 _STREAMED = "one JSON object, or with stream=true server-sent events: data: <chunk>, then data: [DONE]"
 
 #: Every OpenAI route: the app registers them, /openapi.json documents them.
@@ -130,10 +81,6 @@ ROUTES: list[Route] = [
           answer=wire.Completion, stream="sse", stream_item=wire.Completion, description=_STREAMED),
     Route("POST", "/v1/embeddings", embeddings, "Create embeddings", body=wire.EmbeddingsRequest,
           answer=wire.EmbeddingList),
-    Route("GET", "/v1/models", list_models, "List models", answer=_MODEL_LIST, query=anthropic_wire.ListModelsQuery,
-          statuses=(400,), description=_FOR_ANTHROPIC + " (paged: limit, after_id, before_id)"),
-    Route("GET", "/v1/models/{model:.+}", retrieve_model, "Retrieve a model", answer=_MODEL,
-          description=_FOR_ANTHROPIC),
 ]
 
 

@@ -26,17 +26,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from gateway.common import (
-    Collected,
-    check_done,
-    choose_tools,
-    finish_of,
-    image_bytes,
-    parse,
-    text_format,
-    tools_pb,
-)
 from gateway.errors import bad_request
+from gateway.events import Collected, check_done, finish_of
+from gateway.images import image_bytes
+from gateway.parsing import parse
+from gateway.tools import choose_tools, text_format, tools_pb
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import openai as wire
 from mlxgate.dialects.base import Tool, produced_arguments
@@ -169,7 +163,7 @@ def output_format(rf: Optional[wire.ResponseFormat]) -> pb.OutputFormat:
 
 
 def _tool_choice(r: wire.ChatCompletionRequest) -> tuple[list[Tool], Optional[pb.ToolChoice]]:
-    """The tools to send and whether a call is forced (``gateway.common.choose_tools``)."""
+    """The tools to send and whether a call is forced (``gateway.tools.choose_tools``)."""
     tc = r.tool_choice
     mode, name = (tc or "auto", "") if tc is None or isinstance(tc, str) else ("function", tc.function.name)
     return choose_tools(list(r.tools or ()), lambda t: t.function.name, mode, name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.fields import read_json
+from gateway.parsing import read_json
 from gateway.render import json_response
 from gateway.rerank import translate as tr
 from gateway.routing import Route

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.common import parse
+from gateway.parsing import parse
 from mlxgate.dialects import rerank as wire
 from mlxgate.v1 import inference_pb2 as pb
 

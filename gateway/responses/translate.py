@@ -34,8 +34,11 @@ from typing import Any, Optional
 
 from pydantic import BaseModel
 
-from gateway.common import check_done, choose_tools, finish_of, image_bytes, parse, text_format
 from gateway.errors import ApiError, bad_request, openai_type
+from gateway.events import check_done, finish_of
+from gateway.images import image_bytes
+from gateway.parsing import parse
+from gateway.tools import choose_tools, text_format
 from mlxgate import jsonutil, limits
 from mlxgate.dialects import responses as wire
 from mlxgate.dialects.base import produced_arguments

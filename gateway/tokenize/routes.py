@@ -7,8 +7,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway import image_urls
-from gateway.fields import read_json
 from gateway.imagefetch import read_json_fetching
+from gateway.parsing import read_json
 from gateway.render import json_response
 from gateway.routing import Route
 from gateway.routing import add_routes as _add

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.common import duration, parse, tools_pb
 from gateway.openai.translate import messages_pb
+from gateway.parsing import parse
+from gateway.times import duration
+from gateway.tools import tools_pb
 from mlxgate.dialects import tokenize as wire
 from mlxgate.v1 import inference_pb2 as pb
 
