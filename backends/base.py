@@ -31,7 +31,7 @@ health watch); the router then skips it.
 
 Optional attribute ``forwards`` (False when absent): calls go on to another
 mlxgate (a remote service); a call that another mlxgate forwarded here is
-never sent on to such a backend (one hop only, ``backends.calls``).
+never sent on to such a backend (one hop only, ``backends.call_context``).
 
 Optional coroutine ``start()``: background work to begin when the process
 starts (a remote's health watch); ``Router.start`` calls it.  ``close``

@@ -55,7 +55,7 @@ At most ``RouterConfig.retry_budget`` targets are tried per request.
 Embeddings given as token ids go only to targets whose backend takes them
 (``takes_token_ids``: the MLX engine); the others are never tried.
 
-One hop.  A call another mlxgate forwarded (``backends.calls.forwarded``) is
+One hop.  A call another mlxgate forwarded (``backends.call_context.forwarded``) is
 served by backends that do not forward (``forwards`` False or absent): its
 targets, model list and running list leave the remote services out.
 
@@ -97,7 +97,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
 
-from backends import calls
+from backends import call_context
 from backends.base import Backend
 from backends.breaker import CircuitBreaker, Clock, State
 from backends.errors import (
@@ -390,7 +390,7 @@ class Router:
             models: Optional[list[ModelInfo]]
             try:
                 try:
-                    with calls.detached():  # a shared cache: not this caller's deadline
+                    with call_context.detached():  # a shared cache: not this caller's deadline
                         models = await asyncio.wait_for(backend.list_models(), LIST_TIMEOUT_S)
                 except asyncio.TimeoutError:
                     raise DeadlineExceeded(f"{backend.name}: listing models timed out") from None
@@ -475,7 +475,7 @@ class Router:
     def _usable(self) -> list[Backend]:
         """The backends this call may use: all, but those that forward to
         another mlxgate when the call was itself forwarded (one hop only)."""
-        if calls.forwarded():
+        if call_context.forwarded():
             return [b for b in self.backends if not getattr(b, "forwards", False)]
         return self.backends
 
@@ -540,7 +540,7 @@ class Router:
     async def _fetch_running(self, backend: Backend) -> None:
         names: Optional[set[str]]
         try:
-            with calls.detached():
+            with call_context.detached():
                 running = await asyncio.wait_for(backend.list_running(), RUNNING_TIMEOUT_S)
         except asyncio.CancelledError:
             raise

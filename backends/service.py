@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from google.protobuf import message_factory
 
-from backends import calls, validation
+from backends import call_context, validation
 from backends.base import Backend
 from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, InvalidArgument, Unimplemented
 from backends.gate import SERVICE_NAME, Gate, GateInterceptor, Malformed, deserializer, metadata_value
@@ -474,12 +474,12 @@ class GenerateObserver(Protocol):
 def _enter(context: grpc.aio.ServicerContext, gate: Gate) -> None:
     """The call's deadline, request id, whether another mlxgate forwarded
     it, and its caller's key name and dialect, for the router and backends
-    that call further (``backends.calls``); set before ``gate.run`` copies
+    that call further (``backends.call_context``); set before ``gate.run`` copies
     this task's context."""
     metadata = context.invocation_metadata()
     key = gate.identify(metadata) if gate.keyring.required else None
-    calls.enter(context.time_remaining(), metadata_value(metadata, "x-request-id"),
-                metadata_value(metadata, calls.FORWARDED_KEY) == "1",
+    call_context.enter(context.time_remaining(), metadata_value(metadata, "x-request-id"),
+                metadata_value(metadata, call_context.FORWARDED_KEY) == "1",
                 key.name if key is not None else "", (metadata_value(metadata, DIALECT_KEY) or "")[:16])
 
 
@@ -500,7 +500,7 @@ def method_handlers(servicer: InferenceServicer, gate: Gate) -> dict[str, Method
     """The service's handlers by method name, as the generated code would
     build them, but each call running in ``gate.run``.  The gRPC server
     registers them (``_generic_handler``); the in-process channel
-    (``backends.local``) calls them directly."""
+    (``backends.in_process_channel``) calls them directly."""
 
     def unary(behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], empty: Any) -> Any:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -596,9 +596,9 @@ class RunningService:
         return f"127.0.0.1:{self.port}"
 
     def local_stub(self) -> Any:
-        """A stub calling this service's handlers in-process (``backends.local``),
+        """A stub calling this service's handlers in-process (``backends.in_process_channel``),
         for the HTTP front of the same process."""
-        from backends.local import LocalStub
+        from backends.in_process_channel import LocalStub
 
         return LocalStub(self.handlers, self.gate, self.max_message_bytes)
 

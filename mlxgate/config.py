@@ -117,7 +117,7 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     #: How the HTTP front of ``mlxgate serve`` reaches the service of its own
     #: process: "in-process" (the service's handlers called directly with the
-    #: same messages, ``backends/local.py``) or "grpc" (a loopback gRPC
+    #: same messages, ``backends/in_process_channel.py``) or "grpc" (a loopback gRPC
     #: channel, as a front in another process uses).
     front_channel: str = "in-process"
     #: HTTP front processes of ``mlxgate serve``: 1 runs the front in the
