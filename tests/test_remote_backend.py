@@ -31,7 +31,7 @@ from backends.errors import (
     error_for_code,
 )
 from backends.remote import HealthState, RemoteBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
 from mlxgate.config import RemoteService

@@ -25,7 +25,7 @@ from backends.mlx.backend import MLXBackend
 from backends.mlx.testmodel import write_test_model
 from backends.mlx.vision.testmodel import write_test_vlm
 from backends.ollama.backend import OllamaBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
 from mlxgate.config import MLXConfig, OllamaConfig, ServerConfig

@@ -47,6 +47,7 @@ from backends.mlx import rerank as rerank_mod, tokenizing
 from backends.mlx.context import Fitted, TokenCounter, fit as fit_context
 from backends.mlx.delivery import EventQueue, coalesce
 from backends.mlx.engine import Engine, EngineStats, Sequence
+from backends.mlx.memory_snapshot import MemorySnapshot
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.output import SequenceOutput
 from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry
@@ -86,12 +87,12 @@ class MLXBackend:
     #: Embeddings take token ids: the models are here, with their own tokenizers.
     takes_token_ids = True
     #: An mlxgate engine: placed with the remote services by warmth and load
-    #: (backends/router.py, "Placement").
+    #: (``backends/routing/placement.py``).
     is_engine = True
 
     def __init__(self, config: MLXConfig, observer: Any = None) -> None:
         """``observer``: optional object with ``observe_queue_wait(model, seconds)``
-        (``backends.metrics.ServiceMetrics``); also settable later as ``.observer``."""
+        (the service's metrics); also settable later as ``.observer``."""
         self.config = config
         self._registry = ModelRegistry(config)
         #: Rank 0's view of a distributed engine (``distributed/leader.py``); None in one process.
@@ -185,10 +186,8 @@ class MLXBackend:
     def observer(self, value: Any) -> None:
         self._engine.observer = value
 
-    def memory_snapshot(self):
+    def memory_snapshot(self) -> MemorySnapshot:
         """Memory figures for the metrics collector (cheap; never calls MLX from this thread)."""
-        from backends.metrics import MemorySnapshot
-
         active, peak, cache, kv, stored = self._engine.memory
         running = self._manager.running()
         return MemorySnapshot(

@@ -114,7 +114,7 @@ class RemoteBackend:
     """Backend named ``remote:<config.name>`` calling ``config.target``."""
 
     #: An mlxgate engine: the router places it with the local engine by
-    #: warmth and load (backends/router.py, "Placement").
+    #: warmth and load (``backends/routing/placement.py``).
     is_engine = True
     #: The remote decides: its own router refuses token ids for a model it
     #: does not run itself, with the same rule as here.
