@@ -22,8 +22,8 @@ token-id requests to no other backend.
 Optional attribute ``is_engine`` (False when absent): the backend is an mlxgate
 engine (the local MLX engine, a remote mlxgate service).  Engines that have
 a model are interchangeable for it, so the router orders them by where the
-model is loaded and by load rather than by priority (backends/router.py,
-"Placement"); they must implement ``list_running`` cheaply.
+model is loaded and by load rather than by priority
+(``backends/routing/placement.py``); they must implement ``list_running`` cheaply.
 
 Optional attribute ``serving`` (True when absent): False while the backend
 takes no new requests (a remote service draining or unreachable, from its
@@ -31,7 +31,7 @@ health watch); the router then skips it.
 
 Optional attribute ``forwards`` (False when absent): calls go on to another
 mlxgate (a remote service); a call that another mlxgate forwarded here is
-never sent on to such a backend (one hop only, ``backends.calls``).
+never sent on to such a backend (one hop only, ``backends.call_context``).
 
 Optional coroutine ``start()``: background work to begin when the process
 starts (a remote's health watch); ``Router.start`` calls it.  ``close``
@@ -86,3 +86,21 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Release threads, sessions and models."""
         ...
+
+
+# The optional attributes above, read with their defaults.
+
+def takes_token_ids(backend: Backend) -> bool:
+    return getattr(backend, "takes_token_ids", False)
+
+
+def is_engine(backend: Backend) -> bool:
+    return getattr(backend, "is_engine", False)
+
+
+def is_serving(backend: Backend) -> bool:
+    return getattr(backend, "serving", True)
+
+
+def forwards_calls(backend: Backend) -> bool:
+    return getattr(backend, "forwards", False)

@@ -20,7 +20,16 @@ import time
 from enum import Enum
 from typing import Callable
 
+from backends.errors import DeadlineExceeded, Unavailable
+
 Clock = Callable[[], float]
+
+
+def is_health_failure(e: BaseException) -> bool:
+    """What counts against a breaker: Unavailable and DeadlineExceeded
+    (connection errors arrive as Unavailable).  Any other answer of the
+    backend, errors such as ModelNotFound included, shows it is up."""
+    return isinstance(e, (Unavailable, DeadlineExceeded))
 
 
 class State(str, Enum):

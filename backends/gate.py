@@ -196,7 +196,7 @@ class Gate:
         """Set INVALID_ARGUMENT on the call; the handler then returns.
 
         Never ``context.abort()`` in this service: grpc.aio keeps an aborted
-        call's request alive (backends/service.py, ``_fail``)."""
+        call's request alive (backends/servicer.py, ``_fail``)."""
         self.malformed_warning(
             "malformed %s from %s answered INVALID_ARGUMENT: %s", request.type_name, context.peer(), request.reason
         )

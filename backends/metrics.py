@@ -17,14 +17,13 @@ exist.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from backends.router import REASONS, Router
+from backends.mlx.memory_snapshot import MemorySnapshot
 from backends.types import FINISH_REASONS, Done, GenerateRequest
 from mlxgate.memory import resident_memory_bytes
 from mlxgate.prom import Children
@@ -34,22 +33,6 @@ PREFIX = "mlxgate"
 # LLM work spans milliseconds (a token) to minutes (a long answer on a cold model).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5)
-
-
-@dataclass
-class MemorySnapshot:
-    """What the MLX engine reports about memory, read at scrape time."""
-
-    active_bytes: int = 0
-    peak_bytes: int = 0
-    cache_bytes: int = 0
-    kv_cache_bytes: int = 0
-    prompt_cache_bytes: int = 0
-    active_sequences: int = 0
-    #: model name -> resident bytes of its weights
-    model_bytes: dict[str, int] = field(default_factory=dict)
-    #: model name -> unix time it expires; None = kept loaded
-    model_expiry: dict[str, Optional[float]] = field(default_factory=dict)
 
 
 class MemoryCollector(Collector):
@@ -106,12 +89,14 @@ class MemoryCollector(Collector):
 
 
 class BackendCollector(Collector):
-    """Per backend, read from the router at scrape time: the requests it has in
-    flight there (placement's load), and, for backends that watch their
-    health (remote services), whether they take new requests."""
+    """Per backend, read at scrape time from the router's callbacks: the
+    requests it has in flight there (placement's load, ``in_flight``), and,
+    for backends that watch their health (remote services), whether they
+    take new requests (``serving``)."""
 
-    def __init__(self, router: "Router") -> None:
-        self.router = router
+    def __init__(self, in_flight: Callable[[], Mapping[str, int]], serving: Callable[[], Mapping[str, bool]]) -> None:
+        self.in_flight = in_flight
+        self.serving = serving
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         in_flight = GaugeMetricFamily(
@@ -119,7 +104,7 @@ class BackendCollector(Collector):
             "Requests this router has running at each backend (what placement balances).",
             labels=["backend"],
         )
-        for name, n in self.router.in_flight.items():
+        for name, n in self.in_flight().items():
             in_flight.add_metric([name], n)
         yield in_flight
         serving = GaugeMetricFamily(
@@ -127,7 +112,7 @@ class BackendCollector(Collector):
             "1 while a remote service takes new requests (health SERVING), 0 while it drains or cannot be reached.",
             labels=["backend"],
         )
-        for name, ok in self.router.health().items():
+        for name, ok in self.serving().items():
             serving.add_metric([name], 1 if ok else 0)
         yield serving
 
@@ -247,11 +232,13 @@ class ServiceMetrics:
         self._models: set[tuple[str, str]] = set()
 
     # -- series at 0 before the first event
-    def init_backends(self, backends: Sequence[str], orders: Iterable[Sequence[str]] = ()) -> None:
+    def init_backends(
+        self, backends: Sequence[str], orders: Iterable[Sequence[str]] = (), *, reasons: Sequence[str]
+    ) -> None:
         """Zero every fallback the router can report between ``backends``
         (priority order) and along each of ``orders`` (the backends of an
-        alias's targets, in its order), for every reason; and each backend's
-        answers."""
+        alias's targets, in its order), for each of ``reasons`` (the
+        router's); and each backend's answers."""
         pairs: dict[tuple[str, str], None] = {}
         for order in (list(backends), *map(list, orders)):
             for i, src in enumerate(order):
@@ -259,7 +246,7 @@ class ServiceMetrics:
                     if src != dst:
                         pairs[(src, dst)] = None
         for src, dst in pairs:
-            for reason in REASONS:
+            for reason in reasons:
                 self.fallbacks.labels(src, dst, reason)
         for backend in backends:
             self.answers.labels(backend)
@@ -273,7 +260,7 @@ class ServiceMetrics:
         for reason in FINISH_REASONS:
             self.c_requests(model, backend, reason)
 
-    # -- router observer hooks
+    # -- router observer (``backends.routing.RouterObserver``)
     def fallback(self, from_backend: str, to_backend: str, reason: str) -> None:
         self.c_fallbacks(from_backend, to_backend, reason).inc()
 

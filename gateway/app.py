@@ -166,7 +166,7 @@ def create_app(
 ) -> web.Application:
     """``front_token``: sent on every gRPC call so an in-process service
     that is draining still serves the requests this front already accepted.
-    ``local_stub``: the in-process service's stub (``backends.local``, given
+    ``local_stub``: the in-process service's stub (``backends.in_process_channel``, given
     by the composition root): calls go to it instead of a channel to
     ``grpc_target``."""
     guard = TrustGuard(server_cfg)

@@ -166,7 +166,7 @@ class InferenceClient:
         ``front_token``: the in-process service's drain pass;
         ``tls_ca``: a PEM file of roots: the channel uses TLS, checked against them;
         ``local_stub``: the in-process service's stub, called instead of a
-        channel to ``target`` (``backends.local``)."""
+        channel to ``target`` (``backends.in_process_channel``)."""
         metadata = []
         if api_key:
             metadata.append(("authorization", f"Bearer {api_key}"))

@@ -10,7 +10,7 @@ Order: MLX (when ``config.mlx.enabled``), one remote mlxgate service per
 ``config.ollama.upstream`` is set), then one cloud backend per
 ``config.cloud.providers`` entry (OpenAI-compatible or Anthropic, by its
 ``kind``), in the order configured.  MLX and the remotes are the engines the
-router places by warmth and load (``backends/router.py``, "Placement"); the
+router places by warmth and load (``backends/routing/placement.py``); the
 others keep this order.  MLX is imported lazily so a process without it
 (front only, or MLX disabled) never loads it.
 
@@ -36,7 +36,7 @@ from backends.models.manage import ModelManagement
 from backends.models.pull import PullObserver, Puller
 from backends.ollama import OllamaBackend
 from backends.remote import RemoteBackend
-from backends.router import BudgetGuard, Router, RouterObserver
+from backends.routing import BudgetGuard, Router, RouterObserver
 from mlxgate.config import Config, MLXConfig
 from mlxgate.keyring import first
 

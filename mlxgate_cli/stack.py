@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Optional
 from prometheus_client import CollectorRegistry
 
 from backends.metrics import BackendCollector, MemoryCollector, PullMetrics, ServiceMetrics
+from backends.routing import REASONS
 from backends.service import RunningService, start_inference_service
 from backends.spend import Spend
 from backends.spend.service import SpendObserver
@@ -40,7 +41,7 @@ from mlxgate_cli.shutdown import STOP_TIMEOUT, first_done
 
 if TYPE_CHECKING:
     from backends.models.pull import Puller
-    from backends.router import Router
+    from backends.routing import Router
     from gateway.app import RunningHTTP
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ class Stack:
         self.spend = Spend(self.config, keyring, self.registry)
         await self.spend.start()
         self.router = build_router(self.config, env, observer=self.service_metrics, budgets=self.spend)
-        self.service_metrics.init_backends([b.name for b in self.router.backends], self.router.fallback_orders())
+        self.service_metrics.init_backends([b.name for b in self.router.backends], self.router.fallback_orders(),
+                                           reasons=REASONS)
         await self.router.start()  # remote services' health watches
         mlx = self.router.mlx_backend
         if mlx is not None:
@@ -120,7 +122,8 @@ class Stack:
         self.registry.register(
             MemoryCollector(process, mlx.memory_snapshot if mlx is not None else None, other_memory)
         )
-        self.registry.register(BackendCollector(self.router))
+        router = self.router
+        self.registry.register(BackendCollector(lambda: router.in_flight, router.health))
         models = build_model_management(self.router)
         if models is not None:
             await models.start()

@@ -17,7 +17,7 @@ import pytest
 from backends.models.catalog import Catalog
 from backends.models.hub import HubClient
 from backends.models.pull import Puller
-from backends.router import Router
+from backends.routing import Router
 from backends.service import RunningService, start_inference_service
 from gateway.app import RunningHTTP, create_app, start_http
 from mlxgate.config import HubConfig, ServerConfig

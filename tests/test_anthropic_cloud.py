@@ -25,7 +25,7 @@ from backends.errors import (
     Unavailable,
     Unimplemented,
 )
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import (
     Chunk,

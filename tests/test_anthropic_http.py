@@ -24,7 +24,7 @@ from backends.errors import (
     Unimplemented,
 )
 from backends.mlx.output import StopStrings
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import Chunk, Done, Event, GenerateRequest, Message, ModelInfo, TokenCount
 from gateway import metrics

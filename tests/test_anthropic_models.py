@@ -14,7 +14,7 @@ import pytest
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
 
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
 from mlxgate.config import ServerConfig

@@ -41,7 +41,7 @@ from typing import Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
 from mlxgate.config import MLXConfig, ServerConfig

@@ -375,7 +375,7 @@ async def test_a_dead_follower_turns_health_not_serving(tmp_path, test_model_dir
         assert re.search(r"ERROR backends.mlx.distributed: distributed MLX engine out of service: rank 1 ", text), \
             text[-3000:]
         # The front's health watch sees NOT_SERVING: the Ollama answers.
-        remote = front.router._by_name["remote:dist"]
+        remote = front.router.catalogue.by_name["remote:dist"]
         await until(lambda: _false(remote.serving), 10, "the front sees the remote not serving")
         _, done = await generate(front.grpc_target, _request(PROMPTS[2], 4))
         assert done.backend == "ollama"

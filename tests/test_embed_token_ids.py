@@ -21,7 +21,7 @@ from openai import AsyncOpenAI
 from backends import errors, validation
 from backends.errors import InvalidArgument, Unavailable
 from backends.ollama import OllamaBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import EmbedRequest
 from gateway.app import create_app, start_http

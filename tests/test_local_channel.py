@@ -1,4 +1,4 @@
-"""The in-process channel (``backends/local.py``) behaves as the gRPC channel.
+"""The in-process channel (``backends/in_process_channel.py``) behaves as the gRPC channel.
 
 ``mlxgate serve``'s front calls its own service through ``LocalStub``; every
 other front and client goes over gRPC.  Each scenario here is run through a
@@ -22,7 +22,7 @@ import pytest
 
 from backends.errors import DeadlineExceeded, PermissionDenied, ResourceExhausted, Unavailable
 from backends.gate import FRONT_TOKEN_KEY
-from backends.local import WINDOW
+from backends.in_process_channel import WINDOW
 from backends.service import RunningService, start_inference_service
 from backends.types import Chunk, Done, Event, GenerateRequest
 from gateway.app import create_app, start_http

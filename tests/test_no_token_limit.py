@@ -16,7 +16,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from backends.mlx.backend import MLXBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
 from mlxgate.config import MLXConfig, ServerConfig

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from backends.router import REASONS
+from backends.routing import REASONS
 from mlxgate.config import Config, MLXConfig, ServerConfig
 from mlxgate_cli.stack import start_stack
 from tests.mlx_fixtures import TEST_MODEL

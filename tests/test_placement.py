@@ -1,4 +1,4 @@
-"""Placement (backends/router.py): among the engines that have a model -- the
+"""Placement (backends/routing/placement.py): among the engines that have a model -- the
 local MLX engine and remote mlxgate services -- the router prefers one that
 is serving, then one where the model is loaded, then the least loaded, then
 the priority order; Ollama and the clouds keep their places.  Scripted
@@ -13,7 +13,7 @@ import logging
 import pytest
 
 from backends.errors import ModelNotFound, Unavailable
-from backends.router import Router
+from backends.routing import Router
 from backends.types import GenerateRequest, Message
 from mlxgate.config import RouterConfig
 from tests.fakes.scripted_backend import ScriptedBackend
@@ -47,10 +47,10 @@ async def test_warm_engines_first_then_priority_and_other_kinds_keep_their_place
     r, _ = router(mlx, a, b, oll, cloud)
     assert names(await r.targets("m")) == ["mlx", "remote:a", "remote:b", "ollama", "cloud:x"]
     b.loaded.add("m")
-    r._running.clear()  # (as if running_ttl had passed)
+    r.placement._running.clear()  # (as if running_ttl had passed)
     assert names(await r.targets("m")) == ["remote:b", "mlx", "remote:a", "ollama", "cloud:x"]
     a.loaded.add("m:latest")  # "m" and "m:latest" are one model
-    r._running.clear()
+    r.placement._running.clear()
     assert names(await r.targets("m")) == ["remote:a", "remote:b", "mlx", "ollama", "cloud:x"]
     events = await collect(r.generate(chat()))
     assert events[-1].backend == "remote:a"
@@ -164,14 +164,14 @@ async def test_what_is_loaded_is_cached_and_refreshed_after_each_request():
             break
         await asyncio.sleep(0.02)
     assert a.running_calls >= 2 and b.running_calls == 1
-    assert r.is_warm("remote:a", "m") is False
+    assert r.placement.is_warm("remote:a", "m") is False
     a.loaded.add("m")  # loaded behind the router's back: seen once the cache expires
     clock.advance(6)
-    assert names(await r.targets("m")) == ["remote:a", "remote:b"] and r.is_warm("remote:a", "m")
+    assert names(await r.targets("m")) == ["remote:a", "remote:b"] and r.placement.is_warm("remote:a", "m")
     # /api/ps (list_running) refreshes it too, for every engine
     b.loaded.add("m")
     await r.list_running()
-    assert r.is_warm("remote:b", "m")
+    assert r.placement.is_warm("remote:b", "m")
     await r.close()
 
 
@@ -231,7 +231,7 @@ async def test_close_cancels_background_refreshes():
     r, _ = router(a, b)
     await collect(r.generate(chat()))
     await r.close()
-    assert r._refreshers == {}
+    assert r.placement._refreshers == {}
 
 
 @pytest.mark.parametrize("spill_at", [2, 0])
@@ -264,7 +264,7 @@ async def test_in_flight_and_serving_are_metrics():
     b.serving = False  # draining
     r, _ = router(a, b, ScriptedBackend("ollama", ["m"]))
     registry = CollectorRegistry()
-    registry.register(BackendCollector(r))
+    registry.register(BackendCollector(lambda: r.in_flight, r.health))
     stream = r.generate(chat())
     try:
         await anext(stream)

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Optional
 import grpc
 import pytest
 
-from backends import calls
+from backends import call_context
 from backends.errors import (
     RETRYABLE_KEY,
     DeadlineExceeded,
@@ -34,7 +34,7 @@ from backends.errors import (
     retry_trailers,
 )
 from backends.remote import HealthState, RemoteBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
 from mlxgate.config import RemoteService
@@ -325,7 +325,7 @@ async def test_without_a_caller_deadline_unary_calls_get_connect_plus_first_toke
     rec, target = recorder
     r = remote(target, connect_timeout=2, first_token_timeout=5)
     try:
-        assert calls.remaining() is None
+        assert call_context.remaining() is None
         await r.list_models()
         (seen,) = rec.seen
         assert 5 < seen["time_remaining"] <= 8 and len(seen["x-request-id"]) == 32  # a fresh id

@@ -123,7 +123,7 @@ async def front(*services: Service, key: str = KEY) -> AsyncIterator[Stack]:
 
 def remote_of(stack: Stack, name: str) -> Any:
     assert stack.router is not None
-    return stack.router._by_name[f"remote:{name}"]
+    return stack.router.catalogue.by_name[f"remote:{name}"]
 
 
 async def until(predicate, timeout: float = 30.0, what: str = "condition") -> None:

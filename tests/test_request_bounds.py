@@ -26,7 +26,7 @@ import pytest
 from backends.errors import ResourceExhausted
 from backends.mlx import model_manager
 from backends.mlx.backend import MLXBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import GenerateRequest, Message
 from gateway.app import create_app, start_http
@@ -353,7 +353,7 @@ async def test_errors_stay_small(stack) -> None:
 
 
 def test_not_found_names_a_few_models() -> None:
-    from backends.router import available
+    from backends.routing.catalogue import available
 
     text = available([f"model-{i}" for i in range(500)])
     assert text.count("model-") == limits.MAX_NAMES_IN_ERROR and "490 more" in text

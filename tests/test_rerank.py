@@ -22,7 +22,7 @@ import pytest
 from backends.cloud.backend import CloudBackend
 from backends.mlx.backend import MLXBackend
 from backends.mlx.testmodel import write_test_model
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
 from mlxgate import limits

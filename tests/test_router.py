@@ -29,7 +29,7 @@ from backends.errors import (
 )
 from mlxgate_cli.factory import build_backends, build_router
 from backends.ollama import OllamaBackend
-from backends.router import REASONS, Router
+from backends.routing import REASONS, Router
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
 from mlxgate.config import CloudProvider, Config, OllamaConfig, RouterConfig
 from tests.fakes.ollama_fake import Fault, FakeOllama
@@ -572,7 +572,7 @@ async def test_keys_never_reach_router_errors_or_logs(upstreams, caplog):
 
 def test_deadline_exceeded_counts_against_the_breaker():
     # the router's notion of a health failure, pinned down
-    from backends.router import _is_health_failure
+    from backends.breaker import is_health_failure as _is_health_failure
 
     assert _is_health_failure(DeadlineExceeded("x")) and _is_health_failure(Unavailable("x"))
     assert not _is_health_failure(ModelNotFound("x")) and not _is_health_failure(ResourceExhausted("x"))
@@ -619,7 +619,7 @@ async def test_real_mlx_engine_that_cannot_load_a_model_falls_back_to_ollama(tmp
 
 
 async def test_a_hung_model_listing_does_not_hold_routing(monkeypatch):
-    import backends.router as router_module
+    import backends.routing.catalogue as router_module
 
     monkeypatch.setattr(router_module, "LIST_TIMEOUT_S", 0.1)
     hung = ScriptedBackend("ollama", ["x"], list_delay=5.0)

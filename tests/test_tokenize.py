@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from backends.cloud.backend import CloudBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from gateway.app import create_app, start_http
 from mlxgate import limits

@@ -29,7 +29,7 @@ from backends.errors import DeadlineExceeded
 from mlxgate_cli.factory import build_backends
 from backends.http_upstream import UpstreamStream
 from backends.ollama import OllamaBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
 from gateway.app import create_app, start_http

@@ -28,7 +28,7 @@ from backends.mlx.testmodel import write_test_model
 from backends.mlx.vision.testmodel import write_test_vlm
 from backends.ollama.backend import OllamaBackend
 from backends.remote import RemoteBackend
-from backends.router import Router
+from backends.routing import Router
 from backends.service import start_inference_service
 from backends.types import GenerateRequest, Message, Sampling
 from gateway.app import create_app, start_http

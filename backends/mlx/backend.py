@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import time
 import weakref
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from backends.errors import (
-    BackendError, InvalidArgument, ModelNotFound, ResourceExhausted, TakesNoImages, Unavailable, Unimplemented,
+    BackendError, ModelNotFound, ResourceExhausted, TakesNoImages, Unavailable, Unimplemented,
 )
 from backends.types import (
     Done,
@@ -42,37 +40,19 @@ from backends.types import (
     TokenizeResult,
     rank,
 )
-from backends.mlx import constrain, embed as embed_mod, prompt as prompt_mod
-from backends.mlx import rerank as rerank_mod, tokenizing
-from backends.mlx.context import Fitted, TokenCounter, fit as fit_context
+from backends.mlx import embed as embed_mod, prompt as prompt_mod
+from backends.mlx import plan as plan_mod, rerank as rerank_mod, tokenizing
+from backends.mlx.context import TokenCounter
 from backends.mlx.delivery import EventQueue, coalesce
 from backends.mlx.engine import Engine, EngineStats, Sequence
+from backends.mlx.memory_snapshot import MemorySnapshot
 from backends.mlx.model_manager import LoadedModel, ModelManager
-from backends.mlx.output import SequenceOutput
 from backends.mlx.registry import BACKEND, ModelEntry, ModelRegistry
 from backends.mlx.sampling import new_seed
-from backends.mlx.thinking import new_splitter as new_think_splitter
-from backends.mlx.toolcalls import ToolCallSplitter
 from backends.mlx.vision import prompt as vision_prompt
-from backends.mlx.vision.prompt import VisionIds
 from mlxgate.config import MLXConfig
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class _Plan:
-    """What a request becomes once tokenized: decided off the event loop."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    num_ctx: int
-    output: Optional[SequenceOutput] = None
-    matcher: object = None
-    #: The grammar ``matcher`` was compiled from (a distributed engine's other ranks compile it too).
-    grammar: Optional[str] = None
-    #: A prompt with images (``vision.prompt.VisionIds``), None otherwise.
-    vision: Optional[VisionIds] = None
-
 
 class MLXBackend:
     """Local generation and embeddings with mlx-lm; one instance per process.
@@ -86,12 +66,12 @@ class MLXBackend:
     #: Embeddings take token ids: the models are here, with their own tokenizers.
     takes_token_ids = True
     #: An mlxgate engine: placed with the remote services by warmth and load
-    #: (backends/router.py, "Placement").
+    #: (``backends/routing/placement.py``).
     is_engine = True
 
     def __init__(self, config: MLXConfig, observer: Any = None) -> None:
         """``observer``: optional object with ``observe_queue_wait(model, seconds)``
-        (``backends.metrics.ServiceMetrics``); also settable later as ``.observer``."""
+        (the service's metrics); also settable later as ``.observer``."""
         self.config = config
         self._registry = ModelRegistry(config)
         #: Rank 0's view of a distributed engine (``distributed/leader.py``); None in one process.
@@ -185,10 +165,8 @@ class MLXBackend:
     def observer(self, value: Any) -> None:
         self._engine.observer = value
 
-    def memory_snapshot(self):
+    def memory_snapshot(self) -> MemorySnapshot:
         """Memory figures for the metrics collector (cheap; never calls MLX from this thread)."""
-        from backends.metrics import MemorySnapshot
-
         active, peak, cache, kv, stored = self._engine.memory
         running = self._manager.running()
         return MemorySnapshot(
@@ -243,130 +221,6 @@ class MLXBackend:
             except Exception:  # noqa: BLE001 - metrics never break a request
                 log.exception("model-loaded observer failed")
 
-    @staticmethod
-    def _grammar(req: GenerateRequest, lm: LoadedModel) -> Optional[str]:
-        """The request's grammar: its output format's, or a forced tool call's.
-
-        tool_choice "required" / a named function forces exactly one call with
-        a grammar written for the model's tool-call syntax; where we have no
-        grammar for that syntax the request is refused (INVALID_ARGUMENT), never
-        silently left unforced.
-        """
-        choice = req.tool_choice
-        if not choice.forced:
-            return constrain.grammar_for(req.format)
-        choice.check(req.tools)
-        if req.format.kind != "text":
-            raise InvalidArgument(
-                f"tool_choice {choice.describe()} cannot be combined with a JSON format (response_format)"
-            )
-        tok = lm.tokenizer
-        parser = constrain.tool_parser_name(tok) if tok.has_tool_calling else None
-        if parser not in constrain.TOOL_CALL_GRAMMARS:
-            fmt = f"tool-call format ({parser})" if parser else "tool-call format (none known)"
-            raise InvalidArgument(
-                f"tool_choice {choice.describe()} is not supported for this model's {fmt}: {lm.name} "
-                f"can only be offered tools (tool_choice auto)"
-            )
-        tools = [t for t in req.tools if choice.mode != "function" or t.name == choice.function_name]
-        return constrain.tool_call_grammar(
-            tools, tok.tool_call_start, tok.tool_call_end, tok.tool_call_start_tokens, tok.tool_call_end_tokens
-        )
-
-    def _report_truncation(self, req: GenerateRequest, model: str, ctx: int, fitted: Fitted) -> None:
-        """Say what truncation dropped (Ollama logs "truncating input prompt") and count it."""
-        if fitted.dropped_messages:
-            what = f"{fitted.dropped_messages} of {len(req.messages or [])} messages"
-        else:
-            what = "the start of the prompt"
-        log.info(
-            "truncating input prompt: dropped %s (about %d tokens) to fit %s's context of %d tokens (request %s)",
-            what, fitted.dropped_tokens, model, ctx, req.request_id,
-        )
-        observer = self._engine.observer
-        if observer is not None and hasattr(observer, "observe_truncation"):
-            try:
-                observer.observe_truncation(model, fitted.dropped_messages, fitted.dropped_tokens)
-            except Exception:  # noqa: BLE001 - metrics never break a request
-                log.exception("truncation observer failed")
-
-    def _plan(self, req: GenerateRequest, lm: LoadedModel) -> _Plan:
-        """Tokenize and check the request (worker thread: tokenizer work, no MLX).
-
-        Context rule (``context.fit``): a prompt that does not fit is an error,
-        or, with ``req.truncate`` (Ollama's default), loses its oldest messages
-        or the start of its text; either way no more of it is tokenized than
-        can fit.  max_tokens (explicit or default) is clamped to the room left,
-        and the answer then ends with "length" at the context limit, as Ollama
-        and mlx-lm do with a generous num_predict; a negative one (no limit)
-        is that room.
-        """
-        ctx = lm.context_length
-        if req.sampling.num_ctx:
-            ctx = min(ctx, req.sampling.num_ctx)
-        if lm.counter is None:
-            lm.counter = TokenCounter(lm.tokenizer)
-        asked_max = req.sampling.max_tokens
-        # Room kept for the answer when history must be dropped anyway.
-        reserve = min(asked_max, ctx // 2) if asked_max and asked_max > 0 else ctx // 8
-        ids, fitted = fit_context(req, lm.counter, ctx, self._renderer(lm), reserve)
-        if fitted.request is not req:
-            self._report_truncation(req, lm.name, ctx, fitted)
-            req = fitted.request
-        n = len(ids)
-        room = ctx - n
-        asked = self.config.default_max_tokens if req.sampling.max_tokens is None else req.sampling.max_tokens
-        # A negative limit -- asked for (Ollama's num_predict -1 or -2) or the
-        # default (default_max_tokens, -1 unless configured) -- fills the context.
-        max_tokens = room if asked < 0 else min(asked, room)
-        tok = lm.tokenizer
-        matcher = None
-        grammar = self._grammar(req, lm)
-        what = "tool_choice" if req.tool_choice.forced else "format"
-        if grammar is not None:
-            lltok = lm.lltok.get(lm.tokenizer._tokenizer, lm.vocab_size, sorted(lm.eos_token_ids))
-            matcher = constrain.new_matcher(lltok, grammar, what)
-        splitter = None
-        if req.tools and tok.has_tool_calling:
-            splitter = ToolCallSplitter(
-                tok.tool_call_start,
-                tok.tool_call_end,
-                tok.tool_parser,
-                [t.to_template_dict() for t in req.tools],
-                forced=req.tool_choice.forced,
-            )
-        thinking = new_think_splitter(tok, ids, req.think)
-        output = SequenceOutput(tok.detokenizer, lm.eos_token_ids, list(req.sampling.stop), splitter, thinking)
-        vision = ids if isinstance(ids, VisionIds) else None
-        if vision is not None:
-            self._report_images(lm.name, vision)
-        return _Plan(list(ids), max_tokens, ctx, output, matcher, grammar, vision)
-
-    @staticmethod
-    def _renderer(lm: LoadedModel):
-        """Request -> prompt ids for ``lm``: a VLM builds a request with images
-        with its processor (``vision/prompt.py``), everything else is text."""
-
-        def render(r: GenerateRequest) -> list[int]:
-            if lm.vision is not None and vision_prompt.has_images(r):
-                if not lm.vision.takes_images:
-                    raise InvalidArgument(
-                        f"model {lm.name}: images on the {lm.vision.model_type} architecture (multimodal rotary "
-                        "positions) are not served yet; text requests are"
-                    )
-                return vision_prompt.build(r, lm.vision, lm.name)
-            return prompt_mod.build_prompt(r, lm.tokenizer, lm.name)
-
-        return render
-
-    def _report_images(self, model: str, ids: VisionIds) -> None:
-        observer = self._engine.observer
-        if observer is not None and hasattr(observer, "observe_images"):
-            try:
-                observer.observe_images(model, ids.images, ids.seconds)
-            except Exception:  # noqa: BLE001 - metrics never break a request
-                log.exception("images observer failed")
-
     # ---------------------------------------------------------------- Backend protocol
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
@@ -408,7 +262,8 @@ class MLXBackend:
         pinned: Optional[LoadedModel] = lm
         seq: Optional[Sequence] = None
         try:
-            plan = None if prompt_mod.is_empty(req) else await asyncio.to_thread(self._plan, req, lm)
+            plan = None if prompt_mod.is_empty(req) else await asyncio.to_thread(
+                plan_mod.plan, req, lm, self.config.default_max_tokens, self._engine.observer)
             if plan is None or plan.max_tokens == 0:
                 # Ollama's "just load it" request, or nothing to generate.
                 pinned = None
@@ -459,25 +314,11 @@ class MLXBackend:
             if pinned is not None:
                 self._release(pinned, req.keep_alive)
 
-    def _count(self, req: GenerateRequest, lm: LoadedModel) -> int:
-        """Prompt tokens of ``req`` as ``_plan`` would build them (worker thread).
-
-        The same bounded fitting as a generation, never truncating: an input
-        beyond the context is refused ("context length exceeded") without
-        tokenizing more of it than the context can hold."""
-        ctx = lm.context_length
-        if req.sampling.num_ctx:
-            ctx = min(ctx, req.sampling.num_ctx)
-        if lm.counter is None:
-            lm.counter = TokenCounter(lm.tokenizer)
-        ids, _ = fit_context(dataclasses.replace(req, truncate=False), lm.counter, ctx, self._renderer(lm))
-        return len(ids)
-
     async def count_tokens(self, req: GenerateRequest) -> TokenCount:
         entry = await self._resolve(req.model)
         lm, _ = await self._acquire(entry, req.keep_alive)
         try:
-            n = 0 if prompt_mod.is_empty(req) else await asyncio.to_thread(self._count, req, lm)
+            n = 0 if prompt_mod.is_empty(req) else await asyncio.to_thread(plan_mod.count, req, lm)
         finally:
             self._release(lm, req.keep_alive)
         return TokenCount(input_tokens=n, backend=BACKEND, model=lm.name)

@@ -2,7 +2,7 @@
 
 ``ModelManagement`` works on the MLX registry's store (``registry.store``)
 and is built by the composition root beside the MLX backend; the service's
-handlers call it (``backends.service``).  Every change is serialised by one
+handlers call it (``backends.servicer``).  Every change is serialised by one
 lock, runs its file work in a worker thread, rescans the registry and calls
 ``changed`` (the router drops its cached model lists).
 

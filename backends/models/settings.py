@@ -2,7 +2,7 @@
 
 ``ollama create`` gives a name a system message, default parameters and
 leading messages (``StoredModel.system`` / ``parameters`` / ``messages``).
-They are applied once, in the service's accept step (``backends.service``),
+They are applied once, in the service's accept step (``backends.servicer``),
 so every caller -- Ollama, OpenAI, Anthropic, Responses, gRPC -- gets them,
 the way Ollama's ``GenerateHandler`` and ``ChatHandler`` apply them:
 

@@ -20,7 +20,7 @@ What travels over the hop:
   the remote service then closes its own backend's generator (its MLX engine
   drops the sequence).
 * **Deadlines**: a call carries the remaining time of the call being served
-  (``backends.calls``: the front's deadline, less what has passed) as its gRPC
+  (``backends.call_context``: the front's deadline, less what has passed) as its gRPC
   deadline.  A stream is also bounded by this remote's first-token and idle
   clocks (``connect_timeout``/``first_token_timeout``/``idle_timeout``, as
   for the HTTP upstreams: the same ``TokenClock``); a unary call by
@@ -30,7 +30,7 @@ What travels over the hop:
   its own upstreams see the same id.
 * **One hop**: every call is marked ``x-mlxgate-forwarded: 1``; the remote
   serves it from its own backends, never from its own remotes
-  (``backends.calls``), so fronts listing each other cannot loop.
+  (``backends.call_context``), so fronts listing each other cannot loop.
 * **Keys**: ``authorization: Bearer <key>`` on every InferenceService call
   when this remote has a key (``key_env``, ``key``, or the front's own).  The
   key is never logged and never in a repr.
@@ -65,7 +65,7 @@ from typing import Any, AsyncIterator, Mapping, Optional
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from backends import calls
+from backends import call_context
 from backends.errors import RETRY_AFTER_KEY, RETRYABLE_KEY, BackendError, Unavailable, error_for_code
 from backends.gate import SERVICE_NAME, SHUTTING_DOWN
 from backends.http_upstream import TokenClock, parse_retry_after
@@ -114,13 +114,13 @@ class RemoteBackend:
     """Backend named ``remote:<config.name>`` calling ``config.target``."""
 
     #: An mlxgate engine: the router places it with the local engine by
-    #: warmth and load (backends/router.py, "Placement").
+    #: warmth and load (``backends/routing/placement.py``).
     is_engine = True
     #: The remote decides: its own router refuses token ids for a model it
     #: does not run itself, with the same rule as here.
     takes_token_ids = True
     #: Calls here go to another mlxgate: a call that was itself forwarded is
-    #: not forwarded again (``backends.calls``, one hop only).
+    #: not forwarded again (``backends.call_context``, one hop only).
     forwards = True
 
     #: Health watch reconnect backoff, seconds (doubles from min to max).
@@ -208,7 +208,7 @@ class RemoteBackend:
         self._get_stub()
 
     def _md(self, request_id: str) -> tuple[tuple[str, str], ...]:
-        return (("x-request-id", request_id), (calls.FORWARDED_KEY, "1"), *self._metadata)
+        return (("x-request-id", request_id), (call_context.FORWARDED_KEY, "1"), *self._metadata)
 
     def _error(self, e: grpc.aio.AioRpcError) -> BackendError:
         retry_after, retryable = None, False
@@ -225,14 +225,14 @@ class RemoteBackend:
 
     def _unary_timeout(self) -> float:
         budget = self.timeouts.connect_timeout + self.timeouts.first_token_timeout
-        remaining = calls.remaining()
+        remaining = call_context.remaining()
         return budget if remaining is None else min(budget, remaining)
 
     async def _unary(self, method: str, request: Any, request_id: str = "") -> Any:
         """One unary InferenceService call (every method but Generate; a new
         RPC is one more line calling this)."""
         stub = self._get_stub()
-        rid = request_id or calls.request_id() or uuid.uuid4().hex
+        rid = request_id or call_context.request_id() or uuid.uuid4().hex
         try:
             return await getattr(stub, method)(request, timeout=self._unary_timeout(), metadata=self._md(rid))
         except grpc.aio.AioRpcError as e:
@@ -242,7 +242,7 @@ class RemoteBackend:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         stub = self._get_stub()
-        call = stub.Generate(req.to_pb(), timeout=calls.remaining(), metadata=self._md(req.request_id))
+        call = stub.Generate(req.to_pb(), timeout=call_context.remaining(), metadata=self._md(req.request_id))
         clock = TokenClock(self.name, self.timeouts)
         loop = asyncio.get_running_loop()
         handed_at: Optional[float] = None

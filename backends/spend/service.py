@@ -1,7 +1,7 @@
 """How the inference service uses ``Spend``: admission, one tracker per
 Generate (as the metrics' ``GenerateTracker``), embeddings, ``GetUsage``.
 
-The caller is the call's key name (``backends.calls.key``, set from the
+The caller is the call's key name (``backends.call_context.key``, set from the
 gate's ``identify``), looked up in the key table for its limits.  A stream
 cut short (cancelled, failed mid-way) counts what it had streamed: the
 backend and model from its first chunk, a token per token id (or per chunk
@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from backends import calls
+from backends import call_context
 from backends.errors import InvalidArgument, PermissionDenied
 from backends.spend.ledger import GROUPS
 from backends.spend.spend import Spend
@@ -110,18 +110,18 @@ class SpendObserver:
         self.spend = spend
 
     def caller(self) -> Optional[NamedKey]:
-        name = calls.key()
+        name = call_context.key()
         return self.spend.keyring.by_name(name) if name else None
 
     def admit(self, model: str) -> dict[str, str]:
         return self.spend.admit(self.caller(), model)
 
     def start(self, req: GenerateRequest) -> SpendTracker:
-        return SpendTracker(self.spend, self.caller(), calls.dialect())
+        return SpendTracker(self.spend, self.caller(), call_context.dialect())
 
     def embedded(self, result: EmbedResult) -> None:
-        self.spend.finished(self.caller(), calls.dialect(), result.backend, result.model, result.prompt_tokens, 0, 0,
-                            "stop")
+        self.spend.finished(self.caller(), call_context.dialect(), result.backend, result.model,
+                            result.prompt_tokens, 0, 0, "stop")
 
     async def usage(self, request: pb.GetUsageRequest) -> pb.GetUsageResponse:
         """``GetUsage``: an admin key's (or any caller's when no keys are set)."""

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from backends import calls
+from backends import call_context
 from backends.errors import PermissionDenied, ResourceExhausted
 from backends.spend.budgets import Budgets, Reached, Scope
 from backends.spend.ledger import FILENAME, Ledger, UsageRow
@@ -108,7 +108,7 @@ class Spend:
         """Why ``backend`` may not be called for the current call now (a budget), or None."""
         if not self.prices.paid(backend):
             return None
-        name = calls.key()
+        name = call_context.key()
         reached = self.budgets.reached(name, self._key_limits.get(name))
         return None if reached is None else self._limit(reached)
 

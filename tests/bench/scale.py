@@ -7,7 +7,7 @@ with no local engine and the services as ``[[remote]]`` entries) receives
 asking for ``tokens`` tokens (greedy, no stop); the figure is completion tokens
 per second of wall time, as a client sees it, and the ratio of 2 services to 1.
 Every service has the model loaded before the clock starts, so placement
-spreads the load over all of them (``backends/router.py``, "Placement"); the
+spreads the load over all of them (``backends/routing/placement.py``); the
 answer counts per service are reported too.
 
 Reading it: the services here share one machine's cores.  On a box with few
