@@ -21,7 +21,9 @@ where nothing answers.
 from __future__ import annotations
 
 import socket
-from typing import Optional
+from typing import Iterator, Optional
+
+import pytest
 
 HOST = "127.0.0.1"
 
@@ -81,3 +83,11 @@ def consecutive_held_ports(n: int, tries: int = 100) -> list[HeldPort]:
             for p in ports:
                 p.close()
     raise RuntimeError(f"no {n} consecutive free ports in {tries} tries")
+
+
+@pytest.fixture
+def held_port() -> Iterator[HeldPort]:
+    """A reserved port for one test: for a server the test starts on it, or an
+    address where nothing listens (connections refused)."""
+    with HeldPort() as port:
+        yield port
