@@ -231,6 +231,7 @@ async def wait_until_scraping(session: aiohttp.ClientSession, api: str, timeout:
     raise AssertionError("Prometheus never scraped mlxgate")
 
 
+@pytest.mark.outside_pypi
 @pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"), reason="prometheus not installed (CI installs it)")
 async def test_every_dashboard_query_returns_data(stack, tmp_path, held_port) -> None:
     assert PROMETHEUS, "the prometheus binary is required in CI (.ci/run installs the Debian package)"
