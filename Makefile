@@ -14,7 +14,7 @@ DATA   ?= .mlxgate-data
 OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libopenblas.so.0 /usr/lib/aarch64-linux-gnu/libopenblas.so.0))
 FAST_BLAS := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup run test proto model bench bench-scale soak lint readme clean
+.PHONY: setup run test test-repeat proto model bench bench-scale soak lint readme clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,13 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The whole suite N times from a clean clone of HEAD, the last BUSY runs beside a CPU-bound
+# process: one line per run and the tests that failed (tests/repeat.py).
+N    ?= 10
+BUSY ?= 0
+test-repeat: setup
+	$(BIN)/python -m tests.repeat --runs $(N) --busy $(BUSY)
 
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/mlxgate/v1/inference.proto

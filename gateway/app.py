@@ -43,6 +43,7 @@ from gateway.responses.store import FILENAME as RESPONSES_FILENAME
 from gateway.responses.store import ResponseStore
 from gateway.rerank import routes as rerank_routes
 from gateway.security import TrustGuard
+from gateway.serverlog import server_logger
 from gateway.state import CLIENT_KEY, REQUEST_ID_HEADER, SERVER_CONFIG_KEY, request_id
 from gateway.tokenize import routes as tokenize_routes
 from mlxgate.config import ServerConfig
@@ -248,11 +249,12 @@ async def start_http(
     ``shutdown_timeout``: how long ``stop()`` lets handlers still running
     finish before cancelling them.  A connection without a whole request
     (stalled headers, or idle between requests) is closed after the app's
-    ``http_idle_timeout``.  A failed bind (``OSError``) is raised after the
+    ``http_idle_timeout``.  A request aiohttp cannot parse is answered 400
+    with one WARNING line (``gateway.serverlog``).  A failed bind (``OSError``) is raised after the
     runner is cleaned up.
     """
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout,
-                           keepalive_timeout=idle_timeout(app))
+                           keepalive_timeout=idle_timeout(app), logger=server_logger())
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

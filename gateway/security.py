@@ -7,12 +7,15 @@ one SHA-256 of the presented key.  Its ``middleware`` decides, in this order,
 without ever reading the request body:
 
 1. **Host allowlist** (DNS rebinding, Ollama's CVE-2024-28224).  Only when the
-   front is bound to a loopback address: a ``Host`` (any port) that is not
-   ``localhost``, ``*.localhost``, a loopback or unspecified IP literal
-   (``127.0.0.1``, ``[::1]``, ``0.0.0.0``, ...), nor in
-   ``ServerConfig.allowed_hosts`` is refused with 403.  No ``Host`` (HTTP/1.0)
-   passes.  Bound to any other address there is no Host check, as in Ollama:
-   then the API keys are the guard (``mlxgate.exposure``).
+   front is bound to a loopback address: a ``Host`` (any port, any case) is
+   accepted when ``local_host`` says so -- ``localhost``, a name ending in
+   ``.localhost``, ``.local`` or ``.internal`` (``host.docker.internal``), the
+   machine's own hostname, an IP literal that is loopback, private (RFC 1918,
+   unique-local IPv6) or unspecified: names and addresses a public web page
+   cannot make a browser resolve to this machine, Ollama's rule -- or when it
+   is in ``ServerConfig.allowed_hosts``; any other is refused with 403.  No
+   ``Host`` (HTTP/1.0) passes.  Bound to any other address there is no Host
+   check, as in Ollama: then the API keys are the guard (``mlxgate.exposure``).
 2. **Origin**.  A request with an ``Origin`` header outside the allowlist
    (``DEFAULT_ORIGINS`` plus ``ServerConfig.origins``, Ollama's ``*``
    wildcards; a bare ``*`` allows every origin) is refused with 403, whatever
@@ -63,6 +66,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import socket
 from typing import Awaitable, Callable, Iterable, Mapping, Optional
 
 from aiohttp import hdrs, web
@@ -96,8 +100,15 @@ DEFAULT_ORIGINS: tuple[str, ...] = (
     "vscode-file://*",
 )
 
-#: Host names accepted on a loopback-bound front besides loopback IP literals and *.localhost.
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "0.0.0.0"})
+#: Endings of names that no public DNS answer can point at this machine: RFC 6761's
+#: ``.localhost``, mDNS's ``.local`` (RFC 6762), ICANN's private-use ``.internal``
+#: (Docker's ``host.docker.internal``, Podman's ``host.containers.internal``).
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+#: Private networks (RFC 1918, RFC 4193 unique-local): Go's ``netip.Addr.IsPrivate``,
+#: which Ollama's guard uses (Python's ``is_private`` also counts documentation ranges).
+PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
 
 #: Request headers a preflight allows when it names none (it usually does: then they are echoed).
 ALLOW_HEADERS = ", ".join(
@@ -179,7 +190,8 @@ def host_name(value: str) -> str:
 
 
 def _ip_is_local(name: str) -> bool:
-    """A loopback or unspecified IP literal ("127.0.0.2", "[::1]", "[::]")."""
+    """A loopback, private or unspecified IP literal ("127.0.0.2", "[::1]",
+    "192.168.1.20", "[fd00::1]", "0.0.0.0"); IPv4-mapped IPv6 as its IPv4."""
     if not name or not (name[0].isdigit() or name[0] == "["):
         return False
     try:
@@ -188,7 +200,26 @@ def _ip_is_local(name: str) -> bool:
         return False
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return addr.is_loopback or addr.is_unspecified
+    return addr.is_loopback or addr.is_unspecified or any(addr in net for net in PRIVATE_NETWORKS)
+
+
+def machine_names(hostname: str) -> frozenset[str]:
+    """The machine's own names from its hostname as the OS reports it
+    (``socket.gethostname()``): that name, and without ``.local`` when the OS
+    reports it with (macOS's "MyMac.local")."""
+    name = hostname.strip().lower().rstrip(".")
+    if not name:
+        return frozenset()
+    return frozenset({name, name.removesuffix(".local")} - {""})
+
+
+def local_host(name: str, machine: frozenset[str]) -> bool:
+    """Whether a ``Host`` name (``host_name``'s form) is one a public web page
+    cannot make a browser resolve to this machine (Ollama's ``allowedHost``
+    and its IP check): ``localhost``, a name ending in ``LOCAL_SUFFIXES``, one
+    of the ``machine``'s own names, a loopback, private or unspecified IP
+    literal."""
+    return name == "localhost" or name.endswith(LOCAL_SUFFIXES) or name in machine or _ip_is_local(name)
 
 
 def _quote(value: str) -> str:
@@ -198,13 +229,16 @@ def _quote(value: str) -> str:
 class TrustGuard:
     """The trust middleware and its CORS hook, prepared from one ServerConfig."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, hostname: Optional[str] = None) -> None:
+        """``hostname``: the machine's, as the OS reports it (default
+        ``socket.gethostname()``, read once here)."""
         self.check_host = is_loopback(cfg.host)
         names = [host_name(h) for h in cfg.allowed_hosts if h.strip()]
         self.any_host = "*" in names
-        self.allowed_hosts = LOOPBACK_HOSTS | {n for n in names if not n.startswith("*")}
+        self.allowed_hosts = frozenset(n for n in names if not n.startswith("*"))
         #: "*.example.lan" in allowed_hosts: any sub-domain of example.lan.
-        self.host_suffixes = tuple(n[1:] for n in names if n.startswith("*.")) + (".localhost",)
+        self.host_suffixes = tuple(n[1:] for n in names if n.startswith("*."))
+        self.machine = machine_names(socket.gethostname() if hostname is None else hostname)
         self.origins = OriginMatcher((*DEFAULT_ORIGINS, *cfg.origins))
         self.keyring = KeyRing.from_server(cfg)
         self.metrics_public = cfg.metrics_public
@@ -216,14 +250,17 @@ class TrustGuard:
     # ---------------------------------------------------------------- checks
 
     def host_allowed(self, host: str) -> bool:
+        """The one Host rule of every front (``serve``, its workers, the
+        front-only and remote modes, the metrics port): ``local_host``, or a
+        name the owner listed in ``allowed_hosts``."""
         if self.any_host:
             return True
         name = host_name(host)
         return (
             not name
+            or local_host(name, self.machine)
             or name in self.allowed_hosts
             or name.endswith(self.host_suffixes)
-            or _ip_is_local(name)
         )
 
     def key_valid(self, headers: Mapping[str, str]) -> Optional[bool]:

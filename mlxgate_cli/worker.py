@@ -44,6 +44,7 @@ from aiohttp import ClientSession, UnixConnector, web
 from prometheus_client import CollectorRegistry
 
 from gateway.app import begin_drain, create_app, end_calls, idle_timeout, wait_idle
+from gateway.serverlog import server_logger
 from gateway.metrics import HttpMetrics, multiprocess_metrics_handler
 from mlxgate.config import ServerConfig
 from mlxgate.memory import freeze_startup_objects, resident_memory_bytes
@@ -122,7 +123,7 @@ async def run(settings: dict[str, Any], control: socket.socket) -> None:
     app.on_response_prepare.append(name_worker)
     listener = socket.socket(fileno=int(settings["listen_fd"]))
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=STOP_TIMEOUT,
-                           keepalive_timeout=idle_timeout(app))
+                           keepalive_timeout=idle_timeout(app), logger=server_logger())
     await runner.setup()
     reporting: Optional[asyncio.Future] = None
     try:

@@ -2,4 +2,4 @@
 
 import mlxgate_cli  # noqa: F401 - first: turns gRPC's fork handlers off before grpc loads (see its docstring)
 
-pytest_plugins: list[str] = ["tests.mlx_fixtures", "tests.stack"]
+pytest_plugins: list[str] = ["tests.mlx_fixtures", "tests.ports", "tests.stack"]

@@ -47,7 +47,7 @@ from gateway.app import create_app, start_http
 from mlxgate.config import MLXConfig, ServerConfig
 from tests.test_polyglot_node import _require_node, _run
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.outside_pypi]
 
 PACKAGE_DIR = Path(__file__).resolve().parent / "claude_code"
 CLAUDE = PACKAGE_DIR / "node_modules" / ".bin" / "claude"

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -84,19 +83,13 @@ def test_serve_bootstraps_a_model_in_the_data_dir_and_shuts_down_cleanly(tmp_pat
     assert "mlxgate pull llama3.2:1b" in line, "and how to pull a real one"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ollama_host_moves_the_port_and_an_ollama_store_is_ignored_with_a_note(
-    tmp_path: Path, test_model_dir: Path
+    tmp_path: Path, test_model_dir: Path, held_port
 ) -> None:
     store = tmp_path / "ollama-models"  # what OLLAMA_MODELS holds for a real Ollama
     (store / "manifests").mkdir(parents=True)
     (store / "blobs").mkdir()
-    port = free_port()
+    port = held_port.port
     env = clean_env(tmp_path, OLLAMA_HOST=f"127.0.0.1:{port}", OLLAMA_MODELS=str(store))
     proc, http, _ = start(["--grpc-port", "0", "--models-dir", str(test_model_dir)], env)
     try:

@@ -9,7 +9,6 @@ import base64
 import json
 import logging
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -41,17 +40,12 @@ from mlxgate.config import CloudProvider
 from tests.fakes.ollama_fake import Fault
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.streams import collect
+from tests.ports import HeldPort
 from tests.mlx_lm_server import ServerDidNotStart, launch_mlx_lm_server
 
 pytestmark = pytest.mark.timeout(60)
 
 SECRET = "sk-live-TOPSECRET-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 
@@ -70,15 +64,18 @@ def mlx_lm_server(tmp_path_factory):
     model_dir = write_test_model(root / "models")
     hf_cache = root / "hf-cache"  # empty: nothing from the hub, no network
     hf_cache.mkdir()
-    port = free_port()
+    held = HeldPort()  # until the server is gone: no one else gets the port meanwhile
+    port = held.port
     env = dict(os.environ, HF_HUB_CACHE=str(hf_cache))
     try:
         proc = launch_mlx_lm_server(model_dir, port, root / "server.log", env, "--max-tokens", "16", timeout=60)
     except ServerDidNotStart as e:
+        held.close()
         pytest.fail(str(e))
     try:
         yield f"http://127.0.0.1:{port}/v1", str(Path(model_dir).resolve())
     finally:
+        held.close()
         proc.terminate()
         try:
             proc.wait(10)
@@ -261,8 +258,8 @@ async def test_unknown_model_and_disconnect(cloud, fake):
     assert [e.text for e in got] == ["Hi"]
 
 
-async def test_connection_refused_is_unavailable():
-    b = CloudBackend(CloudProvider(name="down", base_url=f"http://127.0.0.1:{free_port()}/v1"), {})
+async def test_connection_refused_is_unavailable(held_port):
+    b = CloudBackend(CloudProvider(name="down", base_url=f"{held_port.url}/v1"), {})
     try:
         with pytest.raises(Unavailable, match="cannot connect"):
             await collect(b.generate(GenerateRequest(model="m", messages=[Message("user", "x")])))

@@ -126,3 +126,20 @@ def test_wire_errors_name_the_field():
             model.model_validate(body)
         err = base.wire_error(e.value, body)
         assert err.path == path and err.message.startswith(path), (err, path)
+
+
+def test_ignored_fields_are_type_checked_then_ignored():
+    """A field documented with the dialect's type but unused here is held to
+    that type (what /openapi.json states, what the dialect's own server
+    refuses), then ignored; ``{}`` in the document means any value."""
+    from pydantic import ValidationError
+
+    assert ollama.ShowRequest.model_validate({"model": "m", "verbose": True}).verbose is True
+    assert ollama.ShowRequest.model_validate({"model": "m", "system": {"any": "thing"}}).system == {"any": "thing"}
+    with pytest.raises(ValidationError, match="verbose"):
+        ollama.ShowRequest.model_validate({"model": "m", "verbose": {}})
+    assert ollama.GenerateRequest.model_validate({"model": "m", "context": [1, 2.0]}).context == [1, 2]
+    with pytest.raises(ValidationError, match="context"):
+        ollama.GenerateRequest.model_validate({"model": "m", "context": ["a"]})
+    with pytest.raises(ValidationError, match="template"):
+        ollama.GenerateRequest.model_validate({"model": "m", "template": 5})

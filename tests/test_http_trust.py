@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -30,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app, start_http
 from gateway.metrics import HttpMetrics, metrics_handler
-from gateway.security import DEFAULT_ORIGINS, OriginMatcher, host_name
+from gateway.security import DEFAULT_ORIGINS, OriginMatcher, TrustGuard, host_name, local_host
 from mlxgate.config import Config, ServerConfig
 from mlxgate.exposure import exposure_problem, is_loopback
 
@@ -103,28 +104,98 @@ async def test_rebinding_host_is_refused_in_both_dialects(stack):
             assert err["code"] == "host_not_allowed"
 
 
-@pytest.mark.parametrize(
-    "host",
-    ["localhost", "localhost:11434", "LocalHost:1", "127.0.0.1", "127.0.0.1:8080", "[::1]", "[::1]:11434",
-     "0.0.0.0:11434", "127.8.9.10:5", "app.localhost:3000", "localhost.", "myhost", "myhost:9", "a.trusted.lan",
-     "b.a.trusted.lan:1"],
-)
+#: Accepted on a loopback bind with no configuration (Ollama's rule, CVE-2024-28224's fix).
+LOCAL_HOSTS = [
+    # localhost and *.localhost (RFC 6761), any port, any case, a final dot
+    "localhost", "localhost:11434", "LocalHost:1", "localhost.", "app.localhost:3000",
+    # *.local (mDNS) and *.internal: Docker's and Podman's names for the host
+    "mymac.local", "MyMac.Local:11434", "host.docker.internal", "host.docker.internal:11434",
+    "HOST.DOCKER.INTERNAL", "gateway.docker.internal", "host.containers.internal:8080",
+    # the machine's own hostname, as the OS reports it and with .local
+    socket.gethostname(), socket.gethostname().upper() + ":11434", socket.gethostname() + ".local",
+    # IP literals: loopback, private (RFC 1918, unique-local IPv6), unspecified, IPv4-mapped
+    "127.0.0.1", "127.0.0.1:8080", "127.8.9.10:5", "[::1]", "[::1]:11434", "0.0.0.0:11434", "[::]",
+    "10.0.0.1", "10.255.255.255:11434", "172.16.0.1", "172.31.255.1", "192.168.1.20:11434", "[fd00::1]:11434",
+    "[fc00::2]", "[::ffff:192.168.0.7]", "[::ffff:127.0.0.1]:1",
+]
+#: Refused there: names a public DNS answer can point anywhere, public IP literals.
+PUBLIC_HOSTS = [
+    "evil.example", "evil.example.com", "localhost.evil.example", "127.0.0.1.nip.io", "host.docker.internal.evil.com",
+    "local", "internal", "evil-local", "trusted.lan", "trusted.lan.evil.com", "myhostx", "localhostx:1",
+    socket.gethostname() + ".evil.example", "8.8.8.8", "1.1.1.1:11434", "172.32.0.1", "192.169.0.1",
+    "192.0.2.1", "100.64.0.1", "169.254.169.254", "[2001:db8::1]:11434", "[2606:4700::1111]", "[fe80::1]",
+    "[::ffff:8.8.8.8]",
+]
+
+
+@pytest.mark.parametrize("host", [*LOCAL_HOSTS, "myhost", "myhost:9", "a.trusted.lan", "b.a.trusted.lan:1"])
 async def test_loopback_and_allowed_hosts_pass(open_front, host):
     async with aiohttp.ClientSession() as s:
         async with s.get(open_front + "/api/version", headers={"Host": host}) as r:
             assert r.status == 200, host
 
 
-@pytest.mark.parametrize(
-    "host",
-    ["evil.example", "localhost.evil.example", "127.0.0.1.nip.io", "trusted.lan", "trusted.lan.evil.com",
-     "myhostx", "10.0.0.1", "[2001:db8::1]:11434", "localhostx:1"],
-)
+@pytest.mark.parametrize("host", PUBLIC_HOSTS)
 async def test_other_hosts_are_refused(open_front, host):
     async with aiohttp.ClientSession() as s:
         async with s.get(open_front + "/api/version", headers={"Host": host}) as r:
             assert r.status == 403, host
             assert "MLXGATE_ALLOWED_HOSTS" in (await r.json())["error"]
+
+
+def test_one_host_rule_for_every_front():
+    """``TrustGuard.host_allowed`` is the rule; ``local_host`` its built-in part."""
+    guard = TrustGuard(ServerConfig(host="127.0.0.1"))
+    assert guard.check_host
+    for host in LOCAL_HOSTS:
+        assert guard.host_allowed(host), host
+        assert local_host(host_name(host), guard.machine), host
+    for host in PUBLIC_HOSTS:
+        assert not guard.host_allowed(host), host
+    assert guard.host_allowed("")  # no Host (HTTP/1.0)
+    # The machine's name as the OS reports it: with .local (macOS) its short name too.
+    mac = TrustGuard(ServerConfig(host="127.0.0.1"), hostname="Jane-MacBook.local")
+    assert all(mac.host_allowed(h) for h in ("jane-macbook", "Jane-MacBook:11434", "jane-macbook.local."))
+    linux = TrustGuard(ServerConfig(host="127.0.0.1"), hostname="build-7")
+    assert linux.host_allowed("build-7") and linux.host_allowed("build-7.local")
+    assert not linux.host_allowed("build-8") and not linux.host_allowed("build-7.evil.example")
+    # Configured names add to the rule; "*" lets every Host through.
+    listed = TrustGuard(ServerConfig(host="127.0.0.1", allowed_hosts=["Api.Example.com", "*.corp.example"]))
+    assert listed.host_allowed("api.example.com:443") and listed.host_allowed("x.corp.example")
+    assert not listed.host_allowed("corp.example") and not listed.host_allowed("evil.example")
+    assert TrustGuard(ServerConfig(host="127.0.0.1", allowed_hosts=["*"])).host_allowed("evil.example")
+    # Bound beyond loopback the middleware does not check the Host at all (keys are the guard).
+    assert not TrustGuard(ServerConfig(host="0.0.0.0")).check_host
+
+
+async def test_an_allowed_host_does_not_let_a_foreign_origin_in(stack):
+    async with aiohttp.ClientSession() as s:
+        headers = {"Host": "host.docker.internal:11434", "Origin": EVIL}
+        async with s.get(stack.base + "/api/tags", headers=headers) as r:
+            assert r.status == 403
+            assert_ollama_error(await r.json(), "Origin")
+        headers = {"Host": "host.docker.internal:11434", "Origin": "http://localhost:3000"}
+        async with s.get(stack.base + "/api/tags", headers=headers) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+
+
+async def test_an_oversized_request_line_is_one_warning_not_a_traceback(stack, caplog):
+    """aiohttp answers 400 itself (before any middleware); the log gets one
+    WARNING line per such request, never ERROR with the parser's traceback."""
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stack.base + "/api/tags?q=" + "a" * 10_000) as r:
+            assert r.status == 400
+        async with s.get(stack.base + "/api/tags", headers={"X-Big": "b" * 10_000}) as r:
+            assert r.status == 400
+        async with s.get(stack.base + "/api/version") as r:  # and the server goes on
+            assert r.status == 200
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.WARNING], [r.getMessage() for r in records]
+    for record in records:
+        assert record.exc_info is None and "\n" not in record.getMessage()
+        assert "malformed HTTP request from 127.0.0.1 answered 400" in record.getMessage()
+        assert len(record.getMessage()) < 400
 
 
 async def test_http10_without_host_header_passes(stack):

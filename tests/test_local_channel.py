@@ -29,6 +29,7 @@ from gateway.app import create_app, start_http
 from mlxgate.config import ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
+from tests.polling import eventually
 
 KEY = "sk-local-channel"
 FRONT_TOKEN = "front-pass"
@@ -43,8 +44,10 @@ class Backend:
     def __init__(self) -> None:
         self.yielded = 0
         self.closed = 0
+        self.started = 0
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        self.started += 1
         before = {"busy": ResourceExhausted("queue is full", retry_after=6.2),
                   "down": Unavailable("backend is down"), "slow": DeadlineExceeded("took too long"),
                   "denied": PermissionDenied("not allowed")}
@@ -182,8 +185,8 @@ async def test_keys_same_over_both_channels(service) -> None:
 async def test_deadline_same_over_both_channels(service) -> None:
     out = await both(service, lambda stub: stream(stub, gen("hang"), timeout=0.3))
     assert out["local"][1:] == out["grpc"][1:] == (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-    await asyncio.sleep(0.2)
-    assert service.backend.closed == 2  # both handlers were cancelled and closed the generator
+    # both handlers were cancelled and closed the generator
+    await eventually(lambda: service.backend.closed == 2, what="both generators closed")
 
 
 async def test_oversized_request_refused_over_both_channels(service) -> None:
@@ -215,14 +218,15 @@ async def test_slow_reader_holds_the_backend_back(service) -> None:
 
 
 async def test_cancelled_reader_closes_the_generator(service) -> None:
+    started = service.backend.started
     call = service.stubs["local"].Generate(gen("hang"), timeout=10, metadata=AUTH)
     reader = asyncio.ensure_future(call.read())
-    await asyncio.sleep(0.1)
+    await eventually(lambda: service.backend.started == started + 1, what="the generator started")
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
-    await asyncio.sleep(0.1)
-    assert call.cancelled() and service.backend.closed == 1
+    await eventually(lambda: service.backend.closed == 1, what="the generator closed")
+    assert call.cancelled()
 
 
 async def test_http_front_same_over_both_channels(service) -> None:

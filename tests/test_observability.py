@@ -8,7 +8,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,18 +19,14 @@ from backends.routing import REASONS
 from mlxgate.config import Config, MLXConfig, ServerConfig
 from mlxgate_cli.stack import start_stack
 from tests.mlx_fixtures import TEST_MODEL
+from tests.ports import HeldPort
+from tests.polling import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana/dashboards/mlxgate-overview.json"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stack_config(models_dir: Path) -> Config:
+def stack_config(models_dir: Path, dead_upstream: HeldPort) -> Config:
     cfg = Config(
         server=ServerConfig(port=0, grpc_port=0, data_dir=str(models_dir.parent / "observability-data")),
         mlx=MLXConfig(models_dir=str(models_dir), hf_cache=str(models_dir / "no-hf"), default_max_tokens=16,
@@ -39,7 +34,7 @@ def stack_config(models_dir: Path) -> Config:
     )
     # A dead upstream Ollama first, then the local model: every request for
     # "fallback-demo" records one fallback.
-    cfg.ollama.upstream = f"http://127.0.0.1:{free_port()}"
+    cfg.ollama.upstream = dead_upstream.url  # held: nothing listens there while the stack runs
     cfg.ollama.connect_timeout = 0.5
     cfg.aliases["fallback-demo"] = [f"ollama:{TEST_MODEL}", f"mlx:{TEST_MODEL}"]
     cfg.budget.cloud_usd_per_month = 100.0  # the Spend row's budget panel has a series
@@ -48,9 +43,10 @@ def stack_config(models_dir: Path) -> Config:
 
 @pytest.fixture(scope="module")
 async def stack(test_model_dir):
-    s = await start_stack(stack_config(test_model_dir), env={})
-    yield s
-    await s.stop()
+    with HeldPort() as dead:
+        s = await start_stack(stack_config(test_model_dir, dead), env={})
+        yield s
+        await s.stop()
 
 
 def sample(stack, name: str, **labels) -> float:
@@ -103,7 +99,9 @@ async def test_gateway_overhead_header_and_metric(stack) -> None:
     more than nothing, less than the whole request (the engine's time is
     not in it), in the header and in the histogram; routes that do not
     generate carry no header."""
-    await asyncio.sleep(0.3)  # an earlier test's streamed request is counted when its handler returns
+    # An earlier test's streamed request is counted when its handler returns.
+    await eventually(lambda: sample(stack, "mlxgate_http_requests_in_flight", dialect="ollama") == 0,
+                     what="no Ollama request in flight")
     before = sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="ollama")
     async with aiohttp.ClientSession() as session:
         for stream in (False, True):
@@ -117,19 +115,17 @@ async def test_gateway_overhead_header_and_metric(stack) -> None:
             assert 0 < overhead_ms < total_ms
         async with session.get(f"{stack.http_url}/api/tags") as r:
             assert r.status == 200 and "x-mlxgate-overhead-ms" not in r.headers
-    for _ in range(50):  # the streamed request is counted once its handler returns, after the last byte
-        if sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="ollama") == before + 2:
-            break
-        await asyncio.sleep(0.02)
-    assert sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="ollama") == before + 2
+    # The streamed request is counted once its handler returns, after the last byte.
+    await eventually(lambda: sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="ollama") == before + 2,
+                     what="both requests counted")
     assert sample(stack, "mlxgate_gateway_overhead_seconds_count", dialect="anthropic") == 0
 
 
-async def test_a_fresh_stack_shows_zeros_not_missing_series(test_model_dir) -> None:
+async def test_a_fresh_stack_shows_zeros_not_missing_series(test_model_dir, held_port) -> None:
     """Grafana shows "No data" for a series that does not exist yet: the
     fallbacks between configured backends, and a model's cancellations once
     it is loaded, are exposed at 0 before the first event."""
-    fresh = await start_stack(stack_config(test_model_dir), env={})
+    fresh = await start_stack(stack_config(test_model_dir, held_port), env={})
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{fresh.http_url}/metrics") as r:
@@ -236,10 +232,11 @@ async def wait_until_scraping(session: aiohttp.ClientSession, api: str, timeout:
     raise AssertionError("Prometheus never scraped mlxgate")
 
 
+@pytest.mark.outside_pypi
 @pytest.mark.skipif(PROMETHEUS is None and not os.environ.get("CI"), reason="prometheus not installed (CI installs it)")
-async def test_every_dashboard_query_returns_data(stack, tmp_path) -> None:
+async def test_every_dashboard_query_returns_data(stack, tmp_path, held_port) -> None:
     assert PROMETHEUS, "the prometheus binary is required in CI (.ci/run installs the Debian package)"
-    port = free_port()
+    port = held_port.port  # Go's listeners set SO_REUSEADDR: Prometheus binds beside the hold
     host_port = stack.http_url.removeprefix("http://")
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import socket
 
 import pytest
 
@@ -44,17 +43,21 @@ async def fake():
     await f.stop()
 
 
+#: Clocks far above what a loaded machine needs for the fake's answers.
+ROOMY_CLOCKS = {"first_token_timeout": 10.0, "idle_timeout": 10.0, "connect_timeout": 5.0}
+#: Short clocks, for the faults that outlast them (HANG_S).
+SHORT_CLOCKS = {"first_token_timeout": 0.5, "idle_timeout": 0.5, "connect_timeout": 1.0}
+
+
 @pytest.fixture
 async def backend(fake):
-    b = OllamaBackend(OllamaConfig(upstream=fake.url, first_token_timeout=0.5, idle_timeout=0.5, connect_timeout=1.0))
+    b = OllamaBackend(OllamaConfig(upstream=fake.url, **ROOMY_CLOCKS))
     yield b
     await b.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: A hang that outlasts any clock here (the fake ends it early when the client goes away).
+HANG_S = 60.0
 
 
 def chat(model: str = "tiny", **kw) -> GenerateRequest:
@@ -174,16 +177,21 @@ async def test_tool_calls_become_toolcall_chunks(backend, fake):
                retry_after="2"), ResourceExhausted, 2.0),
         (Fault("status", 500, "llama runner process has terminated"), Unavailable, None),
         (Fault("status", 502, "bad gateway"), Unavailable, None),
-        (Fault("hang", delay=1.5), DeadlineExceeded, None),
-        (Fault("hang_after_headers", delay=1.5), DeadlineExceeded, None),
+        (Fault("hang", delay=HANG_S), DeadlineExceeded, None),
+        (Fault("hang_after_headers", delay=HANG_S), DeadlineExceeded, None),
         (Fault("no_done"), Unavailable, None),
     ],
     ids=["400", "429", "503", "500", "502", "timeout-before-headers", "timeout-before-first-line", "no-done"],
 )
-async def test_upstream_failures_map_to_backend_errors(backend, fake, fault, error, retry_after):
+async def test_upstream_failures_map_to_backend_errors(fake, fault, error, retry_after):
+    clocks = SHORT_CLOCKS if fault.kind.startswith("hang") else ROOMY_CLOCKS
+    backend = OllamaBackend(OllamaConfig(upstream=fake.url, **clocks))
     fake.fault = fault
-    with pytest.raises(error) as info:
-        await collect(backend.generate(chat()))
+    try:
+        with pytest.raises(error) as info:
+            await collect(backend.generate(chat()))
+    finally:
+        await backend.close()
     assert info.value.message.startswith("ollama: ")
     if fault.kind == "status":
         assert fault.message in info.value.message  # the upstream's {"error": ...} text is passed on
@@ -196,9 +204,8 @@ async def test_unknown_model_is_not_found(backend):
         await collect(backend.generate(chat("nope")))
 
 
-async def test_connection_refused_is_unavailable():
-    b = OllamaBackend(OllamaConfig(upstream=f"http://127.0.0.1:{free_port()}", first_token_timeout=2, idle_timeout=2,
-                                   connect_timeout=1))
+async def test_connection_refused_is_unavailable(held_port):
+    b = OllamaBackend(OllamaConfig(upstream=held_port.url, first_token_timeout=2, idle_timeout=2, connect_timeout=1))
     try:
         with pytest.raises(Unavailable, match="cannot connect"):
             await collect(b.generate(chat()))

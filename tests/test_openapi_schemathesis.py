@@ -6,10 +6,21 @@ engine on the generated model); every answer must be no server error, have a
 documented status, content type, headers and body (checks below), and the
 items of NDJSON and SSE streams must match their item schemas.  Operations
 with a body are also sent bodies that break the document (schemathesis's
-negative mode): they must be refused with a documented 4xx, never a 500.  Pull
-and push answer 501 by design: for them the check is that they do, in the
-documented shape; create, copy, delete and blobs on the session's service
-(which manages no models) a documented 4xx or 501.
+negative mode): schemathesis's ``negative_data_rejection`` check holds them
+to a refusal, 400 (the body breaks the dialect's model), 404 (an unknown
+model) or 413 (too large) -- never a 200, never a 500.  Deliberate
+exceptions, named: push answers 501 to every body by design (README,
+"Deviations from Ollama"), and create, copy, delete and blobs on the
+session's service (which manages no models) a documented 4xx or 501, so for
+them the check is that they do, in the documented shape; Ollama's load and
+unload forms (a generate, chat or embed body with no prompt, messages or
+input) read only ``model`` and ``keep_alive``, as in Ollama, and
+``/api/show`` reads its deprecated ``name`` only without ``model``
+(``LOAD_FORMS``, ``_unread_parts``): a break elsewhere in such a body is not
+read, so not refused; a negative body whose only break is in a field the
+cost caps below rewrite is sent as generated (the caps would mend it), and
+schemathesis's own rules skip a mutation that serialises to a valid body (a
+float that is an integer, ...).
 
 Cost.  The server bounds every request (the contract's limits, the model's
 2,048-token context), but a generated ``n`` of 128 with ``max_tokens`` 2**31
@@ -25,6 +36,7 @@ MLXGATE_SCHEMATHESIS_EXAMPLES sets the examples per operation
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from collections import Counter
@@ -37,8 +49,10 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.config import CheckConfig
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    negative_data_rejection,
     response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
@@ -55,9 +69,26 @@ CHECKS = [
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
+    negative_data_rejection,
 ]
 #: The last event of a Responses stream (named events, no [DONE]).
 RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+#: What a body that breaks the document may get (negative_data_rejection).
+REFUSALS = ["400", "404", "413"]
+#: Ollama routes whose body without this field is a load (or unload): only model and keep_alive are read.
+LOAD_FORMS = {"/api/generate": "prompt", "/api/chat": "messages", "/api/embed": "input", "/api/embeddings": "prompt"}
+
+
+def _unread_parts(path: str, body: Any) -> bool:
+    """Whether the server leaves parts of this body unread on purpose (see the
+    module docstring): Ollama's load/unload forms, /api/show's ``name`` beside ``model``."""
+    if not isinstance(body, dict):
+        return False
+    if path in LOAD_FORMS:
+        return not body.get(LOAD_FORMS[path])
+    return path == "/api/show" and body.get("model") is not None and "name" in body
+
+
 #: Push: 501 by design (README, "Deviations from Ollama").
 UNSUPPORTED = ("/api/push",)
 #: Create, copy, delete and blobs: the session's service manages no models, so
@@ -143,8 +174,24 @@ class StreamItems:
             assert not errors, f"stream item violates the document: {errors[:3]}\n{item[:500]}"
 
 
+class RequestBodies:
+    """Whether a body conforms to an operation's documented request body."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self._validators: dict[tuple[str, str], Any] = {}
+
+    def valid(self, op: Any, body: Any) -> bool:
+        key = (op.path, op.method.lower())
+        if key not in self._validators:
+            schema = self.doc["paths"][op.path][op.method.lower()]["requestBody"]["content"]["application/json"]
+            self._validators[key] = jsonschema_rs.validator_for({**schema["schema"],
+                                                                 "components": self.doc["components"]})
+        return self._validators[key].is_valid(body)
+
+
 def _run_operation(op: Any, mode: Any, examples: int, base: str, session: requests.Session, streams: StreamItems,
-                   statuses: dict[str, Counter]) -> str:
+                   bodies: RequestBodies, statuses: dict[str, Counter]) -> str:
     """Run one operation's examples; the failure, if any, as text."""
     unsupported = op.path.startswith(UNSUPPORTED)
     management = op.path.startswith(MANAGEMENT)
@@ -158,7 +205,15 @@ def _run_operation(op: Any, mode: Any, examples: int, base: str, session: reques
     )
     @given(case=op.as_strategy(generation_mode=mode))
     def check(case: schemathesis.Case) -> None:
-        _cap(case.body)
+        if mode is schemathesis.GenerationMode.NEGATIVE and isinstance(case.body, dict):
+            capped = copy.deepcopy(case.body)
+            _cap(capped)
+            # A case whose only break is in a field the caps rewrite (model, n, token counts) is sent
+            # as generated: the caps would mend it, and the server must refuse it before any work.
+            if not bodies.valid(op, capped):
+                case.body = capped
+        elif mode is not schemathesis.GenerationMode.NEGATIVE:
+            _cap(case.body)
         try:
             _one(case)
         except Exception as e:
@@ -169,13 +224,17 @@ def _run_operation(op: Any, mode: Any, examples: int, base: str, session: reques
         if unsupported:
             response = case.call(base_url=base, session=session, timeout=60)
             assert response.status_code == 501, (response.status_code, response.text[:300])
-            case.validate_response(response, checks=[c for c in CHECKS if c is not not_a_server_error])
+            case.validate_response(response, checks=[c for c in CHECKS
+                                                     if c not in (not_a_server_error, negative_data_rejection)])
         elif management:
             response = case.call(base_url=base, session=session, timeout=60)
             assert response.status_code in (400, 404, 405, 408, 413, 501), (response.status_code, response.text[:300])
-            case.validate_response(response, checks=[c for c in CHECKS if c is not not_a_server_error])
+            case.validate_response(response, checks=[c for c in CHECKS
+                                                     if c not in (not_a_server_error, negative_data_rejection)])
         else:
-            response = case.call_and_validate(base_url=base, session=session, checks=CHECKS, timeout=60)
+            unread = _unread_parts(op.path, case.body)
+            checks = [c for c in CHECKS if not (unread and c is negative_data_rejection)]
+            response = case.call_and_validate(base_url=base, session=session, checks=checks, timeout=60)
             streams.check(case, response)
         statuses.setdefault(op.label, Counter())[response.status_code] += 1
 
@@ -190,8 +249,10 @@ def _run(doc: dict[str, Any], base: str, statuses: dict[str, Counter]) -> list[s
     schema = schemathesis.openapi.from_dict(doc)
     # Read whole streams (schemathesis stops after 20 events by default): their ends are checked.
     schema.config.max_stream_events = 100_000
+    schema.config.checks.negative_data_rejection = CheckConfig(expected_statuses=REFUSALS)
     session = requests.Session()
     streams = StreamItems(doc)
+    bodies = RequestBodies(doc)
     failures: list[str] = []
     for result in schema.get_all_operations():
         op = result.ok()
@@ -202,7 +263,7 @@ def _run(doc: dict[str, Any], base: str, statuses: dict[str, Counter]) -> list[s
             # Bodies that break the document (wrong types, missing fields, bounds): 4xx as documented.
             modes.append((schemathesis.GenerationMode.NEGATIVE, max(1, EXAMPLES // 3)))
         for mode, examples in modes:
-            failure = _run_operation(op, mode, examples, base, session, streams, statuses)
+            failure = _run_operation(op, mode, examples, base, session, streams, bodies, statuses)
             if failure:
                 failures.append(f"{op.label} ({mode.value}): {failure}")
     return failures

@@ -38,6 +38,8 @@ NPM_CI_TIMEOUT_S = 300.0
 CLIENT_TIMEOUT_S = 60.0
 READY_MARKER = "READY-TO-CANCEL"
 
+pytestmark = pytest.mark.outside_pypi
+
 
 def _require_node() -> tuple[str, str]:
     node, npm = shutil.which("node"), shutil.which("npm")

@@ -10,7 +10,6 @@ is tests/test_remote_services.py."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from typing import Any, AsyncIterator, Optional
 
@@ -389,14 +388,8 @@ async def test_time_the_caller_holds_the_stream_is_not_the_remotes_silence(servi
 # ------------------------------------------------------------------ health
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def test_health_serving_draining_unreachable_and_back():
-    port = _free_port()
+async def test_health_serving_draining_unreachable_and_back(held_port):
+    port = held_port.port  # held while the service is gone too, so that it comes back on it
     scripted = ScriptedBackend("mlx", ["m"])
     svc = await start_inference_service(Router([scripted]), port=port)
     a = remote(f"127.0.0.1:{port}", key="")
@@ -442,8 +435,8 @@ async def test_health_serving_draining_unreachable_and_back():
         await a.list_models()
 
 
-async def test_nothing_listening_is_unreachable_and_unavailable():
-    r = remote(f"127.0.0.1:{_free_port()}", key="")
+async def test_nothing_listening_is_unreachable_and_unavailable(held_port):
+    r = remote(held_port.address, key="")
     try:
         with pytest.raises(Unavailable, match="remote:a: "):
             await r.list_models()

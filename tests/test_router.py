@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.scripted_backend import ScriptedBackend
 from tests.fakes.streams import collect
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,12 +64,6 @@ class Recorder:
 
     def answered(self, backend: str, model: str) -> None:
         self.answers.append((backend, model))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat(model: str) -> GenerateRequest:
@@ -101,9 +95,20 @@ async def upstreams():
     await cloud.stop()
 
 
-def http_router(ollama_url: str, cloud: FakeOpenAI, clock=time.monotonic, aliases=True, **router) -> tuple:
+#: The upstream clocks where a test is not about them: far above what a loaded
+#: machine needs for a fake's answer, so only a test that shortens them on
+#: purpose (and makes the fake hang far longer) ever sees one run out.
+ROOMY_CLOCKS = {"first_token_timeout": 10.0, "idle_timeout": 10.0, "connect_timeout": 5.0}
+#: Short clocks, for the tests about them (the fake then hangs for HANG_S).
+SHORT_CLOCKS = {"first_token_timeout": 0.3, "idle_timeout": 0.3, "connect_timeout": 0.5}
+#: A hang that outlasts any clock here (the fake ends it early when the client goes away).
+HANG_S = 60.0
+
+
+def http_router(ollama_url: str, cloud: FakeOpenAI, clock=time.monotonic, aliases=True,
+                clocks: dict[str, float] = ROOMY_CLOCKS, **router) -> tuple:
     cfg = config(**router)
-    cfg.ollama = OllamaConfig(upstream=ollama_url, first_token_timeout=0.3, idle_timeout=0.3, connect_timeout=0.5)
+    cfg.ollama = OllamaConfig(upstream=ollama_url, **clocks)
     cfg.cloud.providers = [CloudProvider("acme", cloud.base_url, api_key_env="ACME_KEY")]
     if aliases:
         cfg.aliases = {"m": ["ollama:tiny", "cloud:acme:gpt-test"]}
@@ -125,6 +130,7 @@ class Row:
     chunks_before_error: list[str] | None = None
     #: seconds between the upstream's lines (lines written together arrive as one chunk)
     chunk_delay: float = 0.0
+    clocks: dict[str, float] = field(default_factory=lambda: ROOMY_CLOCKS)
 
 
 FAULT_MATRIX = [
@@ -132,8 +138,8 @@ FAULT_MATRIX = [
     Row("http-500", Fault("status", 500, "runner died"), answered_by="cloud:acme", reason="UNAVAILABLE"),
     Row("429-retry-after", Fault("status", 429, "busy", retry_after="5"), answered_by="cloud:acme",
         reason="RESOURCE_EXHAUSTED"),
-    Row("timeout-before-first-token", Fault("hang_after_headers", delay=1.0), answered_by="cloud:acme",
-        reason="DEADLINE_EXCEEDED"),
+    Row("timeout-before-first-token", Fault("hang_after_headers", delay=HANG_S), answered_by="cloud:acme",
+        reason="DEADLINE_EXCEEDED", clocks=SHORT_CLOCKS),
     Row("error-line-before-first-token", Fault("error_line", message="oom", after=0), answered_by="cloud:acme",
         reason="UNAVAILABLE"),
     Row("disconnect-mid-stream", Fault("disconnect", after=1), error=Unavailable, chunks_before_error=["Hello"]),
@@ -147,12 +153,12 @@ FAULT_MATRIX = [
 
 
 @pytest.mark.parametrize("row", FAULT_MATRIX, ids=[r.id for r in FAULT_MATRIX])
-async def test_fault_matrix(upstreams, row: Row):
+async def test_fault_matrix(upstreams, row: Row, held_port):
     ollama, cloud = upstreams
-    url = f"http://127.0.0.1:{free_port()}" if row.refused else ollama.url
+    url = held_port.url if row.refused else ollama.url
     ollama.fault = row.fault
     ollama.chunk_delay = row.chunk_delay
-    router, rec = http_router(url, cloud)
+    router, rec = http_router(url, cloud, clocks=row.clocks)
     got: list = []
     try:
         if row.error is not None:
@@ -223,8 +229,9 @@ async def test_cancelling_through_the_router_closes_the_upstream_request(upstrea
 async def test_breaker_opens_after_n_failures_then_skips_the_dead_backend_fast(upstreams):
     ollama, cloud = upstreams
     clock = FakeClock()
-    router, rec = http_router(ollama.url, cloud, clock=clock, breaker_failures=2, breaker_cooldown=30)
-    ollama.fault = Fault("hang", delay=1.0)  # every request times out (0.3 s) before a token
+    router, rec = http_router(ollama.url, cloud, clock=clock, clocks=SHORT_CLOCKS, breaker_failures=2,
+                              breaker_cooldown=30)
+    ollama.fault = Fault("hang", delay=HANG_S)  # every request times out (0.3 s) before a token
     try:
         for _ in range(2):
             t0 = time.monotonic()
@@ -274,11 +281,10 @@ async def test_half_open_lets_one_probe_through_and_a_failed_probe_reopens(upstr
 
         # successful probe, slow to its first token: while it is out, others skip
         clock.advance(11)
-        ollama.fault = Fault("hang_after_headers", delay=0.2)
-        router.backends[0].timeouts.first_token_timeout = 2.0  # slow, but within its clock
+        ollama.fault = Fault("hang_after_headers", delay=2.0)  # slow, but within its clock (10 s)
         before = len(ollama.paths())
         probe = asyncio.create_task(collect(router.generate(chat("m"))))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: len(ollama.paths()) == before + 1, what="the probe reached the upstream")
         assert router.breaker_states()["ollama"] == "half_open"
         other = await collect(router.generate(chat("m")))
         assert other[-1].backend == "cloud:acme"

@@ -54,12 +54,6 @@ LONG = 20.0  # the clock that must not be the one that fires
 HUNG = ["hang", "hang_after_headers", "keepalive"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def chat(model: str) -> GenerateRequest:
     return GenerateRequest(model=model, messages=[Message("user", "hi")])
 

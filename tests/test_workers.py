@@ -82,10 +82,10 @@ def server(tmp_path: Path, test_model_dir: Path) -> Iterator[Server]:
         s.stop()
 
 
-def get(url: str) -> tuple[int, dict[str, str], bytes]:
+def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
     """One request on a new connection (the kernel picks the worker per connection)."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -183,6 +183,23 @@ def test_two_workers_share_the_port_and_metrics_add_up(server: Server, tmp_path:
             break
     else:
         pytest.fail("the other worker never answered")
+
+    # Every worker keeps the one Host rule (gateway.security.TrustGuard.host_allowed), and answers a
+    # request beyond aiohttp's limits with 400 and one WARNING line, no traceback.
+    allowed: set[str] = set()
+    for _ in range(200):
+        status, headers, _ = get(f"{server.http}/api/version", Host="host.docker.internal:11434")
+        assert status == 200
+        allowed.add(headers["x-mlxgate-worker"])
+        if len(allowed) == 2:
+            break
+    assert allowed == {"1", "2"}
+    for _ in range(4):
+        assert get(f"{server.http}/api/version", Host="evil.example.com")[0] == 403
+        assert get(f"{server.http}/api/version?q=" + "a" * 10_000)[0] == 400
+    assert wait_for(lambda: len(re.findall(r"WARNING worker-\d aiohttp.server: malformed HTTP request from",
+                                           server.stderr())) == 4), server.stderr()
+    assert "Traceback" not in server.stderr() and "ERROR" not in server.stderr()
 
     # A second server on the same HTTP port: the one-line refusal, status 2.
     second = subprocess.run(

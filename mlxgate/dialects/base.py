@@ -125,11 +125,23 @@ def b64encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+#: The Python type each JSON Schema type of an ``ignored`` field is checked with.
+_IGNORED_TYPES: dict[str, Any] = {"boolean": bool, "string": str, "number": float, "object": dict[str, Any]}
+
+
 def ignored(json_schema: dict[str, Any]) -> Any:
-    """A field the dialect defines that has no meaning here: accepted whatever
-    its value (lenient, as the front always was) and documented with the
-    dialect's type."""
-    return Annotated[Any, WithJsonSchema({**json_schema, "description": "accepted and ignored"})]
+    """A field the dialect defines that has no meaning here: documented with
+    the dialect's type, type-checked against it (a documented boolean that
+    comes as an object is a 400 naming the field, as the dialect's own server
+    would answer), then ignored.  ``{}``: any value."""
+    kind = json_schema.get("type")
+    if kind == "integer":
+        python: Any = Int
+    elif kind == "array":
+        python = list[Int] if json_schema.get("items", {}).get("type") == "integer" else list[Any]
+    else:
+        python = _IGNORED_TYPES.get(kind, Any) if isinstance(kind, str) else Any
+    return Annotated[python, WithJsonSchema({**json_schema, "description": "accepted and ignored"})]
 
 
 #: What every image must be (checked at the service from its header,

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any, Callable, Optional
 import aiohttp
 
 from tests.mlx_lm_server import ServerDidNotStart, launch_mlx_lm_server
+from tests.ports import HeldPort
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,12 +115,6 @@ def cpu_seconds(pid: Optional[int] = None) -> float:
 # ---------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env.update(extra)
@@ -136,6 +130,8 @@ class Server:
     base: str
     model: str
     log: Optional[Path] = None
+    #: Ports reserved for it (``tests/ports.py``), released once it is gone.
+    ports: list[HeldPort] = field(default_factory=list)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -145,6 +141,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self.release()
+
+    def release(self) -> None:
+        for port in self.ports:
+            port.close()
 
 
 def start_mlxgate(
@@ -170,16 +171,25 @@ def start_mlxgate(
 
 def start_mlx_lm_server(ctx: Context, decode_concurrency: int = 32) -> Server:
     """``mlx_lm.server`` (ships with mlx-lm) on the same model folder; its defaults otherwise."""
-    port = free_port()
-    work = Path(tempfile.mkdtemp(prefix="mlx-lm-bench-"))
+    return start_peer_server("mlx_lm.server", ctx.model_path, "default_model",
+                             "--decode-concurrency", str(decode_concurrency))
+
+
+def start_peer_server(module: str, model: Path, model_id: str, *args: str) -> Server:
+    """A peer's OpenAI-compatible server (``mlx_lm.server``, ``mlx_vlm.server``:
+    the same ``--model``/``--host``/``--port``) on a held port, offline."""
+    held = HeldPort()
+    port = held.port
+    work = Path(tempfile.mkdtemp(prefix=f"{module.split('.')[0]}-bench-"))
     (work / "hf").mkdir()
     log = work / "server.log"
     env = _clean_env({"HF_HUB_CACHE": str(work / "hf")})
     try:
-        proc = launch_mlx_lm_server(ctx.model_path, port, log, env, "--decode-concurrency", str(decode_concurrency))
+        proc = launch_mlx_lm_server(model, port, log, env, *args, module=module)
     except ServerDidNotStart as e:
+        held.close()
         raise SystemExit(str(e)) from None
-    return Server("mlx_lm.server", proc, f"http://127.0.0.1:{port}", "default_model", log)
+    return Server(module, proc, f"http://127.0.0.1:{port}", model_id, log, [held])
 
 
 # ---------------------------------------------------------------- a streaming OpenAI chat client

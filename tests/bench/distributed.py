@@ -31,11 +31,11 @@ from tests.bench.common import (
     Table,
     _clean_env,
     concurrent_streams,
-    free_port,
     median,
     start_mlxgate,
 )
 from tests.bench.engine import BATCH
+from tests.ports import consecutive_held_ports
 
 
 @dataclass
@@ -50,14 +50,16 @@ class LaunchedServer(Server):
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        self.release()
 
 
 def start_distributed(ctx: Context, env: dict[str, str], ranks: int = 2) -> Server:
     """``mlx.launch -n RANKS --backend ring -- -m mlxgate_cli serve --distributed`` on free ports."""
     data = Path(tempfile.mkdtemp(prefix="mlxgate-bench-dist-"))
     launch = str(Path(sys.executable).with_name("mlx.launch"))
+    ports = consecutive_held_ports(ranks)  # the launcher gives rank i the port base + i
     proc = subprocess.Popen(
-        [launch, "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_port()),
+        [launch, "-n", str(ranks), "--backend", "ring", "--starting-port", str(ports[0].port),
          "--python", sys.executable, "--", "-m", "mlxgate_cli", "serve", "--distributed",
          "--port", "0", "--grpc-port", "0", "--models-dir", str(ctx.models_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True,
@@ -67,8 +69,10 @@ def start_distributed(ctx: Context, env: dict[str, str], ranks: int = 2) -> Serv
     m = re.match(r"mlxgate: HTTP (http://\S+)\s+gRPC (\S+)", line)
     if not m:
         os.killpg(proc.pid, signal.SIGKILL)
+        for port in ports:
+            port.close()
         raise SystemExit(f"mlxgate serve --distributed did not start: {line!r}")
-    return LaunchedServer(f"mlxgate --distributed ({ranks} ranks)", proc, m.group(1), ctx.model)
+    return LaunchedServer(f"mlxgate --distributed ({ranks} ranks)", proc, m.group(1), ctx.model, ports=ports)
 
 
 async def run(ctx: Context) -> Section:

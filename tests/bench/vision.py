@@ -23,7 +23,6 @@ import asyncio
 import base64
 import dataclasses
 import io
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +32,12 @@ from tests.bench.common import (
     Section,
     Server,
     Table,
-    _clean_env,
-    free_port,
     median,
     session,
     start_mlxgate,
+    start_peer_server,
     stream_chat,
 )
-from tests.mlx_lm_server import ServerDidNotStart, launch_mlx_lm_server
 
 CLIENTS = (1, 4, 8)
 VLM = "tiny-vlm"
@@ -86,24 +83,12 @@ def _model_dir() -> Path:
     return root
 
 
-def start_mlx_vlm_server(model: Path) -> Server:
-    port = free_port()
-    work = Path(tempfile.mkdtemp(prefix="mlx-vlm-bench-"))
-    (work / "hf").mkdir()
-    log = work / "server.log"
-    try:
-        proc = launch_mlx_lm_server(model, port, log, _clean_env({"HF_HUB_CACHE": str(work / "hf")}),
-                                    module="mlx_vlm.server")
-    except ServerDidNotStart as e:
-        raise SystemExit(str(e)) from None
-    return Server("mlx_vlm.server", proc, f"http://127.0.0.1:{port}", str(model.resolve()), log)
-
-
 async def run(ctx: Context) -> Section:
     vctx = dataclasses.replace(ctx, models_dir=_model_dir(), model=VLM, servers={})
     gate = start_mlxgate(vctx, {"MLXGATE_MAX_BATCH_SIZE": "32"}, "mlxgate (vision)")
     ctx.servers["mlxgate (vision)"] = gate
-    vlm = ctx.servers["mlx_vlm.server"] = start_mlx_vlm_server(vctx.model_path)
+    vlm = ctx.servers["mlx_vlm.server"] = start_peer_server("mlx_vlm.server", vctx.model_path,
+                                                               str(vctx.model_path.resolve()))
     servers = {"mlxgate": gate, "mlx_vlm": vlm}
     for server in servers.values():  # load the model, warm up
         await image_chats(server, 2, 4, "warm")
