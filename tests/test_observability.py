@@ -4,6 +4,7 @@ from a real Prometheus server scraping a running mlxgate."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import os
@@ -18,6 +19,8 @@ import pytest
 from backends.routing import REASONS
 from mlxgate.config import Config, MLXConfig, ServerConfig
 from mlxgate_cli.stack import start_stack
+from backends.mlx.vision.testmodel import write_test_vlm
+from tests.images import png
 from tests.mlx_fixtures import TEST_MODEL
 from tests.ports import HeldPort
 from tests.polling import eventually
@@ -41,10 +44,17 @@ def stack_config(models_dir: Path, dead_upstream: HeldPort) -> Config:
     return cfg
 
 
+VLM = "tiny-vlm"
+
+
 @pytest.fixture(scope="module")
-async def stack(test_model_dir):
+async def stack(test_model_dir, tmp_path_factory):
+    """The generated text model, and a generated VLM beside it (the image panels)."""
+    models = tmp_path_factory.mktemp("observability-models")
+    (models / TEST_MODEL).symlink_to(test_model_dir / TEST_MODEL, target_is_directory=True)
+    write_test_vlm(models, VLM)
     with HeldPort() as dead:
-        s = await start_stack(stack_config(test_model_dir, dead), env={})
+        s = await start_stack(stack_config(models, dead), env={})
         yield s
         await s.stop()
 
@@ -252,10 +262,14 @@ async def test_every_dashboard_query_returns_data(stack, tmp_path, held_port) ->
         async with aiohttp.ClientSession() as session:
             await wait_until_scraping(session, api)
             # Traffic while Prometheus scrapes: successes, a 404, a fallback,
-            # a cancelled stream, an embedding.
+            # a cancelled stream, an embedding, an image chat.
+            image = base64.b64encode(png()).decode()
+
             async def traffic() -> None:
                 for _ in range(8):
                     await chat(session, stack.http_url, TEST_MODEL)
+                    await chat(session, stack.http_url, VLM,
+                               messages=[{"role": "user", "content": "what is this?", "images": [image]}])
                     await chat(session, stack.http_url, TEST_MODEL, stream=True)
                     await chat(session, stack.http_url, "no-such-model")
                     await chat(session, stack.http_url, "fallback-demo")
