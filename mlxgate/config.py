@@ -173,6 +173,23 @@ class KeyEntry:
 #: ``ServerConfig.front_channel``'s values.
 FRONT_CHANNELS = ("in-process", "grpc")
 
+#: KV-cache quantization: the bits and group sizes MLX's quantized attention takes.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+#: The keys of a model's own table, ``[mlx.models."<name>"]``.
+MLX_MODEL_KEYS = ("kv_bits", "kv_group_size", "kv_quant_start")
+
+
+@dataclass(frozen=True)
+class KVCacheSettings:
+    """How one model's KV cache is kept (``MLXConfig.kv_cache_for``)."""
+
+    #: Bits per value (4 or 8); None: full precision.
+    bits: Optional[int] = None
+    group_size: int = 64
+    #: Positions a batch's cache holds at full precision before it is quantized.
+    quant_start: int = 0
+
 
 @dataclass
 class MLXConfig:
@@ -223,6 +240,58 @@ class MLXConfig:
     #: With ``distributed``: seconds a rank may go without a heartbeat (on a
     #: side channel, every 0.5 s) before rank 0 takes the engine out of service.
     distributed_timeout: float = 5.0
+    #: Quantize the KV cache of the running batch and of the prompt-cache
+    #: store to this many bits (8 or 4; None or 0: full precision), in groups
+    #: of ``kv_group_size`` values, once a batch holds more than
+    #: ``kv_quant_start`` positions (``backends/mlx/kv_quant.py``).
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    kv_quant_start: int = 0
+    #: A model's own settings (TOML ``[mlx.models."<name>"]``, the name as
+    #: clients use it, case-insensitive): any of MLX_MODEL_KEYS.
+    models: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def kv_cache_for(self, model: str) -> KVCacheSettings:
+        """``model``'s KV-cache settings: its own table over the defaults; ValueError names a bad value."""
+        own = _model_table(self.models, model)
+        bits = own.get("kv_bits", self.kv_bits)
+        group = own.get("kv_group_size", self.kv_group_size)
+        start = own.get("kv_quant_start", self.kv_quant_start)
+        where = f'mlx.models."{model}"' if own else "mlx"
+        if bits is not None and bits != 0 and bits not in KV_BITS:
+            raise ValueError(f"{where}: kv_bits must be one of {', '.join(map(str, KV_BITS))} "
+                             f"(or 0: full precision), got {bits!r}")
+        if group not in KV_GROUP_SIZES:
+            raise ValueError(f"{where}: kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
+                             f"got {group!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"{where}: kv_quant_start must be 0 or more, got {start!r}")
+        return KVCacheSettings(bits or None, group, start)
+
+
+def _model_table(models: Mapping[str, Mapping[str, Any]], model: str) -> Mapping[str, Any]:
+    """The ``[mlx.models]`` entry of ``model`` (case-insensitive, ":latest" optional); {} when none."""
+    def key(name: str) -> str:
+        name = name.lower()
+        return name[: -len(":latest")] if name.endswith(":latest") else name
+
+    wanted = key(model)
+    return next((v for k, v in models.items() if key(k) == wanted), {})
+
+
+def _check_mlx_models(mlx: MLXConfig) -> None:
+    """A one-line error at start for a bad KV-cache setting, the defaults' or a model's."""
+    if not isinstance(mlx.models, Mapping):
+        raise ValueError('mlx.models: expected [mlx.models."<name>"] tables')
+    for name, table in mlx.models.items():
+        if not isinstance(table, Mapping):
+            raise ValueError(f'mlx.models."{name}": expected a table of {", ".join(MLX_MODEL_KEYS)}')
+        unknown = sorted(set(table) - set(MLX_MODEL_KEYS))
+        if unknown:
+            raise ValueError(f'mlx.models."{name}": unknown key(s) {", ".join(unknown)} '
+                             f"(known: {', '.join(MLX_MODEL_KEYS)})")
+        mlx.kv_cache_for(name)
+    mlx.kv_cache_for("")
 
 
 @dataclass
@@ -464,6 +533,9 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "MLXGATE_DISTRIBUTED": ("mlx", "distributed"),
     "MLXGATE_PIPELINE": ("mlx", "pipeline"),
     "MLXGATE_DISTRIBUTED_TIMEOUT": ("mlx", "distributed_timeout"),
+    "MLXGATE_KV_BITS": ("mlx", "kv_bits"),
+    "MLXGATE_KV_GROUP_SIZE": ("mlx", "kv_group_size"),
+    "MLXGATE_KV_QUANT_START": ("mlx", "kv_quant_start"),
     "OLLAMA_UPSTREAM": ("ollama", "upstream"),
     "HF_ENDPOINT": ("hub", "endpoint"),
     "HF_TOKEN": ("hub", "token"),
@@ -820,6 +892,7 @@ def load_config(
     _check_remotes(cfg)
     _check_keys(cfg, env)
     _check_spend(cfg)
+    _check_mlx_models(cfg.mlx)
     _drop_loops(cfg)
     _upstream_defaults(cfg)
     if cfg.server.responses_max_count < 1 or cfg.server.responses_max_bytes < 1:
