@@ -1,6 +1,6 @@
 """`make bench`: speed and memory, as clients see them, written to .bench/results.json.
 
-Usage: python -m tests.bench.run_bench [--sections hop,workers,basics,engine,stall] [--reps 3]
+Usage: python -m tests.bench.run_bench [--sections hop,workers,basics,engine,stall,memory] [--reps 3]
        [--clients 1,8,32] [--tokens 64] [--size bench|bench-bf16|tiny] [--models-dir DIR --model NAME]
        [--baseline-src DIR]
 
@@ -18,7 +18,11 @@ weights, so only speed and memory mean anything) and runs every section:
 - distributed: the model over 2 ranks (``--distributed``, ring over loopback)
   vs one process, streamed tokens/s;
 - rerank: documents reranked per second through ``/v1/rerank`` at 1, 32 and
-  256 documents per request (``rerank.py``).
+  256 documents per request (``rerank.py``);
+- memory: the KV cache at full precision, 8 and 4 bits (``MLXGATE_KV_BITS``)
+  with 8 streams on ~200-word prompts: bytes in flight, per stream and per
+  token, decode tokens/s, prompt-cache entries the same budget holds, greedy
+  agreement (``memory.py``).
 
 Each section is a module here with ``async def run(ctx) -> Section``
 (``common.py``); add one to ``SECTIONS``.  Comparisons are ratios measured in
@@ -37,11 +41,11 @@ import platform
 import sys
 from pathlib import Path
 
-from tests.bench import basics, distributed, engine, hop, rerank, stall, workers
+from tests.bench import basics, distributed, engine, hop, memory, rerank, stall, workers
 from tests.bench.common import Context, load_average
 
 SECTIONS = {"hop": hop.run, "workers": workers.run, "basics": basics.run, "engine": engine.run, "stall": stall.run,
-            "distributed": distributed.run, "rerank": rerank.run}
+            "distributed": distributed.run, "rerank": rerank.run, "memory": memory.run}
 
 
 def machine() -> dict:
