@@ -227,6 +227,23 @@ class KeyEntry:
 #: ``ServerConfig.front_channel``'s values.
 FRONT_CHANNELS = ("in-process", "grpc")
 
+#: KV-cache quantization: the bits and group sizes MLX's quantized attention takes.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+#: The keys of a model's own table, ``[mlx.models."<name>"]``.
+MLX_MODEL_KEYS = ("kv_bits", "kv_group_size", "kv_quant_start")
+
+
+@dataclass(frozen=True)
+class KVCacheSettings:
+    """How one model's KV cache is kept (``MLXConfig.kv_cache_for``)."""
+
+    #: Bits per value (4 or 8); None: full precision.
+    bits: Optional[int] = None
+    group_size: int = 64
+    #: Positions a batch's cache holds at full precision before it is quantized.
+    quant_start: int = 0
+
 
 @dataclass
 class MLXConfig:
@@ -292,6 +309,62 @@ class MLXConfig:
     distributed_timeout: float = setting(
         5.0, env=("MLXGATE_DISTRIBUTED_TIMEOUT",),
         help="with `--distributed`: seconds a rank may miss its heartbeats before the engine goes out of service")
+    kv_bits: Optional[int] = setting(
+        None, env=("MLXGATE_KV_BITS",),
+        help="quantize the KV cache of the running batch and of the prompt-cache store to this many bits (8 or 4; "
+             "unset or 0: full precision); layers whose caches cannot be quantized stay at full precision "
+             "(`backends/mlx/kv_quant.py`)")
+    kv_group_size: int = setting(64, env=("MLXGATE_KV_GROUP_SIZE",),
+                                 help="values per quantization group of the KV cache (32, 64 or 128)")
+    kv_quant_start: int = setting(
+        0, env=("MLXGATE_KV_QUANT_START",),
+        help="positions a batch's KV cache holds at full precision before it is quantized")
+    models: dict[str, dict[str, int]] = setting(
+        default_factory=dict, toml='[mlx.models."<name>"]',
+        help="a model's own `kv_bits`, `kv_group_size`, `kv_quant_start` (the name as clients use it, "
+             "case-insensitive), over the defaults above")
+
+    def kv_cache_for(self, model: str) -> KVCacheSettings:
+        """``model``'s KV-cache settings: its own table over the defaults; ValueError names a bad value."""
+        own = _model_table(self.models, model)
+        bits = own.get("kv_bits", self.kv_bits)
+        group = own.get("kv_group_size", self.kv_group_size)
+        start = own.get("kv_quant_start", self.kv_quant_start)
+        where = f'mlx.models."{model}"' if own else "mlx"
+        if bits is not None and bits != 0 and bits not in KV_BITS:
+            raise ValueError(f"{where}: kv_bits must be one of {', '.join(map(str, KV_BITS))} "
+                             f"(or 0: full precision), got {bits!r}")
+        if group not in KV_GROUP_SIZES:
+            raise ValueError(f"{where}: kv_group_size must be one of {', '.join(map(str, KV_GROUP_SIZES))}, "
+                             f"got {group!r}")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"{where}: kv_quant_start must be 0 or more, got {start!r}")
+        return KVCacheSettings(bits or None, group, start)
+
+
+def _model_table(models: Mapping[str, Mapping[str, Any]], model: str) -> Mapping[str, Any]:
+    """The ``[mlx.models]`` entry of ``model`` (case-insensitive, ":latest" optional); {} when none."""
+    def key(name: str) -> str:
+        name = name.lower()
+        return name[: -len(":latest")] if name.endswith(":latest") else name
+
+    wanted = key(model)
+    return next((v for k, v in models.items() if key(k) == wanted), {})
+
+
+def check_mlx_models(mlx: MLXConfig) -> None:
+    """A one-line error at start for a bad KV-cache setting, the defaults' or a model's."""
+    if not isinstance(mlx.models, Mapping):
+        raise ValueError('mlx.models: expected [mlx.models."<name>"] tables')
+    for name, table in mlx.models.items():
+        if not isinstance(table, Mapping):
+            raise ValueError(f'mlx.models."{name}": expected a table of {", ".join(MLX_MODEL_KEYS)}')
+        unknown = sorted(set(table) - set(MLX_MODEL_KEYS))
+        if unknown:
+            raise ValueError(f'mlx.models."{name}": unknown key(s) {", ".join(unknown)} '
+                             f"(known: {', '.join(MLX_MODEL_KEYS)})")
+        mlx.kv_cache_for(name)
+    mlx.kv_cache_for("")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from mlxgate.config import (
     RemoteService,
     ServerConfig,
     UpstreamTimeouts,
+    check_mlx_models,
     env_var,
     parse_ollama_host,
 )
@@ -75,6 +76,7 @@ def load_config(
     _check_remotes(cfg)
     _check_keys(cfg, env)
     _check_spend(cfg)
+    check_mlx_models(cfg.mlx)
     _drop_loops(cfg)
     _upstream_defaults(cfg)
     _check_server(cfg.server)

@@ -22,6 +22,11 @@ of the stored cache sharing the longest prefix with its prompt, so only the
 rest of the prompt is evaluated (``Done.cached_prompt_tokens`` counts the
 tokens served from the store).
 
+KV-cache quantization (``kv_quant.py``, ``MLXConfig.kv_bits``): a model
+loaded with it gets a plan of the layers to quantize, and each sequence
+enters the batch with its cache in ``kv_quant``'s classes, so the batch
+keeps those layers' caches quantized (the store then holds them so too).
+
 Prefill is interleaved with decoding (``pacing.py``): while sequences are
 generating, each step processes only as much of a new prompt as fits in
 about ``MLXConfig.prefill_interleave`` decode steps, so a long prompt does
@@ -381,6 +386,10 @@ class Engine:
     def _insert(self, lm: LoadedModel, seq: Sequence, n: int, cache: Any, sampler: Callable, procs: list) -> int:
         """Put ``seq`` into its model's batch, its first ``n`` prompt tokens
         served from ``cache``; its uid in the batch."""
+        if lm.kv_layers is not None:
+            from backends.mlx import kv_quant
+
+            cache = kv_quant.adopt(lm.model, lm.kv_layers, cache)
         (uid,) = lm.generator.insert(
             [seq.prompt_ids[n:]],
             max_tokens=[seq.max_tokens],

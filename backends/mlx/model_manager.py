@@ -67,6 +67,8 @@ class LoadedModel:
     loaded: bool = True
     #: A vision-language model's vision parts (``vision.loader.Vision``); None for a text model.
     vision: Any = None
+    #: Per layer, the KV-cache quantization it gets (``kv_quant.plan``); None: full precision throughout.
+    kv_layers: Optional[list] = None
 
     @property
     def name(self) -> str:
@@ -195,12 +197,21 @@ class ModelManager:
             keep_alive=self._config.default_keep_alive,
             prompt_cache=new_store(self._config.prompt_cache_bytes),
             vision=vision,
+            kv_layers=self._kv_layers(entry, model),
         )
         with self._lock:
             self._loaded[entry.name.lower()] = lm
             self.load_count += 1
         log.info("loaded %s (%.1f MB) in %.2fs", entry.name, size / 1e6, lm.load_duration_ns / 1e9)
         return lm
+
+    def _kv_layers(self, entry: ModelEntry, model: Any) -> Optional[list]:
+        settings = self._config.kv_cache_for(entry.name)
+        if settings.bits is None:
+            return None
+        from backends.mlx import kv_quant
+
+        return kv_quant.plan(model, settings, entry.name)
 
     def release(self, lm: LoadedModel, keep_alive: Optional[float]) -> None:
         """A request using ``lm`` ended; keep_alive decides how long the model stays."""

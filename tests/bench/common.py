@@ -205,6 +205,8 @@ class Stream:
     counts: list[int] = field(default_factory=list)
     t_sent: float = 0.0
     t_end: float = 0.0
+    #: (token text, logprob) of every token, when logprobs were asked for.
+    tokens_logprobs: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def ttft(self) -> float:
@@ -265,6 +267,9 @@ async def stream_chat(
                 deltas += 1
                 out.arrivals.append(now)
                 out.counts.append(sum(len((c.get("logprobs") or {}).get("content") or ()) for c in choices) or 1)
+            for c in choices:
+                content = (c.get("logprobs") or {}).get("content") or ()
+                out.tokens_logprobs += [(t["token"], t["logprob"]) for t in content]
                 if on_event is not None:
                     on_event(out)
             if stop is not None and stop.is_set():

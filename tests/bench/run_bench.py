@@ -1,6 +1,6 @@
 """`make bench`: speed and memory, as clients see them, written to .bench/results.json.
 
-Usage: python -m tests.bench.run_bench [--sections hop,workers,basics,engine,stall,vision] [--reps 3]
+Usage: python -m tests.bench.run_bench [--sections hop,workers,basics,engine,stall,vision,memory] [--reps 3]
        [--clients 1,8,32] [--tokens 64] [--size bench|bench-bf16|tiny] [--models-dir DIR --model NAME]
        [--baseline-src DIR]
 
@@ -21,6 +21,10 @@ weights, so only speed and memory mean anything) and runs every section:
   256 documents per request (``rerank.py``);
 - vision: image chats at 1, 4 and 8 clients on the generated VLM, mlxgate vs
   ``mlx_vlm.server``, tokens/s and time to first token (``vision.py``).
+- memory: the KV cache at full precision, 8 and 4 bits (``MLXGATE_KV_BITS``)
+  with 8 streams on ~200-word prompts: bytes in flight, per stream and per
+  token, decode tokens/s, prompt-cache entries the same budget holds, greedy
+  agreement (``memory.py``).
 
 Each section is a module here with ``async def run(ctx) -> Section``
 (``common.py``); add one to ``SECTIONS``.  Comparisons are ratios measured in
@@ -39,11 +43,11 @@ import platform
 import sys
 from pathlib import Path
 
-from tests.bench import basics, distributed, engine, hop, rerank, stall, vision, workers
+from tests.bench import basics, distributed, engine, hop, memory, rerank, stall, vision, workers
 from tests.bench.common import Context, load_average
 
 SECTIONS = {"hop": hop.run, "workers": workers.run, "basics": basics.run, "engine": engine.run, "stall": stall.run,
-            "distributed": distributed.run, "rerank": rerank.run, "vision": vision.run}
+            "distributed": distributed.run, "rerank": rerank.run, "vision": vision.run, "memory": memory.run}
 
 
 def machine() -> dict:

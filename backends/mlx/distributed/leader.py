@@ -255,7 +255,10 @@ def leader_parts(config: MLXConfig, registry: ModelRegistry) -> tuple[LeaderMana
         log.info("distributed MLX engine: prompt-cache reuse is off")
     if config.max_loaded_models != 1:
         log.info("distributed MLX engine: one model resident at a time")
-    config = dataclasses.replace(config, prompt_cache_bytes=0, max_loaded_models=1)
+    if config.kv_bits or any(t.get("kv_bits") for t in config.models.values()):
+        log.info("distributed MLX engine: KV-cache quantization is off (the other ranks keep full-precision caches)")
+    config = dataclasses.replace(config, prompt_cache_bytes=0, max_loaded_models=1, kv_bits=None,
+                                 models={k: {**t, "kv_bits": 0} for k, t in config.models.items()})
     cluster = Cluster(config)
     if cluster.size < 2:
         raise RuntimeError("--distributed needs at least 2 processes: start them with mlx.launch "
