@@ -26,7 +26,8 @@ from backends.mlx import kv_quant
 from backends.mlx.backend import MLXBackend
 from backends.mlx.testmodel import write_test_model
 from backends.types import Chunk, Done, GenerateRequest, Message, Prompt, Sampling
-from mlxgate.config import KVCacheSettings, MLXConfig, load_config
+from mlxgate.config import KVCacheSettings, MLXConfig
+from mlxgate.config_load import load_config
 from tests.test_mlx_engine import wait_for
 
 pytestmark = pytest.mark.timeout(180)

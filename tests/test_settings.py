@@ -97,7 +97,9 @@ def _value_for(row: Row, tmp_path: Path) -> tuple[str, Any]:
         pem.write_text("-----BEGIN CERTIFICATE-----\n")
         return str(pem), str(pem)
     special = {"server.front_channel": ("grpc", "grpc"), "mlx.default_keep_alive": ("10m", 600.0),
-               "log_level": ("DEBUG", "DEBUG")}
+               "log_level": ("DEBUG", "DEBUG"),
+               # settings with a set of allowed values
+               "mlx.kv_bits": ("8", 8), "mlx.kv_group_size": ("128", 128)}
     if row.key in special:
         return special[row.key]
     kind = row.base_type
