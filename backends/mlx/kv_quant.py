@@ -212,7 +212,7 @@ class BatchQuantizedKVCache(BatchKVCache):
             self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
             self.offset = mx.concatenate([self.offset, other.offset])
             return
-        ref = (self if self.keys is not None else other)
+        ref = self if self.keys is not None else other
         max_idx = max(self._idx, other._idx)
         max_size = max(_length(c.keys) for c in (self, other) if c.keys is not None)
 
