@@ -76,6 +76,20 @@ async def _guard(
     return None
 
 
+async def _streamed(context: grpc.aio.ServicerContext, what: str, stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """``stream``'s items (a progress stream: pull, create); a failure ends
+    the call with a clear status, as ``_guard`` does for a unary call."""
+    try:
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                yield item
+    except BackendError as e:
+        _fail(context, e)
+    except Exception:
+        log.exception("%s failed", what)
+        _fail(context, Internal(f"internal error in {what}"))
+
+
 def _checked(context: grpc.aio.ServicerContext, check: Callable[[], None]) -> bool:
     """Run a validation; False (status set) when the request is outside the contract."""
     try:
@@ -315,19 +329,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> AsyncIterator[pb.CreateModelProgress]:
         from backends.models.convert import create_spec
 
-        try:
+        async def steps() -> AsyncIterator[pb.CreateModelProgress]:
             spec = create_spec(request)
-            async with contextlib.aclosing(self._managing().create(spec)) as steps:
-                async for p in steps:
+            async with contextlib.aclosing(self._managing().create(spec)) as progress:
+                async for p in progress:
                     if p.status == "success":
                         await self._forget_loaded(spec.model)
                     yield pb.CreateModelProgress(status=p.status, digest=p.digest, total=p.total,
                                                  completed=p.completed)
-        except BackendError as e:
-            _fail(context, e)
-        except Exception:
-            log.exception("CreateModel failed")
-            _fail(context, Internal("internal error in CreateModel"))
+
+        async with contextlib.aclosing(_streamed(context, "CreateModel", steps())) as messages:
+            async for m in messages:
+                yield m
 
     async def HasBlob(self, request: pb.HasBlobRequest, context: grpc.aio.ServicerContext) -> pb.HasBlobResponse:
         async def has() -> Optional[int]:
@@ -383,15 +396,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if self.puller is None:
             _fail(context, Unimplemented("pulling models needs the MLX engine, which this service does not run"))
             return
-        try:
-            async with contextlib.aclosing(self.puller.pull(request.model)) as lines:
-                async for line in lines:
-                    yield line.to_pb()
-        except BackendError as e:
-            _fail(context, e)
-        except Exception:
-            log.exception("PullModel failed")
-            _fail(context, Internal("internal error in PullModel"))
+        async with contextlib.aclosing(_streamed(context, "PullModel", self.puller.pull(request.model))) as lines:
+            async for line in lines:
+                yield line.to_pb()
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
         if isinstance(request, Malformed):  # pragma: no cover - the method handler answers those
