@@ -12,10 +12,7 @@ caller's dialect naming the problem.  Timing bounds are generous (a loaded
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 
 import aiohttp
@@ -27,25 +24,13 @@ from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.images import b64, bomb_png, data_url, png
 from tests.mlx_fixtures import TEST_MODEL
-from tests.test_request_bounds import MB100, Served
+from tests.test_request_bounds import MB100, large_body_server
 
 
 @pytest.fixture(scope="module")
 def served(test_model_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
-    env["MLXGATE_MAX_BODY_BYTES"] = str(40 * 1024 * 1024)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0",
-         "--models-dir", str(test_model_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )
-    try:
-        m = re.match(r"mlxgate: HTTP (http://\S+)\s+gRPC (\S+)", proc.stdout.readline())
-        assert m, "mlxgate serve did not start"
-        yield Served(m.group(1), m.group(2), proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with large_body_server(test_model_dir) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ below what the unbounded code took (tens of seconds, gigabytes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import aiohttp
 import grpc
@@ -64,14 +66,14 @@ class Served:
         return grown
 
 
-@pytest.fixture(scope="module")
-def served(test_model_dir):
-    """A real ``mlxgate serve`` process taking 40 MB bodies."""
+@contextlib.contextmanager
+def large_body_server(models_dir) -> Iterator[Served]:
+    """A real ``mlxgate serve`` process taking 40 MB bodies, for its RSS."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env["MLXGATE_MAX_BODY_BYTES"] = str(40 * 1024 * 1024)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0",
-         "--models-dir", str(test_model_dir)],
+         "--models-dir", str(models_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
     )
     try:
@@ -81,6 +83,12 @@ def served(test_model_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(test_model_dir):
+    with large_body_server(test_model_dir) as server:
+        yield server
 
 
 async def post(base: str, path: str, body, **kw) -> tuple[int, dict]:
