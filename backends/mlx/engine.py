@@ -53,7 +53,7 @@ from backends.mlx.prompt_cache import enforce_budget
 from backends.mlx.sequence import EngineStats, Sequence
 from backends.mlx.registry import BACKEND
 from backends.mlx import sampling as sampling_mod
-from backends.mlx.vision import prefill as vision_prefill
+from backends.mlx.vision import mrope, prefill as vision_prefill
 from mlxgate.config import MLXConfig
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,9 @@ class Engine:
                 seq.t_admit_ns = time.perf_counter_ns()
                 key = seq.prompt_ids if seq.vision is None else seq.vision.key
                 cache, n = lm.prompt_cache.fetch(key) if lm.prompt_cache is not None else (None, 0)
+                if lm.vision is not None and lm.vision.mrope:
+                    # Its rope delta rides in its cache (vision/mrope.py).
+                    cache = mrope.place(lm.model, lm.vision, seq.vision, cache)
                 if n:
                     seq.cached_tokens = n
                     self.stats.prompt_cache_hits += 1

@@ -9,24 +9,13 @@ from typing import Optional
 
 #: Architectures whose language model places image tokens with multimodal
 #: rotary positions (M-RoPE: a per-sequence offset after each image).  mlx-lm's
-#: batch places every token at its index, so their image requests are refused
-#: (text requests run); the others (Idefics3/SmolVLM, LLaVA, Gemma 3, PaliGemma,
+#: batch places every token at its index; ``mrope.py`` drives the language
+#: models of ``MROPE_SERVED`` with per-row positions instead, so their image
+#: requests batch with the rest.  The others of ``MROPE_TYPES`` take more from
+#: the vision side than positions (Qwen3-VL's deepstack features fed to early
+#: layers, ...): their image requests are refused (text requests run).  The
+#: remaining architectures (Idefics3/SmolVLM, LLaVA, Gemma 3, PaliGemma,
 #: Mistral 3/Pixtral ...) use plain positions.
-#:
-#: What serving them would take (mlx-vlm 0.7's ``qwen2_vl/language.py`` shows
-#: the pieces): (1) the image part's prefill (``prefill.py``) must pass the
-#: language model the 3-D position ids that ``get_rope_index(ids,
-#: image_grid_thw)`` gives for the whole prompt, sliced per chunk (through
-#: ``TextView`` today only ids, cache and embeddings go, so it would compute
-#: plain positions), and keep the sequence's ``rope_delta`` (max position + 1 -
-#: prompt length, negative after an image); (2) every batched call after that
-#: must pass ``rope_deltas`` of shape [batch, 1] in the batch's current row
-#: order (0 for text rows): the language model adds it to the batched cache's
-#: per-row offsets.  mlx-lm's ``BatchGenerator`` calls the model with ids and
-#: cache only and reorders rows as sequences join and leave, so the engine
-#: would have to hand ``TextView`` the deltas of the generator's active uids
-#: before each ``next()``; its model state (``_rope_deltas``, ``_position_ids``)
-#: is per model, not per sequence, and must not be relied on.
 MROPE_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe", "glm4v",
                          "glm4v_moe", "ernie4_5_moe_vl"})
 
@@ -51,5 +40,15 @@ def vision_type(config: dict) -> Optional[str]:
     return model_type
 
 
+#: M-RoPE architectures whose language model ``mrope.TextView`` drives:
+#: mlx-vlm's ``Qwen2Model`` that takes (3, batch, length) position ids.
+MROPE_SERVED = frozenset({"qwen2_vl", "qwen2_5_vl"})
+
+
 def batches_images(model_type: str) -> bool:
-    return model_type not in MROPE_TYPES
+    return model_type not in MROPE_TYPES or model_type in MROPE_SERVED
+
+
+def uses_mrope(model_type: str) -> bool:
+    """Whether the model's text view is ``mrope.py``'s (per-row multimodal positions)."""
+    return model_type in MROPE_SERVED

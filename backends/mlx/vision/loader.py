@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.mlx.vision.arch import batches_images, vision_type
+from backends.mlx.vision import mrope
+from backends.mlx.vision.arch import batches_images, uses_mrope, vision_type
 
 
 @dataclass(eq=False)
@@ -28,6 +29,8 @@ class Vision:
     #: Token ids that stand for image features in prompts (the prompt cache keys them by content).
     image_token_ids: frozenset
     takes_images: bool = True
+    #: The text view is ``mrope.py``'s: each sequence's cache carries its position delta.
+    mrope: bool = False
 
 
 def _text_view(vlm):
@@ -85,5 +88,6 @@ def load(path: Path, config: dict):
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     eos_ids += list(getattr(processor, "additional_eos_token_ids", None) or [])
     tokenizer = load_tokenizer(path, eos_token_ids=sorted(set(eos_ids)) or None)
-    vision = Vision(vlm, processor, model_type, _image_token_ids(vlm, processor), batches_images(model_type))
-    return _text_view(vlm), tokenizer, vision
+    vision = Vision(vlm, processor, model_type, _image_token_ids(vlm, processor), batches_images(model_type),
+                    uses_mrope(model_type))
+    return (mrope.text_view(vlm) if vision.mrope else _text_view(vlm)), tokenizer, vision

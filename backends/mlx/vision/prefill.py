@@ -37,6 +37,8 @@ class ImagePrefill:
     end: int
     #: Tokens the prompt cache served.
     start: int
+    #: The prompt's (3, 1, L) multimodal positions (``mrope.place``); None: plain positions.
+    positions: Any = None
 
     @property
     def total(self) -> int:
@@ -52,11 +54,12 @@ class ImagePrefill:
         import mlx.core as mx
 
         stop = min(self.end, self.pos + max(1, n))
-        view(self.tokens[:, self.pos:stop], cache=self.cache, input_embeddings=self.embeds[:, self.pos:stop])
+        extra = {} if self.positions is None else {"position_ids": self.positions[:, :, self.pos:stop]}
+        view(self.tokens[:, self.pos:stop], cache=self.cache, input_embeddings=self.embeds[:, self.pos:stop], **extra)
         mx.eval([c.state for c in self.cache])
         count, self.pos = stop - self.pos, stop
         if self.done:
-            self.tokens = self.embeds = None  # the batch needs only the cache
+            self.tokens = self.embeds = self.positions = None  # the batch needs only the cache
         return count
 
 
@@ -71,4 +74,4 @@ def begin(view: Any, vision: Any, ids: VisionIds, cache: Optional[list], cached:
     mx.eval(embeds)
     if cache is None:
         cache = view.make_cache()
-    return ImagePrefill(tokens, embeds, cache, cached, len(ids) - 1, cached)
+    return ImagePrefill(tokens, embeds, cache, cached, len(ids) - 1, cached, getattr(ids, "positions", None))

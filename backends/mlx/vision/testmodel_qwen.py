@@ -1,0 +1,182 @@
+"""A tiny Qwen2-VL the project writes itself, offline (``make-test-model --vision --arch qwen2_vl``).
+
+Qwen2-VL is the architecture with multimodal rotary positions (M-RoPE,
+``mrope.py``) that mlx-vlm runs most plainly: a ViT over 14 x 14 patches (two
+frames deep), a 2 x 2 patch merger and a Qwen2 text model whose rotary
+positions are (time, height, width) triples.  Sizes are tiny: an image is
+resized to between 4 x 4 and 8 x 8 patches, so it becomes 4 to 16 image
+tokens, laid out on a 2-D grid of positions, which is what makes the
+sequence's position run behind its token count after the image (its
+``rope_delta``).  Random weights (gibberish answers), the project's locally
+trained byte-level BPE tokenizer with Qwen's special tokens, Qwen's chat
+template shape, and the processor files mlx-vlm's ``Qwen2VLProcessor`` and
+its numpy port of transformers' ``Qwen2VLImageProcessor`` read: loading,
+preprocessing, prompt expansion and the vision tower all run the real code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from backends.mlx import testmodel as text_model
+
+QWEN_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|image_pad|>", "<|video_pad|>"]
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+#: Image area bounds (pixels): 4 x 4 to 8 x 8 patches, i.e. 4 to 16 image tokens after the 2 x 2 merge.
+MIN_PIXELS = (4 * PATCH_SIZE) ** 2
+MAX_PIXELS = (8 * PATCH_SIZE) ** 2
+CONTEXT = 4096
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for part in message.content %}"
+    "{%- if part.type == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part.type == 'text' %}{{- part.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _config(vocab_size: int, ids: dict[str, int]) -> dict:
+    d = text_model.SIZES["tiny"]
+    half = d.hidden // d.heads // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]  # (t, h, w) shares of the rotary frequencies
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "hidden_size": d.hidden,
+        "intermediate_size": d.intermediate,
+        "num_attention_heads": d.heads,
+        "num_key_value_heads": d.kv_heads,
+        "num_hidden_layers": d.layers,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": section},
+        "max_position_embeddings": CONTEXT,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": False,
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "torch_dtype": "float32",
+        "vision_config": {
+            "model_type": "qwen2_vl",
+            "depth": 1,
+            "embed_dim": 32,
+            "hidden_size": d.hidden,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "in_channels": 3,
+            "patch_size": PATCH_SIZE,
+            "spatial_patch_size": PATCH_SIZE,
+            "spatial_merge_size": MERGE_SIZE,
+            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        },
+    }
+
+
+def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
+    """Weights named and shaped by mlx-vlm's Qwen2-VL model itself."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.models import qwen2_vl
+    from mlx_vlm.utils import update_module_configs
+
+    cfg = json.loads(json.dumps(config))  # from_dict adds text_config to the dict it reads, as in mlx-vlm's load
+    model_config = update_module_configs(qwen2_vl.ModelConfig.from_dict(cfg), qwen2_vl, cfg, ["text", "vision"])
+    model = qwen2_vl.Model(model_config)
+    params = dict(tree_flatten(model.parameters()))
+    keys = mx.random.split(mx.random.key(seed), len(params))
+    weights = {}
+    for key, name in zip(keys, sorted(params)):
+        shape = params[name].shape
+        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
+            w = mx.ones(shape)
+        elif name.endswith(".bias"):
+            w = mx.zeros(shape)
+        elif name.endswith("embed_tokens.weight"):
+            w = mx.random.normal(shape, key=key)
+        elif name.endswith("lm_head.weight"):
+            w = mx.random.normal(shape, key=key) * (3.0 / shape[1] ** 0.5)
+            keep = mx.ones((shape[0], 1))
+            keep[mx.array(special_ids)] = 0.0  # never picked by greedy decoding
+            w = w * keep
+        else:
+            fan_in = 1
+            for n in shape[1:]:
+                fan_in *= n
+            w = mx.random.normal(shape, key=key) * (1.0 / fan_in**0.5)
+        weights[name] = w.astype(mx.float32)
+    mx.eval(weights)
+    return weights
+
+
+def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 0) -> Path:
+    """Write ``out_dir/name/`` (config, weights, tokenizer, processor, template) and return it."""
+    import mlx.core as mx
+    from tokenizers import AddedToken, processors
+
+    path = Path(out_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    tok = text_model.build_tokenizer(fim=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_TOKENS])
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")  # Qwen adds no BOS
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    specials = text_model.SPECIAL_TOKENS + QWEN_TOKENS
+    ids = {t: tok.token_to_id(t) for t in specials + text_model.TEXT_TOKENS}
+    config = _config(vocab_size, ids)
+    weights = _random_weights(config, seed, [ids[t] for t in specials + text_model.TEXT_TOKENS])
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save(str(path / "tokenizer.json"))
+    added = {
+        str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+                 "special": t not in text_model.TEXT_TOKENS}
+        for t, i in ids.items()
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": CONTEXT,
+        "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": QWEN_TOKENS[1:],
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+    (path / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    image_processor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "merge_size": MERGE_SIZE,
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(
+        {**image_processor, "video_processor_type": "Qwen2VLVideoProcessor"}, indent=2))
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}, indent=2))
+    return path
