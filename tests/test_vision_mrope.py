@@ -236,3 +236,31 @@ async def test_an_image_answer_is_mlx_vlms_own(qstack):
 
     assert ours == await asyncio.wrap_future(mlx._engine.call(reference))
     assert events[-1].prompt_tokens == len(ids)
+
+
+async def test_a_quantized_kv_cache_keeps_each_rows_positions(tmp_path):
+    """With ``kv_bits`` (``kv_quant.py``'s cache classes for the layers), the
+    position entry stays as it is: image and text requests at once answer
+    what each answers alone on the same quantized model."""
+    from backends.mlx.kv_quant import KVCacheSettings
+    from backends.mlx.vision.testmodel_qwen import write_test_qwen2_vl
+
+    write_test_qwen2_vl(tmp_path, "wide-qwen", size="tiny-wide-heads")  # 64-wide heads: quantizable
+    b = MLXBackend(MLXConfig(models_dir=str(tmp_path), hf_cache=str(tmp_path / "none"), bootstrap_test_model=False,
+                             kv_bits=8, prompt_cache_bytes=0))
+    try:
+        def req(i: int) -> GenerateRequest:
+            images = [IMAGES[i]] if i < len(IMAGES) else []
+            return GenerateRequest(model="wide-qwen", messages=[Message("user", f"what is {i}?", images=images)],
+                                   sampling=Sampling(temperature=0, max_tokens=8))
+
+        async def answer(r: GenerateRequest) -> list[int]:
+            return [t for e in [e async for e in b.generate(r)][:-1] for t in e.token_ids]
+
+        alone = [await answer(req(i)) for i in range(len(IMAGES) + 1)]
+        assert await asyncio.gather(*[answer(req(i)) for i in range(len(IMAGES) + 1)]) == alone
+        lm = next(m for m in b._manager.loaded() if m.name == "wide-qwen")
+        assert lm.kv_layers == [KVCacheSettings(bits=8), KVCacheSettings(bits=8), None]
+        assert b.stats.max_batch_seen >= 3
+    finally:
+        await b.close()

@@ -343,4 +343,4 @@ def adopt(model: Any, layers: Plan, cache: Optional[list]) -> list:
             out.append(plain)
         else:
             raise TypeError(f"layer cache {type(c).__name__} where a plain KV cache was planned")
-    return out + list(cache[len(out):])  # entries beyond the layers (vision/mrope.py's deltas)
+    return out

@@ -45,8 +45,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def _config(vocab_size: int, ids: dict[str, int]) -> dict:
-    d = text_model.SIZES["tiny"]
+def _config(vocab_size: int, ids: dict[str, int], size: str) -> dict:
+    d = text_model.SIZES[size]
     half = d.hidden // d.heads // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]  # (t, h, w) shares of the rotary frequencies
     return {
@@ -121,8 +121,9 @@ def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
     return weights
 
 
-def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 0) -> Path:
-    """Write ``out_dir/name/`` (config, weights, tokenizer, processor, template) and return it."""
+def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 0, size: str = "tiny") -> Path:
+    """Write ``out_dir/name/`` (config, weights, tokenizer, processor, template) and return it;
+    ``size``: the text model's, a key of ``testmodel.SIZES``."""
     import mlx.core as mx
     from tokenizers import AddedToken, processors
 
@@ -134,7 +135,7 @@ def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     specials = text_model.SPECIAL_TOKENS + QWEN_TOKENS
     ids = {t: tok.token_to_id(t) for t in specials + text_model.TEXT_TOKENS}
-    config = _config(vocab_size, ids)
+    config = _config(vocab_size, ids, size)
     weights = _random_weights(config, seed, [ids[t] for t in specials + text_model.TEXT_TOKENS])
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(config, indent=2))
