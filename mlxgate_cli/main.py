@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the end of a turn, such as Claude Code)")
     model.add_argument("--vision", action="store_true",
                        help="a vision-language model instead (Idefics3 architecture, run by mlx-vlm): takes images")
-    model.add_argument("--arch", choices=("idefics3", "qwen2_vl"), default="idefics3",
-                       help="with --vision: the architecture (qwen2_vl: multimodal rotary positions; "
-                            "default name tiny-qwen2-vl)")
+    model.add_argument("--arch", choices=("idefics3", "qwen2_vl", "qwen2_5_vl"), default="idefics3",
+                       help="with --vision: the architecture (qwen2_vl, qwen2_5_vl: multimodal rotary positions; "
+                            "default names tiny-qwen2-vl, tiny-qwen2.5-vl)")
     client_cli.add_verbs(sub)
     return parser
 
@@ -157,10 +157,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mlxgate.memory import limit_arenas
 
     limit_arenas()
-    if args.command == "make-test-model" and args.vision and args.arch == "qwen2_vl":
-        from backends.mlx.vision.testmodel_qwen import write_test_qwen2_vl
+    if args.command == "make-test-model" and args.vision and args.arch != "idefics3":
+        from backends.mlx.vision.testmodel_qwen import write_test_qwen_vl
 
-        print(write_test_qwen2_vl(Path(args.dir).expanduser(), name=args.name or "tiny-qwen2-vl", seed=args.seed))
+        name = args.name or {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}[args.arch]
+        print(write_test_qwen_vl(Path(args.dir).expanduser(), name=name, seed=args.seed, arch=args.arch))
         return 0
     if args.command == "make-test-model" and args.vision:
         from backends.mlx.vision.testmodel import write_test_vlm

@@ -204,20 +204,14 @@ async def test_an_answer_from_the_prompt_cache_is_the_answer_without_it(qstack):
     assert cached_text == fresh_text and cached_done.prompt_tokens == fresh_done.prompt_tokens
 
 
-async def test_an_image_answer_is_mlx_vlms_own(qstack):
-    """The engine's greedy answer is the one mlx-vlm's own model call gives
-    (the whole prompt with the pixels, then a token at a time: positions from
-    the state the model keeps for its one sequence)."""
+async def mlx_vlms_answer(b: MLXBackend, model: str, req: GenerateRequest) -> list[int]:
+    """The greedy answer of mlx-vlm's own model call on ``req``'s prompt: the
+    whole prompt with the pixels, then a token at a time (positions from the
+    state the model keeps for its one sequence).  On the MLX thread."""
     from backends.mlx.vision import prompt as vision_prompt
 
-    _, mlx = qstack
-    req = GenerateRequest(model=QWEN, messages=[Message("user", "what is it?", images=[IMAGES[2]])],
-                          sampling=Sampling(temperature=0, max_tokens=8))
-    await _forget_prompts(mlx)
-    events = [e async for e in mlx.generate(req)]
-    ours = [t for e in events[:-1] for t in e.token_ids]
-    lm = next(m for m in mlx._manager.loaded() if m.name == QWEN)
-    ids = await asyncio.to_thread(vision_prompt.build, req, lm.vision, QWEN)
+    lm = next(m for m in b._manager.loaded() if m.name == model)
+    ids = await asyncio.to_thread(vision_prompt.build, req, lm.vision, model)
 
     def reference() -> list[int]:
         import mlx.core as mx
@@ -228,14 +222,49 @@ async def test_an_image_answer_is_mlx_vlms_own(qstack):
         pixels = {k: mx.array(v) for k, v in ids.pixels.items()}
         logits = vlm(mx.array([list(ids)]), cache=cache, **pixels).logits
         out = []
-        for _ in range(8):
+        for _ in range(req.sampling.max_tokens):
             token = mx.argmax(logits[:, -1, :], axis=-1)
             out.append(int(token.item()))
             logits = vlm.language_model(token[None], cache=cache).logits
         return out
 
-    assert ours == await asyncio.wrap_future(mlx._engine.call(reference))
-    assert events[-1].prompt_tokens == len(ids)
+    return await asyncio.wrap_future(b._engine.call(reference))
+
+
+async def test_an_image_answer_is_mlx_vlms_own(qstack):
+    _, mlx = qstack
+    req = GenerateRequest(model=QWEN, messages=[Message("user", "what is it?", images=[IMAGES[2]])],
+                          sampling=Sampling(temperature=0, max_tokens=8))
+    await _forget_prompts(mlx)
+    events = [e async for e in mlx.generate(req)]
+    assert [t for e in events[:-1] for t in e.token_ids] == await mlx_vlms_answer(mlx, QWEN, req)
+    assert events[-1].prompt_tokens > image_tokens(2)
+
+
+async def test_qwen2_5_vl_image_requests_batched_answer_as_alone_and_as_mlx_vlm(tmp_path):
+    """Qwen2.5-VL (its own vision tower, the same positions): image and text
+    requests at once answer what each answers alone, which is mlx-vlm's answer."""
+    from backends.mlx.vision.testmodel_qwen import write_test_qwen_vl
+
+    write_test_qwen_vl(tmp_path, "tiny-qwen2.5-vl", arch="qwen2_5_vl")
+    b = MLXBackend(MLXConfig(models_dir=str(tmp_path), hf_cache=str(tmp_path / "none"), bootstrap_test_model=False,
+                             prompt_cache_bytes=0))
+    try:
+        def req(i: int) -> GenerateRequest:
+            images = [IMAGES[i]] if i < len(IMAGES) else []
+            return GenerateRequest(model="tiny-qwen2.5-vl", messages=[Message("user", f"what is {i}?", images=images)],
+                                   sampling=Sampling(temperature=0, max_tokens=8))
+
+        async def answer(r: GenerateRequest) -> list[int]:
+            return [t for e in [e async for e in b.generate(r)][:-1] for t in e.token_ids]
+
+        alone = [await answer(req(i)) for i in range(len(IMAGES) + 1)]
+        assert await asyncio.gather(*[answer(req(i)) for i in range(len(IMAGES) + 1)]) == alone
+        assert b.stats.max_batch_seen >= 3
+        for i in (0, 2):
+            assert alone[i] == await mlx_vlms_answer(b, "tiny-qwen2.5-vl", req(i))
+    finally:
+        await b.close()
 
 
 async def test_a_quantized_kv_cache_keeps_each_rows_positions(tmp_path):
@@ -243,9 +272,9 @@ async def test_a_quantized_kv_cache_keeps_each_rows_positions(tmp_path):
     position entry stays as it is: image and text requests at once answer
     what each answers alone on the same quantized model."""
     from backends.mlx.kv_quant import KVCacheSettings
-    from backends.mlx.vision.testmodel_qwen import write_test_qwen2_vl
+    from backends.mlx.vision.testmodel_qwen import write_test_qwen_vl
 
-    write_test_qwen2_vl(tmp_path, "wide-qwen", size="tiny-wide-heads")  # 64-wide heads: quantizable
+    write_test_qwen_vl(tmp_path, "wide-qwen", size="tiny-wide-heads")  # 64-wide heads: quantizable
     b = MLXBackend(MLXConfig(models_dir=str(tmp_path), hf_cache=str(tmp_path / "none"), bootstrap_test_model=False,
                              kv_bits=8, prompt_cache_bytes=0))
     try:

@@ -1,4 +1,4 @@
-"""A tiny Qwen2-VL the project writes itself, offline (``make-test-model --vision --arch qwen2_vl``).
+"""A tiny Qwen2-VL or Qwen2.5-VL the project writes itself, offline (``make-test-model --vision --arch qwen2_vl``).
 
 Qwen2-VL is the architecture with multimodal rotary positions (M-RoPE,
 ``mrope.py``) that mlx-vlm runs most plainly: a ViT over 14 x 14 patches (two
@@ -12,6 +12,8 @@ trained byte-level BPE tokenizer with Qwen's special tokens, Qwen's chat
 template shape, and the processor files mlx-vlm's ``Qwen2VLProcessor`` and
 its numpy port of transformers' ``Qwen2VLImageProcessor`` read: loading,
 preprocessing, prompt expansion and the vision tower all run the real code.
+Qwen2.5-VL (``arch="qwen2_5_vl"``) is the same language model and positions
+with its own vision tower (RMS norms, SwiGLU, windowed attention).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ TEMPORAL_PATCH_SIZE = 2
 MIN_PIXELS = (4 * PATCH_SIZE) ** 2
 MAX_PIXELS = (8 * PATCH_SIZE) ** 2
 CONTEXT = 4096
+#: The architectures written (mlx-vlm's model_type -> Hugging Face's class name).
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -45,13 +51,24 @@ CHAT_TEMPLATE = (
 )
 
 
-def _config(vocab_size: int, ids: dict[str, int], size: str) -> dict:
+def _vision_config(arch: str, text_hidden: int) -> dict:
+    common = {"model_type": arch, "depth": 2, "num_heads": 2, "in_channels": 3, "patch_size": PATCH_SIZE,
+              "spatial_patch_size": PATCH_SIZE, "spatial_merge_size": MERGE_SIZE,
+              "temporal_patch_size": TEMPORAL_PATCH_SIZE}
+    if arch == "qwen2_vl":
+        return {**common, "embed_dim": 32, "hidden_size": text_hidden, "mlp_ratio": 2}
+    # Qwen2.5-VL: windowed attention in the blocks but the last (windows of 2 x 2 merged tokens).
+    return {**common, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": text_hidden,
+            "window_size": 2 * MERGE_SIZE * PATCH_SIZE, "fullatt_block_indexes": [1], "tokens_per_second": 2}
+
+
+def _config(vocab_size: int, ids: dict[str, int], size: str, arch: str) -> dict:
     d = text_model.SIZES[size]
     half = d.hidden // d.heads // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]  # (t, h, w) shares of the rotary frequencies
     return {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
-        "model_type": "qwen2_vl",
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
         "hidden_size": d.hidden,
         "intermediate_size": d.intermediate,
         "num_attention_heads": d.heads,
@@ -69,32 +86,22 @@ def _config(vocab_size: int, ids: dict[str, int], size: str) -> dict:
         "vision_end_token_id": ids["<|vision_end|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "torch_dtype": "float32",
-        "vision_config": {
-            "model_type": "qwen2_vl",
-            "depth": 1,
-            "embed_dim": 32,
-            "hidden_size": d.hidden,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "in_channels": 3,
-            "patch_size": PATCH_SIZE,
-            "spatial_patch_size": PATCH_SIZE,
-            "spatial_merge_size": MERGE_SIZE,
-            "temporal_patch_size": TEMPORAL_PATCH_SIZE,
-        },
+        "vision_config": _vision_config(arch, d.hidden),
     }
 
 
 def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
-    """Weights named and shaped by mlx-vlm's Qwen2-VL model itself."""
+    """Weights named and shaped by mlx-vlm's model itself."""
+    import importlib
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_vlm.models import qwen2_vl
     from mlx_vlm.utils import update_module_configs
 
+    arch = importlib.import_module(f"mlx_vlm.models.{config['model_type']}")
     cfg = json.loads(json.dumps(config))  # from_dict adds text_config to the dict it reads, as in mlx-vlm's load
-    model_config = update_module_configs(qwen2_vl.ModelConfig.from_dict(cfg), qwen2_vl, cfg, ["text", "vision"])
-    model = qwen2_vl.Model(model_config)
+    model_config = update_module_configs(arch.ModelConfig.from_dict(cfg), arch, cfg, ["text", "vision"])
+    model = arch.Model(model_config)
     params = dict(tree_flatten(model.parameters()))
     keys = mx.random.split(mx.random.key(seed), len(params))
     weights = {}
@@ -121,9 +128,10 @@ def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
     return weights
 
 
-def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 0, size: str = "tiny") -> Path:
+def write_test_qwen_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 0, size: str = "tiny",
+                       arch: str = "qwen2_vl") -> Path:
     """Write ``out_dir/name/`` (config, weights, tokenizer, processor, template) and return it;
-    ``size``: the text model's, a key of ``testmodel.SIZES``."""
+    ``size``: the text model's, a key of ``testmodel.SIZES``; ``arch``: a key of ``ARCHITECTURES``."""
     import mlx.core as mx
     from tokenizers import AddedToken, processors
 
@@ -135,7 +143,7 @@ def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     specials = text_model.SPECIAL_TOKENS + QWEN_TOKENS
     ids = {t: tok.token_to_id(t) for t in specials + text_model.TEXT_TOKENS}
-    config = _config(vocab_size, ids, size)
+    config = _config(vocab_size, ids, size, arch)
     weights = _random_weights(config, seed, [ids[t] for t in specials + text_model.TEXT_TOKENS])
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -161,7 +169,7 @@ def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     image_processor = {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": PROCESSORS[arch],
         "do_convert_rgb": True,
         "do_resize": True,
         "do_rescale": True,
@@ -178,6 +186,6 @@ def write_test_qwen2_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 
     (path / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2))
     (path / "video_preprocessor_config.json").write_text(json.dumps(
         {**image_processor, "video_processor_type": "Qwen2VLVideoProcessor"}, indent=2))
-    (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+    (path / "processor_config.json").write_text(json.dumps({"processor_class": PROCESSORS[arch]}, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": config["eos_token_id"]}, indent=2))
     return path
