@@ -16,9 +16,12 @@ tokens an image becomes); mlxgate keeps its own engine around them:
   cache, a paced chunk per engine step (the same ``PrefillPacer`` that sizes
   the batch's own prompt chunks), which then joins the model's batch exactly
   as a prompt-cache hit does.
+- ``mrope``: the text view of Qwen2-VL / Qwen2.5-VL, whose image tokens sit
+  on a grid of rotary positions: each sequence's position offset rides in
+  its cache list, and every batched call gets each row's positions.
 
 So decoding is one batch for image and text requests alike; text-only
-requests to a VLM never touch the vision code; the prompt part holding
+requests to a VLM never touch the vision tower or processor; the prompt part holding
 images is prefilled in chunks between decode steps, so running streams keep
 their pace (several image prompts admitted together each advance a chunk per
 step, each in its own forward pass: mlx-lm's batch takes token ids, not
