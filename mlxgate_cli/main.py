@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vision", action="store_true",
                        help="a vision-language model instead (Idefics3 architecture, run by mlx-vlm): takes images")
     model.add_argument("--arch", choices=("idefics3", "qwen2_vl", "qwen2_5_vl"), default="idefics3",
-                       help="with --vision: the architecture (qwen2_vl, qwen2_5_vl: multimodal rotary positions; "
-                            "default names tiny-qwen2-vl, tiny-qwen2.5-vl)")
+                       help="the vision-language architecture (implies --vision; qwen2_vl, qwen2_5_vl: multimodal "
+                            "rotary positions, default names tiny-qwen2-vl, tiny-qwen2.5-vl)")
     client_cli.add_verbs(sub)
     return parser
 
@@ -157,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mlxgate.memory import limit_arenas
 
     limit_arenas()
-    if args.command == "make-test-model" and args.vision and args.arch != "idefics3":
+    if args.command == "make-test-model" and args.arch != "idefics3":  # (a VLM architecture: --vision implied)
         from backends.mlx.vision.testmodel_qwen import write_test_qwen_vl
 
         name = args.name or {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}[args.arch]
