@@ -85,6 +85,7 @@ def _config(vocab_size: int, ids: dict[str, int], size: str, arch: str) -> dict:
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+        "bos_token_id": ids["<|endoftext|>"],  # as Qwen's configs name it (the tokenizer adds none)
         "torch_dtype": "float32",
         "vision_config": _vision_config(arch, d.hidden),
     }
