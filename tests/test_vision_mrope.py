@@ -267,7 +267,7 @@ async def test_qwen2_5_vl_image_requests_batched_answer_as_alone_and_as_mlx_vlm(
         await b.close()
 
 
-async def test_a_quantized_kv_cache_keeps_each_rows_positions(tmp_path):
+async def test_a_quantized_kv_cache_keeps_each_rows_positions(tmp_path, caplog):
     """With ``kv_bits`` (``kv_quant.py``'s cache classes for the layers), the
     position entry stays as it is: image and text requests at once answer
     what each answers alone on the same quantized model."""
@@ -290,6 +290,8 @@ async def test_a_quantized_kv_cache_keeps_each_rows_positions(tmp_path):
         assert await asyncio.gather(*[answer(req(i)) for i in range(len(IMAGES) + 1)]) == alone
         lm = next(m for m in b._manager.loaded() if m.name == "wide-qwen")
         assert lm.kv_layers == [KVCacheSettings(bits=8), KVCacheSettings(bits=8), None]
+        # Every layer quantized: no "kept at full precision" warning for the positions entry.
+        assert not [r for r in caplog.records if r.name == "backends.mlx.kv_quant" and r.levelname == "WARNING"]
         assert b.stats.max_batch_seen >= 3
     finally:
         await b.close()

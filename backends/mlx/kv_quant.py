@@ -303,8 +303,10 @@ def plan(model: Any, settings: KVCacheSettings, name: str) -> Optional[Plan]:
         return None
     layers: Plan = []
     kept: Counter = Counter()
-    for c in probe:
-        if type(c) is not KVCache:
+    for i, c in enumerate(probe):
+        if i >= len(model.layers):  # not a layer's (vision/mrope.py's positions): kept, unreported
+            layers.append(None)
+        elif type(c) is not KVCache:
             kept[type(c).__name__] += 1
             layers.append(None)
         elif c.keys is None or c.keys.shape[-1] % settings.group_size or c.values.shape[-1] % settings.group_size:
@@ -321,7 +323,7 @@ def plan(model: Any, settings: KVCacheSettings, name: str) -> Optional[Plan]:
         return None
     if kept:
         log.warning("%s: KV cache at %d bits in %d of %d layers; kept at full precision: %s",
-                    name, settings.bits, quantized, len(layers), why)
+                    name, settings.bits, quantized, min(len(layers), len(model.layers)), why)
     else:
         log.info("%s: KV cache at %d bits (groups of %d, from position %d)",
                  name, settings.bits, settings.group_size, settings.quant_start)
