@@ -204,6 +204,27 @@ async def test_an_answer_from_the_prompt_cache_is_the_answer_without_it(qstack):
     assert cached_text == fresh_text and cached_done.prompt_tokens == fresh_done.prompt_tokens
 
 
+async def test_a_text_request_served_from_an_image_conversations_cache_is_at_plain_positions(qstack):
+    """A stored image sequence's cache carries its offset; a text request
+    that shares only the text before the image starts from it at offset 0."""
+    _, mlx = qstack
+
+    async def answer(r: GenerateRequest):
+        events = [e async for e in mlx.generate(r)]
+        return [t for e in events[:-1] for t in e.token_ids], events[-1]
+
+    text = GenerateRequest(model=QWEN, messages=[Message("user", "what is in the sky today?")],
+                           sampling=Sampling(temperature=0, max_tokens=8))
+    await _forget_prompts(mlx)
+    fresh, fresh_done = await answer(text)
+    await _forget_prompts(mlx)
+    await answer(GenerateRequest(model=QWEN, messages=[Message("user", "what is it?", images=[IMAGES[3]])],
+                                 sampling=Sampling(temperature=0, max_tokens=2)))
+    served, served_done = await answer(text)
+    assert fresh_done.cached_prompt_tokens == 0 < served_done.cached_prompt_tokens
+    assert served == fresh
+
+
 async def mlx_vlms_answer(b: MLXBackend, model: str, req: GenerateRequest) -> list[int]:
     """The greedy answer of mlx-vlm's own model call on ``req``'s prompt: the
     whole prompt with the pixels, then a token at a time (positions from the
