@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--group-by", help="comma-separated key, backend, model (default all three)")
     usage.add_argument("--json", action="store_true", help="print the answer as JSON")
 
+    from backends.mlx.vision.families import FAMILIES  # names only (no MLX import)
+
     model = sub.add_parser(
         "make-test-model",
         help="write a small random-weight model into DIR (for trying things out)",
@@ -118,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a variant that ends its turns by itself after a few tokens (for clients that wait for "
                             "the end of a turn, such as Claude Code)")
     model.add_argument("--vision", action="store_true",
-                       help="a vision-language model instead (Idefics3 architecture, run by mlx-vlm): takes images")
+                       help="a vision-language model instead (run by mlx-vlm): takes images")
+    model.add_argument("--arch", default="idefics3", choices=list(FAMILIES),
+                       help="with --vision: the architecture; the model is named tiny-vlm for idefics3, "
+                            "tiny-<arch> for the others")
     client_cli.add_verbs(sub)
     return parser
 
@@ -157,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "make-test-model" and args.vision:
         from backends.mlx.vision.testmodel import write_test_vlm
 
-        print(write_test_vlm(Path(args.dir).expanduser(), name=args.name or "tiny-vlm", seed=args.seed))
+        print(write_test_vlm(Path(args.dir).expanduser(), name=args.name or "", seed=args.seed, arch=args.arch))
         return 0
     if args.command == "make-test-model":
         from backends.mlx.testmodel import CONTEXT, write_test_model

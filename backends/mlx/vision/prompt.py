@@ -108,6 +108,12 @@ def _key(ids: list[int], image_ids: frozenset, images: list[bytes]) -> tuple[lis
     return key, first, end
 
 
+def _adds_bos(tok) -> bool:
+    """Whether the tokenizer starts what it encodes with its bos token."""
+    ids = tok("")["input_ids"]
+    return bool(ids) and ids[0] == tok.bos_token_id
+
+
 def build(req: GenerateRequest, vision, model: str) -> VisionIds:
     """Prompt ids of a request with images for the VLM ``vision`` (``loader.Vision``)."""
     named = request_images(req)
@@ -116,9 +122,12 @@ def build(req: GenerateRequest, vision, model: str) -> VisionIds:
     text = _text(req, vision.processor, model)
     tok = getattr(vision.processor, "tokenizer", vision.processor)
     bos: Optional[str] = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos) and _adds_bos(tok):
+        # The tokenizer adds it again; not ``add_special_tokens=False``: some
+        # processors (LLaVA's) hand every keyword to the image processor too.
+        text = text[len(bos):]
     try:
-        out = vision.processor(text=[text], images=pictures, return_tensors="np",
-                               add_special_tokens=not (bos and text.startswith(bos)))
+        out = vision.processor(text=[text], images=pictures, return_tensors="np")
     except (ValueError, TypeError, IndexError) as e:
         raise InvalidArgument(f"images: {model}'s processor refused the request: {e}") from None
     ids = [int(t) for t in out["input_ids"][0]]
