@@ -18,7 +18,7 @@ import pytest
 from backends.mlx.backend import MLXBackend
 from backends.mlx.vision.families import FAMILIES
 from backends.mlx.vision.testmodel import default_name, write_test_vlm
-from backends.types import GenerateRequest, Message, Sampling
+from backends.types import GenerateRequest, Message, Prompt, Sampling
 from mlxgate.config import MLXConfig
 from tests.images import png
 
@@ -77,6 +77,11 @@ async def test_an_image_request_batched_with_text_answers_as_alone(backend, arch
     text_tokens = len(lm.tokenizer.encode("what is this?"))
     assert done.prompt_tokens >= text_tokens + MIN_IMAGE_TOKENS[arch], (arch, done.prompt_tokens)
     assert backend.stats.multi_seq_steps > steps, f"{arch}: the image and text requests never shared a step"
+    # A raw prompt: the family's own placeholder goes before the text, once per image.
+    raw = GenerateRequest(model=model, prompt=Prompt("describe", raw=True, images=[IMG, IMG]),
+                          sampling=Sampling(temperature=0, max_tokens=2))
+    _, raw_done = await _answer(backend, raw)
+    assert raw_done.prompt_tokens >= 2 * MIN_IMAGE_TOKENS[arch], (arch, raw_done.prompt_tokens)
 
 
 def test_make_test_model_takes_the_architecture(tmp_path):

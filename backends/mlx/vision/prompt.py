@@ -63,7 +63,9 @@ def _template_dict(m: Message) -> dict:
 
 
 def _image_token_text(processor) -> str:
-    token = getattr(processor, "image_token", None)
+    """What a prompt holds per image before expansion: Gemma 3's begin-of-image
+    token (its image token is what that expands to), else the image token."""
+    token = getattr(processor, "boi_token", None) or getattr(processor, "image_token", None)
     if not isinstance(token, str):
         raise InvalidArgument("raw prompts with images need a model whose processor names its image token")
     return token
