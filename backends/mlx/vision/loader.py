@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.mlx.vision.arch import batches_images, vision_type
+from backends.mlx.vision.detail import untiled
 
 
 @dataclass(eq=False)
@@ -28,6 +29,8 @@ class Vision:
     #: Token ids that stand for image features in prompts (the prompt cache keys them by content).
     image_token_ids: frozenset
     takes_images: bool = True
+    #: The processor with image tiling off, for requests whose images are all "low" detail (``detail.py``).
+    untiled_processor: Any = None
 
 
 def _text_view(vlm):
@@ -85,5 +88,6 @@ def load(path: Path, config: dict):
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     eos_ids += list(getattr(processor, "additional_eos_token_ids", None) or [])
     tokenizer = load_tokenizer(path, eos_token_ids=sorted(set(eos_ids)) or None)
-    vision = Vision(vlm, processor, model_type, _image_token_ids(vlm, processor), batches_images(model_type))
+    vision = Vision(vlm, processor, model_type, _image_token_ids(vlm, processor), batches_images(model_type),
+                    untiled(processor))
     return _text_view(vlm), tokenizer, vision
