@@ -184,6 +184,12 @@ class Message:
             image_details=[_PB_TO_DETAIL.get(d, "auto") for d in m.image_details],
         )
 
+    def details(self) -> list[str]:
+        """Each image's detail ("auto" where none was given)."""
+        if len(self.image_details) != len(self.images):
+            return ["auto"] * len(self.images)
+        return list(self.image_details)
+
     def to_template_dict(self) -> dict:
         """The shape Hugging Face chat templates expect."""
         d: dict[str, Any] = {"role": self.role, "content": self.content}

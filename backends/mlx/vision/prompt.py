@@ -53,7 +53,7 @@ def request_details(req: GenerateRequest) -> list[str]:
     """Every image's detail ("low", "high" or "auto"), in the order of ``request_images``."""
     if req.prompt is not None:
         return ["auto"] * len(req.prompt.images)
-    return [(m.image_details or ["auto"] * len(m.images))[j] for m in req.messages or [] for j in range(len(m.images))]
+    return [d for m in req.messages or [] for d in m.details()]
 
 
 def has_images(req: GenerateRequest) -> bool:
