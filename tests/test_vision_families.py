@@ -16,7 +16,7 @@ import json
 import pytest
 
 from backends.mlx.backend import MLXBackend
-from backends.mlx.vision.families import FAMILIES
+from backends.mlx.vision.families import FAMILIES, GEMMA3_WINDOW
 from backends.mlx.vision.testmodel import default_name, write_test_vlm
 from backends.types import GenerateRequest, Message, Prompt, Sampling
 from mlxgate.config import MLXConfig
@@ -92,3 +92,22 @@ def test_make_test_model_takes_the_architecture(tmp_path):
     assert config["model_type"] == "llava" and config["vision_config"]["model_type"] == "clip_vision_model"
     assert main(["make-test-model", str(tmp_path), "--vision"]) == 0
     assert json.loads((tmp_path / "tiny-vlm" / "config.json").read_text())["model_type"] == "idefics3"
+
+
+async def test_gemma3_follow_up_turn_from_its_rotating_caches(backend):
+    """Gemma 3's sliding-window layers keep rotating caches (the window, 16,
+    is shorter than the prompt): the next turn about the same image reuses
+    the cached prefix and answers as it does from nothing."""
+    model = default_name("gemma3")
+    first = [Message("user", "what is this? tell me more about it please", images=[IMG])]
+    ids, _ = await _answer(backend, GenerateRequest(model=model, messages=first,
+                                                    sampling=Sampling(temperature=0, max_tokens=6)))
+    lm = next(m for m in backend._manager.loaded() if m.name == model)
+    turn = GenerateRequest(model=model, messages=first + [
+        Message("assistant", lm.tokenizer.decode(ids)), Message("user", "and what colour is it?")],
+        sampling=Sampling(temperature=0, max_tokens=6))
+    warm, warm_done = await _answer(backend, turn)
+    await asyncio.wrap_future(backend._engine.call(lm.prompt_cache.clear))
+    cold, cold_done = await _answer(backend, turn)
+    assert warm_done.cached_prompt_tokens > GEMMA3_WINDOW and cold_done.cached_prompt_tokens == 0
+    assert warm == cold
