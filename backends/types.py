@@ -38,6 +38,9 @@ _ROLE_TO_PB = {
     "tool": pb.ROLE_TOOL,
 }
 _PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
+#: An image's detail (OpenAI's image_url.detail; "auto" is the proto's UNSPECIFIED).
+_DETAIL_TO_PB = {"auto": pb.IMAGE_DETAIL_UNSPECIFIED, "low": pb.IMAGE_DETAIL_LOW, "high": pb.IMAGE_DETAIL_HIGH}
+_PB_TO_DETAIL = {v: k for k, v in _DETAIL_TO_PB.items()}
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
@@ -150,6 +153,8 @@ class Message:
     tool_call_id: str = ""
     #: Assistant history: the reasoning before ``content``.
     thinking: str = ""
+    #: Empty, or "low" / "high" / "auto" per image (the service checks the count).
+    image_details: list[str] = field(default_factory=list)
 
 
     def to_pb(self) -> pb.ChatMessage:
@@ -161,6 +166,7 @@ class Message:
             tool_name=self.tool_name,
             tool_call_id=self.tool_call_id,
             thinking=self.thinking,
+            image_details=[_DETAIL_TO_PB[d] for d in self.image_details],
         )
 
     @classmethod
@@ -175,7 +181,14 @@ class Message:
             tool_name=m.tool_name,
             tool_call_id=m.tool_call_id,
             thinking=m.thinking,
+            image_details=[_PB_TO_DETAIL.get(d, "auto") for d in m.image_details],
         )
+
+    def details(self) -> list[str]:
+        """Each image's detail ("auto" where none was given)."""
+        if len(self.image_details) != len(self.images):
+            return ["auto"] * len(self.images)
+        return list(self.image_details)
 
     def to_template_dict(self) -> dict:
         """The shape Hugging Face chat templates expect."""

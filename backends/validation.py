@@ -87,6 +87,15 @@ def _check_tool_calls(calls, name: str) -> None:
         _json_object(call.arguments_json, f"{name}.tool_calls[{j}].arguments_json")
 
 
+def _check_image_details(m: pb.ChatMessage, name: str) -> None:
+    if m.image_details and len(m.image_details) != len(m.images):
+        raise InvalidArgument(f"{name}.image_details: give none or one per image ({len(m.images)}), "
+                              f"got {len(m.image_details)}")
+    for j, d in enumerate(m.image_details):
+        if d not in pb.ImageDetail.values():
+            raise InvalidArgument(f"{name}.image_details[{j}]: unknown detail {d}")
+
+
 def check_generate(req: pb.GenerateRequest) -> None:
     """Raise InvalidArgument naming the first field outside the contract."""
     check_model(req.model)
@@ -106,6 +115,7 @@ def check_generate(req: pb.GenerateRequest) -> None:
                     f"messages[{i}].role: every message needs a role (system, user, assistant or tool)"
                 )
             images += [(f"messages[{i}].images[{j}]", b) for j, b in enumerate(m.images)]
+            _check_image_details(m, f"messages[{i}]")
             if m.tool_calls:
                 _check_tool_calls(m.tool_calls, f"messages[{i}]")
     _count("images", len(images), limits.MAX_IMAGES)

@@ -8,6 +8,7 @@ import binascii
 
 from gateway.errors import bad_request
 from mlxgate.dialects.base import FETCH_IMAGE_URLS_ENV
+from mlxgate.v1 import inference_pb2 as pb
 
 #: Why an http(s) image URL is refused, and what turns fetching on.
 NOT_FETCHED = (
@@ -38,3 +39,12 @@ def image_bytes(url: str, name: str, bare_base64: bool = False) -> bytes:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise bad_request(f"{name}: invalid base64 in data: URL", param=name) from None
+
+
+#: OpenAI's image detail as the contract's (absent and "auto": UNSPECIFIED).
+_DETAILS = {"low": pb.IMAGE_DETAIL_LOW, "high": pb.IMAGE_DETAIL_HIGH}
+
+
+def image_detail(detail) -> int:
+    """The proto's ``ImageDetail`` of an OpenAI ``detail`` (already checked by the dialect model)."""
+    return _DETAILS.get(detail, pb.IMAGE_DETAIL_UNSPECIFIED) if isinstance(detail, str) else pb.IMAGE_DETAIL_UNSPECIFIED

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--group-by", help="comma-separated key, backend, model (default all three)")
     usage.add_argument("--json", action="store_true", help="print the answer as JSON")
 
+    from backends.mlx.vision.families import FAMILIES  # names only (no MLX import)
+    from backends.mlx.vision.testmodel_qwen import NAMES as QWEN_VL_NAMES
+
     model = sub.add_parser(
         "make-test-model",
         help="write a small random-weight model into DIR (for trying things out)",
@@ -118,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a variant that ends its turns by itself after a few tokens (for clients that wait for "
                             "the end of a turn, such as Claude Code)")
     model.add_argument("--vision", action="store_true",
-                       help="a vision-language model instead (Idefics3 architecture, run by mlx-vlm): takes images")
-    model.add_argument("--arch", choices=("idefics3", "qwen2_vl", "qwen2_5_vl"), default="idefics3",
-                       help="the vision-language architecture (implies --vision; qwen2_vl, qwen2_5_vl: multimodal "
-                            "rotary positions, default names tiny-qwen2-vl, tiny-qwen2.5-vl)")
+                       help="a vision-language model instead (run by mlx-vlm): takes images")
+    model.add_argument("--arch", default="idefics3", choices=[*FAMILIES, *QWEN_VL_NAMES],
+                       help="the vision-language architecture (implies --vision); the model is named tiny-vlm for "
+                            "idefics3, tiny-<arch> for the others (qwen2_vl, qwen2_5_vl: multimodal rotary "
+                            "positions, named tiny-qwen2-vl, tiny-qwen2.5-vl)")
     client_cli.add_verbs(sub)
     return parser
 
@@ -157,16 +161,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mlxgate.memory import limit_arenas
 
     limit_arenas()
-    if args.command == "make-test-model" and args.arch != "idefics3":  # (a VLM architecture: --vision implied)
+    from backends.mlx.vision.testmodel_qwen import NAMES as QWEN_VL_NAMES
+
+    if args.command == "make-test-model" and args.arch in QWEN_VL_NAMES:  # (--vision implied)
         from backends.mlx.vision.testmodel_qwen import write_test_qwen_vl
 
-        name = args.name or {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}[args.arch]
+        name = args.name or QWEN_VL_NAMES[args.arch]
         print(write_test_qwen_vl(Path(args.dir).expanduser(), name=name, seed=args.seed, arch=args.arch))
         return 0
-    if args.command == "make-test-model" and args.vision:
+    if args.command == "make-test-model" and (args.vision or args.arch != "idefics3"):
         from backends.mlx.vision.testmodel import write_test_vlm
 
-        print(write_test_vlm(Path(args.dir).expanduser(), name=args.name or "tiny-vlm", seed=args.seed))
+        print(write_test_vlm(Path(args.dir).expanduser(), name=args.name or "", seed=args.seed, arch=args.arch))
         return 0
     if args.command == "make-test-model":
         from backends.mlx.testmodel import CONTEXT, write_test_model

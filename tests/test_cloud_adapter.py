@@ -166,7 +166,7 @@ async def test_request_translation_and_bearer_key(cloud, fake):
         model="gpt-test",
         messages=[
             Message("system", "be brief"),
-            Message("user", "what is this?", images=[img]),
+            Message("user", "what is this?", images=[img, img], image_details=["low", "auto"]),
             Message("assistant", "", tool_calls=[ToolCall("lookup", {"q": "x"}, id="call_9")]),
             Message("tool", "42", tool_name="lookup", tool_call_id="call_9"),
         ],
@@ -189,6 +189,7 @@ async def test_request_translation_and_bearer_key(cloud, fake):
     user = body["messages"][1]["content"]
     assert user[0] == {"type": "text", "text": "what is this?"}
     assert user[1]["image_url"]["url"] == "data:image/jpeg;base64," + base64.b64encode(img).decode()
+    assert user[1]["image_url"]["detail"] == "low" and "detail" not in user[2]["image_url"]  # auto: left out
     call = body["messages"][2]["tool_calls"][0]
     assert call["id"] == "call_9" and json.loads(call["function"]["arguments"]) == {"q": "x"}
     assert body["messages"][3] == {"role": "tool", "content": "42", "tool_call_id": "call_9", "name": "lookup"}

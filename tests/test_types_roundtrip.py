@@ -38,7 +38,7 @@ CHAT = GenerateRequest(
     model="tiny-llama:latest",
     messages=[
         Message("system", "be brief"),
-        Message("user", "weather?", images=[b"\x89PNG..."]),
+        Message("user", "weather?", images=[b"\x89PNG...", b"GIF89a..."], image_details=["low", "auto"]),
         Message("assistant", "", tool_calls=[ToolCall("get_weather", {"city": "Paris", "n": [1, 2]}, id="c1")],
                 thinking="they want weather"),
         Message("tool", '{"t": 21}', tool_name="get_weather", tool_call_id="c1"),

@@ -111,6 +111,42 @@ async def test_openai_chat_image_url_parts(vstack):
     assert text
 
 
+async def test_low_detail_costs_fewer_image_tokens(vstack):
+    """``detail: "low"`` turns off Idefics3's splitting into crops (one global
+    view); "high" and "auto" keep it, in chat and Responses alike."""
+    c = openai.AsyncOpenAI(base_url=vstack.base + "/v1", api_key="x")
+    big = png(600, 400, (120, 60, 200))
+
+    async def prompt_tokens(detail):
+        part = {"url": data_url(big)} | ({"detail": detail} if detail else {})
+        r = await c.chat.completions.create(model=VLM, max_tokens=1, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": part}]}])
+        return r.usage.prompt_tokens
+
+    low, high, auto = await prompt_tokens("low"), await prompt_tokens("high"), await prompt_tokens(None)
+    assert high == auto and low < high - 3 * 4, (low, high)  # at least three crops of 4 tokens fewer
+    assert low > 4  # the global view is still there
+    r = await c.responses.create(model=VLM, max_output_tokens=1, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "what is it?"},
+        {"type": "input_image", "image_url": data_url(big), "detail": "low"}]}])
+    assert r.usage.input_tokens == low
+    with pytest.raises(openai.BadRequestError) as e:
+        await c.chat.completions.create(model=VLM, max_tokens=1, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(big), "detail": "medium"}}]}])
+    assert "detail" in str(e.value.body.get("param")), e.value.body
+
+
+async def test_grpc_image_details_are_one_per_image(vstack):
+    req = pb.GenerateRequest(model=VLM, sampling=pb.SamplingParams(max_tokens=1))
+    req.chat.messages.add(role=pb.ROLE_USER, content="what?", images=[IMG, OTHER],
+                          image_details=[pb.IMAGE_DETAIL_LOW])
+    async with grpc.aio.insecure_channel(vstack.grpc_target) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            [ev async for ev in pb_grpc.InferenceServiceStub(ch).Generate(req, timeout=60)]
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[0].image_details: give none or one per image (2), got 1" in e.value.details()
+
+
 async def test_anthropic_image_blocks(vstack):
     c = anthropic.AsyncAnthropic(base_url=vstack.base, api_key="x")
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(IMG)}}

@@ -35,7 +35,7 @@ def _body(cls: type[WireModel], who: str, /, **fields: Any) -> dict[str, Any]:
         raise InvalidArgument(f"{who}: {wire_error(e, fields).message}") from None
 
 
-def _image_url(data: bytes) -> dialect.ImagePart:
+def _image_url(data: bytes, detail: str) -> dialect.ImagePart:
     mime = "image/png"
     if data[:3] == b"\xff\xd8\xff":
         mime = "image/jpeg"
@@ -44,14 +44,15 @@ def _image_url(data: bytes) -> dialect.ImagePart:
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         mime = "image/webp"
     url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
-    return dialect.ImagePart(type="image_url", image_url=dialect.ImageURL(url=url))
+    return dialect.ImagePart(type="image_url",
+                             image_url=dialect.ImageURL(url=url, detail=None if detail == "auto" else detail))
 
 
 def message(m: Message, i: int) -> dialect.ChatMessage:
     content: Any = m.content
     if m.images:
         parts: list[Any] = [dialect.TextPart(type="text", text=m.content)] if m.content else []
-        content = parts + [_image_url(b) for b in m.images]
+        content = parts + [_image_url(b, d) for b, d in zip(m.images, m.details())]
     calls = [
         dialect.ToolCall(
             id=t.id or f"call_{i}_{j}",

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Optional
 
 from gateway.errors import bad_request
 from gateway.events import Collected, check_done, finish_of
-from gateway.images import image_bytes
+from gateway.images import image_bytes, image_detail
 from gateway.parsing import parse
 from gateway.tools import choose_tools, text_format, tools_pb
 from mlxgate import jsonutil, limits
@@ -97,13 +97,15 @@ def _include_usage(r: wire._Sampling) -> bool:
 # ---------------------------------------------------------------- chat
 
 
-def _content(m: wire.ChatMessage, name: str) -> tuple[str, list[bytes]]:
+def _content(m: wire.ChatMessage, name: str) -> tuple[str, list[bytes], list[int]]:
+    """The text, the images and each image's detail (all "auto": none) of a message."""
     if m.content is None:
-        return "", []
+        return "", [], []
     if isinstance(m.content, str):
-        return m.content, []
+        return m.content, [], []
     texts: list[str] = []
     images: list[bytes] = []
+    details: list[int] = []
     for i, part in enumerate(m.content):
         pname = f"{name}[{i}]"
         if isinstance(part, wire.TextPart):
@@ -112,16 +114,17 @@ def _content(m: wire.ChatMessage, name: str) -> tuple[str, list[bytes]]:
             texts.append(part.refusal)
         elif m.role == "user":
             images.append(image_bytes(part.url, f"{pname}.image_url.url"))
+            details.append(image_detail(part.image_url.detail if isinstance(part.image_url, wire.ImageURL) else None))
         else:
             raise bad_request(f"{pname}.type {part.type!r} is not supported here", param=f"{pname}.type")
-    return "".join(texts), images
+    return "".join(texts), images, details if any(details) else []
 
 
 def messages_pb(messages: list[wire.ChatMessage]) -> list[pb.ChatMessage]:
     out: list[pb.ChatMessage] = []
     names_by_id: dict[str, str] = {}
     for i, m in enumerate(messages):
-        text, images = _content(m, f"messages[{i}].content")
+        text, images, details = _content(m, f"messages[{i}].content")
         calls = []
         for j, c in enumerate(m.tool_calls or ()):
             call = pb.ToolCall(
@@ -141,6 +144,7 @@ def messages_pb(messages: list[wire.ChatMessage]) -> list[pb.ChatMessage]:
                 role=_ROLE[wire.ROLES[m.role]],
                 content=text,
                 images=images,
+                image_details=details,
                 tool_calls=calls,
                 tool_call_id=tool_call_id,
                 tool_name=names_by_id.get(tool_call_id, "") or m.function_result_name(),

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from gateway.errors import ApiError, bad_request, openai_type
 from gateway.events import check_done, finish_of
-from gateway.images import image_bytes
+from gateway.images import image_bytes, image_detail
 from gateway.parsing import parse
 from gateway.tools import choose_tools, text_format
 from mlxgate import jsonutil, limits
@@ -276,11 +276,12 @@ def messages_pb(items: list[dict[str, Any]]) -> list[pb.ChatMessage]:
                 msg = assistant()
                 msg.content = _texts(content)
                 continue
-            images = [
-                image_bytes(p["image_url"], "image_url", bare_base64=True) for p in content or () if isinstance(p, dict)
-                and p.get("type") == "input_image"
-            ] if not isinstance(content, str) else []
-            out.append(pb.ChatMessage(role=_ROLE[role], content=_texts(content), images=images))
+            parts = [p for p in content or () if isinstance(p, dict) and p.get("type") == "input_image"
+                     ] if not isinstance(content, str) else []
+            images = [image_bytes(p["image_url"], "image_url", bare_base64=True) for p in parts]
+            details = [image_detail(p.get("detail")) for p in parts]
+            out.append(pb.ChatMessage(role=_ROLE[role], content=_texts(content), images=images,
+                                      image_details=details if any(details) else []))
             thinking.clear()  # reasoning belongs to the assistant turn right after it
         elif kind == "function_call":
             msg = out[-1] if out and out[-1].role == pb.ROLE_ASSISTANT and not thinking else assistant()

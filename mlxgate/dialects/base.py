@@ -144,6 +144,11 @@ def ignored(json_schema: dict[str, Any]) -> Any:
     return Annotated[python, WithJsonSchema({**json_schema, "description": "accepted and ignored"})]
 
 
+#: OpenAI's image detail (``image_url.detail``, ``input_image.detail``).
+ImageDetail = Literal["auto", "low", "high"]
+IMAGE_DETAIL_RULE = ("low: the image is scaled down to at most 512 pixels on its longest side and not split into "
+                     "tiles, so it costs fewer tokens; high and auto (the default): the model's own resolution")
+
 #: What every image must be (checked at the service from its header,
 #: ``backends/images.py``), for the descriptions of image fields.
 IMAGE_RULES = (

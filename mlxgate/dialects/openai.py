@@ -24,7 +24,9 @@ from typing_extensions import Annotated, NotRequired, TypedDict
 
 from mlxgate import jsonutil, limits
 from mlxgate.dialects.base import (
+    IMAGE_DETAIL_RULE,
     IMAGE_RULES,
+    ImageDetail,
     IMAGE_URL_RULE,
     INT32_MAX,
     Int32,
@@ -152,7 +154,7 @@ def embedding_inputs(v: Union[str, list[str], list[int], list[list[int]]]) -> tu
 
 class ImageURL(WireModel):
     url: str = Field(description=f"a data: URL (base64) of {IMAGE_RULES}; {IMAGE_URL_RULE}")
-    detail: Optional[ignored({"type": "string"})] = None
+    detail: Optional[ImageDetail] = Field(None, description=IMAGE_DETAIL_RULE)
 
 
 class TextPart(WireModel):

@@ -29,7 +29,9 @@ from mlxgate import limits
 #: Error bodies are OpenAI's (``{"error": {"message", "type", "param", "code"}}``).
 from mlxgate.dialects.openai import Error, ErrorDetail  # noqa: F401 - re-exported
 from mlxgate.dialects.base import (
+    IMAGE_DETAIL_RULE,
     IMAGE_RULES,
+    ImageDetail,
     IMAGE_URL_RULE,
     INT32_MAX,
     Limit,
@@ -102,7 +104,7 @@ class InputImage(WireModel):
         None, description=f"a data: URL or bare base64 of {IMAGE_RULES}; {IMAGE_URL_RULE}"
     )
     file_id: Optional[str] = Field(None, description="file inputs are not supported (400)")
-    detail: Optional[ignored({"type": "string"})] = None
+    detail: Optional[ImageDetail] = Field(None, description=IMAGE_DETAIL_RULE)
 
 
 class InputFile(WireModel):

@@ -49,6 +49,12 @@ class Capability(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPABILITY_INSERT: _ClassVar[Capability]
     CAPABILITY_VISION: _ClassVar[Capability]
     CAPABILITY_THINKING: _ClassVar[Capability]
+
+class ImageDetail(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_DETAIL_UNSPECIFIED: _ClassVar[ImageDetail]
+    IMAGE_DETAIL_LOW: _ClassVar[ImageDetail]
+    IMAGE_DETAIL_HIGH: _ClassVar[ImageDetail]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -73,6 +79,9 @@ CAPABILITY_EMBEDDING: Capability
 CAPABILITY_INSERT: Capability
 CAPABILITY_VISION: Capability
 CAPABILITY_THINKING: Capability
+IMAGE_DETAIL_UNSPECIFIED: ImageDetail
+IMAGE_DETAIL_LOW: ImageDetail
+IMAGE_DETAIL_HIGH: ImageDetail
 
 class PromptInput(_message.Message):
     __slots__ = ("prompt", "suffix", "system", "raw", "images")
@@ -101,7 +110,7 @@ class ToolCall(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., arguments_json: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("role", "content", "images", "tool_calls", "tool_name", "tool_call_id", "thinking")
+    __slots__ = ("role", "content", "images", "tool_calls", "tool_name", "tool_call_id", "thinking", "image_details")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +118,7 @@ class ChatMessage(_message.Message):
     TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
     THINKING_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DETAILS_FIELD_NUMBER: _ClassVar[int]
     role: Role
     content: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
@@ -116,7 +126,8 @@ class ChatMessage(_message.Message):
     tool_name: str
     tool_call_id: str
     thinking: str
-    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_name: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., thinking: _Optional[str] = ...) -> None: ...
+    image_details: _containers.RepeatedScalarFieldContainer[ImageDetail]
+    def __init__(self, role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., tool_name: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., thinking: _Optional[str] = ..., image_details: _Optional[_Iterable[_Union[ImageDetail, str]]] = ...) -> None: ...
 
 class ChatInput(_message.Message):
     __slots__ = ("messages",)

@@ -15,6 +15,7 @@ from typing import Any
 
 from backends.mlx.vision import mrope
 from backends.mlx.vision.arch import batches_images, uses_mrope, vision_type
+from backends.mlx.vision.detail import untiled
 
 
 @dataclass(eq=False)
@@ -31,6 +32,8 @@ class Vision:
     takes_images: bool = True
     #: The text view is ``mrope.py``'s: each sequence's cache carries its position delta.
     mrope: bool = False
+    #: The processor with image tiling off, for requests whose images are all "low" detail (``detail.py``).
+    untiled_processor: Any = None
 
 
 def _text_view(vlm):
@@ -88,6 +91,7 @@ def load(path: Path, config: dict):
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     eos_ids += list(getattr(processor, "additional_eos_token_ids", None) or [])
     tokenizer = load_tokenizer(path, eos_token_ids=sorted(set(eos_ids)) or None)
-    vision = Vision(vlm, processor, model_type, _image_token_ids(vlm, processor), batches_images(model_type),
-                    uses_mrope(model_type))
+    vision = Vision(vlm, processor, model_type, _image_token_ids(vlm, processor),
+                    takes_images=batches_images(model_type), mrope=uses_mrope(model_type),
+                    untiled_processor=untiled(processor))
     return (mrope.text_view(vlm) if vision.mrope else _text_view(vlm)), tokenizer, vision

@@ -69,7 +69,8 @@ def begin(view: Any, vision: Any, ids: VisionIds, cache: Optional[list], cached:
 
     tokens = mx.array([list(ids)])
     pixels = {k: mx.array(v) for k, v in ids.pixels.items()}
-    features = vision.model.get_input_embeddings(tokens, **pixels)
+    # The prompt's attention mask, as mlx-vlm's own generate passes it (Gemma 3 and PaliGemma need one).
+    features = vision.model.get_input_embeddings(tokens, mask=mx.ones(tokens.shape), **pixels)
     embeds = getattr(features, "inputs_embeds", features)
     mx.eval(embeds)
     if cache is None:

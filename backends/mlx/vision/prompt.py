@@ -23,6 +23,7 @@ from typing import Optional
 
 from backends.errors import InvalidArgument
 from backends.types import GenerateRequest, Message
+from backends.mlx.vision.detail import downscale
 from backends.mlx.vision.images import decode
 
 
@@ -48,6 +49,13 @@ def request_images(req: GenerateRequest) -> list[tuple[str, bytes]]:
     return [(f"messages[{i}].images[{j}]", b) for i, m in enumerate(req.messages or []) for j, b in enumerate(m.images)]
 
 
+def request_details(req: GenerateRequest) -> list[str]:
+    """Every image's detail ("low", "high" or "auto"), in the order of ``request_images``."""
+    if req.prompt is not None:
+        return ["auto"] * len(req.prompt.images)
+    return [d for m in req.messages or [] for d in m.details()]
+
+
 def has_images(req: GenerateRequest) -> bool:
     if req.prompt is not None:
         return bool(req.prompt.images)
@@ -63,7 +71,9 @@ def _template_dict(m: Message) -> dict:
 
 
 def _image_token_text(processor) -> str:
-    token = getattr(processor, "image_token", None)
+    """What a prompt holds per image before expansion: Gemma 3's begin-of-image
+    token (its image token is what that expands to), else the image token."""
+    token = getattr(processor, "boi_token", None) or getattr(processor, "image_token", None)
     if not isinstance(token, str):
         raise InvalidArgument("raw prompts with images need a model whose processor names its image token")
     return token
@@ -92,10 +102,10 @@ def _text(req: GenerateRequest, processor, model: str) -> str:
         raise InvalidArgument(f"messages: {model}'s chat template rejected the conversation: {e}") from None
 
 
-def _key(ids: list[int], image_ids: frozenset, images: list[bytes]) -> tuple[list, int, int]:
+def _key(ids: list[int], image_ids: frozenset, images: list[bytes], details: list[str]) -> tuple[list, int, int]:
     digest = hashlib.sha256()
-    for data in images:
-        digest.update(hashlib.sha256(data).digest())
+    for data, detail in zip(images, details):
+        digest.update(hashlib.sha256(data).digest() + detail.encode())
     # Negative: never a real token id.
     salt = -1 - int.from_bytes(digest.digest()[:8], "big") % (1 << 62)
     key, first, end = [], len(ids), 0
@@ -108,23 +118,36 @@ def _key(ids: list[int], image_ids: frozenset, images: list[bytes]) -> tuple[lis
     return key, first, end
 
 
+def _adds_bos(tok) -> bool:
+    """Whether the tokenizer starts what it encodes with its bos token."""
+    ids = tok("")["input_ids"]
+    return bool(ids) and ids[0] == tok.bos_token_id
+
+
 def build(req: GenerateRequest, vision, model: str) -> VisionIds:
     """Prompt ids of a request with images for the VLM ``vision`` (``loader.Vision``)."""
-    named = request_images(req)
+    named, details = request_images(req), request_details(req)
     t0 = time.perf_counter()
-    pictures = [decode(data, name) for name, data in named]
+    pictures = [downscale(decode(data, name), d) for (name, data), d in zip(named, details)]
     text = _text(req, vision.processor, model)
     tok = getattr(vision.processor, "tokenizer", vision.processor)
+    processor = vision.processor
+    if vision.untiled_processor is not None and all(d == "low" for d in details):
+        processor = vision.untiled_processor
     bos: Optional[str] = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos) and _adds_bos(tok):
+        # The tokenizer adds it again; not ``add_special_tokens=False``: some
+        # processors (LLaVA's) hand every keyword to the image processor too.
+        text = text[len(bos):]
     try:
-        out = vision.processor(text=[text], images=pictures, return_tensors="np",
-                               add_special_tokens=not (bos and text.startswith(bos)))
+        out = processor(text=[text], images=pictures, return_tensors="np")
     except (ValueError, TypeError, IndexError) as e:
         raise InvalidArgument(f"images: {model}'s processor refused the request: {e}") from None
     ids = [int(t) for t in out["input_ids"][0]]
     result = VisionIds(ids)
     result.pixels = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and v is not None}
-    result.key, result.first_image, result.end_image = _key(ids, vision.image_token_ids, [d for _, d in named])
+    result.key, result.first_image, result.end_image = _key(ids, vision.image_token_ids, [d for _, d in named],
+                                                                 details)
     result.images = len(pictures)
     result.seconds = time.perf_counter() - t0
     if result.end_image == 0:

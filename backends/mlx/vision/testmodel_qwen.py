@@ -36,6 +36,8 @@ CONTEXT = 4096
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+#: ``make-test-model --arch`` names and the model each writes by default.
+NAMES = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl"}
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
