@@ -1,7 +1,7 @@
 """Samplers and logits processors.
 
 Requests reach the engine already checked against the contract (ranges,
-counts: ``backends/validation.py``, once, at the service boundary); the MLX
+counts: ``backends/accept.py``, once, at the service boundary); the MLX
 backend checks only what is specific to it (a model's context, its tool-call
 format, images).  Samplers and processors create MLX arrays, so
 ``make_sampler``/``make_processors`` are only called on the MLX thread.
