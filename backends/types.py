@@ -246,6 +246,7 @@ class Sampling:
     max_tokens: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     num_ctx: Optional[int] = None
+    typical_p: Optional[float] = None
 
 
 

@@ -65,6 +65,7 @@ SAMPLING_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     "frequency_penalty": (-2, 2, False),
     # max_tokens: any value; negative is "no limit" (until a stop or the context is full).
     "num_ctx": (1, None, False),
+    "typical_p": (0, 1, True),
 }
 #: Rerank: documents in one request (Cohere's and Voyage's limit), the tokens
 #: of all of them together once each is cut to the context (a causal model's
