@@ -44,11 +44,6 @@ def enum_codec(words: dict[str, int], unknown: Callable[[int], Any]) -> Codec:
     return Codec(lambda w: words[w], lambda n: numbers[n] if n in numbers else unknown(n))
 
 
-def each(codec: Codec) -> Codec:
-    """``codec`` applied to every item of a repeated field."""
-    return Codec(lambda xs: [codec.to_pb(x) for x in xs], lambda xs: [codec.from_pb(x) for x in xs])
-
-
 @dataclass(frozen=True)
 class _Spec:
     message: type
@@ -78,121 +73,116 @@ def proto(message: type, *, renames: Optional[dict[str, str]] = None, codecs: Op
     return register
 
 
-def _converted(cls: type) -> list[dataclasses.Field]:
-    """The fields with a proto form (``metadata={"proto": False}``: one without)."""
-    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("proto", True)]
+@dataclass(frozen=True)
+class _Field:
+    """One field's way across, worked out once per class."""
+
+    name: str
+    parents: tuple[str, ...]  # messages on the way (a dotted rename)
+    pb_name: str
+    presence: bool  # written only when not the default (tracked, or under a parent message)
+    tracked: bool  # the proto tells unset from a value (optional, a message, a oneof member)
+    default: Callable[[], Any]
+    codec: Optional[Codec]
+    item: Optional[type]  # the converted dataclass it holds, alone or in a list
+    kind: str  # "map", "repeated", "message" or "scalar"
+    zero_is_default: bool  # a zero scalar reads back as the dataclass's own default (a fresh id)
 
 
-def _default(f: dataclasses.Field) -> Any:
+_PLANS: dict[type, list[_Field]] = {}
+
+
+def _plan(cls: type) -> list[_Field]:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = [_field(cls, f) for f in dataclasses.fields(cls)
+                              if f.init and f.metadata.get("proto", True)]
+    return plan
+
+
+def _field(cls: type, f: dataclasses.Field) -> _Field:
+    spec: _Spec = cls._pb_spec  # type: ignore[attr-defined]
+    *parents, pb_name = spec.renames.get(f.name, f.name).split(".")
+    d = spec.message.DESCRIPTOR
+    for p in parents:
+        d = d.fields_by_name[p].message_type
+    fd = d.fields_by_name[pb_name]
+    if fd.is_repeated and fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        kind = "map"
+    else:
+        kind = "repeated" if fd.is_repeated else "message" if fd.message_type is not None else "scalar"
     if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
+        default: Callable[[], Any] = lambda v=f.default: v  # noqa: E731
+    else:
+        default = f.default_factory if f.default_factory is not dataclasses.MISSING else lambda: dataclasses.MISSING
+    return _Field(f.name, tuple(parents), pb_name, fd.has_presence or bool(parents), fd.has_presence, default,
+                  spec.codecs.get(f.name), _item_class(cls, f.name), kind,
+                  f.default_factory is not dataclasses.MISSING and kind == "scalar")
 
 
 def _item_class(cls: type, name: str) -> Optional[type]:
-    """The converted dataclass a field holds (alone, optional, or in a list), if any."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    hint = hints[name]
+    hint = typing.get_type_hints(cls)[name]
     while True:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
         if hasattr(hint, "_pb_spec"):
             return hint
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
         if len(args) != 1:
             return None
         hint = args[0]
-
-
-def _place(m: PbMessage, path: str, create: bool) -> tuple[Optional[PbMessage], str]:
-    """The message holding the last name of ``path`` (None: a parent is unset and not created)."""
-    *parents, name = path.split(".")
-    for p in parents:
-        if not create and not m.HasField(p):
-            return None, name
-        m = getattr(m, p)
-        if create:
-            m.SetInParent()
-    return m, name
-
-
-def _descriptor(message: type, path: str) -> Any:
-    d = message.DESCRIPTOR
-    *parents, name = path.split(".")
-    for p in parents:
-        d = d.fields_by_name[p].message_type
-    return d.fields_by_name[name]
 
 
 def to_pb(obj: Any) -> PbMessage:
     """``obj`` as its proto message (in its envelope, if it has one)."""
     spec: _Spec = type(obj)._pb_spec
     m = spec.message()
-    for f in _converted(type(obj)):
+    for f in _plan(type(obj)):
         value = getattr(obj, f.name)
-        path = spec.renames.get(f.name, f.name)
-        fd = _descriptor(spec.message, path)
-        if (fd.has_presence or "." in path) and value == _default(f):
+        if f.presence and value == f.default():
             continue
-        target, name = _place(m, path, create=True)
-        assert target is not None
-        codec = spec.codecs.get(f.name)
-        if codec is not None:
-            value = codec.to_pb(value)
-        elif _item_class(type(obj), f.name) is not None:
-            value = [to_pb(v) for v in value] if isinstance(value, list) else to_pb(value)
-        _set(target, fd, value)
+        target = m
+        for p in f.parents:
+            target = getattr(target, p)
+            target.SetInParent()
+        if f.codec is not None:
+            value = f.codec.to_pb(value)
+        elif f.item is not None:
+            value = [to_pb(v) for v in value] if f.kind == "repeated" else to_pb(value)
+        if f.kind == "map":
+            getattr(target, f.pb_name).update(value)
+        elif f.kind == "repeated":
+            getattr(target, f.pb_name).extend(value)
+        elif f.kind == "message":
+            getattr(target, f.pb_name).CopyFrom(value)
+        else:
+            setattr(target, f.pb_name, value)
     if spec.envelope is None:
         return m
     container, field_name = spec.envelope
     return container(**{field_name: m})
 
 
-def _set(target: PbMessage, fd: Any, value: Any) -> None:
-    name = fd.name
-    if fd.is_repeated and fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-        getattr(target, name).update(value)
-    elif fd.is_repeated:
-        getattr(target, name).extend(value)
-    elif fd.message_type is not None:
-        getattr(target, name).CopyFrom(value)
-    else:
-        setattr(target, name, value)
-
-
 def from_pb(cls: type, m: PbMessage) -> Any:
     """The dataclass ``cls`` read from its proto message ``m``."""
-    spec: _Spec = cls._pb_spec  # type: ignore[attr-defined]
     kw: dict[str, Any] = {}
-    for f in _converted(cls):
-        source, name = _place(m, spec.renames.get(f.name, f.name), create=False)
-        if source is None:
-            continue
-        fd = source.DESCRIPTOR.fields_by_name[name]
-        if fd.has_presence and not source.HasField(name):
-            continue
-        value = getattr(source, name)
-        codec = spec.codecs.get(f.name)
-        if codec is not None:
-            kw[f.name] = codec.from_pb(value)
-            continue
-        item = _item_class(cls, f.name)
-        if fd.is_repeated and fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+    for f in _plan(cls):
+        source = m
+        for p in f.parents:
+            source = getattr(source, p) if source is not None and source.HasField(p) else None
+        if source is None or (f.tracked and not source.HasField(f.pb_name)):
+            continue  # unset: the dataclass default
+        value = getattr(source, f.pb_name)
+        if f.codec is not None:
+            kw[f.name] = f.codec.from_pb(value)
+        elif f.kind == "map":
             kw[f.name] = dict(value)
-        elif fd.is_repeated:
-            kw[f.name] = [from_pb(item, v) for v in value] if item is not None else list(value)
-        elif item is not None:
-            kw[f.name] = from_pb(item, value)
-        elif not value and f.default_factory is not dataclasses.MISSING:
-            continue  # a zero scalar: the dataclass makes its own (a fresh request id)
-        else:
+        elif f.kind == "repeated":
+            kw[f.name] = [from_pb(f.item, v) for v in value] if f.item is not None else list(value)
+        elif f.item is not None:
+            kw[f.name] = from_pb(f.item, value)
+        elif not (f.zero_is_default and not value):
             kw[f.name] = value
     obj = cls(**kw)
-    if spec.check is not None:
-        spec.check(obj)
+    check = cls._pb_spec.check  # type: ignore[attr-defined]
+    if check is not None:
+        check(obj)
     return obj
