@@ -1,7 +1,7 @@
 """Images checked from their headers, before anything is decoded.
 
 Every image reaching the service (from any dialect or gRPC) passes here at
-validation (``backends/validation.py``), whichever backend will answer: the
+validation (``backends/accept.py``), whichever backend will answer: the
 bytes, the format and the dimensions are read from the header alone
 (Pillow's ``Image.open`` is lazy: it parses the header and stops), so a
 30,000 x 30,000 PNG of 100 kB is refused in microseconds with no pixel

@@ -1,7 +1,8 @@
 """The servicer: each InferenceService method onto one Backend (the router).
 
-Handlers are thin: validate against the contract (``validation``), convert
-with ``from_pb``, call the backend, convert events with ``to_pb``.  Backend
+Handlers are thin: accept the request (``accept``: checked against the
+contract and converted in one pass), call the backend, convert events with
+``to_pb``.  Backend
 errors become gRPC statuses carrying their (capped) message; anything
 unexpected becomes INTERNAL with a generic message (the traceback is logged,
 never sent).  When the client cancels, grpc.aio cancels the handler task;
@@ -20,13 +21,12 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Optio
 
 import grpc
 
-from backends import validation
+from backends import accept
 from backends.base import Backend
 from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, InvalidArgument, Unimplemented, retry_trailers
 from backends.gate import Malformed
 from backends.spend.service import SpendObserver, both
-from backends.types import Done, EmbedRequest, GenerateRequest, keep_alive_from_pb
-from backends.types import DetokenizeRequest, RerankRequest, TokenizeRequest
+from backends.types import Done, GenerateRequest, keep_alive_from_pb
 from mlxgate.limits import clip
 from mlxgate.memory import trim_after_large
 from mlxgate.v1 import inference_pb2 as pb
@@ -101,13 +101,12 @@ def _checked(context: grpc.aio.ServicerContext, check: Callable[[], None]) -> bo
 
 
 def _accepted(context: grpc.aio.ServicerContext, size: int, message: M,
-              check: Callable[[M], None], convert: Callable[[M], T]) -> Optional[T]:
-    """The domain request of a unary call's ``message`` (``size`` bytes),
-    once ``check`` found it inside the contract; None, with the status set
-    and a large message's memory handed back, when it is not."""
+              accepted: Callable[[M], T]) -> Optional[T]:
+    """The domain request of a call's ``message`` (``size`` bytes), as the
+    accept step gives it; None, with the status set and a large message's
+    memory handed back, when it is outside the contract."""
     try:
-        check(message)
-        return convert(message)
+        return accepted(message)
     except BackendError as e:
         _fail(context, e)
         trim_after_large(size)
@@ -142,11 +141,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.spend = spend
         self.observer = both(observer, spend)
 
-    def _generate_request(self, message: pb.GenerateRequest) -> GenerateRequest:
-        """The accept step's conversion: the domain request, with a managed
-        model's own settings (system, parameters, messages) where the request
-        gives none (``backends.models.settings``), for every caller alike."""
-        req = GenerateRequest.from_pb(message)
+    def _with_settings(self, req: GenerateRequest) -> GenerateRequest:
+        """The accepted request with a managed model's own settings (system,
+        parameters, messages) where the request gives none
+        (``backends.models.settings``), for every caller alike."""
         stored = self.models.settings(req.model) if self.models is not None else None
         if stored is None:
             return req
@@ -171,7 +169,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         size = request.ByteSize()
-        req = _accepted(context, size, request, validation.check_generate, self._generate_request)
+        req = _accepted(context, size, request, lambda m: self._with_settings(accept.generate(m)))
         del request  # the domain request holds what is needed
         if req is None or not await self._admitted(context, req.model):
             return
@@ -224,7 +222,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         size = request.ByteSize()
-        req = _accepted(context, size, request, validation.check_embed, EmbedRequest.from_pb)
+        req = _accepted(context, size, request, accept.embed)
         del request  # the domain request holds what is needed
         if req is None or not await self._admitted(context, req.model):
             return pb.EmbedResponse()
@@ -241,8 +239,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb.CountTokensResponse:
         size = request.ByteSize()
-        req = _accepted(context, size, request, validation.check_count_tokens,
-                        lambda m: self._generate_request(m.request))
+        req = _accepted(context, size, request, lambda m: self._with_settings(accept.count_tokens(m)))
         del request
         if req is None:
             return pb.CountTokensResponse()
@@ -258,7 +255,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ShowModel(
         self, request: pb.ShowModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ShowModelResponse:
-        if not _checked(context, lambda: validation.check_model(request.model)):
+        if not _checked(context, lambda: accept.model(request.model)):
             return pb.ShowModelResponse()
         show = await _guard(context, "ShowModel", lambda: self.backend.show_model(request.model))
         return show.to_pb() if show is not None else pb.ShowModelResponse()
@@ -272,7 +269,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def LoadModel(
         self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoadModelResponse:
-        if not _checked(context, lambda: validation.check_model(request.model)):
+        if not _checked(context, lambda: accept.model(request.model)):
             return pb.LoadModelResponse()
         try:
             keep_alive = keep_alive_from_pb(request)
@@ -287,7 +284,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def UnloadModel(
         self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.UnloadModelResponse:
-        if not _checked(context, lambda: validation.check_model(request.model)):
+        if not _checked(context, lambda: accept.model(request.model)):
             return pb.UnloadModelResponse()
         was = await _guard(context, "UnloadModel", lambda: self.backend.unload_model(request.model))
         return pb.UnloadModelResponse(model=request.model, was_loaded=bool(was))
@@ -411,7 +408,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         size = request.ByteSize()
-        req = _accepted(context, size, request, validation.check_rerank, RerankRequest.from_pb)
+        req = _accepted(context, size, request, accept.rerank)
         del request
         if req is None:
             return pb.RerankResponse()
@@ -419,7 +416,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         size = request.ByteSize()
-        req = _accepted(context, size, request, validation.check_tokenize, TokenizeRequest.from_pb)
+        req = _accepted(context, size, request, accept.tokenize)
         del request
         if req is None:
             return pb.TokenizeResponse()
@@ -429,7 +426,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DetokenizeResponse:
         size = request.ByteSize()
-        req = _accepted(context, size, request, validation.check_detokenize, DetokenizeRequest.from_pb)
+        req = _accepted(context, size, request, accept.detokenize)
         del request
         if req is None:
             return pb.DetokenizeResponse()

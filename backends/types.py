@@ -1,15 +1,15 @@
-"""Domain types every backend speaks, with their proto conversions beside them.
+"""Domain types every backend speaks; their proto forms come from ``backends/pbconvert.py``.
 
-Backends never see protobuf messages: the inference service converts a
-request with ``from_pb`` and each event or result a backend returns with
-``to_pb``.  The remote backend (``backends/remote``), a client of another
-mlxgate service, needs the other two directions: requests ``to_pb`` and
-events and results ``from_pb``; each type that travels that way has them
-here too, so ``X.from_pb(x.to_pb()) == x`` (tests/test_types_roundtrip.py).
-The HTTP front builds and reads proto messages itself
-(``gateway/*/translate.py``), so these types stay inside the service.
-Keeping conversion here (TGI's pattern) means handlers stay thin and a proto
-change touches one file.
+Backends never see protobuf messages: the inference service accepts a
+request (``backends/accept.py``: checked and converted in one pass) and
+converts each event or result a backend returns with ``to_pb``.  The remote
+backend (``backends/remote``), a client of another mlxgate service, reads
+events and results with ``from_pb``; ``X.from_pb(x.to_pb()) == x``
+(tests/test_types_roundtrip.py).  Fields are named as in the proto, so the
+conversion is generic; the ``@proto`` line above each type names what
+differs (renames, codecs: the table below).  The HTTP front builds and
+reads proto messages itself (``gateway/*/translate.py``), so these types stay
+inside the service.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union, get_args
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from backends.errors import InvalidArgument
+from backends.pbconvert import Codec, enum_codec, proto
 from mlxgate import limits
 from mlxgate.dialects.base import caller_arguments, produced_arguments
 from mlxgate.jsonutil import JSONError, loads_object
@@ -40,7 +41,7 @@ _ROLE_TO_PB = {
 _PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
 #: An image's detail (OpenAI's image_url.detail; "auto" is the proto's UNSPECIFIED).
 _DETAIL_TO_PB = {"auto": pb.IMAGE_DETAIL_UNSPECIFIED, "low": pb.IMAGE_DETAIL_LOW, "high": pb.IMAGE_DETAIL_HIGH}
-_PB_TO_DETAIL = {v: k for k, v in _DETAIL_TO_PB.items()}
+DETAIL_OF_PB = {v: k for k, v in _DETAIL_TO_PB.items()}
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
@@ -94,10 +95,6 @@ def keep_alive_to_pb(seconds: Optional[float]) -> Optional[duration_pb2.Duration
     return d
 
 
-def _from_ts(m: Any, name: str) -> Optional[datetime]:
-    return getattr(m, name).ToDatetime(tzinfo=timezone.utc) if m.HasField(name) else None
-
-
 def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
     if dt is None:
         return None
@@ -115,26 +112,58 @@ def _json_or_empty(text: str, field_name: str) -> dict:
         raise InvalidArgument(str(e)) from None
 
 
+# ---------------------------------------------------------------- proto forms that differ (pbconvert)
+
+_ROLE = enum_codec(_ROLE_TO_PB, lambda n: _no_role())
+_DETAILS = Codec(lambda ds: [_DETAIL_TO_PB[d] for d in ds], lambda ns: [DETAIL_OF_PB.get(n, "auto") for n in ns])
+_FINISH = enum_codec(_FINISH_TO_PB, lambda n: "stop")
+_CAPABILITIES = Codec(lambda caps: [_CAP_TO_PB[c] for c in caps if c in _CAP_TO_PB],
+                      lambda ns: [_PB_TO_CAP[n] for n in ns if n in _PB_TO_CAP])
+_FORMAT_TYPE = enum_codec({"text": pb.FORMAT_TYPE_UNSPECIFIED, "json": pb.FORMAT_TYPE_JSON,
+                           "json_schema": pb.FORMAT_TYPE_JSON_SCHEMA}, lambda n: "text")
+_SCHEMA = Codec(lambda schema: "" if schema is None else json.dumps(schema, ensure_ascii=False),
+                lambda text: _json_or_empty(text, "format.json_schema") if text else None)
+_TOOL_CHOICE = enum_codec({"auto": pb.TOOL_CHOICE_UNSPECIFIED, "required": pb.TOOL_CHOICE_REQUIRED,
+                           "function": pb.TOOL_CHOICE_FUNCTION}, lambda n: "auto")
+_KEEP_ALIVE = Codec(lambda s: keep_alive_to_pb(s), lambda d: normalize_keep_alive(d.seconds + d.nanos / 1e9))
+_TIMESTAMP = Codec(lambda dt: _ts(dt), lambda t: t.ToDatetime(tzinfo=timezone.utc))
+_CALLER_ARGUMENTS = Codec(lambda a: json.dumps(a, ensure_ascii=False),
+                          lambda text: _json_or_empty(text, "tool_calls.arguments_json"))
+_PARAMETERS = Codec(lambda p: json.dumps(p, ensure_ascii=False) if p else "",
+                    lambda text: _json_or_empty(text, "tools.parameters_json"))
+_PRODUCED_CALLS = Codec(lambda calls: [c.to_pb() for c in calls],
+                        lambda ms: [ToolCall.produced_from_pb(m) for m in ms])
+_TOKEN_LISTS = Codec(lambda lists: [pb.TokenIds(ids=ids) for ids in lists], lambda ms: [list(t.ids) for t in ms])
+_EMBEDDINGS = Codec(lambda vs: [pb.Embedding(values=v) for v in vs], lambda ms: [list(e.values) for e in ms])
+_RANKED = Codec(lambda pairs: [pb.RerankResult(index=i, relevance_score=s) for i, s in pairs],
+                lambda ms: [(r.index, r.relevance_score) for r in ms])
+
+
+def _no_role() -> str:
+    raise InvalidArgument("messages: every message needs a role (system, user, assistant or tool)")
+
+
+def _config(text: str) -> dict:
+    """A model's config as another service sent it: broken JSON is no config, not a failure."""
+    try:
+        return loads_object(text, "config_json") if text else {}
+    except JSONError:
+        return {}
+
+
+_CONFIG = Codec(lambda config: json.dumps(config), _config)
+
+
 # ---------------------------------------------------------------- request
 
 
+@proto(pb.ToolCall, renames={"arguments": "arguments_json"}, codecs={"arguments": _CALLER_ARGUMENTS})
 @dataclass
 class ToolCall:
     name: str
     arguments: dict
     id: str = ""
     index: int = 0
-
-    def to_pb(self) -> pb.ToolCall:
-        return pb.ToolCall(
-            id=self.id, name=self.name, arguments_json=json.dumps(self.arguments, ensure_ascii=False), index=self.index
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.ToolCall) -> "ToolCall":
-        """A call a *caller* sent (history): its arguments must be an object."""
-        arguments = _json_or_empty(m.arguments_json, "tool_calls.arguments_json")
-        return cls(name=m.name, arguments=arguments, id=m.id, index=m.index)
 
     @classmethod
     def produced_from_pb(cls, m: pb.ToolCall) -> "ToolCall":
@@ -143,6 +172,7 @@ class ToolCall:
         return cls(name=m.name, arguments=produced_arguments(m.arguments_json), id=m.id, index=m.index)
 
 
+@proto(pb.ChatMessage, codecs={"role": _ROLE, "image_details": _DETAILS})
 @dataclass
 class Message:
     role: Literal["system", "user", "assistant", "tool"]
@@ -153,36 +183,8 @@ class Message:
     tool_call_id: str = ""
     #: Assistant history: the reasoning before ``content``.
     thinking: str = ""
-    #: Empty, or "low" / "high" / "auto" per image (the service checks the count).
+    #: Empty, or "low" / "high" / "auto" per image (the accept step checks the count).
     image_details: list[str] = field(default_factory=list)
-
-
-    def to_pb(self) -> pb.ChatMessage:
-        return pb.ChatMessage(
-            role=_ROLE_TO_PB[self.role],
-            content=self.content,
-            images=self.images,
-            tool_calls=[t.to_pb() for t in self.tool_calls],
-            tool_name=self.tool_name,
-            tool_call_id=self.tool_call_id,
-            thinking=self.thinking,
-            image_details=[_DETAIL_TO_PB[d] for d in self.image_details],
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.ChatMessage) -> "Message":
-        if m.role not in _PB_TO_ROLE:
-            raise InvalidArgument("messages: every message needs a role (system, user, assistant or tool)")
-        return cls(
-            role=_PB_TO_ROLE[m.role],  # type: ignore[arg-type]
-            content=m.content,
-            images=list(m.images),
-            tool_calls=[ToolCall.from_pb(t) for t in m.tool_calls],
-            tool_name=m.tool_name,
-            tool_call_id=m.tool_call_id,
-            thinking=m.thinking,
-            image_details=[_PB_TO_DETAIL.get(d, "auto") for d in m.image_details],
-        )
 
     def details(self) -> list[str]:
         """Each image's detail ("auto" where none was given)."""
@@ -212,6 +214,7 @@ class Message:
         return d
 
 
+@proto(pb.PromptInput)
 @dataclass
 class Prompt:
     prompt: str
@@ -221,30 +224,15 @@ class Prompt:
     images: list[bytes] = field(default_factory=list)
 
 
-    def to_pb(self) -> pb.PromptInput:
-        return pb.PromptInput(prompt=self.prompt, suffix=self.suffix, system=self.system, raw=self.raw,
-                              images=self.images)
-
-    @classmethod
-    def from_pb(cls, m: pb.PromptInput) -> "Prompt":
-        return cls(prompt=m.prompt, suffix=m.suffix, system=m.system, raw=m.raw, images=list(m.images))
 
 
+
+@proto(pb.Tool, renames={"parameters": "parameters_json"}, codecs={"parameters": _PARAMETERS})
 @dataclass
 class Tool:
     name: str
     description: str = ""
     parameters: dict = field(default_factory=dict)
-
-
-    def to_pb(self) -> pb.Tool:
-        parameters = json.dumps(self.parameters, ensure_ascii=False) if self.parameters else ""
-        return pb.Tool(name=self.name, description=self.description, parameters_json=parameters)
-
-    @classmethod
-    def from_pb(cls, m: pb.Tool) -> "Tool":
-        parameters = _json_or_empty(m.parameters_json, "tools.parameters_json")
-        return cls(name=m.name, description=m.description, parameters=parameters)
 
     def to_template_dict(self) -> dict:
         return {
@@ -253,21 +241,7 @@ class Tool:
         }
 
 
-_SAMPLING_OPTIONAL = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "repeat_penalty",
-    "repeat_last_n",
-    "presence_penalty",
-    "frequency_penalty",
-    "max_tokens",
-    "num_ctx",
-)
-
-
+@proto(pb.SamplingParams)
 @dataclass
 class Sampling:
     """Sampling knobs; None means the backend's default."""
@@ -284,44 +258,24 @@ class Sampling:
     max_tokens: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     num_ctx: Optional[int] = None
+    typical_p: Optional[float] = None
 
 
-    def to_pb(self) -> pb.SamplingParams:
-        kw = {k: v for k in _SAMPLING_OPTIONAL if (v := getattr(self, k)) is not None}
-        return pb.SamplingParams(stop=self.stop, **kw)
-
-    @classmethod
-    def from_pb(cls, m: pb.SamplingParams) -> "Sampling":
-        kw = {k: getattr(m, k) for k in _SAMPLING_OPTIONAL if m.HasField(k)}
-        return cls(stop=list(m.stop), **kw)
 
 
+
+@proto(pb.OutputFormat, renames={"kind": "type", "schema": "json_schema"},
+       codecs={"kind": _FORMAT_TYPE, "schema": _SCHEMA})
 @dataclass
 class OutputFormat:
     kind: Literal["text", "json", "json_schema"] = "text"
     schema: Optional[dict] = None
 
 
-    def to_pb(self) -> pb.OutputFormat:
-        if self.kind == "json":
-            return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON)
-        if self.kind == "json_schema":
-            return pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA,
-                                   json_schema=json.dumps(self.schema or {}, ensure_ascii=False))
-        return pb.OutputFormat()
-
-    @classmethod
-    def from_pb(cls, m: pb.OutputFormat) -> "OutputFormat":
-        if m.type == pb.FORMAT_TYPE_JSON:
-            return cls("json")
-        if m.type == pb.FORMAT_TYPE_JSON_SCHEMA or (m.type == pb.FORMAT_TYPE_UNSPECIFIED and m.json_schema):
-            # A schema with no type set is a schema (never silently ignored).
-            if not m.json_schema:
-                raise InvalidArgument("format: type JSON_SCHEMA needs json_schema")
-            return cls("json_schema", _json_or_empty(m.json_schema, "format.json_schema"))
-        return cls("text")
 
 
+
+@proto(pb.ToolChoice, codecs={"mode": _TOOL_CHOICE})
 @dataclass
 class ToolChoice:
     """Must the model call a tool?  "auto": it may; "required": one of the
@@ -350,22 +304,11 @@ class ToolChoice:
                 raise InvalidArgument(f"tool_choice names {self.function_name!r}, which is not in tools")
 
 
-    def to_pb(self) -> pb.ToolChoice:
-        if self.mode == "required":
-            return pb.ToolChoice(mode=pb.TOOL_CHOICE_REQUIRED)
-        if self.mode == "function":
-            return pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name=self.function_name)
-        return pb.ToolChoice()
-
-    @classmethod
-    def from_pb(cls, m: pb.ToolChoice) -> "ToolChoice":
-        if m.mode == pb.TOOL_CHOICE_REQUIRED:
-            return cls("required")
-        if m.mode == pb.TOOL_CHOICE_FUNCTION:
-            return cls("function", m.function_name)
-        return cls()
 
 
+
+@proto(pb.GenerateRequest, renames={"messages": "chat.messages"}, codecs={"keep_alive": _KEEP_ALIVE},
+       check=lambda r: r.tool_choice.check(r.tools))
 @dataclass
 class GenerateRequest:
     """One generation: exactly one of ``prompt`` and ``messages`` is set."""
@@ -386,58 +329,20 @@ class GenerateRequest:
     #: Context overflow: False = error; True = drop the oldest messages (or
     #: the start of the prompt) to fit, as Ollama does.
     truncate: bool = False
+    #: The message this request was accepted from (``backends/accept.py``), so
+    #: a remote service gets it as it came (``backends/remote``).  Routing
+    #: sets ``model`` anew; any other change drops it (``accepted=None``).
+    accepted: Optional[pb.GenerateRequest] = field(default=None, compare=False, repr=False,
+                                                   metadata={"proto": False})
 
 
-    def to_pb(self) -> pb.GenerateRequest:
-        """The request as another mlxgate service takes it (``from_pb`` reads it back)."""
-        m = pb.GenerateRequest(
-            request_id=self.request_id,
-            model=self.model,
-            tools=[t.to_pb() for t in self.tools],
-            sampling=self.sampling.to_pb(),
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs,
-            keep_alive=keep_alive_to_pb(self.keep_alive),
-        )
-        if self.format.kind != "text":
-            m.format.CopyFrom(self.format.to_pb())
-        if self.tool_choice.forced:
-            m.tool_choice.CopyFrom(self.tool_choice.to_pb())
-        if self.prompt is not None:
-            m.prompt.CopyFrom(self.prompt.to_pb())
-        else:
-            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages or []]))
-        if self.think is not None:
-            m.think = self.think
-        if self.truncate:
-            m.truncate = True
-        return m
 
-    @classmethod
-    def from_pb(cls, m: pb.GenerateRequest) -> "GenerateRequest":
-        which = m.WhichOneof("input")
-        req = cls(
-            model=m.model,
-            prompt=Prompt.from_pb(m.prompt) if which == "prompt" else None,
-            messages=[Message.from_pb(x) for x in m.chat.messages] if which == "chat" else None,
-            tools=[Tool.from_pb(t) for t in m.tools],
-            sampling=Sampling.from_pb(m.sampling),
-            format=OutputFormat.from_pb(m.format),
-            logprobs=m.logprobs,
-            top_logprobs=m.top_logprobs,
-            keep_alive=keep_alive_from_pb(m),
-            think=m.think if m.HasField("think") else None,
-            tool_choice=ToolChoice.from_pb(m.tool_choice),
-            request_id=m.request_id or uuid.uuid4().hex,
-            truncate=m.truncate,
-        )
-        req.tool_choice.check(req.tools)
-        return req
 
 
 # ---------------------------------------------------------------- events
 
 
+@proto(pb.TopLogprob)
 @dataclass
 class TopLogprob:
     token_id: int
@@ -445,6 +350,7 @@ class TopLogprob:
     logprob: float
 
 
+@proto(pb.TokenLogprob, renames={"top": "top_logprobs"})
 @dataclass
 class TokenLogprob:
     token_id: int
@@ -452,24 +358,10 @@ class TokenLogprob:
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
 
-    def to_pb(self) -> pb.TokenLogprob:
-        return pb.TokenLogprob(
-            token_id=self.token_id,
-            token=self.token,
-            logprob=self.logprob,
-            top_logprobs=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in self.top],
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.TokenLogprob) -> "TokenLogprob":
-        return cls(
-            token_id=m.token_id,
-            token=m.token,
-            logprob=m.logprob,
-            top=[TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in m.top_logprobs],
-        )
 
 
+
+@proto(pb.Chunk, codecs={"tool_calls": _PRODUCED_CALLS}, envelope=(pb.GenerateResponse, "chunk"))
 @dataclass
 class Chunk:
     """A piece of the answer as it is produced."""
@@ -483,19 +375,6 @@ class Chunk:
     model: str = ""
     #: Reasoning text (delta), apart from ``text``.
     thinking: str = ""
-
-    def to_pb(self) -> pb.GenerateResponse:
-        return pb.GenerateResponse(
-            chunk=pb.Chunk(
-                text=self.text,
-                token_ids=self.token_ids,
-                tool_calls=[t.to_pb() for t in self.tool_calls],
-                logprobs=[lp.to_pb() for lp in self.logprobs],
-                backend=self.backend,
-                model=self.model,
-                thinking=self.thinking,
-            )
-        )
 
     @staticmethod
     def merged(chunks: list["Chunk"]) -> "Chunk":
@@ -514,19 +393,9 @@ class Chunk:
             thinking="".join(c.thinking for c in chunks),
         )
 
-    @classmethod
-    def from_pb(cls, m: pb.Chunk) -> "Chunk":
-        return cls(
-            text=m.text,
-            token_ids=list(m.token_ids),
-            tool_calls=[ToolCall.produced_from_pb(t) for t in m.tool_calls],
-            logprobs=[TokenLogprob.from_pb(lp) for lp in m.logprobs],
-            backend=m.backend,
-            model=m.model,
-            thinking=m.thinking,
-        )
 
 
+@proto(pb.Done, codecs={"finish_reason": _FINISH}, envelope=(pb.GenerateResponse, "done"))
 @dataclass
 class Done:
     """The last event of every generation."""
@@ -545,40 +414,7 @@ class Done:
     #: The stop sequence that ended the generation, when one did and the backend can tell.
     stop_sequence: str = ""
 
-    def to_pb(self) -> pb.GenerateResponse:
-        return pb.GenerateResponse(
-            done=pb.Done(
-                finish_reason=_FINISH_TO_PB[self.finish_reason],
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                cached_prompt_tokens=self.cached_prompt_tokens,
-                load_duration_ns=self.load_duration_ns,
-                prompt_eval_duration_ns=self.prompt_eval_duration_ns,
-                eval_duration_ns=self.eval_duration_ns,
-                total_duration_ns=self.total_duration_ns,
-                backend=self.backend,
-                model=self.model,
-                error_message=self.error_message,
-                stop_sequence=self.stop_sequence,
-            )
-        )
 
-    @classmethod
-    def from_pb(cls, m: pb.Done) -> "Done":
-        return cls(
-            finish_reason=_PB_TO_FINISH.get(m.finish_reason, "stop"),  # type: ignore[arg-type]
-            prompt_tokens=m.prompt_tokens,
-            completion_tokens=m.completion_tokens,
-            cached_prompt_tokens=m.cached_prompt_tokens,
-            load_duration_ns=m.load_duration_ns,
-            prompt_eval_duration_ns=m.prompt_eval_duration_ns,
-            eval_duration_ns=m.eval_duration_ns,
-            total_duration_ns=m.total_duration_ns,
-            backend=m.backend,
-            model=m.model,
-            error_message=m.error_message,
-            stop_sequence=m.stop_sequence,
-        )
 
 
 def event_from_pb(m: pb.GenerateResponse) -> Optional["Event"]:
@@ -594,6 +430,7 @@ def event_from_pb(m: pb.GenerateResponse) -> Optional["Event"]:
 Event = Union[Chunk, Done]
 
 
+@proto(pb.CountTokensResponse)
 @dataclass
 class TokenCount:
     """What ``Backend.count_tokens`` answers: the prompt tokens of a request's input."""
@@ -602,17 +439,13 @@ class TokenCount:
     backend: str = ""
     model: str = ""
 
-    def to_pb(self) -> pb.CountTokensResponse:
-        return pb.CountTokensResponse(input_tokens=self.input_tokens, backend=self.backend, model=self.model)
 
-    @classmethod
-    def from_pb(cls, m: pb.CountTokensResponse) -> "TokenCount":
-        return cls(input_tokens=m.input_tokens, backend=m.backend, model=m.model)
 
 
 # ---------------------------------------------------------------- embeddings
 
 
+@proto(pb.EmbedRequest, renames={"inputs": "input"}, codecs={"input_tokens": _TOKEN_LISTS, "keep_alive": _KEEP_ALIVE})
 @dataclass
 class EmbedRequest:
     """Texts (``inputs``) or token ids (``input_tokens``) to embed, never both.
@@ -628,32 +461,14 @@ class EmbedRequest:
     keep_alive: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     input_tokens: list[list[int]] = field(default_factory=list)
+    #: The message this request was accepted from (as ``GenerateRequest.accepted``).
+    accepted: Optional[pb.EmbedRequest] = field(default=None, compare=False, repr=False, metadata={"proto": False})
 
 
-    def to_pb(self) -> pb.EmbedRequest:
-        return pb.EmbedRequest(
-            request_id=self.request_id,
-            model=self.model,
-            input=self.inputs,
-            input_tokens=[pb.TokenIds(ids=ids) for ids in self.input_tokens],
-            truncate=self.truncate,
-            dimensions=self.dimensions,
-            keep_alive=keep_alive_to_pb(self.keep_alive),
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.EmbedRequest) -> "EmbedRequest":
-        return cls(
-            model=m.model,
-            inputs=list(m.input),
-            input_tokens=[list(t.ids) for t in m.input_tokens],
-            truncate=m.truncate if m.HasField("truncate") else True,
-            dimensions=m.dimensions,
-            keep_alive=keep_alive_from_pb(m),
-            request_id=m.request_id or uuid.uuid4().hex,
-        )
 
 
+
+@proto(pb.EmbedResponse, codecs={"embeddings": _EMBEDDINGS})
 @dataclass
 class EmbedResult:
     embeddings: list[list[float]]
@@ -663,31 +478,13 @@ class EmbedResult:
     load_duration_ns: int = 0
     total_duration_ns: int = 0
 
-    def to_pb(self) -> pb.EmbedResponse:
-        return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=v) for v in self.embeddings],
-            prompt_tokens=self.prompt_tokens,
-            model=self.model,
-            backend=self.backend,
-            load_duration_ns=self.load_duration_ns,
-            total_duration_ns=self.total_duration_ns,
-        )
 
-    @classmethod
-    def from_pb(cls, m: pb.EmbedResponse) -> "EmbedResult":
-        return cls(
-            embeddings=[list(e.values) for e in m.embeddings],
-            prompt_tokens=m.prompt_tokens,
-            model=m.model,
-            backend=m.backend,
-            load_duration_ns=m.load_duration_ns,
-            total_duration_ns=m.total_duration_ns,
-        )
 
 
 # ---------------------------------------------------------------- models
 
 
+@proto(pb.ModelDetails)
 @dataclass
 class ModelDetails:
     family: str = ""
@@ -697,28 +494,10 @@ class ModelDetails:
     quantization_level: str = ""
     format: str = ""
 
-    def to_pb(self) -> pb.ModelDetails:
-        return pb.ModelDetails(
-            family=self.family,
-            families=self.families,
-            parameter_count=self.parameter_count,
-            parameter_size=self.parameter_size,
-            quantization_level=self.quantization_level,
-            format=self.format,
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.ModelDetails) -> "ModelDetails":
-        return cls(
-            family=m.family,
-            families=list(m.families),
-            parameter_count=m.parameter_count,
-            parameter_size=m.parameter_size,
-            quantization_level=m.quantization_level,
-            format=m.format,
-        )
 
 
+
+@proto(pb.ModelInfo, codecs={"modified_at": _TIMESTAMP})
 @dataclass
 class ModelInfo:
     name: str
@@ -729,30 +508,11 @@ class ModelInfo:
     details: ModelDetails = field(default_factory=ModelDetails)
     fallbacks: list[str] = field(default_factory=list)
 
-    def to_pb(self) -> pb.ModelInfo:
-        return pb.ModelInfo(
-            name=self.name,
-            backend=self.backend,
-            size_bytes=self.size_bytes,
-            digest=self.digest,
-            modified_at=_ts(self.modified_at),
-            details=self.details.to_pb(),
-            fallbacks=self.fallbacks,
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.ModelInfo) -> "ModelInfo":
-        return cls(
-            name=m.name,
-            backend=m.backend,
-            size_bytes=m.size_bytes,
-            digest=m.digest,
-            modified_at=_from_ts(m, "modified_at"),
-            details=ModelDetails.from_pb(m.details),
-            fallbacks=list(m.fallbacks),
-        )
 
 
+
+@proto(pb.ShowModelResponse, renames={"info": "model", "config": "config_json"},
+       codecs={"capabilities": _CAPABILITIES, "config": _CONFIG})
 @dataclass
 class ModelShow:
     info: ModelInfo
@@ -767,40 +527,10 @@ class ModelShow:
     messages: list[Message] = field(default_factory=list)
     parent_model: str = ""
 
-    def to_pb(self) -> pb.ShowModelResponse:
-        return pb.ShowModelResponse(
-            model=self.info.to_pb(),
-            chat_template=self.chat_template,
-            context_length=self.context_length,
-            capabilities=[_CAP_TO_PB[c] for c in self.capabilities if c in _CAP_TO_PB],
-            config_json=json.dumps(self.config),
-            license=self.license,
-            system=self.system,
-            parameters=self.parameters.to_pb(),
-            messages=[m.to_pb() for m in self.messages],
-            parent_model=self.parent_model,
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.ShowModelResponse) -> "ModelShow":
-        try:
-            config = loads_object(m.config_json, "config_json") if m.config_json else {}
-        except JSONError:
-            config = {}
-        return cls(
-            info=ModelInfo.from_pb(m.model),
-            chat_template=m.chat_template,
-            context_length=m.context_length,
-            capabilities=[_PB_TO_CAP[c] for c in m.capabilities if c in _PB_TO_CAP],
-            config=config,
-            license=m.license,
-            system=m.system,
-            parameters=Sampling.from_pb(m.parameters),
-            messages=[Message.from_pb(x) for x in m.messages],
-            parent_model=m.parent_model,
-        )
 
 
+
+@proto(pb.RunningModel, codecs={"expires_at": _TIMESTAMP})
 @dataclass
 class RunningModel:
     name: str
@@ -810,45 +540,23 @@ class RunningModel:
     context_length: int = 0
     details: ModelDetails = field(default_factory=ModelDetails)
 
-    def to_pb(self) -> pb.RunningModel:
-        return pb.RunningModel(
-            name=self.name,
-            backend=self.backend,
-            size_bytes=self.size_bytes,
-            expires_at=_ts(self.expires_at),
-            context_length=self.context_length,
-            details=self.details.to_pb(),
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.RunningModel) -> "RunningModel":
-        return cls(
-            name=m.name,
-            backend=m.backend,
-            size_bytes=m.size_bytes,
-            expires_at=_from_ts(m, "expires_at"),
-            context_length=m.context_length,
-            details=ModelDetails.from_pb(m.details),
-        )
 
 
+
+@proto(pb.LoadModelResponse)
 @dataclass
 class LoadResult:
     model: str
     backend: str
     load_duration_ns: int = 0
 
-    def to_pb(self) -> pb.LoadModelResponse:
-        return pb.LoadModelResponse(model=self.model, backend=self.backend, load_duration_ns=self.load_duration_ns)
 
-    @classmethod
-    def from_pb(cls, m: pb.LoadModelResponse) -> "LoadResult":
-        return cls(model=m.model, backend=m.backend, load_duration_ns=m.load_duration_ns)
 
 
 # ---------------------------------------------------------------- rerank, tokenize, detokenize
 
 
+@proto(pb.RerankRequest, codecs={"keep_alive": _KEEP_ALIVE})
 @dataclass
 class RerankRequest:
     """Documents to order by relevance to ``query`` (``Backend.rerank``)."""
@@ -863,21 +571,10 @@ class RerankRequest:
     keep_alive: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def to_pb(self) -> pb.RerankRequest:
-        return pb.RerankRequest(
-            request_id=self.request_id, model=self.model, query=self.query, documents=self.documents,
-            top_n=self.top_n, instruction=self.instruction, keep_alive=keep_alive_to_pb(self.keep_alive),
-        )
-
-    @classmethod
-    def from_pb(cls, m: pb.RerankRequest) -> "RerankRequest":
-        return cls(
-            model=m.model, query=m.query, documents=list(m.documents), top_n=m.top_n,
-            instruction=m.instruction, keep_alive=keep_alive_from_pb(m),
-            request_id=m.request_id or uuid.uuid4().hex,
-        )
 
 
+
+@proto(pb.RerankResponse, renames={"ranked": "results"}, codecs={"ranked": _RANKED})
 @dataclass
 class RerankResult:
     """Scores by document, best first: ``ranked`` holds (index, score) pairs."""
@@ -888,18 +585,7 @@ class RerankResult:
     backend: str = ""
     method: str = ""
 
-    def to_pb(self) -> pb.RerankResponse:
-        return pb.RerankResponse(
-            results=[pb.RerankResult(index=i, relevance_score=s) for i, s in self.ranked],
-            total_tokens=self.total_tokens, model=self.model, backend=self.backend, method=self.method,
-        )
 
-    @classmethod
-    def from_pb(cls, m: pb.RerankResponse) -> "RerankResult":
-        return cls(
-            ranked=[(r.index, r.relevance_score) for r in m.results], total_tokens=m.total_tokens,
-            model=m.model, backend=m.backend, method=m.method,
-        )
 
 
 def rank(scores: list[float], top_n: int) -> list[tuple[int, float]]:
@@ -911,6 +597,7 @@ def rank(scores: list[float], top_n: int) -> list[tuple[int, float]]:
     return [(i, scores[i]) for i in order]
 
 
+@proto(pb.TokenizeRequest, renames={"messages": "chat.messages"}, codecs={"keep_alive": _KEEP_ALIVE})
 @dataclass
 class TokenizeRequest:
     """A text, or a chat (``messages``, with ``tools`` and ``think``) to render as Generate would."""
@@ -931,37 +618,10 @@ class TokenizeRequest:
         return GenerateRequest(model=self.model, messages=list(self.messages or []), tools=self.tools,
                                think=self.think, keep_alive=self.keep_alive, request_id=self.request_id)
 
-    def to_pb(self) -> pb.TokenizeRequest:
-        m = pb.TokenizeRequest(
-            request_id=self.request_id, model=self.model, tools=[t.to_pb() for t in self.tools],
-            add_special_tokens=self.add_special_tokens, add_generation_prompt=self.add_generation_prompt,
-            return_pieces=self.return_pieces, keep_alive=keep_alive_to_pb(self.keep_alive),
-        )
-        if self.text is not None:
-            m.text = self.text
-        else:
-            m.chat.CopyFrom(pb.ChatInput(messages=[x.to_pb() for x in self.messages or []]))
-        if self.think is not None:
-            m.think = self.think
-        return m
-
-    @classmethod
-    def from_pb(cls, m: pb.TokenizeRequest) -> "TokenizeRequest":
-        which = m.WhichOneof("input")
-        return cls(
-            model=m.model,
-            text=m.text if which == "text" else None,
-            messages=[Message.from_pb(x) for x in m.chat.messages] if which == "chat" else None,
-            tools=[Tool.from_pb(t) for t in m.tools],
-            think=m.think if m.HasField("think") else None,
-            add_special_tokens=m.add_special_tokens,
-            add_generation_prompt=m.add_generation_prompt if m.HasField("add_generation_prompt") else True,
-            return_pieces=m.return_pieces,
-            keep_alive=keep_alive_from_pb(m),
-            request_id=m.request_id or uuid.uuid4().hex,
-        )
 
 
+
+@proto(pb.TokenizeResponse)
 @dataclass
 class TokenizeResult:
     tokens: list[int]
@@ -970,16 +630,10 @@ class TokenizeResult:
     model: str = ""
     backend: str = ""
 
-    def to_pb(self) -> pb.TokenizeResponse:
-        return pb.TokenizeResponse(tokens=self.tokens, pieces=self.pieces, context_length=self.context_length,
-                                   model=self.model, backend=self.backend)
-
-    @classmethod
-    def from_pb(cls, m: pb.TokenizeResponse) -> "TokenizeResult":
-        return cls(tokens=list(m.tokens), pieces=list(m.pieces), context_length=m.context_length,
-                   model=m.model, backend=m.backend)
 
 
+
+@proto(pb.DetokenizeRequest, codecs={"keep_alive": _KEEP_ALIVE})
 @dataclass
 class DetokenizeRequest:
     model: str
@@ -987,25 +641,13 @@ class DetokenizeRequest:
     keep_alive: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def to_pb(self) -> pb.DetokenizeRequest:
-        return pb.DetokenizeRequest(request_id=self.request_id, model=self.model, tokens=self.tokens,
-                                    keep_alive=keep_alive_to_pb(self.keep_alive))
-
-    @classmethod
-    def from_pb(cls, m: pb.DetokenizeRequest) -> "DetokenizeRequest":
-        return cls(model=m.model, tokens=list(m.tokens), keep_alive=keep_alive_from_pb(m),
-                   request_id=m.request_id or uuid.uuid4().hex)
 
 
+
+@proto(pb.DetokenizeResponse)
 @dataclass
 class DetokenizeResult:
     text: str
     model: str = ""
     backend: str = ""
 
-    def to_pb(self) -> pb.DetokenizeResponse:
-        return pb.DetokenizeResponse(text=self.text, model=self.model, backend=self.backend)
-
-    @classmethod
-    def from_pb(cls, m: pb.DetokenizeResponse) -> "DetokenizeResult":
-        return cls(text=m.text, model=m.model, backend=m.backend)

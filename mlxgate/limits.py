@@ -1,7 +1,7 @@
 """The contract's bounds: what one request may ask for, in one place.
 
 Every request reaching the inference service (from the HTTP front or from any
-gRPC client) is checked against these before routing (``backends/validation.py``),
+gRPC client) is checked against these before routing (``backends/accept.py``),
 so no backend sees a request whose cost is not bounded.  The HTTP front uses
 the same numbers where a limit belongs to parsing (JSON depth, ``n``).  The
 README's "Limits" table and the proto comments document them.
@@ -52,7 +52,7 @@ MAX_JSON_DEPTH = 64
 MAX_REQUEST_ID_CHARS = 128
 #: The ranges of the contract's sampling knobs (SamplingParams in the .proto):
 #: name -> (lowest, highest, whether the lowest itself is excluded).  The
-#: service enforces them (backends/validation.py); the dialect models state
+#: service enforces them (backends/accept.py); the dialect models state
 #: them in /openapi.json (mlxgate.dialects.base.contract_range).
 SAMPLING_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     "temperature": (0, None, False),
@@ -65,6 +65,7 @@ SAMPLING_RANGES: dict[str, tuple[Optional[float], Optional[float], bool]] = {
     "frequency_penalty": (-2, 2, False),
     # max_tokens: any value; negative is "no limit" (until a stop or the context is full).
     "num_ctx": (1, None, False),
+    "typical_p": (0, 1, True),
 }
 #: Rerank: documents in one request (Cohere's and Voyage's limit), the tokens
 #: of all of them together once each is cut to the context (a causal model's

@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from backends import errors, validation
+from backends import accept, errors
 from backends.errors import InvalidArgument, Unavailable
 from backends.ollama import OllamaBackend
 from backends.routing import Router
@@ -94,18 +94,17 @@ def test_completions_still_refuse_token_prompts():
 def test_the_contract_carries_token_ids_and_bounds_them():
     m = pb.EmbedRequest(model="m", input_tokens=[pb.TokenIds(ids=[1, 2]), pb.TokenIds(ids=[3])], truncate=False,
                         dimensions=8)
-    validation.check_embed(m)
-    back = EmbedRequest.from_pb(m)
+    back = accept.embed(m)
     assert (back.input_tokens, back.inputs, back.truncate, back.dimensions) == ([[1, 2], [3]], [], False, 8)
 
     both = pb.EmbedRequest(model="m", input=["x"], input_tokens=[pb.TokenIds(ids=[1])])
     with pytest.raises(InvalidArgument, match="exclusive"):
-        validation.check_embed(both)
+        accept.embed(both)
     with pytest.raises(InvalidArgument, match=r"input_tokens\[1\]: empty"):
-        validation.check_embed(pb.EmbedRequest(model="m", input_tokens=[pb.TokenIds(ids=[1]), pb.TokenIds()]))
+        accept.embed(pb.EmbedRequest(model="m", input_tokens=[pb.TokenIds(ids=[1]), pb.TokenIds()]))
     many = pb.EmbedRequest(model="m", input_tokens=[pb.TokenIds(ids=[1])] * (limits.MAX_EMBED_INPUTS + 1))
     with pytest.raises(InvalidArgument, match="input_tokens: at most"):
-        validation.check_embed(many)
+        accept.embed(many)
 
 
 def test_upstream_adapters_refuse_token_ids_themselves():

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from backends import errors, validation
+from backends import accept, errors
 from backends.mlx.backend import MLXBackend
 from backends.mlx.output import SequenceOutput, StopStrings
 from backends.mlx.testmodel import write_test_model
@@ -445,7 +445,7 @@ def pb_chat(text="Hello! How are you?", **sampling) -> pb.GenerateRequest:
 
 
 # Parameter ranges are the contract's, checked once at the service boundary
-# (backends/validation.py) for every backend; the engine no longer repeats them.
+# (backends/accept.py) for every backend; the engine no longer repeats them.
 @pytest.mark.parametrize(
     "field,value",
     [
@@ -460,7 +460,7 @@ def pb_chat(text="Hello! How are you?", **sampling) -> pb.GenerateRequest:
 )
 def test_bad_parameters_are_invalid_argument_naming_them(field, value):
     with pytest.raises(errors.InvalidArgument) as e:
-        validation.check_generate(pb_chat(**{field: value}))
+        accept.generate(pb_chat(**{field: value}))
     assert field in e.value.message
 
 
@@ -468,13 +468,13 @@ def test_too_many_top_logprobs_is_invalid():
     req = pb_chat()
     req.top_logprobs = 21
     with pytest.raises(errors.InvalidArgument, match="top_logprobs"):
-        validation.check_generate(req)
+        accept.generate(req)
 
 
 async def test_top_p_zero_is_greedy(mlx_backend):
     """top_p 0 keeps only the most likely token (OpenAI's and Ollama's reading): the
     contract accepts it and the sampler decodes greedily, whatever the temperature."""
-    validation.check_generate(pb_chat(top_p=0.0))
+    accept.generate(pb_chat(top_p=0.0))
     greedy, _ = await collect(mlx_backend, chat("Tell me a story", temperature=0, max_tokens=8))
     for seed in (1, 2):
         chunks, _ = await collect(mlx_backend, chat("Tell me a story", temperature=1.5, top_p=0.0, seed=seed,

@@ -10,13 +10,14 @@ is tests/test_remote_services.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any, AsyncIterator, Optional
 
 import grpc
 import pytest
 
-from backends import call_context
+from backends import accept, call_context
 from backends.errors import (
     RETRYABLE_KEY,
     DeadlineExceeded,
@@ -250,6 +251,8 @@ class Recorder(pb_grpc.InferenceServiceServicer):
 
     def __init__(self) -> None:
         self.seen: list[dict] = []
+        #: The messages themselves, by method.
+        self.requests: dict[str, Any] = {}
 
     def _note(self, method: str, context: grpc.aio.ServicerContext, request_id: str = "") -> None:
         md = {k: v for k, v in context.invocation_metadata()}
@@ -259,6 +262,7 @@ class Recorder(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request, context):
         self._note("Generate", context, request.request_id)
+        self.requests["Generate"] = request
         yield pb.GenerateResponse(done=pb.Done(finish_reason=pb.FINISH_REASON_STOP))
 
     async def ListModels(self, request, context):
@@ -271,6 +275,7 @@ class Recorder(pb_grpc.InferenceServiceServicer):
 
     async def Embed(self, request, context):
         self._note("Embed", context, request.request_id)
+        self.requests["Embed"] = request
         return pb.EmbedResponse()
 
 
@@ -315,6 +320,36 @@ async def test_request_ids_keys_and_the_callers_deadline_travel(recorder):
         # own id, and the remote's clocks (connect + first token), not a caller's deadline.
         assert listing["x-request-id"] not in ("rid-gen-1", "rid-show-1", "rid-emb-1")
         assert listing["time_remaining"] > 60
+    finally:
+        await svc.stop(0)
+        await hop.close()
+
+
+async def test_the_accepted_message_is_forwarded_as_it_came(recorder):
+    """The remote gets the caller's own message, not one rebuilt from the
+    domain request: JSON carried as text keeps its exact text (a rebuild would
+    re-serialize it), and only the model name routing chose is set anew."""
+    rec, target = recorder
+    hop = remote(target, name="far")
+    svc = await start_inference_service(Router([hop]), port=0)
+    try:
+        async with grpc.aio.insecure_channel(svc.target) as ch:
+            stub = pb_grpc.InferenceServiceStub(ch)
+            req = pb.GenerateRequest(
+                request_id="rid-fwd-1", model="m",
+                chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi", tool_calls=[
+                    pb.ToolCall(name="f", arguments_json='{ "b" : 1,"a":2 }')])]),
+                tools=[pb.Tool(name="f", parameters_json='{"type":"object" ,  "properties": {}}')],
+                sampling=pb.SamplingParams(temperature=0.5, stop=["x"]))
+            _ = [x async for x in stub.Generate(req, timeout=30)]
+        assert rec.requests["Generate"] == req
+        assert rec.requests["Generate"].tools[0].parameters_json == '{"type":"object" ,  "properties": {}}'
+        # Routing's name for the model (an alias's target) replaces the caller's; the rest is as it came.
+        emb = pb.EmbedRequest(model="public-name", input=["x"], dimensions=8)
+        await hop.embed(dataclasses.replace(accept.embed(emb), model="m"))
+        forwarded = rec.requests["Embed"]
+        assert (forwarded.model, list(forwarded.input), forwarded.dimensions) == ("m", ["x"], 8)
+        assert forwarded.request_id and emb.model == "public-name"  # a fresh id; the caller's message untouched
     finally:
         await svc.stop(0)
         await hop.close()

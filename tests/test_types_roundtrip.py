@@ -1,14 +1,17 @@
-"""The conversions the remote hop adds to backends/types.py: every domain type
-that travels to another mlxgate service and back survives the trip
-(``X.from_pb(x.to_pb()) == x``), and what the service reads from a proto
-request it can write again unchanged."""
+"""The proto forms of backends/types.py (backends/pbconvert.py): every domain
+type that travels to another mlxgate service and back survives the trip
+(``X.from_pb(x.to_pb()) == x``), what the service reads from a proto request
+it can write again unchanged, and the accept step reads a request as the
+generic conversion does."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 
 import pytest
 
+from backends import accept, types
 from backends.types import (
     Chunk,
     Done,
@@ -150,3 +153,53 @@ def test_a_show_with_broken_config_json_keeps_the_rest() -> None:
     m.config_json = "{not json"
     show = ModelShow.from_pb(m)
     assert show.config == {} and show.context_length == 8
+
+
+def _every_type() -> dict[str, object]:
+    """One full instance of each type with a proto form (``@proto``)."""
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    details = ModelDetails("llama", ["llama"], 1234, "1.2K", "F32", "mlx")
+    call = ToolCall("f", {"a": [1, {"b": None}]}, id="c", index=2)
+    top = TopLogprob(7, "He", -1.5)
+    return {x.__class__.__name__: x for x in [
+        call, CHAT.messages[2], PROMPT.prompt, CHAT.tools[0], CHAT.sampling, CHAT.format, CHAT.tool_choice,
+        CHAT, top, TokenLogprob(1, "Hel", -0.5, top=[top]),
+        Chunk(text="a", token_ids=[1], tool_calls=[call], backend="mlx", model="m", thinking="t"),
+        Done("length", 1, 2, 3, 4, 5, 6, 7, "mlx", "m", "oops", "END"),
+        types.TokenCount(12, "mlx", "m"),
+        EmbedRequest(model="m", inputs=["a"], truncate=False, dimensions=4, keep_alive=1.5, request_id="e"),
+        EmbedResult([[0.5]], 1, "m", "mlx", 2, 3), details,
+        ModelInfo("m", "mlx", 9, "sha256:a", when, details, ["ollama"]),
+        ModelShow(ModelInfo("m", "mlx"), "t", 8, ["vision", "thinking"], {"k": [1]}, "MIT", "sys",
+                  Sampling(temperature=0.5, stop=["x"]), [Message("user", "hi")], "parent"),
+        RunningModel("m", "mlx", 5, when, 2048, details), LoadResult("m", "mlx", 7),
+        types.RerankRequest("m", "q", ["a", "b"], top_n=1, instruction="i", keep_alive=0.0, request_id="r"),
+        types.RerankResult([(1, 0.75), (0, 0.25)], 9, "m", "mlx", "logits"),
+        types.TokenizeRequest("m", messages=[Message("user", "hi")], tools=CHAT.tools, think=True,
+                              add_special_tokens=True, add_generation_prompt=False, return_pieces=True,
+                              keep_alive=3.0, request_id="t"),
+        types.TokenizeRequest("m", text="hello", request_id="t2"),
+        types.TokenizeResult([1, 2], ["a", "b"], 8, "m", "mlx"),
+        types.DetokenizeRequest("m", [1, 2], keep_alive=2.0, request_id="d"),
+        types.DetokenizeResult("ab", "m", "mlx"),
+    ]}
+
+
+def test_every_type_with_a_proto_form_survives_the_hop() -> None:
+    samples = _every_type()
+    converted = {name for name, cls in vars(types).items() if isinstance(cls, type) and hasattr(cls, "_pb_spec")}
+    assert converted == set(samples), "a type with a proto form has no sample here"
+    for name, x in samples.items():
+        m = x.to_pb()
+        inner = getattr(m, m.WhichOneof("event")) if isinstance(m, pb.GenerateResponse) else m
+        back = type(x).from_pb(inner)
+        assert back == x, name
+        assert back.to_pb() == m, name
+
+
+def test_the_accept_step_and_the_generic_conversion_agree() -> None:
+    """What a caller sends is read the same by both ways in (images aside: the
+    accept step checks their headers, and these are not images)."""
+    chat = dataclasses.replace(CHAT, messages=[dataclasses.replace(x, images=[]) for x in CHAT.messages])
+    assert accept.generate(chat.to_pb()) == chat
+    assert accept.generate(BARE.to_pb()) == BARE

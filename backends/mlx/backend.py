@@ -224,7 +224,7 @@ class MLXBackend:
     # ---------------------------------------------------------------- Backend protocol
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        # The request is inside the contract (backends/validation.py, at the
+        # The request is inside the contract (backends/accept.py, at the
         # service); what is checked here is this engine's: context, tool-call
         # format, images.
         t_start = time.perf_counter_ns()

@@ -1,7 +1,7 @@
 """Samplers and logits processors.
 
 Requests reach the engine already checked against the contract (ranges,
-counts: ``backends/validation.py``, once, at the service boundary); the MLX
+counts: ``backends/accept.py``, once, at the service boundary); the MLX
 backend checks only what is specific to it (a model's context, its tool-call
 format, images).  Samplers and processors create MLX arrays, so
 ``make_sampler``/``make_processors`` are only called on the MLX thread.
@@ -44,6 +44,7 @@ def make_sampler(s: Sampling, seed: int) -> Callable:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
     top_k = s.top_k or 0
     min_p = s.min_p or 0.0
+    typical_p = s.typical_p if s.typical_p is not None else 1.0
     state = {"key": mx.random.key(seed)}
 
     def sampler(logprobs):
@@ -53,11 +54,30 @@ def make_sampler(s: Sampling, seed: int) -> Callable:
             logprobs = apply_min_p(logprobs, min_p)
         if 0 < top_k < logprobs.shape[-1]:
             logprobs = apply_top_k(logprobs, top_k)
+        if typical_p < 1:
+            logprobs = apply_typical_p(logprobs, typical_p)
         key, sub = mx.random.split(state["key"])
         state["key"] = key
         return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
 
     return sampler
+
+
+def apply_typical_p(logprobs, typical_p: float):
+    """Locally typical sampling (Meister et al. 2022; llama.cpp's and Ollama's
+    ``typical_p``): keep the tokens whose surprise (-log p) is closest to the
+    entropy, most typical first, until they hold ``typical_p`` of the
+    probability; the rest get -inf.  mlx-lm has no such filter."""
+    import mlx.core as mx
+
+    probs = mx.exp(logprobs)
+    entropy = -mx.sum(mx.where(probs > 0, probs * logprobs, 0.0), axis=-1, keepdims=True)
+    order = mx.argsort(mx.abs(-logprobs - entropy), axis=-1)
+    sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+    # A token stays while the more typical ones before it hold less than typical_p (the first always stays).
+    keep_sorted = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < typical_p
+    keep = mx.take_along_axis(keep_sorted, mx.argsort(order, axis=-1), axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
 
 
 def make_processors(s: Sampling, num_ctx: int) -> list[Callable]:

@@ -80,7 +80,8 @@ def apply(req: GenerateRequest, model: StoredModel) -> GenerateRequest:
             changes["messages"] = [*head, *leading, Message("user", p.prompt, images=list(p.images))]
         elif system != p.system:
             changes["prompt"] = dataclasses.replace(p, system=system)
-    return dataclasses.replace(req, **changes) if changes else req
+    # The accepted message no longer says what is asked (backends/remote forwards it).
+    return dataclasses.replace(req, **changes, accepted=None) if changes else req
 
 
 def with_settings(show: ModelShow, model: StoredModel) -> ModelShow:

@@ -103,6 +103,20 @@ KEEPALIVE_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0
 
 
+def _outgoing(req: GenerateRequest | EmbedRequest) -> Any:
+    """The request as the remote takes it: the message it was accepted from
+    when it came in as one (forwarded as it is, or with the model name
+    routing chose and the request id given to it), else converted."""
+    m = req.accepted
+    if m is None:
+        return req.to_pb()
+    if (m.model, m.request_id) != (req.model, req.request_id):
+        m = type(m)()
+        m.CopyFrom(req.accepted)
+        m.model, m.request_id = req.model, req.request_id
+    return m
+
+
 class HealthState(str, Enum):
     UNKNOWN = "unknown"
     SERVING = "serving"
@@ -242,7 +256,7 @@ class RemoteBackend:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         stub = self._get_stub()
-        call = stub.Generate(req.to_pb(), timeout=call_context.remaining(), metadata=self._md(req.request_id))
+        call = stub.Generate(_outgoing(req), timeout=call_context.remaining(), metadata=self._md(req.request_id))
         clock = TokenClock(self.name, self.timeouts)
         loop = asyncio.get_running_loop()
         handed_at: Optional[float] = None
@@ -275,11 +289,11 @@ class RemoteBackend:
     # ------------------------------------------------------------ unary
 
     async def embed(self, req: EmbedRequest) -> EmbedResult:
-        return EmbedResult.from_pb(await self._unary("Embed", req.to_pb(), req.request_id))
+        return EmbedResult.from_pb(await self._unary("Embed", _outgoing(req), req.request_id))
 
     async def count_tokens(self, req: GenerateRequest) -> TokenCount:
         res = TokenCount.from_pb(await self._unary(
-            "CountTokens", pb.CountTokensRequest(request=req.to_pb()), req.request_id))
+            "CountTokens", pb.CountTokensRequest(request=_outgoing(req)), req.request_id))
         res.backend = self.name
         return res
 

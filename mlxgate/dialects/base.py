@@ -14,7 +14,7 @@ and the dialect's constants.  Two kinds of bounds appear on request fields:
   messages, ...) and contract ranges (``top_p`` in [0, 1]): ``Limit(...)``,
   which only *documents* the bound in the JSON schema (and so in
   ``/openapi.json``).  The inference service enforces them, once, for every
-  caller (``backends/validation.py``).
+  caller (``backends/accept.py``).
 
 Imports: pydantic, the standard library and ``mlxgate.limits`` /
 ``mlxgate.jsonutil`` only (see docs/architecture.md, "Layers").

@@ -75,11 +75,12 @@ OPTION_OF_SAMPLING: dict[str, str] = {
     "frequency_penalty": "frequency_penalty",
     "max_tokens": "num_predict",
     "num_ctx": "num_ctx",
+    "typical_p": "typical_p",
 }
 
 #: Options Ollama documents that have no meaning for MLX: type checked, ignored.
 IGNORED_OPTIONS = (
-    "typical_p", "tfs_z", "mirostat_tau", "mirostat_eta",
+    "tfs_z", "mirostat_tau", "mirostat_eta",
     "num_keep", "mirostat", "num_batch", "num_gpu", "main_gpu", "num_thread",
     "penalize_newline", "numa", "low_vram", "f16_kv", "logits_all", "vocab_only", "use_mmap", "use_mlock",
     "embedding_only",
@@ -108,9 +109,9 @@ class OptionTypes(WireModel):
         None, description="most tokens to generate; negative: no limit (until a stop or the context is full)"
     )
     num_ctx: Optional[Int32] = None
+    typical_p: Optional[float] = None
     stop: Optional[Union[str, list[str]]] = None
     # Documented by Ollama, without meaning here.
-    typical_p: Optional[float] = Field(None, description=_IGNORED)
     tfs_z: Optional[float] = Field(None, description=_IGNORED)
     mirostat_tau: Optional[float] = Field(None, description=_IGNORED)
     mirostat_eta: Optional[float] = Field(None, description=_IGNORED)
@@ -146,6 +147,7 @@ class Options(OptionTypes):
     repeat_last_n: Optional[Annotated[Int32, contract_range("repeat_last_n")]] = None
     presence_penalty: Optional[Annotated[float, contract_range("presence_penalty")]] = None
     frequency_penalty: Optional[Annotated[float, contract_range("frequency_penalty")]] = None
+    typical_p: Optional[Annotated[float, contract_range("typical_p")]] = Field(None, description="1 means no filter")
     num_ctx: Optional[Int32] = Field(
         None, description=f"below {MIN_NUM_CTX}: {MIN_NUM_CTX} (Ollama's minimum; the log says so)")
     stop: Optional[Union[StopText, StopList]] = None

@@ -42,7 +42,7 @@ class InferenceServiceStub:
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
     - Every request is checked against the limits and ranges written beside
     its fields below (mlxgate/limits.py, enforced once, by the service,
-    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    before routing: backends/accept.py): past one, INVALID_ARGUMENT
     naming the field.  The same numbers bound the HTTP dialects
     (/openapi.json states them).  JSON carried as text (schemas, tool
     parameters, tool-call arguments) must be an object nested at most 64
@@ -170,7 +170,7 @@ class InferenceServiceServicer:
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
     - Every request is checked against the limits and ranges written beside
     its fields below (mlxgate/limits.py, enforced once, by the service,
-    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    before routing: backends/accept.py): past one, INVALID_ARGUMENT
     naming the field.  The same numbers bound the HTTP dialects
     (/openapi.json states them).  JSON carried as text (schemas, tool
     parameters, tool-call arguments) must be an object nested at most 64
@@ -474,7 +474,7 @@ class InferenceService:
     - A request whose bytes do not parse as its message is INVALID_ARGUMENT.
     - Every request is checked against the limits and ranges written beside
     its fields below (mlxgate/limits.py, enforced once, by the service,
-    before routing: backends/validation.py): past one, INVALID_ARGUMENT
+    before routing: backends/accept.py): past one, INVALID_ARGUMENT
     naming the field.  The same numbers bound the HTTP dialects
     (/openapi.json states them).  JSON carried as text (schemas, tool
     parameters, tool-call arguments) must be an object nested at most 64
