@@ -87,6 +87,10 @@ def _check_tool_calls(calls, name: str) -> None:
         _json_object(call.arguments_json, f"{name}.tool_calls[{j}].arguments_json")
 
 
+#: The proto's roles (``pb.Role.values()`` builds a new list on every call).
+_ROLES = frozenset(pb.Role.values())
+
+
 def check_generate(req: pb.GenerateRequest) -> None:
     """Raise InvalidArgument naming the first field outside the contract."""
     check_model(req.model)
@@ -101,7 +105,7 @@ def check_generate(req: pb.GenerateRequest) -> None:
         msgs = req.chat.messages
         _count("messages", len(msgs), limits.MAX_MESSAGES)
         for i, m in enumerate(msgs):
-            if m.role == pb.ROLE_UNSPECIFIED or m.role not in pb.Role.values():
+            if m.role == pb.ROLE_UNSPECIFIED or m.role not in _ROLES:
                 raise InvalidArgument(
                     f"messages[{i}].role: every message needs a role (system, user, assistant or tool)"
                 )
