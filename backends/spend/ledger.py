@@ -23,14 +23,12 @@ most ``MAX_PENDING`` of them.  Each kind of failure is logged once.
 from __future__ import annotations
 
 import logging
-import operator
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +64,10 @@ CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 """
 
 
-@dataclass(frozen=True)
-class UsageRow:
+class UsageRow(NamedTuple):
+    """One request's row, its fields in the table's column order (a tuple:
+    made on every request, handed to ``executemany`` as it is)."""
+
     ts: float
     key: str
     dialect: str
@@ -81,8 +81,6 @@ class UsageRow:
 
 
 _STOP = object()
-#: A row's column values, in the table's order (``dataclasses.astuple`` deep-copies; these are plain values).
-_values = operator.attrgetter(*(f.name for f in fields(UsageRow)))
 
 
 class Ledger:
@@ -194,7 +192,7 @@ class Ledger:
                     db = self._connect()
                 with db:
                     db.execute("BEGIN")
-                    db.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?,?,?,?,?)", [_values(r) for r in batch])
+                    db.executemany("INSERT INTO usage VALUES (?,?,?,?,?,?,?,?,?,?)", batch)
                 with self._lock:
                     self._pending -= len(batch)
                 self.written += len(batch)
