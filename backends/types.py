@@ -472,17 +472,26 @@ class Chunk:
     thinking: str = ""
 
     def to_pb(self) -> pb.GenerateResponse:
-        return pb.GenerateResponse(
-            chunk=pb.Chunk(
-                text=self.text,
-                token_ids=self.token_ids,
-                tool_calls=[t.to_pb() for t in self.tool_calls],
-                logprobs=[lp.to_pb() for lp in self.logprobs],
-                backend=self.backend,
-                model=self.model,
-                thinking=self.thinking,
-            )
-        )
+        # Filled in place (a ``pb.Chunk`` passed to the constructor is built,
+        # then copied), unset fields left alone: one per event of every stream.
+        out = pb.GenerateResponse()
+        c = out.chunk
+        c.SetInParent()
+        if self.text:
+            c.text = self.text
+        if self.token_ids:
+            c.token_ids.extend(self.token_ids)
+        if self.tool_calls:
+            c.tool_calls.extend([t.to_pb() for t in self.tool_calls])
+        if self.logprobs:
+            c.logprobs.extend([lp.to_pb() for lp in self.logprobs])
+        if self.backend:
+            c.backend = self.backend
+        if self.model:
+            c.model = self.model
+        if self.thinking:
+            c.thinking = self.thinking
+        return out
 
     @staticmethod
     def merged(chunks: list["Chunk"]) -> "Chunk":
