@@ -542,22 +542,24 @@ class Done:
     stop_sequence: str = ""
 
     def to_pb(self) -> pb.GenerateResponse:
-        return pb.GenerateResponse(
-            done=pb.Done(
-                finish_reason=_FINISH_TO_PB[self.finish_reason],
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                cached_prompt_tokens=self.cached_prompt_tokens,
-                load_duration_ns=self.load_duration_ns,
-                prompt_eval_duration_ns=self.prompt_eval_duration_ns,
-                eval_duration_ns=self.eval_duration_ns,
-                total_duration_ns=self.total_duration_ns,
-                backend=self.backend,
-                model=self.model,
-                error_message=self.error_message,
-                stop_sequence=self.stop_sequence,
-            )
-        )
+        # Filled in place, as ``Chunk.to_pb`` (a third of the time of a
+        # ``pb.Done`` built with keywords and copied into the response).
+        out = pb.GenerateResponse()
+        d = out.done
+        d.SetInParent()
+        d.finish_reason = _FINISH_TO_PB[self.finish_reason]
+        d.prompt_tokens = self.prompt_tokens
+        d.completion_tokens = self.completion_tokens
+        d.cached_prompt_tokens = self.cached_prompt_tokens
+        d.load_duration_ns = self.load_duration_ns
+        d.prompt_eval_duration_ns = self.prompt_eval_duration_ns
+        d.eval_duration_ns = self.eval_duration_ns
+        d.total_duration_ns = self.total_duration_ns
+        d.backend = self.backend
+        d.model = self.model
+        d.error_message = self.error_message
+        d.stop_sequence = self.stop_sequence
+        return out
 
     @classmethod
     def from_pb(cls, m: pb.Done) -> "Done":
