@@ -134,11 +134,28 @@ def _item_class(cls: type, name: str) -> Optional[type]:
 def to_pb(obj: Any) -> PbMessage:
     """``obj`` as its proto message (in its envelope, if it has one)."""
     spec: _Spec = type(obj)._pb_spec
-    m = spec.message()
+    if spec.envelope is None:
+        m = spec.message()
+        _fill(obj, m)
+        return m
+    # Filled in place: a message passed to the container's constructor is
+    # built, then copied (a Chunk is one per event of every stream).
+    container, field_name = spec.envelope
+    out = container()
+    inner = getattr(out, field_name)
+    inner.SetInParent()
+    _fill(obj, inner)
+    return out
+
+
+def _fill(obj: Any, m: PbMessage) -> None:
     for f in _plan(type(obj)):
         value = getattr(obj, f.name)
-        if f.presence and value == f.default():
-            continue
+        if f.presence:
+            if value == f.default():
+                continue
+        elif f.codec is None and not value and f.kind != "message":
+            continue  # proto3 without presence: a zero, an empty list or map is what unset reads as
         target = m
         for p in f.parents:
             target = getattr(target, p)
@@ -155,10 +172,6 @@ def to_pb(obj: Any) -> PbMessage:
             getattr(target, f.pb_name).CopyFrom(value)
         else:
             setattr(target, f.pb_name, value)
-    if spec.envelope is None:
-        return m
-    container, field_name = spec.envelope
-    return container(**{field_name: m})
 
 
 def from_pb(cls: type, m: PbMessage) -> Any:

@@ -29,12 +29,16 @@ M = TypeVar("M", bound=BaseModel)
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong;
     a 408 when it does not arrive within ``http_body_timeout`` seconds."""
-    limit = request.app[SERVER_CONFIG_KEY].http_body_timeout
-    try:
-        async with asyncio.timeout(limit):
-            raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-    except TimeoutError:
-        raise ApiError(408, f"request body not received within {limit:g} s") from None
+    if request.content.is_eof():
+        # The whole body came with the headers (nearly every request): nothing to wait for, no timer.
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    else:
+        limit = request.app[SERVER_CONFIG_KEY].http_body_timeout
+        try:
+            async with asyncio.timeout(limit):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {limit:g} s") from None
     if not raw.strip():
         raise bad_request("missing request body")
     try:

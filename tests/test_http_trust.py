@@ -31,7 +31,14 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app, start_http
 from gateway.metrics import HttpMetrics, metrics_handler
-from gateway.security import DEFAULT_ORIGINS, OriginMatcher, TrustGuard, host_name, local_host
+from gateway.security import (
+    DEFAULT_ORIGINS,
+    HOST_VERDICTS_MAX,
+    OriginMatcher,
+    TrustGuard,
+    host_name,
+    local_host,
+)
 from mlxgate.config import Config, ServerConfig
 from mlxgate.exposure import exposure_problem, is_loopback
 
@@ -166,6 +173,22 @@ def test_one_host_rule_for_every_front():
     assert TrustGuard(ServerConfig(host="127.0.0.1", allowed_hosts=["*"])).host_allowed("evil.example")
     # Bound beyond loopback the middleware does not check the Host at all (keys are the guard).
     assert not TrustGuard(ServerConfig(host="0.0.0.0")).check_host
+
+
+def test_host_verdicts_are_remembered_within_a_bound():
+    """The guard remembers each Host's verdict (the same value comes on every
+    request); asked again, or after a flood of new values clears the memory,
+    the answer is the same, and the memory never outgrows its bound."""
+    guard = TrustGuard(ServerConfig(host="127.0.0.1"))
+    for _ in range(2):
+        assert all(guard.host_allowed(h) for h in LOCAL_HOSTS)
+        assert not any(guard.host_allowed(h) for h in PUBLIC_HOSTS)
+    for i in range(3 * HOST_VERDICTS_MAX):
+        assert guard.host_allowed(f"10.0.{i // 256}.{i % 256}")
+        assert not guard.host_allowed(f"rebind-{i}.example")
+        assert len(guard._host_verdicts) <= HOST_VERDICTS_MAX
+    assert all(guard.host_allowed(h) for h in LOCAL_HOSTS)
+    assert not any(guard.host_allowed(h) for h in PUBLIC_HOSTS)
 
 
 async def test_an_allowed_host_does_not_let_a_foreign_origin_in(stack):

@@ -200,6 +200,7 @@ def test_every_type_with_a_proto_form_survives_the_hop() -> None:
 def test_the_accept_step_and_the_generic_conversion_agree() -> None:
     """What a caller sends is read the same by both ways in (images aside: the
     accept step checks their headers, and these are not images)."""
-    chat = dataclasses.replace(CHAT, messages=[dataclasses.replace(x, images=[], image_details=[]) for x in CHAT.messages])
+    chat = dataclasses.replace(CHAT, messages=[dataclasses.replace(x, images=[], image_details=[])
+                                               for x in CHAT.messages])
     assert accept.generate(chat.to_pb()) == chat
     assert accept.generate(BARE.to_pb()) == BARE

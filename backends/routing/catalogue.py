@@ -162,10 +162,19 @@ class Catalogue:
         """Forget every model list (a model was created, copied or deleted)."""
         self._listings.clear()
 
+    async def _models_of_all(self, usable: list[Backend]) -> list[Optional[list[ModelInfo]]]:
+        """``models_of`` each of ``usable``; when every list is cached and
+        fresh (nearly every request), read at once, with no task per backend."""
+        now = self._clock()
+        cached = [self._listings.get(b.name) for b in usable]
+        if all(c is not None and c.expires_at > now for c in cached):
+            return [c.models for c in cached]  # type: ignore[union-attr]
+        return list(await asyncio.gather(*(self.models_of(b) for b in usable)))
+
     async def listed(self, public: str) -> list[Target]:
         """Every usable backend that lists ``public``, in priority order."""
         usable = self.usable()
-        listings = await asyncio.gather(*(self.models_of(b) for b in usable))
+        listings = await self._models_of_all(usable)
         out = []
         for backend, models in zip(usable, listings):
             found = _find(models, public)
@@ -177,7 +186,7 @@ class Catalogue:
         """Union over reachable backends, first backend (priority order) owning
         each name, ``fallbacks`` naming the others; aliases as their own entries."""
         usable = self.usable()
-        listings = await asyncio.gather(*(self.models_of(b) for b in usable))
+        listings = await self._models_of_all(usable)
         owners: dict[str, ModelInfo] = {}
         order: list[str] = []
         for backend, models in zip(usable, listings):

@@ -147,9 +147,11 @@ async def run(seconds: float, workers: int, channels: tuple[str, ...] = ("in-pro
             for channel, _, base in servers:
                 key = "mlxgate" if channel == channels[0] else f"mlxgate_{channel}"
                 result[name][key] = await closed_loop(f"{base}/v1/chat/completions", clients, seconds, stream)
-        one = result["one_client"]
+        one, streams = result["one_client"], result["16_streams"]
         result["added_p50_ms"] = one["mlxgate"]["p50_ms"] - one["direct"]["p50_ms"]
         result["added_p99_ms"] = one["mlxgate"]["p99_ms"] - one["direct"]["p99_ms"]
+        result["added_ttft_ms"] = streams["mlxgate"]["ttft_p50_ms"] - streams["direct"]["ttft_p50_ms"]
+        result["tokens_per_s_ratio"] = streams["mlxgate"]["tokens_per_s"] / max(streams["direct"]["tokens_per_s"], 1e-9)
         return result
     finally:
         for _, proc, _ in servers:
@@ -165,10 +167,11 @@ def main() -> None:
     p.add_argument("--channels", default="in-process", help="front channels to measure, comma-separated")
     args = p.parse_args()
     r = asyncio.run(run(args.seconds, args.workers, tuple(args.channels.split(","))))
-    from tests.bench.hop import table  # the section's table (hop.py imports this module)
+    from tests.bench.hop import table, targets  # the section's tables (hop.py imports this module)
 
     print(json.dumps(r, indent=2))
     print(table(r, args.seconds).render())
+    print(targets(r).render())
 
 
 if __name__ == "__main__":

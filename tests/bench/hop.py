@@ -15,9 +15,35 @@ SECONDS = 4.0
 CHANNELS = ("in-process", "grpc", "no-ledger")
 
 
+#: Issue 21's targets for the hop (the default in-process front):
+#: added p50 at 1 client, TTFT under 16 streams minus direct (ms, at most),
+#: streamed tokens/s as a fraction of direct (at least).
+ADDED_P50_MAX_MS = 1.5
+ADDED_TTFT_MAX_MS = 5.0
+TOKENS_RATIO_MIN = 0.5
+
+
 async def run(ctx: Context) -> Section:
     r = await run_hop(SECONDS, workers=1, channels=CHANNELS)
-    return Section(results=r, tables=[table(r, SECONDS)])
+    return Section(results=r, tables=[table(r, SECONDS), targets(r)])
+
+
+def targets(r: dict) -> Table:
+    """The three figures issue 21 sets for the hop, each with pass or fail."""
+
+    def verdict(ok: bool) -> str:
+        return "pass" if ok else "FAIL"
+
+    rows = [
+        ["added latency p50 ms, 1 client", r["added_p50_ms"], f"≤ {ADDED_P50_MAX_MS:g}",
+         verdict(r["added_p50_ms"] <= ADDED_P50_MAX_MS)],
+        ["time to first token p50, 16 streams, minus direct, ms", r["added_ttft_ms"], f"≤ {ADDED_TTFT_MAX_MS:g}",
+         verdict(r["added_ttft_ms"] <= ADDED_TTFT_MAX_MS)],
+        ["streamed tokens/s, 16 clients, mlxgate / direct", r["tokens_per_s_ratio"], f"≥ {TOKENS_RATIO_MIN:g}",
+         verdict(r["tokens_per_s_ratio"] >= TOKENS_RATIO_MIN)],
+    ]
+    return Table("gateway hop: issue 21's targets (in-process front)", ["", "now", "target", ""], rows,
+                 note="one run on this machine: the figures move with whatever else the machine runs")
 
 
 def table(r: dict, seconds: float) -> Table:
