@@ -18,6 +18,7 @@ from ollama import AsyncClient, ResponseError
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.hf_hub_fake import FakeHub
+from tests.images import png
 from tests.test_cli_serve import clean_env, start, stop
 
 pytestmark = pytest.mark.timeout(240)
@@ -25,10 +26,19 @@ pytestmark = pytest.mark.timeout(240)
 WEIGHTS = "model.safetensors"
 
 
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated vision-language model (Idefics3: processor files beside the weights)."""
+    from backends.mlx.vision.testmodel import write_test_vlm
+
+    return write_test_vlm(tmp_path_factory.mktemp("hub-vlm"), "tiny-vlm")
+
+
 @pytest.fixture
-async def hub(test_model_dir: Path) -> AsyncIterator[FakeHub]:
+async def hub(test_model_dir: Path, vlm_dir: Path) -> AsyncIterator[FakeHub]:
     fake = await FakeHub().start()
     fake.add_folder("org/tiny", test_model_dir / "tiny-llama")
+    fake.add_folder("org/tiny-vlm", vlm_dir)
     try:
         yield fake
     finally:
@@ -98,6 +108,28 @@ async def test_the_ollama_client_pulls_a_model_that_then_answers(server: tuple[s
     assert 'mlxgate_model_pulls_total{outcome="error"} 3.0' in metrics
     received = [line for line in metrics.splitlines() if line.startswith("mlxgate_model_pull_received_bytes_total")]
     assert received and float(received[0].split()[-1]) >= size
+
+
+async def test_a_pulled_vision_model_brings_its_processor_and_takes_images(server: tuple[str, str],
+                                                                          vlm_dir: Path, tmp_path: Path) -> None:
+    """A VLM is pulled like any model: its processor and template files come with
+    the weights, so it answers an image (Ollama's ``images``) and shows ``vision``."""
+    http, _ = server
+    client = AsyncClient(host=http)
+    assert (await client.pull("hf.co/org/tiny-vlm", stream=False)).status == "success"
+    shown = await client.show("hf.co/org/tiny-vlm")
+    assert "vision" in (shown.capabilities or [])
+    text = await client.chat(model="hf.co/org/tiny-vlm", messages=[{"role": "user", "content": "what is it?"}],
+                             options={"num_predict": 2})
+    seen = await client.chat(model="hf.co/org/tiny-vlm",
+                             messages=[{"role": "user", "content": "what is it?", "images": [png(40, 28)]}],
+                             options={"num_predict": 2})
+    assert seen.done and seen.eval_count == 2
+    # The image's tokens count in the prompt: the processor expanded it.
+    assert seen.prompt_eval_count > text.prompt_eval_count + 4
+    wanted = {p.name for p in vlm_dir.iterdir() if "processor" in p.name or "chat_template" in p.name}
+    pulled = {p.name for p in (tmp_path / "models").rglob("*") if p.is_file()}
+    assert wanted and wanted <= pulled
 
 
 async def test_a_client_leaving_mid_pull_leaves_a_download_the_next_pull_resumes(server: tuple[str, str],
