@@ -6,33 +6,25 @@ aiohttp's own 404/405/413, the drain), and the CountTokens RPC behind
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import AsyncIterator
 
 import aiohttp
 from aiohttp.test_utils import make_mocked_request
 import grpc
 import pytest
 
-from backends.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-    Unimplemented,
-)
+from backends.errors import Unimplemented
 from backends.mlx.output import StopStrings
 from backends.routing import Router
 from backends.service import start_inference_service
-from backends.types import Chunk, Done, Event, GenerateRequest, Message, ModelInfo, TokenCount
+from backends.types import GenerateRequest, Message, ModelInfo, TokenCount
 from gateway import metrics
 from gateway.anthropic import routes as anthropic_routes
 from gateway.app import begin_drain, create_app, start_http
 from mlxgate.config import ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
+from tests.fakes.scripted_backend import ByModelNameBackend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -191,46 +183,9 @@ def test_stop_strings_tell_which_one_matched():
 # ---------------------------------------------------------------- a scripted backend
 
 
-class Scripted:
-    """Answers, fails or stalls according to the model name."""
-
-    name = "scripted"
-
-    _BEFORE = {
-        "busy": ResourceExhausted("queue is full", retry_after=2.2),
-        "down": Unavailable("backend is down"),
-        "slow": DeadlineExceeded("took too long"),
-        "auth": Unauthenticated("bad upstream key"),
-        "bad": InvalidArgument("no good"),
-    }
-
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        if req.model in self._BEFORE:
-            raise self._BEFORE[req.model]
-        if req.model == "crash":
-            raise RuntimeError("secret internals")
-        yield Chunk(text="hello ")
-        if req.model == "dies":
-            raise Unavailable("backend went away mid-stream")
-        if req.model == "pauses":
-            await asyncio.sleep(0.3)
-        yield Chunk(thinking="hmm", text="world")
-        yield Done(finish_reason="stop", prompt_tokens=9, completion_tokens=2, cached_prompt_tokens=4,
-                   backend=self.name, model=req.model, stop_sequence="STOP" if req.model == "stops" else "")
-
-    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
-        raise Unimplemented("scripted: cannot count")
-
-    async def list_models(self):
-        return [ModelInfo(name=n, backend=self.name) for n in ("ok", "dies", "pauses", "stops")]
-
-    async def close(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 async def scripted():
-    service = await start_inference_service(Scripted(), port=0)
+    service = await start_inference_service(ByModelNameBackend(retry_after=2.2, thinking="hmm"), port=0)
     http = await start_http(create_app(ServerConfig(request_timeout=30), service.target))
     yield http.url
     await http.stop()
