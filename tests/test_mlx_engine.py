@@ -33,6 +33,7 @@ from backends.types import (
 )
 from mlxgate.config import MLXConfig
 from mlxgate.v1 import inference_pb2 as pb
+from tests import request_builders
 
 MODEL = "tiny-llama"
 
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def chat(text="Hello! How are you?", **sampling) -> GenerateRequest:
-    return GenerateRequest(model=MODEL, messages=[Message("user", text)], sampling=Sampling(**sampling))
+    """The shared builder's chat with this module's model, prompt and keywords for Sampling."""
+    return request_builders.chat(MODEL, text, sampling=sampling)
 
 
 async def collect(backend, req):
@@ -439,9 +441,7 @@ async def test_list_and_show_describe_the_model(mlx_backend):
 
 def pb_chat(text="Hello! How are you?", **sampling) -> pb.GenerateRequest:
     """chat() as a gRPC caller sends it."""
-    message = pb.ChatMessage(role=pb.ROLE_USER, content=text)
-    return pb.GenerateRequest(model=MODEL, chat=pb.ChatInput(messages=[message]),
-                              sampling=pb.SamplingParams(**sampling))
+    return request_builders.pb_chat(MODEL, text, **sampling)
 
 
 # Parameter ranges are the contract's, checked once at the service boundary

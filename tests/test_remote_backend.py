@@ -35,20 +35,17 @@ from backends.errors import (
 from backends.remote import HealthState, RemoteBackend
 from backends.routing import Router
 from backends.service import start_inference_service
-from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
+from backends.types import Chunk, Done, EmbedRequest, GenerateRequest
 from mlxgate.config import RemoteService
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.scripted_backend import ScriptedBackend
 from tests.fakes.streams import collect
+from tests.request_builders import chat
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = "sk-remote-hop-0123456789abcdef"
-
-
-def chat(model: str = "m", request_id: str = "rid-1") -> GenerateRequest:
-    return GenerateRequest(model=model, messages=[Message("user", "hi")], request_id=request_id)
 
 
 def remote(target: str, name: str = "a", key: str = KEY, **timeouts: float) -> RemoteBackend:

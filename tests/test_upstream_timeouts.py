@@ -31,7 +31,7 @@ from backends.http_upstream import UpstreamStream
 from backends.ollama import OllamaBackend
 from backends.routing import Router
 from backends.service import start_inference_service
-from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
+from backends.types import Chunk, Done, EmbedRequest
 from gateway.app import create_app, start_http
 from mlxgate.config import CloudProvider, Config, OllamaConfig, ServerConfig, UpstreamTimeouts
 from mlxgate.config_load import load_config
@@ -39,6 +39,7 @@ from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.streams import collect
+from tests.request_builders import chat
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,10 +53,6 @@ IDLE = 0.4  # idle_timeout in these tests
 LONG = 20.0  # the clock that must not be the one that fires
 
 HUNG = ["hang", "hang_after_headers", "keepalive"]
-
-
-def chat(model: str) -> GenerateRequest:
-    return GenerateRequest(model=model, messages=[Message("user", "hi")])
 
 
 @pytest.fixture
