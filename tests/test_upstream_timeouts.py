@@ -40,6 +40,7 @@ from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.streams import collect
 from tests.request_builders import chat
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -384,7 +385,7 @@ async def test_front_answers_504_in_each_dialect_when_no_token_comes(front, olla
                 assert data == {"error": want}
             else:
                 assert data["error"]["message"] == want and data["error"]["type"] == "server_error"
-    assert await _eventually(lambda: fake.disconnects == 2)
+    await eventually(lambda: fake.disconnects == 2, what="both requests hung up on the upstream")
 
 
 @pytest.mark.parametrize("kind", list(UPSTREAMS))
@@ -414,16 +415,7 @@ async def test_front_ends_the_stream_with_the_idle_error_after_the_first_token(f
     assert last["error"]["message"] == want and last["error"]["type"] == "server_error"
     contents = [json.loads(e[len("data: "):])["choices"][0]["delta"].get("content") for e in events[:-1]]
     assert first_token in contents
-    assert await _eventually(lambda: fake.disconnects == 2)
-
-
-async def _eventually(cond, within: float = SLACK) -> bool:
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if cond():
-            return True
-        await asyncio.sleep(0.02)
-    return cond()
+    await eventually(lambda: fake.disconnects == 2, what="both requests hung up on the upstream")
 
 
 # ------------------------------------------------------------------ configuration
