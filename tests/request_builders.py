@@ -1,7 +1,9 @@
-"""One request builder per layer: a chat as the backends see it
-(``backends.types.GenerateRequest``) and as a gRPC caller sends it
-(``pb.GenerateRequest``).  A test names only what it cares about; the rest
-is one user message, "hi".
+"""One request builder per layer and dialect: a chat as the backends see it
+(``backends.types.GenerateRequest``), as a gRPC caller sends it
+(``pb.GenerateRequest``), and as an HTTP client posts it (Ollama's /api/chat
+and OpenAI's /v1/chat/completions share the minimal body; Anthropic's
+/v1/messages needs ``max_tokens``).  A test names only what it cares about;
+the rest is one user message, "hi".
 
 The dataclasses are built by keyword, so that they read the same whatever
 order their fields are declared in.  (Not ``tests/requests.py``: that name
@@ -33,3 +35,13 @@ def pb_chat(model: str = "m", text: str = "hi", **sampling: Any) -> pb.GenerateR
         chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER, content=text)]),
         sampling=pb.SamplingParams(**sampling),
     )
+
+
+def chat_body(model: str = "m", text: str = "hi", **fields: Any) -> dict[str, Any]:
+    """A minimal /api/chat or /v1/chat/completions body; keywords are added or replace."""
+    return {"model": model, "messages": [{"role": "user", "content": text}], **fields}
+
+
+def anthropic_body(model: str = "m", text: str = "hi", max_tokens: int = 8, **fields: Any) -> dict[str, Any]:
+    """A minimal /v1/messages body; keywords are added or replace."""
+    return {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}], **fields}

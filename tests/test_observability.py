@@ -24,6 +24,7 @@ from tests.images import png
 from tests.mlx_fixtures import TEST_MODEL
 from tests.polling import eventually
 from tests.ports import HeldPort
+from tests.request_builders import chat_body
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana/dashboards/mlxgate-overview.json"
@@ -64,8 +65,7 @@ def sample(stack, name: str, **labels) -> float:
 
 
 async def chat(session: aiohttp.ClientSession, base: str, model: str, stream: bool = False, **extra) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-            "options": {"num_predict": 8}, **extra}
+    body = chat_body(model, stream=stream, options={"num_predict": 8}, **extra)
     async with session.post(f"{base}/api/chat", json=body) as r:
         await r.read()
         return r.status
