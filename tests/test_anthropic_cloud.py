@@ -46,6 +46,7 @@ from mlxgate.config_load import load_config
 from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.ollama_fake import Fault
 from tests.fakes.streams import collect
+from tests.request_builders import chat
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,24 +77,23 @@ async def claude(fake):
     await b.close()
 
 
-def chat(*messages: Message, **kw) -> GenerateRequest:
-    return GenerateRequest(model=CLAUDE, messages=list(messages) or [Message("user", "hi")], **kw)
-
-
 # ---------------------------------------------------------------- requests
 
 
 async def test_request_is_built_with_the_dialect_and_the_key_goes_in_x_api_key(claude, fake):
     png = b"\x89PNG\r\n\x1a\n pixels"
     req = chat(
-        Message("system", "be brief"),
-        Message("user", "what is this?", images=[png]),
-        Message("assistant", "Let me look.", thinking="hmm", tool_calls=[
-            ToolCall("lookup", {"q": "x"}, id="toolu_9"), ToolCall("clock", {}, id="")]),
-        Message("tool", "42", tool_name="lookup", tool_call_id="toolu_9"),
-        Message("tool", "noon", tool_name="clock"),
-        Message("user", "and?"),
-        Message("system", "answer in French"),
+        CLAUDE,
+        messages=[
+            Message("system", "be brief"),
+            Message("user", "what is this?", images=[png]),
+            Message("assistant", "Let me look.", thinking="hmm", tool_calls=[
+                ToolCall("lookup", {"q": "x"}, id="toolu_9"), ToolCall("clock", {}, id="")]),
+            Message("tool", "42", tool_name="lookup", tool_call_id="toolu_9"),
+            Message("tool", "noon", tool_name="clock"),
+            Message("user", "and?"),
+            Message("system", "answer in French"),
+        ],
         tools=[Tool("lookup", "Look up", {"type": "object", "properties": {"q": {"type": "string"}}}), Tool("clock")],
         tool_choice=ToolChoice("function", "lookup"),
         sampling=Sampling(temperature=0.5, top_p=0.8, top_k=40, seed=7, max_tokens=2000, stop=["END"],
@@ -142,13 +142,13 @@ async def test_defaults_and_the_dialects_own_rules(claude, fake):
         {"type": "text", "text": "tell me"}]}]
     assert body["thinking"] == {"type": "disabled"}
     assert body["output_config"] == {"format": {"type": "json_schema", "schema": {"type": "object"}}}
-    await collect(claude.generate(chat(tools=[Tool("t")], tool_choice=ToolChoice("required"),
+    await collect(claude.generate(chat(CLAUDE, tools=[Tool("t")], tool_choice=ToolChoice("required"),
                                        sampling=Sampling(max_tokens=1000), think=True)))
     _, body, _ = fake.requests[-1]
     assert body["tool_choice"] == {"type": "any"} and "thinking" not in body  # no room for a 1,024 budget
     n = len(fake.requests)
     with pytest.raises(InvalidArgument, match="temperature must be at most 1"):
-        await collect(claude.generate(chat(sampling=Sampling(temperature=1.5))))
+        await collect(claude.generate(chat(CLAUDE, sampling=Sampling(temperature=1.5))))
     with pytest.raises(Unimplemented, match="suffix"):
         await collect(claude.generate(GenerateRequest(model=CLAUDE, prompt=Prompt("a", suffix="b"))))
     assert len(fake.requests) == n  # refused before leaving
@@ -158,24 +158,24 @@ async def test_defaults_and_the_dialects_own_rules(claude, fake):
 
 
 async def test_text_stream_usage_and_stop_sequence(claude, fake):
-    events = await collect(claude.generate(chat()))
+    events = await collect(claude.generate(chat(CLAUDE)))
     assert [e.text for e in events if isinstance(e, Chunk)] == ["Hi", " there"]
     done = events[-1]
     assert isinstance(done, Done) and (done.finish_reason, done.stop_sequence) == ("stop", "")
     assert (done.prompt_tokens, done.cached_prompt_tokens, done.completion_tokens) == (14, 3, 4)
     assert (done.backend, done.model) == ("cloud:claude", CLAUDE)
     fake.stop_sequence = "END"
-    done = (await collect(claude.generate(chat())))[-1]
+    done = (await collect(claude.generate(chat(CLAUDE))))[-1]
     assert (done.finish_reason, done.stop_sequence) == ("stop", "END")
 
 
 async def test_thinking_and_tool_calls_from_their_deltas(claude, fake):
     fake.thinking = ["Let me ", "think."]
-    events = await collect(claude.generate(chat(think=True, sampling=Sampling(max_tokens=3000))))
+    events = await collect(claude.generate(chat(CLAUDE, think=True, sampling=Sampling(max_tokens=3000))))
     assert "".join(e.thinking for e in events if isinstance(e, Chunk)) == "Let me think."
     assert "".join(e.text for e in events if isinstance(e, Chunk)) == "Hi there"
     fake.tool_calls = [("get_weather", '{"city": "Paris", "days": 3}'), ("get_time", '{"tz": "CET"}')]
-    events = await collect(claude.generate(chat(tools=[Tool("get_weather"), Tool("get_time")])))
+    events = await collect(claude.generate(chat(CLAUDE, tools=[Tool("get_weather"), Tool("get_time")])))
     calls = [tc for e in events if isinstance(e, Chunk) for tc in e.tool_calls]
     assert [(c.name, c.arguments, c.id, c.index) for c in calls] == [
         ("get_weather", {"city": "Paris", "days": 3}, "toolu_fake0", 0),
@@ -198,7 +198,7 @@ async def test_thinking_and_tool_calls_from_their_deltas(claude, fake):
 async def test_http_errors_map_to_backend_errors(claude, fake, fault, error, retry_after):
     fake.fault = fault
     with pytest.raises(error) as info:
-        await collect(claude.generate(chat()))
+        await collect(claude.generate(chat(CLAUDE)))
     assert fault.message in info.value.message and info.value.message.startswith("cloud:claude: ")
     if retry_after is not None:
         assert info.value.retry_after == retry_after
@@ -210,12 +210,12 @@ async def test_unknown_model_error_event_and_disconnect(claude, fake):
     fake.fault = Fault("error_event", after=3, message="Overloaded")
     got = []
     with pytest.raises(ResourceExhausted, match="Overloaded"):
-        async for ev in claude.generate(chat()):
+        async for ev in claude.generate(chat(CLAUDE)):
             got.append(ev)
     assert [e.text for e in got] == ["Hi"]
     fake.fault = Fault("disconnect", after=3)
     with pytest.raises(Unavailable):
-        await collect(claude.generate(chat()))
+        await collect(claude.generate(chat(CLAUDE)))
 
 
 async def test_count_tokens_models_and_no_embeddings(fake):
@@ -223,7 +223,8 @@ async def test_count_tokens_models_and_no_embeddings(fake):
     try:
         assert [m.name for m in await b.list_models()] == ["a", "b"]
         assert fake.requests == []  # configured list: /v1/models not asked
-        res = await b.count_tokens(chat(Message("system", "s"), Message("user", "hi"), tools=[Tool("t")]))
+        res = await b.count_tokens(chat(CLAUDE, messages=[Message("system", "s"), Message("user", "hi")],
+                                        tools=[Tool("t")]))
         assert (res.input_tokens, res.backend) == (42, "cloud:claude")
         path, body, headers = fake.requests[-1]
         assert path == "/v1/messages/count_tokens" and headers["x-api-key"] == SECRET
@@ -249,7 +250,7 @@ async def test_key_never_appears_in_errors_logs_or_repr(fake, caplog):
     b = make(fake, key=wrong)
     try:
         errors = []
-        for call in (lambda: collect(b.generate(chat())), b.list_models, lambda: b.count_tokens(chat())):
+        for call in (lambda: collect(b.generate(chat(CLAUDE))), b.list_models, lambda: b.count_tokens(chat(CLAUDE))):
             with pytest.raises(Unauthenticated) as info:
                 await call()
             errors.append(info.value)

@@ -6,42 +6,31 @@ aiohttp's own 404/405/413, the drain), and the CountTokens RPC behind
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import AsyncIterator
 
 import aiohttp
 from aiohttp.test_utils import make_mocked_request
 import grpc
 import pytest
 
-from backends.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-    Unimplemented,
-)
+from backends.errors import Unimplemented
 from backends.mlx.output import StopStrings
 from backends.routing import Router
 from backends.service import start_inference_service
-from backends.types import Chunk, Done, Event, GenerateRequest, Message, ModelInfo, TokenCount
+from backends.types import GenerateRequest, Message, ModelInfo, TokenCount
 from gateway import metrics
 from gateway.anthropic import routes as anthropic_routes
 from gateway.app import begin_drain, create_app, start_http
 from mlxgate.config import ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
+from tests.fakes.scripted_backend import ByModelNameBackend
+from tests.request_builders import anthropic_body
 
 pytestmark = pytest.mark.timeout(60)
 
 MESSAGES = "/v1/messages"
 COUNT = "/v1/messages/count_tokens"
-
-
-def body(model: str, **kw) -> dict:
-    return {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], **kw}
 
 
 def sse_events(text: str) -> list[tuple[str, dict]]:
@@ -81,7 +70,7 @@ def check_sequence(events: list[tuple[str, dict]]) -> None:
 
 async def test_stream_event_sequence_and_headers(stack):
     async with aiohttp.ClientSession() as s:
-        async with s.post(stack.base + MESSAGES, json=body(stack.model, stream=True),
+        async with s.post(stack.base + MESSAGES, json=anthropic_body(stack.model, stream=True),
                           headers={"anthropic-version": "2023-06-01", "anthropic-beta": "whatever-2099-01-01"}) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
             assert r.headers["x-mlxgate-backend"] == "mlx" and r.headers["request-id"] == r.headers["X-Request-Id"]
@@ -110,9 +99,9 @@ async def test_router_level_errors_are_anthropic_shaped(stack):
             err = await r.json()
             assert r.status == 413 and err["error"]["type"] == "request_too_large"
         evil = {"Origin": "https://evil.example"}
-        async with s.post(stack.base + MESSAGES, json=body(stack.model), headers=evil) as r:
+        async with s.post(stack.base + MESSAGES, json=anthropic_body(stack.model), headers=evil) as r:
             assert r.status == 403 and (await r.json())["error"]["type"] == "permission_error"
-        async with s.post(stack.base + MESSAGES, json=body(stack.model, mcp_servers=[{"type": "url"}])) as r:
+        async with s.post(stack.base + MESSAGES, json=anthropic_body(stack.model, mcp_servers=[{"type": "url"}])) as r:
             assert r.status == 400 and "MCP connector" in (await r.json())["error"]["message"]
         # The OpenAI dialect keeps its own shape beside it.
         async with s.post(stack.base + "/v1/chat/completions", json={"model": "nope", "messages": []}) as r:
@@ -144,7 +133,7 @@ async def test_the_drain_answers_529_overloaded(stack):
     try:
         begin_drain(app)
         async with aiohttp.ClientSession() as s:
-            async with s.post(http.url + MESSAGES, json=body(stack.model)) as r:
+            async with s.post(http.url + MESSAGES, json=anthropic_body(stack.model)) as r:
                 err = await r.json()
                 assert r.status == 529 and r.headers["Retry-After"] == "5"
                 assert err["error"] == {"type": "overloaded_error", "message": "server shutting down; retry shortly"}
@@ -191,46 +180,9 @@ def test_stop_strings_tell_which_one_matched():
 # ---------------------------------------------------------------- a scripted backend
 
 
-class Scripted:
-    """Answers, fails or stalls according to the model name."""
-
-    name = "scripted"
-
-    _BEFORE = {
-        "busy": ResourceExhausted("queue is full", retry_after=2.2),
-        "down": Unavailable("backend is down"),
-        "slow": DeadlineExceeded("took too long"),
-        "auth": Unauthenticated("bad upstream key"),
-        "bad": InvalidArgument("no good"),
-    }
-
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        if req.model in self._BEFORE:
-            raise self._BEFORE[req.model]
-        if req.model == "crash":
-            raise RuntimeError("secret internals")
-        yield Chunk(text="hello ")
-        if req.model == "dies":
-            raise Unavailable("backend went away mid-stream")
-        if req.model == "pauses":
-            await asyncio.sleep(0.3)
-        yield Chunk(thinking="hmm", text="world")
-        yield Done(finish_reason="stop", prompt_tokens=9, completion_tokens=2, cached_prompt_tokens=4,
-                   backend=self.name, model=req.model, stop_sequence="STOP" if req.model == "stops" else "")
-
-    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
-        raise Unimplemented("scripted: cannot count")
-
-    async def list_models(self):
-        return [ModelInfo(name=n, backend=self.name) for n in ("ok", "dies", "pauses", "stops")]
-
-    async def close(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 async def scripted():
-    service = await start_inference_service(Scripted(), port=0)
+    service = await start_inference_service(ByModelNameBackend(retry_after=2.2, thinking="hmm"), port=0)
     http = await start_http(create_app(ServerConfig(request_timeout=30), service.target))
     yield http.url
     await http.stop()
@@ -248,7 +200,7 @@ async def scripted():
 async def test_status_table(scripted, model, status, kind, retry_after):
     async with aiohttp.ClientSession() as s:
         for stream in (False, True):
-            async with s.post(scripted + MESSAGES, json=body(model, stream=stream)) as r:
+            async with s.post(scripted + MESSAGES, json=anthropic_body(model, stream=stream)) as r:
                 err = await r.json()
                 assert (r.status, err["type"], err["error"]["type"]) == (status, "error", kind)
                 assert r.headers.get("Retry-After") == retry_after
@@ -266,7 +218,7 @@ async def test_count_tokens_where_no_backend_can_count_is_400(scripted):
 
 async def test_an_error_after_the_stream_began_is_an_error_event(scripted):
     async with aiohttp.ClientSession() as s:
-        async with s.post(scripted + MESSAGES, json=body("dies", stream=True)) as r:
+        async with s.post(scripted + MESSAGES, json=anthropic_body("dies", stream=True)) as r:
             assert r.status == 200
             events = sse_events(await r.text())
     names = [n for n, _ in events]
@@ -279,7 +231,7 @@ async def test_an_error_after_the_stream_began_is_an_error_event(scripted):
 async def test_silence_gets_pings_and_blocks_follow_the_output(scripted, monkeypatch):
     monkeypatch.setattr(anthropic_routes, "PING_INTERVAL_S", 0.05)
     async with aiohttp.ClientSession() as s:
-        async with s.post(scripted + MESSAGES, json=body("pauses", stream=True)) as r:
+        async with s.post(scripted + MESSAGES, json=anthropic_body("pauses", stream=True)) as r:
             events = sse_events(await r.text())
     check_sequence(events)
     names = [n for n, _ in events]
@@ -295,7 +247,7 @@ async def test_silence_gets_pings_and_blocks_follow_the_output(scripted, monkeyp
 
 async def test_whole_answer_has_the_streamed_blocks(scripted):
     async with aiohttp.ClientSession() as s:
-        async with s.post(scripted + MESSAGES, json=body("stops")) as r:
+        async with s.post(scripted + MESSAGES, json=anthropic_body("stops")) as r:
             m = await r.json()
     assert m["content"] == [{"type": "text", "text": "hello "},
                             {"type": "thinking", "thinking": "hmm", "signature": ""},

@@ -23,6 +23,7 @@ from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from mlxgate_cli.factory import build_router
 from tests.fakes.ollama_fake import FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
+from tests.request_builders import pb_chat
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,14 +53,6 @@ async def served():
         await cloud.stop()
 
 
-def chat(model: str, **sampling) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        model=model,
-        chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")]),
-        sampling=pb.SamplingParams(**sampling),
-    )
-
-
 def _edit(**kw):
     """A request change, applied to a fresh chat request."""
 
@@ -80,37 +73,37 @@ def _tools(n: int, name_len: int = 4) -> object:
 
 #: (the field the message must name, a change that puts the request outside the contract)
 OUT_OF_RANGE = [
-    ("temperature", lambda m: chat(m, temperature=-1)),
-    ("temperature", lambda m: chat(m, temperature=math.nan)),
-    ("top_p", lambda m: chat(m, top_p=1.5)),
-    ("top_p", lambda m: chat(m, top_p=-0.1)),
-    ("top_k", lambda m: chat(m, top_k=-1)),
-    ("min_p", lambda m: chat(m, min_p=2)),
-    ("repeat_penalty", lambda m: chat(m, repeat_penalty=0)),
-    ("repeat_last_n", lambda m: chat(m, repeat_last_n=-2)),
-    ("presence_penalty", lambda m: chat(m, presence_penalty=2.5)),
-    ("frequency_penalty", lambda m: chat(m, frequency_penalty=-3)),
-    ("num_ctx", lambda m: chat(m, num_ctx=0)),
-    ("stop", lambda m: chat(m, stop=["x"] * (limits.MAX_STOP_SEQUENCES + 1))),
-    ("stop[0]", lambda m: chat(m, stop=["x" * (limits.MAX_STOP_CHARS + 1)])),
-    ("top_logprobs", lambda m: _edit(top_logprobs=limits.MAX_TOP_LOGPROBS + 1)(chat(m))),
-    ("model", lambda m: chat("m" * (limits.MAX_MODEL_NAME_CHARS + 1))),
-    ("request_id", lambda m: _edit(request_id="bad id!")(chat(m))),
-    ("tools", lambda m: _edit(t=_tools(limits.MAX_TOOLS + 1))(chat(m))),
-    ("tools[0].name", lambda m: _edit(t=_tools(1, limits.MAX_TOOL_NAME_CHARS + 1))(chat(m))),
+    ("temperature", lambda m: pb_chat(m, temperature=-1)),
+    ("temperature", lambda m: pb_chat(m, temperature=math.nan)),
+    ("top_p", lambda m: pb_chat(m, top_p=1.5)),
+    ("top_p", lambda m: pb_chat(m, top_p=-0.1)),
+    ("top_k", lambda m: pb_chat(m, top_k=-1)),
+    ("min_p", lambda m: pb_chat(m, min_p=2)),
+    ("repeat_penalty", lambda m: pb_chat(m, repeat_penalty=0)),
+    ("repeat_last_n", lambda m: pb_chat(m, repeat_last_n=-2)),
+    ("presence_penalty", lambda m: pb_chat(m, presence_penalty=2.5)),
+    ("frequency_penalty", lambda m: pb_chat(m, frequency_penalty=-3)),
+    ("num_ctx", lambda m: pb_chat(m, num_ctx=0)),
+    ("stop", lambda m: pb_chat(m, stop=["x"] * (limits.MAX_STOP_SEQUENCES + 1))),
+    ("stop[0]", lambda m: pb_chat(m, stop=["x" * (limits.MAX_STOP_CHARS + 1)])),
+    ("top_logprobs", lambda m: _edit(top_logprobs=limits.MAX_TOP_LOGPROBS + 1)(pb_chat(m))),
+    ("model", lambda m: pb_chat("m" * (limits.MAX_MODEL_NAME_CHARS + 1))),
+    ("request_id", lambda m: _edit(request_id="bad id!")(pb_chat(m))),
+    ("tools", lambda m: _edit(t=_tools(limits.MAX_TOOLS + 1))(pb_chat(m))),
+    ("tools[0].name", lambda m: _edit(t=_tools(1, limits.MAX_TOOL_NAME_CHARS + 1))(pb_chat(m))),
     ("messages", lambda m: _edit(x=lambda r: r.chat.messages.extend(
-        [pb.ChatMessage(role=pb.ROLE_USER, content="x")] * limits.MAX_MESSAGES))(chat(m))),
-    ("messages[1].role", lambda m: _edit(x=lambda r: r.chat.messages.add(content="no role"))(chat(m))),
+        [pb.ChatMessage(role=pb.ROLE_USER, content="x")] * limits.MAX_MESSAGES))(pb_chat(m))),
+    ("messages[1].role", lambda m: _edit(x=lambda r: r.chat.messages.add(content="no role"))(pb_chat(m))),
     ("images", lambda m: _edit(x=lambda r: r.chat.messages[0].images.extend([b"i"] * (limits.MAX_IMAGES + 1)))(
-        chat(m))),
+        pb_chat(m))),
     ("arguments_json", lambda m: _edit(x=lambda r: r.chat.messages.add(
-        role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(name="f", arguments_json="[1, 2]")]))(chat(m))),
+        role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(name="f", arguments_json="[1, 2]")]))(pb_chat(m))),
     ("tool_calls", lambda m: _edit(x=lambda r: r.chat.messages.add(
-        role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(name="f")] * (limits.MAX_TOOL_CALLS + 1)))(chat(m))),
+        role=pb.ROLE_ASSISTANT, tool_calls=[pb.ToolCall(name="f")] * (limits.MAX_TOOL_CALLS + 1)))(pb_chat(m))),
     ("json_schema", lambda m: _edit(x=lambda r: r.format.CopyFrom(
-        pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA, json_schema="{not json")))(chat(m))),
+        pb.OutputFormat(type=pb.FORMAT_TYPE_JSON_SCHEMA, json_schema="{not json")))(pb_chat(m))),
     ("tool_choice", lambda m: _edit(x=lambda r: r.tool_choice.CopyFrom(
-        pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name="missing")))(chat(m))),
+        pb.ToolChoice(mode=pb.TOOL_CHOICE_FUNCTION, function_name="missing")))(pb_chat(m))),
 ]
 
 
@@ -140,7 +133,7 @@ async def test_out_of_range_requests_are_refused_before_any_backend(served, mode
 
     # The same model, inside the contract, is answered by that upstream (so the
     # refusals above were not a routing accident).
-    replies = [r async for r in stub.Generate(chat(model, temperature=0.5, top_p=0.0, max_tokens=4), timeout=20)]
+    replies = [r async for r in stub.Generate(pb_chat(model, temperature=0.5, top_p=0.0, max_tokens=4), timeout=20)]
     assert replies[-1].done.backend == ("ollama" if model == OLLAMA_MODEL else "cloud:acme")
     sent = [body for path, body, *_ in ollama.requests + cloud.requests if path.endswith(("/chat", "/completions"))]
     assert sent and json.dumps(sent[-1]).count("top_p") == 1

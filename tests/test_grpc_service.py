@@ -3,8 +3,6 @@ the real MLX engine on the generated model, called through the generated stub.""
 
 from __future__ import annotations
 
-import asyncio
-import time
 
 import grpc
 import pytest
@@ -17,6 +15,8 @@ from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.mlx_fixtures import TEST_MODEL
 from tests.reflection_client import v1_reflection_call
+from tests.request_builders import pb_chat
+from tests.polling import eventually
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +30,6 @@ async def service(mlx_backend):
 async def channel(service):
     async with grpc.aio.insecure_channel(service.target) as ch:
         yield ch
-
-
-def chat(text: str, **sampling) -> pb.GenerateRequest:
-    return pb.GenerateRequest(
-        model=TEST_MODEL,
-        chat=pb.ChatInput(messages=[pb.ChatMessage(role=pb.ROLE_USER, content=text)]),
-        sampling=pb.SamplingParams(**sampling),
-    )
 
 
 async def test_health_reports_serving(channel) -> None:
@@ -91,7 +83,7 @@ async def test_reflection_v1_lists_and_resolves_the_service(channel) -> None:
 
 async def test_generate_streams_chunks_then_done(channel) -> None:
     stub = pb_grpc.InferenceServiceStub(channel)
-    events = [e async for e in stub.Generate(chat("Hello there", max_tokens=6, temperature=0.0))]
+    events = [e async for e in stub.Generate(pb_chat(TEST_MODEL, "Hello there", max_tokens=6, temperature=0.0))]
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[-1] == "done" and kinds.count("done") == 1
     assert all(k == "chunk" for k in kinds[:-1]) and len(kinds) > 1
@@ -126,7 +118,7 @@ async def test_unary_calls(channel) -> None:
 
 async def test_unknown_model_is_not_found_and_names_models(channel) -> None:
     stub = pb_grpc.InferenceServiceStub(channel)
-    req = chat("hi")
+    req = pb_chat(TEST_MODEL, "hi")
     req.model = "no-such-model"
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         async for _ in stub.Generate(req):
@@ -138,11 +130,12 @@ async def test_unknown_model_is_not_found_and_names_models(channel) -> None:
 @pytest.mark.parametrize(
     "req, field",
     [
-        (chat("hi", temperature=-1.0), "temperature"),
-        (chat("hi", top_p=2.0), "top_p"),
+        (pb_chat(TEST_MODEL, "hi", temperature=-1.0), "temperature"),
+        (pb_chat(TEST_MODEL, "hi", top_p=2.0), "top_p"),
         (pb.GenerateRequest(model=TEST_MODEL), "prompt or chat"),
         (pb.GenerateRequest(chat=pb.ChatInput()), "model"),
-        (pb.GenerateRequest(model=TEST_MODEL, chat=chat("hi").chat, tools=[pb.Tool(name="f", parameters_json="{bad")]),
+        (pb.GenerateRequest(model=TEST_MODEL, chat=pb_chat(TEST_MODEL).chat,
+                            tools=[pb.Tool(name="f", parameters_json="{bad")]),
          "tools[0].parameters_json"),
     ],
 )
@@ -157,15 +150,12 @@ async def test_invalid_arguments_name_the_parameter(channel, req, field) -> None
 
 async def test_cancelling_the_call_empties_the_engine(channel, mlx_backend) -> None:
     stub = pb_grpc.InferenceServiceStub(channel)
-    call = stub.Generate(chat("Tell me a long story", max_tokens=2000, temperature=0.7))
+    call = stub.Generate(pb_chat(TEST_MODEL, "Tell me a long story", max_tokens=2000, temperature=0.7))
     first = await call.read()
     assert first.WhichOneof("event") == "chunk"
     assert mlx_backend.active_count >= 1
     call.cancel()
-    deadline = time.monotonic() + 1.0
-    while mlx_backend.active_count and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    assert mlx_backend.active_count == 0
+    await eventually(lambda: mlx_backend.active_count == 0, what="the engine dropping the cancelled sequence")
 
 
 async def test_load_and_unload_with_keep_alive_zero(channel) -> None:

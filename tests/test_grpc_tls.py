@@ -31,7 +31,8 @@ from mlxgate.grpc_tls import server_credentials
 from tests.fakes.scripted_backend import ScriptedBackend
 from tests.fakes.streams import collect
 from tests.mlx_fixtures import TEST_MODEL
-from tests.test_remote_backend import chat, until
+from tests.polling import eventually
+from tests.request_builders import chat
 from tests.test_remote_services import KEY, generate, start_service, stop_service
 from tests.test_cli_serve import clean_env
 from tests.test_shutdown import spawn
@@ -94,7 +95,7 @@ async def test_a_remote_backend_calls_a_tls_service_and_checks_its_certificate(t
     try:
         events = await collect(ok.generate(chat("m")))
         assert "".join(e.text for e in events[:-1]) == "over tls"
-        await until(lambda: ok.health == HealthState.SERVING)
+        await eventually(lambda: ok.health == HealthState.SERVING)
     finally:
         await ok.close()
     # The server-wide default roots serve an entry without its own.

@@ -2,31 +2,23 @@
 
 Validation and routing run against the real stack.  The status table and
 errors after a stream began need a backend that fails on demand; no real
-backend does, so a small scripted backend sits behind the *real* gRPC
-service and the real front (only the backend is fake).
+backend does, so the scripted one (``ByModelNameBackend`` of
+``tests/fakes/scripted_backend.py``) sits behind the *real* gRPC service
+and the real front (only the backend is fake).
 """
 
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
 
-from backends.errors import (
-    DeadlineExceeded,
-    PermissionDenied,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-    Unimplemented,
-)
 from backends.service import start_inference_service
-from backends.types import Chunk, Done, Event, GenerateRequest
 from gateway.app import create_app, start_http
 from gateway.errors import OLLAMA_BUSY
 from mlxgate.config import ServerConfig
+from tests.fakes.scripted_backend import ByModelNameBackend
 
 CHAT = "/v1/chat/completions"
 
@@ -151,62 +143,9 @@ async def test_retry_after_reaches_both_dialects(scripted):
             assert r.status == 503 and "Retry-After" not in r.headers
 
 
-class ScriptedBackend:
-    """Fails (or not) according to the model name."""
-
-    name = "scripted"
-
-    _BEFORE = {
-        "busy": ResourceExhausted("queue is full", retry_after=6.2),
-        "down": Unavailable("backend is down"),
-        "slow": DeadlineExceeded("took too long"),
-        "auth": Unauthenticated("bad upstream key"),
-        "denied": PermissionDenied("not allowed"),
-        "unimpl": Unimplemented("no suffix support"),
-    }
-
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        if req.model in self._BEFORE:
-            raise self._BEFORE[req.model]
-        if req.model == "crash":
-            raise RuntimeError("secret internals /home/x/.key")
-        if req.model == "fails-first":
-            yield Done(finish_reason="error", error_message="could not start", backend=self.name)
-            return
-        yield Chunk(text="hello ")
-        if req.model == "dies":
-            raise Unavailable("backend went away mid-stream")
-        if req.model == "done-error":
-            yield Done(finish_reason="error", error_message="engine failed mid-way", backend=self.name)
-            return
-        yield Chunk(text="world")
-        yield Done(finish_reason="stop", prompt_tokens=2, completion_tokens=2, backend=self.name, model=req.model)
-
-    async def embed(self, req):
-        raise ResourceExhausted("embed queue full")
-
-    async def list_models(self):
-        return []
-
-    async def show_model(self, name):
-        raise Unimplemented("no")
-
-    async def list_running(self):
-        return []
-
-    async def load_model(self, name, keep_alive):
-        raise Unavailable("cannot load")
-
-    async def unload_model(self, name):
-        return False
-
-    async def close(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 async def scripted():
-    service = await start_inference_service(ScriptedBackend(), port=0)
+    service = await start_inference_service(ByModelNameBackend(retry_after=6.2), port=0)
     http = await start_http(create_app(ServerConfig(request_timeout=30), service.target))
     yield http.url
     await http.stop()

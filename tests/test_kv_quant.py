@@ -28,7 +28,7 @@ from backends.mlx.testmodel import write_test_model
 from backends.types import Chunk, Done, GenerateRequest, Message, Prompt, Sampling
 from mlxgate.config import KVCacheSettings, MLXConfig
 from mlxgate.config_load import load_config
-from tests.test_mlx_engine import wait_for
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -184,7 +184,7 @@ async def test_batched_sequences_match_their_solo_runs_through_joins_removals_an
             assert same(got, ref), (got[0], ref[0])
             assert got[2].finish_reason == "length"
         assert b.stats.max_batch_seen >= 3
-        assert await wait_for(lambda: b.active_count == 0, timeout=5)
+        await eventually(lambda: b.active_count == 0)
         assert loaded(b).kv_layers == [KVCacheSettings(bits=bits)] * 2
     finally:
         await solo_b.close()
@@ -252,7 +252,7 @@ async def test_the_kv_memory_metric_is_the_bytes_of_the_packed_arrays_scales_and
 
     tasks = [asyncio.ensure_future(stream(i)) for i in range(4)]
     try:
-        assert await wait_for(lambda: min(progress) >= 2, timeout=60)
+        await eventually(lambda: min(progress) >= 2, timeout=60)
         registry = CollectorRegistry()
         registry.register(MemoryCollector("service", b.memory_snapshot))
         lm = loaded(b)

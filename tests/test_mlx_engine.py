@@ -33,6 +33,8 @@ from backends.types import (
 )
 from mlxgate.config import MLXConfig
 from mlxgate.v1 import inference_pb2 as pb
+from tests import request_builders
+from tests.polling import eventually
 
 MODEL = "tiny-llama"
 
@@ -40,7 +42,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def chat(text="Hello! How are you?", **sampling) -> GenerateRequest:
-    return GenerateRequest(model=MODEL, messages=[Message("user", text)], sampling=Sampling(**sampling))
+    """The shared builder's chat with this module's model, prompt and keywords for Sampling."""
+    return request_builders.chat(MODEL, text, sampling=sampling)
 
 
 async def collect(backend, req):
@@ -62,16 +65,6 @@ def text_of(chunks):
 
 def ids_of(chunks):
     return [t for c in chunks for t in c.token_ids]
-
-
-async def wait_for(cond, timeout=30.0):
-    """Poll ``cond``; ``timeout`` only bounds a test that would hang (no claim about speed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.01)
-    return cond()
 
 
 @pytest.fixture
@@ -206,7 +199,7 @@ async def test_closing_the_stream_removes_the_sequence(mlx_backend):
         assert isinstance(await gen.__anext__(), Chunk)
     assert mlx_backend.active_count == 1
     await gen.aclose()
-    assert await wait_for(lambda: mlx_backend.active_count == 0)
+    await eventually(lambda: mlx_backend.active_count == 0)
     produced = mlx_backend.stats.generated_tokens
     await asyncio.sleep(0.2)
     assert mlx_backend.stats.generated_tokens == produced, "a cancelled sequence kept decoding"
@@ -224,7 +217,7 @@ async def test_cancelled_task_removes_the_sequence(mlx_backend):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await wait_for(lambda: mlx_backend.active_count == 0)
+    await eventually(lambda: mlx_backend.active_count == 0)
 
 
 async def test_queued_request_cancelled_never_prefills(test_model_dir):
@@ -241,11 +234,11 @@ async def test_queued_request_cancelled_never_prefills(test_model_dir):
                 pass
 
         task = asyncio.create_task(queued())
-        assert await wait_for(lambda: backend.active_count == 2)
+        await eventually(lambda: backend.active_count == 2)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await wait_for(lambda: backend.active_count == 1)
+        await eventually(lambda: backend.active_count == 1)
         async for _ in first:
             pass
         assert backend.active_count == 0
@@ -266,7 +259,7 @@ async def test_requests_beyond_max_pending_are_refused_as_busy(test_model_dir):
             await collect(backend, chat("second", max_tokens=2))
         assert ei.value.retry_after is not None
         await first.aclose()
-        assert await wait_for(lambda: backend.active_count == 0)
+        await eventually(lambda: backend.active_count == 0)
         chunks, done = await collect(backend, chat("third", max_tokens=2))
         assert done.completion_tokens == 2
     finally:
@@ -294,7 +287,7 @@ async def test_keep_alive_negative_never_expires_positive_does(mlx_backend):
     await mlx_backend.load_model(MODEL, 0.3)
     (m,) = await mlx_backend.list_running()
     assert m.expires_at is not None
-    assert await wait_for(lambda: not mlx_backend._manager.loaded())
+    await eventually(lambda: not mlx_backend._manager.loaded())
     assert await mlx_backend.list_running() == []
 
     await mlx_backend.load_model(MODEL, None)  # default keep_alive
@@ -439,9 +432,7 @@ async def test_list_and_show_describe_the_model(mlx_backend):
 
 def pb_chat(text="Hello! How are you?", **sampling) -> pb.GenerateRequest:
     """chat() as a gRPC caller sends it."""
-    message = pb.ChatMessage(role=pb.ROLE_USER, content=text)
-    return pb.GenerateRequest(model=MODEL, chat=pb.ChatInput(messages=[message]),
-                              sampling=pb.SamplingParams(**sampling))
+    return request_builders.pb_chat(MODEL, text, **sampling)
 
 
 # Parameter ranges are the contract's, checked once at the service boundary
@@ -781,8 +772,8 @@ async def test_memory_snapshot_and_queue_wait_observer(mlx_backend):
         mlx_backend.observer = None
     assert len(waits) == 1 and waits[0][0] == MODEL and 0 <= waits[0][1] < 5
     # The MLX thread refreshes its memory figures every 0.25 s: wait for one taken after the request.
-    assert await wait_for(lambda: mlx_backend.memory_snapshot().model_expiry == {MODEL: None}
-                          and mlx_backend.memory_snapshot().active_sequences == 0)
+    await eventually(lambda: mlx_backend.memory_snapshot().model_expiry == {MODEL: None}
+                     and mlx_backend.memory_snapshot().active_sequences == 0)
     snap = mlx_backend.memory_snapshot()
     assert snap.model_bytes[MODEL] > 100_000
     assert snap.model_expiry == {MODEL: None}

@@ -18,7 +18,8 @@ import pytest
 from backends.mlx.backend import MLXBackend
 from backends.types import Chunk, Done, GenerateRequest, Prompt, Sampling
 from mlxgate.config import MLXConfig
-from tests.test_mlx_engine import MODEL, chat, collect, ids_of, wait_for
+from tests.test_mlx_engine import MODEL, chat, collect, ids_of
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,7 +77,7 @@ async def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(te
             asyncio.ensure_future(collect_counting(b, chat(f"stream {i}", temperature=0, max_tokens=1500), progress, i))
             for i in range(4)
         ]
-        assert await wait_for(lambda: min(progress) >= 2, timeout=30)
+        await eventually(lambda: min(progress) >= 2)
         (lm,) = b._manager.loaded()
         real_chunk = lm.pacer.chunk
 
@@ -101,7 +102,7 @@ async def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled(te
         for t in running:
             t.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-        assert await wait_for(lambda: b.active_count == 0)
+        await eventually(lambda: b.active_count == 0)
     finally:
         await b.close()
 
@@ -129,11 +130,11 @@ async def test_a_cancelled_prompt_stops_being_prefilled_at_the_next_chunk(test_m
         await collect(b, chat("load the model", max_tokens=1))
         before = b.stats.prefill_tokens
         task = asyncio.ensure_future(collect(b, long_request(max_tokens=4)))
-        assert await wait_for(lambda: b.stats.prefill_tokens > before, timeout=10)
+        await eventually(lambda: b.stats.prefill_tokens > before)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert await wait_for(lambda: b.active_count == 0)
+        await eventually(lambda: b.active_count == 0)
         stopped_at = b.stats.prefill_tokens
         await asyncio.sleep(0.2)
         assert b.stats.prefill_tokens == stopped_at, "a cancelled prompt kept being prefilled"

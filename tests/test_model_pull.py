@@ -21,6 +21,7 @@ from backends.models.store import STORE_DIRNAME, ModelStore
 from mlxgate.config import HubConfig
 from mlxgate.config_load import load_config
 from tests.fakes.hf_hub_fake import FakeHub
+from tests.polling import eventually
 
 WEIGHTS = "model.safetensors"
 TOKEN = "hf_secret_token_for_tests"
@@ -159,8 +160,8 @@ async def test_a_cancelled_pull_keeps_its_bytes_and_the_next_pull_resumes(puller
     lines = puller.pull("org/tiny")
     seen = await _until_some_bytes(lines)
     await lines.aclose()  # the client went away
-    while puller._downloads:  # the download stops once its last follower left
-        await asyncio.sleep(0.02)
+    # The download stops once its last follower left.
+    await eventually(lambda: not puller._downloads, what="the download stopping")
     partial = next(puller.store.root.glob(f"partial/*/{WEIGHTS}"))
     kept = partial.stat().st_size
     assert seen.completed <= kept < seen.total
@@ -212,8 +213,7 @@ async def test_one_of_two_followers_leaving_does_not_stop_the_download(puller: P
     leaving = puller.pull("org/tiny")
     await _until_some_bytes(leaving)
     staying = asyncio.ensure_future(pull_all(puller, "tiny"))
-    while sum(d.followers for d in puller._downloads.values()) < 2:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: sum(d.followers for d in puller._downloads.values()) >= 2, what="two followers")
     await leaving.aclose()
     assert (await staying)[-1].status == "success"
     assert len([r for r in file_gets(hub) if r.path.startswith("/cdn/")]) == 1

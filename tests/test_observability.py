@@ -22,8 +22,9 @@ from mlxgate_cli.stack import start_stack
 from backends.mlx.vision.testmodel import write_test_vlm
 from tests.images import png
 from tests.mlx_fixtures import TEST_MODEL
-from tests.ports import HeldPort
 from tests.polling import eventually
+from tests.ports import HeldPort
+from tests.request_builders import chat_body
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana/dashboards/mlxgate-overview.json"
@@ -64,8 +65,7 @@ def sample(stack, name: str, **labels) -> float:
 
 
 async def chat(session: aiohttp.ClientSession, base: str, model: str, stream: bool = False, **extra) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-            "options": {"num_predict": 8}, **extra}
+    body = chat_body(model, stream=stream, options={"num_predict": 8}, **extra)
     async with session.post(f"{base}/api/chat", json=body) as r:
         await r.read()
         return r.status
@@ -182,12 +182,9 @@ async def test_cancel_counts(stack) -> None:
         body = {"model": TEST_MODEL, "prompt": "tell a story", "options": {"num_predict": 2000}}
         async with session.post(f"{stack.http_url}/api/generate", json=body) as r:
             await r.content.readline()
-    deadline = time.monotonic() + 2
-    after = before
-    while time.monotonic() < deadline and after == before:
-        await asyncio.sleep(0.05)
-        after = sample(stack, "mlxgate_cancellations_total", **labels)
-    assert after == before + 1
+    await eventually(lambda: sample(stack, "mlxgate_cancellations_total", **labels) != before,
+                     what="the cancellation counted")
+    assert sample(stack, "mlxgate_cancellations_total", **labels) == before + 1
     assert sample(stack, "mlxgate_completion_tokens_total", **labels) > tokens_before
 
 

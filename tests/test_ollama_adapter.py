@@ -31,6 +31,7 @@ from backends.types import (
 from mlxgate.config import OllamaConfig
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.streams import collect
+from tests.request_builders import chat
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -60,17 +61,12 @@ async def backend(fake):
 HANG_S = 60.0
 
 
-def chat(model: str = "tiny", **kw) -> GenerateRequest:
-    return GenerateRequest(model=model, messages=[Message("user", "hi")], **kw)
-
-
-
 # ------------------------------------------------------------------ streaming
 
 
 async def test_chat_stream_translates_lines_and_final_statistics(backend, fake):
     fake.chunk_delay = 0.02  # one line per read: one chunk per line
-    events = await collect(backend.generate(chat()))
+    events = await collect(backend.generate(chat("tiny")))
     chunks = [e for e in events if isinstance(e, Chunk)]
     assert [c.text for c in chunks] == ["Hello", ",", " world", "!"]
     done = events[-1]
@@ -85,7 +81,7 @@ async def test_chat_stream_translates_lines_and_final_statistics(backend, fake):
 
 async def test_lines_that_arrive_together_go_on_as_one_chunk(backend, fake):
     """An upstream that writes many lines at once costs one message downstream, not one per token."""
-    events = await collect(backend.generate(chat()))
+    events = await collect(backend.generate(chat("tiny")))
     chunks = [e for e in events if isinstance(e, Chunk)]
     assert [c.text for c in chunks] == ["Hello, world!"]
     assert isinstance(events[-1], Done) and events[-1].completion_tokens == 4
@@ -93,7 +89,7 @@ async def test_lines_that_arrive_together_go_on_as_one_chunk(backend, fake):
 
 async def test_chunks_arrive_before_the_stream_ends(backend, fake):
     fake.gate = asyncio.Event()
-    agen = backend.generate(chat())
+    agen = backend.generate(chat("tiny"))
     async with contextlib.aclosing(agen):
         first = await asyncio.wait_for(anext(agen), 5)  # upstream is paused after line 1
         assert isinstance(first, Chunk) and first.text == "Hello"
@@ -159,7 +155,7 @@ async def test_prompt_request_translation_and_length_finish(backend, fake):
 async def test_tool_calls_become_toolcall_chunks(backend, fake):
     fake.tool_calls = [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]
     fake.reply = []
-    events = await collect(backend.generate(chat(tools=[Tool("get_weather")])))
+    events = await collect(backend.generate(chat("tiny", tools=[Tool("get_weather")])))
     calls = [tc for e in events if isinstance(e, Chunk) for tc in e.tool_calls]
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris", "unit": "c"})]
     assert events[-1].finish_reason == "tool_calls"
@@ -189,7 +185,7 @@ async def test_upstream_failures_map_to_backend_errors(fake, fault, error, retry
     fake.fault = fault
     try:
         with pytest.raises(error) as info:
-            await collect(backend.generate(chat()))
+            await collect(backend.generate(chat("tiny")))
     finally:
         await backend.close()
     assert info.value.message.startswith("ollama: ")
@@ -208,7 +204,7 @@ async def test_connection_refused_is_unavailable(held_port):
     b = OllamaBackend(OllamaConfig(upstream=held_port.url, first_token_timeout=2, idle_timeout=2, connect_timeout=1))
     try:
         with pytest.raises(Unavailable, match="cannot connect"):
-            await collect(b.generate(chat()))
+            await collect(b.generate(chat("tiny")))
         with pytest.raises(Unavailable):
             await b.list_models()
     finally:
@@ -221,7 +217,7 @@ async def test_failure_after_first_chunk_ends_the_stream_with_an_error(backend, 
     fake.chunk_delay = 0.05  # the failure comes after the first chunks went out
     got = []
     with pytest.raises(Unavailable) as info:
-        async for ev in backend.generate(chat()):
+        async for ev in backend.generate(chat("tiny")):
             got.append(ev)
     assert [e.text for e in got] == ["Hello", ","]
     if kind == "error_line":
@@ -231,13 +227,13 @@ async def test_failure_after_first_chunk_ends_the_stream_with_an_error(backend, 
 async def test_error_line_naming_a_missing_model_is_not_found(backend, fake):
     fake.fault = Fault("error_line", message='model "tiny" not found', after=0)
     with pytest.raises(ModelNotFound):
-        await collect(backend.generate(chat()))
+        await collect(backend.generate(chat("tiny")))
 
 
 async def test_closing_the_generator_closes_the_upstream_request(backend, fake):
     fake.reply = [f"t{i} " for i in range(200)]
     fake.chunk_delay = 0.02
-    agen = backend.generate(chat())
+    agen = backend.generate(chat("tiny"))
     assert (await anext(agen)).text == "t0 "
     assert (await anext(agen)).text == "t1 "
     assert not fake.disconnected.is_set()

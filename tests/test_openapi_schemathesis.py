@@ -28,9 +28,20 @@ is still 128 context-fulls of tokens: the test caps ``n`` at 2 and token
 counts at 8 (``max_output_tokens`` of the Responses API too), and sends the
 generated body's ``model`` as the test model so that generations happen at
 all (unknown models are covered by the error tests).
-MLXGATE_SCHEMATHESIS_EXAMPLES sets the examples per operation
-(default 100: about 40 s alone on 2 cores); MLXGATE_SCHEMATHESIS_ONLY
-(an operation's label, "POST /api/chat") runs one operation.
+Examples.  MLXGATE_SCHEMATHESIS_EXAMPLES (default 100) positive examples
+per operation, and a third as many negative ones where it takes a body;
+a quarter of both (25 and 8) where the body is small, at most
+``SMALL_BODY`` schema nodes (show, pull, copy, delete, /v1/embeddings, the
+three rerank routes, /api/tokenize and both detokenize routes: 25 examples
+of a handful of fields try each field's types, bounds and absence many
+times over), or is parsed by the models of an operation that gets the
+full count (``SHARED_PARTS``: count_tokens's body is the Messages body's
+fields, parsed by the same models; /tokenize's messages and tools are chat
+completions').  Generating a large body, more than answering it, is the
+cost: at 20 examples count_tokens and /tokenize were over a third of the
+run.  Every operation is still sent valid and invalid bodies under all the
+checks, negative_data_rejection included.  MLXGATE_SCHEMATHESIS_ONLY (an
+operation's label, "POST /api/chat") runs one operation.
 """
 
 from __future__ import annotations
@@ -75,6 +86,13 @@ CHECKS = [
 RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 #: What a body that breaks the document may get (negative_data_rejection).
 REFUSALS = ["400", "404", "413"]
+#: A request body of at most this many schema nodes (properties, types, $refs) is small: a quarter of EXAMPLES.
+SMALL_BODY = 30
+#: Operations whose body is parsed by models the operation named here explores with all of EXAMPLES.
+SHARED_PARTS = {
+    "POST /v1/messages/count_tokens": "POST /v1/messages",
+    "POST /tokenize": "POST /v1/chat/completions",
+}
 #: Ollama routes whose body without this field is a load (or unload): only model and keep_alive are read.
 LOAD_FORMS = {"/api/generate": "prompt", "/api/chat": "messages", "/api/embed": "input", "/api/embeddings": "prompt"}
 
@@ -245,6 +263,33 @@ def _run_operation(op: Any, mode: Any, examples: int, base: str, session: reques
     return ""
 
 
+def _schema_nodes(doc: dict[str, Any], node: Any, seen: set[str]) -> int:
+    """How many typed nodes and $refs a schema has, each component counted once."""
+    if isinstance(node, list):
+        return sum(_schema_nodes(doc, x, seen) for x in node)
+    if not isinstance(node, dict):
+        return 0
+    ref = node.get("$ref")
+    if ref is not None:
+        name = ref.rsplit("/", 1)[1]
+        if name in seen:
+            return 0
+        seen.add(name)
+        return 1 + _schema_nodes(doc, doc["components"]["schemas"][name], seen)
+    return ("type" in node) + sum(_schema_nodes(doc, v, seen) for v in node.values())
+
+
+def _examples(doc: dict[str, Any], method: str, path: str) -> int:
+    """The positive examples of one operation (see the module docstring)."""
+    body = doc["paths"][path][method.lower()].get("requestBody")
+    if body is None:
+        return EXAMPLES
+    size = _schema_nodes(doc, body["content"]["application/json"]["schema"], set())
+    if f"{method.upper()} {path}" in SHARED_PARTS or size <= SMALL_BODY:
+        return max(1, EXAMPLES // 4)
+    return EXAMPLES
+
+
 def _run(doc: dict[str, Any], base: str, statuses: dict[str, Counter]) -> list[str]:
     schema = schemathesis.openapi.from_dict(doc)
     # Read whole streams (schemathesis stops after 20 events by default): their ends are checked.
@@ -258,10 +303,11 @@ def _run(doc: dict[str, Any], base: str, statuses: dict[str, Counter]) -> list[s
         op = result.ok()
         if os.environ.get("MLXGATE_SCHEMATHESIS_ONLY", op.label) != op.label:
             continue
-        modes = [(schemathesis.GenerationMode.POSITIVE, EXAMPLES)]
+        examples = _examples(doc, op.method, op.path)
+        modes = [(schemathesis.GenerationMode.POSITIVE, examples)]
         if op.body:
             # Bodies that break the document (wrong types, missing fields, bounds): 4xx as documented.
-            modes.append((schemathesis.GenerationMode.NEGATIVE, max(1, EXAMPLES // 3)))
+            modes.append((schemathesis.GenerationMode.NEGATIVE, max(1, examples // 3)))
         for mode, examples in modes:
             failure = _run_operation(op, mode, examples, base, session, streams, bodies, statuses)
             if failure:
@@ -281,6 +327,10 @@ async def test_the_api_conforms_to_its_own_document(stack) -> None:
         return
     # Every operation was exercised, and the generations were answered, not only refused.
     assert len(statuses) == sum(1 for ops in doc["paths"].values() for _ in ops), statuses
+    # The quarter goes where it is meant to: the shared parts' owners and the large bodies get the full count.
+    reduced = {f"{m.upper()} {p}" for p, ops in doc["paths"].items() for m in ops if _examples(doc, m, p) < EXAMPLES}
+    assert set(SHARED_PARTS) <= reduced and not reduced & set(SHARED_PARTS.values()), reduced
+    assert not reduced & {"POST /api/chat", "POST /api/generate", "POST /v1/responses"}, reduced
     for label in ("POST /api/generate", "POST /api/chat", "POST /v1/chat/completions", "POST /v1/completions",
                   "POST /api/embed", "POST /v1/embeddings", "POST /v1/responses", "POST /v1/messages",
                   "POST /v1/messages/count_tokens"):

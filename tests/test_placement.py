@@ -14,17 +14,13 @@ import pytest
 
 from backends.errors import ModelNotFound, Unavailable
 from backends.routing import Router
-from backends.types import GenerateRequest, Message
 from mlxgate.config import RouterConfig
 from tests.fakes.scripted_backend import ScriptedBackend
 from tests.fakes.streams import collect
 from tests.test_router import FakeClock, Recorder
+from tests.request_builders import chat
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def chat(model: str = "m") -> GenerateRequest:
-    return GenerateRequest(model=model, messages=[Message("user", "hi")])
 
 
 def engine(name: str, models=("m",), **kw) -> ScriptedBackend:

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import pytest
 
 from backends.service import SERVICE_NAME, start_inference_service
 from tests.mlx_fixtures import TEST_MODEL
+from tests.polling import eventually
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 REPO_ROOT = NODE_DIR.parent.parent
@@ -116,9 +116,7 @@ async def _run_client(node: str, target: str, mlx_backend) -> dict[str, Any]:
         pytest.fail(f"node client timed out after {CLIENT_TIMEOUT_S:.0f}s; stderr:\n" + "\n".join(stderr_lines))
 
     # Node has exited; its cancelled call must now leave the engine empty.
-    deadline = time.monotonic() + 1.0
-    while mlx_backend.active_count and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await eventually(lambda: mlx_backend.active_count == 0, what="the engine dropping the cancelled call")
 
     text = stdout.decode(errors="replace").strip()
     diag = f"exit {proc.returncode}; stdout:\n{text}\nstderr:\n" + "\n".join(stderr_lines)

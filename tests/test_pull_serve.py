@@ -20,6 +20,7 @@ from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.hf_hub_fake import FakeHub
 from tests.images import png
 from tests.test_cli_serve import clean_env, start, stop
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -144,8 +145,7 @@ async def test_a_client_leaving_mid_pull_leaves_a_download_the_next_pull_resumes
                 if line.get("digest") and 0 < line["completed"] < line["total"]:
                     break
     # The download stops once its last client left: the fake's stream ends.
-    while hub.streaming:
-        await asyncio.sleep(0.02)
+    await eventually(lambda: not hub.streaming, what="the fake's stream ending")
     assert len([r for r in hub.requests if r.path.startswith("/cdn/")]) == 1
     hub.slow.clear()
     async with grpc.aio.insecure_channel(target) as channel:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from typing import Any, AsyncIterator, Optional
 
 import grpc
@@ -36,33 +35,24 @@ from backends.errors import (
 from backends.remote import HealthState, RemoteBackend
 from backends.routing import Router
 from backends.service import start_inference_service
-from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
+from backends.types import Chunk, Done, EmbedRequest, GenerateRequest
 from mlxgate.config import RemoteService
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.scripted_backend import ScriptedBackend
 from tests.fakes.streams import collect
+from tests.request_builders import chat
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
 KEY = "sk-remote-hop-0123456789abcdef"
 
 
-def chat(model: str = "m", request_id: str = "rid-1") -> GenerateRequest:
-    return GenerateRequest(model=model, messages=[Message("user", "hi")], request_id=request_id)
-
-
 def remote(target: str, name: str = "a", key: str = KEY, **timeouts: float) -> RemoteBackend:
     r = RemoteBackend(RemoteService(name=name, target=target, key=key, **timeouts))
     r.backoff_min, r.backoff_max = 0.05, 0.2  # quick reconnects in tests
     return r
-
-
-async def until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never held"
-        await asyncio.sleep(0.02)
 
 
 class Gated:
@@ -227,7 +217,7 @@ async def test_keys(service):
         assert [m.name for m in await right.list_models()] == ["m", "other"]
         assert KEY not in repr(right) and KEY not in repr(right.config)
         # The health watch needs no key.
-        await until(lambda: without.health is HealthState.SERVING)
+        await eventually(lambda: without.health is HealthState.SERVING)
     finally:
         for r in (without, wrong, right):
             await r.close()
@@ -433,7 +423,7 @@ async def test_health_serving_draining_unreachable_and_back(held_port):
     svc2: Optional[Any] = None
     try:
         await front.start()
-        await until(lambda: a.health is HealthState.SERVING)
+        await eventually(lambda: a.health is HealthState.SERVING)
         assert front.health() == {"remote:a": True, "remote:b": True}
         assert (await collect(front.generate(chat())))[-1].backend == "remote:a"
 
@@ -446,18 +436,18 @@ async def test_health_serving_draining_unreachable_and_back(held_port):
         a.health = HealthState.SERVING  # the watch has nothing to say; put it back by hand)
 
         await svc.begin_drain()  # SIGTERM's first step: NOT_SERVING
-        await until(lambda: a.health is HealthState.NOT_SERVING)
+        await eventually(lambda: a.health is HealthState.NOT_SERVING)
         assert a.serving is False and front.health()["remote:a"] is False
         calls_before = len(scripted.calls)
         assert (await collect(front.generate(chat())))[-1].backend == "remote:b"
         assert len(scripted.calls) == calls_before  # nothing new reached it
 
         await svc.stop(0)
-        await until(lambda: a.health is HealthState.UNREACHABLE)
+        await eventually(lambda: a.health is HealthState.UNREACHABLE)
         assert a.serving is False
 
         svc2 = await start_inference_service(Router([scripted]), port=port)  # back, same address
-        await until(lambda: a.health is HealthState.SERVING)
+        await eventually(lambda: a.health is HealthState.SERVING)
         assert a.times_serving == 2
         assert (await collect(a.generate(chat())))[-1].completion_tokens == 2
     finally:
@@ -475,7 +465,7 @@ async def test_nothing_listening_is_unreachable_and_unavailable(held_port):
     try:
         with pytest.raises(Unavailable, match="remote:a: "):
             await r.list_models()
-        await until(lambda: r.health is HealthState.UNREACHABLE)
+        await eventually(lambda: r.health is HealthState.UNREACHABLE)
     finally:
         await r.close()
 

@@ -19,7 +19,6 @@ import contextlib
 import json
 import re
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -37,6 +36,7 @@ from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.mlx_fixtures import TEST_MODEL
 from tests.test_cli_serve import clean_env
 from tests.test_shutdown import Proc, spawn
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -124,13 +124,6 @@ async def front(*services: Service, key: str = KEY) -> AsyncIterator[Stack]:
 def remote_of(stack: Stack, name: str) -> Any:
     assert stack.router is not None
     return stack.router.catalogue.by_name[f"remote:{name}"]
-
-
-async def until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate() if asyncio.iscoroutinefunction(predicate) else not predicate():
-        assert time.monotonic() < deadline, f"{what} never held"
-        await asyncio.sleep(0.05)
 
 
 async def generate(http: aiohttp.ClientSession, base: str, n: int = 2, **extra: Any) -> tuple[str, dict]:
@@ -226,9 +219,9 @@ async def test_a_cancelled_http_stream_cancels_the_remote_generation(fleet) -> N
             return (m.get("mlxgate_engine_active_sequences") == 0
                     and _sum(m, "mlxgate_cancellations_total", model=TEST_MODEL) == before[service.target] + 1)
 
-        await until(stopped, what="the remote engine dropping the cancelled sequence")
+        await eventually(stopped, what="the remote engine dropping the cancelled sequence")
         assert st.router is not None
-        await until(lambda: st.router.in_flight == {"remote:a": 0, "remote:b": 0}, what="front in flight 0")
+        await eventually(lambda: st.router.in_flight == {"remote:a": 0, "remote:b": 0}, what="front in flight 0")
 
 
 # ------------------------------------------------------------------ `mlxgate serve` in front
@@ -279,7 +272,7 @@ async def test_a_draining_service_receives_nothing_new(tmp_path, test_model_dir,
         await victim.call("LoadModel", pb.LoadModelRequest(model=TEST_MODEL))
         await b.call("UnloadModel", pb.UnloadModelRequest(model=TEST_MODEL))
         async with front(victim, b) as st, aiohttp.ClientSession() as http:
-            await until(lambda: remote_of(st, "a").health.value == "serving", what="remote:a serving")
+            await eventually(lambda: remote_of(st, "a").health.value == "serving", what="remote:a serving")
             # A stream the victim holds (its upstream waits after the first line).
             async with grpc.aio.insecure_channel(victim.target) as ch:
                 held = pb_grpc.InferenceServiceStub(ch).Generate(pb.GenerateRequest(
@@ -287,7 +280,8 @@ async def test_a_draining_service_receives_nothing_new(tmp_path, test_model_dir,
                 assert (await held.read()).WhichOneof("event") == "chunk"
 
                 victim.proc.proc.send_signal(signal.SIGTERM)  # drain: NOT_SERVING, the stream goes on
-                await until(lambda: remote_of(st, "a").health.value == "not_serving", what="front seeing the drain")
+                await eventually(lambda: remote_of(st, "a").health.value == "not_serving",
+                                 what="front seeing the drain")
                 results = [await generate(http, st.http_url) for _ in range(2)]
                 results += await asyncio.gather(*(generate(http, st.http_url) for _ in range(3)))
                 assert [backend for backend, _ in results] == ["remote:b"] * 5
@@ -318,14 +312,14 @@ async def test_killing_a_service_before_the_first_token_falls_back(tmp_path, tes
     victim = await start_service(tmp_path, test_model_dir, hung.url)
     try:
         async with front(victim, b) as st, aiohttp.ClientSession() as http:
-            await until(lambda: remote_of(st, "a").health.value == "serving", what="remote:a serving")
+            await eventually(lambda: remote_of(st, "a").health.value == "serving", what="remote:a serving")
             assert st.router is not None
             assert [t.backend.name for t in await st.router.targets("slow")] == ["remote:a", "remote:b"]
             rid = "rid-killed-before-first-token"
             request = asyncio.ensure_future(http.post(f"{st.http_url}/api/chat", headers={"X-Request-Id": rid}, json={
                 "model": "slow", "stream": False, "messages": [{"role": "user", "content": "hi"}]}))
             # The victim has it (its upstream holds it): no token yet.  Kill it.
-            await until(lambda: "/api/chat" in hung.paths(), what="the request reaching the victim's upstream")
+            await eventually(lambda: "/api/chat" in hung.paths(), what="the request reaching the victim's upstream")
             victim.proc.proc.send_signal(signal.SIGKILL)
             resp = await asyncio.wait_for(request, 60)
             assert resp.status == 200, await resp.text()  # no error seen by the client
@@ -336,7 +330,7 @@ async def test_killing_a_service_before_the_first_token_falls_back(tmp_path, tes
                                             "reason": "UNAVAILABLE"}) == 1
             # The request id crossed both hops: front -> service -> its upstream.
             assert rid in hung.request_ids and rid in slow_upstream.request_ids
-            await until(lambda: remote_of(st, "a").health.value == "unreachable", what="front seeing it gone")
+            await eventually(lambda: remote_of(st, "a").health.value == "unreachable", what="front seeing it gone")
     finally:
         victim.proc.kill()
         await hung.stop()

@@ -37,6 +37,7 @@ from mlxgate.config import MLXConfig, ServerConfig
 from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.mlx_fixtures import TEST_MODEL
+from tests.request_builders import chat_body
 
 CHAT = "/v1/chat/completions"
 MB100 = 100 * 1024 * 1024
@@ -256,25 +257,21 @@ async def test_a_long_generate_prompt_keeps_its_end(stack) -> None:
 # ---------------------------------------------------------------- bounded fields
 
 
-def chat_body(**extra) -> dict:
-    return {"model": TEST_MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
-
-
 @pytest.mark.parametrize(
     "path, body, needle",
     [
-        (CHAT, chat_body(stop=["x"] * (limits.MAX_STOP_SEQUENCES + 1)), "stop"),
-        ("/api/chat", chat_body(options={"stop": ["y"] * 100_000}), "stop"),
-        (CHAT, chat_body(stop=["z" * (limits.MAX_STOP_CHARS + 1)]), "stop[0]"),
+        (CHAT, chat_body(TEST_MODEL, stop=["x"] * (limits.MAX_STOP_SEQUENCES + 1)), "stop"),
+        ("/api/chat", chat_body(TEST_MODEL, options={"stop": ["y"] * 100_000}), "stop"),
+        (CHAT, chat_body(TEST_MODEL, stop=["z" * (limits.MAX_STOP_CHARS + 1)]), "stop[0]"),
         (CHAT, {"model": TEST_MODEL, "messages": [{"role": "user", "content": "m"}] * (limits.MAX_MESSAGES + 1)},
          "messages"),
-        (CHAT, chat_body(tools=[{"type": "function", "function": {"name": f"f{i}"}}
+        (CHAT, chat_body(TEST_MODEL, tools=[{"type": "function", "function": {"name": f"f{i}"}}
                                 for i in range(limits.MAX_TOOLS + 1)]), "tools"),
         ("/api/chat", {"model": TEST_MODEL, "messages": [{"role": "user", "content": "m", "images": ["aGk="] * 40}]},
          "images"),
         (CHAT, chat_body(model="m" * (limits.MAX_MODEL_NAME_CHARS + 1)), "model"),
         ("/api/generate", {"model": "m" * 20_000, "prompt": "hi"}, "model"),
-        (CHAT, chat_body(n=limits.MAX_CHOICES + 1), "n"),
+        (CHAT, chat_body(TEST_MODEL, n=limits.MAX_CHOICES + 1), "n"),
     ],
 )
 async def test_bounded_fields_are_400_naming_the_field(stack, path, body, needle) -> None:
@@ -298,8 +295,8 @@ async def test_deep_json_and_lone_surrogates_are_400(stack, path) -> None:
         schema = {"type": "object"}
         for _ in range(200):
             schema = {"type": "object", "properties": {"a": schema}}
-        body = chat_body(format=schema) if path == "/api/chat" else chat_body(
-            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        body = chat_body(TEST_MODEL, format=schema) if path == "/api/chat" else chat_body(
+            TEST_MODEL, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
         async with s.post(stack.base + path, json=body) as r:
             assert r.status == 400 and "nested" in await r.text()
 
@@ -388,7 +385,7 @@ async def test_max_pending_holds_for_a_cold_model(test_model_dir, monkeypatch) -
     try:
         async def one(i: int) -> tuple[int, dict, str]:
             dialect_path = CHAT if i % 2 else "/api/chat"
-            body = chat_body(max_tokens=2, options={"num_predict": 2}, stream=False)
+            body = chat_body(TEST_MODEL, max_tokens=2, options={"num_predict": 2}, stream=False)
             async with aiohttp.ClientSession() as s:
                 async with s.post(http.url + dialect_path, json=body) as r:
                     return r.status, await r.json(content_type=None), r.headers.get("Retry-After", "")

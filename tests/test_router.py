@@ -29,13 +29,14 @@ from backends.errors import (
 from mlxgate_cli.factory import build_backends, build_router
 from backends.ollama import OllamaBackend
 from backends.routing import REASONS, Router
-from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
+from backends.types import Chunk, Done, EmbedRequest
 from mlxgate.config import CloudProvider, Config, OllamaConfig, RouterConfig
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.scripted_backend import ScriptedBackend
 from tests.fakes.streams import collect
 from tests.polling import eventually
+from tests.request_builders import chat
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,11 +65,6 @@ class Recorder:
 
     def answered(self, backend: str, model: str) -> None:
         self.answers.append((backend, model))
-
-
-def chat(model: str) -> GenerateRequest:
-    return GenerateRequest(model=model, messages=[Message("user", "hi")])
-
 
 
 def text_of(events) -> str:

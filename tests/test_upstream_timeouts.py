@@ -31,7 +31,7 @@ from backends.http_upstream import UpstreamStream
 from backends.ollama import OllamaBackend
 from backends.routing import Router
 from backends.service import start_inference_service
-from backends.types import Chunk, Done, EmbedRequest, GenerateRequest, Message
+from backends.types import Chunk, Done, EmbedRequest
 from gateway.app import create_app, start_http
 from mlxgate.config import CloudProvider, Config, OllamaConfig, ServerConfig, UpstreamTimeouts
 from mlxgate.config_load import load_config
@@ -39,6 +39,8 @@ from tests.fakes.anthropic_fake import FakeAnthropic
 from tests.fakes.ollama_fake import Fault, FakeOllama
 from tests.fakes.openai_fake import FakeOpenAI
 from tests.fakes.streams import collect
+from tests.request_builders import chat
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,10 +54,6 @@ IDLE = 0.4  # idle_timeout in these tests
 LONG = 20.0  # the clock that must not be the one that fires
 
 HUNG = ["hang", "hang_after_headers", "keepalive"]
-
-
-def chat(model: str) -> GenerateRequest:
-    return GenerateRequest(model=model, messages=[Message("user", "hi")])
 
 
 @pytest.fixture
@@ -387,7 +385,7 @@ async def test_front_answers_504_in_each_dialect_when_no_token_comes(front, olla
                 assert data == {"error": want}
             else:
                 assert data["error"]["message"] == want and data["error"]["type"] == "server_error"
-    assert await _eventually(lambda: fake.disconnects == 2)
+    await eventually(lambda: fake.disconnects == 2, what="both requests hung up on the upstream")
 
 
 @pytest.mark.parametrize("kind", list(UPSTREAMS))
@@ -417,16 +415,7 @@ async def test_front_ends_the_stream_with_the_idle_error_after_the_first_token(f
     assert last["error"]["message"] == want and last["error"]["type"] == "server_error"
     contents = [json.loads(e[len("data: "):])["choices"][0]["delta"].get("content") for e in events[:-1]]
     assert first_token in contents
-    assert await _eventually(lambda: fake.disconnects == 2)
-
-
-async def _eventually(cond, within: float = SLACK) -> bool:
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        if cond():
-            return True
-        await asyncio.sleep(0.02)
-    return cond()
+    await eventually(lambda: fake.disconnects == 2, what="both requests hung up on the upstream")
 
 
 # ------------------------------------------------------------------ configuration

@@ -6,6 +6,10 @@ router's reaction to "the engine is unavailable" rather than MLX itself.
 With ``is_engine=True`` it is one of the engines the router places (the local
 engine, a remote service); ``serving`` stands for a remote's health; ``hold``
 keeps each stream open after its first chunk until the event is set.
+
+``ByModelNameBackend`` is the same fake for the error tests, where one
+server must answer, fail and stall on demand: the request's model name
+picks what happens (``BEFORE_FIRST_CHUNK`` and its ``generate``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,17 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Optional
 
-from backends.errors import BackendError, ModelNotFound
+from backends.errors import (
+    BackendError,
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelNotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
 from backends.types import (
     Chunk,
     Done,
@@ -25,6 +39,7 @@ from backends.types import (
     ModelInfo,
     ModelShow,
     RunningModel,
+    TokenCount,
 )
 
 
@@ -129,3 +144,68 @@ class ScriptedBackend:
 
     async def close(self) -> None:
         pass
+
+
+#: What ``ByModelNameBackend`` raises before any chunk, by model name ("busy" is built with its retry hint).
+BEFORE_FIRST_CHUNK: dict[str, BackendError] = {
+    "down": Unavailable("backend is down"),
+    "slow": DeadlineExceeded("took too long"),
+    "auth": Unauthenticated("bad upstream key"),
+    "denied": PermissionDenied("not allowed"),
+    "unimpl": Unimplemented("no suffix support"),
+    "bad": InvalidArgument("no good"),
+}
+
+
+class ByModelNameBackend(ScriptedBackend):
+    """Answers, fails or stalls according to the model name.
+
+    A name in ``BEFORE_FIRST_CHUNK`` (or "busy": ResourceExhausted with
+    ``retry_after``) raises before the first chunk; "crash" raises an
+    internal error whose text must not reach the client; "fails-first" ends
+    with an error Done before any chunk; after the chunk "hello ", "dies"
+    raises Unavailable and "done-error" ends with an error Done; "pauses"
+    waits 0.3 s before the last chunk, "world" (with ``thinking`` beside it
+    when set); "stops" names the stop sequence "STOP".  Any other name
+    answers "hello world".  Embeddings are refused as busy, show as
+    unimplemented, loads as unavailable, and no backend-side count exists.
+    """
+
+    def __init__(self, *, retry_after: float, thinking: str = "") -> None:
+        super().__init__("scripted", ["ok", "dies", "pauses", "stops"])
+        self.retry_after = retry_after
+        self.thinking = thinking
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
+        if req.model == "busy":
+            raise ResourceExhausted("queue is full", retry_after=self.retry_after)
+        if req.model in BEFORE_FIRST_CHUNK:
+            raise BEFORE_FIRST_CHUNK[req.model]
+        if req.model == "crash":
+            raise RuntimeError("secret internals /home/x/.key")
+        if req.model == "fails-first":
+            yield Done(finish_reason="error", error_message="could not start", backend=self.name)
+            return
+        yield Chunk(text="hello ")
+        if req.model == "dies":
+            raise Unavailable("backend went away mid-stream")
+        if req.model == "done-error":
+            yield Done(finish_reason="error", error_message="engine failed mid-way", backend=self.name)
+            return
+        if req.model == "pauses":
+            await asyncio.sleep(0.3)
+        yield Chunk(thinking=self.thinking, text="world")
+        yield Done(finish_reason="stop", prompt_tokens=9, completion_tokens=2, cached_prompt_tokens=4,
+                   backend=self.name, model=req.model, stop_sequence="STOP" if req.model == "stops" else "")
+
+    async def count_tokens(self, req: GenerateRequest) -> TokenCount:
+        raise Unimplemented("scripted: cannot count")
+
+    async def embed(self, req: EmbedRequest) -> EmbedResult:
+        raise ResourceExhausted("embed queue full")
+
+    async def show_model(self, name: str) -> ModelShow:
+        raise Unimplemented("no")
+
+    async def load_model(self, name: str, keep_alive: Optional[float]) -> LoadResult:
+        raise Unavailable("cannot load")
