@@ -27,15 +27,19 @@ $(STAMP): pyproject.toml
 run: setup
 	MLXGATE_DATA_DIR=$(DATA) $(FAST_BLAS) $(BIN)/mlxgate serve --models-dir $(MODELS)
 
+# Two workers: the suite spends much of its time waiting on the servers and
+# subprocesses it starts, so two share this 2-core box well; a module's tests
+# stay on one worker (--dist loadscope), so a module's server starts once.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 # The whole suite N times from a clean clone of HEAD, the last BUSY runs beside a CPU-bound
 # process: one line per run and the tests that failed (tests/repeat.py).
 N    ?= 10
 BUSY ?= 0
 test-repeat: setup
-	$(BIN)/python -m tests.repeat --runs $(N) --busy $(BUSY)
+	$(BIN)/python -m tests.repeat --runs $(N) --busy $(BUSY) --workers $(TEST_WORKERS)
 
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/mlxgate/v1/inference.proto

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.repeat", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=10, help="how many runs (default 10)")
     ap.add_argument("--busy", type=int, default=0, help="how many of them (the last) with a CPU-bound process beside")
+    ap.add_argument("--workers", type=int, default=2, help="pytest-xdist workers, as `make test` (default 2)")
     ap.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
     ap.add_argument("pytest_args", nargs="*", help="passed to pytest (default: tests)")
     args = ap.parse_args(argv)
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run = subprocess.run(
                     [str(clone / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                     f"--junitxml={junit}", f"--basetemp={base}", *(args.pytest_args or ["tests"])],
+                     f"--junitxml={junit}", f"--basetemp={base}", "-n", str(args.workers), "--dist", "loadscope",
+                     *(args.pytest_args or ["tests"])],
                     cwd=clone, capture_output=True, text=True,
                 )
             finally:
