@@ -23,7 +23,6 @@ import re
 import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
@@ -36,6 +35,7 @@ from mlxgate.v1 import inference_pb2 as pb
 from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.scrape import scrape
 from tests.mlx_fixtures import TEST_MODEL
+from tests.polling import eventually, eventually_here
 from tests.ports import HeldPort, consecutive_held_ports, held_ports
 from tests.test_cli_serve import clean_env
 
@@ -169,14 +169,6 @@ async def generate(target: str, req: pb.GenerateRequest, text: Optional[list] = 
     raise AssertionError("stream ended without Done")
 
 
-async def until(predicate, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not await predicate():
-        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - t0
-
-
 def single_model(path: Path) -> Any:
     from mlx_lm.utils import load
 
@@ -224,7 +216,7 @@ async def test_a_long_prompt_joins_running_streams_in_paced_chunks(cluster, mlx_
     reqs = [_request(PROMPTS[0], 80), _request(PROMPTS[3], 80)]
     texts: list[list[str]] = [[], []]
     running = [asyncio.ensure_future(generate(cluster.target, r, t)) for r, t in zip(reqs, texts)]
-    await until(lambda: _true(all(texts)), 60, "both streams started")
+    await eventually(lambda: _true(all(texts)), 60, "both streams started")
     long_req = _request(LONG_PROMPT, 8)
     long_ids, _ = await generate(cluster.target, long_req)
     results = await asyncio.gather(*running)
@@ -232,7 +224,7 @@ async def test_a_long_prompt_joins_running_streams_in_paced_chunks(cluster, mlx_
     for (ids, _), r in zip(results, reqs):
         assert ids == await single_process(mlx_backend, r)
     steps0 = await cluster.rank("decode_steps", 0)
-    await until(lambda: _equals(cluster, "decode_steps", 1, steps0), 60, "rank 1 ran rank 0's steps")
+    await eventually(lambda: _equals(cluster, "decode_steps", 1, steps0), 60, "rank 1 ran rank 0's steps")
 
 
 async def test_seeded_sampling_is_repeatable(cluster):
@@ -269,16 +261,16 @@ async def test_four_streams_share_one_batch_and_a_cancel_leaves_it_on_every_rank
         firsts = [asyncio.ensure_future(c.read()) for c in calls]
         await asyncio.gather(*firsts)
         # All four decode together, on both ranks.
-        await until(lambda: _equals(cluster, "sequences", 1, 4), 60, "rank 1 holds 4 sequences")
+        await eventually(lambda: _equals(cluster, "sequences", 1, 4), 60, "rank 1 holds 4 sequences")
         # A decode step of 4 sequences, on each rank.
-        await until(lambda: _at_least(cluster, "max_batch", 0, 4), 60, "rank 0 decodes 4 at once")
-        await until(lambda: _at_least(cluster, "max_batch", 1, 4), 60, "rank 1 decodes 4 at once")
+        await eventually(lambda: _at_least(cluster, "max_batch", 0, 4), 60, "rank 0 decodes 4 at once")
+        await eventually(lambda: _at_least(cluster, "max_batch", 1, 4), 60, "rank 1 decodes 4 at once")
         calls[0].cancel()
-        await until(lambda: _equals(cluster, "sequences", 1, 3), 60, "rank 1 dropped the cancelled sequence")
+        await eventually(lambda: _equals(cluster, "sequences", 1, 3), 60, "rank 1 dropped the cancelled sequence")
         assert await cluster.rank("sequences", 0) == 3
         for c in calls[1:]:
             c.cancel()
-        await until(lambda: _equals(cluster, "sequences", 1, 0), 60, "rank 1's batch emptied")
+        await eventually(lambda: _equals(cluster, "sequences", 1, 0), 60, "rank 1's batch emptied")
         assert await cluster.rank("sequences", 0) == 0
 
 
@@ -300,7 +292,7 @@ async def test_each_rank_holds_half_of_every_layer(cluster, test_model_dir):
     full = sum(v.nbytes for v in params.values())
     layers = sum(v.nbytes for k, v in params.items() if ".layers." in k and "norm" not in k)
     rest = full - layers
-    await until(lambda: _at_least(cluster, "parameter_bytes", 1, 1), 60, "rank 1 reports its shard")
+    await eventually(lambda: _at_least(cluster, "parameter_bytes", 1, 1), 60, "rank 1 reports its shard")
     shard = [await cluster.rank("parameter_bytes", r) for r in (0, 1)]
     # Tensor parallelism splits every projection of every layer in two; the
     # embeddings, the head and the norms stay whole on each rank.
@@ -346,7 +338,7 @@ async def test_a_dead_follower_turns_health_not_serving(tmp_path, test_model_dir
             call = pb_grpc.InferenceServiceStub(ch).Generate(_request(PROMPTS[0], 1500), timeout=60)
             await call.read()  # streaming
             c.procs[1].send_signal(signal.SIGKILL)
-            t = await until(lambda: _not_serving(c), 60, "health NOT_SERVING")
+            t = await eventually(lambda: _not_serving(c), 60, "health NOT_SERVING")
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 while await call.read() is not grpc.aio.EOF:
                     pass
@@ -363,7 +355,7 @@ async def test_a_dead_follower_turns_health_not_serving(tmp_path, test_model_dir
             text[-3000:]
         # The front's health watch sees NOT_SERVING: the Ollama answers.
         remote = front.router.catalogue.by_name["remote:dist"]
-        await until(lambda: _false(remote.serving), 60, "the front sees the remote not serving")
+        await eventually(lambda: _false(remote.serving), 60, "the front sees the remote not serving")
         _, done = await generate(front.grpc_target, _request(PROMPTS[2], 4))
         assert done.backend == "ollama"
     finally:
@@ -404,7 +396,7 @@ async def test_a_silent_follower_is_declared_dead_after_the_timeout(tmp_path, te
             await call.read()
             assert await c.health() == health_pb2.HealthCheckResponse.SERVING
             c.procs[1].send_signal(signal.SIGSTOP)
-            t = await until(lambda: _not_serving(c), 60, "health NOT_SERVING")
+            t = await eventually(lambda: _not_serving(c), 60, "health NOT_SERVING")
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 while await call.read() is not grpc.aio.EOF:
                     pass
@@ -449,7 +441,7 @@ async def test_pipeline_parallelism(tmp_path, test_model_dir):
         params = dict(tree_flatten(single_model(models / "tiny-qwen").parameters()))
         layers = sum(v.nbytes for k, v in params.items() if ".layers." in k)
         expected = sum(v.nbytes for v in params.values()) - layers // 2
-        await until(lambda: _equals(c, "parameter_bytes", 1, expected), 60, "rank 1 reports its shard")
+        await eventually(lambda: _equals(c, "parameter_bytes", 1, expected), 60, "rank 1 reports its shard")
         assert await c.rank("parameter_bytes", 0) == expected
     finally:
         await single.close()
@@ -478,10 +470,8 @@ def test_watchdog_ignores_strangers_and_sees_a_rank_leave(monkeypatch):
             s.sendall(json.dumps({"rank": 1, "secret": w.secret, "sequences": 2}).encode() + b"\n")
             assert s.makefile("rb").readline() == b"ok\n"
             assert w.status()[1]["up"] is True and w.status()[1]["sequences"] == 2
-        deadline = time.monotonic() + 3
-        while not dead and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert dead and "rank 1 closed its heartbeat connection" in dead[0]
+        eventually_here(lambda: dead, 10, "the watchdog declared rank 1 dead")
+        assert "rank 1 closed its heartbeat connection" in dead[0]
     finally:
         w.stop()
 

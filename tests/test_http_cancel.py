@@ -9,20 +9,15 @@ long before the generation could have finished on its own.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
+from tests.polling import eventually
 
 LONG = 2000
 
 
 async def _wait_active(backend, want, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if backend.active_count == want:
-            return time.monotonic() - start
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"active_count stayed {backend.active_count}, wanted {want} within {timeout}s")
+    return await eventually(lambda: backend.active_count == want, timeout, f"active_count == {want}")
 
 
 async def test_ndjson_disconnect_cancels_generation(stack):

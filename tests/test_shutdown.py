@@ -32,6 +32,7 @@ from mlxgate.v1 import inference_pb2_grpc as pb_grpc
 from tests.fakes.ollama_fake import FakeOllama
 from tests.mlx_fixtures import TEST_MODEL
 from tests.test_cli_serve import clean_env
+from tests.polling import eventually
 
 #: The fake upstream's model: its streams wait on ``fake.gate`` after the first line.
 GATED = "gated"
@@ -103,10 +104,10 @@ async def health_status(target: str, service: str = "") -> int:
 
 async def wait_not_serving(target: str) -> None:
     """The signal is handled asynchronously: poll (generously) for NOT_SERVING."""
-    deadline = asyncio.get_running_loop().time() + 20
-    while await health_status(target) != health_pb2.HealthCheckResponse.NOT_SERVING:
-        assert asyncio.get_running_loop().time() < deadline, "health never turned NOT_SERVING"
-        await asyncio.sleep(0.05)
+    async def not_serving() -> bool:
+        return await health_status(target) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await eventually(not_serving, 20, "health NOT_SERVING")
 
 
 async def read_lines(resp: aiohttp.ClientResponse) -> list[str]:
