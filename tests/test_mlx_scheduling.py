@@ -183,3 +183,49 @@ async def test_greedy_answers_do_not_depend_on_the_batch(mlx_backend):
     )
     assert ids_of(greedy_batch[0][0]) == ids_of(alone)
     assert ids_of(mixed_batch[0][0]) == ids_of(alone)
+
+
+def medium_request(**sampling) -> GenerateRequest:
+    text = " ".join(f"m{i % 89}" for i in range(120))
+    return GenerateRequest(model=MODEL, prompt=Prompt(text, raw=True), sampling=Sampling(temperature=0, **sampling))
+
+
+async def test_sequences_joined_mid_batch_give_their_solo_greedy_answers(test_model_dir):
+    """Prompts prefilled while others decode join the running batch (the
+    whole prompt batch at once: ``joining.PromptBatch`` hands its caches
+    over; one of two: mlx-lm's split): every answer, theirs and the running
+    streams', is the one each gets alone."""
+    b = backend(test_model_dir, prefill_step_size=4096)
+    running_reqs = [chat(f"running {i}", temperature=0, max_tokens=160) for i in range(3)]
+    try:
+        solo_running = [ids_of((await collect(b, r))[0]) for r in running_reqs]
+        solo_long = ids_of((await collect(b, long_request(max_tokens=12)))[0])
+        solo_medium = ids_of((await collect(b, medium_request(max_tokens=12)))[0])
+        (lm,) = b._manager.loaded()
+        # 64 tokens a step, whatever the timing: the long prompt takes 20+ steps, the medium one 5.
+        lm.pacer.chunk = lambda decoding, prompts: 64
+
+        progress = [0] * len(running_reqs)
+        outs: list = [None] * len(running_reqs)
+
+        async def run(i: int) -> None:
+            chunks = []
+            async for ev in b.generate(running_reqs[i]):
+                if isinstance(ev, Chunk):
+                    chunks.append(ev)
+                    progress[i] += len(ev.token_ids)
+            outs[i] = ids_of(chunks)
+
+        tasks = [asyncio.ensure_future(run(i)) for i in range(len(running_reqs))]
+        await eventually(lambda: min(progress) >= 2, 30, "the running streams are going")
+        (long_chunks, long_done), (medium_chunks, _) = await asyncio.gather(
+            collect(b, long_request(max_tokens=12)), collect(b, medium_request(max_tokens=12))
+        )
+        # They joined mid-batch: the running streams were still going.
+        assert max(progress) < 160, progress
+        await asyncio.gather(*tasks)
+        assert ids_of(long_chunks) == solo_long and long_done.prompt_tokens > 1000
+        assert ids_of(medium_chunks) == solo_medium
+        assert outs == solo_running
+    finally:
+        await b.close()

@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional
 
 from backends.errors import BackendError, Unavailable
 from backends.types import Done, TokenLogprob, TopLogprob
+from backends.mlx import joining
 from backends.mlx.delivery import Dispatcher
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.pacing import PrefillPacer
@@ -214,7 +215,7 @@ class Engine:
         from mlx_lm.generate import BatchGenerator
 
         size = max(1, self._config.max_batch_size)
-        return BatchGenerator(
+        gen = BatchGenerator(
             lm.model,
             stop_tokens=[[t] for t in sorted(lm.eos_token_ids)],
             completion_batch_size=size,
@@ -222,6 +223,8 @@ class Engine:
             prefill_step_size=self._config.prefill_step_size,
             stream=self._stream,
         )
+        joining.install(gen)
+        return gen
 
     def processors_for(self, seq: Sequence) -> list[Callable]:
         """Logits processors of one sequence: penalties, then the output constraint (last, so it wins)."""

@@ -8,7 +8,7 @@ import time
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
-from backends.mlx import sampling as sampling_mod
+from backends.mlx import joining, sampling as sampling_mod
 from backends.mlx.constrain import TokenizerCache
 from backends.mlx.distributed.channel import Channel, group, tokens_digest
 from backends.mlx.distributed.liveness import HeartbeatClient, leader_lost
@@ -116,6 +116,7 @@ class Follower:
 
         m = self.models[name]
         m.gen = BatchGenerator(m.model, stream=self.stream, **params)
+        joining.install(m.gen)  # as the leader's (engine.py), so both ranks join alike
         m.uids.clear()
         m.digest = 0
 
