@@ -25,8 +25,8 @@ from typing import Optional
 
 from backends import images as images_mod
 from backends.errors import InvalidArgument
+from backends.proto_values import DETAIL_OF_PB, keep_alive_from_pb
 from backends.types import (
-    DETAIL_OF_PB,
     DetokenizeRequest,
     EmbedRequest,
     GenerateRequest,
@@ -39,7 +39,7 @@ from backends.types import (
     Tool,
     ToolCall,
     ToolChoice,
-    keep_alive_from_pb,
+
 )
 from mlxgate import limits
 from mlxgate.jsonutil import JSONError, loads_object

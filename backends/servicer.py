@@ -26,7 +26,8 @@ from backends.base import Backend
 from backends.errors import RETRY_AFTER_KEY, BackendError, Internal, InvalidArgument, Unimplemented, retry_trailers
 from backends.gate import Malformed
 from backends.spend.service import SpendObserver, both
-from backends.types import Done, GenerateRequest, keep_alive_from_pb
+from backends.proto_values import keep_alive_from_pb
+from backends.types import Done, GenerateRequest
 from mlxgate.limits import clip
 from mlxgate.memory import trim_after_large
 from mlxgate.v1 import inference_pb2 as pb

@@ -15,122 +15,55 @@ inside the service.
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional, Union, get_args
 
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from backends.errors import InvalidArgument
 from backends.pbconvert import Codec, enum_codec, proto
-from mlxgate import limits
-from mlxgate.dialects.base import caller_arguments, produced_arguments
+from backends.proto_values import (
+    CAPABILITY_OF_PB,
+    CAPABILITY_TO_PB,
+    DETAIL_OF_PB,
+    DETAIL_TO_PB,
+    FINISH_TO_PB,
+    ROLE_TO_PB,
+    caller_json_object,
+    keep_alive_to_pb,
+    normalize_keep_alive,
+    timestamp_to_pb,
+)
+from mlxgate.dialects.base import produced_arguments
 from mlxgate.jsonutil import JSONError, loads_object
 from mlxgate.v1 import inference_pb2 as pb
 
-# ---------------------------------------------------------------- helpers
-
-_ROLE_TO_PB = {
-    "system": pb.ROLE_SYSTEM,
-    "user": pb.ROLE_USER,
-    "assistant": pb.ROLE_ASSISTANT,
-    "tool": pb.ROLE_TOOL,
-}
-_PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
-#: An image's detail (OpenAI's image_url.detail; "auto" is the proto's UNSPECIFIED).
-_DETAIL_TO_PB = {"auto": pb.IMAGE_DETAIL_UNSPECIFIED, "low": pb.IMAGE_DETAIL_LOW, "high": pb.IMAGE_DETAIL_HIGH}
-DETAIL_OF_PB = {v: k for k, v in _DETAIL_TO_PB.items()}
+# ---------------------------------------------------------------- words and values (proto_values.py)
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
-_FINISH_TO_PB = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
-    "cancelled": pb.FINISH_REASON_CANCELLED,
-    "error": pb.FINISH_REASON_ERROR,
-}
-_PB_TO_FINISH = {v: k for k, v in _FINISH_TO_PB.items()}
-
-CAPABILITIES = ("completion", "tools", "embedding", "insert", "vision", "thinking")
-_CAP_TO_PB = {
-    "completion": pb.CAPABILITY_COMPLETION,
-    "tools": pb.CAPABILITY_TOOLS,
-    "embedding": pb.CAPABILITY_EMBEDDING,
-    "insert": pb.CAPABILITY_INSERT,
-    "vision": pb.CAPABILITY_VISION,
-    "thinking": pb.CAPABILITY_THINKING,
-}
-_PB_TO_CAP = {v: k for k, v in _CAP_TO_PB.items()}
-
-
-#: Longer than this means "keep loaded" (limits.py).
-KEEP_ALIVE_FOREVER_S = limits.KEEP_ALIVE_FOREVER_S
-
-
-def normalize_keep_alive(seconds: Optional[float]) -> Optional[float]:
-    """None stays None (the default); negative or beyond ~290 years is -1 (keep loaded)."""
-    if seconds is None:
-        return None
-    if math.isnan(seconds):
-        raise InvalidArgument("keep_alive: not a number")
-    return -1.0 if seconds < 0 or seconds > KEEP_ALIVE_FOREVER_S else float(seconds)
-
-
-def keep_alive_from_pb(msg: pb.GenerateRequest | pb.EmbedRequest | pb.LoadModelRequest) -> Optional[float]:
-    """Seconds, or None when the caller left keep_alive unset."""
-    if not msg.HasField("keep_alive"):
-        return None
-    return normalize_keep_alive(msg.keep_alive.seconds + msg.keep_alive.nanos / 1e9)
-
-
-def keep_alive_to_pb(seconds: Optional[float]) -> Optional[duration_pb2.Duration]:
-    """The Duration ``keep_alive_from_pb`` reads back (None: leave it unset)."""
-    if seconds is None:
-        return None
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
-
-
-def _ts(dt: Optional[datetime]) -> Optional[timestamp_pb2.Timestamp]:
-    if dt is None:
-        return None
-    t = timestamp_pb2.Timestamp()
-    t.FromDatetime(dt.astimezone(timezone.utc))
-    return t
-
-
-def _json_or_empty(text: str, field_name: str) -> dict:
-    """A JSON object sent as text by a caller (the caller rule of
-    ``mlxgate.dialects.base``): bad, deep or non-object JSON is INVALID_ARGUMENT, named."""
-    try:
-        return caller_arguments(text, field_name)
-    except JSONError as e:
-        raise InvalidArgument(str(e)) from None
 
 
 # ---------------------------------------------------------------- proto forms that differ (pbconvert)
 
-_ROLE = enum_codec(_ROLE_TO_PB, lambda n: _no_role())
-_DETAILS = Codec(lambda ds: [_DETAIL_TO_PB[d] for d in ds], lambda ns: [DETAIL_OF_PB.get(n, "auto") for n in ns])
-_FINISH = enum_codec(_FINISH_TO_PB, lambda n: "stop")
-_CAPABILITIES = Codec(lambda caps: [_CAP_TO_PB[c] for c in caps if c in _CAP_TO_PB],
-                      lambda ns: [_PB_TO_CAP[n] for n in ns if n in _PB_TO_CAP])
+_ROLE = enum_codec(ROLE_TO_PB, lambda n: _no_role())
+_DETAILS = Codec(lambda ds: [DETAIL_TO_PB[d] for d in ds], lambda ns: [DETAIL_OF_PB.get(n, "auto") for n in ns])
+_FINISH = enum_codec(FINISH_TO_PB, lambda n: "stop")
+_CAPABILITIES = Codec(lambda caps: [CAPABILITY_TO_PB[c] for c in caps if c in CAPABILITY_TO_PB],
+                      lambda ns: [CAPABILITY_OF_PB[n] for n in ns if n in CAPABILITY_OF_PB])
 _FORMAT_TYPE = enum_codec({"text": pb.FORMAT_TYPE_UNSPECIFIED, "json": pb.FORMAT_TYPE_JSON,
                            "json_schema": pb.FORMAT_TYPE_JSON_SCHEMA}, lambda n: "text")
 _SCHEMA = Codec(lambda schema: "" if schema is None else json.dumps(schema, ensure_ascii=False),
-                lambda text: _json_or_empty(text, "format.json_schema") if text else None)
+                lambda text: caller_json_object(text, "format.json_schema") if text else None)
 _TOOL_CHOICE = enum_codec({"auto": pb.TOOL_CHOICE_UNSPECIFIED, "required": pb.TOOL_CHOICE_REQUIRED,
                            "function": pb.TOOL_CHOICE_FUNCTION}, lambda n: "auto")
 _KEEP_ALIVE = Codec(lambda s: keep_alive_to_pb(s), lambda d: normalize_keep_alive(d.seconds + d.nanos / 1e9))
-_TIMESTAMP = Codec(lambda dt: _ts(dt), lambda t: t.ToDatetime(tzinfo=timezone.utc))
+_TIMESTAMP = Codec(lambda dt: timestamp_to_pb(dt), lambda t: t.ToDatetime(tzinfo=timezone.utc))
 _CALLER_ARGUMENTS = Codec(lambda a: json.dumps(a, ensure_ascii=False),
-                          lambda text: _json_or_empty(text, "tool_calls.arguments_json"))
+                          lambda text: caller_json_object(text, "tool_calls.arguments_json"))
 _PARAMETERS = Codec(lambda p: json.dumps(p, ensure_ascii=False) if p else "",
-                    lambda text: _json_or_empty(text, "tools.parameters_json"))
+                    lambda text: caller_json_object(text, "tools.parameters_json"))
 _PRODUCED_CALLS = Codec(lambda calls: [c.to_pb() for c in calls],
                         lambda ms: [ToolCall.produced_from_pb(m) for m in ms])
 _TOKEN_LISTS = Codec(lambda lists: [pb.TokenIds(ids=ids) for ids in lists], lambda ms: [list(t.ids) for t in ms])

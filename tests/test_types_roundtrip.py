@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import pytest
 
 from backends import accept, types
+from backends.proto_values import keep_alive_from_pb
 from backends.types import (
     Chunk,
     Done,
@@ -33,7 +34,6 @@ from backends.types import (
     ToolChoice,
     TopLogprob,
     event_from_pb,
-    keep_alive_from_pb,
 )
 from mlxgate.v1 import inference_pb2 as pb
 
