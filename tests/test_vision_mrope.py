@@ -109,6 +109,16 @@ async def test_prompt_counts_include_the_image_tokens(served):
     assert r.usage.prompt_tokens == text_only.prompt_eval_count + image_tokens(0) + image_tokens(1) + 4
 
 
+async def test_a_raw_prompts_image_is_bracketed_as_the_template_would(served):
+    """A raw /api/generate prompt's image gets Qwen's <|vision_start|> and <|vision_end|>
+    (M-RoPE finds an image by its start token), as a chat template writes them."""
+    c = ollama.AsyncClient(host=served, timeout=120)
+    text_only = await c.generate(model=QWEN, prompt="what is it?", raw=True, options={"num_predict": 1})
+    with_image = await c.generate(model=QWEN, prompt="what is it?", raw=True, images=[IMAGES[2]],
+                                  options={"num_predict": 1})
+    assert with_image.prompt_eval_count == text_only.prompt_eval_count + image_tokens(2) + 2
+
+
 async def test_openai_clients_at_once_answer_as_alone(served):
     oai = openai.AsyncOpenAI(base_url=served + "/v1", api_key="x")
 

@@ -70,12 +70,21 @@ def _template_dict(m: Message) -> dict:
     return d
 
 
+#: Image tokens whose chat templates bracket them (Qwen2-VL / Qwen2.5-VL: M-RoPE finds an image by its start).
+_BRACKETS = {"<|image_pad|>": ("<|vision_start|>", "<|vision_end|>")}
+
+
 def _image_token_text(processor) -> str:
-    """What a prompt holds per image before expansion: Gemma 3's begin-of-image
-    token (its image token is what that expands to), else the image token."""
+    """What a prompt holds per image before expansion, as the chat template
+    writes it: Gemma 3's begin-of-image token (its image token is what that
+    expands to), Qwen's image token between its vision brackets, else the image token."""
     token = getattr(processor, "boi_token", None) or getattr(processor, "image_token", None)
     if not isinstance(token, str):
         raise InvalidArgument("raw prompts with images need a model whose processor names its image token")
+    start, end = _BRACKETS.get(token, ("", ""))
+    added = getattr(getattr(processor, "tokenizer", processor), "added_tokens_encoder", {})
+    if start and start in added and end in added:
+        return start + token + end
     return token
 
 
