@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from backends.mlx import testmodel as text_model
 from backends.mlx.vision.families import CONTEXT, FAMILIES, Family
@@ -39,15 +40,25 @@ def _model(config: dict):
 
 def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
     """Weights named by mlx-vlm's model of the architecture itself."""
-    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     params = dict(tree_flatten(_model(json.loads(json.dumps(config))).parameters()))
+    return random_weights(params, seed, special_ids, ones=lambda name, shape: name.endswith(_ONES) and len(shape) == 1,
+                          fan_in=lambda shape: shape[-1])
+
+
+def random_weights(params: dict, seed: int, special_ids: list[int], ones: Callable[[str, tuple], bool],
+                   fan_in: Callable[[tuple], int]) -> dict:
+    """Random fp32 weights shaped as ``params`` (a model's flattened parameters):
+    norm scales (``ones``) one, biases zero, the rest scaled by ``fan_in``; the
+    special tokens' rows of ``lm_head`` zero, so greedy decoding never picks them."""
+    import mlx.core as mx
+
     keys = mx.random.split(mx.random.key(seed), len(params))
     weights = {}
     for key, name in zip(keys, sorted(params)):
         shape = params[name].shape
-        if name.endswith(_ONES) and len(shape) == 1:
+        if ones(name, shape):
             w = mx.ones(shape)
         elif name.endswith(".bias"):
             w = mx.zeros(shape)
@@ -59,7 +70,7 @@ def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
             keep[mx.array(special_ids)] = 0.0  # never picked by greedy decoding
             w = w * keep
         else:
-            w = mx.random.normal(shape, key=key) * (1.0 / shape[-1] ** 0.5)
+            w = mx.random.normal(shape, key=key) * (1.0 / fan_in(shape) ** 0.5)
         weights[name] = w.astype(mx.float32)
     mx.eval(weights)
     return weights

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from backends.mlx import testmodel as text_model
+from backends.mlx.vision.testmodel import random_weights
 
 QWEN_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                "<|image_pad|>", "<|video_pad|>"]
@@ -32,6 +33,8 @@ TEMPORAL_PATCH_SIZE = 2
 MIN_PIXELS = (4 * PATCH_SIZE) ** 2
 MAX_PIXELS = (8 * PATCH_SIZE) ** 2
 CONTEXT = 4096
+#: Norm scales set to one.
+_ONES = ("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")
 #: The architectures written (mlx-vlm's model_type -> Hugging Face's class name).
 ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration",
                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
@@ -94,41 +97,20 @@ def _config(vocab_size: int, ids: dict[str, int], size: str, arch: str) -> dict:
 
 
 def _random_weights(config: dict, seed: int, special_ids: list[int]) -> dict:
-    """Weights named and shaped by mlx-vlm's model itself."""
+    """Weights named and shaped by mlx-vlm's model itself (the vision tower's
+    convolution scaled by its whole fan-in)."""
     import importlib
+    import math
 
-    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_vlm.utils import update_module_configs
 
     arch = importlib.import_module(f"mlx_vlm.models.{config['model_type']}")
     cfg = json.loads(json.dumps(config))  # from_dict adds text_config to the dict it reads, as in mlx-vlm's load
     model_config = update_module_configs(arch.ModelConfig.from_dict(cfg), arch, cfg, ["text", "vision"])
-    model = arch.Model(model_config)
-    params = dict(tree_flatten(model.parameters()))
-    keys = mx.random.split(mx.random.key(seed), len(params))
-    weights = {}
-    for key, name in zip(keys, sorted(params)):
-        shape = params[name].shape
-        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
-            w = mx.ones(shape)
-        elif name.endswith(".bias"):
-            w = mx.zeros(shape)
-        elif name.endswith("embed_tokens.weight"):
-            w = mx.random.normal(shape, key=key)
-        elif name.endswith("lm_head.weight"):
-            w = mx.random.normal(shape, key=key) * (3.0 / shape[1] ** 0.5)
-            keep = mx.ones((shape[0], 1))
-            keep[mx.array(special_ids)] = 0.0  # never picked by greedy decoding
-            w = w * keep
-        else:
-            fan_in = 1
-            for n in shape[1:]:
-                fan_in *= n
-            w = mx.random.normal(shape, key=key) * (1.0 / fan_in**0.5)
-        weights[name] = w.astype(mx.float32)
-    mx.eval(weights)
-    return weights
+    params = dict(tree_flatten(arch.Model(model_config).parameters()))
+    return random_weights(params, seed, special_ids, ones=lambda name, shape: name.endswith(_ONES),
+                          fan_in=lambda shape: math.prod(shape[1:]))
 
 
 def write_test_qwen_vl(out_dir: Path, name: str = "tiny-qwen2-vl", seed: int = 0, size: str = "tiny",
