@@ -161,18 +161,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mlxgate.memory import limit_arenas
 
     limit_arenas()
-    from backends.mlx.vision.testmodel_qwen import NAMES as QWEN_VL_NAMES
-
-    if args.command == "make-test-model" and args.arch in QWEN_VL_NAMES:  # (--vision implied)
-        from backends.mlx.vision.testmodel_qwen import write_test_qwen_vl
-
-        name = args.name or QWEN_VL_NAMES[args.arch]
-        print(write_test_qwen_vl(Path(args.dir).expanduser(), name=name, seed=args.seed, arch=args.arch))
-        return 0
-    if args.command == "make-test-model" and (args.vision or args.arch != "idefics3"):
+    if args.command == "make-test-model" and (args.vision or args.arch != "idefics3"):  # (--arch implies --vision)
         from backends.mlx.vision.testmodel import write_test_vlm
+        from backends.mlx.vision.testmodel_qwen import NAMES as QWEN_VL_NAMES, write_test_qwen_vl
 
-        print(write_test_vlm(Path(args.dir).expanduser(), name=args.name or "", seed=args.seed, arch=args.arch))
+        out_dir = Path(args.dir).expanduser()
+        if args.arch in QWEN_VL_NAMES:
+            print(write_test_qwen_vl(out_dir, name=args.name or QWEN_VL_NAMES[args.arch], seed=args.seed,
+                                     arch=args.arch))
+        else:
+            print(write_test_vlm(out_dir, name=args.name or "", seed=args.seed, arch=args.arch))
         return 0
     if args.command == "make-test-model":
         from backends.mlx.testmodel import CONTEXT, write_test_model
