@@ -115,6 +115,19 @@ def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
                 _set_key(cfg, row.key, env[var])
 
 
+
+def _entries(key: str, value: Any, cls: type, fields: str) -> list:
+    """A TOML array of tables (``[[key]]``), each built into ``cls``; a wrong shape or field names the key."""
+    if not isinstance(value, list):
+        raise ValueError(f"{key}: expected [[{key}]] entries ({fields})")
+    out = []
+    for entry in value:
+        try:
+            out.append(cls(**entry))
+        except TypeError as e:
+            raise ValueError(f"{key}: {e}") from None
+    return out
+
 def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
     for key, value in data.items():
         if key == "aliases":
@@ -130,21 +143,9 @@ def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"cloud.providers: {e}") from None
         elif key == "remote":
-            if not isinstance(value, list):
-                raise ValueError("remote: expected [[remote]] entries (name, target, key_env or key)")
-            for r in value:
-                try:
-                    cfg.remotes.append(RemoteService(**r))
-                except TypeError as e:
-                    raise ValueError(f"remote: {e}") from None
+            cfg.remotes += _entries(key, value, RemoteService, "name, target, key_env or key")
         elif key == "keys":
-            if not isinstance(value, list):
-                raise ValueError("keys: expected [[keys]] entries (name, key_env or key, admin, limits, models)")
-            for k in value:
-                try:
-                    cfg.server.keys.append(KeyEntry(**k))
-                except TypeError as e:
-                    raise ValueError(f"keys: {e}") from None
+            cfg.server.keys += _entries(key, value, KeyEntry, "name, key_env or key, admin, limits, models")
         elif key == "log_level":
             _set(cfg, key, value)
         elif isinstance(value, Mapping) and hasattr(cfg, key):
