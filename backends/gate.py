@@ -204,17 +204,21 @@ class Gate:
         context.set_details(f"malformed {request.type_name}: {request.reason}")
 
     async def run(self, work: Awaitable[Any], context: grpc.aio.ServicerContext) -> Any:
-        """Run one call's work in its own task, counted in flight; when
-        ``end_all()`` cancels it, the call ends UNAVAILABLE "server shutting down"."""
-        task = asyncio.ensure_future(work)
+        """Run one call's work in the call's own task, counted in flight; when
+        ``end_all()`` cancels it, the call ends UNAVAILABLE "server shutting down".
+
+        No task of its own: the work is awaited in place (a task more per
+        call was a loop turn between the last message and the call's end)."""
+        task = asyncio.current_task()
+        assert task is not None
         self._calls[task] = False
         self._idle.clear()
         try:
-            return await task
+            return await work
         except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if self._calls.get(task) and (me is None or not me.cancelling()):
-                # Ended by end_all(): a status and a plain return (no abort()).
+            # Ended by end_all() alone (no other cancel pending on the task):
+            # a status and a plain return (no abort()).
+            if self._calls.get(task) and task.uncancel() == 0:
                 context.set_code(grpc.StatusCode.UNAVAILABLE)
                 context.set_details(SHUTTING_DOWN)
                 return None

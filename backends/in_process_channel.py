@@ -34,6 +34,9 @@ What a gRPC call does and this one does too:
 - flow control: ``context.write`` waits while ``WINDOW`` messages are unread,
   so a slow HTTP client holds the backend back as an HTTP/2 window would.
 
+One thing more than grpc.aio: ``ready()`` says whether a read would wait, so
+the front writes the events already here in one write.
+
 No bytes: messages are passed as objects.  The front never changes a request
 after the call, nor the service an event after writing it.
 """
@@ -254,6 +257,7 @@ class LocalStreamCall(_Call):
 
     def __init__(self, *args: Any) -> None:
         self._queue: collections.deque = collections.deque()
+        self._first_handed = False
         self._reader: Optional[asyncio.Future] = None
         self._space: Optional[asyncio.Future] = None
         super().__init__(*args)
@@ -281,12 +285,22 @@ class LocalStreamCall(_Call):
         r = self._reader
         if r is not None and not r.done():
             r.set_result(None)
+        if not self._first_handed:
+            # The first message reaches the reader before the handler goes on
+            # (as grpc sends it): the front writes the first token while the
+            # backend makes the rest, instead of after the whole answer.
+            self._first_handed = True
+            await asyncio.sleep(0)
         while len(self._queue) >= WINDOW and not self._final:
             self._space = self._loop.create_future()
             try:
                 await self._space
             finally:
                 self._space = None
+
+    def ready(self) -> bool:
+        """``read()`` would not wait: a message is queued, or the call ended."""
+        return bool(self._queue) or self._final
 
     async def read(self) -> Any:
         while True:

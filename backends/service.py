@@ -55,8 +55,8 @@ def _umask(mask: int) -> Iterator[None]:
 def _enter(context: grpc.aio.ServicerContext, gate: Gate) -> None:
     """The call's deadline, request id, whether another mlxgate forwarded
     it, and its caller's key name and dialect, for the router and backends
-    that call further (``backends.call_context``); set before ``gate.run`` copies
-    this task's context."""
+    that call further (``backends.call_context``); set in the call's task,
+    where ``gate.run`` runs the work."""
     metadata = context.invocation_metadata()
     key = gate.identify(metadata) if gate.keyring.required else None
     call_context.enter(context.time_remaining(), metadata_value(metadata, "x-request-id"),

@@ -58,6 +58,10 @@ def _ended_by_us(ended: bool) -> bool:
     return ended and (me is None or not me.cancelling())
 
 
+def _not_ready() -> bool:
+    return False
+
+
 class EventStream(Protocol):
     """What the generation driver (``gateway/generation.py``) and the stream
     writers consume; ``GenerateStream`` implements it."""
@@ -65,6 +69,10 @@ class EventStream(Protocol):
     async def start(self) -> pb.GenerateResponse: ...
 
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]: ...
+
+    def ready(self) -> bool:
+        """The next event (or the end) is already here: reading it will not wait."""
+        ...
 
     def cancel(self) -> None: ...
 
@@ -77,6 +85,9 @@ class GenerateStream:
         self._call = call
         self._overhead = overhead
         self._ended = False
+        # The in-process channel's call says whether a message is waiting;
+        # grpc.aio's cannot (so its streams are written event by event).
+        self._ready = getattr(call, "ready", _not_ready)
 
     async def _read(self) -> Any:
         try:
@@ -117,6 +128,9 @@ class GenerateStream:
 
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
         return self._rest()
+
+    def ready(self) -> bool:
+        return self._ready()
 
     def cancel(self) -> None:
         if not self._call.done():

@@ -26,7 +26,7 @@ from gateway.errors import ApiError, Dialect, adapt, body_for
 from gateway.events import check_done, is_done
 from gateway.render import json_response
 from gateway.state import backend_header, request_id
-from gateway.streaming import SSE, Pinger, merge, open_stream, pump, sse_frame, with_first
+from gateway.streaming import SSE, Frames, Pinger, merge, open_stream, pump, sse_frame, with_first
 
 
 class Renderer:
@@ -82,6 +82,10 @@ class Renderer:
         raise NotImplementedError
 
 
+def _never() -> bool:
+    return False
+
+
 async def _start_all(streams: list[EventStream]) -> list[Any]:
     """First event of every stream; the first failure is raised (after all settled)."""
     if len(streams) == 1:
@@ -128,20 +132,21 @@ async def run(request: web.Request, streams: list[EventStream], renderer: Render
         if not stream:
             return await _whole(firsts, streams, renderer)
         resp = await open_stream(request, renderer.media_type, renderer.headers(firsts[0]))
+        out = Frames(resp)
         pinger: Optional[Pinger] = None
         frame = renderer.frame
         if renderer.ping:
             pinger = Pinger(resp, renderer.ping_interval, renderer.ping)
             frame = lambda obj: pinger.note(renderer.frame(obj))  # noqa: E731
         try:
-            try:
-                for obj in renderer.start():
-                    await resp.write(frame(obj))
-            except ConnectionResetError:
-                return resp
+            for obj in renderer.start():
+                out.add(frame(obj))
+            # One stream: frames are held while its next event is already here.
+            ready = streams[0].ready if len(streams) == 1 else _never
             events = _indexed(firsts[0], streams[0]) if len(streams) == 1 else merge(list(zip(firsts, streams)))
             async with contextlib.aclosing(events) as items:
-                ok = await pump(resp, items, lambda item: renderer.event(*item), frame, renderer.error_frame, rid)
+                ok = await pump(out, items, lambda item: renderer.event(*item), frame, renderer.error_frame, rid,
+                                ready)
         finally:
             if pinger is not None:
                 await pinger.stop()
@@ -150,13 +155,14 @@ async def run(request: web.Request, streams: list[EventStream], renderer: Render
                 try:
                     tail = await renderer.tail()
                 except ApiError as e:
-                    await resp.write(renderer.error_frame(e))
+                    out.add(renderer.error_frame(e))
+                    await out.flush()
                     return resp
                 for obj in tail:
-                    await resp.write(renderer.frame(obj))
+                    out.add(renderer.frame(obj))
                 if renderer.closing:
-                    await resp.write(renderer.closing)
-                await resp.write_eof()
+                    out.add(renderer.closing)
+                await out.close()
         return resp
     finally:
         for s in streams:

@@ -254,3 +254,41 @@ def _without_ids(text: str) -> str:
 
     text = re.sub(r"request id [0-9a-f]+", "request id", text)
     return re.sub(r'"(id|created|system_fingerprint)":("[^"]*"|\d+)', "", text)
+
+
+async def _http_chunks(resp: aiohttp.ClientResponse) -> list[bytes]:
+    """The body as the server wrote it: one item per HTTP chunk (a write of the front's)."""
+    chunks, part = [], b""
+    async for data, end_of_chunk in resp.content.iter_chunks():
+        part += data
+        if end_of_chunk and part:
+            chunks.append(part)
+            part = b""
+    return chunks + ([part] if part else [])
+
+
+async def test_http_front_writes_the_first_token_at_once_and_the_rest_together(service) -> None:
+    """Over the local channel the first event is written as soon as it is
+    made (with the headers), and the events already here after it go out as
+    one write with the stream's end; over gRPC the front cannot tell what is
+    here and writes event by event."""
+    cfg = ServerConfig(request_timeout=30, api_keys=[KEY])
+    fronts = {"grpc": await start_http(create_app(cfg, service.running.target)),
+              "local": await start_http(create_app(cfg, service.running.target,
+                                                   local_stub=service.running.local_stub()))}
+    body = {"model": "ok", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    writes = {}
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+            for name, front in fronts.items():
+                async with s.post(front.url + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+                    writes[name] = await _http_chunks(r)
+    finally:
+        for front in fronts.values():
+            await front.stop()
+    first, rest = writes["local"]
+    assert b'"role":"assistant"' in first and b'"content":"hello "' in first and b"world" not in first
+    assert b'"content":"world"' in rest and b'"finish_reason":"stop"' in rest and rest.endswith(b"data: [DONE]\n\n")
+    assert b"".join(writes["local"]).count(b"data: ") == b"".join(writes["grpc"]).count(b"data: ") == 5
+    assert len(writes["grpc"]) == 4  # the role and the first text: one write, as over the local channel

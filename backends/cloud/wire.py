@@ -250,6 +250,8 @@ class StreamState:
                 if text:
                     self._text.append(text)
                     token = True
+                if logprobs is None and len(delta) == 1 and text is not None:
+                    continue  # the usual event: text alone (no reasoning, tool calls nor logprobs to look for)
                 thinking = _reasoning(delta)
                 if thinking:
                     self._thinking.append(thinking)

@@ -15,7 +15,13 @@ in-process front with the usage ledger off (``no-ledger``,
 ``MLXGATE_USAGE_LEDGER=false``): the ledger's bookkeeping must stay off the
 request path, so the two should not differ beyond noise.
 
+With ``--baseline-src DIR`` (a ``git archive REV | tar -x -C DIR`` copy) an
+mlxgate from that tree is measured beside this one, and with ``--rounds N``
+every cell is measured N times, the servers in turn, and the median kept: an
+A/B on a shared machine, where the load of other work moves every figure.
+
     python -m tests.bench.gateway_hop [--seconds 5] [--workers 1] [--channels in-process,grpc,no-ledger]
+                                      [--baseline-src DIR] [--rounds 1] [--scenarios one_client,16_streams]
 """
 
 from __future__ import annotations
@@ -25,19 +31,26 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import aiohttp
 
+from tests.bench.common import cpu_seconds
 from tests.bench.instant_upstream import MODEL, InstantUpstream
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 #: A "channel" that is the in-process front with the usage ledger off.
 NO_LEDGER = "no-ledger"
+#: The server from ``--baseline-src`` (the in-process front of another tree).
+BASELINE = "baseline"
+#: The loads measured: (name, clients, streamed).
+SCENARIOS = (("one_client", 1, False), ("16_clients", 16, False), ("16_streams", 16, True))
 
 
 def pct(values: list[float], p: float) -> float:
@@ -76,7 +89,11 @@ async def _one_stream(session: aiohttp.ClientSession, url: str) -> tuple[float, 
     return (first if first is not None else time.perf_counter() - t0), tokens
 
 
-async def closed_loop(url: str, clients: int, seconds: float, stream: bool) -> dict[str, Any]:
+async def closed_loop(url: str, clients: int, seconds: float, stream: bool,
+                      pid: Optional[int] = None) -> dict[str, Any]:
+    """``clients`` clients, each sending its next request when the last one
+    ended, for ``seconds``; with ``pid``, that server's CPU time per request
+    too (steadier than wall-clock figures on a machine doing other work)."""
     latencies: list[float] = []
     ttfts: list[float] = []
     tokens = 0
@@ -96,11 +113,15 @@ async def closed_loop(url: str, clients: int, seconds: float, stream: bool) -> d
                 else:
                     latencies.append(await _one(session, url))
 
+        cpu0 = cpu_seconds(pid) if pid is not None else 0.0
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
         elapsed = time.perf_counter() - t0
+        cpu = cpu_seconds(pid) - cpu0 if pid is not None else 0.0
     n = len(ttfts) if stream else len(latencies)
     out: dict[str, Any] = {"requests": n, "requests_per_s": n / elapsed}
+    if pid is not None:
+        out["server_cpu_ms_per_request"] = cpu * 1e3 / max(n, 1)
     if stream:
         out.update(tokens_per_s=tokens / elapsed, ttft_p50_ms=pct(ttfts, 50) * 1e3)
     else:
@@ -109,8 +130,9 @@ async def closed_loop(url: str, clients: int, seconds: float, stream: bool) -> d
 
 
 def start_mlxgate(
-    upstream: InstantUpstream, workers: int, data_dir: str, channel: str = "in-process"
+    upstream: InstantUpstream, workers: int, data_dir: str, channel: str = "in-process", src: Optional[Path] = None
 ) -> tuple[subprocess.Popen, str]:
+    """``mlxgate serve`` in front of ``upstream``, from this tree or from the source tree ``src``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXGATE_", "OLLAMA_", "OPENAI_"))}
     env.update(
         MLXGATE_MLX_ENABLED="false",
@@ -126,7 +148,7 @@ def start_mlxgate(
     cmd = [sys.executable, "-m", "mlxgate_cli", "serve", "--port", "0", "--grpc-port", "0"]
     if workers > 1:
         cmd += ["--workers", str(workers)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=src)
     m = re.match(r"mlxgate: HTTP (http://\S+)", proc.stdout.readline())
     if not m:
         proc.kill()
@@ -134,24 +156,47 @@ def start_mlxgate(
     return proc, m.group(1)
 
 
-async def run(seconds: float, workers: int, channels: tuple[str, ...] = ("in-process",)) -> dict[str, Any]:
-    """Direct, then mlxgate with each front channel, for each load."""
+def _median(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: statistics.median(c[k] for c in cells) for k in cells[0]}
+
+
+async def run(seconds: float, workers: int, channels: tuple[str, ...] = ("in-process",),
+              baseline: Optional[Path] = None, rounds: int = 1,
+              scenarios: Optional[tuple[str, ...]] = None) -> dict[str, Any]:
+    """Direct, then mlxgate with each front channel (and the baseline tree's
+    mlxgate), for each load; ``rounds`` times, each cell's median kept."""
     upstream = await InstantUpstream().start()
     direct = f"{upstream.base_url}/chat/completions"
     servers = [(c, *start_mlxgate(upstream, workers, tempfile.mkdtemp(prefix="mlxgate-bench-"), c)) for c in channels]
+    if baseline is not None:
+        servers.append((BASELINE, *start_mlxgate(upstream, workers, tempfile.mkdtemp(prefix="mlxgate-bench-"),
+                                                 src=baseline)))
+    loads = [s for s in SCENARIOS if scenarios is None or s[0] in scenarios]
     try:
-        result: dict[str, Any] = {"channels": list(channels)}
-        for name, clients, stream in (("one_client", 1, False), ("16_clients", 16, False),
-                                      ("16_streams", 16, True)):
-            result[name] = {"direct": await closed_loop(direct, clients, seconds, stream)}
-            for channel, _, base in servers:
-                key = "mlxgate" if channel == channels[0] else f"mlxgate_{channel}"
-                result[name][key] = await closed_loop(f"{base}/v1/chat/completions", clients, seconds, stream)
-        one, streams = result["one_client"], result["16_streams"]
-        result["added_p50_ms"] = one["mlxgate"]["p50_ms"] - one["direct"]["p50_ms"]
-        result["added_p99_ms"] = one["mlxgate"]["p99_ms"] - one["direct"]["p99_ms"]
-        result["added_ttft_ms"] = streams["mlxgate"]["ttft_p50_ms"] - streams["direct"]["ttft_p50_ms"]
-        result["tokens_per_s_ratio"] = streams["mlxgate"]["tokens_per_s"] / max(streams["direct"]["tokens_per_s"], 1e-9)
+        result: dict[str, Any] = {"channels": list(channels), "rounds": rounds}
+        if baseline is not None:
+            result["baseline_src"] = str(baseline)
+        for name, clients, stream in loads:
+            cells: dict[str, list[dict[str, Any]]] = {}
+            for r in range(rounds):
+                targets = [("direct", direct, None)] + [
+                    ("mlxgate" if channel == channels[0] else f"mlxgate_{channel}", f"{base}/v1/chat/completions",
+                     proc.pid) for channel, proc, base in servers]
+                # Each round in another order, so no server always follows the same one.
+                for key, url, pid in targets[r % len(targets):] + targets[:r % len(targets)]:
+                    cells.setdefault(key, []).append(await closed_loop(url, clients, seconds, stream, pid))
+            result[name] = {key: _median(runs) for key, runs in cells.items()}
+        for key in ["mlxgate"] + ([f"mlxgate_{BASELINE}"] if baseline is not None else []):
+            prefix = "" if key == "mlxgate" else f"{BASELINE}_"
+            if "one_client" in result:
+                one = result["one_client"]
+                result[prefix + "added_p50_ms"] = one[key]["p50_ms"] - one["direct"]["p50_ms"]
+                result[prefix + "added_p99_ms"] = one[key]["p99_ms"] - one["direct"]["p99_ms"]
+            if "16_streams" in result:
+                streams = result["16_streams"]
+                result[prefix + "added_ttft_ms"] = streams[key]["ttft_p50_ms"] - streams["direct"]["ttft_p50_ms"]
+                result[prefix + "tokens_per_s_ratio"] = (streams[key]["tokens_per_s"]
+                                                         / max(streams["direct"]["tokens_per_s"], 1e-9))
         return result
     finally:
         for _, proc, _ in servers:
@@ -165,12 +210,18 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--channels", default="in-process", help="front channels to measure, comma-separated")
+    p.add_argument("--baseline-src", type=Path, help="also measure mlxgate from this source tree")
+    p.add_argument("--rounds", type=int, default=1, help="measurements of each cell (the median is kept)")
+    p.add_argument("--scenarios", default=",".join(s[0] for s in SCENARIOS), help="loads to measure, comma-separated")
     args = p.parse_args()
-    r = asyncio.run(run(args.seconds, args.workers, tuple(args.channels.split(","))))
+    r = asyncio.run(run(args.seconds, args.workers, tuple(args.channels.split(",")),
+                        args.baseline_src.resolve() if args.baseline_src else None, args.rounds,
+                        tuple(args.scenarios.split(","))))
     from tests.bench.hop import table, targets  # the section's tables (hop.py imports this module)
 
     print(json.dumps(r, indent=2))
-    print(table(r, args.seconds).render())
+    if all(s[0] in r for s in SCENARIOS):
+        print(table(r, args.seconds).render())
     print(targets(r).render())
 
 

@@ -24,35 +24,55 @@ TOKENS_RATIO_MIN = 0.5
 
 
 async def run(ctx: Context) -> Section:
-    r = await run_hop(SECONDS, workers=1, channels=CHANNELS)
+    r = await run_hop(SECONDS, workers=1, channels=CHANNELS, baseline=ctx.baseline)
     return Section(results=r, tables=[table(r, SECONDS), targets(r)])
 
 
+#: Issue 21's figures: (key in gateway_hop's result, label, target, passes).
+FIGURES = (
+    ("added_p50_ms", "added latency p50 ms, 1 client", f"≤ {ADDED_P50_MAX_MS:g}",
+     lambda v: v <= ADDED_P50_MAX_MS),
+    ("added_ttft_ms", "time to first token p50, 16 streams, minus direct, ms", f"≤ {ADDED_TTFT_MAX_MS:g}",
+     lambda v: v <= ADDED_TTFT_MAX_MS),
+    ("tokens_per_s_ratio", "streamed tokens/s, 16 clients, mlxgate / direct", f"≥ {TOKENS_RATIO_MIN:g}",
+     lambda v: v >= TOKENS_RATIO_MIN),
+)
+
+
 def targets(r: dict) -> Table:
-    """The three figures issue 21 sets for the hop, each with pass or fail."""
+    """The three figures issue 21 sets for the hop, each with pass or fail
+    (those of the loads measured; the baseline tree's beside them when measured)."""
 
     def verdict(ok: bool) -> str:
         return "pass" if ok else "FAIL"
 
-    rows = [
-        ["added latency p50 ms, 1 client", r["added_p50_ms"], f"≤ {ADDED_P50_MAX_MS:g}",
-         verdict(r["added_p50_ms"] <= ADDED_P50_MAX_MS)],
-        ["time to first token p50, 16 streams, minus direct, ms", r["added_ttft_ms"], f"≤ {ADDED_TTFT_MAX_MS:g}",
-         verdict(r["added_ttft_ms"] <= ADDED_TTFT_MAX_MS)],
-        ["streamed tokens/s, 16 clients, mlxgate / direct", r["tokens_per_s_ratio"], f"≥ {TOKENS_RATIO_MIN:g}",
-         verdict(r["tokens_per_s_ratio"] >= TOKENS_RATIO_MIN)],
-    ]
-    return Table("gateway hop: issue 21's targets (in-process front)", ["", "now", "target", ""], rows,
-                 note="one run on this machine: the figures move with whatever else the machine runs")
+    baseline = "baseline_src" in r
+    rows = []
+    for key, label, goal, passes in FIGURES:
+        if key not in r:
+            continue
+        row = [label, r[key], goal, verdict(passes(r[key]))]
+        if baseline:
+            row += [r[f"baseline_{key}"], verdict(passes(r[f"baseline_{key}"]))]
+        rows.append(row)
+    heads = ["", "now", "target", ""] + (["baseline", ""] if baseline else [])
+    rounds = r.get("rounds", 1)
+    note = ("one run" if rounds == 1 else f"medians of {rounds} rounds") + \
+        " on this machine: the figures move with whatever else the machine runs"
+    if baseline:
+        note += f"\nbaseline: mlxgate from {r['baseline_src']}"
+    return Table("gateway hop: issue 21's targets (in-process front)", heads, rows, note=note)
 
 
 def table(r: dict, seconds: float) -> Table:
     """``gateway_hop.run``'s result: direct, then mlxgate with each front channel measured."""
     one, many, streams = r["one_client"], r["16_clients"], r["16_streams"]
-    keys = ["mlxgate"] + [f"mlxgate_{c}" for c in r["channels"][1:]]
+    names = r["channels"][1:] + (["baseline"] if "baseline_src" in r else [])
+    keys = ["mlxgate"] + [f"mlxgate_{c}" for c in names]
     heads = ["mlxgate"] + [
-        "mlxgate, usage ledger off" if c == "no-ledger" else f"mlxgate, front over {'gRPC' if c == 'grpc' else c}"
-        for c in r["channels"][1:]]
+        "mlxgate, usage ledger off" if c == "no-ledger" else "baseline" if c == "baseline"
+        else f"mlxgate, front over {'gRPC' if c == 'grpc' else c}"
+        for c in names]
 
     def row(label: str, metric: str, scenario: dict, goal: str) -> list:
         return [label, scenario["direct"][metric], *(scenario[k][metric] for k in keys), goal]
