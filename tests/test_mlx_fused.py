@@ -131,7 +131,7 @@ async def test_a_joined_sequence_generates_exactly_its_limit_and_nothing_echoed(
             assert done.finish_reason == "length" and done.completion_tokens == n == len(ids_of(chunks))
         assert b.stats.generated_tokens - before == 10
         (lm,) = b._manager.loaded()
-        assert not lm.generator._prompt_batch.echoes  # every echo came back and was dropped
+        assert not lm.generator.echoes  # every echo came back and was dropped
     finally:
         await b.close()
 
@@ -152,3 +152,28 @@ async def test_a_prompt_ending_in_an_end_token_still_answers(test_model_dir):
         assert done.completion_tokens >= 1 and ids_of(chunks)
     finally:
         await b.close()
+
+
+def test_a_join_copies_into_one_buffer_what_mlx_lm_pads_and_concatenates(test_model_dir):
+    """``JoiningKVCache.extend`` leaves the state mlx-lm's ``extend`` leaves,
+    whichever side is longer."""
+    from backends.mlx.joining import JoiningKVCache
+
+    model, _ = load(str(test_model_dir / MODEL))
+    for running_len, new_len in ((30, 300), (300, 30), (64, 64)):
+        want_run, want_new = batch_cache(model, 3, running_len, 1), batch_cache(model, 1, new_len, 2)
+        got_run, got_new = batch_cache(model, 3, running_len, 1), batch_cache(model, 1, new_len, 2)
+        for c in got_run + got_new:
+            c.__class__ = JoiningKVCache
+        for a, b in zip(want_run, want_new):
+            a.extend(b)
+        for a, b in zip(got_run, got_new):
+            a.extend(b)
+        for a, b in zip(want_run, got_run):
+            assert (a._idx, a.left_padding.tolist(), a.offset.tolist()) == (b._idx, b.left_padding.tolist(), b.offset.tolist())
+            assert b.keys.shape[2] >= b._idx
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                assert mx.array_equal(x[..., : a._idx, :], y[..., : b._idx, :])
+        # And the next decode step over the joined batch is the same.
+        step = mx.array([[5], [6], [7], [8]])
+        assert mx.abs(model(step, cache=want_run) - model(step, cache=got_run)).max().item() < 1e-5

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
-from mlx_lm.models.cache import TokenBuffer
+from mlx_lm.models.cache import BatchKVCache, TokenBuffer
 
 
 class _SkipOne:
@@ -51,6 +51,36 @@ class _SkipOne:
             self.skip = False
             return False
         return self.matcher.advance(token)
+
+
+class JoiningKVCache(BatchKVCache):
+    """mlx-lm's ``BatchKVCache`` whose ``extend`` (a join) writes each side
+    once into one new buffer.  mlx-lm's pads both sides to a common length
+    (a copy of each) and concatenates them (a copy of both): twice the bytes
+    of the joined cache, in the step where a sequence joins."""
+
+    def extend(self, other: Any) -> None:
+        if self.keys is None or other.keys is None or type(other) not in (BatchKVCache, JoiningKVCache):
+            return super().extend(other)
+        idx = max(self._idx, other._idx)
+        size = max(self.keys.shape[2], other.keys.shape[2], idx)
+        rows = self.keys.shape[0]
+        keys = mx.zeros((rows + other.keys.shape[0], *self.keys.shape[1:2], size, self.keys.shape[3]), self.keys.dtype)
+        values = mx.zeros((keys.shape[0], self.values.shape[1], size, self.values.shape[3]), self.values.dtype)
+        for part, c in ((slice(0, rows), self), (slice(rows, None), other)):
+            keys[part, :, idx - c._idx : idx, :] = c.keys[..., : c._idx, :]
+            values[part, :, idx - c._idx : idx, :] = c.values[..., : c._idx, :]
+        self.left_padding = mx.concatenate([self.left_padding + (idx - self._idx), other.left_padding + (idx - other._idx)])
+        self.offset = mx.concatenate([self.offset, other.offset])
+        self.keys, self.values, self._idx = keys, values, idx
+
+
+def _joining(caches: list) -> list:
+    """The batch's plain layer caches as :class:`JoiningKVCache` (same state, new class)."""
+    for c in caches:
+        if type(c) is BatchKVCache:
+            c.__class__ = JoiningKVCache
+    return caches
 
 
 class PromptBatch(PromptProcessingBatch):
@@ -77,7 +107,9 @@ class PromptBatch(PromptProcessingBatch):
 
     def prompt(self, tokens: list[list[int]]) -> None:
         done = self.done_chunk
-        if done is not None and done.used and tokens == [done.chunk]:
+        if done is not None and done.used:
+            if tokens != [done.chunk]:
+                raise RuntimeError("a fused step prefilled a chunk this batch did not take")
             # The fused pass prefilled it: record the tokens, finish the pass.
             self.tokens[0] += done.chunk
             mx.eval([c.state for c in self.prompt_cache])
@@ -90,7 +122,7 @@ class PromptBatch(PromptProcessingBatch):
         n = len(self.uids)
         batch = GenerationBatch.__new__(GenerationBatch)
         batch.model = self.model
-        batch.uids, batch.prompt_cache, batch.tokens = self.uids, self.prompt_cache, self.tokens
+        batch.uids, batch.prompt_cache, batch.tokens = self.uids, _joining(self.prompt_cache), self.tokens
         batch.samplers, batch.fallback_sampler = self.samplers, self.fallback_sampler
         batch.logits_processors, batch.stop_sequences = self.logits_processors, self.stop_sequences
         batch.max_tokens = self.max_tokens
@@ -110,7 +142,7 @@ class PromptBatch(PromptProcessingBatch):
 def is_echo(gen: Any, uid: int) -> bool:
     """Whether this response of ``uid`` is its last prompt token coming back
     (its first decode step): true once per joined sequence."""
-    echoes: Optional[set] = getattr(gen._prompt_batch, "echoes", None)
+    echoes: Optional[set] = getattr(gen, "echoes", None)
     if echoes is None or uid not in echoes:
         return False
     echoes.discard(uid)
@@ -119,7 +151,7 @@ def is_echo(gen: Any, uid: int) -> bool:
 
 def forget(gen: Any, uids: list[int]) -> None:
     """Sequences left the batch before their echo came back."""
-    echoes: Optional[set] = getattr(gen._prompt_batch, "echoes", None)
+    echoes: Optional[set] = getattr(gen, "echoes", None)
     if echoes:
         echoes.difference_update(uids)
 
@@ -130,5 +162,6 @@ def install(gen: Any) -> None:
     if len(old):
         raise RuntimeError("install() is for a generator with nothing in prefill")
     batch = PromptBatch.empty(old.model, old.fallback_sampler, prefill_step_size=old.prefill_step_size)
-    batch.echoes = set()
+    # The engine asks the generator (``is_echo``); the batches record into it.
+    gen.echoes = batch.echoes = set()
     gen._prompt_batch = batch
