@@ -126,7 +126,9 @@ async def test_a_joined_sequence_generates_exactly_its_limit_and_nothing_echoed(
     try:
         await collect(b, chat("load", max_tokens=1))
         before = b.stats.generated_tokens
-        results = await asyncio.gather(*(collect(b, chat(f"limit {n}", temperature=0, max_tokens=n)) for n in (1, 2, 7)))
+        results = await asyncio.gather(
+            *(collect(b, chat(f"limit {n}", temperature=0, max_tokens=n)) for n in (1, 2, 7))
+        )
         for n, (chunks, done) in zip((1, 2, 7), results):
             assert done.finish_reason == "length" and done.completion_tokens == n == len(ids_of(chunks))
         assert b.stats.generated_tokens - before == 10
@@ -170,7 +172,8 @@ def test_a_join_copies_into_one_buffer_what_mlx_lm_pads_and_concatenates(test_mo
         for a, b in zip(got_run, got_new):
             a.extend(b)
         for a, b in zip(want_run, got_run):
-            assert (a._idx, a.left_padding.tolist(), a.offset.tolist()) == (b._idx, b.left_padding.tolist(), b.offset.tolist())
+            state = (a._idx, a.left_padding.tolist(), a.offset.tolist())
+            assert state == (b._idx, b.left_padding.tolist(), b.offset.tolist())
             assert b.keys.shape[2] >= b._idx
             for x, y in ((a.keys, b.keys), (a.values, b.values)):
                 assert mx.array_equal(x[..., : a._idx, :], y[..., : b._idx, :])

@@ -70,7 +70,9 @@ class JoiningKVCache(BatchKVCache):
         for part, c in ((slice(0, rows), self), (slice(rows, None), other)):
             keys[part, :, idx - c._idx : idx, :] = c.keys[..., : c._idx, :]
             values[part, :, idx - c._idx : idx, :] = c.values[..., : c._idx, :]
-        self.left_padding = mx.concatenate([self.left_padding + (idx - self._idx), other.left_padding + (idx - other._idx)])
+        self.left_padding = mx.concatenate(
+            [self.left_padding + (idx - self._idx), other.left_padding + (idx - other._idx)]
+        )
         self.offset = mx.concatenate([self.offset, other.offset])
         self.keys, self.values, self._idx = keys, values, idx
 
