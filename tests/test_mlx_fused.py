@@ -180,3 +180,34 @@ def test_a_join_copies_into_one_buffer_what_mlx_lm_pads_and_concatenates(test_mo
         # And the next decode step over the joined batch is the same.
         step = mx.array([[5], [6], [7], [8]])
         assert mx.abs(model(step, cache=want_run) - model(step, cache=got_run)).max().item() < 1e-5
+
+
+def test_a_decode_step_over_rows_of_very_different_lengths_splits_them_and_computes_the_same(test_model_dir):
+    """``ragged.py``: short rows beside a long one attend over their own
+    length only; the logits and the cache after the step are the same."""
+    from backends.mlx import ragged
+    from backends.mlx.joining import JoiningKVCache
+
+    plain, _ = load(str(test_model_dir / MODEL))
+    split, _ = load(str(test_model_dir / MODEL))
+    mixed.install(split)
+
+    def joined():
+        run, new = batch_cache(plain, 3, 20, 1), batch_cache(plain, 1, 250, 2)
+        for a, b in zip(run, new):
+            a.__class__ = JoiningKVCache
+            a.extend(b)
+        return run
+
+    want_cache, got_cache = joined(), joined()
+    assert ragged._groups(got_cache[0]) is not None  # the split applies
+    for step in range(3):  # and keeps applying as the rows grow
+        tokens = mx.array([[5 + step], [6], [7], [8]])
+        want = plain(tokens, cache=want_cache)
+        got = split(tokens, cache=got_cache)
+        assert mx.abs(want - got).max().item() < 1e-4
+        for a, b in zip(want_cache, got_cache):
+            assert a._idx == b._idx and a.offset.tolist() == b.offset.tolist()
+            assert mx.abs(a.keys[..., : a._idx, :] - b.keys[..., : b._idx, :]).max().item() < 1e-5
+    # Rows of similar lengths are not split.
+    assert ragged._groups(batch_cache(plain, 3, 20, 1)[0]) is None

@@ -36,6 +36,8 @@ import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from backends.mlx import ragged
+
 #: mlx-lm model types whose decoder layers are ``x + self_attn(norm(x))`` then
 #: a per-position MLP, with one causal mask for every layer.
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -63,16 +65,21 @@ class _Step:
 
 
 def _split_call(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+    call = super(type(self), self).__call__
     if not isinstance(cache, MixedCache):
-        return super(type(self), self).__call__(x, mask, cache)
+        if ragged.applies(x, cache):
+            return ragged.decode_attention(call, x, mask, cache)
+        return call(x, mask, cache)
     step = cache.step
     rows, width = step.rows, x.shape[-1]
     xd = x[:, :rows].reshape(rows, 1, width)
     xp = x[:, rows:]
     if step.masks is None:
         step.masks = (create_attention_mask(xd, cache.decode), create_attention_mask(xp, cache.prompt))
-    call = super(type(self), self).__call__
-    out_d = call(xd, step.masks[0], cache.decode)
+    if ragged.applies(xd, cache.decode):
+        out_d = ragged.decode_attention(call, xd, step.masks[0], cache.decode)
+    else:
+        out_d = call(xd, step.masks[0], cache.decode)
     out_p = call(xp, step.masks[1], cache.prompt)
     return mx.concatenate([out_d.reshape(1, rows, -1), out_p], axis=1)
 
