@@ -280,6 +280,11 @@ class MLXConfig:
         help="while streams decode, a new prompt is prefilled in chunks of about this many decode steps' time "
              "each, so their tokens keep coming (a gap at most ~2.5× the usual); `0`: chunks of "
              "`mlx.prefill_step_size` tokens, streams wait for each")
+    #: ``backends/mlx/mixed.py``; off only to measure what it gains.
+    fused_prefill: bool = setting(
+        True, env=("MLXGATE_FUSED_PREFILL",),
+        help="while streams decode, a prompt's prefill chunk and their decode step run as one forward pass "
+             "(Llama, Mistral and Qwen2/3 text models): the chunk does not pay a pass of its own")
     #: Per process, all models together.
     prompt_cache_bytes: int = setting(
         512 * 1024 * 1024, env=("MLXGATE_PROMPT_CACHE_BYTES",),

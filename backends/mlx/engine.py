@@ -46,7 +46,7 @@ from typing import Any, Callable, Optional
 
 from backends.errors import BackendError, Unavailable
 from backends.types import Done, TokenLogprob, TopLogprob
-from backends.mlx import joining
+from backends.mlx import joining, mixed
 from backends.mlx.delivery import Dispatcher
 from backends.mlx.model_manager import LoadedModel, ModelManager
 from backends.mlx.pacing import PrefillPacer
@@ -370,7 +370,10 @@ class Engine:
         try:
             # (a chunk of 0: the pacer times a decode step, nothing is prefilled)
             image_tokens = self._advance_images(lm, gen.prefill_step_size, staged) if staged else 0
-            prompt_resps, gen_resps = gen.next() if lm.active else ([], [])
+            with mixed.fused_step(gen, lm.fused) as fused:
+                prompt_resps, gen_resps = gen.next() if lm.active else ([], [])
+            if fused is not None and fused.used:
+                self.stats.fused_steps += 1
         except Exception as e:  # noqa: BLE001 - the whole batch of this model is lost
             log.exception("MLX step failed for %s", lm.name)
             self.stats.failed_steps += 1
@@ -402,12 +405,14 @@ class Engine:
         lm.pacer.observe(elapsed, decoding > 0, prompt_tokens, joined)
         if gen_resps:
             self.stats.decode_steps += 1
-            self.stats.generated_tokens += len(gen_resps)
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(gen_resps))
             if len(gen_resps) > 1:
                 self.stats.multi_seq_steps += 1
         now = time.perf_counter_ns()
         for r in gen_resps:
+            if joining.is_echo(gen, r.uid):
+                continue  # a newcomer's last prompt token, through its first decode step
+            self.stats.generated_tokens += 1
             seq = lm.active.get(r.uid)
             if seq is None or seq.cancelled or seq.error is not None:
                 continue
@@ -432,6 +437,7 @@ class Engine:
                 self._finish(seq, "stop" if stop else r.finish_reason)
         for seq in [s for s in lm.active.values() if s.error is not None]:
             gen.remove([seq.uid])
+            joining.forget(gen, [seq.uid])
             self._fail(seq, seq.error)
 
     @staticmethod
@@ -482,6 +488,7 @@ class Engine:
                 if seq.cancelled:
                     if lm.generator is not None:
                         lm.generator.remove([uid])
+                        joining.forget(lm.generator, [uid])
                     self._retire(seq)
             for seq in [s for s in lm.pending if s.cancelled]:
                 lm.pending.remove(seq)

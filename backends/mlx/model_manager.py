@@ -69,6 +69,8 @@ class LoadedModel:
     vision: Any = None
     #: Per layer, the KV-cache quantization it gets (``kv_quant.plan``); None: full precision throughout.
     kv_layers: Optional[list] = None
+    #: Decode steps and prefill chunks run as one pass (``mixed.py``).
+    fused: bool = False
 
     @property
     def name(self) -> str:
@@ -198,12 +200,21 @@ class ModelManager:
             prompt_cache=new_store(self._config.prompt_cache_bytes),
             vision=vision,
             kv_layers=self._kv_layers(entry, model),
+            fused=self._fused(model, vision),
         )
         with self._lock:
             self._loaded[entry.name.lower()] = lm
             self.load_count += 1
         log.info("loaded %s (%.1f MB) in %.2fs", entry.name, size / 1e6, lm.load_duration_ns / 1e9)
         return lm
+
+    def _fused(self, model: Any, vision: Any) -> bool:
+        from backends.mlx import mixed
+
+        if not self._config.fused_prefill or vision is not None or not mixed.fusable(model):
+            return False
+        mixed.install(model)
+        return True
 
     def _kv_layers(self, entry: ModelEntry, model: Any) -> Optional[list]:
         settings = self._config.kv_cache_for(entry.name)

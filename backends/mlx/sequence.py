@@ -73,6 +73,8 @@ class EngineStats:
     #: Steps that processed prompt tokens, and those tokens (cached ones not counted).
     prefill_calls: int = 0
     prefill_tokens: int = 0
+    #: Steps that ran the decode step and a prefill chunk as one pass (``mixed.py``).
+    fused_steps: int = 0
     generated_tokens: int = 0
     failed_steps: int = 0
     #: Sequences that started from a stored prompt cache, and the prompt tokens it saved.

@@ -119,13 +119,13 @@ GOAL_TTFT = 1.5
 async def run(ctx: Context) -> Section:
     results: dict = {}
     rows = []
-    configs = [("before (interleave off)", "before", "0", None), ("after (default)", "after", None, None)]
+    configs = [("before (interleave off)", "before", {"MLXGATE_PREFILL_INTERLEAVE": "0"}, None),
+               ("after (default)", "after", {}, None),
+               ("after, no fused pass", "unfused", {"MLXGATE_FUSED_PREFILL": "0"}, None)]
     if ctx.baseline is not None:
-        configs.append((f"baseline {ctx.baseline.name} (default)", "baseline", None, ctx.baseline))
-    for label, key, interleave, src in configs:
-        env = {"MLXGATE_MAX_BATCH_SIZE": str(BATCH)}
-        if interleave is not None:
-            env["MLXGATE_PREFILL_INTERLEAVE"] = interleave
+        configs.append((f"baseline {ctx.baseline.name} (default)", "baseline", {}, ctx.baseline))
+    for label, key, settings, src in configs:
+        env = {"MLXGATE_MAX_BATCH_SIZE": str(BATCH), **settings}
         server = start_mlxgate(ctx, env, name=f"mlxgate {label}", src=src)
         try:
             async with session() as s:

@@ -93,6 +93,8 @@ class MirroredGenerator:
         self._cluster = cluster
         self._name = name
         self._gen = gen
+        #: ``joining.is_echo`` reads it (every rank's batch echoes alike).
+        self.echoes = gen.echoes
         self._last_digest = 0
         cluster.queue(["gen", name, params])
 
@@ -154,6 +156,10 @@ class LeaderManager(ModelManager):
             # The other ranks may be past their load (or dead): their state is unknown.
             self._cluster._broke(f"loading {entry.name} failed on rank 0: {type(e).__name__}: {e}")
             raise
+
+    def _fused(self, model: Any, vision: Any) -> bool:
+        # A fused pass changes the shapes that travel between the ranks' shards.
+        return False
 
     def _load_vision(self, entry: ModelEntry, config: dict):
         raise Unavailable(f"{entry.name} is a vision-language model: a distributed engine serves text models only")
