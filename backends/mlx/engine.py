@@ -402,6 +402,8 @@ class Engine:
         if prompt_tokens:
             self.stats.prefill_calls += 1
             self.stats.prefill_tokens += prompt_tokens
+        if joined:
+            joining.settle(gen)
         lm.pacer.observe(elapsed, decoding > 0, prompt_tokens, joined)
         if gen_resps:
             self.stats.decode_steps += 1
