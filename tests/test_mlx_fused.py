@@ -211,3 +211,30 @@ def test_a_decode_step_over_rows_of_very_different_lengths_splits_them_and_compu
             assert mx.abs(a.keys[..., : a._idx, :] - b.keys[..., : b._idx, :]).max().item() < 1e-5
     # Rows of similar lengths are not split.
     assert ragged._groups(batch_cache(plain, 3, 20, 1)[0]) is None
+
+
+def test_a_removal_gathers_only_the_window_the_kept_rows_use(test_model_dir):
+    """``JoiningKVCache.filter`` leaves the state mlx-lm's ``filter`` leaves
+    (the kept rows, their common padding dropped)."""
+    from backends.mlx.joining import JoiningKVCache
+
+    model, _ = load(str(test_model_dir / MODEL))
+
+    def joined(cls):
+        run, new = batch_cache(model, 3, 20, 1), batch_cache(model, 1, 250, 2)
+        for a, b in zip(run, new):
+            a.__class__ = cls
+            a.extend(b)
+        return run
+
+    for keep in ([0, 1, 2], [3], [1, 3], [0, 2]):  # the long row leaves; only it stays; mixes
+        want, got = joined(BatchKVCache), joined(JoiningKVCache)
+        for a, b in zip(want, got):
+            a.filter(keep)
+            b.filter(keep)
+            assert (a._idx, a.left_padding.tolist(), a.offset.tolist()) == (
+                b._idx, b.left_padding.tolist(), b.offset.tolist())
+            assert mx.array_equal(a.keys[..., : a._idx, :], b.keys[..., : b._idx, :])
+            assert mx.array_equal(a.values[..., : a._idx, :], b.values[..., : b._idx, :])
+        step = mx.array([[5]] * len(keep))
+        assert mx.abs(model(step, cache=want) - model(step, cache=got)).max().item() < 1e-5

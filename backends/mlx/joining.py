@@ -77,6 +77,24 @@ class JoiningKVCache(BatchKVCache):
         self.keys, self.values, self._idx = keys, values, idx
 
 
+    def filter(self, batch_indices: list[int]) -> None:
+        """Keep these rows (a removal): one gather of the window they use.
+
+        mlx-lm's copies every kept row at the buffer's full length, then drops
+        the padding they no longer need: when a long row leaves short ones,
+        a copy of the long row's length for every row."""
+        if self.keys is None or not len(batch_indices):
+            return super().filter(batch_indices)
+        rows = mx.array(batch_indices)
+        left = self.left_padding[rows]
+        trim = min(left.tolist())
+        self.keys = self.keys[rows, :, trim:, :]
+        self.values = self.values[rows, :, trim:, :]
+        self.offset = self.offset[rows]
+        self.left_padding = left - trim
+        self._idx -= trim
+
+
 def _joining(caches: list) -> list:
     """The batch's plain layer caches as :class:`JoiningKVCache` (same state, new class)."""
     for c in caches:
