@@ -374,6 +374,8 @@ class Engine:
                 prompt_resps, gen_resps = gen.next() if lm.active else ([], [])
             if fused is not None and fused.used:
                 self.stats.fused_steps += 1
+            if any(r.end_of_prompt for r in prompt_resps):
+                joining.settle(gen)
         except Exception as e:  # noqa: BLE001 - the whole batch of this model is lost
             log.exception("MLX step failed for %s", lm.name)
             self.stats.failed_steps += 1
@@ -402,8 +404,6 @@ class Engine:
         if prompt_tokens:
             self.stats.prefill_calls += 1
             self.stats.prefill_tokens += prompt_tokens
-        if joined:
-            joining.settle(gen)
         lm.pacer.observe(elapsed, decoding > 0, prompt_tokens, joined)
         if gen_resps:
             self.stats.decode_steps += 1

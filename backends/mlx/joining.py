@@ -1,4 +1,4 @@
-"""A finished prefill joins the running batch without a pass or a copy of its own.
+"""A finished prefill joins the running batch without a pass of its own and with one copy.
 
 When sequences in mlx-lm's ``BatchGenerator`` finish their prompt, the
 generator splits them off its prompt batch (``PromptProcessingBatch.split``),
@@ -21,6 +21,13 @@ in the step where the sequence joins, on top of that step's decode:
   response that is, to drop it.  The sequence's token count starts one lower
   and its stop matcher skips that token, so ``max_tokens`` and stop tokens
   count only what it generates.
+- ``BatchKVCache.extend`` pads both sides to one length and concatenates
+  them (the bytes of the joined cache, twice) and is left lazy, so the next
+  step pays it together with its first pass over the larger batch.
+  :class:`JoiningKVCache` (the class the batch's plain caches get at the
+  join) writes each side once into one buffer, :func:`settle` builds it in
+  the join step, and its ``filter`` (a removal) gathers only the window the
+  kept rows use.
 
 :class:`PromptBatch` also takes a chunk already prefilled by a fused step
 (``mixed.py``): its ``prompt`` then only records the tokens.
@@ -65,7 +72,7 @@ class JoiningKVCache(BatchKVCache):
         idx = max(self._idx, other._idx)
         size = max(self.keys.shape[2], other.keys.shape[2], idx)
         rows = self.keys.shape[0]
-        keys = mx.zeros((rows + other.keys.shape[0], *self.keys.shape[1:2], size, self.keys.shape[3]), self.keys.dtype)
+        keys = mx.zeros((rows + other.keys.shape[0], self.keys.shape[1], size, self.keys.shape[3]), self.keys.dtype)
         values = mx.zeros((keys.shape[0], self.values.shape[1], size, self.values.shape[3]), self.values.dtype)
         for part, c in ((slice(0, rows), self), (slice(rows, None), other)):
             keys[part, :, idx - c._idx : idx, :] = c.keys[..., : c._idx, :]
@@ -75,7 +82,6 @@ class JoiningKVCache(BatchKVCache):
         )
         self.offset = mx.concatenate([self.offset, other.offset])
         self.keys, self.values, self._idx = keys, values, idx
-
 
     def filter(self, batch_indices: list[int]) -> None:
         """Keep these rows (a removal): one gather of the window they use.
