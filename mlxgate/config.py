@@ -276,9 +276,10 @@ class MLXConfig:
     prefill_step_size: int = setting(512, help="most prompt tokens of one sequence evaluated in one step")
     #: Running streams' tokens are never more than ~(1 + this) times their usual gap apart.
     prefill_interleave: float = setting(
-        1.5, env=("MLXGATE_PREFILL_INTERLEAVE",),
+        1.25, env=("MLXGATE_PREFILL_INTERLEAVE",),
         help="while streams decode, a new prompt is prefilled in chunks of about this many decode steps' time "
-             "each, so their tokens keep coming (a gap at most ~2.5× the usual); `0`: chunks of "
+             "each, so their tokens keep coming (a gap about 2.25× the usual, at most ~3×); larger: the prompt's "
+             "first token sooner, longer gaps; `0`: chunks of "
              "`mlx.prefill_step_size` tokens, streams wait for each")
     #: ``backends/mlx/mixed.py``; off only to measure what it gains.
     fused_prefill: bool = setting(
