@@ -285,7 +285,8 @@ class MLXConfig:
     fused_prefill: bool = setting(
         True, env=("MLXGATE_FUSED_PREFILL",),
         help="while streams decode, a prompt's prefill chunk and their decode step run as one forward pass "
-             "(Llama, Mistral and Qwen2/3 text models): the chunk does not pay a pass of its own")
+             "(Llama, Mistral and Qwen2/3 text models): the chunk does not pay a pass of its own; off also turns off "
+             "the split decode attention for rows of very different lengths (`ragged.py`), which rides on it")
     #: Per process, all models together.
     prompt_cache_bytes: int = setting(
         512 * 1024 * 1024, env=("MLXGATE_PROMPT_CACHE_BYTES",),
