@@ -58,7 +58,8 @@ def _ended_by_us(ended: bool) -> bool:
     return ended and (me is None or not me.cancelling())
 
 
-def _not_ready() -> bool:
+def never_ready() -> bool:
+    """``EventStream.ready`` of a stream that cannot tell (every event may have to be waited for)."""
     return False
 
 
@@ -87,7 +88,7 @@ class GenerateStream:
         self._ended = False
         # The in-process channel's call says whether a message is waiting;
         # grpc.aio's cannot (so its streams are written event by event).
-        self._ready = getattr(call, "ready", _not_ready)
+        self._ready = getattr(call, "ready", never_ready)
 
     async def _read(self) -> Any:
         try:

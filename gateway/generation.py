@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterable, Optional
 
 from aiohttp import web
 
-from gateway.client import EventStream
+from gateway.client import EventStream, never_ready
 from gateway.errors import ApiError, Dialect, adapt, body_for
 from gateway.events import check_done, is_done
 from gateway.render import json_response
@@ -82,10 +82,6 @@ class Renderer:
         raise NotImplementedError
 
 
-def _never() -> bool:
-    return False
-
-
 async def _start_all(streams: list[EventStream]) -> list[Any]:
     """First event of every stream; the first failure is raised (after all settled)."""
     if len(streams) == 1:
@@ -142,7 +138,7 @@ async def run(request: web.Request, streams: list[EventStream], renderer: Render
             for obj in renderer.start():
                 out.add(frame(obj))
             # One stream: frames are held while its next event is already here.
-            ready = streams[0].ready if len(streams) == 1 else _never
+            ready = streams[0].ready if len(streams) == 1 else never_ready
             events = _indexed(firsts[0], streams[0]) if len(streams) == 1 else merge(list(zip(firsts, streams)))
             async with contextlib.aclosing(events) as items:
                 ok = await pump(out, items, lambda item: renderer.event(*item), frame, renderer.error_frame, rid,

@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Optional, TypeVar
 import grpc
 from aiohttp import web
 
-from gateway.client import EventStream
+from gateway.client import EventStream, never_ready
 from gateway.errors import ApiError, from_grpc, internal_error
 from gateway.render import json_bytes
 from mlxgate.v1 import inference_pb2 as pb
@@ -167,7 +167,7 @@ async def pump(
     frame: Callable[[Any], bytes],
     error_frame: Callable[[ApiError], bytes],
     request_id: str = "",
-    ready: Callable[[], bool] = lambda: False,
+    ready: Callable[[], bool] = never_ready,
 ) -> bool:
     """Write every rendered item; True when the stream ended cleanly.
 
