@@ -29,6 +29,7 @@ from backends.types import Chunk, Done, GenerateRequest, Message, Prompt, Sampli
 from mlxgate.config import KVCacheSettings, MLXConfig
 from mlxgate.config_load import load_config
 from tests.polling import eventually
+from tests.test_mlx_scheduling import start_streams
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -380,30 +381,22 @@ async def test_fused_steps_over_quantized_caches_give_the_solo_answers(models):
     """A long prompt prefilled in fused steps (``mixed.py``) beside streams whose
     caches are quantized: every answer is its quantized solo answer.  A model
     with sliding-window layers is not fused."""
+    # Tokens of each running stream: they must outlast the long prompt's ~36
+    # steps of prefill (at 60 they sometimes ended first).
+    RUNNING = 200
     long_text = " ".join(f"w{i % 97}" for i in range(400))
     b = backend(models, kv_bits=8, prefill_step_size=4096)
     try:
         solo_long = (await run(b, req(long_text, 12)))[0]
-        solo_running = [(await run(b, req(p, 60)))[0] for p in PROMPTS[:3]]
+        solo_running = [(await run(b, req(p, RUNNING)))[0] for p in PROMPTS[:3]]
         (lm,) = b._manager.loaded()
         assert lm.fused
         lm.pacer.chunk = lambda decoding, prompts: 32
         before = b.stats.fused_steps
-        progress = [0] * 3
-        outs: list = [None] * 3
-
-        async def stream(i: int) -> None:
-            ids = []
-            async for ev in b.generate(req(PROMPTS[i], 60)):
-                if isinstance(ev, Chunk):
-                    ids += ev.token_ids
-                    progress[i] = len(ids)
-            outs[i] = ids
-
-        tasks = [asyncio.ensure_future(stream(i)) for i in range(3)]
+        progress, outs, tasks = start_streams(b, [req(p, RUNNING) for p in PROMPTS[:3]])
         await eventually(lambda: min(progress) >= 2, 30, "the streams are going")
         long_ids = (await run(b, req(long_text, 12)))[0]
-        assert max(progress) < 60  # it joined mid-batch
+        assert max(progress) < RUNNING  # it joined mid-batch
         await asyncio.gather(*tasks)
         assert b.stats.fused_steps - before >= 5
         assert long_ids == solo_long and outs == solo_running

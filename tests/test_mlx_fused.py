@@ -20,10 +20,9 @@ from mlx_lm import load
 from mlx_lm.models.cache import BatchKVCache
 
 from backends.mlx import mixed
-from backends.types import Chunk
 from tests.polling import eventually
 from tests.test_mlx_engine import MODEL, chat, collect, ids_of
-from tests.test_mlx_scheduling import backend, long_request
+from tests.test_mlx_scheduling import backend, long_request, start_streams
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,18 +72,7 @@ async def run_beside_streams(b, n_running: int = 3):
     running_reqs = [chat(f"running {i}", temperature=0, max_tokens=120) for i in range(n_running)]
     (lm,) = b._manager.loaded()
     lm.pacer.chunk = lambda decoding, prompts: 64
-    progress = [0] * n_running
-    outs: list = [None] * n_running
-
-    async def run(i: int) -> None:
-        chunks = []
-        async for ev in b.generate(running_reqs[i]):
-            if isinstance(ev, Chunk):
-                chunks.append(ev)
-                progress[i] += len(ev.token_ids)
-        outs[i] = ids_of(chunks)
-
-    tasks = [asyncio.ensure_future(run(i)) for i in range(n_running)]
+    progress, outs, tasks = start_streams(b, running_reqs)
     await eventually(lambda: min(progress) >= 2, 30, "the running streams are going")
     long_chunks, long_done = await collect(b, long_request(max_tokens=12))
     assert max(progress) < 120, progress  # it joined mid-batch

@@ -185,6 +185,23 @@ async def test_greedy_answers_do_not_depend_on_the_batch(mlx_backend):
     assert ids_of(mixed_batch[0][0]) == ids_of(alone)
 
 
+def start_streams(b: MLXBackend, reqs: list[GenerateRequest]) -> tuple[list[int], list, list]:
+    """Streams running in the background: tokens each has got so far, the
+    token ids of each once it ended, and their tasks."""
+    progress = [0] * len(reqs)
+    outs: list = [None] * len(reqs)
+
+    async def run(i: int) -> None:
+        chunks = []
+        async for ev in b.generate(reqs[i]):
+            if isinstance(ev, Chunk):
+                chunks.append(ev)
+                progress[i] += len(ev.token_ids)
+        outs[i] = ids_of(chunks)
+
+    return progress, outs, [asyncio.ensure_future(run(i)) for i in range(len(reqs))]
+
+
 def medium_request(**sampling) -> GenerateRequest:
     text = " ".join(f"m{i % 89}" for i in range(120))
     return GenerateRequest(model=MODEL, prompt=Prompt(text, raw=True), sampling=Sampling(temperature=0, **sampling))
@@ -205,18 +222,7 @@ async def test_sequences_joined_mid_batch_give_their_solo_greedy_answers(test_mo
         # 64 tokens a step, whatever the timing: the long prompt takes 20+ steps, the medium one 5.
         lm.pacer.chunk = lambda decoding, prompts: 64
 
-        progress = [0] * len(running_reqs)
-        outs: list = [None] * len(running_reqs)
-
-        async def run(i: int) -> None:
-            chunks = []
-            async for ev in b.generate(running_reqs[i]):
-                if isinstance(ev, Chunk):
-                    chunks.append(ev)
-                    progress[i] += len(ev.token_ids)
-            outs[i] = ids_of(chunks)
-
-        tasks = [asyncio.ensure_future(run(i)) for i in range(len(running_reqs))]
+        progress, outs, tasks = start_streams(b, running_reqs)
         await eventually(lambda: min(progress) >= 2, 30, "the running streams are going")
         (long_chunks, long_done), (medium_chunks, _) = await asyncio.gather(
             collect(b, long_request(max_tokens=12)), collect(b, medium_request(max_tokens=12))
