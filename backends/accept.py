@@ -39,7 +39,6 @@ from backends.types import (
     Tool,
     ToolCall,
     ToolChoice,
-
 )
 from mlxgate import limits
 from mlxgate.jsonutil import JSONError, loads_object

@@ -115,7 +115,6 @@ def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
                 _set_key(cfg, row.key, env[var])
 
 
-
 def _entries(key: str, value: Any, cls: type, fields: str) -> list:
     """A TOML array of tables (``[[key]]``), each built into ``cls``; a wrong shape or field names the key."""
     if not isinstance(value, list):
@@ -127,6 +126,7 @@ def _entries(key: str, value: Any, cls: type, fields: str) -> list:
         except TypeError as e:
             raise ValueError(f"{key}: {e}") from None
     return out
+
 
 def _apply_table(cfg: Config, data: Mapping[str, Any]) -> None:
     for key, value in data.items():
