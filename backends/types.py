@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional, Union, get_args
 
-
 from backends.errors import InvalidArgument
 from backends.pbconvert import Codec, enum_codec, proto
 from backends.proto_values import (
